@@ -1,0 +1,3 @@
+//! The model code shared by `graft-trainer` and `graft-server`.
+
+pub mod storage;

@@ -1,0 +1,211 @@
+//! Object-store access: the one place that turns a Graft URI (`s3://`, `file://`, `hf://`)
+//! into an [`ObjectStore`] and a path inside it.
+
+use std::{fmt, str::FromStr, sync::Arc};
+
+use object_store::{ObjectStore, aws::AmazonS3Builder, local::LocalFileSystem, path::Path};
+use url::Url;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid object-store URI {uri:?}: {reason}")]
+    InvalidUri { uri: String, reason: String },
+    #[error("{scheme}:// URIs are not supported here: {reason}")]
+    UnsupportedScheme { scheme: &'static str, reason: &'static str },
+    #[error("opening the object store for {uri}: {source}")]
+    Open { uri: String, source: object_store::Error },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A parsed object-store location.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ObjectUri {
+    /// `s3://bucket/key/prefix`
+    S3 { bucket: String, key: String },
+    /// `file:///absolute/path`
+    File { path: String },
+    /// `hf://org/name[/path]`: a repository on the Hugging Face hub.
+    Hf { repo: String, path: String },
+}
+
+impl FromStr for ObjectUri {
+    type Err = Error;
+
+    fn from_str(uri: &str) -> Result<Self> {
+        let invalid = |reason: &str| Error::InvalidUri { uri: uri.to_owned(), reason: reason.to_owned() };
+        let url = Url::parse(uri).map_err(|e| invalid(&e.to_string()))?;
+        match url.scheme() {
+            "s3" => {
+                let bucket = url.host_str().filter(|b| !b.is_empty()).ok_or_else(|| invalid("no bucket"))?;
+                let key = url.path().trim_start_matches('/').to_owned();
+                Ok(Self::S3 { bucket: bucket.to_owned(), key })
+            }
+            "file" => {
+                if url.host_str().is_some_and(|h| !h.is_empty()) {
+                    return Err(invalid("file URIs take no host: write file:///absolute/path"));
+                }
+                Ok(Self::File { path: url.path().to_owned() })
+            }
+            "hf" => {
+                let org = url.host_str().filter(|o| !o.is_empty()).ok_or_else(|| invalid("no organisation"))?;
+                let mut segments = url.path().trim_start_matches('/').splitn(2, '/');
+                let name = segments.next().filter(|n| !n.is_empty()).ok_or_else(|| invalid("no repository name"))?;
+                let path = segments.next().unwrap_or_default().to_owned();
+                Ok(Self::Hf { repo: format!("{org}/{name}"), path })
+            }
+            other => Err(invalid(&format!("unknown scheme {other:?}; use s3://, file:// or hf://"))),
+        }
+    }
+}
+
+impl fmt::Display for ObjectUri {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::S3 { bucket, key } => write!(f, "s3://{bucket}/{key}"),
+            Self::File { path } => write!(f, "file://{path}"),
+            Self::Hf { repo, path } if path.is_empty() => write!(f, "hf://{repo}"),
+            Self::Hf { repo, path } => write!(f, "hf://{repo}/{path}"),
+        }
+    }
+}
+
+/// How to reach S3: the FineTuneJob's `spec.storage` plus credentials from the environment.
+#[derive(Clone, Default)]
+pub struct S3Options {
+    /// Endpoint of an S3-compatible store; AWS when `None`. Path-style addressing is used
+    /// whenever an endpoint is set, since MinIO-like stores rarely have per-bucket DNS.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub session_token: Option<String>,
+}
+
+impl fmt::Debug for S3Options {
+    // Credentials never reach a log line through Debug.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3Options")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id.as_ref().map(|_| "<redacted>"))
+            .field("secret_access_key", &self.secret_access_key.as_ref().map(|_| "<redacted>"))
+            .field("session_token", &self.session_token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl S3Options {
+    /// Credentials from the standard `AWS_*` variables (what the operator injects from the
+    /// job's Secret); `endpoint` and `region` from the arguments, falling back to
+    /// `AWS_ENDPOINT_URL` and `AWS_REGION`.
+    pub fn from_env(endpoint: Option<String>, region: Option<String>) -> Self {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Self {
+            endpoint: endpoint.or_else(|| var("AWS_ENDPOINT_URL")),
+            region: region.or_else(|| var("AWS_REGION")).or_else(|| var("AWS_DEFAULT_REGION")),
+            access_key_id: var("AWS_ACCESS_KEY_ID"),
+            secret_access_key: var("AWS_SECRET_ACCESS_KEY"),
+            session_token: var("AWS_SESSION_TOKEN"),
+        }
+    }
+}
+
+/// An open store and the prefix the URI points at inside it.
+#[derive(Debug, Clone)]
+pub struct Location {
+    pub store: Arc<dyn ObjectStore>,
+    pub prefix: Path,
+}
+
+impl Location {
+    /// The path of `name` under this location's prefix.
+    pub fn child(&self, name: &str) -> Path {
+        name.split('/').filter(|s| !s.is_empty()).fold(self.prefix.clone(), |p, s| p.join(s))
+    }
+}
+
+/// Opens the store behind `uri`.
+pub fn open(uri: &ObjectUri, s3: &S3Options) -> Result<Location> {
+    let open_err = |source| Error::Open { uri: uri.to_string(), source };
+    match uri {
+        ObjectUri::S3 { bucket, key } => {
+            let mut builder = AmazonS3Builder::new()
+                .with_bucket_name(bucket)
+                .with_region(s3.region.clone().unwrap_or_else(|| "us-east-1".to_owned()));
+            if let Some(endpoint) = &s3.endpoint {
+                builder = builder
+                    .with_endpoint(endpoint)
+                    .with_virtual_hosted_style_request(false)
+                    .with_allow_http(endpoint.starts_with("http://"));
+            }
+            if let (Some(id), Some(secret)) = (&s3.access_key_id, &s3.secret_access_key) {
+                builder = builder.with_access_key_id(id).with_secret_access_key(secret);
+            }
+            if let Some(token) = &s3.session_token {
+                builder = builder.with_token(token);
+            }
+            let store = builder.build().map_err(open_err)?;
+            Ok(Location { store: Arc::new(store), prefix: Path::from(key.as_str()) })
+        }
+        ObjectUri::File { path } => {
+            let store = LocalFileSystem::new_with_prefix("/").map_err(open_err)?;
+            Ok(Location { store: Arc::new(store), prefix: Path::from(path.as_str()) })
+        }
+        ObjectUri::Hf { .. } => Err(Error::UnsupportedScheme {
+            scheme: "hf",
+            reason: "this build reads models from s3:// or file://; mirror the hub repository there",
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_each_scheme_and_prints_it_back() {
+        for (uri, parsed) in [
+            ("s3://models/llama/3/", ObjectUri::S3 { bucket: "models".into(), key: "llama/3/".into() }),
+            ("s3://bucket", ObjectUri::S3 { bucket: "bucket".into(), key: String::new() }),
+            ("file:///data/model", ObjectUri::File { path: "/data/model".into() }),
+            ("hf://meta-llama/Llama-3.1-8B", ObjectUri::Hf { repo: "meta-llama/Llama-3.1-8B".into(), path: String::new() }),
+            ("hf://org/name/sub/file.json", ObjectUri::Hf { repo: "org/name".into(), path: "sub/file.json".into() }),
+        ] {
+            let got: ObjectUri = uri.parse().expect(uri);
+            assert_eq!(got, parsed, "{uri}");
+            let expected = if uri == "s3://bucket" { "s3://bucket/" } else { uri };
+            assert_eq!(got.to_string(), expected);
+        }
+    }
+
+    #[test]
+    fn rejects_what_it_cannot_name() {
+        for (uri, needle) in [
+            ("gs://bucket/x", "unknown scheme"),
+            ("file://host/path", "no host"),
+            ("hf://org", "no repository name"),
+            ("not a uri", "invalid object-store URI"),
+        ] {
+            let err = uri.parse::<ObjectUri>().expect_err(uri).to_string();
+            assert!(err.contains(needle), "{uri}: {err}");
+        }
+    }
+
+    #[test]
+    fn debug_output_redacts_credentials() {
+        let opts = S3Options {
+            access_key_id: Some("AKIDSECRET".into()),
+            secret_access_key: Some("verysecret".into()),
+            ..S3Options::default()
+        };
+        let shown = format!("{opts:?}");
+        assert!(!shown.contains("AKIDSECRET") && !shown.contains("verysecret"), "{shown}");
+    }
+
+    #[test]
+    fn child_joins_under_the_prefix() {
+        let loc = open(&"file:///tmp/graft".parse().expect("uri"), &S3Options::default()).expect("open");
+        assert_eq!(loc.child("a/b.json").as_ref(), "tmp/graft/a/b.json");
+    }
+}

@@ -1,0 +1,484 @@
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::core::v1::Toleration,
+    apimachinery::pkg::{
+        api::resource::Quantity,
+        apis::meta::v1::{Condition, Time},
+    },
+};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::{NAME_PATTERN, OUTPUT_URI_PATTERN, SOURCE_URI_PATTERN, SecretRef};
+
+/// Once the operator has started a job (`status.startTime` is set) its spec is frozen: a changed
+/// model, dataset, method, training or output would silently describe a run that never happened.
+/// `suspend`, `resources` and `image` stay mutable so Kueue-style admission and re-scheduling work.
+const IMMUTABLE_AFTER_START: &str = "!has(oldSelf.status) || !has(oldSelf.status.startTime) || \
+     (self.spec.baseModel == oldSelf.spec.baseModel && self.spec.dataset == oldSelf.spec.dataset \
+     && self.spec.method == oldSelf.spec.method && self.spec.training == oldSelf.spec.training \
+     && self.spec.output == oldSelf.spec.output)";
+
+/// Trains a LoRA or QLoRA adapter for a base model on a dataset and stores it in object storage.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "graft.dev",
+    version = "v1alpha1",
+    kind = "FineTuneJob",
+    plural = "finetunejobs",
+    shortname = "ftj",
+    category = "graft",
+    namespaced,
+    status = "FineTuneJobStatus",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Step","type":"integer","jsonPath":".status.progress.step"}"#,
+    printcolumn = r#"{"name":"Total","type":"integer","jsonPath":".status.progress.totalSteps"}"#,
+    printcolumn = r#"{"name":"Loss","type":"number","jsonPath":".status.progress.loss"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    validation = Rule::new(IMMUTABLE_AFTER_START)
+        .message("spec.baseModel, spec.dataset, spec.method, spec.training and spec.output are immutable once the job has started")
+        .field_path(".spec")
+        .reason(Reason::FieldValueForbidden),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct FineTuneJobSpec {
+    /// The base model to adapt: a Hugging Face model directory (`config.json`,
+    /// `*.safetensors`, `tokenizer.json`) at an `s3://`, `file://` or `hf://` URI.
+    pub base_model: ModelSource,
+    /// The training data: one JSONL file.
+    pub dataset: DatasetSource,
+    /// How the adapter is trained: quantization of the frozen weights and the LoRA shape.
+    #[serde(default)]
+    pub method: Method,
+    /// Optimiser and schedule.
+    #[serde(default)]
+    pub training: Training,
+    /// Where the finished adapter is written.
+    pub output: OutputTarget,
+    /// Object-storage endpoint and credentials for `s3://` URIs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<StorageConfig>,
+    /// Compute for the training pod.
+    #[serde(default)]
+    pub resources: Resources,
+    /// Trainer image for this job; the operator's default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: Option<String>,
+    /// Suspends the job: no pod runs while true. Compatible with Kueue.
+    #[serde(default)]
+    pub suspend: bool,
+}
+
+/// The base model to adapt.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSource {
+    /// `s3://bucket/prefix/`, `file:///mounted/path/` or `hf://org/name`.
+    #[schemars(length(max = 2048), regex(pattern = SOURCE_URI_PATTERN))]
+    pub uri: String,
+}
+
+/// The training data.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatasetSource {
+    /// A JSONL file at an `s3://`, `file://` or `hf://` URI.
+    #[schemars(length(max = 2048), regex(pattern = SOURCE_URI_PATTERN))]
+    pub uri: String,
+    /// The shape of each line; `auto` detects it from the first line.
+    #[serde(default)]
+    pub format: DatasetFormat,
+    /// Fraction of the records held out to compute the evaluation loss.
+    #[serde(default = "default_validation_fraction")]
+    #[schemars(range(min = 0.0, max = 0.5))]
+    pub validation_fraction: f64,
+}
+
+fn default_validation_fraction() -> f64 {
+    0.05
+}
+
+/// The shape of a dataset line.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum DatasetFormat {
+    /// Detect the shape from the first line.
+    #[default]
+    Auto,
+    /// `{"messages":[{"role","content"}...]}`: chat template applied, loss on assistant turns.
+    Messages,
+    /// `{"prompt","completion"}`: loss on the completion only.
+    PromptCompletion,
+    /// `{"text"}`: loss on every token.
+    Text,
+}
+
+/// How the adapter is trained.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Method {
+    /// Storage of the frozen base weights: `nf4` (QLoRA) or `none` (plain LoRA).
+    #[serde(default)]
+    pub quantization: Quantization,
+    /// Shape of the LoRA adapter.
+    #[serde(default)]
+    pub lora: LoraConfig,
+}
+
+/// Storage of the frozen base weights during training.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantization {
+    /// 4-bit NormalFloat with double quantization (QLoRA).
+    #[default]
+    Nf4,
+    /// Keep the frozen weights in bf16 (GPU) or f32 (CPU).
+    None,
+}
+
+/// Shape of a LoRA adapter.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LoraConfig {
+    /// Rank r of the low-rank update.
+    #[serde(default = "default_rank")]
+    #[schemars(range(min = 1, max = 512))]
+    pub rank: u32,
+    /// Scaling numerator: the update is multiplied by alpha/r (alpha/sqrt(r) with rsLoRA).
+    #[serde(default = "default_alpha")]
+    #[schemars(extend("minimum" = 0, "exclusiveMinimum" = true))]
+    pub alpha: f64,
+    /// Dropout on the adapter's input, during training only.
+    #[serde(default = "default_dropout")]
+    #[schemars(range(min = 0.0, max = 0.9))]
+    pub dropout: f64,
+    /// Use rank-stabilised scaling alpha/sqrt(r).
+    #[serde(default)]
+    pub use_rslora: bool,
+    /// Linear layers that get an adapter.
+    #[serde(default = "default_target_modules")]
+    #[schemars(length(min = 1, max = 7), extend("x-kubernetes-list-type" = "set"))]
+    pub target_modules: Vec<TargetModule>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            rank: default_rank(),
+            alpha: default_alpha(),
+            dropout: default_dropout(),
+            use_rslora: false,
+            target_modules: default_target_modules(),
+        }
+    }
+}
+
+fn default_rank() -> u32 {
+    16
+}
+fn default_alpha() -> f64 {
+    32.0
+}
+fn default_dropout() -> f64 {
+    0.05
+}
+fn default_target_modules() -> Vec<TargetModule> {
+    vec![TargetModule::QProj, TargetModule::VProj]
+}
+
+/// A linear layer of a Llama-family decoder block, named as in Hugging Face `transformers`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetModule {
+    QProj,
+    KProj,
+    VProj,
+    OProj,
+    GateProj,
+    UpProj,
+    DownProj,
+}
+
+impl TargetModule {
+    /// The module's name in Hugging Face weights and PEFT configs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::QProj => "q_proj",
+            Self::KProj => "k_proj",
+            Self::VProj => "v_proj",
+            Self::OProj => "o_proj",
+            Self::GateProj => "gate_proj",
+            Self::UpProj => "up_proj",
+            Self::DownProj => "down_proj",
+        }
+    }
+}
+
+/// Optimiser (AdamW) and schedule.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Training {
+    /// Passes over the training split.
+    #[serde(default = "default_epochs")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub epochs: u32,
+    /// Peak learning rate.
+    #[serde(default = "default_learning_rate")]
+    #[schemars(extend("minimum" = 0, "exclusiveMinimum" = true, "maximum" = 1))]
+    pub learning_rate: f64,
+    /// Sequences per micro-batch.
+    #[serde(default = "default_batch_size")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub batch_size: u32,
+    /// Micro-batches accumulated into one optimiser step.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub gradient_accumulation_steps: u32,
+    /// Longer sequences are truncated.
+    #[serde(default = "default_max_sequence_length")]
+    #[schemars(range(min = 8, max = 131_072))]
+    pub max_sequence_length: u32,
+    /// Steps of linear warm-up before the schedule starts.
+    #[serde(default)]
+    #[schemars(range(max = 1_000_000))]
+    pub warmup_steps: u32,
+    /// Learning-rate schedule after warm-up.
+    #[serde(default)]
+    pub scheduler: Scheduler,
+    /// Seed for initialisation, shuffling and dropout.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Write a resumable checkpoint every this many optimiser steps.
+    #[serde(default = "default_checkpoint_every_steps")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub checkpoint_every_steps: u32,
+    /// Clip the global gradient norm to this value.
+    #[serde(default = "default_max_grad_norm")]
+    #[schemars(extend("minimum" = 0, "exclusiveMinimum" = true))]
+    pub max_grad_norm: f64,
+    /// Recompute each layer's activations in the backward pass instead of keeping them.
+    #[serde(default = "default_true")]
+    pub gradient_checkpointing: bool,
+}
+
+impl Default for Training {
+    fn default() -> Self {
+        Self {
+            epochs: default_epochs(),
+            learning_rate: default_learning_rate(),
+            batch_size: default_batch_size(),
+            gradient_accumulation_steps: one(),
+            max_sequence_length: default_max_sequence_length(),
+            warmup_steps: 0,
+            scheduler: Scheduler::default(),
+            seed: default_seed(),
+            checkpoint_every_steps: default_checkpoint_every_steps(),
+            max_grad_norm: default_max_grad_norm(),
+            gradient_checkpointing: default_true(),
+        }
+    }
+}
+
+fn default_epochs() -> u32 {
+    3
+}
+fn default_learning_rate() -> f64 {
+    2.0e-4
+}
+fn default_batch_size() -> u32 {
+    4
+}
+fn one() -> u32 {
+    1
+}
+fn default_max_sequence_length() -> u32 {
+    2048
+}
+fn default_seed() -> u64 {
+    42
+}
+fn default_checkpoint_every_steps() -> u32 {
+    200
+}
+fn default_max_grad_norm() -> f64 {
+    1.0
+}
+fn default_true() -> bool {
+    true
+}
+
+/// Learning-rate schedule after warm-up.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheduler {
+    /// Cosine decay to zero.
+    #[default]
+    Cosine,
+    /// Linear decay to zero.
+    Linear,
+    /// Constant after warm-up.
+    Constant,
+}
+
+/// Where the finished adapter is written.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutputTarget {
+    /// `s3://bucket/prefix/` or `file:///path/`; the adapter's files go directly under it.
+    #[schemars(length(max = 2048), regex(pattern = OUTPUT_URI_PATTERN))]
+    pub uri: String,
+}
+
+/// Object-storage endpoint and credentials.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageConfig {
+    /// A Secret with `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` (and optionally
+    /// `AWS_SESSION_TOKEN`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretRef>,
+    /// S3 endpoint for S3-compatible stores (MinIO, Ceph); AWS when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048), regex(pattern = r"^https?://[^\s/]+(/.*)?$"))]
+    pub endpoint: Option<String>,
+    /// S3 region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub region: Option<String>,
+}
+
+/// Compute for the training pod.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Resources {
+    /// GPUs requested as a limit on `gpuResourceName`; 0 trains on CPU.
+    #[serde(default = "one")]
+    #[schemars(range(max = 16))]
+    pub gpus: u32,
+    /// The extended resource that counts GPUs on the nodes.
+    #[serde(default = "default_gpu_resource_name")]
+    #[schemars(length(min = 1, max = 253))]
+    pub gpu_resource_name: String,
+    /// Memory request and limit of the trainer container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Quantity>,
+    /// CPU request of the trainer container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<Quantity>,
+    /// Node labels the training pod must match.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints the training pod tolerates.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub tolerations: Vec<Toleration>,
+    /// PriorityClass of the training pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253), regex(pattern = NAME_PATTERN))]
+    pub priority_class_name: Option<String>,
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Self {
+            gpus: one(),
+            gpu_resource_name: default_gpu_resource_name(),
+            memory: None,
+            cpu: None,
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+            priority_class_name: None,
+        }
+    }
+}
+
+fn default_gpu_resource_name() -> String {
+    "nvidia.com/gpu".to_owned()
+}
+
+/// Observed state of a FineTuneJob.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FineTuneJobStatus {
+    /// Summary of the conditions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<FineTuneJobPhase>,
+    /// Ready, Running, Succeeded, Failed, Suspended.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// Training progress, written by the trainer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+    /// The finished adapter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<AdapterArtifact>,
+    /// When the training Job was first created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    /// When the job succeeded or failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Training pods that failed and were retried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
+}
+
+/// Summary of a FineTuneJob's state.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum FineTuneJobPhase {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Suspended,
+}
+
+/// Training progress reported by the trainer.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Progress {
+    /// Optimiser steps done.
+    pub step: u64,
+    /// Optimiser steps in the whole run.
+    pub total_steps: u64,
+    /// Current epoch, from 0.
+    #[serde(default)]
+    pub epoch: u32,
+    /// Training loss of the last step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    /// Loss on the validation split at the last evaluation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
+    /// Training throughput.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_second: Option<f64>,
+    /// Estimated seconds to completion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<u64>,
+    /// When the trainer wrote this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<Time>,
+}
+
+/// A finished adapter in object storage.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AdapterArtifact {
+    /// Prefix holding `adapter_config.json`, `adapter_model.safetensors` and `graft.json`.
+    pub uri: String,
+    /// SHA-256 of `adapter_model.safetensors`.
+    pub sha256: String,
+    /// Size of `adapter_model.safetensors` in bytes.
+    pub size_bytes: u64,
+    /// Trainable (LoRA) parameters.
+    pub trainable_parameters: u64,
+}

@@ -1,0 +1,28 @@
+//! Graft's API: the `FineTuneJob` and `AdapterDeployment` custom resources (group `graft.dev`,
+//! version `v1alpha1`) and the types shared by the operator, the trainer and the server.
+//!
+//! Validation lives in the schema so that `kubectl apply` rejects a bad manifest before any
+//! controller sees it: ranges, enums and URI patterns through `schemars`, cross-field rules
+//! as CEL (`x-kubernetes-validations`).
+
+mod adapter_deployment;
+mod common;
+mod crd;
+mod fine_tune_job;
+
+pub use adapter_deployment::{
+    AdapterDeployment, AdapterDeploymentPhase, AdapterDeploymentSpec, AdapterDeploymentStatus,
+    AdapterSource, AdapterVersion, ReplicaCounts, ServerRef, VersionStatus,
+};
+pub use common::{LocalObjectRef, SecretRef};
+pub use crd::{all_crds, crds_yaml};
+pub use fine_tune_job::{
+    AdapterArtifact, DatasetFormat, DatasetSource, FineTuneJob, FineTuneJobPhase,
+    FineTuneJobSpec, FineTuneJobStatus, LoraConfig, Method, ModelSource, OutputTarget, Progress,
+    Quantization, Resources, Scheduler, StorageConfig, TargetModule, Training,
+};
+
+/// The API group of every Graft resource.
+pub const GROUP: &str = "graft.dev";
+/// The served and stored version.
+pub const VERSION: &str = "v1alpha1";

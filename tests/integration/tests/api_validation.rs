@@ -1,0 +1,282 @@
+//! The generated CRDs against a real kube-apiserver: a valid FineTuneJob is stored with its
+//! defaults, and every class of bad manifest is refused at admission with a message that names
+//! the offending field.
+
+use graft_api::{AdapterDeployment, FineTuneJob, all_crds};
+use graft_testenv::{ControlPlane, install_crds};
+use kube::{
+    Api, Client,
+    api::{DynamicObject, Patch, PatchParams, PostParams},
+    core::{ApiResource, GroupVersionKind},
+    discovery::ApiCapabilities,
+};
+use serde_json::{Value, json};
+
+async fn setup(prefix: &str) -> (Client, String) {
+    let cp = ControlPlane::shared().await;
+    let client = cp.client().await;
+    install_crds(&client, &all_crds()).await;
+    (client, cp.namespace(prefix).await)
+}
+
+fn valid_job(name: &str) -> Value {
+    json!({
+        "apiVersion": "graft.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "baseModel": {"uri": "s3://models/llama-3.1-8b-instruct/"},
+            "dataset": {"uri": "s3://datasets/support/train.jsonl"},
+            "method": {"quantization": "nf4", "lora": {"rank": 16, "alpha": 32,
+                "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj"]}},
+            "output": {"uri": "s3://adapters/support-bot/v3/"},
+            "storage": {"secretRef": {"name": "s3-credentials"}, "endpoint": "http://minio.minio:9000"}
+        }
+    })
+}
+
+fn valid_deployment(name: &str) -> Value {
+    json!({
+        "apiVersion": "graft.dev/v1alpha1",
+        "kind": "AdapterDeployment",
+        "metadata": {"name": name},
+        "spec": {
+            "server": {"name": "llama-3-8b"},
+            "adapterName": "support-bot",
+            "versions": [
+                {"source": {"fineTuneJobRef": {"name": "support-bot-v3"}}, "weight": 90},
+                {"source": {"uri": "s3://adapters/support-bot/v4/", "sha256": "a".repeat(64)}, "weight": 10}
+            ]
+        }
+    })
+}
+
+fn dynamic_api<K: kube::Resource<DynamicType = ()>>(client: &Client, ns: &str) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk(&K::group(&()), &K::version(&()), &K::kind(&()));
+    let resource = ApiResource::from_gvk_with_plural(&gvk, &K::plural(&()));
+    Api::namespaced_with(client.clone(), ns, &resource)
+}
+
+/// Creates `manifest` and returns the apiserver's refusal, failing the test if it was accepted.
+async fn rejected(api: &Api<DynamicObject>, manifest: Value) -> String {
+    let object: DynamicObject = serde_json::from_value(manifest).expect("manifest");
+    match api.create(&PostParams::default(), &object).await {
+        Ok(_) => panic!("the apiserver accepted an invalid manifest"),
+        Err(kube::Error::Api(status)) => {
+            assert_eq!(status.code, 422, "{status:?}");
+            status.message.clone()
+        }
+        Err(other) => panic!("unexpected error: {other}"),
+    }
+}
+
+fn assert_names(message: &str, needles: &[&str]) {
+    for needle in needles {
+        assert!(message.contains(needle), "expected {needle:?} in: {message}");
+    }
+}
+
+#[tokio::test]
+async fn valid_finetunejob_is_stored_with_schema_defaults() {
+    let (client, ns) = setup("ftj-valid").await;
+    let raw = dynamic_api::<FineTuneJob>(&client, &ns);
+    let object: DynamicObject = serde_json::from_value(valid_job("support-bot-v3")).expect("manifest");
+    raw.create(&PostParams::default(), &object).await.expect("a valid job is accepted");
+
+    let typed: Api<FineTuneJob> = Api::namespaced(client, &ns);
+    let job = typed.get("support-bot-v3").await.expect("read back");
+    assert_eq!(job.spec.method.lora.rank, 16);
+    // Defaults come from the schema, applied by the apiserver, not by our deserialiser.
+    let stored = raw.get("support-bot-v3").await.expect("read back raw");
+    let training = &stored.data["spec"]["training"];
+    assert_eq!(training["learningRate"], json!(0.0002), "{stored:?}");
+    assert_eq!(training["scheduler"], json!("cosine"));
+    assert_eq!(stored.data["spec"]["dataset"]["validationFraction"], json!(0.05));
+    assert_eq!(stored.data["spec"]["resources"]["gpuResourceName"], json!("nvidia.com/gpu"));
+}
+
+#[tokio::test]
+async fn rank_zero_is_rejected_naming_the_field() {
+    let (client, ns) = setup("ftj-rank").await;
+    let mut job = valid_job("rank-zero");
+    job["spec"]["method"]["lora"]["rank"] = json!(0);
+    let message = rejected(&dynamic_api::<FineTuneJob>(&client, &ns), job).await;
+    assert_names(&message, &["spec.method.lora.rank", "greater than or equal to 1"]);
+
+    let mut job = valid_job("rank-huge");
+    job["spec"]["method"]["lora"]["rank"] = json!(513);
+    let message = rejected(&dynamic_api::<FineTuneJob>(&client, &ns), job).await;
+    assert_names(&message, &["spec.method.lora.rank", "less than or equal to 512"]);
+}
+
+#[tokio::test]
+async fn non_positive_alpha_and_learning_rate_are_rejected() {
+    let (client, ns) = setup("ftj-positive").await;
+    let mut job = valid_job("alpha-zero");
+    job["spec"]["method"]["lora"]["alpha"] = json!(0);
+    job["spec"]["training"] = json!({"learningRate": 0});
+    let message = rejected(&dynamic_api::<FineTuneJob>(&client, &ns), job).await;
+    assert_names(&message, &["spec.method.lora.alpha", "spec.training.learningRate", "greater than 0"]);
+}
+
+#[tokio::test]
+async fn unknown_enum_values_are_rejected() {
+    let (client, ns) = setup("ftj-enum").await;
+    let mut job = valid_job("int3");
+    job["spec"]["method"]["quantization"] = json!("int3");
+    job["spec"]["training"] = json!({"scheduler": "exponential"});
+    job["spec"]["dataset"]["format"] = json!("csv");
+    job["spec"]["method"]["lora"]["targetModules"] = json!(["q_proj", "lm_head"]);
+    let message = rejected(&dynamic_api::<FineTuneJob>(&client, &ns), job).await;
+    assert_names(
+        &message,
+        &[
+            "spec.method.quantization: Unsupported value: \"int3\"",
+            "spec.training.scheduler: Unsupported value: \"exponential\"",
+            "spec.dataset.format: Unsupported value: \"csv\"",
+            "spec.method.lora.targetModules[1]: Unsupported value: \"lm_head\"",
+        ],
+    );
+}
+
+#[tokio::test]
+async fn bad_uris_are_rejected_naming_the_field() {
+    let (client, ns) = setup("ftj-uri").await;
+    let mut job = valid_job("bad-uri");
+    job["spec"]["baseModel"]["uri"] = json!("gs://models/llama");
+    job["spec"]["output"]["uri"] = json!("hf://org/adapter");
+    job["spec"]["dataset"]["uri"] = json!("s3://");
+    let message = rejected(&dynamic_api::<FineTuneJob>(&client, &ns), job).await;
+    assert_names(&message, &["spec.baseModel.uri", "spec.output.uri", "spec.dataset.uri", "should match"]);
+}
+
+#[tokio::test]
+async fn missing_required_fields_are_rejected() {
+    let (client, ns) = setup("ftj-required").await;
+    let mut job = valid_job("no-output");
+    job["spec"].as_object_mut().expect("spec").remove("output");
+    let message = rejected(&dynamic_api::<FineTuneJob>(&client, &ns), job).await;
+    assert_names(&message, &["spec.output: Required value"]);
+}
+
+#[tokio::test]
+async fn adapter_weights_must_sum_to_100() {
+    let (client, ns) = setup("ad-weights").await;
+    let api = dynamic_api::<AdapterDeployment>(&client, &ns);
+    let mut ad = valid_deployment("weights");
+    ad["spec"]["versions"][1]["weight"] = json!(20);
+    let message = rejected(&api, ad).await;
+    assert_names(&message, &["spec.versions", "weights must sum to 100"]);
+
+    let mut ad = valid_deployment("weight-range");
+    ad["spec"]["versions"][0]["weight"] = json!(101);
+    let message = rejected(&api, ad).await;
+    assert_names(&message, &["spec.versions[0].weight", "less than or equal to 100"]);
+}
+
+#[tokio::test]
+async fn adapter_deployment_takes_at_most_two_versions_each_with_one_source() {
+    let (client, ns) = setup("ad-versions").await;
+    let api = dynamic_api::<AdapterDeployment>(&client, &ns);
+    let mut ad = valid_deployment("three");
+    ad["spec"]["versions"] = json!([
+        {"source": {"fineTuneJobRef": {"name": "a"}}, "weight": 34},
+        {"source": {"fineTuneJobRef": {"name": "b"}}, "weight": 33},
+        {"source": {"fineTuneJobRef": {"name": "c"}}, "weight": 33}
+    ]);
+    assert_names(&rejected(&api, ad).await, &["spec.versions", "at most 2 versions"]);
+
+    let mut ad = valid_deployment("both-sources");
+    ad["spec"]["versions"][0]["source"]["uri"] = json!("s3://adapters/x/");
+    assert_names(&rejected(&api, ad).await, &["spec.versions[0].source", "exactly one of fineTuneJobRef or uri"]);
+
+    let mut ad = valid_deployment("no-digest");
+    ad["spec"]["versions"][1]["source"].as_object_mut().expect("source").remove("sha256");
+    assert_names(&rejected(&api, ad).await, &["spec.versions[1].source.sha256", "required with source.uri"]);
+
+    // The valid canary itself is accepted, and a single version defaults to all the traffic.
+    let object: DynamicObject = serde_json::from_value(valid_deployment("canary")).expect("manifest");
+    api.create(&PostParams::default(), &object).await.expect("a valid canary is accepted");
+    let mut single = valid_deployment("single");
+    single["spec"]["versions"] = json!([{"source": {"fineTuneJobRef": {"name": "a"}}}]);
+    let object: DynamicObject = serde_json::from_value(single).expect("manifest");
+    let stored = api.create(&PostParams::default(), &object).await.expect("a single version is accepted");
+    assert_eq!(stored.data["spec"]["versions"][0]["weight"], json!(100));
+}
+
+#[tokio::test]
+async fn spec_is_immutable_once_the_job_started_except_suspend() {
+    let (client, ns) = setup("ftj-immutable").await;
+    let api: Api<FineTuneJob> = Api::namespaced(client.clone(), &ns);
+    let object: FineTuneJob = serde_json::from_value(valid_job("started")).expect("manifest");
+    api.create(&PostParams::default(), &object).await.expect("create");
+    let params = PatchParams::default();
+
+    // Before the start the spec may change freely.
+    let change_lr = |lr: f64| Patch::Merge(json!({"spec": {"training": {"learningRate": lr}}}));
+    api.patch("started", &params, &change_lr(1e-4)).await.expect("editable before start");
+
+    // The operator marks the job started through the status subresource.
+    let started = json!({"status": {"phase": "Running", "startTime": "2026-11-23T10:00:00Z"}});
+    api.patch_status("started", &params, &Patch::Merge(started)).await.expect("status");
+
+    let err = api.patch("started", &params, &change_lr(3e-4)).await.expect_err("immutable after start");
+    let kube::Error::Api(status) = err else { panic!("unexpected error: {err}") };
+    assert_eq!(status.code, 422);
+    assert_names(&status.message, &["spec", "immutable once the job has started"]);
+
+    // suspend stays mutable, so Kueue can preempt a running job.
+    let suspended = api
+        .patch("started", &params, &Patch::Merge(json!({"spec": {"suspend": true}})))
+        .await
+        .expect("suspend is allowed after start");
+    assert!(suspended.spec.suspend);
+    assert!((suspended.spec.training.learning_rate - 1e-4).abs() < 1e-12);
+}
+
+#[tokio::test]
+async fn kubectl_shows_short_names_and_printer_columns_from_the_status_subresource() {
+    let (client, ns) = setup("columns").await;
+    let discovery = kube::Discovery::new(client.clone()).filter(&["graft.dev"]).run().await.expect("discovery");
+    let group = discovery.groups().next().expect("graft.dev is served");
+    let kinds: Vec<(ApiResource, ApiCapabilities)> = group.recommended_resources();
+    let mut plurals: Vec<_> = kinds.iter().map(|(r, _)| r.plural.clone()).collect();
+    plurals.sort();
+    assert_eq!(plurals, ["adapterdeployments", "finetunejobs"]);
+    for (resource, caps) in &kinds {
+        assert!(caps.subresources.iter().any(|(s, _)| s.plural == "status"), "{} has /status", resource.plural);
+    }
+
+    let api: Api<FineTuneJob> = Api::namespaced(client, &ns);
+    let object: FineTuneJob = serde_json::from_value(valid_job("columns")).expect("manifest");
+    api.create(&PostParams::default(), &object).await.expect("create");
+    let progress = json!({"status": {"phase": "Running", "progress": {"step": 40, "totalSteps": 300, "loss": 1.25}}});
+    api.patch_status("columns", &PatchParams::default(), &Patch::Merge(progress)).await.expect("status");
+
+    let out = ControlPlane::shared().await.command("kubectl").args(["get", "ftj", "-n", &ns]).output().expect("kubectl");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8_lossy(&out.stdout);
+    let mut lines = table.lines();
+    let header: Vec<_> = lines.next().expect("header").split_whitespace().collect();
+    assert_eq!(header, ["NAME", "PHASE", "STEP", "TOTAL", "LOSS", "AGE"], "{table}");
+    let row: Vec<_> = lines.next().expect("row").split_whitespace().collect();
+    assert_eq!(row[..5], ["columns", "Running", "40", "300", "1.25"], "{table}");
+}
+
+#[tokio::test]
+async fn shipped_examples_pass_server_side_validation() {
+    let (_client, ns) = setup("examples").await;
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let out = ControlPlane::shared()
+        .await
+        .command("kubectl")
+        .args(["apply", "--dry-run=server", "--namespace", &ns, "-f"])
+        .arg(&examples)
+        .output()
+        .expect("kubectl");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    for object in ["finetunejob.graft.dev/support-bot-v3", "adapterdeployment.graft.dev/support-bot", "secret/s3-credentials"] {
+        assert!(stdout.contains(object), "{object} missing in:\n{stdout}");
+    }
+}

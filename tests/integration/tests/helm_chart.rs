@@ -1,0 +1,162 @@
+//! The Helm chart with real `helm` against the local control plane: it lints, its rendered
+//! objects pass the apiserver's server-side dry run, and install / upgrade / uninstall leave
+//! exactly the expected objects.
+
+use std::{
+    io::Write,
+    path::PathBuf,
+    process::{Command, Output, Stdio},
+};
+
+use graft_testenv::{ControlPlane, unique_name};
+use k8s_openapi::{
+    api::{
+        apps::v1::Deployment,
+        core::v1::ServiceAccount,
+        policy::v1::PodDisruptionBudget,
+        rbac::v1::{ClusterRole, Role},
+    },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
+use kube::Api;
+
+fn chart() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../charts/graft")
+}
+
+fn run(mut command: Command) -> Output {
+    let shown = format!("{command:?}");
+    let out = command.output().unwrap_or_else(|e| panic!("{shown}: {e}"));
+    assert!(
+        out.status.success(),
+        "{shown} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn helm(cp: &ControlPlane, args: &[&str]) -> Command {
+    let mut command = cp.command("helm");
+    command.args(args);
+    command
+}
+
+#[tokio::test]
+async fn chart_lints_clean() {
+    let cp = ControlPlane::shared().await;
+    let chart = chart();
+    let out = run(helm(cp, &["lint", "--strict", chart.to_str().expect("utf-8 path")]));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 chart(s) linted, 0 chart(s) failed"));
+}
+
+#[tokio::test]
+async fn rendered_chart_passes_server_side_dry_run() {
+    let cp = ControlPlane::shared().await;
+    let ns = cp.namespace("helm-template").await;
+    let chart = chart();
+    // Offline, `helm template` assumes an old Kubernetes; render for the apiserver at hand.
+    let version = cp.client().await.apiserver_version().await.expect("/version").git_version;
+    let rendered = run(helm(
+        cp,
+        &["template", "graft", chart.to_str().expect("utf-8 path"), "--namespace", &ns, "--include-crds", "--kube-version", &version],
+    ))
+    .stdout;
+
+    let mut kubectl = cp.command("kubectl");
+    kubectl
+        .args(["apply", "--dry-run=server", "--namespace", &ns, "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = kubectl.spawn().expect("kubectl");
+    child.stdin.take().expect("stdin").write_all(&rendered).expect("piping the chart");
+    let out = child.wait_with_output().expect("kubectl");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    for object in [
+        "customresourcedefinition.apiextensions.k8s.io/finetunejobs.graft.dev",
+        "customresourcedefinition.apiextensions.k8s.io/adapterdeployments.graft.dev",
+        "deployment.apps/graft-operator",
+        "serviceaccount/graft-operator",
+        "clusterrole.rbac.authorization.k8s.io/graft-operator",
+        "role.rbac.authorization.k8s.io/graft-operator-leader-election",
+        "poddisruptionbudget.policy/graft-operator",
+    ] {
+        // "created", or "configured" for the cluster-scoped CRDs another test installed already.
+        let accepted = stdout.lines().any(|l| l.starts_with(&format!("{object} ")) && l.ends_with("(server dry run)"));
+        assert!(accepted, "{object} missing in:\n{stdout}");
+    }
+}
+
+#[tokio::test]
+async fn install_upgrade_and_uninstall_manage_exactly_the_charts_objects() {
+    let cp = ControlPlane::shared().await;
+    let ns = cp.namespace("helm-install").await;
+    let release = unique_name("graft");
+    let chart = chart();
+    let chart = chart.to_str().expect("utf-8 path");
+    let client = cp.client().await;
+    let operator = format!("{release}-operator");
+
+    run(helm(cp, &["install", &release, chart, "--namespace", &ns]));
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let deployment = deployments.get(&operator).await.expect("the operator Deployment exists");
+    let spec = deployment.spec.expect("spec");
+    assert_eq!(spec.replicas, Some(2));
+    let pod = spec.template.spec.expect("pod spec");
+    assert_eq!(pod.service_account_name.as_deref(), Some(operator.as_str()));
+    let security = pod.containers[0].security_context.clone().expect("container security context");
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    assert_eq!(pod.security_context.and_then(|s| s.run_as_non_root), Some(true));
+
+    Api::<ServiceAccount>::namespaced(client.clone(), &ns).get(&operator).await.expect("ServiceAccount");
+    let role = Api::<ClusterRole>::all(client.clone()).get(&operator).await.expect("ClusterRole");
+    let rules = role.rules.unwrap_or_default();
+    let secrets = rules
+        .iter()
+        .find(|r| r.resources.iter().flatten().any(|res| res == "secrets"))
+        .expect("a rule for secrets");
+    assert_eq!(secrets.verbs, ["get", "list", "watch"], "the operator only reads Secrets");
+    assert!(
+        !rules.iter().any(|r| r.verbs.iter().any(|v| v == "*") || r.resources.iter().flatten().any(|res| res == "*")),
+        "no wildcard rules"
+    );
+    Api::<Role>::namespaced(client.clone(), &ns).get(&format!("{operator}-leader-election")).await.expect("Role");
+    Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns).get(&operator).await.expect("PDB");
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.get("finetunejobs.graft.dev").await.expect("helm installed the CRDs");
+
+    run(helm(cp, &["upgrade", &release, chart, "--namespace", &ns, "--set", "operator.replicas=3", "--set", "operator.logLevel=debug"]));
+    let upgraded = deployments.get(&operator).await.expect("Deployment after upgrade");
+    assert_eq!(upgraded.spec.as_ref().and_then(|s| s.replicas), Some(3));
+    let env = upgraded.spec.and_then(|s| s.template.spec).map(|p| p.containers[0].env.clone().unwrap_or_default()).unwrap_or_default();
+    assert!(env.iter().any(|e| e.name == "RUST_LOG" && e.value.as_deref() == Some("debug")), "{env:?}");
+
+    run(helm(cp, &["uninstall", &release, "--namespace", &ns, "--wait"]));
+    assert!(deployments.get_opt(&operator).await.expect("get").is_none(), "Deployment removed");
+    assert!(Api::<ClusterRole>::all(client.clone()).get_opt(&operator).await.expect("get").is_none(), "ClusterRole removed");
+    assert!(Api::<ServiceAccount>::namespaced(client.clone(), &ns).get_opt(&operator).await.expect("get").is_none());
+    // Helm never deletes CRDs, so custom resources survive an uninstall.
+    crds.get("finetunejobs.graft.dev").await.expect("CRDs stay after uninstall");
+}
+
+#[tokio::test]
+async fn bad_values_are_rejected_by_the_schema() {
+    let cp = ControlPlane::shared().await;
+    let chart = chart();
+    let chart = chart.to_str().expect("utf-8 path");
+    for (value, needle) in [
+        ("operator.replicas=0", "replicas"),
+        ("operator.logLevel=loud", "logLevel"),
+        ("operator.image.pullPolicy=Sometimes", "pullPolicy"),
+        ("operator.replica=2", "replica"),
+    ] {
+        let out = helm(cp, &["template", "graft", chart, "--set", value]).output().expect("helm");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{value} was accepted");
+        assert!(stderr.contains("values don't meet the specifications of the schema"), "{value}: {stderr}");
+        assert!(stderr.contains(needle), "{value}: {stderr}");
+    }
+}

@@ -1,0 +1,25 @@
+//! The test harness: real `etcd`, `kube-apiserver` (plus `kube-controller-manager` and
+//! `kube-scheduler` on request), a real S3-protocol server and `helm`, all on 127.0.0.1.
+//!
+//! `tests/controlplane/install.sh` builds the binaries and caches them by version; this crate
+//! finds them there. One control plane and one S3 server are shared per test binary (started
+//! on first use); tests isolate themselves by namespace and bucket. Every process is killed
+//! when the test binary exits, also when a test panics or the binary itself is killed.
+
+mod control_plane;
+mod pki;
+mod process;
+mod s3;
+mod tools;
+
+pub use control_plane::{ControlPlane, install_crds};
+pub use s3::S3Server;
+pub use tools::tool;
+
+/// A name unique within this test run, for namespaces and buckets.
+pub fn unique_name(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}-{}-{n}", std::process::id())
+}
