@@ -11,9 +11,15 @@ pub enum Error {
     #[error("invalid object-store URI {uri:?}: {reason}")]
     InvalidUri { uri: String, reason: String },
     #[error("{scheme}:// URIs are not supported here: {reason}")]
-    UnsupportedScheme { scheme: &'static str, reason: &'static str },
+    UnsupportedScheme {
+        scheme: &'static str,
+        reason: &'static str,
+    },
     #[error("opening the object store for {uri}: {source}")]
-    Open { uri: String, source: object_store::Error },
+    Open {
+        uri: String,
+        source: object_store::Error,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -33,28 +39,52 @@ impl FromStr for ObjectUri {
     type Err = Error;
 
     fn from_str(uri: &str) -> Result<Self> {
-        let invalid = |reason: &str| Error::InvalidUri { uri: uri.to_owned(), reason: reason.to_owned() };
+        let invalid = |reason: &str| Error::InvalidUri {
+            uri: uri.to_owned(),
+            reason: reason.to_owned(),
+        };
         let url = Url::parse(uri).map_err(|e| invalid(&e.to_string()))?;
         match url.scheme() {
             "s3" => {
-                let bucket = url.host_str().filter(|b| !b.is_empty()).ok_or_else(|| invalid("no bucket"))?;
+                let bucket = url
+                    .host_str()
+                    .filter(|b| !b.is_empty())
+                    .ok_or_else(|| invalid("no bucket"))?;
                 let key = url.path().trim_start_matches('/').to_owned();
-                Ok(Self::S3 { bucket: bucket.to_owned(), key })
+                Ok(Self::S3 {
+                    bucket: bucket.to_owned(),
+                    key,
+                })
             }
             "file" => {
                 if url.host_str().is_some_and(|h| !h.is_empty()) {
-                    return Err(invalid("file URIs take no host: write file:///absolute/path"));
+                    return Err(invalid(
+                        "file URIs take no host: write file:///absolute/path",
+                    ));
                 }
-                Ok(Self::File { path: url.path().to_owned() })
+                Ok(Self::File {
+                    path: url.path().to_owned(),
+                })
             }
             "hf" => {
-                let org = url.host_str().filter(|o| !o.is_empty()).ok_or_else(|| invalid("no organisation"))?;
+                let org = url
+                    .host_str()
+                    .filter(|o| !o.is_empty())
+                    .ok_or_else(|| invalid("no organisation"))?;
                 let mut segments = url.path().trim_start_matches('/').splitn(2, '/');
-                let name = segments.next().filter(|n| !n.is_empty()).ok_or_else(|| invalid("no repository name"))?;
+                let name = segments
+                    .next()
+                    .filter(|n| !n.is_empty())
+                    .ok_or_else(|| invalid("no repository name"))?;
                 let path = segments.next().unwrap_or_default().to_owned();
-                Ok(Self::Hf { repo: format!("{org}/{name}"), path })
+                Ok(Self::Hf {
+                    repo: format!("{org}/{name}"),
+                    path,
+                })
             }
-            other => Err(invalid(&format!("unknown scheme {other:?}; use s3://, file:// or hf://"))),
+            other => Err(invalid(&format!(
+                "unknown scheme {other:?}; use s3://, file:// or hf://"
+            ))),
         }
     }
 }
@@ -88,9 +118,18 @@ impl fmt::Debug for S3Options {
         f.debug_struct("S3Options")
             .field("endpoint", &self.endpoint)
             .field("region", &self.region)
-            .field("access_key_id", &self.access_key_id.as_ref().map(|_| "<redacted>"))
-            .field("secret_access_key", &self.secret_access_key.as_ref().map(|_| "<redacted>"))
-            .field("session_token", &self.session_token.as_ref().map(|_| "<redacted>"))
+            .field(
+                "access_key_id",
+                &self.access_key_id.as_ref().map(|_| "<redacted>"),
+            )
+            .field(
+                "secret_access_key",
+                &self.secret_access_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field(
+                "session_token",
+                &self.session_token.as_ref().map(|_| "<redacted>"),
+            )
             .finish()
     }
 }
@@ -103,7 +142,9 @@ impl S3Options {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         Self {
             endpoint: endpoint.or_else(|| var("AWS_ENDPOINT_URL")),
-            region: region.or_else(|| var("AWS_REGION")).or_else(|| var("AWS_DEFAULT_REGION")),
+            region: region
+                .or_else(|| var("AWS_REGION"))
+                .or_else(|| var("AWS_DEFAULT_REGION")),
             access_key_id: var("AWS_ACCESS_KEY_ID"),
             secret_access_key: var("AWS_SECRET_ACCESS_KEY"),
             session_token: var("AWS_SESSION_TOKEN"),
@@ -121,13 +162,18 @@ pub struct Location {
 impl Location {
     /// The path of `name` under this location's prefix.
     pub fn child(&self, name: &str) -> Path {
-        name.split('/').filter(|s| !s.is_empty()).fold(self.prefix.clone(), |p, s| p.join(s))
+        name.split('/')
+            .filter(|s| !s.is_empty())
+            .fold(self.prefix.clone(), Path::join)
     }
 }
 
 /// Opens the store behind `uri`.
 pub fn open(uri: &ObjectUri, s3: &S3Options) -> Result<Location> {
-    let open_err = |source| Error::Open { uri: uri.to_string(), source };
+    let open_err = |source| Error::Open {
+        uri: uri.to_string(),
+        source,
+    };
     match uri {
         ObjectUri::S3 { bucket, key } => {
             let mut builder = AmazonS3Builder::new()
@@ -140,17 +186,25 @@ pub fn open(uri: &ObjectUri, s3: &S3Options) -> Result<Location> {
                     .with_allow_http(endpoint.starts_with("http://"));
             }
             if let (Some(id), Some(secret)) = (&s3.access_key_id, &s3.secret_access_key) {
-                builder = builder.with_access_key_id(id).with_secret_access_key(secret);
+                builder = builder
+                    .with_access_key_id(id)
+                    .with_secret_access_key(secret);
             }
             if let Some(token) = &s3.session_token {
                 builder = builder.with_token(token);
             }
             let store = builder.build().map_err(open_err)?;
-            Ok(Location { store: Arc::new(store), prefix: Path::from(key.as_str()) })
+            Ok(Location {
+                store: Arc::new(store),
+                prefix: Path::from(key.as_str()),
+            })
         }
         ObjectUri::File { path } => {
             let store = LocalFileSystem::new_with_prefix("/").map_err(open_err)?;
-            Ok(Location { store: Arc::new(store), prefix: Path::from(path.as_str()) })
+            Ok(Location {
+                store: Arc::new(store),
+                prefix: Path::from(path.as_str()),
+            })
         }
         ObjectUri::Hf { .. } => Err(Error::UnsupportedScheme {
             scheme: "hf",
@@ -166,15 +220,48 @@ mod tests {
     #[test]
     fn parses_each_scheme_and_prints_it_back() {
         for (uri, parsed) in [
-            ("s3://models/llama/3/", ObjectUri::S3 { bucket: "models".into(), key: "llama/3/".into() }),
-            ("s3://bucket", ObjectUri::S3 { bucket: "bucket".into(), key: String::new() }),
-            ("file:///data/model", ObjectUri::File { path: "/data/model".into() }),
-            ("hf://meta-llama/Llama-3.1-8B", ObjectUri::Hf { repo: "meta-llama/Llama-3.1-8B".into(), path: String::new() }),
-            ("hf://org/name/sub/file.json", ObjectUri::Hf { repo: "org/name".into(), path: "sub/file.json".into() }),
+            (
+                "s3://models/llama/3/",
+                ObjectUri::S3 {
+                    bucket: "models".into(),
+                    key: "llama/3/".into(),
+                },
+            ),
+            (
+                "s3://bucket",
+                ObjectUri::S3 {
+                    bucket: "bucket".into(),
+                    key: String::new(),
+                },
+            ),
+            (
+                "file:///data/model",
+                ObjectUri::File {
+                    path: "/data/model".into(),
+                },
+            ),
+            (
+                "hf://meta-llama/Llama-3.1-8B",
+                ObjectUri::Hf {
+                    repo: "meta-llama/Llama-3.1-8B".into(),
+                    path: String::new(),
+                },
+            ),
+            (
+                "hf://org/name/sub/file.json",
+                ObjectUri::Hf {
+                    repo: "org/name".into(),
+                    path: "sub/file.json".into(),
+                },
+            ),
         ] {
             let got: ObjectUri = uri.parse().expect(uri);
             assert_eq!(got, parsed, "{uri}");
-            let expected = if uri == "s3://bucket" { "s3://bucket/" } else { uri };
+            let expected = if uri == "s3://bucket" {
+                "s3://bucket/"
+            } else {
+                uri
+            };
             assert_eq!(got.to_string(), expected);
         }
     }
@@ -200,12 +287,19 @@ mod tests {
             ..S3Options::default()
         };
         let shown = format!("{opts:?}");
-        assert!(!shown.contains("AKIDSECRET") && !shown.contains("verysecret"), "{shown}");
+        assert!(
+            !shown.contains("AKIDSECRET") && !shown.contains("verysecret"),
+            "{shown}"
+        );
     }
 
     #[test]
     fn child_joins_under_the_prefix() {
-        let loc = open(&"file:///tmp/graft".parse().expect("uri"), &S3Options::default()).expect("open");
+        let loc = open(
+            &"file:///tmp/graft".parse().expect("uri"),
+            &S3Options::default(),
+        )
+        .expect("open");
         assert_eq!(loc.child("a/b.json").as_ref(), "tmp/graft/a/b.json");
     }
 }

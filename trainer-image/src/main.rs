@@ -58,7 +58,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ("dataset.uri", &spec.dataset.uri),
                 ("output.uri", &spec.output.uri),
             ] {
-                uri.parse::<ObjectUri>().with_context(|| format!("spec.{field}"))?;
+                uri.parse::<ObjectUri>()
+                    .with_context(|| format!("spec.{field}"))?;
             }
             Ok(())
         }

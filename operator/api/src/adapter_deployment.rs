@@ -28,7 +28,10 @@ pub struct AdapterDeploymentSpec {
     /// The graft-server Deployment that serves the adapter.
     pub server: ServerRef,
     /// The name clients put in the OpenAI `model` field.
-    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"))]
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    )]
     pub adapter_name: String,
     /// One version for a plain rollout, two with weights for a canary. Weights sum to 100.
     #[schemars(

@@ -3,8 +3,7 @@ use serde::{Deserialize, Serialize};
 
 /// A URI the trainer or server can read from: `s3://bucket/key`, `file:///path` or
 /// `hf://org/name`. Kept in one place so the schemas of both kinds agree.
-pub(crate) const SOURCE_URI_PATTERN: &str =
-    r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?|file:///.*|hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(/.*)?)$";
+pub(crate) const SOURCE_URI_PATTERN: &str = r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?|file:///.*|hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(/.*)?)$";
 
 /// A URI the trainer can write to: `s3://bucket/prefix/` or `file:///path/`.
 pub(crate) const OUTPUT_URI_PATTERN: &str =
@@ -14,7 +13,8 @@ pub(crate) const OUTPUT_URI_PATTERN: &str =
 pub(crate) const SHA256_PATTERN: &str = "^[0-9a-f]{64}$";
 
 /// A Kubernetes object name (RFC 1123 subdomain).
-pub(crate) const NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+pub(crate) const NAME_PATTERN: &str =
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
 
 /// A reference to a Secret in the same namespace.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]

@@ -190,7 +190,9 @@ fn default_target_modules() -> Vec<TargetModule> {
 }
 
 /// A linear layer of a Llama-family decoder block, named as in Hugging Face `transformers`.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum TargetModule {
     QProj,

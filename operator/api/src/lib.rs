@@ -17,9 +17,9 @@ pub use adapter_deployment::{
 pub use common::{LocalObjectRef, SecretRef};
 pub use crd::{all_crds, crds_yaml};
 pub use fine_tune_job::{
-    AdapterArtifact, DatasetFormat, DatasetSource, FineTuneJob, FineTuneJobPhase,
-    FineTuneJobSpec, FineTuneJobStatus, LoraConfig, Method, ModelSource, OutputTarget, Progress,
-    Quantization, Resources, Scheduler, StorageConfig, TargetModule, Training,
+    AdapterArtifact, DatasetFormat, DatasetSource, FineTuneJob, FineTuneJobPhase, FineTuneJobSpec,
+    FineTuneJobStatus, LoraConfig, Method, ModelSource, OutputTarget, Progress, Quantization,
+    Resources, Scheduler, StorageConfig, TargetModule, Training,
 };
 
 /// The API group of every Graft resource.

@@ -51,7 +51,10 @@ fn valid_deployment(name: &str) -> Value {
     })
 }
 
-fn dynamic_api<K: kube::Resource<DynamicType = ()>>(client: &Client, ns: &str) -> Api<DynamicObject> {
+fn dynamic_api<K: kube::Resource<DynamicType = ()>>(
+    client: &Client,
+    ns: &str,
+) -> Api<DynamicObject> {
     let gvk = GroupVersionKind::gvk(&K::group(&()), &K::version(&()), &K::kind(&()));
     let resource = ApiResource::from_gvk_with_plural(&gvk, &K::plural(&()));
     Api::namespaced_with(client.clone(), ns, &resource)
@@ -72,7 +75,10 @@ async fn rejected(api: &Api<DynamicObject>, manifest: Value) -> String {
 
 fn assert_names(message: &str, needles: &[&str]) {
     for needle in needles {
-        assert!(message.contains(needle), "expected {needle:?} in: {message}");
+        assert!(
+            message.contains(needle),
+            "expected {needle:?} in: {message}"
+        );
     }
 }
 
@@ -80,8 +86,11 @@ fn assert_names(message: &str, needles: &[&str]) {
 async fn valid_finetunejob_is_stored_with_schema_defaults() {
     let (client, ns) = setup("ftj-valid").await;
     let raw = dynamic_api::<FineTuneJob>(&client, &ns);
-    let object: DynamicObject = serde_json::from_value(valid_job("support-bot-v3")).expect("manifest");
-    raw.create(&PostParams::default(), &object).await.expect("a valid job is accepted");
+    let object: DynamicObject =
+        serde_json::from_value(valid_job("support-bot-v3")).expect("manifest");
+    raw.create(&PostParams::default(), &object)
+        .await
+        .expect("a valid job is accepted");
 
     let typed: Api<FineTuneJob> = Api::namespaced(client, &ns);
     let job = typed.get("support-bot-v3").await.expect("read back");
@@ -91,8 +100,14 @@ async fn valid_finetunejob_is_stored_with_schema_defaults() {
     let training = &stored.data["spec"]["training"];
     assert_eq!(training["learningRate"], json!(0.0002), "{stored:?}");
     assert_eq!(training["scheduler"], json!("cosine"));
-    assert_eq!(stored.data["spec"]["dataset"]["validationFraction"], json!(0.05));
-    assert_eq!(stored.data["spec"]["resources"]["gpuResourceName"], json!("nvidia.com/gpu"));
+    assert_eq!(
+        stored.data["spec"]["dataset"]["validationFraction"],
+        json!(0.05)
+    );
+    assert_eq!(
+        stored.data["spec"]["resources"]["gpuResourceName"],
+        json!("nvidia.com/gpu")
+    );
 }
 
 #[tokio::test]
@@ -101,12 +116,18 @@ async fn rank_zero_is_rejected_naming_the_field() {
     let mut job = valid_job("rank-zero");
     job["spec"]["method"]["lora"]["rank"] = json!(0);
     let message = rejected(&dynamic_api::<FineTuneJob>(&client, &ns), job).await;
-    assert_names(&message, &["spec.method.lora.rank", "greater than or equal to 1"]);
+    assert_names(
+        &message,
+        &["spec.method.lora.rank", "greater than or equal to 1"],
+    );
 
     let mut job = valid_job("rank-huge");
     job["spec"]["method"]["lora"]["rank"] = json!(513);
     let message = rejected(&dynamic_api::<FineTuneJob>(&client, &ns), job).await;
-    assert_names(&message, &["spec.method.lora.rank", "less than or equal to 512"]);
+    assert_names(
+        &message,
+        &["spec.method.lora.rank", "less than or equal to 512"],
+    );
 }
 
 #[tokio::test]
@@ -116,7 +137,14 @@ async fn non_positive_alpha_and_learning_rate_are_rejected() {
     job["spec"]["method"]["lora"]["alpha"] = json!(0);
     job["spec"]["training"] = json!({"learningRate": 0});
     let message = rejected(&dynamic_api::<FineTuneJob>(&client, &ns), job).await;
-    assert_names(&message, &["spec.method.lora.alpha", "spec.training.learningRate", "greater than 0"]);
+    assert_names(
+        &message,
+        &[
+            "spec.method.lora.alpha",
+            "spec.training.learningRate",
+            "greater than 0",
+        ],
+    );
 }
 
 #[tokio::test]
@@ -147,7 +175,15 @@ async fn bad_uris_are_rejected_naming_the_field() {
     job["spec"]["output"]["uri"] = json!("hf://org/adapter");
     job["spec"]["dataset"]["uri"] = json!("s3://");
     let message = rejected(&dynamic_api::<FineTuneJob>(&client, &ns), job).await;
-    assert_names(&message, &["spec.baseModel.uri", "spec.output.uri", "spec.dataset.uri", "should match"]);
+    assert_names(
+        &message,
+        &[
+            "spec.baseModel.uri",
+            "spec.output.uri",
+            "spec.dataset.uri",
+            "should match",
+        ],
+    );
 }
 
 #[tokio::test]
@@ -171,7 +207,10 @@ async fn adapter_weights_must_sum_to_100() {
     let mut ad = valid_deployment("weight-range");
     ad["spec"]["versions"][0]["weight"] = json!(101);
     let message = rejected(&api, ad).await;
-    assert_names(&message, &["spec.versions[0].weight", "less than or equal to 100"]);
+    assert_names(
+        &message,
+        &["spec.versions[0].weight", "less than or equal to 100"],
+    );
 }
 
 #[tokio::test]
@@ -184,23 +223,44 @@ async fn adapter_deployment_takes_at_most_two_versions_each_with_one_source() {
         {"source": {"fineTuneJobRef": {"name": "b"}}, "weight": 33},
         {"source": {"fineTuneJobRef": {"name": "c"}}, "weight": 33}
     ]);
-    assert_names(&rejected(&api, ad).await, &["spec.versions", "at most 2 versions"]);
+    assert_names(
+        &rejected(&api, ad).await,
+        &["spec.versions", "at most 2 versions"],
+    );
 
     let mut ad = valid_deployment("both-sources");
     ad["spec"]["versions"][0]["source"]["uri"] = json!("s3://adapters/x/");
-    assert_names(&rejected(&api, ad).await, &["spec.versions[0].source", "exactly one of fineTuneJobRef or uri"]);
+    assert_names(
+        &rejected(&api, ad).await,
+        &[
+            "spec.versions[0].source",
+            "exactly one of fineTuneJobRef or uri",
+        ],
+    );
 
     let mut ad = valid_deployment("no-digest");
-    ad["spec"]["versions"][1]["source"].as_object_mut().expect("source").remove("sha256");
-    assert_names(&rejected(&api, ad).await, &["spec.versions[1].source.sha256", "required with source.uri"]);
+    ad["spec"]["versions"][1]["source"]
+        .as_object_mut()
+        .expect("source")
+        .remove("sha256");
+    assert_names(
+        &rejected(&api, ad).await,
+        &["spec.versions[1].source.sha256", "required with source.uri"],
+    );
 
     // The valid canary itself is accepted, and a single version defaults to all the traffic.
-    let object: DynamicObject = serde_json::from_value(valid_deployment("canary")).expect("manifest");
-    api.create(&PostParams::default(), &object).await.expect("a valid canary is accepted");
+    let object: DynamicObject =
+        serde_json::from_value(valid_deployment("canary")).expect("manifest");
+    api.create(&PostParams::default(), &object)
+        .await
+        .expect("a valid canary is accepted");
     let mut single = valid_deployment("single");
     single["spec"]["versions"] = json!([{"source": {"fineTuneJobRef": {"name": "a"}}}]);
     let object: DynamicObject = serde_json::from_value(single).expect("manifest");
-    let stored = api.create(&PostParams::default(), &object).await.expect("a single version is accepted");
+    let stored = api
+        .create(&PostParams::default(), &object)
+        .await
+        .expect("a single version is accepted");
     assert_eq!(stored.data["spec"]["versions"][0]["weight"], json!(100));
 }
 
@@ -209,25 +269,43 @@ async fn spec_is_immutable_once_the_job_started_except_suspend() {
     let (client, ns) = setup("ftj-immutable").await;
     let api: Api<FineTuneJob> = Api::namespaced(client.clone(), &ns);
     let object: FineTuneJob = serde_json::from_value(valid_job("started")).expect("manifest");
-    api.create(&PostParams::default(), &object).await.expect("create");
+    api.create(&PostParams::default(), &object)
+        .await
+        .expect("create");
     let params = PatchParams::default();
 
     // Before the start the spec may change freely.
     let change_lr = |lr: f64| Patch::Merge(json!({"spec": {"training": {"learningRate": lr}}}));
-    api.patch("started", &params, &change_lr(1e-4)).await.expect("editable before start");
+    api.patch("started", &params, &change_lr(1e-4))
+        .await
+        .expect("editable before start");
 
     // The operator marks the job started through the status subresource.
     let started = json!({"status": {"phase": "Running", "startTime": "2026-11-23T10:00:00Z"}});
-    api.patch_status("started", &params, &Patch::Merge(started)).await.expect("status");
+    api.patch_status("started", &params, &Patch::Merge(started))
+        .await
+        .expect("status");
 
-    let err = api.patch("started", &params, &change_lr(3e-4)).await.expect_err("immutable after start");
-    let kube::Error::Api(status) = err else { panic!("unexpected error: {err}") };
+    let err = api
+        .patch("started", &params, &change_lr(3e-4))
+        .await
+        .expect_err("immutable after start");
+    let kube::Error::Api(status) = err else {
+        panic!("unexpected error: {err}")
+    };
     assert_eq!(status.code, 422);
-    assert_names(&status.message, &["spec", "immutable once the job has started"]);
+    assert_names(
+        &status.message,
+        &["spec", "immutable once the job has started"],
+    );
 
     // suspend stays mutable, so Kueue can preempt a running job.
     let suspended = api
-        .patch("started", &params, &Patch::Merge(json!({"spec": {"suspend": true}})))
+        .patch(
+            "started",
+            &params,
+            &Patch::Merge(json!({"spec": {"suspend": true}})),
+        )
         .await
         .expect("suspend is allowed after start");
     assert!(suspended.spec.suspend);
@@ -237,30 +315,59 @@ async fn spec_is_immutable_once_the_job_started_except_suspend() {
 #[tokio::test]
 async fn kubectl_shows_short_names_and_printer_columns_from_the_status_subresource() {
     let (client, ns) = setup("columns").await;
-    let discovery = kube::Discovery::new(client.clone()).filter(&["graft.dev"]).run().await.expect("discovery");
+    let discovery = kube::Discovery::new(client.clone())
+        .filter(&["graft.dev"])
+        .run()
+        .await
+        .expect("discovery");
     let group = discovery.groups().next().expect("graft.dev is served");
     let kinds: Vec<(ApiResource, ApiCapabilities)> = group.recommended_resources();
     let mut plurals: Vec<_> = kinds.iter().map(|(r, _)| r.plural.clone()).collect();
     plurals.sort();
     assert_eq!(plurals, ["adapterdeployments", "finetunejobs"]);
     for (resource, caps) in &kinds {
-        assert!(caps.subresources.iter().any(|(s, _)| s.plural == "status"), "{} has /status", resource.plural);
+        assert!(
+            caps.subresources.iter().any(|(s, _)| s.plural == "status"),
+            "{} has /status",
+            resource.plural
+        );
     }
 
     let api: Api<FineTuneJob> = Api::namespaced(client, &ns);
     let object: FineTuneJob = serde_json::from_value(valid_job("columns")).expect("manifest");
-    api.create(&PostParams::default(), &object).await.expect("create");
+    api.create(&PostParams::default(), &object)
+        .await
+        .expect("create");
     let progress = json!({"status": {"phase": "Running", "progress": {"step": 40, "totalSteps": 300, "loss": 1.25}}});
-    api.patch_status("columns", &PatchParams::default(), &Patch::Merge(progress)).await.expect("status");
+    api.patch_status("columns", &PatchParams::default(), &Patch::Merge(progress))
+        .await
+        .expect("status");
 
-    let out = ControlPlane::shared().await.command("kubectl").args(["get", "ftj", "-n", &ns]).output().expect("kubectl");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = ControlPlane::shared()
+        .await
+        .command("kubectl")
+        .args(["get", "ftj", "-n", &ns])
+        .output()
+        .expect("kubectl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let table = String::from_utf8_lossy(&out.stdout);
     let mut lines = table.lines();
     let header: Vec<_> = lines.next().expect("header").split_whitespace().collect();
-    assert_eq!(header, ["NAME", "PHASE", "STEP", "TOTAL", "LOSS", "AGE"], "{table}");
+    assert_eq!(
+        header,
+        ["NAME", "PHASE", "STEP", "TOTAL", "LOSS", "AGE"],
+        "{table}"
+    );
     let row: Vec<_> = lines.next().expect("row").split_whitespace().collect();
-    assert_eq!(row[..5], ["columns", "Running", "40", "300", "1.25"], "{table}");
+    assert_eq!(
+        row[..5],
+        ["columns", "Running", "40", "300", "1.25"],
+        "{table}"
+    );
 }
 
 #[tokio::test]
@@ -275,8 +382,16 @@ async fn shipped_examples_pass_server_side_validation() {
         .output()
         .expect("kubectl");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    for object in ["finetunejob.graft.dev/support-bot-v3", "adapterdeployment.graft.dev/support-bot", "secret/s3-credentials"] {
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for object in [
+        "finetunejob.graft.dev/support-bot-v3",
+        "adapterdeployment.graft.dev/support-bot",
+        "secret/s3-credentials",
+    ] {
         assert!(stdout.contains(object), "{object} missing in:\n{stdout}");
     }
 }

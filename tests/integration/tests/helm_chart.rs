@@ -46,7 +46,10 @@ fn helm(cp: &ControlPlane, args: &[&str]) -> Command {
 async fn chart_lints_clean() {
     let cp = ControlPlane::shared().await;
     let chart = chart();
-    let out = run(helm(cp, &["lint", "--strict", chart.to_str().expect("utf-8 path")]));
+    let out = run(helm(
+        cp,
+        &["lint", "--strict", chart.to_str().expect("utf-8 path")],
+    ));
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 chart(s) linted, 0 chart(s) failed"));
 }
 
@@ -56,10 +59,25 @@ async fn rendered_chart_passes_server_side_dry_run() {
     let ns = cp.namespace("helm-template").await;
     let chart = chart();
     // Offline, `helm template` assumes an old Kubernetes; render for the apiserver at hand.
-    let version = cp.client().await.apiserver_version().await.expect("/version").git_version;
+    let version = cp
+        .client()
+        .await
+        .apiserver_version()
+        .await
+        .expect("/version")
+        .git_version;
     let rendered = run(helm(
         cp,
-        &["template", "graft", chart.to_str().expect("utf-8 path"), "--namespace", &ns, "--include-crds", "--kube-version", &version],
+        &[
+            "template",
+            "graft",
+            chart.to_str().expect("utf-8 path"),
+            "--namespace",
+            &ns,
+            "--include-crds",
+            "--kube-version",
+            &version,
+        ],
     ))
     .stdout;
 
@@ -70,10 +88,19 @@ async fn rendered_chart_passes_server_side_dry_run() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = kubectl.spawn().expect("kubectl");
-    child.stdin.take().expect("stdin").write_all(&rendered).expect("piping the chart");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(&rendered)
+        .expect("piping the chart");
     let out = child.wait_with_output().expect("kubectl");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for object in [
         "customresourcedefinition.apiextensions.k8s.io/finetunejobs.graft.dev",
         "customresourcedefinition.apiextensions.k8s.io/adapterdeployments.graft.dev",
@@ -84,7 +111,9 @@ async fn rendered_chart_passes_server_side_dry_run() {
         "poddisruptionbudget.policy/graft-operator",
     ] {
         // "created", or "configured" for the cluster-scoped CRDs another test installed already.
-        let accepted = stdout.lines().any(|l| l.starts_with(&format!("{object} ")) && l.ends_with("(server dry run)"));
+        let accepted = stdout
+            .lines()
+            .any(|l| l.starts_with(&format!("{object} ")) && l.ends_with("(server dry run)"));
         assert!(accepted, "{object} missing in:\n{stdout}");
     }
 }
@@ -101,45 +130,66 @@ async fn install_upgrade_and_uninstall_manage_exactly_the_charts_objects() {
 
     run(helm(cp, &["install", &release, chart, "--namespace", &ns]));
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-    let deployment = deployments.get(&operator).await.expect("the operator Deployment exists");
-    let spec = deployment.spec.expect("spec");
-    assert_eq!(spec.replicas, Some(2));
-    let pod = spec.template.spec.expect("pod spec");
-    assert_eq!(pod.service_account_name.as_deref(), Some(operator.as_str()));
-    let security = pod.containers[0].security_context.clone().expect("container security context");
-    assert_eq!(security.read_only_root_filesystem, Some(true));
-    assert_eq!(security.allow_privilege_escalation, Some(false));
-    assert_eq!(pod.security_context.and_then(|s| s.run_as_non_root), Some(true));
-
-    Api::<ServiceAccount>::namespaced(client.clone(), &ns).get(&operator).await.expect("ServiceAccount");
-    let role = Api::<ClusterRole>::all(client.clone()).get(&operator).await.expect("ClusterRole");
-    let rules = role.rules.unwrap_or_default();
-    let secrets = rules
-        .iter()
-        .find(|r| r.resources.iter().flatten().any(|res| res == "secrets"))
-        .expect("a rule for secrets");
-    assert_eq!(secrets.verbs, ["get", "list", "watch"], "the operator only reads Secrets");
-    assert!(
-        !rules.iter().any(|r| r.verbs.iter().any(|v| v == "*") || r.resources.iter().flatten().any(|res| res == "*")),
-        "no wildcard rules"
-    );
-    Api::<Role>::namespaced(client.clone(), &ns).get(&format!("{operator}-leader-election")).await.expect("Role");
-    Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns).get(&operator).await.expect("PDB");
+    assert_installed_objects(&client, &ns, &operator).await;
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.get("finetunejobs.graft.dev").await.expect("helm installed the CRDs");
 
-    run(helm(cp, &["upgrade", &release, chart, "--namespace", &ns, "--set", "operator.replicas=3", "--set", "operator.logLevel=debug"]));
-    let upgraded = deployments.get(&operator).await.expect("Deployment after upgrade");
+    run(helm(
+        cp,
+        &[
+            "upgrade",
+            &release,
+            chart,
+            "--namespace",
+            &ns,
+            "--set",
+            "operator.replicas=3",
+            "--set",
+            "operator.logLevel=debug",
+        ],
+    ));
+    let upgraded = deployments
+        .get(&operator)
+        .await
+        .expect("Deployment after upgrade");
     assert_eq!(upgraded.spec.as_ref().and_then(|s| s.replicas), Some(3));
-    let env = upgraded.spec.and_then(|s| s.template.spec).map(|p| p.containers[0].env.clone().unwrap_or_default()).unwrap_or_default();
-    assert!(env.iter().any(|e| e.name == "RUST_LOG" && e.value.as_deref() == Some("debug")), "{env:?}");
+    let env = upgraded
+        .spec
+        .and_then(|s| s.template.spec)
+        .map(|p| p.containers[0].env.clone().unwrap_or_default())
+        .unwrap_or_default();
+    assert!(
+        env.iter()
+            .any(|e| e.name == "RUST_LOG" && e.value.as_deref() == Some("debug")),
+        "{env:?}"
+    );
 
-    run(helm(cp, &["uninstall", &release, "--namespace", &ns, "--wait"]));
-    assert!(deployments.get_opt(&operator).await.expect("get").is_none(), "Deployment removed");
-    assert!(Api::<ClusterRole>::all(client.clone()).get_opt(&operator).await.expect("get").is_none(), "ClusterRole removed");
-    assert!(Api::<ServiceAccount>::namespaced(client.clone(), &ns).get_opt(&operator).await.expect("get").is_none());
+    run(helm(
+        cp,
+        &["uninstall", &release, "--namespace", &ns, "--wait"],
+    ));
+    assert!(
+        deployments.get_opt(&operator).await.expect("get").is_none(),
+        "Deployment removed"
+    );
+    assert!(
+        Api::<ClusterRole>::all(client.clone())
+            .get_opt(&operator)
+            .await
+            .expect("get")
+            .is_none(),
+        "ClusterRole removed"
+    );
+    assert!(
+        Api::<ServiceAccount>::namespaced(client.clone(), &ns)
+            .get_opt(&operator)
+            .await
+            .expect("get")
+            .is_none()
+    );
     // Helm never deletes CRDs, so custom resources survive an uninstall.
-    crds.get("finetunejobs.graft.dev").await.expect("CRDs stay after uninstall");
+    crds.get("finetunejobs.graft.dev")
+        .await
+        .expect("CRDs stay after uninstall");
 }
 
 #[tokio::test]
@@ -153,10 +203,75 @@ async fn bad_values_are_rejected_by_the_schema() {
         ("operator.image.pullPolicy=Sometimes", "pullPolicy"),
         ("operator.replica=2", "replica"),
     ] {
-        let out = helm(cp, &["template", "graft", chart, "--set", value]).output().expect("helm");
+        let out = helm(cp, &["template", "graft", chart, "--set", value])
+            .output()
+            .expect("helm");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{value} was accepted");
-        assert!(stderr.contains("values don't meet the specifications of the schema"), "{value}: {stderr}");
+        assert!(
+            stderr.contains("values don't meet the specifications of the schema"),
+            "{value}: {stderr}"
+        );
         assert!(stderr.contains(needle), "{value}: {stderr}");
     }
+}
+
+/// What a default install creates: the operator Deployment with a restricted pod, its
+/// ServiceAccount, least-privilege RBAC, a PDB and the CRDs.
+async fn assert_installed_objects(client: &kube::Client, ns: &str, operator: &str) {
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let deployment = deployments
+        .get(operator)
+        .await
+        .expect("the operator Deployment exists");
+    let spec = deployment.spec.expect("spec");
+    assert_eq!(spec.replicas, Some(2));
+    let pod = spec.template.spec.expect("pod spec");
+    assert_eq!(pod.service_account_name.as_deref(), Some(operator));
+    let security = pod.containers[0]
+        .security_context
+        .clone()
+        .expect("container security context");
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    assert_eq!(
+        pod.security_context.and_then(|s| s.run_as_non_root),
+        Some(true)
+    );
+
+    Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .get(operator)
+        .await
+        .expect("ServiceAccount");
+    let role = Api::<ClusterRole>::all(client.clone())
+        .get(operator)
+        .await
+        .expect("ClusterRole");
+    let rules = role.rules.unwrap_or_default();
+    let secrets = rules
+        .iter()
+        .find(|r| r.resources.iter().flatten().any(|res| res == "secrets"))
+        .expect("a rule for secrets");
+    assert_eq!(
+        secrets.verbs,
+        ["get", "list", "watch"],
+        "the operator only reads Secrets"
+    );
+    assert!(
+        !rules.iter().any(|r| r.verbs.iter().any(|v| v == "*")
+            || r.resources.iter().flatten().any(|res| res == "*")),
+        "no wildcard rules"
+    );
+    Api::<Role>::namespaced(client.clone(), ns)
+        .get(&format!("{operator}-leader-election"))
+        .await
+        .expect("Role");
+    Api::<PodDisruptionBudget>::namespaced(client.clone(), ns)
+        .get(operator)
+        .await
+        .expect("PDB");
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.get("finetunejobs.graft.dev")
+        .await
+        .expect("helm installed the CRDs");
 }

@@ -76,8 +76,11 @@ impl ControlPlane {
         wait_for_port(&etcd, etcd_port).await;
 
         let token = random_hex(16);
-        std::fs::write(dir.join("tokens.csv"), format!("{token},graft-admin,graft-admin,\"system:masters\"\n"))
-            .expect("writing the token file");
+        std::fs::write(
+            dir.join("tokens.csv"),
+            format!("{token},graft-admin,graft-admin,\"system:masters\"\n"),
+        )
+        .expect("writing the token file");
         let api_port = free_port();
         let mut apiserver = Command::new(tool("kube-apiserver"));
         apiserver.args([
@@ -90,8 +93,14 @@ impl ControlPlane {
             &format!("--token-auth-file={}", dir.join("tokens.csv").display()),
             "--authorization-mode=RBAC",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            &format!("--service-account-key-file={}", pki.service_account_pub.display()),
-            &format!("--service-account-signing-key-file={}", pki.service_account_key.display()),
+            &format!(
+                "--service-account-key-file={}",
+                pki.service_account_pub.display()
+            ),
+            &format!(
+                "--service-account-signing-key-file={}",
+                pki.service_account_key.display()
+            ),
             "--service-cluster-ip-range=10.96.0.0/16",
             "--allow-privileged=false",
             "--profiling=false",
@@ -101,11 +110,24 @@ impl ControlPlane {
 
         let server = format!("https://127.0.0.1:{api_port}");
         let kubeconfig = dir.join("kubeconfig");
-        std::fs::write(&kubeconfig, kubeconfig_yaml(&server, &pki.ca_cert, &token)).expect("writing the kubeconfig");
+        std::fs::write(&kubeconfig, kubeconfig_yaml(&server, &pki.ca_cert, &token))
+            .expect("writing the kubeconfig");
 
-        let cp = Self { dir, kubeconfig, server, pki, etcd, apiserver, controllers: OnceCell::new() };
+        let cp = Self {
+            dir,
+            kubeconfig,
+            server,
+            pki,
+            etcd,
+            apiserver,
+            controllers: OnceCell::new(),
+        };
         cp.wait_ready().await;
-        eprintln!("graft-testenv: control plane ready at {} in {:.1?}", cp.server, started.elapsed());
+        eprintln!(
+            "graft-testenv: control plane ready at {} in {:.1?}",
+            cp.server,
+            started.elapsed()
+        );
         cp
     }
 
@@ -114,7 +136,12 @@ impl ControlPlane {
         let mut last = String::new();
         while Instant::now() < deadline {
             for p in [&self.etcd, &self.apiserver] {
-                assert!(p.is_running(), "{} exited during start-up:\n{}", p.name, p.log_tail());
+                assert!(
+                    p.is_running(),
+                    "{} exited during start-up:\n{}",
+                    p.name,
+                    p.log_tail()
+                );
             }
             match self.readyz().await {
                 Ok(()) => return,
@@ -122,17 +149,27 @@ impl ControlPlane {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        panic!("kube-apiserver not ready after {START_TIMEOUT:?} ({last}):\n{}", self.apiserver.log_tail());
+        panic!(
+            "kube-apiserver not ready after {START_TIMEOUT:?} ({last}):\n{}",
+            self.apiserver.log_tail()
+        );
     }
 
     async fn readyz(&self) -> Result<(), String> {
         let client = self.try_client().await.map_err(|e| e.to_string())?;
-        let request = http::Request::get("/readyz").body(Vec::new()).map_err(|e| e.to_string())?;
-        client.request_text(request).await.map(drop).map_err(|e| e.to_string())
+        let request = http::Request::get("/readyz")
+            .body(Vec::new())
+            .map_err(|e| e.to_string())?;
+        client
+            .request_text(request)
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
     }
 
     async fn try_client(&self) -> Result<Client, kube::Error> {
-        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig).map_err(kube::Error::InferKubeconfig)?;
+        let kubeconfig =
+            Kubeconfig::read_from(&self.kubeconfig).map_err(kube::Error::InferKubeconfig)?;
         let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
             .await
             .map_err(kube::Error::InferKubeconfig)?;
@@ -142,7 +179,9 @@ impl ControlPlane {
     /// A client with cluster-admin rights. Make one per test: a client is bound to the
     /// tokio runtime that created it.
     pub async fn client(&self) -> Client {
-        self.try_client().await.expect("building a client from the test kubeconfig")
+        self.try_client()
+            .await
+            .expect("building a client from the test kubeconfig")
     }
 
     /// The kubeconfig file, for `kubectl`, `helm` and processes under test.
@@ -175,7 +214,9 @@ impl ControlPlane {
     /// Starts kube-controller-manager and kube-scheduler (once per test binary), so that Jobs
     /// create Pods, deletions cascade and namespaces get their default ServiceAccount.
     pub async fn start_controllers(&self) {
-        self.controllers.get_or_init(|| self.spawn_controllers()).await;
+        self.controllers
+            .get_or_init(|| self.spawn_controllers())
+            .await;
     }
 
     async fn spawn_controllers(&self) -> (Process, Process) {
@@ -185,7 +226,10 @@ impl ControlPlane {
             "--leader-elect=false",
             "--bind-address=127.0.0.1",
             &format!("--secure-port={}", free_port()),
-            &format!("--service-account-private-key-file={}", self.pki.service_account_key.display()),
+            &format!(
+                "--service-account-private-key-file={}",
+                self.pki.service_account_key.display()
+            ),
             &format!("--root-ca-file={}", self.pki.ca_cert.display()),
             "--use-service-account-credentials=false",
             // Fast garbage collection and job updates keep cascade tests short.
@@ -208,12 +252,21 @@ impl ControlPlane {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             for p in [&kcm, &scheduler] {
-                assert!(p.is_running(), "{} exited during start-up:\n{}", p.name, p.log_tail());
+                assert!(
+                    p.is_running(),
+                    "{} exited during start-up:\n{}",
+                    p.name,
+                    p.log_tail()
+                );
             }
             if accounts.get_opt("default").await.ok().flatten().is_some() {
                 break;
             }
-            assert!(Instant::now() < deadline, "kube-controller-manager not working:\n{}", kcm.log_tail());
+            assert!(
+                Instant::now() < deadline,
+                "kube-controller-manager not working:\n{}",
+                kcm.log_tail()
+            );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
         (kcm, scheduler)
@@ -245,11 +298,16 @@ pub async fn install_crds(client: &Client, crds: &[CustomResourceDefinition]) {
     let params = PatchParams::apply(FIELD_MANAGER).force();
     for crd in crds {
         let name = crd.metadata.name.clone().expect("a CRD has a name");
-        api.patch(&name, &params, &Patch::Apply(crd)).await.unwrap_or_else(|e| panic!("applying CRD {name}: {e}"));
-        tokio::time::timeout(Duration::from_secs(30), await_condition(api.clone(), &name, conditions::is_crd_established()))
+        api.patch(&name, &params, &Patch::Apply(crd))
             .await
-            .unwrap_or_else(|_| panic!("CRD {name} not established after 30 s"))
-            .unwrap_or_else(|e| panic!("watching CRD {name}: {e}"));
+            .unwrap_or_else(|e| panic!("applying CRD {name}: {e}"));
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            await_condition(api.clone(), &name, conditions::is_crd_established()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("CRD {name} not established after 30 s"))
+        .unwrap_or_else(|e| panic!("watching CRD {name}: {e}"));
     }
 }
 
@@ -265,14 +323,30 @@ fn kubeconfig_yaml(server: &str, ca: &Path, token: &str) -> String {
 /// A port that was free a moment ago. Another process could take it before ours binds;
 /// on a test machine that race is rare enough, and a start-up failure then names the port.
 pub(crate) fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("binding 127.0.0.1:0").port()
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding 127.0.0.1:0")
+        .port()
 }
 
 pub(crate) async fn wait_for_port(process: &Process, port: u16) {
     let deadline = Instant::now() + START_TIMEOUT;
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        assert!(process.is_running(), "{} exited during start-up:\n{}", process.name, process.log_tail());
-        assert!(Instant::now() < deadline, "{} not listening on {port}:\n{}", process.name, process.log_tail());
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            process.is_running(),
+            "{} exited during start-up:\n{}",
+            process.name,
+            process.log_tail()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "{} not listening on {port}:\n{}",
+            process.name,
+            process.log_tail()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -280,6 +354,13 @@ pub(crate) async fn wait_for_port(process: &Process, port: u16) {
 pub(crate) fn random_hex(bytes: usize) -> String {
     use std::io::Read;
     let mut buf = vec![0u8; bytes];
-    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf)).expect("reading /dev/urandom");
-    buf.iter().map(|b| format!("{b:02x}")).collect()
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .expect("reading /dev/urandom");
+    buf.iter()
+        .fold(String::with_capacity(bytes * 2), |mut hex, b| {
+            use std::fmt::Write;
+            let _ = write!(hex, "{b:02x}");
+            hex
+        })
 }

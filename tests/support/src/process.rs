@@ -35,7 +35,9 @@ impl Process {
 
     /// True while the process runs.
     pub(crate) fn is_running(&self) -> bool {
-        let mut children = CHILDREN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut children = CHILDREN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         children
             .iter_mut()
             .find(|c| c.id() == self.pid)
@@ -90,14 +92,24 @@ pub(crate) fn spawn(name: &str, mut command: Command, dir: &Path) -> Process {
         .expect("the spawner thread replies")
         .unwrap_or_else(|e| panic!("starting {name}: {e}"));
     let pid = child.id();
-    CHILDREN.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(child);
-    Process { name: name.to_owned(), pid, log }
+    CHILDREN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(child);
+    Process {
+        name: name.to_owned(),
+        pid,
+        log,
+    }
 }
 
 /// Removes `dir` when the test binary exits.
 pub(crate) fn remove_at_exit(dir: PathBuf) {
     spawner();
-    SCRATCH.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(dir);
+    SCRATCH
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(dir);
 }
 
 #[allow(unsafe_code)]
@@ -127,7 +139,9 @@ fn register_atexit() {
 }
 
 extern "C" fn stop_all() {
-    let Ok(mut children) = CHILDREN.lock() else { return };
+    let Ok(mut children) = CHILDREN.lock() else {
+        return;
+    };
     // Stop in reverse start order: controllers before the apiserver, the apiserver before etcd.
     for child in children.iter().rev() {
         if let Ok(pid) = i32::try_from(child.id()) {

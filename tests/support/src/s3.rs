@@ -43,12 +43,26 @@ impl S3Server {
         let mut command = Command::new(tool("s3s-fs"));
         command
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--access-key", &access_key_id, "--secret-key", &secret_access_key])
+            .args([
+                "--access-key",
+                &access_key_id,
+                "--secret-key",
+                &secret_access_key,
+            ])
             .arg(&root);
         let process = process::spawn("s3s-fs", command, &dir);
         wait_for_port(&process, port).await;
-        eprintln!("graft-testenv: S3 server ready on 127.0.0.1:{port} in {:.1?}", started.elapsed());
-        Self { endpoint: format!("http://127.0.0.1:{port}"), access_key_id, secret_access_key, root, process }
+        eprintln!(
+            "graft-testenv: S3 server ready on 127.0.0.1:{port} in {:.1?}",
+            started.elapsed()
+        );
+        Self {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            access_key_id,
+            secret_access_key,
+            root,
+            process,
+        }
     }
 
     /// `http://127.0.0.1:<port>`: needs path-style requests.
@@ -71,7 +85,11 @@ impl S3Server {
 
     /// Creates an empty bucket with a name unique to this run and returns the name.
     pub fn bucket(&self, prefix: &str) -> String {
-        assert!(self.process.is_running(), "s3s-fs died:\n{}", self.process.log_tail());
+        assert!(
+            self.process.is_running(),
+            "s3s-fs died:\n{}",
+            self.process.log_tail()
+        );
         let name = unique_name(prefix);
         // s3s-fs keeps each bucket as a directory under its root.
         std::fs::create_dir(self.root.join(&name)).expect("creating a bucket");

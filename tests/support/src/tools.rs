@@ -8,8 +8,10 @@ fn version(key: &str) -> &'static str {
         .lines()
         .filter_map(|l| l.split_once('='))
         .find(|(k, _)| k.trim() == key)
-        .map(|(_, v)| v.trim())
-        .unwrap_or_else(|| panic!("{key} missing from tests/controlplane/versions.env"))
+        .map_or_else(
+            || panic!("{key} missing from tests/controlplane/versions.env"),
+            |(_, v)| v.trim(),
+        )
 }
 
 /// The cached binary `name`, built by `tests/controlplane/install.sh`.
