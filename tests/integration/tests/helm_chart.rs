@@ -3,9 +3,8 @@
 //! exactly the expected objects.
 
 use std::{
-    io::Write,
     path::PathBuf,
-    process::{Command, Output, Stdio},
+    process::{Command, Output},
 };
 
 use graft_testenv::{ControlPlane, unique_name};
@@ -81,26 +80,7 @@ async fn rendered_chart_passes_server_side_dry_run() {
     ))
     .stdout;
 
-    let mut kubectl = cp.command("kubectl");
-    kubectl
-        .args(["apply", "--dry-run=server", "--namespace", &ns, "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = kubectl.spawn().expect("kubectl");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(&rendered)
-        .expect("piping the chart");
-    let out = child.wait_with_output().expect("kubectl");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = cp.server_dry_run(&ns, &rendered);
     for object in [
         "customresourcedefinition.apiextensions.k8s.io/finetunejobs.graft.dev",
         "customresourcedefinition.apiextensions.k8s.io/adapterdeployments.graft.dev",

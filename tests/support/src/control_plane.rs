@@ -49,12 +49,7 @@ impl ControlPlane {
 
     async fn start() -> Self {
         let started = Instant::now();
-        let dir = tempfile::Builder::new()
-            .prefix("graft-controlplane-")
-            .tempdir()
-            .expect("creating the control-plane directory")
-            .keep();
-        process::remove_at_exit(dir.clone());
+        let dir = process::scratch_dir("graft-controlplane-");
         let pki = pki::generate(&dir);
 
         let etcd_port = free_port();
@@ -209,6 +204,44 @@ impl ControlPlane {
             .env("HELM_CONFIG_HOME", self.dir.join("helm/config"))
             .env("HELM_DATA_HOME", self.dir.join("helm/data"));
         command
+    }
+
+    /// `kubectl apply --dry-run=server` of `manifests` in `namespace`: the apiserver runs
+    /// admission and schema validation and stores nothing. Returns kubectl's report.
+    ///
+    /// # Panics
+    /// When the apiserver refuses any object, with kubectl's output.
+    pub fn server_dry_run(&self, namespace: &str, manifests: &[u8]) -> String {
+        use std::{io::Write, process::Stdio};
+        let mut child = self
+            .command("kubectl")
+            .args([
+                "apply",
+                "--dry-run=server",
+                "--namespace",
+                namespace,
+                "-f",
+                "-",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting kubectl");
+        child
+            .stdin
+            .take()
+            .expect("kubectl stdin")
+            .write_all(manifests)
+            .expect("piping manifests to kubectl");
+        let out = child.wait_with_output().expect("waiting for kubectl");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "server dry run refused:\n{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
     }
 
     /// Starts kube-controller-manager and kube-scheduler (once per test binary), so that Jobs

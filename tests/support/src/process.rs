@@ -103,13 +103,19 @@ pub(crate) fn spawn(name: &str, mut command: Command, dir: &Path) -> Process {
     }
 }
 
-/// Removes `dir` when the test binary exits.
-pub(crate) fn remove_at_exit(dir: PathBuf) {
+/// A fresh directory under the system temp dir, removed when the test binary exits.
+pub(crate) fn scratch_dir(prefix: &str) -> PathBuf {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("creating a scratch directory")
+        .keep();
     spawner();
     SCRATCH
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .push(dir);
+        .push(dir.clone());
+    dir
 }
 
 #[allow(unsafe_code)]

@@ -29,12 +29,7 @@ impl S3Server {
 
     async fn start() -> Self {
         let started = Instant::now();
-        let dir = tempfile::Builder::new()
-            .prefix("graft-s3-")
-            .tempdir()
-            .expect("creating the S3 directory")
-            .keep();
-        process::remove_at_exit(dir.clone());
+        let dir = process::scratch_dir("graft-s3-");
         let root = dir.join("data");
         std::fs::create_dir(&root).expect("creating the S3 root");
         let port = free_port();
