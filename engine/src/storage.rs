@@ -35,6 +35,17 @@ pub enum ObjectUri {
     Hf { repo: String, path: String },
 }
 
+impl ObjectUri {
+    /// The URI scheme: `s3`, `file` or `hf`.
+    pub fn scheme(&self) -> &'static str {
+        match self {
+            Self::S3 { .. } => "s3",
+            Self::File { .. } => "file",
+            Self::Hf { .. } => "hf",
+        }
+    }
+}
+
 impl FromStr for ObjectUri {
     type Err = Error;
 

@@ -484,3 +484,12 @@ pub struct AdapterArtifact {
     /// Trainable (LoRA) parameters.
     pub trainable_parameters: u64,
 }
+
+/// What the trainer writes to its termination message (`/dev/termination-log`) when it exits 0:
+/// one line of JSON. The operator copies `adapter` into `status.adapter`; on failure the
+/// termination message is a plain one-line reason instead.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainerResult {
+    pub adapter: AdapterArtifact,
+}

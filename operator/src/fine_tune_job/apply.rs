@@ -9,6 +9,8 @@ use kube::{
 };
 use serde::{Serialize, de::DeserializeOwned};
 
+use k8s_openapi::api::batch::v1::Job;
+
 use super::Children;
 use crate::FIELD_MANAGER;
 
@@ -21,9 +23,10 @@ pub struct ApplyError {
     source: kube::Error,
 }
 
-/// Applies every child. Idempotent: applying the same children again changes nothing, and
-/// applying changed ones updates only the fields the operator owns.
-pub async fn apply_children(client: &Client, children: &Children) -> Result<(), ApplyError> {
+/// Applies every child and returns the Job as the apiserver has it. Idempotent: applying the
+/// same children again changes nothing, and applying changed ones updates only the fields the
+/// operator owns.
+pub async fn apply_children(client: &Client, children: &Children) -> Result<Job, ApplyError> {
     // Identity and config first, so the Job's pod never starts without them.
     apply(client, &children.service_account).await?;
     apply(client, &children.role).await?;
@@ -32,7 +35,7 @@ pub async fn apply_children(client: &Client, children: &Children) -> Result<(), 
     apply(client, &children.job).await
 }
 
-async fn apply<K>(client: &Client, object: &K) -> Result<(), ApplyError>
+async fn apply<K>(client: &Client, object: &K) -> Result<K, ApplyError>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
         + Serialize
@@ -53,6 +56,5 @@ where
     let params = PatchParams::apply(FIELD_MANAGER).force();
     api.patch(name, &params, &Patch::Apply(object))
         .await
-        .map_err(error)?;
-    Ok(())
+        .map_err(error)
 }

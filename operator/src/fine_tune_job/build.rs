@@ -26,7 +26,7 @@ use serde::Serialize;
 /// instead of retrying what cannot succeed.
 pub const CONFIG_ERROR_EXIT_CODE: i32 = 2;
 
-const CONTAINER: &str = "trainer";
+pub(crate) const CONTAINER: &str = "trainer";
 const CONFIG_DIR: &str = "/etc/graft";
 const CONFIG_FILE: &str = "config.yaml";
 const CACHE_DIR: &str = "/cache";

@@ -1,10 +1,15 @@
-//! The FineTuneJob reconciler, as a pipeline: `build` turns a spec into the Kubernetes
-//! objects that run it (pure, unit-tested here); applying them and writing status follow.
+//! The FineTuneJob reconciler, as a pipeline with one file per step: `validate` (what the
+//! schema cannot check) → `build` (spec in, objects out; pure) → `apply` (server-side apply)
+//! → `status` (derived from the Job and its pods; pure). `controller` wires them together.
 
 mod apply;
 mod build;
+mod controller;
 #[cfg(test)]
 mod fixtures;
+mod status;
+mod validate;
 
 pub use apply::{ApplyError, apply_children};
 pub use build::{BuildError, CONFIG_ERROR_EXIT_CODE, Children, TrainerDefaults, build};
+pub use controller::{Context, Error, Settings, controller};

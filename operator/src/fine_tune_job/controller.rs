@@ -1,0 +1,391 @@
+//! The FineTuneJob controller: validate → build → apply → status, on every change of a
+//! FineTuneJob, its Job or its pods.
+//!
+//! No finalizer: everything the operator creates is in the cluster and owned by the
+//! FineTuneJob, so garbage collection cleans it up; the adapter in object storage is the
+//! product and outlives the job on purpose.
+
+use std::{sync::Arc, time::Duration};
+
+use futures::{Stream, StreamExt};
+use graft_api::{FineTuneJob, FineTuneJobPhase, FineTuneJobStatus};
+use k8s_openapi::{
+    api::{
+        batch::v1::Job,
+        core::v1::{ObjectReference, Pod, Secret},
+    },
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{ListParams, Patch, PatchParams},
+    runtime::{
+        Controller,
+        controller::Action,
+        events::{Event, EventType, Recorder},
+        reflector::{ObjectRef, Store},
+        watcher,
+    },
+};
+use serde_json::json;
+use tracing::{Instrument, info, info_span, warn};
+
+use super::{
+    apply::{ApplyError, apply_children},
+    build::{BuildError, TrainerDefaults, build},
+    status,
+    validate::{self, Lookups},
+};
+use crate::{FIELD_MANAGER, conditions, metrics::Metrics};
+
+const CONTROLLER: &str = "finetunejob";
+/// The label every child carries, naming its FineTuneJob; pods inherit it from the Job template.
+const JOB_LABEL: &str = "graft.dev/finetunejob";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error("reading {what}: {source}")]
+    Read {
+        what: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("writing the status: {0}")]
+    WriteStatus(#[source] kube::Error),
+}
+
+impl Error {
+    /// The metric label of this kind of error.
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Build(_) => "build",
+            Self::Apply(_) => "apply",
+            Self::Read { .. } => "read",
+            Self::WriteStatus(_) => "write_status",
+        }
+    }
+}
+
+/// Operator-wide settings of the FineTuneJob controller.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub trainer: TrainerDefaults,
+    /// Base-model URI schemes the trainers in this cluster can read (`s3`, `file`, `hf`).
+    pub model_schemes: Vec<String>,
+    /// How often a job waiting for its Secret looks again. Polling, not a watch, keeps the
+    /// operator's Secret access to `get` on the one name a job references.
+    pub blocked_retry: Duration,
+    /// Watch this namespace only; all when `None`.
+    pub namespace: Option<String>,
+}
+
+pub struct Context {
+    pub client: Client,
+    pub settings: Settings,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds the controller. The caller drives the returned stream (and so decides when it
+/// runs: only while leading); `store` gives the current FineTuneJobs, for metrics.
+pub fn controller(
+    ctx: Arc<Context>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) -> (impl Stream<Item = ()>, Store<FineTuneJob>) {
+    let client = ctx.client.clone();
+    let namespace = ctx.settings.namespace.clone();
+    let api = |c: Client| match &namespace {
+        Some(ns) => Api::<Job>::namespaced(c, ns),
+        None => Api::all(c),
+    };
+    let ftjs: Api<FineTuneJob> = match &namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let pods: Api<Pod> = match &namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let children = watcher::Config::default().labels(JOB_LABEL);
+    let controller = Controller::new(ftjs, watcher::Config::default())
+        .owns(api(client), children.clone())
+        // Pods are not owned by the FineTuneJob (the Job owns them); their label leads back.
+        .watches(pods, children, |pod: Pod| {
+            let name = pod.labels().get(JOB_LABEL)?.clone();
+            Some(ObjectRef::new(&name).within(&pod.namespace()?))
+        })
+        .graceful_shutdown_on(shutdown);
+    let store = controller.store();
+    let stream = controller.run(reconcile, error_policy, ctx).map(|result| {
+        if let Err(e) = result {
+            // Errors of reconciles are logged in `error_policy`; these are the
+            // controller's own (a watch failing, an object gone).
+            warn!(error = %e, "controller");
+        }
+    });
+    (stream, store)
+}
+
+async fn reconcile(ftj: Arc<FineTuneJob>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let namespace = ftj.namespace().unwrap_or_default();
+    let name = ftj.name_any();
+    let span = info_span!("reconcile", namespace = %namespace, finetunejob = %name);
+    let _timer = ctx.metrics.reconcile(CONTROLLER);
+    reconcile_in(&ftj, &ctx, &namespace, &name)
+        .instrument(span)
+        .await
+}
+
+async fn reconcile_in(
+    ftj: &FineTuneJob,
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+) -> Result<Action, Error> {
+    let client = &ctx.client;
+    let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
+    let existing = jobs.get_opt(name).await.map_err(|source| Error::Read {
+        what: "the Job",
+        source,
+    })?;
+    let finished = matches!(
+        ftj.status.as_ref().and_then(|s| s.phase),
+        Some(FineTuneJobPhase::Succeeded | FineTuneJobPhase::Failed)
+    );
+    let now = Timestamp::now();
+
+    let (next, action) = match existing {
+        Some(job) if !is_owned_by(&job, ftj) => {
+            let blocked = validate::Blocked {
+                reason: conditions::JOB_NAME_TAKEN,
+                message: format!(
+                    "a Job named {name} exists and is not this FineTuneJob's; \
+                     delete or rename one of them"
+                ),
+            };
+            (
+                status::blocked(ftj, &blocked, now),
+                Action::requeue(ctx.settings.blocked_retry),
+            )
+        }
+        // A finished job whose Job was deleted stays finished: recreating the Job would
+        // train again.
+        None if finished => return Ok(Action::await_change()),
+        Some(job) if finished => (observe(ctx, ftj, &job, now).await?, Action::await_change()),
+        // Inputs are checked before the Job exists only: a Secret deleted mid-run doesn't
+        // stop a pod that already read it.
+        None => {
+            let lookups = Lookups {
+                secret_exists: secret_exists(client, namespace, ftj).await?,
+            };
+            match validate::validate(ftj, &ctx.settings.model_schemes, lookups) {
+                Err(blocked) => {
+                    info!(reason = blocked.reason, "waiting: {}", blocked.message);
+                    (
+                        status::blocked(ftj, &blocked, now),
+                        Action::requeue(ctx.settings.blocked_retry),
+                    )
+                }
+                Ok(()) => (
+                    apply_and_observe(ctx, ftj, now).await?,
+                    Action::await_change(),
+                ),
+            }
+        }
+        Some(_) => (
+            apply_and_observe(ctx, ftj, now).await?,
+            Action::await_change(),
+        ),
+    };
+
+    let current = status::operator_part(ftj);
+    if next != current {
+        write_status(client, namespace, name, &next).await?;
+        publish_transition(ctx, ftj, ftj.status.as_ref(), &next).await;
+    }
+    Ok(action)
+}
+
+async fn apply_and_observe(
+    ctx: &Context,
+    ftj: &FineTuneJob,
+    now: Timestamp,
+) -> Result<FineTuneJobStatus, Error> {
+    let children = build(ftj, &ctx.settings.trainer)?;
+    let job = apply_children(&ctx.client, &children).await?;
+    observe(ctx, ftj, &job, now).await
+}
+
+async fn observe(
+    ctx: &Context,
+    ftj: &FineTuneJob,
+    job: &Job,
+    now: Timestamp,
+) -> Result<FineTuneJobStatus, Error> {
+    let namespace = ftj.namespace().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let selector = format!("{JOB_LABEL}={}", ftj.name_any());
+    let pods = pods
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(|source| Error::Read {
+            what: "the training pods",
+            source,
+        })?;
+    Ok(status::observe(ftj, job, &pods.items, now))
+}
+
+fn is_owned_by(job: &Job, ftj: &FineTuneJob) -> bool {
+    let uid = ftj.uid();
+    job.owner_references()
+        .iter()
+        .any(|r| r.controller == Some(true) && Some(&r.uid) == uid.as_ref())
+}
+
+async fn secret_exists(client: &Client, namespace: &str, ftj: &FineTuneJob) -> Result<bool, Error> {
+    let Some(name) = validate::secret_name(ftj) else {
+        return Ok(true);
+    };
+    // Metadata only: the operator never needs the credentials themselves.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let found = secrets
+        .get_metadata_opt(name)
+        .await
+        .map_err(|source| Error::Read {
+            what: "the storage Secret",
+            source,
+        })?;
+    Ok(found.is_some())
+}
+
+/// Server-side apply of the operator's status fields. `progress` is absent from the patch,
+/// so the trainer's field manager keeps it.
+async fn write_status(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    status: &FineTuneJobStatus,
+) -> Result<(), Error> {
+    let api: Api<FineTuneJob> = Api::namespaced(client.clone(), namespace);
+    let patch = json!({
+        "apiVersion": FineTuneJob::api_version(&()),
+        "kind": FineTuneJob::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(Error::WriteStatus)?;
+    Ok(())
+}
+
+/// An Event for every phase change, and for every new reason a job is waiting.
+async fn publish_transition(
+    ctx: &Context,
+    ftj: &FineTuneJob,
+    before: Option<&FineTuneJobStatus>,
+    after: &FineTuneJobStatus,
+) {
+    let ready = |s: &FineTuneJobStatus| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == conditions::READY)
+            .map(|c| (c.status.clone(), c.reason.clone()))
+    };
+    let phase_changed = before.and_then(|s| s.phase) != after.phase;
+    let ready_changed = before.and_then(ready) != ready(after);
+    if !phase_changed && !ready_changed {
+        return;
+    }
+    let Some(phase) = after.phase else { return };
+    let (type_, reason, note) = event_for(phase, after);
+    info!(phase = ?phase, reason, "{note}");
+    let event = Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: "Reconcile".to_owned(),
+        secondary: None,
+    };
+    let reference: ObjectReference = ftj.object_ref(&());
+    if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+        warn!(error = %e, "publishing an Event");
+    }
+}
+
+fn event_for(
+    phase: FineTuneJobPhase,
+    status: &FineTuneJobStatus,
+) -> (EventType, &'static str, String) {
+    let message = |type_: &str| {
+        status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .map(|c| c.message.clone())
+            .unwrap_or_default()
+    };
+    match phase {
+        FineTuneJobPhase::Pending => {
+            let ready = message(conditions::READY);
+            match status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == conditions::READY)
+            {
+                Some(c) if c.status == "False" => (EventType::Warning, "Waiting", ready),
+                _ => (EventType::Normal, "Pending", ready),
+            }
+        }
+        FineTuneJobPhase::Running => (
+            EventType::Normal,
+            "Running",
+            "the trainer pod is running".to_owned(),
+        ),
+        FineTuneJobPhase::Suspended => (
+            EventType::Normal,
+            "Suspended",
+            "spec.suspend is true; the training pod was stopped".to_owned(),
+        ),
+        FineTuneJobPhase::Succeeded => (
+            EventType::Normal,
+            "Succeeded",
+            message(conditions::SUCCEEDED),
+        ),
+        FineTuneJobPhase::Failed => (EventType::Warning, "Failed", message(conditions::FAILED)),
+    }
+}
+
+/// A spec problem waits for the spec to change; anything else is retried with backoff
+/// (the controller's own backoff applies on top of this delay).
+#[allow(clippy::needless_pass_by_value)] // the signature `Controller::run` requires
+fn error_policy(ftj: Arc<FineTuneJob>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.error(CONTROLLER, error.label());
+    warn!(
+        namespace = %ftj.namespace().unwrap_or_default(),
+        finetunejob = %ftj.name_any(),
+        error = %error,
+        "reconcile failed"
+    );
+    match error {
+        Error::Build(_) => Action::requeue(Duration::from_secs(300)),
+        Error::Apply(_) | Error::Read { .. } | Error::WriteStatus(_) => {
+            Action::requeue(Duration::from_secs(5))
+        }
+    }
+}
