@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use graft_testenv::ControlPlane;
+use graft_testenv::{ControlPlane, eventually};
 use k8s_openapi::api::{batch::v1::Job, core::v1::Pod};
 use kube::{
     Api,
@@ -12,20 +12,6 @@ use kube::{
 use serde_json::json;
 
 const VERSIONS: &str = include_str!("../../controlplane/versions.env");
-
-async fn wait_for<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..240 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
 
 #[tokio::test]
 async fn apiserver_reports_the_pinned_kubernetes_version() {
@@ -73,16 +59,20 @@ async fn with_controllers_a_job_creates_pods_and_deletion_cascades() {
         .expect("create job");
 
     let selector = ListParams::default().labels("batch.kubernetes.io/job-name=probe");
-    wait_for("the job controller to create a pod", || async {
-        pods.list(&selector).await.is_ok_and(|l| l.items.len() == 1)
-    })
+    eventually(
+        "the job controller to create a pod",
+        Duration::from_secs(60),
+        async || pods.list(&selector).await.is_ok_and(|l| l.items.len() == 1),
+    )
     .await;
 
     jobs.delete("probe", &DeleteParams::background())
         .await
         .expect("delete job");
-    wait_for("the garbage collector to delete the pod", || async {
-        pods.list(&selector).await.is_ok_and(|l| l.items.is_empty())
-    })
+    eventually(
+        "the garbage collector to delete the pod",
+        Duration::from_secs(60),
+        async || pods.list(&selector).await.is_ok_and(|l| l.items.is_empty()),
+    )
     .await;
 }

@@ -163,12 +163,23 @@ impl ControlPlane {
     }
 
     async fn try_client(&self) -> Result<Client, kube::Error> {
+        Client::try_from(self.config().await?)
+    }
+
+    async fn config(&self) -> Result<Config, kube::Error> {
         let kubeconfig =
             Kubeconfig::read_from(&self.kubeconfig).map_err(kube::Error::InferKubeconfig)?;
-        let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
             .await
-            .map_err(kube::Error::InferKubeconfig)?;
-        Client::try_from(config)
+            .map_err(kube::Error::InferKubeconfig)
+    }
+
+    /// A client acting as `user` (e.g. `system:serviceaccount:ns:name`) through impersonation,
+    /// with only that identity's RBAC rights.
+    pub async fn client_as(&self, user: &str) -> Client {
+        let mut config = self.config().await.expect("reading the test kubeconfig");
+        config.auth_info.impersonate = Some(user.to_owned());
+        Client::try_from(config).expect("building an impersonating client")
     }
 
     /// A client with cluster-admin rights. Make one per test: a client is bound to the

@@ -7,12 +7,14 @@
 //! when the test binary exits, also when a test panics or the binary itself is killed.
 
 mod control_plane;
+mod daemon;
 mod pki;
 mod process;
 mod s3;
 mod tools;
 
 pub use control_plane::{ControlPlane, install_crds};
+pub use daemon::{Daemon, eventually};
 pub use s3::S3Server;
 pub use tools::tool;
 

@@ -33,6 +33,31 @@ impl Process {
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
 
+    /// Sends `signal` to the process (nothing when it already exited).
+    pub(crate) fn signal(&self, signal: i32) {
+        if self.is_running()
+            && let Ok(pid) = i32::try_from(self.pid)
+        {
+            #[allow(unsafe_code)]
+            // SAFETY: kill(2) on a pid this process started and has not reaped.
+            unsafe {
+                libc::kill(pid, signal);
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit; true when it did.
+    pub(crate) fn wait(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.is_running() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+
     /// True while the process runs.
     pub(crate) fn is_running(&self) -> bool {
         let mut children = CHILDREN

@@ -2,24 +2,19 @@
 //! controller-manager running: the objects are accepted, the Job makes a restricted Pod, the
 //! trainer's identity may patch only its own job's status, and deletion cascades.
 
-use std::time::Duration;
-
-use graft_api::{FineTuneJob, all_crds};
+use graft_api::FineTuneJob;
 use graft_operator::fine_tune_job::{TrainerDefaults, apply_children, build};
-use graft_testenv::{ControlPlane, install_crds};
+use graft_testenv::{ControlPlane, eventually};
 use k8s_openapi::{
-    api::{
-        batch::v1::Job,
-        core::v1::{ConfigMap, Pod, ServiceAccount},
-        rbac::v1::{Role, RoleBinding},
-    },
+    api::{batch::v1::Job, core::v1::Pod},
     apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::ManagedFieldsEntry},
 };
 use kube::{
     Api, Client,
-    api::{DeleteParams, ListParams, PostParams},
+    api::{DeleteParams, ListParams},
 };
-use serde_json::json;
+
+use crate::support::{SECRET, WAIT, assert_children_removed, create, get, manifest, setup};
 
 fn defaults() -> TrainerDefaults {
     TrainerDefaults {
@@ -29,33 +24,9 @@ fn defaults() -> TrainerDefaults {
     }
 }
 
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    for _ in 0..240 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
-
 async fn create_job(client: &Client, ns: &str, name: &str) -> FineTuneJob {
-    let api: Api<FineTuneJob> = Api::namespaced(client.clone(), ns);
-    let manifest: FineTuneJob = serde_json::from_value(json!({
-        "apiVersion": "graft.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "baseModel": {"uri": "s3://models/tiny/"},
-            "dataset": {"uri": "s3://datasets/train.jsonl"},
-            "output": {"uri": "s3://adapters/tiny/v1/"},
-            "storage": {"secretRef": {"name": "s3-credentials"}, "endpoint": "http://127.0.0.1:9000"}
-        }
-    }))
-    .expect("manifest");
-    api.create(&PostParams::default(), &manifest)
-        .await
-        .expect("create FineTuneJob")
+    create(client, ns, &manifest(name, SECRET)).await;
+    get(client, ns, name).await
 }
 
 fn can_i(cp: &ControlPlane, ns: &str, user: &str, args: &[&str]) -> bool {
@@ -70,12 +41,7 @@ fn can_i(cp: &ControlPlane, ns: &str, user: &str, args: &[&str]) -> bool {
 
 #[tokio::test]
 async fn built_children_run_as_a_restricted_pod_with_least_privilege_and_cascade_on_delete() {
-    let cp = ControlPlane::shared().await;
-    let client = cp.client().await;
-    // CRDs first: the garbage collector learns resources at start-up, later ones only at its
-    // next 30 s discovery resync, which would slow the cascade below.
-    install_crds(&client, &all_crds()).await;
-    cp.start_controllers().await;
+    let (cp, client) = setup().await;
     let ns = cp.namespace("ftj-children").await;
     let ftj = create_job(&client, &ns, "tiny").await;
 
@@ -105,7 +71,7 @@ async fn built_children_run_as_a_restricted_pod_with_least_privilege_and_cascade
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let selector = ListParams::default().labels("batch.kubernetes.io/job-name=tiny");
-    eventually("the Job's pod", async || {
+    eventually("the Job's pod", WAIT, async || {
         pods.list(&selector).await.is_ok_and(|l| l.items.len() == 1)
     })
     .await;
@@ -167,34 +133,6 @@ fn assert_trainer_may_patch_only_its_own_status(cp: &ControlPlane, ns: &str) {
         "the spec stays out of reach"
     );
     assert!(!can_i(cp, ns, &trainer, &["get", "secrets"]));
-}
-
-async fn assert_children_removed(client: &Client, ns: &str, name: &str) {
-    let jobs: Api<Job> = Api::namespaced(client.clone(), ns);
-    let configs: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
-    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
-    let roles: Api<Role> = Api::namespaced(client.clone(), ns);
-    let bindings: Api<RoleBinding> = Api::namespaced(client.clone(), ns);
-    eventually("the garbage collector to remove every child", async || {
-        jobs.get_opt(name).await.is_ok_and(|o| o.is_none())
-            && configs
-                .get_opt(&format!("{name}-config"))
-                .await
-                .is_ok_and(|o| o.is_none())
-            && accounts
-                .get_opt(&format!("{name}-trainer"))
-                .await
-                .is_ok_and(|o| o.is_none())
-            && roles
-                .get_opt(&format!("{name}-trainer"))
-                .await
-                .is_ok_and(|o| o.is_none())
-            && bindings
-                .get_opt(&format!("{name}-trainer"))
-                .await
-                .is_ok_and(|o| o.is_none())
-    })
-    .await;
 }
 
 fn operator_entry(job: &Job) -> Option<ManagedFieldsEntry> {

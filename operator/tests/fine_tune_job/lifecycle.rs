@@ -1,0 +1,235 @@
+//! A FineTuneJob through the running operator: created → Running → progress → Succeeded,
+//! failures with the trainer's reason, suspend and resume, and deletion.
+
+use std::time::Duration;
+
+use graft_api::{FineTuneJob, FineTuneJobPhase::*};
+use graft_operator::conditions;
+use graft_testenv::eventually;
+use kube::{
+    Api,
+    api::{DeleteParams, Patch, PatchParams},
+};
+use serde_json::{Value, json};
+
+use crate::support::{
+    SECRET, WAIT, assert_children_removed, condition, create, create_secret, events_of, get,
+    http_get, jobs_of, live_pod, manifest, phase, report_progress, set_pod_running,
+    set_pod_terminated, setup, start_operator, wait_for_phase,
+};
+
+#[tokio::test]
+async fn a_job_runs_reports_progress_and_succeeds_with_its_adapter() {
+    let (cp, client) = setup().await;
+    let ns = cp.namespace("ftj-success").await;
+    create_secret(&client, &ns, SECRET).await;
+    let operator = start_operator(cp, &ns, &[]).await;
+    create(&client, &ns, &manifest("tiny", SECRET)).await;
+
+    let pending = wait_for_phase(&client, &ns, "tiny", Pending).await;
+    assert_eq!(
+        condition(&pending, conditions::READY).map(|c| c.1),
+        Some(conditions::JOB_CREATED.to_owned())
+    );
+    let started = pending.status.as_ref().and_then(|s| s.start_time.clone());
+    assert!(started.is_some(), "startTime is set with the Job");
+
+    let pod = live_pod(&client, &ns, "tiny").await;
+    set_pod_running(&client, &ns, &pod).await;
+    wait_for_phase(&client, &ns, "tiny", Running).await;
+
+    report_progress(cp, &ns, "tiny", 42, 1.25).await;
+    let table = cp
+        .command("kubectl")
+        .args(["get", "ftj", "tiny", "--namespace", &ns])
+        .output()
+        .expect("kubectl get ftj");
+    let table = String::from_utf8_lossy(&table.stdout);
+    let row = table.lines().nth(1).unwrap_or_default();
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        &cells[..5],
+        ["tiny", "Running", "42", "100", "1.25"],
+        "{table}"
+    );
+
+    let adapter = json!({"adapter": {"uri": "s3://adapters/tiny/", "sha256": "9f2c",
+                                     "sizeBytes": 65536, "trainableParameters": 4096}});
+    set_pod_terminated(&client, &ns, &pod, 0, &adapter.to_string()).await;
+    let done = wait_for_phase(&client, &ns, "tiny", Succeeded).await;
+    let status = done.status.clone().expect("status");
+    let artifact = status.adapter.expect("status.adapter");
+    assert_eq!(
+        (
+            artifact.uri.as_str(),
+            artifact.sha256.as_str(),
+            artifact.size_bytes
+        ),
+        ("s3://adapters/tiny/", "9f2c", 65536)
+    );
+    assert_eq!(artifact.trainable_parameters, 4096);
+    assert!(status.completion_time.is_some());
+    assert_eq!(status.start_time, started, "startTime never moves");
+    assert_eq!(status.observed_generation, done.metadata.generation);
+    let progress = status.progress.expect("the trainer's progress survives");
+    assert_eq!(progress.step, 42);
+
+    let events = events_of(&client, &ns, "tiny").await;
+    for reason in ["Pending", "Running", "Succeeded"] {
+        assert!(
+            events.iter().any(|(_, r)| r == reason),
+            "no {reason} Event in {events:?}"
+        );
+    }
+    assert_operator_endpoints(operator.port()).await;
+    assert_json_logs_name_the_object(&operator.log(), &ns, "tiny");
+}
+
+async fn assert_operator_endpoints(port: u16) {
+    assert_eq!(http_get(port, "/healthz").await.0, 200);
+    assert_eq!(http_get(port, "/readyz").await.0, 200);
+    let (code, metrics) = http_get(port, "/metrics").await;
+    assert_eq!(code, 200);
+    for series in [
+        r#"graft_reconciles_total{controller="finetunejob"}"#,
+        r#"graft_reconcile_duration_seconds_count{controller="finetunejob"}"#,
+        r#"graft_finetunejobs{phase="Succeeded"} 1"#,
+        "graft_leader 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l.starts_with(series)),
+            "{series} missing:\n{metrics}"
+        );
+    }
+}
+
+fn assert_json_logs_name_the_object(log: &str, ns: &str, name: &str) {
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let about_job: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["span"]["finetunejob"] == name)
+        .collect();
+    assert!(!about_job.is_empty(), "no log line names {name}:\n{log}");
+    for line in about_job {
+        assert_eq!(line["span"]["namespace"], ns, "{line}");
+    }
+}
+
+#[tokio::test]
+async fn failed_pod_sets_failed_condition_with_termination_message_and_counts_retries() {
+    let (cp, client) = setup().await;
+    let ns = cp.namespace("ftj-fail").await;
+    create_secret(&client, &ns, SECRET).await;
+    let _operator = start_operator(cp, &ns, &["--backoff-limit", "1"]).await;
+    create(&client, &ns, &manifest("flaky", SECRET)).await;
+
+    let first = live_pod(&client, &ns, "flaky").await;
+    set_pod_running(&client, &ns, &first).await;
+    set_pod_terminated(&client, &ns, &first, 1, "CUDA out of memory at step 3").await;
+    let api: Api<FineTuneJob> = Api::namespaced(client.clone(), &ns);
+    eventually("the first failure to count as a retry", WAIT, async || {
+        api.get("flaky")
+            .await
+            .is_ok_and(|f| f.status.and_then(|s| s.retries) == Some(1))
+    })
+    .await;
+    assert_ne!(phase(&get(&client, &ns, "flaky").await), Some(Failed));
+
+    // The Job controller replaces the pod after its back-off (10 s).
+    let second = live_pod(&client, &ns, "flaky").await;
+    assert_ne!(first, second);
+    set_pod_terminated(&client, &ns, &second, 1, "loss is NaN at step 12\n").await;
+    let failed = wait_for_phase(&client, &ns, "flaky", Failed).await;
+    let (on, reason, message) = condition(&failed, conditions::FAILED).expect("Failed");
+    assert_eq!(
+        (on.as_str(), reason.as_str(), message.as_str()),
+        ("True", conditions::TRAINER_FAILED, "loss is NaN at step 12")
+    );
+    let status = failed.status.expect("status");
+    assert_eq!(
+        status.retries,
+        Some(1),
+        "one pod was retried, the last was not"
+    );
+    assert!(status.completion_time.is_some());
+    assert!(
+        events_of(&client, &ns, "flaky")
+            .await
+            .contains(&("Warning".to_owned(), "Failed".to_owned()))
+    );
+}
+
+#[tokio::test]
+async fn a_config_error_fails_at_once_without_a_retry() {
+    let (cp, client) = setup().await;
+    let ns = cp.namespace("ftj-config-error").await;
+    create_secret(&client, &ns, SECRET).await;
+    let _operator = start_operator(cp, &ns, &["--backoff-limit", "3"]).await;
+    create(&client, &ns, &manifest("bad-data", SECRET)).await;
+
+    let pod = live_pod(&client, &ns, "bad-data").await;
+    let reason = "dataset line 7: expected one of messages, prompt/completion, text";
+    set_pod_terminated(&client, &ns, &pod, 2, reason).await;
+    let failed = wait_for_phase(&client, &ns, "bad-data", Failed).await;
+    assert_eq!(
+        condition(&failed, conditions::FAILED).map(|c| c.2),
+        Some(reason.to_owned())
+    );
+    assert_eq!(failed.status.and_then(|s| s.retries), Some(0));
+}
+
+#[tokio::test]
+async fn suspend_stops_the_pod_resume_starts_one_and_delete_cascades() {
+    let (cp, client) = setup().await;
+    let ns = cp.namespace("ftj-suspend").await;
+    create_secret(&client, &ns, SECRET).await;
+    let _operator = start_operator(cp, &ns, &[]).await;
+    create(&client, &ns, &manifest("pausable", SECRET)).await;
+    let first = live_pod(&client, &ns, "pausable").await;
+    set_pod_running(&client, &ns, &first).await;
+    wait_for_phase(&client, &ns, "pausable", Running).await;
+
+    let api: Api<FineTuneJob> = Api::namespaced(client.clone(), &ns);
+    let suspend = |on: bool| json!({"spec": {"suspend": on}});
+    api.patch(
+        "pausable",
+        &PatchParams::default(),
+        &Patch::Merge(suspend(true)),
+    )
+    .await
+    .expect("suspending");
+    let suspended = wait_for_phase(&client, &ns, "pausable", Suspended).await;
+    assert_eq!(
+        condition(&suspended, conditions::SUSPENDED).map(|c| c.0),
+        Some("True".to_owned())
+    );
+    let jobs = jobs_of(&client, &ns, "pausable").await;
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].spec.as_ref().and_then(|s| s.suspend), Some(true));
+
+    api.patch(
+        "pausable",
+        &PatchParams::default(),
+        &Patch::Merge(suspend(false)),
+    )
+    .await
+    .expect("resuming");
+    let second = live_pod(&client, &ns, "pausable").await;
+    assert_ne!(first, second, "resuming starts a new pod");
+    set_pod_running(&client, &ns, &second).await;
+    wait_for_phase(&client, &ns, "pausable", Running).await;
+    assert_eq!(jobs_of(&client, &ns, "pausable").await.len(), 1);
+
+    api.delete("pausable", &DeleteParams::background())
+        .await
+        .expect("deleting");
+    assert_children_removed(&client, &ns, "pausable").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        jobs_of(&client, &ns, "pausable").await.is_empty(),
+        "the operator doesn't recreate the Job of a deleted FineTuneJob"
+    );
+}

@@ -1,0 +1,96 @@
+//! Long-running programs under test (the operator, the server): started against the shared
+//! control plane, logged to a file, and killable mid-run.
+
+use std::{path::PathBuf, process::Command, time::Duration};
+
+use crate::{
+    ControlPlane,
+    control_plane::{free_port, wait_for_port},
+    process::{self, Process},
+};
+
+/// A program under test, stopped when the test binary exits if the test didn't stop it.
+#[derive(Debug)]
+pub struct Daemon {
+    process: Process,
+    port: u16,
+}
+
+impl Daemon {
+    /// Starts `program` with `args` and `KUBECONFIG` pointing at `cp`. `{port}` in an argument
+    /// becomes a free port, which the program must listen on before this returns.
+    ///
+    /// # Panics
+    /// When the program cannot start or never listens.
+    pub async fn start(cp: &ControlPlane, name: &str, program: &str, args: &[&str]) -> Self {
+        let port = free_port();
+        let mut command = Command::new(program);
+        command
+            .args(args.iter().map(|a| a.replace("{port}", &port.to_string())))
+            .env("KUBECONFIG", cp.kubeconfig());
+        let dir = process::scratch_dir("graft-daemon-");
+        let process = process::spawn(name, command, &dir);
+        wait_for_port(&process, port).await;
+        Self { process, port }
+    }
+
+    /// The port substituted for `{port}`.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.process.log.clone()
+    }
+
+    /// The whole log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.process.log).unwrap_or_default()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.process.is_running()
+    }
+
+    /// SIGKILL: the program gets no chance to clean up, as when its node dies.
+    pub fn kill(&self) {
+        self.process.signal(libc::SIGKILL);
+        self.process.wait(Duration::from_secs(10));
+    }
+
+    /// SIGTERM, then waits for the program to exit (as a pod's graceful shutdown).
+    ///
+    /// # Panics
+    /// When the program is still running after `grace`.
+    pub fn terminate(&self, grace: Duration) {
+        self.process.signal(libc::SIGTERM);
+        assert!(
+            self.process.wait(grace),
+            "{} still running {grace:?} after SIGTERM:\n{}",
+            self.process.name,
+            self.process.log_tail()
+        );
+    }
+}
+
+/// Polls `check` every 250 ms until it holds.
+///
+/// # Panics
+/// When it doesn't hold within `timeout`.
+pub async fn eventually(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
