@@ -3,6 +3,7 @@
 
 mod children;
 mod lifecycle;
+mod rbac;
 mod restart;
 mod support;
 mod waiting;

@@ -1,7 +1,7 @@
 //! Shared steps of the FineTuneJob tests. There is no kubelet: the tests play its part by
 //! writing pod status, and the trainer's by writing `status.progress` as the trainer would.
 
-use std::time::Duration;
+use std::{path::Path, time::Duration};
 
 use graft_api::{FineTuneJob, FineTuneJobPhase, all_crds};
 use graft_testenv::{ControlPlane, Daemon, eventually, install_crds, unique_name};
@@ -45,6 +45,17 @@ pub async fn setup() -> (&'static ControlPlane, Client) {
 
 /// Starts `graft-operator run` for `namespace` only, with short election and retry timings.
 pub async fn start_operator(cp: &ControlPlane, namespace: &str, extra: &[&str]) -> Daemon {
+    start_operator_with(cp.kubeconfig(), namespace, namespace, extra).await
+}
+
+/// [`start_operator`] with the identity `kubeconfig` gives it and its Lease in
+/// `lease_namespace`.
+pub async fn start_operator_with(
+    kubeconfig: &Path,
+    namespace: &str,
+    lease_namespace: &str,
+    extra: &[&str],
+) -> Daemon {
     let identity = unique_name("operator");
     let mut args = vec![
         "run",
@@ -55,7 +66,7 @@ pub async fn start_operator(cp: &ControlPlane, namespace: &str, extra: &[&str]) 
         "--metrics-port",
         "{port}",
         "--leader-election-namespace",
-        namespace,
+        lease_namespace,
         "--identity",
         &identity,
         "--lease-duration-seconds",
@@ -68,7 +79,7 @@ pub async fn start_operator(cp: &ControlPlane, namespace: &str, extra: &[&str]) 
         "1",
     ];
     args.extend_from_slice(extra);
-    Daemon::start(cp, &identity, OPERATOR, &args).await
+    Daemon::start(kubeconfig, &identity, OPERATOR, &args).await
 }
 
 /// A small CPU FineTuneJob whose storage credentials come from `secret`.

@@ -195,6 +195,16 @@ impl ControlPlane {
         &self.kubeconfig
     }
 
+    /// A kubeconfig acting as `user` through impersonation, for a process under test that
+    /// must get by with that identity's RBAC rights (e.g. the chart's ServiceAccount).
+    pub fn kubeconfig_as(&self, user: &str) -> PathBuf {
+        let text = std::fs::read_to_string(&self.kubeconfig).expect("reading the kubeconfig");
+        let text = text.replacen("    token: ", &format!("    as: {user}\n    token: "), 1);
+        let path = crate::process::scratch_dir("graft-kubeconfig-").join("kubeconfig");
+        std::fs::write(&path, text).expect("writing an impersonating kubeconfig");
+        path
+    }
+
     /// The apiserver's URL.
     pub fn server(&self) -> &str {
         &self.server

@@ -1,10 +1,13 @@
 //! Long-running programs under test (the operator, the server): started against the shared
 //! control plane, logged to a file, and killable mid-run.
 
-use std::{path::PathBuf, process::Command, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 
 use crate::{
-    ControlPlane,
     control_plane::{free_port, wait_for_port},
     process::{self, Process},
 };
@@ -17,17 +20,18 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `program` with `args` and `KUBECONFIG` pointing at `cp`. `{port}` in an argument
-    /// becomes a free port, which the program must listen on before this returns.
+    /// Starts `program` with `args` and `KUBECONFIG` set to `kubeconfig` (e.g.
+    /// [`crate::ControlPlane::kubeconfig`]). `{port}` in an argument becomes a free port, which the
+    /// program must listen on before this returns.
     ///
     /// # Panics
     /// When the program cannot start or never listens.
-    pub async fn start(cp: &ControlPlane, name: &str, program: &str, args: &[&str]) -> Self {
+    pub async fn start(kubeconfig: &Path, name: &str, program: &str, args: &[&str]) -> Self {
         let port = free_port();
         let mut command = Command::new(program);
         command
             .args(args.iter().map(|a| a.replace("{port}", &port.to_string())))
-            .env("KUBECONFIG", cp.kubeconfig());
+            .env("KUBECONFIG", kubeconfig);
         let dir = process::scratch_dir("graft-daemon-");
         let process = process::spawn(name, command, &dir);
         wait_for_port(&process, port).await;
