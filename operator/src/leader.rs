@@ -108,12 +108,7 @@ impl LeaseLock {
     /// Gives the Lease up, so a standby replica takes over at once instead of after the
     /// lease duration. Does nothing when another replica holds it.
     pub async fn release(&self) -> Result<(), Error> {
-        let Some(mut lease) = self
-            .api
-            .get_opt(&self.name)
-            .await
-            .map_err(|e| self.error(e))?
-        else {
+        let Some(mut lease) = self.read().await? else {
             return Ok(());
         };
         let spec = lease.spec.get_or_insert_default();
@@ -157,12 +152,7 @@ impl LeaseLock {
     async fn try_acquire_or_renew(&self) -> Result<bool, Error> {
         let now = MicroTime(Timestamp::now());
         let duration = i32::try_from(self.timings.lease_duration.as_secs()).unwrap_or(i32::MAX);
-        let Some(mut lease) = self
-            .api
-            .get_opt(&self.name)
-            .await
-            .map_err(|e| self.error(e))?
-        else {
+        let Some(mut lease) = self.read().await? else {
             let lease = Lease {
                 metadata: ObjectMeta {
                     name: Some(self.name.clone()),
@@ -206,6 +196,13 @@ impl LeaseLock {
                 .replace(&self.name, &PostParams::default(), &lease)
                 .await,
         )
+    }
+
+    async fn read(&self) -> Result<Option<Lease>, Error> {
+        self.api
+            .get_opt(&self.name)
+            .await
+            .map_err(|e| self.error(e))
     }
 
     fn expired(&self, version: String, held_for: Duration) -> bool {

@@ -52,6 +52,9 @@ struct RunArgs {
     /// Seconds between checks of a job waiting for its Secret.
     #[arg(long, default_value_t = 10)]
     blocked_retry_seconds: u64,
+    /// Reconciles run at once (0: unbounded).
+    #[arg(long, default_value_t = 16)]
+    max_concurrent_reconciles: u16,
     /// Watch only this namespace (default: all).
     #[arg(long)]
     namespace: Option<String>,
@@ -146,6 +149,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             model_schemes: args.model_uri_schemes.clone(),
             blocked_retry: Duration::from_secs(args.blocked_retry_seconds),
             namespace: args.namespace.clone(),
+            concurrency: args.max_concurrent_reconciles,
         },
         recorder: Recorder::new(
             client.clone(),

@@ -21,7 +21,7 @@ use kube::{
     api::{ListParams, Patch, PatchParams},
     runtime::{
         Controller,
-        controller::Action,
+        controller::{self, Action},
         events::{Event, EventType, Recorder},
         reflector::{ObjectRef, Store},
         watcher,
@@ -81,6 +81,9 @@ pub struct Settings {
     pub blocked_retry: Duration,
     /// Watch this namespace only; all when `None`.
     pub namespace: Option<String>,
+    /// Reconciles run at once (0: unbounded). Bounding them bounds the operator's memory when
+    /// hundreds of jobs arrive together.
+    pub concurrency: u16,
 }
 
 pub struct Context {
@@ -126,6 +129,7 @@ pub fn controller(
             let name = pod.labels().get(JOB_LABEL)?.clone();
             Some(ObjectRef::new(&name).within(&pod.namespace()?))
         })
+        .with_config(controller::Config::default().concurrency(ctx.settings.concurrency))
         .graceful_shutdown_on(shutdown);
     let store = controller.store();
     let stream = controller.run(reconcile, error_policy, ctx).map(|result| {
