@@ -61,6 +61,21 @@ pub struct Children {
     pub role_binding: RoleBinding,
 }
 
+impl Children {
+    /// Keeps the spec of the Job that already exists, changing only `suspend`. A Job's pod
+    /// template and failure policy are immutable once it exists: re-applying a changed one
+    /// (after `spec.image` or `spec.resources` was edited, or after an operator upgrade that
+    /// builds pods differently) would be refused, and the job's status would stop updating.
+    /// Such changes apply to jobs created from then on.
+    pub fn keep_job_spec_of(&mut self, existing: &Job) {
+        let Some(mut spec) = existing.spec.clone() else {
+            return;
+        };
+        spec.suspend = self.job.spec.as_ref().and_then(|s| s.suspend);
+        self.job.spec = Some(spec);
+    }
+}
+
 /// What the trainer reads from its config file: the spec, plus where to report progress.
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -558,6 +573,25 @@ mod tests {
                 .spec
                 .and_then(|s| s.suspend),
             Some(true)
+        );
+    }
+
+    #[test]
+    fn an_existing_jobs_spec_is_kept_but_for_suspend() {
+        let mut ftj = job_from_yaml(FULL);
+        let existing = build(&ftj, &defaults()).expect("build").job;
+        ftj.spec.image = Some("registry.example/graft-trainer:newer".to_owned());
+        ftj.spec.suspend = true;
+        let mut children = build(&ftj, &defaults()).expect("build");
+        children.keep_job_spec_of(&existing);
+        let spec = children.job.spec.expect("spec");
+        assert_eq!(spec.suspend, Some(true));
+        assert_eq!(
+            spec.template.spec.expect("pod").containers[0]
+                .image
+                .as_deref(),
+            Some("registry.example/graft-trainer:custom"),
+            "the running Job's pod template stays"
         );
     }
 

@@ -203,13 +203,13 @@ async fn reconcile_in(
                     )
                 }
                 Ok(()) => (
-                    apply_and_observe(ctx, ftj, now).await?,
+                    apply_and_observe(ctx, ftj, None, now).await?,
                     Action::await_change(),
                 ),
             }
         }
-        Some(_) => (
-            apply_and_observe(ctx, ftj, now).await?,
+        Some(job) => (
+            apply_and_observe(ctx, ftj, Some(&job), now).await?,
             Action::await_change(),
         ),
     };
@@ -225,9 +225,13 @@ async fn reconcile_in(
 async fn apply_and_observe(
     ctx: &Context,
     ftj: &FineTuneJob,
+    existing: Option<&Job>,
     now: Timestamp,
 ) -> Result<FineTuneJobStatus, Error> {
-    let children = build(ftj, &ctx.settings.trainer)?;
+    let mut children = build(ftj, &ctx.settings.trainer)?;
+    if let Some(job) = existing {
+        children.keep_job_spec_of(job);
+    }
     let job = apply_children(&ctx.client, &children).await?;
     observe(ctx, ftj, &job, now).await
 }

@@ -186,13 +186,25 @@ async fn suspend_stops_the_pod_resume_starts_one_and_delete_cascades() {
     let (cp, client) = setup().await;
     let ns = cp.namespace("ftj-suspend").await;
     create_secret(&client, &ns, SECRET).await;
-    let _operator = start_operator(cp, &ns, &[]).await;
+    let operator = start_operator(cp, &ns, &[]).await;
     create(&client, &ns, &manifest("pausable", SECRET)).await;
     let first = live_pod(&client, &ns, "pausable").await;
     set_pod_running(&client, &ns, &first).await;
     wait_for_phase(&client, &ns, "pausable", Running).await;
 
     let api: Api<FineTuneJob> = Api::namespaced(client.clone(), &ns);
+    // The image may change on a started job (for its next run), but the running Job's pod
+    // template is immutable: the operator keeps it and goes on reconciling.
+    let image = json!({"spec": {"image": "ghcr.io/graft-dev/graft-trainer:newer"}});
+    api.patch("pausable", &PatchParams::default(), &Patch::Merge(image))
+        .await
+        .expect("changing the image");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !operator.log().contains("reconcile failed"),
+        "{}",
+        operator.log()
+    );
     let suspend = |on: bool| json!({"spec": {"suspend": on}});
     api.patch(
         "pausable",
