@@ -26,6 +26,8 @@ pub const TRAINING_COMPLETE: &str = "TrainingComplete";
 pub const TRAINER_FAILED: &str = "TrainerFailed";
 pub const ADAPTER_NOT_REPORTED: &str = "AdapterNotReported";
 pub const SUSPENDED_BY_SPEC: &str = "SuspendedBySpec";
+/// Suspended by its Kueue queue until admitted.
+pub const QUEUED: &str = "Queued";
 pub const NOT_SUSPENDED: &str = "NotSuspended";
 pub const IN_PROGRESS: &str = "InProgress";
 pub const FINISHED: &str = "Finished";

@@ -31,6 +31,9 @@ const CONFIG_DIR: &str = "/etc/graft";
 const CONFIG_FILE: &str = "config.yaml";
 const CACHE_DIR: &str = "/cache";
 const NON_ROOT_UID: i64 = 65532;
+/// Kueue's label naming the LocalQueue a Job waits in. Copied from the FineTuneJob to its Job,
+/// which then starts suspended; Kueue unsuspends it on admission.
+pub const QUEUE_LABEL: &str = "kueue.x-k8s.io/queue-name";
 
 /// Operator-wide settings a FineTuneJob may not choose for itself.
 #[derive(Clone, Debug)]
@@ -67,11 +70,16 @@ impl Children {
     /// (after `spec.image` or `spec.resources` was edited, or after an operator upgrade that
     /// builds pods differently) would be refused, and the job's status would stop updating.
     /// Such changes apply to jobs created from then on.
-    pub fn keep_job_spec_of(&mut self, existing: &Job) {
+    ///
+    /// A queued job's `suspend` belongs to Kueue unless the FineTuneJob itself is suspended:
+    /// the operator then keeps whatever value the Job has.
+    pub fn keep_job_spec_of(&mut self, existing: &Job, ftj: &FineTuneJob) {
         let Some(mut spec) = existing.spec.clone() else {
             return;
         };
-        spec.suspend = self.job.spec.as_ref().and_then(|s| s.suspend);
+        if ftj.spec.suspend || queue_of(ftj).is_none() {
+            spec.suspend = Some(ftj.spec.suspend);
+        }
         self.job.spec = Some(spec);
     }
 }
@@ -159,10 +167,17 @@ pub fn build(ftj: &FineTuneJob, defaults: &TrainerDefaults) -> Result<Children, 
         }]),
     };
 
+    let mut job_meta = meta(&names.job);
+    if let Some(queue) = queue_of(ftj) {
+        job_meta
+            .labels
+            .get_or_insert_default()
+            .insert(QUEUE_LABEL.to_owned(), queue.to_owned());
+    }
     let job = Job {
-        metadata: meta(&names.job),
+        metadata: job_meta,
         spec: Some(JobSpec {
-            suspend: Some(ftj.spec.suspend),
+            suspend: Some(ftj.spec.suspend || queue_of(ftj).is_some()),
             backoff_limit: Some(defaults.backoff_limit),
             pod_failure_policy: Some(pod_failure_policy()),
             template: PodTemplateSpec {
@@ -201,6 +216,15 @@ impl Names {
             identity: format!("{name}-trainer"),
         }
     }
+}
+
+/// The Kueue queue `ftj` asks for, if any.
+pub fn queue_of(ftj: &FineTuneJob) -> Option<&str> {
+    ftj.metadata
+        .labels
+        .as_ref()?
+        .get(QUEUE_LABEL)
+        .map(String::as_str)
 }
 
 fn labels(name: &str) -> BTreeMap<String, String> {
@@ -583,7 +607,7 @@ mod tests {
         ftj.spec.image = Some("registry.example/graft-trainer:newer".to_owned());
         ftj.spec.suspend = true;
         let mut children = build(&ftj, &defaults()).expect("build");
-        children.keep_job_spec_of(&existing);
+        children.keep_job_spec_of(&existing, &ftj);
         let spec = children.job.spec.expect("spec");
         assert_eq!(spec.suspend, Some(true));
         assert_eq!(
@@ -592,6 +616,41 @@ mod tests {
                 .as_deref(),
             Some("registry.example/graft-trainer:custom"),
             "the running Job's pod template stays"
+        );
+    }
+
+    #[test]
+    fn a_queued_job_starts_suspended_and_leaves_suspend_to_kueue() {
+        let mut ftj = job_from_yaml(FULL);
+        ftj.metadata.labels = Some(BTreeMap::from([(
+            QUEUE_LABEL.to_owned(),
+            "team-a-gpus".to_owned(),
+        )]));
+        let children = build(&ftj, &defaults()).expect("build");
+        let job = &children.job;
+        assert_eq!(job.spec.as_ref().and_then(|s| s.suspend), Some(true));
+        assert_eq!(
+            job.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(QUEUE_LABEL))
+                .map(String::as_str),
+            Some("team-a-gpus")
+        );
+
+        // Kueue admitted it: the operator doesn't suspend it again...
+        let mut admitted = job.clone();
+        admitted.spec.get_or_insert_default().suspend = Some(false);
+        let mut again = build(&ftj, &defaults()).expect("build");
+        again.keep_job_spec_of(&admitted, &ftj);
+        assert_eq!(again.job.spec.as_ref().and_then(|s| s.suspend), Some(false));
+        // ...unless the FineTuneJob itself is suspended.
+        ftj.spec.suspend = true;
+        let mut suspended = build(&ftj, &defaults()).expect("build");
+        suspended.keep_job_spec_of(&admitted, &ftj);
+        assert_eq!(
+            suspended.job.spec.as_ref().and_then(|s| s.suspend),
+            Some(true)
         );
     }
 

@@ -230,7 +230,7 @@ async fn apply_and_observe(
 ) -> Result<FineTuneJobStatus, Error> {
     let mut children = build(ftj, &ctx.settings.trainer)?;
     if let Some(job) = existing {
-        children.keep_job_spec_of(job);
+        children.keep_job_spec_of(job, ftj);
     }
     let job = apply_children(&ctx.client, &children).await?;
     observe(ctx, ftj, &job, now).await

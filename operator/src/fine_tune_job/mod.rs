@@ -11,5 +11,7 @@ mod status;
 mod validate;
 
 pub use apply::{ApplyError, apply_children};
-pub use build::{BuildError, CONFIG_ERROR_EXIT_CODE, Children, TrainerDefaults, build};
+pub use build::{
+    BuildError, CONFIG_ERROR_EXIT_CODE, Children, QUEUE_LABEL, TrainerDefaults, build,
+};
 pub use controller::{Context, Error, Settings, controller};

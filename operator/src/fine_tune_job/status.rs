@@ -61,7 +61,7 @@ pub fn observe(ftj: &FineTuneJob, job: &Job, pods: &[Pod], now: Timestamp) -> Fi
         format!("Job {job_name} created"),
     );
 
-    let outcome = outcome(job, pods);
+    let outcome = outcome(ftj, job, pods);
     if matches!(outcome, Outcome::Failed(_)) {
         // The last failure ended the Job; only the ones before it were retried.
         status.retries = Some(failed_pods.saturating_sub(1));
@@ -99,6 +99,10 @@ fn record(
         Outcome::Running => (conditions::POD_RUNNING, "the trainer pod is running"),
         Outcome::Suspended => (conditions::SUSPENDED_BY_SPEC, "spec.suspend is true"),
         Outcome::Pending => (conditions::POD_PENDING, "waiting for the trainer pod"),
+        Outcome::Queued => (
+            conditions::QUEUED,
+            "the Job waits for admission by its queue (kueue.x-k8s.io/queue-name)",
+        ),
         Outcome::Succeeded(_) | Outcome::Failed(_) => (conditions::FINISHED, "training ended"),
     };
     set(
@@ -147,7 +151,7 @@ fn record(
         ),
         Outcome::Suspended => (FineTuneJobPhase::Suspended, None, None),
         Outcome::Running => (FineTuneJobPhase::Running, None, None),
-        Outcome::Pending => (FineTuneJobPhase::Pending, None, None),
+        Outcome::Pending | Outcome::Queued => (FineTuneJobPhase::Pending, None, None),
     };
     status.phase = Some(phase);
     let not_yet = if terminal {
@@ -174,7 +178,7 @@ pub fn operator_part(ftj: &FineTuneJob) -> FineTuneJobStatus {
     status
 }
 
-fn outcome(job: &Job, pods: &[Pod]) -> Outcome {
+fn outcome(ftj: &FineTuneJob, job: &Job, pods: &[Pod]) -> Outcome {
     let job_status = job.status.clone().unwrap_or_default();
     let job_conditions = job_status.conditions.as_deref().unwrap_or_default();
     if job_condition(job_conditions, "Complete") {
@@ -188,7 +192,12 @@ fn outcome(job: &Job, pods: &[Pod]) -> Outcome {
                 .unwrap_or_else(|| "the training Job failed".to_owned())
         }))
     } else if job.spec.as_ref().and_then(|s| s.suspend) == Some(true) {
-        Outcome::Suspended
+        // Suspended without the FineTuneJob asking: its queue hasn't admitted it yet.
+        if ftj.spec.suspend {
+            Outcome::Suspended
+        } else {
+            Outcome::Queued
+        }
     } else if job_status.ready.unwrap_or(0) > 0 || pods.iter().any(is_running) {
         Outcome::Running
     } else {
@@ -198,6 +207,7 @@ fn outcome(job: &Job, pods: &[Pod]) -> Outcome {
 
 enum Outcome {
     Pending,
+    Queued,
     Running,
     Suspended,
     Succeeded(Result<TrainerResult, String>),
@@ -448,11 +458,24 @@ mod tests {
 
     #[test]
     fn a_suspended_job_is_suspended() {
-        let ftj = job_from_yaml(MINIMAL);
+        let mut ftj = job_from_yaml(MINIMAL);
+        ftj.spec.suspend = true;
         let status = observe(&ftj, &job(json!({"suspend": true}), json!({})), &[], now());
         assert_eq!(status.phase, Some(FineTuneJobPhase::Suspended));
         assert_eq!(condition(&status, conditions::SUSPENDED).status, "True");
         assert_eq!(condition(&status, conditions::RUNNING).status, "False");
+    }
+
+    #[test]
+    fn a_job_suspended_by_its_queue_is_pending_not_suspended() {
+        let ftj = job_from_yaml(MINIMAL);
+        let status = observe(&ftj, &job(json!({"suspend": true}), json!({})), &[], now());
+        assert_eq!(status.phase, Some(FineTuneJobPhase::Pending));
+        assert_eq!(
+            condition(&status, conditions::RUNNING).reason,
+            conditions::QUEUED
+        );
+        assert_eq!(condition(&status, conditions::SUSPENDED).status, "False");
     }
 
     #[test]

@@ -4,8 +4,9 @@
 use std::time::Duration;
 
 use graft_api::{FineTuneJob, FineTuneJobPhase::*};
-use graft_operator::conditions;
+use graft_operator::{conditions, fine_tune_job::QUEUE_LABEL};
 use graft_testenv::eventually;
+use k8s_openapi::api::batch::v1::Job;
 use kube::{
     Api,
     api::{DeleteParams, Patch, PatchParams},
@@ -243,5 +244,60 @@ async fn suspend_stops_the_pod_resume_starts_one_and_delete_cascades() {
     assert!(
         jobs_of(&client, &ns, "pausable").await.is_empty(),
         "the operator doesn't recreate the Job of a deleted FineTuneJob"
+    );
+}
+
+#[tokio::test]
+async fn a_queued_job_waits_for_admission_and_its_queue_owns_suspend() {
+    let (cp, client) = setup().await;
+    let ns = cp.namespace("ftj-queue").await;
+    create_secret(&client, &ns, SECRET).await;
+    let _operator = start_operator(cp, &ns, &[]).await;
+    let mut queued = manifest("queued", SECRET);
+    queued.metadata.labels = Some([(QUEUE_LABEL.to_owned(), "gpus".to_owned())].into());
+    create(&client, &ns, &queued).await;
+
+    let api: Api<FineTuneJob> = Api::namespaced(client.clone(), &ns);
+    eventually("the job to wait for its queue", WAIT, async || {
+        api.get("queued").await.is_ok_and(|f| {
+            condition(&f, conditions::RUNNING).is_some_and(|c| c.1 == conditions::QUEUED)
+        })
+    })
+    .await;
+    assert_eq!(phase(&get(&client, &ns, "queued").await), Some(Pending));
+    let jobs = jobs_of(&client, &ns, "queued").await;
+    assert_eq!(jobs[0].spec.as_ref().and_then(|s| s.suspend), Some(true));
+    assert_eq!(
+        jobs[0]
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(QUEUE_LABEL))
+            .map(String::as_str),
+        Some("gpus"),
+        "Kueue finds the Job by its queue label"
+    );
+
+    // Kueue admits the workload by unsuspending the Job.
+    let admit = PatchParams {
+        field_manager: Some("kueue-admission".to_owned()),
+        ..PatchParams::default()
+    };
+    Api::<Job>::namespaced(client.clone(), &ns)
+        .patch(
+            "queued",
+            &admit,
+            &Patch::Merge(json!({"spec": {"suspend": false}})),
+        )
+        .await
+        .expect("admitting the Job");
+    let pod = live_pod(&client, &ns, "queued").await;
+    set_pod_running(&client, &ns, &pod).await;
+    wait_for_phase(&client, &ns, "queued", Running).await;
+    let jobs = jobs_of(&client, &ns, "queued").await;
+    assert_eq!(
+        jobs[0].spec.as_ref().and_then(|s| s.suspend),
+        Some(false),
+        "the operator doesn't suspend an admitted Job again"
     );
 }
