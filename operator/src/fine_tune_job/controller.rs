@@ -10,6 +10,7 @@ use std::{sync::Arc, time::Duration};
 use futures::{Stream, StreamExt};
 use graft_api::{FineTuneJob, FineTuneJobPhase, FineTuneJobStatus};
 use k8s_openapi::{
+    NamespaceResourceScope,
     api::{
         batch::v1::Job,
         core::v1::{ObjectReference, Pod, Secret},
@@ -107,23 +108,13 @@ pub fn controller(
     ctx: Arc<Context>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> (impl Stream<Item = ()>, Store<FineTuneJob>) {
-    let client = ctx.client.clone();
-    let namespace = ctx.settings.namespace.clone();
-    let api = |c: Client| match &namespace {
-        Some(ns) => Api::<Job>::namespaced(c, ns),
-        None => Api::all(c),
-    };
-    let ftjs: Api<FineTuneJob> = match &namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let pods: Api<Pod> = match &namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
+    let namespace = ctx.settings.namespace.as_deref();
+    let ftjs: Api<FineTuneJob> = scoped(&ctx.client, namespace);
+    let jobs: Api<Job> = scoped(&ctx.client, namespace);
+    let pods: Api<Pod> = scoped(&ctx.client, namespace);
     let children = watcher::Config::default().labels(JOB_LABEL);
     let controller = Controller::new(ftjs, watcher::Config::default())
-        .owns(api(client), children.clone())
+        .owns(jobs, children.clone())
         // Pods are not owned by the FineTuneJob (the Job owns them); their label leads back.
         .watches(pods, children, |pod: Pod| {
             let name = pod.labels().get(JOB_LABEL)?.clone();
@@ -140,6 +131,17 @@ pub fn controller(
         }
     });
     (stream, store)
+}
+
+/// An `Api` over `namespace`, or over all namespaces.
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
 }
 
 async fn reconcile(ftj: Arc<FineTuneJob>, ctx: Arc<Context>) -> Result<Action, Error> {
