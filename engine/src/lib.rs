@@ -1,3 +1,4 @@
 //! The model code shared by `graft-trainer` and `graft-server`.
 
+pub mod nf4;
 pub mod storage;
