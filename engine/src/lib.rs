@@ -1,4 +1,5 @@
 //! The model code shared by `graft-trainer` and `graft-server`.
 
+pub mod linear;
 pub mod nf4;
 pub mod storage;

@@ -1,0 +1,191 @@
+//! Frozen linear layers: the base model's projections, dense (`quantization: none`) or NF4
+//! (QLoRA). Their backward returns only the input's gradient.
+//!
+//! Candle's matmul backward would compute a weight-sized gradient for a frozen weight and keep
+//! it alive. Here the forward computes `y = x.detach() · Wᵀ` (no graph through the weight) and
+//! ties `y` back to `x` with [`InputGradient`], a custom op whose forward passes `y` through and
+//! whose backward returns `grad · W`, rebuilding `W` from its packed NF4 form when needed: no
+//! dense copy of an NF4 weight outlives the call that uses it.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Module, Result, Shape, Tensor};
+
+use crate::nf4::Nf4Matrix;
+
+/// A frozen `[out, in]` weight.
+#[derive(Clone, Debug)]
+pub enum FrozenWeight {
+    Dense(Tensor),
+    Nf4(Arc<Nf4Matrix>),
+}
+
+impl FrozenWeight {
+    /// The dense `[out, in]` weight on `device` in `dtype`.
+    pub fn to_dense(&self, device: &Device, dtype: DType) -> Result<Tensor> {
+        match self {
+            Self::Dense(w) => w.to_device(device)?.to_dtype(dtype),
+            Self::Nf4(m) => Tensor::from_vec(m.dequantize(), m.shape(), device)?.to_dtype(dtype),
+        }
+    }
+
+    /// `(out, in)`.
+    pub fn shape(&self) -> Result<(usize, usize)> {
+        match self {
+            Self::Dense(w) => w.dims2(),
+            Self::Nf4(m) => Ok(m.shape()),
+        }
+    }
+}
+
+/// `y = x · Wᵀ (+ b)` with a frozen `W` and `b`.
+#[derive(Clone, Debug)]
+pub struct FrozenLinear {
+    weight: FrozenWeight,
+    bias: Option<Tensor>,
+}
+
+impl FrozenLinear {
+    pub fn new(weight: FrozenWeight, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    /// Quantizes a dense `[out, in]` weight to NF4.
+    pub fn quantize_nf4(weight: &Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let shape = weight.dims2()?;
+        let values = weight
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let matrix = Nf4Matrix::quantize(&values, shape).map_err(candle_core::Error::wrap)?;
+        Ok(Self::new(FrozenWeight::Nf4(Arc::new(matrix)), bias))
+    }
+
+    pub fn weight(&self) -> &FrozenWeight {
+        &self.weight
+    }
+}
+
+impl Module for FrozenLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.weight.to_dense(x.device(), x.dtype())?;
+        let y = x.detach().broadcast_matmul(&w.t()?)?.contiguous()?;
+        drop(w);
+        let y = x.apply_op2(
+            &y,
+            InputGradient {
+                weight: self.weight.clone(),
+            },
+        )?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.detach().to_dtype(y.dtype())?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Forward: its second argument, unchanged. Backward: `grad · W` for the first, nothing for
+/// the second.
+struct InputGradient {
+    weight: FrozenWeight,
+}
+
+impl CustomOp2 for InputGradient {
+    fn name(&self) -> &'static str {
+        "frozen-linear-input-gradient"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        y: &CpuStorage,
+        layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("{}: the product must be contiguous", self.name());
+        };
+        let copy = match y {
+            CpuStorage::F32(v) => CpuStorage::F32(v[start..end].to_vec()),
+            CpuStorage::F64(v) => CpuStorage::F64(v[start..end].to_vec()),
+            CpuStorage::BF16(v) => CpuStorage::BF16(v[start..end].to_vec()),
+            CpuStorage::F16(v) => CpuStorage::F16(v[start..end].to_vec()),
+            _ => candle_core::bail!("{}: only float dtypes are supported", self.name()),
+        };
+        Ok((copy, layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let w = self.weight.to_dense(grad.device(), grad.dtype())?;
+        let grad_x = grad.broadcast_matmul(&w)?;
+        debug_assert_eq!(grad_x.dims(), x.dims());
+        Ok((Some(grad_x), None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Var;
+
+    use super::*;
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+            .expect("comparable tensors")
+    }
+
+    #[test]
+    fn the_input_gradient_is_the_dense_one_and_no_weight_gradient_exists() -> Result<()> {
+        let device = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (24, 64), &device)?;
+        let layer = FrozenLinear::quantize_nf4(&w, None)?;
+        let dense = layer.weight().to_dense(&device, DType::F32)?;
+
+        let x = Var::new(
+            Tensor::randn(0f32, 1.0, (2, 3, 64), &device)?.to_vec3::<f32>()?,
+            &device,
+        )?;
+        let y = layer.forward(x.as_tensor())?;
+        let grads = (y.sqr()?.sum_all()?).backward()?;
+        let ours = grads.get(x.as_tensor()).expect("a gradient for x").clone();
+
+        let x_ref = Var::new(x.as_tensor().to_vec3::<f32>()?, &device)?;
+        let w_ref = Var::from_tensor(&dense)?;
+        let y_ref = x_ref
+            .as_tensor()
+            .broadcast_matmul(&w_ref.as_tensor().t()?)?;
+        let ref_grads = y_ref.sqr()?.sum_all()?.backward()?;
+        let expected = ref_grads
+            .get(x_ref.as_tensor())
+            .expect("reference gradient");
+
+        assert!(max_abs_diff(&y, &y_ref) < 1e-4);
+        assert!(max_abs_diff(&ours, expected) < 1e-3);
+        // Only `x` (and the graph between it and the loss) has gradients: nothing
+        // weight-sized was computed.
+        let weight_sized = grads
+            .get_ids()
+            .filter_map(|id| grads.get_id(*id))
+            .any(|g| g.dims() == [24, 64]);
+        assert!(!weight_sized);
+        Ok(())
+    }
+
+    #[test]
+    fn a_dense_frozen_layer_adds_its_bias() -> Result<()> {
+        let device = Device::Cpu;
+        let w = Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &device)?;
+        let b = Tensor::new(&[10f32, 20.0], &device)?;
+        let layer = FrozenLinear::new(FrozenWeight::Dense(w), Some(b));
+        let y = layer.forward(&Tensor::new(&[[1f32, 1.0]], &device)?)?;
+        assert_eq!(y.to_vec2::<f32>()?, [[13.0, 27.0]]);
+        Ok(())
+    }
+}
