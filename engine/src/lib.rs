@@ -1,5 +1,7 @@
 //! The model code shared by `graft-trainer` and `graft-server`.
 
 pub mod linear;
+pub mod lora;
 pub mod nf4;
+pub mod rng;
 pub mod storage;
