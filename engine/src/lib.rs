@@ -2,6 +2,8 @@
 
 pub mod linear;
 pub mod lora;
+pub mod models;
 pub mod nf4;
+pub mod ops;
 pub mod rng;
 pub mod storage;

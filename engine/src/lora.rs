@@ -79,6 +79,11 @@ impl LoraLinear {
         self.lora.as_ref()
     }
 
+    /// The frozen projection under the adapter.
+    pub fn base(&self) -> &FrozenLinear {
+        &self.base
+    }
+
     /// The forward pass with `dropout_mask` (already scaled by `1 / (1 - p)`) applied to the
     /// adapter's input only, as PEFT does; `None` outside training.
     pub fn forward_with_dropout(

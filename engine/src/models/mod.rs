@@ -1,0 +1,9 @@
+//! Model architectures and loading their weights.
+
+mod config;
+mod llama;
+mod weights;
+
+pub use config::{Config, ConfigError, HfConfig, Rope, RopeParameters};
+pub use llama::{Llama, Precision, Site};
+pub use weights::{WeightsError, load_weights};

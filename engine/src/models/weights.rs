@@ -1,0 +1,67 @@
+//! Safetensors weights of a Hugging Face model directory: `model.safetensors`, or the shards
+//! `model.safetensors.index.json` lists.
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsError {
+    #[error("{dir}: no model.safetensors or model.safetensors.index.json")]
+    Missing { dir: PathBuf },
+    #[error("{path}: {source}")]
+    Index {
+        path: PathBuf,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("memory-mapping the weights: {0}")]
+    Map(#[from] candle_core::Error),
+}
+
+/// The weight files of the model in `dir`.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, WeightsError> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    let error = |source: Box<dyn std::error::Error + Send + Sync>| WeightsError::Index {
+        path: index.clone(),
+        source,
+    };
+    let text = std::fs::read_to_string(&index).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            WeightsError::Missing {
+                dir: dir.to_owned(),
+            }
+        } else {
+            error(e.into())
+        }
+    })?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| error(e.into()))?;
+    let shards: BTreeSet<&str> = json["weight_map"]
+        .as_object()
+        .ok_or_else(|| error("no weight_map".into()))?
+        .values()
+        .filter_map(serde_json::Value::as_str)
+        .collect();
+    Ok(shards.into_iter().map(|s| dir.join(s)).collect())
+}
+
+/// A `VarBuilder` over the model's weights, memory-mapped.
+#[allow(unsafe_code)]
+pub fn load_weights(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>, WeightsError> {
+    let files = weight_files(dir)?;
+    // SAFETY: the files are mapped read-only and must not change while mapped; they are the
+    // trainer's or server's own downloaded copy, which nothing else writes.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
+    Ok(vb)
+}

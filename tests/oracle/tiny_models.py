@@ -1,0 +1,70 @@
+"""Writes tiny random Llama-family models and the logits Hugging Face transformers computes
+for them, for the engine's parity tests (engine/tests/llama_transformers.rs):
+
+    engine/tests/data/tiny/<name>/config.json, model.safetensors   (as save_pretrained writes)
+    engine/tests/data/tiny/<name>/reference.safetensors            (input_ids, logits)
+
+One model per architecture feature the engine must honour: Llama with grouped-query
+attention and untied embeddings, Llama 3 rope scaling, Qwen2 (q/k/v bias, tied embeddings),
+Mistral.
+
+    .venv/bin/pip install torch transformers safetensors
+    .venv/bin/python tests/oracle/tiny_models.py
+"""
+
+import pathlib
+
+import torch
+import transformers
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+OUT = pathlib.Path(__file__).resolve().parents[2] / "engine/tests/data/tiny"
+COMMON = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+)
+MODELS = {
+    "llama": LlamaConfig(**COMMON, tie_word_embeddings=False, rope_theta=10000.0),
+    "llama3": LlamaConfig(
+        **COMMON,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    ),
+    "qwen2": Qwen2Config(**COMMON, tie_word_embeddings=True, rope_theta=1000000.0),
+    "mistral": MistralConfig(**COMMON, tie_word_embeddings=False, rope_theta=10000.0, sliding_window=None),
+}
+
+torch.manual_seed(0)
+for name, config in MODELS.items():
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).eval()
+    # Random weights of a realistic spread (the default init leaves norms at 1, biases at 0).
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.2 if param.dim() > 1 else 0.5)
+            if param.dim() == 1 and param.numel() == config.hidden_size:
+                param.add_(1.0)
+    directory = OUT / name
+    model.save_pretrained(directory, safe_serialization=True)
+    input_ids = torch.randint(0, config.vocab_size, (2, 11))
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits
+    save_file(
+        {"input_ids": input_ids.to(torch.int64), "logits": logits.contiguous()},
+        directory / "reference.safetensors",
+        metadata={"transformers": transformers.__version__, "torch": torch.__version__},
+    )
+    print(name, directory, tuple(logits.shape))
