@@ -5,5 +5,6 @@ pub mod lora;
 pub mod models;
 pub mod nf4;
 pub mod ops;
+pub mod peft;
 pub mod rng;
 pub mod storage;

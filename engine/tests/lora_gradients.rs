@@ -94,7 +94,10 @@ fn the_gradient_is_the_derivative() -> Result<()> {
         loss(&model)?.to_scalar::<f32>()
     };
     let numeric = (at(step)? - at(-step)?) / (2.0 * step);
-    assert!(analytic.abs() > 1e-5, "a gradient worth checking: {analytic}");
+    assert!(
+        analytic.abs() > 1e-5,
+        "a gradient worth checking: {analytic}"
+    );
     assert!(
         (analytic - numeric).abs() <= 1e-2 * analytic.abs().max(1e-3),
         "analytic {analytic} vs finite difference {numeric}"
