@@ -290,10 +290,11 @@ mod tests {
         );
     }
 
+    type Change = Box<dyn Fn(&mut AdapterConfig)>;
+
     #[test]
     fn features_graft_cannot_honour_are_refused_by_name() {
         let base = AdapterConfig::new(8, 16.0, 0.0, false, &[Site::QProj]);
-        type Change = Box<dyn Fn(&mut AdapterConfig)>;
         let cases: [(&str, Change); 4] = [
             ("DoRA", Box::new(|c| c.use_dora = true)),
             ("bias", Box::new(|c| c.bias = "all".to_owned())),
