@@ -2,42 +2,21 @@
 //! Graft and gives PEFT's logits (written by `tests/oracle/peft_adapter.py`); what Graft
 //! writes has PEFT's keys, dtype and metadata, and reads back to the same model.
 
-use std::{collections::BTreeSet, path::Path};
+mod common;
 
-use candle_core::{DType, Device, Tensor};
-use graft_engine::{
-    models::{Config, Llama, Precision, load_weights},
-    peft::Adapter,
-};
+use std::collections::BTreeSet;
+
+use candle_core::Device;
+use common::{max_abs_diff, model, reference, tiny};
+use graft_engine::{models::Precision, peft::Adapter};
 use safetensors::SafeTensors;
 
-fn data(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/tiny")
-        .join(name)
-}
-
-fn base_model() -> Llama {
-    let dir = data("llama");
-    let config =
-        Config::from_json(&std::fs::read_to_string(dir.join("config.json")).expect("config"))
-            .expect("config parses");
-    let vb = load_weights(&dir, DType::F32, &Device::Cpu).expect("weights");
-    Llama::load(&vb, &config, Precision::Dense).expect("model")
-}
-
 fn peft_files() -> (Vec<u8>, Vec<u8>) {
-    let dir = data("llama-peft");
+    let dir = tiny("llama-peft");
     (
         std::fs::read(dir.join("adapter_config.json")).expect("config"),
         std::fs::read(dir.join("adapter_model.safetensors")).expect("weights"),
     )
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
-        .expect("comparable")
 }
 
 #[test]
@@ -46,21 +25,17 @@ fn a_peft_adapter_gives_pefts_logits_within_1e_4() {
     let adapter =
         Adapter::from_bytes(&config, &weights, &Device::Cpu).expect("PEFT's adapter loads");
     assert_eq!(adapter.weights.len(), 2 * 7, "two layers, seven sites");
-    let mut model = base_model();
-    adapter.apply(&mut model).expect("fits the model");
+    let mut with_adapter = model("llama", Precision::Dense);
+    adapter.apply(&mut with_adapter).expect("fits the model");
 
-    let reference = candle_core::safetensors::load(
-        data("llama-peft").join("reference.safetensors"),
-        &Device::Cpu,
-    )
-    .expect("reference");
-    let ids = reference["input_ids"].to_dtype(DType::U32).expect("ids");
-    let logits = model.forward(&ids).expect("forward");
-    let diff = max_abs_diff(&logits, &reference["logits"]);
+    let (ids, expected) = reference(&tiny("llama-peft"));
+    let diff = max_abs_diff(&with_adapter.forward(&ids).expect("forward"), &expected);
     assert!(diff < 1e-4, "logits differ by {diff}");
-    let plain = base_model().forward(&ids).expect("forward");
+    let plain = model("llama", Precision::Dense)
+        .forward(&ids)
+        .expect("forward");
     assert!(
-        max_abs_diff(&plain, &reference["logits"]) > 1e-2,
+        max_abs_diff(&plain, &expected) > 1e-2,
         "the adapter matters"
     );
 }

@@ -1,0 +1,40 @@
+//! Shared by the engine's integration tests: the tiny reference models and comparisons.
+
+#![allow(dead_code)] // each test binary uses a subset
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use graft_engine::models::{Config, Llama, Precision, load_weights};
+
+/// `engine/tests/data/tiny/<name>`.
+pub fn tiny(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/tiny")
+        .join(name)
+}
+
+pub fn config(name: &str) -> Config {
+    let text = std::fs::read_to_string(tiny(name).join("config.json")).expect("config.json");
+    Config::from_json(&text).expect("config parses")
+}
+
+/// The tiny model `name`, loaded as the engine loads any checkpoint.
+pub fn model(name: &str, precision: Precision) -> Llama {
+    let vb = load_weights(&tiny(name), DType::F32, &Device::Cpu).expect("weights");
+    Llama::load(&vb, &config(name), precision).expect("model")
+}
+
+/// Input ids (u32) and logits from `<dir>/reference.safetensors`.
+pub fn reference(dir: &Path) -> (Tensor, Tensor) {
+    let tensors = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
+        .expect("reference");
+    let ids = tensors["input_ids"].to_dtype(DType::U32).expect("ids");
+    (ids, tensors["logits"].clone())
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+        .expect("comparable tensors")
+}
