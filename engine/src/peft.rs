@@ -67,16 +67,24 @@ pub struct AdapterConfig {
     pub base_model_name_or_path: Option<String>,
     #[serde(default)]
     pub inference_mode: bool,
+    /// `true`, `false`, or the name of an init scheme (`"gaussian"`, `"pissa"`, …).
     #[serde(default = "init_true")]
-    pub init_lora_weights: bool,
+    pub init_lora_weights: serde_json::Value,
+    /// Activated LoRA: same tensors, different math.
+    #[serde(default)]
+    pub alora_invocation_tokens: Option<serde_json::Value>,
+    #[serde(default)]
+    pub layer_replication: Option<serde_json::Value>,
+    #[serde(default)]
+    pub use_qalora: bool,
 }
 
 fn none() -> String {
     "none".to_owned()
 }
 
-fn init_true() -> bool {
-    true
+fn init_true() -> serde_json::Value {
+    serde_json::Value::Bool(true)
 }
 
 /// PEFT accepts a list of module names or one regular expression.
@@ -109,7 +117,10 @@ impl AdapterConfig {
             layers_to_transform: None,
             base_model_name_or_path: None,
             inference_mode: true,
-            init_lora_weights: true,
+            init_lora_weights: init_true(),
+            alora_invocation_tokens: None,
+            layer_replication: None,
+            use_qalora: false,
         }
     }
 
@@ -140,6 +151,30 @@ impl AdapterConfig {
             .is_some_and(|v| !v.is_null())
         {
             return unsupported("layers_to_transform");
+        }
+        if self
+            .alora_invocation_tokens
+            .as_ref()
+            .is_some_and(|v| !v.is_null())
+        {
+            return unsupported("alora_invocation_tokens (activated LoRA)");
+        }
+        if self
+            .layer_replication
+            .as_ref()
+            .is_some_and(|v| !v.is_null())
+        {
+            return unsupported("layer_replication");
+        }
+        if self.use_qalora {
+            return unsupported("use_qalora");
+        }
+        // Init schemes that rewrite the base weights (PiSSA, OLoRA, LoftQ, CorDA, EVA) make
+        // the adapter meaningless on the unmodified base model.
+        if let Some(scheme) = self.init_lora_weights.as_str()
+            && scheme != "gaussian"
+        {
+            return unsupported(&format!("init_lora_weights {scheme:?}"));
         }
         if self.r == 0 {
             return unsupported("r = 0");
@@ -172,7 +207,7 @@ fn parse_key(key: &str) -> Option<(usize, Site, char)> {
     let (layer, rest) = rest.split_once('.')?;
     let (module, rest) = rest.split_once(".lora_")?;
     let half = rest.chars().next()?;
-    let tail = &rest[1..];
+    let tail = &rest[half.len_utf8()..];
     if !(tail == ".weight" || tail.ends_with(".weight") && tail.starts_with('.')) {
         return None;
     }

@@ -20,6 +20,8 @@ pub const JOB_CREATED: &str = "JobCreated";
 pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
 pub const UNSUPPORTED_MODEL_SOURCE: &str = "UnsupportedModelSource";
 pub const JOB_NAME_TAKEN: &str = "JobNameTaken";
+/// The apiserver refused one of the job's objects (invalid, over quota, forbidden).
+pub const APPLY_REFUSED: &str = "ApplyRefused";
 pub const POD_PENDING: &str = "PodPending";
 pub const POD_RUNNING: &str = "PodRunning";
 pub const TRAINING_COMPLETE: &str = "TrainingComplete";

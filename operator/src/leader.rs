@@ -129,7 +129,16 @@ impl LeaseLock {
         let mut last_renewal = Instant::now();
         loop {
             tokio::time::sleep(self.timings.retry_period).await;
-            match self.try_acquire_or_renew().await {
+            // A request hanging in a partition must not outlive the deadline: by then another
+            // replica may lead.
+            let left = self
+                .timings
+                .renew_deadline
+                .saturating_sub(last_renewal.elapsed());
+            let attempt = tokio::time::timeout(left, self.try_acquire_or_renew())
+                .await
+                .unwrap_or_else(|_elapsed| Err(self.timed_out()));
+            match attempt {
                 Ok(true) => last_renewal = Instant::now(),
                 Ok(false) => {
                     return Error::Lost {
@@ -224,6 +233,13 @@ impl LeaseLock {
             Ok(_) => Ok(true),
             Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
             Err(e) => Err(self.error(e)),
+        }
+    }
+
+    fn timed_out(&self) -> Error {
+        Error::Lost {
+            name: self.name.clone(),
+            deadline: self.timings.renew_deadline,
         }
     }
 

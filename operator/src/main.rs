@@ -46,8 +46,9 @@ struct RunArgs {
     /// Training pod failures (disruptions not counted) before a job fails.
     #[arg(long, default_value_t = 3)]
     backoff_limit: i32,
-    /// Base-model URI schemes the trainers can read; drop `hf` in an air-gapped cluster.
-    #[arg(long, value_delimiter = ',', default_value = "s3,file,hf")]
+    /// Base-model URI schemes the trainers can read. `hf` (the Hugging Face hub) is off until
+    /// the trainer can download from it.
+    #[arg(long, value_delimiter = ',', default_value = "s3,file")]
     model_uri_schemes: Vec<String>,
     /// Seconds between checks of a job waiting for its Secret.
     #[arg(long, default_value_t = 10)]

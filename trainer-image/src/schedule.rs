@@ -1,5 +1,6 @@
-//! The learning rate at each optimiser step, as transformers' `get_scheduler` computes it:
-//! linear warm-up from 0, then cosine (half a cycle) or linear decay to 0, or constant.
+//! The learning rate at each optimiser step, as transformers' schedulers compute it: linear
+//! warm-up from 0, then cosine (half a cycle, `cosine`) or linear (`linear`) decay to 0, or
+//! constant (`constant` here is transformers' `constant_with_warmup`).
 
 use graft_api::Scheduler;
 

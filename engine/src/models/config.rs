@@ -32,6 +32,8 @@ pub struct HfConfig {
     #[serde(default)]
     pub attention_bias: Option<bool>,
     #[serde(default)]
+    pub mlp_bias: Option<bool>,
+    #[serde(default)]
     pub sliding_window: Option<usize>,
     #[serde(default)]
     pub use_sliding_window: Option<bool>,
@@ -104,10 +106,28 @@ impl TryFrom<HfConfig> for Config {
 
     fn try_from(hf: HfConfig) -> Result<Self, ConfigError> {
         let qkv_bias = match hf.model_type.as_str() {
-            "llama" | "mistral" => hf.attention_bias.unwrap_or(false),
+            "llama" | "mistral" => false,
             "qwen2" => true,
             other => return Err(ConfigError::Architecture(other.to_owned())),
         };
+        // Llama's attention_bias also biases o_proj; neither it nor mlp_bias is in any
+        // released Llama-family checkpoint Graft targets, so refuse rather than ignore them.
+        for (field, on) in [
+            ("attention_bias", hf.attention_bias),
+            ("mlp_bias", hf.mlp_bias),
+        ] {
+            if on == Some(true) && hf.model_type != "qwen2" {
+                return Err(ConfigError::Invalid(format!(
+                    "{field}: true is not supported"
+                )));
+            }
+        }
+        if hf.model_type == "qwen2" && hf.use_sliding_window == Some(true) {
+            return Err(ConfigError::Invalid(
+                "use_sliding_window: true is not supported for qwen2 (per-layer windows)"
+                    .to_owned(),
+            ));
+        }
         if hf.num_attention_heads == 0 || !hf.hidden_size.is_multiple_of(hf.num_attention_heads) {
             return Err(ConfigError::Invalid(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
@@ -149,9 +169,9 @@ impl TryFrom<HfConfig> for Config {
             }
             other => return Err(ConfigError::RopeType(other.to_owned())),
         };
-        // Qwen2 writes a window but only uses it with `use_sliding_window`.
+        // Qwen2 writes a window but only uses it with `use_sliding_window` (refused above).
         let sliding_window = match hf.model_type.as_str() {
-            "qwen2" if hf.use_sliding_window != Some(true) => None,
+            "qwen2" => None,
             _ => hf.sliding_window,
         };
         Ok(Self {

@@ -41,6 +41,10 @@ const IMMUTABLE_AFTER_START: &str = "!has(oldSelf.status) || !has(oldSelf.status
         .message("spec.baseModel, spec.dataset, spec.method, spec.training and spec.output are immutable once the job has started")
         .field_path(".spec")
         .reason(Reason::FieldValueForbidden),
+    // The name becomes the Job's name and a label value, both at most 63 characters.
+    validation = Rule::new("self.metadata.name.size() <= 63")
+        .message("metadata.name is at most 63 characters: it names the training Job and labels its pods")
+        .reason(Reason::FieldValueInvalid),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct FineTuneJobSpec {

@@ -23,6 +23,14 @@ pub struct ApplyError {
     source: kube::Error,
 }
 
+impl ApplyError {
+    /// The apiserver refused the object itself (400 bad request, 403 forbidden — e.g. by a
+    /// quota —, 422 invalid), as opposed to a conflict or an outage worth retrying.
+    pub fn is_refusal(&self) -> bool {
+        matches!(&self.source, kube::Error::Api(s) if matches!(s.code, 400 | 403 | 422))
+    }
+}
+
 /// Applies every child and returns the Job as the apiserver has it. Idempotent: applying the
 /// same children again changes nothing, and applying changed ones updates only the fields the
 /// operator owns.

@@ -81,6 +81,13 @@ impl Children {
             spec.suspend = Some(ftj.spec.suspend);
         }
         self.job.spec = Some(spec);
+        // Optimistic concurrency: if the Job changed since it was read (Kueue admitting it),
+        // the apply fails with a conflict and the next reconcile starts from the new state
+        // instead of writing back a stale `suspend`.
+        self.job
+            .metadata
+            .resource_version
+            .clone_from(&existing.metadata.resource_version);
     }
 }
 

@@ -42,6 +42,8 @@ use crate::{FIELD_MANAGER, conditions, metrics::Metrics};
 const CONTROLLER: &str = "finetunejob";
 /// The label every child carries, naming its FineTuneJob; pods inherit it from the Job template.
 const JOB_LABEL: &str = "graft.dev/finetunejob";
+/// How soon a job whose objects the apiserver refused is tried again (a quota may free up).
+const REFUSED_RETRY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -172,6 +174,13 @@ async fn reconcile_in(
     );
     let now = Timestamp::now();
 
+    // A finished job is final: its outcome was recorded when its Job ended, and pods or the
+    // Job disappearing later (pod GC, a node scaled down, a deleted Job) must not rewrite it,
+    // nor may a missing Job be recreated (that would train again).
+    if finished {
+        return Ok(Action::await_change());
+    }
+
     let (next, action) = match existing {
         Some(job) if !is_owned_by(&job, ftj) => {
             let blocked = validate::Blocked {
@@ -186,10 +195,6 @@ async fn reconcile_in(
                 Action::requeue(ctx.settings.blocked_retry),
             )
         }
-        // A finished job whose Job was deleted stays finished: recreating the Job would
-        // train again.
-        None if finished => return Ok(Action::await_change()),
-        Some(job) if finished => (observe(ctx, ftj, &job, now).await?, Action::await_change()),
         // Inputs are checked before the Job exists only: a Secret deleted mid-run doesn't
         // stop a pod that already read it.
         None => {
@@ -204,16 +209,10 @@ async fn reconcile_in(
                         Action::requeue(ctx.settings.blocked_retry),
                     )
                 }
-                Ok(()) => (
-                    apply_and_observe(ctx, ftj, None, now).await?,
-                    Action::await_change(),
-                ),
+                Ok(()) => apply_and_observe(ctx, ftj, None, now).await?,
             }
         }
-        Some(job) => (
-            apply_and_observe(ctx, ftj, Some(&job), now).await?,
-            Action::await_change(),
-        ),
+        Some(job) => apply_and_observe(ctx, ftj, Some(&job), now).await?,
     };
 
     let current = status::operator_part(ftj);
@@ -229,13 +228,28 @@ async fn apply_and_observe(
     ftj: &FineTuneJob,
     existing: Option<&Job>,
     now: Timestamp,
-) -> Result<FineTuneJobStatus, Error> {
+) -> Result<(FineTuneJobStatus, Action), Error> {
     let mut children = build(ftj, &ctx.settings.trainer)?;
     if let Some(job) = existing {
         children.keep_job_spec_of(job, ftj);
     }
-    let job = apply_children(&ctx.client, &children).await?;
-    observe(ctx, ftj, &job, now).await
+    let job = match apply_children(&ctx.client, &children).await {
+        Ok(job) => job,
+        // The apiserver refused an object (invalid, forbidden by quota or policy): retrying
+        // soon won't help, and the user must see why.
+        Err(e) if e.is_refusal() => {
+            let blocked = validate::Blocked {
+                reason: conditions::APPLY_REFUSED,
+                message: e.to_string(),
+            };
+            return Ok((
+                status::blocked(ftj, &blocked, now),
+                Action::requeue(REFUSED_RETRY),
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    Ok((observe(ctx, ftj, &job, now).await?, Action::await_change()))
 }
 
 async fn observe(
@@ -246,7 +260,11 @@ async fn observe(
 ) -> Result<FineTuneJobStatus, Error> {
     let namespace = ftj.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-    let selector = format!("{JOB_LABEL}={}", ftj.name_any());
+    // This Job's pods only, not those of an earlier Job of the same name.
+    let selector = format!(
+        "batch.kubernetes.io/controller-uid={}",
+        job.metadata.uid.as_deref().unwrap_or_default()
+    );
     let pods = pods
         .list(&ListParams::default().labels(&selector))
         .await

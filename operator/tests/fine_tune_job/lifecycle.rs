@@ -6,7 +6,7 @@ use std::time::Duration;
 use graft_api::{FineTuneJob, FineTuneJobPhase::*};
 use graft_operator::{conditions, fine_tune_job::QUEUE_LABEL};
 use graft_testenv::eventually;
-use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::{batch::v1::Job, core::v1::Pod};
 use kube::{
     Api,
     api::{DeleteParams, Patch, PatchParams},
@@ -15,8 +15,8 @@ use serde_json::{Value, json};
 
 use crate::support::{
     SECRET, WAIT, assert_children_removed, condition, create, create_secret, events_of, get,
-    http_get, jobs_of, live_pod, manifest, phase, report_progress, set_pod_running,
-    set_pod_terminated, setup, start_operator, wait_for_phase,
+    http_get, jobs_of, live_pod, manifest, phase, reconciles, report_progress, set_pod_running,
+    set_pod_terminated, setup, start_operator, wait_for_phase, wait_for_reconciles,
 };
 
 #[tokio::test]
@@ -75,6 +75,20 @@ async fn a_job_runs_reports_progress_and_succeeds_with_its_adapter() {
     let progress = status.progress.expect("the trainer's progress survives");
     assert_eq!(progress.step, 42);
 
+    // Pods go (pod GC, a node scaled down): a finished job stays as it finished.
+    let before = reconciles(operator.port()).await;
+    Api::<Pod>::namespaced(client.clone(), &ns)
+        .delete(&pod, &DeleteParams::default())
+        .await
+        .expect("deleting the pod");
+    wait_for_reconciles(operator.port(), before, 1).await;
+    let later = get(&client, &ns, "tiny").await;
+    assert_eq!(phase(&later), Some(Succeeded));
+    assert_eq!(
+        later.status.and_then(|s| s.adapter),
+        status_adapter_again(&done)
+    );
+
     let events = events_of(&client, &ns, "tiny").await;
     for reason in ["Pending", "Running", "Succeeded"] {
         assert!(
@@ -84,6 +98,10 @@ async fn a_job_runs_reports_progress_and_succeeds_with_its_adapter() {
     }
     assert_operator_endpoints(operator.port()).await;
     assert_json_logs_name_the_object(&operator.log(), &ns, "tiny");
+}
+
+fn status_adapter_again(ftj: &FineTuneJob) -> Option<graft_api::AdapterArtifact> {
+    ftj.status.as_ref().and_then(|s| s.adapter.clone())
 }
 
 async fn assert_operator_endpoints(port: u16) {
@@ -197,10 +215,11 @@ async fn suspend_stops_the_pod_resume_starts_one_and_delete_cascades() {
     // The image may change on a started job (for its next run), but the running Job's pod
     // template is immutable: the operator keeps it and goes on reconciling.
     let image = json!({"spec": {"image": "ghcr.io/graft-dev/graft-trainer:newer"}});
+    let before = reconciles(operator.port()).await;
     api.patch("pausable", &PatchParams::default(), &Patch::Merge(image))
         .await
         .expect("changing the image");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_for_reconciles(operator.port(), before, 1).await;
     assert!(
         !operator.log().contains("reconcile failed"),
         "{}",

@@ -9,6 +9,7 @@ use graft_testenv::eventually;
 use crate::support::{
     SECRET, WAIT, create, create_secret, get, http_get, jobs_of, live_pod, manifest,
     report_progress, set_pod_running, set_pod_terminated, setup, start_operator, wait_for_phase,
+    wait_for_reconciles,
 };
 
 async fn leading(port: u16) -> bool {
@@ -55,8 +56,8 @@ async fn a_killed_leader_is_replaced_without_a_second_job_or_lost_status() {
         leading(standby.port()).await
     })
     .await;
-    // The new leader reconciles everything it finds; give it a moment to have done so.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The new leader reconciles what it finds; check after it has.
+    wait_for_reconciles(standby.port(), 0, 1).await;
     let jobs = jobs_of(&client, &ns, "durable").await;
     assert_eq!(jobs.len(), 1, "no second Job");
     assert_eq!(jobs[0].metadata.uid, job_uid, "the same Job");

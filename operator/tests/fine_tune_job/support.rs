@@ -304,6 +304,25 @@ pub async fn http_get(port: u16, path: &str) -> (u16, String) {
     (code, body)
 }
 
+/// The operator's `graft_reconciles_total` for FineTuneJobs.
+pub async fn reconciles(port: u16) -> u64 {
+    let (_, metrics) = http_get(port, "/metrics").await;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"graft_reconciles_total{controller="finetunejob"} "#))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits until the operator has run `more` reconciles beyond `since` — so that a check made
+/// afterwards sees what the operator did, not what it had yet to do.
+pub async fn wait_for_reconciles(port: u16, since: u64, more: u64) {
+    eventually("the operator to reconcile", WAIT, async || {
+        reconciles(port).await >= since + more
+    })
+    .await;
+}
+
 /// Waits until the garbage collector has removed every child of `name`.
 pub async fn assert_children_removed(client: &Client, ns: &str, name: &str) {
     let jobs: Api<Job> = Api::namespaced(client.clone(), ns);

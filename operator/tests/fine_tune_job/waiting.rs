@@ -7,7 +7,7 @@ use std::time::Duration;
 use graft_api::FineTuneJobPhase::*;
 use graft_operator::conditions;
 use graft_testenv::eventually;
-use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::{batch::v1::Job, core::v1::ResourceQuota};
 use kube::{
     Api,
     api::{DeleteParams, PostParams},
@@ -115,4 +115,53 @@ async fn a_disabled_model_scheme_or_a_taken_job_name_blocks_with_the_reason() {
         })
     })
     .await;
+}
+
+#[tokio::test]
+async fn objects_the_apiserver_refuses_are_reported_on_the_job() {
+    let (cp, client) = setup().await;
+    let ns = cp.namespace("ftj-quota").await;
+    create_secret(&client, &ns, "s3-credentials").await;
+    // A namespace allowed no Jobs at all.
+    let quotas: Api<ResourceQuota> = Api::namespaced(client.clone(), &ns);
+    let quota: ResourceQuota = serde_json::from_value(json!({
+        "metadata": {"name": "no-jobs"},
+        "spec": {"hard": {"count/jobs.batch": "0"}},
+    }))
+    .expect("a ResourceQuota");
+    quotas
+        .create(&PostParams::default(), &quota)
+        .await
+        .expect("creating the quota");
+    eventually(
+        "the quota controller to account the quota",
+        WAIT,
+        async || {
+            quotas.get("no-jobs").await.is_ok_and(|q| {
+                q.status
+                    .and_then(|s| s.hard)
+                    .is_some_and(|h| h.contains_key("count/jobs.batch"))
+            })
+        },
+    )
+    .await;
+    let _operator = start_operator(cp, &ns, &[]).await;
+    create(&client, &ns, &manifest("over-quota", "s3-credentials")).await;
+
+    let api: Api<graft_api::FineTuneJob> = Api::namespaced(client.clone(), &ns);
+    eventually("the ApplyRefused condition", WAIT, async || {
+        api.get("over-quota").await.is_ok_and(|f| {
+            condition(&f, conditions::READY).is_some_and(|c| c.1 == conditions::APPLY_REFUSED)
+        })
+    })
+    .await;
+    let message = condition(&get(&client, &ns, "over-quota").await, conditions::READY)
+        .expect("Ready")
+        .2;
+    assert!(message.contains("exceeded quota"), "{message}");
+    assert!(
+        events_of(&client, &ns, "over-quota")
+            .await
+            .contains(&("Warning".to_owned(), "Waiting".to_owned()))
+    );
 }

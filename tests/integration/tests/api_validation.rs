@@ -131,6 +131,20 @@ async fn rank_zero_is_rejected_naming_the_field() {
 }
 
 #[tokio::test]
+async fn a_name_longer_than_a_job_name_may_be_is_rejected() {
+    let (client, ns) = setup("ftj-name").await;
+    let long = "a".repeat(64);
+    let message = rejected(&dynamic_api::<FineTuneJob>(&client, &ns), valid_job(&long)).await;
+    assert_names(&message, &["metadata.name", "at most 63 characters"]);
+    let fits = "b".repeat(63);
+    let object: DynamicObject = serde_json::from_value(valid_job(&fits)).expect("manifest");
+    dynamic_api::<FineTuneJob>(&client, &ns)
+        .create(&PostParams::default(), &object)
+        .await
+        .expect("63 characters fit");
+}
+
+#[tokio::test]
 async fn non_positive_alpha_and_learning_rate_are_rejected() {
     let (client, ns) = setup("ftj-positive").await;
     let mut job = valid_job("alpha-zero");
