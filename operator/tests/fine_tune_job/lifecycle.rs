@@ -76,11 +76,20 @@ async fn a_job_runs_reports_progress_and_succeeds_with_its_adapter() {
     assert_eq!(progress.step, 42);
 
     // Pods go (pod GC, a node scaled down): a finished job stays as it finished.
-    let before = reconciles(operator.port()).await;
-    Api::<Pod>::namespaced(client.clone(), &ns)
-        .delete(&pod, &DeleteParams::default())
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    pods.delete(&pod, &DeleteParams::default())
         .await
         .expect("deleting the pod");
+    eventually("the pod to be gone", WAIT, async || {
+        pods.get_opt(&pod).await.is_ok_and(|p| p.is_none())
+    })
+    .await;
+    let before = reconciles(operator.port()).await;
+    let touch = json!({"metadata": {"annotations": {"example.com/touched": "yes"}}});
+    Api::<FineTuneJob>::namespaced(client.clone(), &ns)
+        .patch("tiny", &PatchParams::default(), &Patch::Merge(touch))
+        .await
+        .expect("touching the job");
     wait_for_reconciles(operator.port(), before, 1).await;
     let later = get(&client, &ns, "tiny").await;
     assert_eq!(phase(&later), Some(Succeeded));
