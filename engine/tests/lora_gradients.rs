@@ -1,22 +1,17 @@
 //! Gradients reach every adapter through the whole model (no fused op cuts them), and they are
 //! the true derivatives: the analytic gradient of one B entry equals a finite difference.
 
-use std::path::Path;
+mod common;
 
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{Device, Result, Tensor, Var};
 use graft_engine::{
     lora::Lora,
-    models::{Config, Llama, Precision, Site, load_weights},
+    models::{Llama, Precision, Site},
     rng::Rng,
 };
 
 fn model(precision: Precision) -> Llama {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tiny/llama");
-    let config =
-        Config::from_json(&std::fs::read_to_string(dir.join("config.json")).expect("config"))
-            .expect("config parses");
-    let vb = load_weights(&dir, DType::F32, &Device::Cpu).expect("weights");
-    Llama::load(&vb, &config, precision).expect("model")
+    common::model("llama", precision)
 }
 
 /// Puts a LoRA with random A and B (B non-zero, so A gets a gradient too) on every site.

@@ -1,12 +1,10 @@
 //! `crds/` and the chart's `crds/` must hold exactly what `graft-operator crd` prints, so the
 //! schema users install is the schema the code validates against.
 
-use std::path::PathBuf;
-
 #[test]
 fn committed_crds_match_the_api_types() {
     let expected = graft_api::crds_yaml().expect("serialising the CRDs");
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = graft_testenv::repo_root();
     for file in ["crds/graft.yaml", "charts/graft/crds/graft.yaml"] {
         let committed = std::fs::read_to_string(root.join(file)).unwrap_or_default();
         assert!(

@@ -7,11 +7,12 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use graft_engine::models::{Config, Llama, Precision, load_weights};
 
-/// `engine/tests/data/tiny/<name>`.
+/// `engine/tests/data/tiny/<name>`. The directory is read at run time, not baked in with `env!`:
+/// a shared, cached target directory may hold a binary compiled in another checkout.
 pub fn tiny(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/tiny")
-        .join(name)
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .expect("CARGO_MANIFEST_DIR is set: run tests through cargo");
+    Path::new(&manifest_dir).join("tests/data/tiny").join(name)
 }
 
 pub fn config(name: &str) -> Config {

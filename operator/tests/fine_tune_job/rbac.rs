@@ -1,8 +1,6 @@
 //! The operator running with exactly the rights the Helm chart grants its ServiceAccount:
 //! everything a FineTuneJob needs works, and nothing is refused.
 
-use std::path::Path;
-
 use graft_api::FineTuneJobPhase::*;
 use graft_operator::conditions;
 use graft_testenv::{ControlPlane, unique_name};
@@ -30,7 +28,7 @@ async fn the_charts_service_account_may_do_everything_a_job_needs() {
     let (cp, client) = setup().await;
     let system = cp.namespace("graft-system").await;
     let release = unique_name("rbac");
-    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/graft");
+    let chart = graft_testenv::repo_root().join("charts/graft");
     let chart = chart.to_str().expect("a UTF-8 path");
     helm(cp, &["install", &release, chart, "--namespace", &system]);
     let account = format!("system:serviceaccount:{system}:{release}-graft-operator");

@@ -387,7 +387,7 @@ async fn kubectl_shows_short_names_and_printer_columns_from_the_status_subresour
 #[tokio::test]
 async fn shipped_examples_pass_server_side_validation() {
     let (_client, ns) = setup("examples").await;
-    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let examples = graft_testenv::repo_root().join("examples");
     let mut files: Vec<_> = std::fs::read_dir(&examples)
         .expect("examples/")
         .map(|e| e.expect("entry").path())

@@ -20,7 +20,7 @@ use k8s_openapi::{
 use kube::Api;
 
 fn chart() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../charts/graft")
+    graft_testenv::repo_root().join("charts/graft")
 }
 
 fn run(mut command: Command) -> Output {

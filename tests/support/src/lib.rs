@@ -18,6 +18,19 @@ pub use daemon::{Daemon, eventually};
 pub use s3::S3Server;
 pub use tools::tool;
 
+/// The repository's root. Read at run time (cargo sets `CARGO_MANIFEST_DIR` for every test
+/// process) rather than baked in with `env!`: a shared, cached target directory may hold a test
+/// binary compiled in another checkout of the same commit.
+pub fn repo_root() -> std::path::PathBuf {
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .expect("CARGO_MANIFEST_DIR is set: run tests through cargo");
+    std::path::Path::new(&manifest_dir)
+        .ancestors()
+        .find(|dir| dir.join("Cargo.lock").is_file())
+        .expect("the package lies inside the workspace")
+        .to_path_buf()
+}
+
 /// A name unique within this test run, for namespaces and buckets.
 pub fn unique_name(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
