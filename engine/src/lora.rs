@@ -17,6 +17,25 @@ pub fn scaling(alpha: f64, rank: usize, use_rslora: bool) -> f64 {
     }
 }
 
+/// Inverted dropout's mask for an input of `shape`: `1 / (1 - p)` where kept, 0 where dropped,
+/// drawn from `seed` alone so the same seed always gives the same mask.
+pub fn dropout_mask(
+    shape: &[usize],
+    p: f64,
+    seed: u64,
+    device: &Device,
+    dtype: DType,
+) -> Result<Tensor> {
+    let mut rng = Rng::seed(seed);
+    #[allow(clippy::cast_possible_truncation)]
+    let (p, keep) = (p as f32, (1.0 / (1.0 - p)) as f32);
+    let len = shape.iter().product();
+    let mask: Vec<f32> = (0..len)
+        .map(|_| if rng.next_f32() < p { 0.0 } else { keep })
+        .collect();
+    Tensor::from_vec(mask, shape, device)?.to_dtype(dtype)
+}
+
 /// One adapter's A and B for one projection.
 #[derive(Clone, Debug)]
 pub struct Lora {
@@ -137,6 +156,25 @@ mod tests {
         let plain = base.forward(&x)?;
         let adapted = LoraLinear::new(base, Some(lora)).forward(&x)?;
         assert_eq!(plain.to_vec2::<f32>()?, adapted.to_vec2::<f32>()?);
+        Ok(())
+    }
+
+    #[test]
+    fn dropout_masks_are_seeded_and_keep_the_expected_share() -> Result<()> {
+        let mask = |seed| dropout_mask(&[4, 1000], 0.25, seed, &Device::Cpu, DType::F32);
+        let values = mask(9)?.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(values, mask(9)?.flatten_all()?.to_vec1::<f32>()?);
+        assert_ne!(values, mask(10)?.flatten_all()?.to_vec1::<f32>()?);
+        let kept = values.iter().filter(|&&v| v != 0.0).count();
+        assert!(
+            (2850..3150).contains(&kept),
+            "{kept} of 4000 kept at p = 0.25"
+        );
+        assert!(
+            values
+                .iter()
+                .all(|&v| v == 0.0 || (v - 4.0 / 3.0).abs() < 1e-6)
+        );
         Ok(())
     }
 

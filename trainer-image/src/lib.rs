@@ -1,5 +1,10 @@
-//! The pieces of `graft-trainer` that are not the command line: dataset, optimiser, schedule.
+//! The pieces of `graft-trainer` that are not the command line.
 
+pub mod adapters;
+pub mod backward;
+pub mod checkpoint;
 pub mod dataset;
+pub mod loss;
 pub mod optim;
 pub mod schedule;
+pub mod train;

@@ -2,7 +2,7 @@
 //! with its state in plain tensors so a checkpoint can store and restore it exactly, and
 //! gradient clipping by global norm as `torch.nn.utils.clip_grad_norm_`.
 
-use candle_core::{Result, Tensor, Var, backprop::GradStore};
+use candle_core::{Result, Tensor, Var};
 
 #[derive(Clone, Copy, Debug)]
 pub struct AdamWParams {
@@ -51,16 +51,17 @@ impl AdamW {
         self.steps
     }
 
-    /// One update at learning rate `lr`. Vars without a gradient are left alone.
-    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+    /// One update at learning rate `lr`, with `grads[i]` the gradient of the `i`-th var.
+    /// Vars without a gradient are left alone.
+    pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
         self.steps += 1;
         let p = self.params;
         #[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
         let t = self.steps as i32;
         let correction1 = 1.0 - p.beta1.powi(t);
         let correction2 = 1.0 - p.beta2.powi(t);
-        for (var, (m, v)) in self.vars.iter().zip(self.moments.iter_mut()) {
-            let Some(grad) = grads.get(var.as_tensor()) else {
+        for ((var, (m, v)), grad) in self.vars.iter().zip(self.moments.iter_mut()).zip(grads) {
+            let Some(grad) = grad else {
                 continue;
             };
             *m = ((&*m * p.beta1)? + (grad * (1.0 - p.beta1))?)?;
@@ -93,27 +94,23 @@ impl AdamW {
     }
 }
 
-/// Scales the gradients of `vars` so their global L2 norm is at most `max_norm`; returns the
-/// norm before clipping. torch's factor: `max_norm / (norm + 1e-6)`, applied when below 1.
-pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<f64> {
+/// Scales `grads` so their global L2 norm is at most `max_norm`; returns the norm before
+/// clipping. torch's factor: `max_norm / (norm + 1e-6)`, applied when below 1.
+pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
     let mut total = 0f64;
-    for var in vars {
-        if let Some(g) = grads.get(var.as_tensor()) {
-            total += f64::from(
-                g.sqr()?
-                    .sum_all()?
-                    .to_dtype(candle_core::DType::F32)?
-                    .to_scalar::<f32>()?,
-            );
-        }
+    for g in grads.iter().flatten() {
+        total += f64::from(
+            g.sqr()?
+                .sum_all()?
+                .to_dtype(candle_core::DType::F32)?
+                .to_scalar::<f32>()?,
+        );
     }
     let norm = total.sqrt();
     let factor = max_norm / (norm + 1e-6);
     if factor < 1.0 {
-        for var in vars {
-            if let Some(g) = grads.remove(var.as_tensor()) {
-                grads.insert(var.as_tensor(), (g * factor)?);
-            }
+        for g in grads.iter_mut().flatten() {
+            *g = (&*g * factor)?;
         }
     }
     Ok(norm)
@@ -125,10 +122,11 @@ mod tests {
 
     use super::*;
 
-    fn grads_for(var: &Var, grad: &[f32]) -> Result<GradStore> {
+    fn grads_for(var: &Var, grad: &[f32]) -> Result<Vec<Option<Tensor>>> {
         // A loss whose gradient with respect to `var` is exactly `grad`: sum(var · grad).
         let g = Tensor::new(grad, &Device::Cpu)?;
-        (var.as_tensor() * g)?.sum_all()?.backward()
+        let store = (var.as_tensor() * g)?.sum_all()?.backward()?;
+        Ok(vec![store.get(var.as_tensor()).cloned()])
     }
 
     /// Reference: torch 2.15 `torch.optim.AdamW([p], lr=0.1, betas=(0.9, 0.999), eps=1e-8,
@@ -158,9 +156,9 @@ mod tests {
     fn clipping_scales_to_the_max_norm_like_torch() -> Result<()> {
         let var = Var::new(&[0.0f32, 0.0], &Device::Cpu)?;
         let mut grads = grads_for(&var, &[3.0, 4.0])?;
-        let norm = clip_grad_norm(&mut grads, std::slice::from_ref(&var), 1.0)?;
+        let norm = clip_grad_norm(&mut grads, 1.0)?;
         assert!((norm - 5.0).abs() < 1e-6);
-        let clipped = grads.get(var.as_tensor()).expect("grad").to_vec1::<f32>()?;
+        let clipped = grads[0].as_ref().expect("grad").to_vec1::<f32>()?;
         assert!(
             (clipped[0] - 0.6).abs() < 1e-6 && (clipped[1] - 0.8).abs() < 1e-6,
             "{clipped:?}"

@@ -8,8 +8,9 @@ use candle_nn::VarBuilder;
 use super::config::{Config, Rope};
 use crate::{
     linear::{FrozenLinear, FrozenWeight},
-    lora::{Lora, LoraLinear},
+    lora::{Lora, LoraLinear, dropout_mask},
     ops::{apply_rotary, rms_norm, softmax_last_dim},
+    rng::Rng,
 };
 
 /// How the frozen projections are stored.
@@ -71,6 +72,30 @@ impl Site {
     }
 }
 
+/// Dropout on the adapters' inputs while training, as PEFT applies it (each adapter its own
+/// mask). The masks are a function of the seed, the layer and the site, so a layer recomputed
+/// in the backward pass, or replayed after a resume, sees the same masks.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Dropout {
+    pub p: f64,
+    pub seed: u64,
+}
+
+impl Dropout {
+    fn mask(self, layer: usize, site: Site, x: &Tensor) -> Result<Tensor> {
+        let stream = Rng::seed(self.seed ^ ((layer as u64) << 8 | site as u64)).next_u64();
+        dropout_mask(x.dims(), self.p, stream, x.device(), x.dtype())
+    }
+}
+
+/// Per-sequence-length tables shared by every layer: rotary `cos`/`sin` and the causal mask.
+#[derive(Clone, Debug)]
+pub struct Positions {
+    cos: Tensor,
+    sin: Tensor,
+    mask: Tensor,
+}
+
 #[derive(Clone, Debug)]
 struct Block {
     input_norm: Tensor,
@@ -119,6 +144,10 @@ impl Llama {
         &self.config
     }
 
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
     /// `(out, in)` of a projection.
     pub fn site_shape(&self, site: Site) -> (usize, usize) {
         let c = &self.config;
@@ -144,59 +173,83 @@ impl Llama {
 
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]` (u32).
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
-        let (batch, seq) = input_ids.dims2()?;
-        let mut h = self
-            .embed_tokens
-            .index_select(&input_ids.flatten_all()?, 0)?
-            .reshape((batch, seq, self.config.hidden_size))?;
-        let (cos, sin) = self.rotary_tables(seq, h.device())?;
-        let mask = causal_mask(seq, self.config.sliding_window, h.device())?;
-        for block in &self.layers {
-            h = self.block_forward(block, &h, &cos, &sin, &mask)?;
+        let mut h = self.embed(input_ids)?;
+        let positions = self.positions(input_ids.dim(1)?, h.device())?;
+        for layer in 0..self.layers.len() {
+            h = self.layer(layer, &h, &positions, None)?;
         }
-        let h = rms_norm(&h, &self.norm, self.config.rms_norm_eps)?;
-        self.lm_head.forward(&h)
+        self.head(&h)
     }
 
-    fn block_forward(
+    /// Hidden states `[batch, seq, hidden]` for token ids `[batch, seq]`.
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (batch, seq) = input_ids.dims2()?;
+        self.embed_tokens
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((batch, seq, self.config.hidden_size))
+    }
+
+    /// The rotary tables and causal mask for sequences of `seq` tokens, shared by every layer.
+    pub fn positions(&self, seq: usize, device: &Device) -> Result<Positions> {
+        let (cos, sin) = self.rotary_tables(seq, device)?;
+        let mask = causal_mask(seq, self.config.sliding_window, device)?;
+        Ok(Positions { cos, sin, mask })
+    }
+
+    /// Decoder layer `index`. The trainer calls it one layer at a time to recompute layers
+    /// in the backward pass instead of keeping every layer's activations.
+    pub fn layer(
         &self,
-        block: &Block,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
+        index: usize,
+        h: &Tensor,
+        positions: &Positions,
+        dropout: Option<Dropout>,
     ) -> Result<Tensor> {
+        let block = &self.layers[index];
         let eps = self.config.rms_norm_eps;
+        let project = |site: Site, x: &Tensor| {
+            let projection = &block.projections[site as usize];
+            match dropout {
+                Some(d) if projection.lora().is_some() && d.p > 0.0 => {
+                    let mask = d.mask(index, site, x)?;
+                    projection.forward_with_dropout(x, Some(&mask))
+                }
+                _ => projection.forward(x),
+            }
+        };
         let attended =
-            self.attention(block, &rms_norm(x, &block.input_norm, eps)?, cos, sin, mask)?;
-        let x = (x + attended)?;
+            self.attention(&rms_norm(h, &block.input_norm, eps)?, positions, &project)?;
+        let x = (h + attended)?;
         let normed = rms_norm(&x, &block.post_attention_norm, eps)?;
-        let p = |site: Site| &block.projections[site as usize];
-        let gate = p(Site::GateProj).forward(&normed)?;
-        let up = p(Site::UpProj).forward(&normed)?;
-        let mlp = p(Site::DownProj).forward(&(silu(&gate)? * up)?)?;
+        let gate = project(Site::GateProj, &normed)?;
+        let up = project(Site::UpProj, &normed)?;
+        let mlp = project(Site::DownProj, &(silu(&gate)? * up)?)?;
         x + mlp
+    }
+
+    /// The final norm and the LM head: logits for hidden states.
+    pub fn head(&self, h: &Tensor) -> Result<Tensor> {
+        let h = rms_norm(h, &self.norm, self.config.rms_norm_eps)?;
+        self.lm_head.forward(&h)
     }
 
     fn attention(
         &self,
-        block: &Block,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
+        positions: &Positions,
+        project: &dyn Fn(Site, &Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let cfg = &self.config;
         let (batch, seq, _) = x.dims3()?;
-        let proj = |site: Site| &block.projections[site as usize];
         let heads = |t: Tensor, n: usize| {
             t.reshape((batch, seq, n, cfg.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = heads(proj(Site::QProj).forward(x)?, cfg.num_heads)?;
-        let k = heads(proj(Site::KProj).forward(x)?, cfg.num_kv_heads)?;
-        let v = heads(proj(Site::VProj).forward(x)?, cfg.num_kv_heads)?;
+        let q = heads(project(Site::QProj, x)?, cfg.num_heads)?;
+        let k = heads(project(Site::KProj, x)?, cfg.num_kv_heads)?;
+        let v = heads(project(Site::VProj, x)?, cfg.num_kv_heads)?;
+        let (cos, sin) = (&positions.cos, &positions.sin);
         let q = apply_rotary(&q, cos, sin)?;
         let k = repeat_kv(
             &apply_rotary(&k, cos, sin)?,
@@ -207,14 +260,14 @@ impl Llama {
         let scale = 1.0 / (cfg.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?
             .to_dtype(DType::F32)?
-            .broadcast_add(mask)?;
+            .broadcast_add(&positions.mask)?;
         let probs = softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((
             batch,
             seq,
             cfg.num_heads * cfg.head_dim,
         ))?;
-        proj(Site::OProj).forward(&out)
+        project(Site::OProj, &out)
     }
 
     /// `cos`, `sin` `[seq, head_dim]` in f32, as transformers builds them.

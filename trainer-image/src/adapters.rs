@@ -1,0 +1,121 @@
+//! The trainable adapters: one LoRA A/B pair per (layer, target site), as candle `Var`s that
+//! the model's LoRA layers share storage with, so an optimizer step is seen by the next forward.
+
+use candle_core::{Device, Result, Tensor, Var};
+use graft_engine::{
+    lora::{Lora, scaling},
+    models::{Llama, Site},
+    peft::{Adapter, AdapterConfig},
+    rng::Rng,
+};
+
+/// One adapted projection.
+#[derive(Debug)]
+pub struct Pair {
+    pub layer: usize,
+    pub site: Site,
+    pub a: Var,
+    pub b: Var,
+}
+
+#[derive(Debug)]
+pub struct Adapters {
+    pub pairs: Vec<Pair>,
+    pub config: AdapterConfig,
+}
+
+impl Adapters {
+    /// Fresh adapters on every layer's `sites`, initialised as PEFT does (A uniform, B zero),
+    /// drawn in the model's module order from `seed`.
+    pub fn attach(
+        model: &mut Llama,
+        config: AdapterConfig,
+        sites: &[Site],
+        seed: u64,
+    ) -> Result<Self> {
+        let mut rng = Rng::seed(seed);
+        let scale = scaling(config.lora_alpha, config.r, config.use_rslora);
+        let device = Device::Cpu;
+        let mut pairs = Vec::new();
+        for layer in 0..model.num_layers() {
+            for &site in Site::ALL.iter().filter(|s| sites.contains(s)) {
+                let lora = Lora::init(config.r, model.site_shape(site), scale, &mut rng, &device)?;
+                pairs.push(Pair {
+                    layer,
+                    site,
+                    a: Var::from_tensor(&lora.a)?,
+                    b: Var::from_tensor(&lora.b)?,
+                });
+            }
+        }
+        let adapters = Self { pairs, config };
+        adapters.install(model, scale);
+        Ok(adapters)
+    }
+
+    fn install(&self, model: &mut Llama, scale: f64) {
+        for pair in &self.pairs {
+            let lora = Lora {
+                a: pair.a.as_tensor().clone(),
+                b: pair.b.as_tensor().clone(),
+                scale,
+            };
+            model.set_lora(pair.layer, pair.site, Some(lora));
+        }
+    }
+
+    /// Every trainable tensor, A then B for each pair, in a fixed order (the optimizer's).
+    pub fn vars(&self) -> Vec<Var> {
+        self.pairs
+            .iter()
+            .flat_map(|p| [p.a.clone(), p.b.clone()])
+            .collect()
+    }
+
+    pub fn trainable_parameters(&self) -> u64 {
+        self.pairs
+            .iter()
+            .map(|p| (p.a.elem_count() + p.b.elem_count()) as u64)
+            .sum()
+    }
+
+    /// Overwrites the weights with `adapter`'s (a checkpoint of this same run).
+    pub fn load(&self, adapter: &Adapter) -> Result<()> {
+        for pair in &self.pairs {
+            let Some(saved) = adapter.weights.get(&(pair.layer, pair.site)) else {
+                candle_core::bail!(
+                    "the checkpoint has no adapter for {} of layer {}",
+                    pair.site.name(),
+                    pair.layer
+                );
+            };
+            pair.a.set(&saved.a)?;
+            pair.b.set(&saved.b)?;
+        }
+        Ok(())
+    }
+
+    /// A snapshot in PEFT's form (detached copies, so later steps do not change it).
+    pub fn snapshot(&self) -> Result<Adapter> {
+        let scale = self.config.scale();
+        let copy = |v: &Var| -> Result<Tensor> { v.as_tensor().detach().copy() };
+        let weights = self
+            .pairs
+            .iter()
+            .map(|p| {
+                Ok((
+                    (p.layer, p.site),
+                    Lora {
+                        a: copy(&p.a)?,
+                        b: copy(&p.b)?,
+                        scale,
+                    },
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Adapter {
+            config: self.config.clone(),
+            weights,
+        })
+    }
+}

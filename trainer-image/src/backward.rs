@@ -1,0 +1,132 @@
+//! Loss and adapter gradients of one micro-batch, either from one graph over the whole model
+//! or with layer-wise recomputation (gradient checkpointing): the forward pass keeps only each
+//! layer's input, and the backward pass rebuilds one layer's graph at a time, so activation
+//! memory is one layer's instead of all of them.
+//!
+//! Candle has no checkpointing, so recomputation chains per-layer backward passes by hand: with
+//! `g` the gradient of the loss with respect to a layer's output `y`, backpropagating the scalar
+//! `sum(y · g)` (with `g` constant) gives the layer's parameter gradients and its input gradient.
+
+use candle_core::{Result, Tensor, Var, backprop::GradStore};
+use graft_engine::models::{Dropout, Llama};
+
+use crate::loss::nll_sum;
+
+/// Token ids and label weights of a micro-batch, right-padded to one length.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    /// `[batch, seq]`, u32.
+    pub ids: Tensor,
+    /// `[batch, seq]`, f32: 1 where the token is learned, 0 for prompt tokens and padding.
+    pub labels: Tensor,
+    /// Number of learned tokens (the ones in `labels` after the first column).
+    pub label_tokens: usize,
+    /// Non-padding tokens, for throughput figures.
+    pub tokens: usize,
+}
+
+/// Loss of a micro-batch divided by `denominator`, and its gradient for each of `vars`
+/// (`None` where a var got none).
+#[derive(Debug)]
+pub struct MicroStep {
+    pub loss_sum: f32,
+    pub grads: Vec<Option<Tensor>>,
+}
+
+pub fn micro_step(
+    model: &Llama,
+    vars: &[Var],
+    batch: &Batch,
+    denominator: f64,
+    dropout: Option<Dropout>,
+    recompute: bool,
+) -> Result<MicroStep> {
+    if recompute {
+        recomputed(model, vars, batch, denominator, dropout)
+    } else {
+        whole_graph(model, vars, batch, denominator, dropout)
+    }
+}
+
+fn whole_graph(
+    model: &Llama,
+    vars: &[Var],
+    batch: &Batch,
+    denominator: f64,
+    dropout: Option<Dropout>,
+) -> Result<MicroStep> {
+    let mut h = model.embed(&batch.ids)?;
+    let positions = model.positions(batch.ids.dim(1)?, h.device())?;
+    for layer in 0..model.num_layers() {
+        h = model.layer(layer, &h, &positions, dropout)?;
+    }
+    let loss_sum = nll_sum(&model.head(&h)?, &batch.ids, &batch.labels)?;
+    let grads = (&loss_sum / denominator)?.backward()?;
+    Ok(MicroStep {
+        loss_sum: loss_sum.to_scalar()?,
+        grads: take(&grads, vars),
+    })
+}
+
+fn recomputed(
+    model: &Llama,
+    vars: &[Var],
+    batch: &Batch,
+    denominator: f64,
+    dropout: Option<Dropout>,
+) -> Result<MicroStep> {
+    let h0 = model.embed(&batch.ids)?.detach();
+    let positions = model.positions(batch.ids.dim(1)?, h0.device())?;
+    // Each layer's input; the graph built while computing the next one is dropped at once.
+    let mut inputs = vec![h0];
+    for layer in 0..model.num_layers() {
+        let next = model
+            .layer(layer, &inputs[layer], &positions, dropout)?
+            .detach();
+        inputs.push(next);
+    }
+    let last = Var::from_tensor(&inputs.pop().expect("the embeddings at least"))?;
+    let loss_sum = nll_sum(&model.head(last.as_tensor())?, &batch.ids, &batch.labels)?;
+    let head_grads = (&loss_sum / denominator)?.backward()?;
+    let mut upstream = head_grads
+        .get(last.as_tensor())
+        .expect("the loss depends on the last hidden state")
+        .detach();
+    let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+    for layer in (0..model.num_layers()).rev() {
+        let input = inputs.pop().expect("one input per layer");
+        // The first layer's input gradient is never used: it stays a constant.
+        let tracked = if layer == 0 {
+            None
+        } else {
+            Some(Var::from_tensor(&input)?)
+        };
+        let x = tracked.as_ref().map_or(&input, Var::as_tensor);
+        let y = model.layer(layer, x, &positions, dropout)?;
+        let layer_grads = (y * &upstream)?.sum_all()?.backward()?;
+        for (slot, grad) in grads.iter_mut().zip(take(&layer_grads, vars)) {
+            if let Some(grad) = grad {
+                *slot = Some(match slot.take() {
+                    Some(sum) => (sum + grad)?,
+                    None => grad,
+                });
+            }
+        }
+        if let Some(tracked) = &tracked {
+            upstream = layer_grads
+                .get(tracked.as_tensor())
+                .expect("a layer's output depends on its input")
+                .detach();
+        }
+    }
+    Ok(MicroStep {
+        loss_sum: loss_sum.to_scalar()?,
+        grads,
+    })
+}
+
+fn take(grads: &GradStore, vars: &[Var]) -> Vec<Option<Tensor>> {
+    vars.iter()
+        .map(|v| grads.get(v.as_tensor()).map(Tensor::detach))
+        .collect()
+}

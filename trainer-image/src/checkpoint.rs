@@ -1,0 +1,112 @@
+//! Checkpoints: `<output>/checkpoints/step-N/` holds the adapter in PEFT's form, the optimizer's
+//! moments and `state.json`. `state.json` is written last, so a directory without it is an
+//! interrupted write and is ignored when resuming.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use graft_engine::peft::{Adapter, PeftError};
+use serde::{Deserialize, Serialize};
+
+pub const STATE_FILE: &str = "state.json";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
+/// Where the run stands. The data cursor and dropout streams follow from `step` and `seed`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct State {
+    pub step: u64,
+    pub total_steps: u64,
+    pub seed: u64,
+    pub epoch: u32,
+    /// First micro-batch (in the epoch's seeded order) the next step reads.
+    pub next_micro_batch: usize,
+}
+
+#[derive(Debug)]
+pub struct Checkpoint {
+    pub adapter: Adapter,
+    pub optimizer_steps: u64,
+    /// `(first, second)` moments, in the optimizer's var order.
+    pub moments: Vec<(Tensor, Tensor)>,
+    pub state: State,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("checkpoint file {0} is missing")]
+    Missing(&'static str),
+    #[error("checkpoint adapter: {0}")]
+    Adapter(#[from] PeftError),
+    #[error("checkpoint optimizer state: {0}")]
+    Optimizer(#[from] candle_core::Error),
+    #[error("checkpoint {STATE_FILE}: {0}")]
+    State(#[from] serde_json::Error),
+}
+
+impl Checkpoint {
+    /// The files to write, in order; [`STATE_FILE`] comes last.
+    pub fn to_files(&self) -> Result<Vec<(&'static str, Vec<u8>)>, CheckpointError> {
+        let (config, weights) = self.adapter.to_bytes()?;
+        let mut tensors = Vec::new();
+        for (i, (m, v)) in self.moments.iter().enumerate() {
+            tensors.push((format!("m.{i}"), m.to_dtype(DType::F32)?));
+            tensors.push((format!("v.{i}"), v.to_dtype(DType::F32)?));
+        }
+        let metadata = HashMap::from([("steps".to_owned(), self.optimizer_steps.to_string())]);
+        let optimizer = safetensors::serialize(tensors, Some(metadata))
+            .map_err(|e| CheckpointError::Optimizer(candle_core::Error::wrap(e)))?;
+        Ok(vec![
+            ("adapter_config.json", config),
+            ("adapter_model.safetensors", weights),
+            (OPTIMIZER_FILE, optimizer),
+            (STATE_FILE, serde_json::to_vec_pretty(&self.state)?),
+        ])
+    }
+
+    /// Reads what [`Checkpoint::to_files`] wrote; `file(name)` returns a file's bytes.
+    pub fn from_files(
+        mut file: impl FnMut(&'static str) -> Option<Vec<u8>>,
+    ) -> Result<Self, CheckpointError> {
+        let mut read = |name| file(name).ok_or(CheckpointError::Missing(name));
+        let state: State = serde_json::from_slice(&read(STATE_FILE)?)?;
+        let adapter = Adapter::from_bytes(
+            &read("adapter_config.json")?,
+            &read("adapter_model.safetensors")?,
+            &Device::Cpu,
+        )?;
+        let optimizer = read(OPTIMIZER_FILE)?;
+        let steps = safetensors::SafeTensors::read_metadata(&optimizer)
+            .ok()
+            .and_then(|(_, meta)| meta.metadata().as_ref()?.get("steps")?.parse().ok())
+            .ok_or(CheckpointError::Missing("optimizer step count"))?;
+        let tensors = candle_core::safetensors::load_buffer(&optimizer, &Device::Cpu)?;
+        let moments = (0..tensors.len() / 2)
+            .map(|i| {
+                let get = |half: &str| {
+                    tensors
+                        .get(&format!("{half}.{i}"))
+                        .cloned()
+                        .ok_or(CheckpointError::Missing("an optimizer moment"))
+                };
+                Ok((get("m")?, get("v")?))
+            })
+            .collect::<Result<_, CheckpointError>>()?;
+        Ok(Self {
+            adapter,
+            optimizer_steps: steps,
+            moments,
+            state,
+        })
+    }
+}
+
+/// `checkpoints/step-N` for step `N`.
+pub fn directory(step: u64) -> String {
+    format!("checkpoints/step-{step}")
+}
+
+/// The step of a `step-N` directory name.
+pub fn parse_directory(name: &str) -> Option<u64> {
+    name.strip_prefix("step-")?.parse().ok()
+}

@@ -1,0 +1,414 @@
+//! The training loop: epochs of seeded shuffles cut into micro-batches, gradient accumulation
+//! over `gradientAccumulationSteps` of them, clipping, AdamW on the schedule, evaluation at
+//! each epoch's end, and checkpoints that make a resumed run equal an uninterrupted one.
+//!
+//! Everything random is a function of the seed and a position (the epoch for the shuffle, the
+//! micro-batch for dropout), so resuming needs only the step count, not a generator's state.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Result as TensorResult, Tensor};
+use graft_api::Scheduler;
+use graft_engine::{
+    models::{Dropout, Llama},
+    rng::Rng,
+};
+
+use crate::{
+    adapters::Adapters,
+    backward::{Batch, micro_step},
+    checkpoint::Checkpoint,
+    loss::nll_sum,
+    optim::{AdamW, AdamWParams, clip_grad_norm},
+    schedule::learning_rate,
+};
+
+/// One training example: token ids and which of them are learned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Example {
+    pub ids: Vec<u32>,
+    pub labels: Vec<bool>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub epochs: u32,
+    pub batch_size: usize,
+    pub accumulation: usize,
+    pub learning_rate: f64,
+    pub warmup_steps: u64,
+    pub scheduler: Scheduler,
+    pub max_grad_norm: f64,
+    pub seed: u64,
+    pub dropout: f64,
+    /// Layer-wise recomputation in the backward pass.
+    pub recompute: bool,
+    /// 0: no checkpoints.
+    pub checkpoint_every: u64,
+    /// Id used to pad micro-batches (never learned).
+    pub pad_id: u32,
+}
+
+/// What one optimizer step did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepReport {
+    /// Steps done, counting this one.
+    pub step: u64,
+    pub total_steps: u64,
+    pub epoch: u32,
+    /// Mean loss per learned token over the step's micro-batches.
+    pub loss: f64,
+    /// Set on the steps that end an epoch (when there is a validation split).
+    pub eval_loss: Option<f64>,
+    pub grad_norm: f64,
+    pub learning_rate: f64,
+    pub tokens: usize,
+    pub tokens_per_second: f64,
+    pub eta_seconds: u64,
+}
+
+pub type HookError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What the loop tells the outside world; the trainer binary prints, patches status and
+/// uploads checkpoints from here.
+pub trait Hooks {
+    fn step(&mut self, report: &StepReport) -> Result<(), HookError>;
+    fn checkpoint(&mut self, checkpoint: &Checkpoint) -> Result<(), HookError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+    #[error("{0}")]
+    Hook(HookError),
+    #[error("the checkpoint does not belong to this run: {0}")]
+    ForeignCheckpoint(String),
+}
+
+/// The run's shape, fixed by the data and settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub micro_batches_per_epoch: usize,
+    pub steps_per_epoch: u64,
+    pub total_steps: u64,
+}
+
+impl Plan {
+    pub fn new(examples: usize, settings: &Settings) -> Self {
+        let micro_batches_per_epoch = examples.div_ceil(settings.batch_size);
+        let steps_per_epoch = micro_batches_per_epoch.div_ceil(settings.accumulation) as u64;
+        Self {
+            micro_batches_per_epoch,
+            steps_per_epoch,
+            total_steps: steps_per_epoch * u64::from(settings.epochs),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Trainer {
+    model: Llama,
+    adapters: Adapters,
+    optimizer: AdamW,
+    settings: Settings,
+    train: Vec<Example>,
+    eval: Vec<Example>,
+    plan: Plan,
+    /// Optimizer steps done.
+    step: u64,
+}
+
+impl Trainer {
+    pub fn new(
+        model: Llama,
+        adapters: Adapters,
+        settings: Settings,
+        train: Vec<Example>,
+        eval: Vec<Example>,
+    ) -> TensorResult<Self> {
+        let optimizer = AdamW::new(adapters.vars(), AdamWParams::default())?;
+        let plan = Plan::new(train.len(), &settings);
+        Ok(Self {
+            model,
+            adapters,
+            optimizer,
+            settings,
+            train,
+            eval,
+            plan,
+            step: 0,
+        })
+    }
+
+    pub fn plan(&self) -> Plan {
+        self.plan
+    }
+
+    pub fn adapters(&self) -> &Adapters {
+        &self.adapters
+    }
+
+    pub fn model(&self) -> &Llama {
+        &self.model
+    }
+
+    /// Continues from `checkpoint` (this run's, from an earlier attempt).
+    pub fn resume(&mut self, checkpoint: Checkpoint) -> Result<(), TrainError> {
+        let state = &checkpoint.state;
+        if state.seed != self.settings.seed || state.total_steps != self.plan.total_steps {
+            return Err(TrainError::ForeignCheckpoint(format!(
+                "it was made with seed {} for {} steps, this run has seed {} and {} steps",
+                state.seed, state.total_steps, self.settings.seed, self.plan.total_steps
+            )));
+        }
+        self.adapters.load(&checkpoint.adapter)?;
+        self.optimizer
+            .restore(checkpoint.optimizer_steps, checkpoint.moments)?;
+        self.step = state.step;
+        Ok(())
+    }
+
+    /// Trains to the last step.
+    pub fn run(&mut self, hooks: &mut dyn Hooks) -> Result<(), TrainError> {
+        let started = Instant::now();
+        let first = self.step;
+        let mut tokens_done = 0usize;
+        while self.step < self.plan.total_steps {
+            let (loss, grad_norm, lr, tokens) = self.optimizer_step()?;
+            self.step += 1;
+            tokens_done += tokens;
+            let epoch_end = self.step.is_multiple_of(self.plan.steps_per_epoch);
+            let eval_loss = if epoch_end && !self.eval.is_empty() {
+                Some(self.eval_loss()?)
+            } else {
+                None
+            };
+            let elapsed = started.elapsed().as_secs_f64().max(1e-9);
+            #[allow(
+                clippy::cast_precision_loss,
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss
+            )]
+            let report = StepReport {
+                step: self.step,
+                total_steps: self.plan.total_steps,
+                epoch: ((self.step - 1) / self.plan.steps_per_epoch) as u32,
+                loss,
+                eval_loss,
+                grad_norm,
+                learning_rate: lr,
+                tokens,
+                tokens_per_second: tokens_done as f64 / elapsed,
+                eta_seconds: (elapsed / (self.step - first) as f64
+                    * (self.plan.total_steps - self.step) as f64)
+                    .round() as u64,
+            };
+            hooks.step(&report).map_err(TrainError::Hook)?;
+            let every = self.settings.checkpoint_every;
+            if every > 0 && self.step.is_multiple_of(every) && self.step < self.plan.total_steps {
+                hooks
+                    .checkpoint(&self.checkpoint()?)
+                    .map_err(TrainError::Hook)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The state a resumed run needs.
+    pub fn checkpoint(&self) -> TensorResult<Checkpoint> {
+        let (optimizer_steps, moments) = self.optimizer.state();
+        Ok(Checkpoint {
+            adapter: self.adapters.snapshot()?,
+            optimizer_steps,
+            moments: moments
+                .iter()
+                .map(|(m, v)| Ok((m.copy()?, v.copy()?)))
+                .collect::<TensorResult<_>>()?,
+            state: crate::checkpoint::State {
+                step: self.step,
+                total_steps: self.plan.total_steps,
+                seed: self.settings.seed,
+                epoch: u32::try_from(self.step / self.plan.steps_per_epoch.max(1))
+                    .unwrap_or(u32::MAX),
+                next_micro_batch: self.micro_batches_of(self.step).start,
+            },
+        })
+    }
+
+    /// Micro-batch indices (within the epoch's order) that optimizer step `step` consumes.
+    fn micro_batches_of(&self, step: u64) -> std::ops::Range<usize> {
+        let within = usize::try_from(step % self.plan.steps_per_epoch).expect("fits");
+        let start = within * self.settings.accumulation;
+        start..(start + self.settings.accumulation).min(self.plan.micro_batches_per_epoch)
+    }
+
+    /// `(loss per learned token, gradient norm before clipping, learning rate, tokens)`.
+    fn optimizer_step(&mut self) -> TensorResult<(f64, f64, f64, usize)> {
+        let s = &self.settings;
+        let epoch = self.step / self.plan.steps_per_epoch;
+        let order = shuffled(self.train.len(), s.seed, epoch);
+        let device = Device::Cpu;
+        let batches: Vec<(usize, Batch)> = self
+            .micro_batches_of(self.step)
+            .map(|m| {
+                let rows = order.iter().skip(m * s.batch_size).take(s.batch_size);
+                let examples: Vec<&Example> = rows.map(|&i| &self.train[i]).collect();
+                Ok((m, collate(&examples, s.pad_id, &device)?))
+            })
+            .collect::<TensorResult<_>>()?;
+        let label_tokens: usize = batches.iter().map(|(_, b)| b.label_tokens).sum();
+        #[allow(clippy::cast_precision_loss)]
+        let denominator = label_tokens.max(1) as f64;
+        let vars = self.adapters.vars();
+        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let mut loss_sum = 0f64;
+        let mut tokens = 0;
+        for (m, batch) in &batches {
+            let micro_index = epoch * self.plan.micro_batches_per_epoch as u64 + *m as u64;
+            let dropout = (s.dropout > 0.0).then(|| Dropout {
+                p: s.dropout,
+                seed: Rng::seed(s.seed ^ micro_index.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+                    .next_u64(),
+            });
+            let micro = micro_step(&self.model, &vars, batch, denominator, dropout, s.recompute)?;
+            loss_sum += f64::from(micro.loss_sum);
+            tokens += batch.tokens;
+            for (total, grad) in grads.iter_mut().zip(micro.grads) {
+                if let Some(grad) = grad {
+                    *total = Some(match total.take() {
+                        Some(sum) => (sum + grad)?,
+                        None => grad,
+                    });
+                }
+            }
+        }
+        let grad_norm = clip_grad_norm(&mut grads, s.max_grad_norm)?;
+        let lr = learning_rate(
+            s.learning_rate,
+            s.scheduler,
+            self.step,
+            s.warmup_steps,
+            self.plan.total_steps,
+        );
+        self.optimizer.step(&grads, lr)?;
+        Ok((loss_sum / denominator, grad_norm, lr, tokens))
+    }
+
+    /// Mean loss per learned token on the validation split, without dropout.
+    pub fn eval_loss(&self) -> TensorResult<f64> {
+        let (mut sum, mut count) = (0f64, 0usize);
+        for chunk in self.eval.chunks(self.settings.batch_size) {
+            let examples: Vec<&Example> = chunk.iter().collect();
+            let batch = collate(&examples, self.settings.pad_id, &Device::Cpu)?;
+            let logits = self.model.forward(&batch.ids)?.detach();
+            sum += f64::from(nll_sum(&logits, &batch.ids, &batch.labels)?.to_scalar::<f32>()?);
+            count += batch.label_tokens;
+        }
+        #[allow(clippy::cast_precision_loss)]
+        Ok(sum / count.max(1) as f64)
+    }
+}
+
+/// The epoch's order of example indices: a Fisher–Yates shuffle seeded by seed and epoch.
+fn shuffled(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut rng = Rng::seed(seed ^ epoch.wrapping_mul(0xA076_1D64_78BD_642F));
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = usize::try_from(rng.next_u64() % (i as u64 + 1)).expect("fits");
+        order.swap(i, j);
+    }
+    order
+}
+
+/// Right-pads `examples` into one micro-batch. Under a causal mask, padding after a row's last
+/// token changes nothing before it, so no attention mask is needed; padding is never learned.
+pub fn collate(examples: &[&Example], pad_id: u32, device: &Device) -> TensorResult<Batch> {
+    let len = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(examples.len() * len);
+    let mut labels = Vec::with_capacity(examples.len() * len);
+    let mut label_tokens = 0;
+    let mut tokens = 0;
+    for example in examples {
+        tokens += example.ids.len();
+        label_tokens += example.labels.iter().skip(1).filter(|&&l| l).count();
+        ids.extend(&example.ids);
+        ids.extend(std::iter::repeat_n(pad_id, len - example.ids.len()));
+        labels.extend(example.labels.iter().map(|&l| if l { 1f32 } else { 0.0 }));
+        labels.extend(std::iter::repeat_n(0f32, len - example.ids.len()));
+    }
+    let shape = (examples.len(), len);
+    Ok(Batch {
+        ids: Tensor::from_vec(ids, shape, device)?,
+        labels: Tensor::from_vec(labels, shape, device)?.to_dtype(DType::F32)?,
+        label_tokens,
+        tokens,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plan_rounds_partial_batches_and_steps_up() {
+        let settings = Settings {
+            epochs: 3,
+            batch_size: 4,
+            accumulation: 2,
+            learning_rate: 1e-3,
+            warmup_steps: 0,
+            scheduler: Scheduler::Constant,
+            max_grad_norm: 1.0,
+            seed: 1,
+            dropout: 0.0,
+            recompute: false,
+            checkpoint_every: 0,
+            pad_id: 0,
+        };
+        // 10 examples → 3 micro-batches (4, 4, 2) → 2 steps (2 + 1 micro-batches) per epoch.
+        assert_eq!(
+            Plan::new(10, &settings),
+            Plan {
+                micro_batches_per_epoch: 3,
+                steps_per_epoch: 2,
+                total_steps: 6
+            }
+        );
+    }
+
+    #[test]
+    fn shuffles_are_permutations_that_differ_by_epoch_and_repeat_by_seed() {
+        let a = shuffled(50, 7, 0);
+        let mut sorted = a.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..50).collect::<Vec<_>>());
+        assert_eq!(a, shuffled(50, 7, 0));
+        assert_ne!(a, shuffled(50, 7, 1));
+        assert_ne!(a, shuffled(50, 8, 0));
+    }
+
+    #[test]
+    fn collate_pads_right_and_never_learns_padding() -> TensorResult<()> {
+        let a = Example {
+            ids: vec![1, 2, 3],
+            labels: vec![false, true, true],
+        };
+        let b = Example {
+            ids: vec![4],
+            labels: vec![true],
+        };
+        let batch = collate(&[&a, &b], 9, &Device::Cpu)?;
+        assert_eq!(batch.ids.to_vec2::<u32>()?, [[1, 2, 3], [4, 9, 9]]);
+        assert_eq!(
+            batch.labels.to_vec2::<f32>()?,
+            [[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]]
+        );
+        assert_eq!(
+            batch.label_tokens, 2,
+            "a row's first token is never predicted"
+        );
+        assert_eq!(batch.tokens, 4);
+        Ok(())
+    }
+}

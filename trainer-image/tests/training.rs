@@ -1,0 +1,209 @@
+//! The training loop on the tiny reference Llama (engine/tests/data/tiny/llama): recomputed
+//! layers give the same gradients, a resumed run ends where an uninterrupted one does, and a
+//! learnable mapping is learned.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use graft_api::Scheduler;
+use graft_engine::{
+    models::{Config, Dropout, Llama, Precision, Site, load_weights},
+    peft::AdapterConfig,
+};
+use graft_trainer::{
+    adapters::Adapters,
+    backward::micro_step,
+    checkpoint::Checkpoint,
+    train::{Example, HookError, Hooks, Settings, StepReport, Trainer, collate},
+};
+
+fn tiny_llama(precision: Precision) -> Llama {
+    let dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("run through cargo"))
+        .join("../engine/tests/data/tiny/llama");
+    let text = std::fs::read_to_string(dir.join("config.json")).expect("config.json");
+    let config = Config::from_json(&text).expect("config");
+    let vb = load_weights(&dir, DType::F32, &Device::Cpu).expect("weights");
+    Llama::load(&vb, &config, precision).expect("model")
+}
+
+fn attach(model: &mut Llama, seed: u64) -> Adapters {
+    let config = AdapterConfig::new(4, 8.0, 0.1, false, &Site::ALL);
+    Adapters::attach(model, config, &Site::ALL, seed).expect("adapters")
+}
+
+/// Prompts `[1, k, k+1]` answered by `[(3k) mod 90 + 3, 2]`: learned on the answer only.
+fn mapping(n: u32) -> Vec<Example> {
+    (0..n)
+        .map(|k| {
+            let k = k + 3;
+            Example {
+                ids: vec![1, k, k + 1, (3 * k) % 90 + 3, 2],
+                labels: vec![false, false, false, true, true],
+            }
+        })
+        .collect()
+}
+
+fn settings(epochs: u32, checkpoint_every: u64) -> Settings {
+    Settings {
+        epochs,
+        batch_size: 4,
+        accumulation: 2,
+        learning_rate: 1e-2,
+        warmup_steps: 2,
+        scheduler: Scheduler::Cosine,
+        max_grad_norm: 1.0,
+        seed: 42,
+        dropout: 0.1,
+        recompute: false,
+        checkpoint_every,
+        pad_id: 0,
+    }
+}
+
+#[derive(Default)]
+struct Recorder {
+    reports: Vec<StepReport>,
+    checkpoints: Vec<Vec<(&'static str, Vec<u8>)>>,
+}
+
+impl Hooks for Recorder {
+    fn step(&mut self, report: &StepReport) -> Result<(), HookError> {
+        self.reports.push(report.clone());
+        Ok(())
+    }
+    fn checkpoint(&mut self, checkpoint: &Checkpoint) -> Result<(), HookError> {
+        self.checkpoints.push(checkpoint.to_files()?);
+        Ok(())
+    }
+}
+
+fn flat(adapters: &Adapters) -> Vec<f32> {
+    adapters
+        .vars()
+        .iter()
+        .flat_map(|v| {
+            v.as_tensor()
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("values")
+        })
+        .collect()
+}
+
+#[test]
+fn recomputed_layers_give_the_whole_graphs_loss_and_gradients() {
+    for precision in [Precision::Dense, Precision::Nf4] {
+        let mut model = tiny_llama(precision);
+        let adapters = attach(&mut model, 5);
+        // B starts at zero, which would leave A without a gradient: move B off zero.
+        for pair in &adapters.pairs {
+            let b = Tensor::randn(0f32, 0.1, pair.b.shape(), &Device::Cpu).expect("b");
+            pair.b.set(&b).expect("set");
+        }
+        let vars = adapters.vars();
+        let examples = mapping(3);
+        let batch = collate(&examples.iter().collect::<Vec<_>>(), 0, &Device::Cpu).expect("batch");
+        let dropout = Some(Dropout { p: 0.1, seed: 9 });
+        let whole = micro_step(&model, &vars, &batch, 6.0, dropout, false).expect("whole");
+        let recomputed = micro_step(&model, &vars, &batch, 6.0, dropout, true).expect("recomputed");
+        assert!((whole.loss_sum - recomputed.loss_sum).abs() < 1e-5);
+        let mut compared = 0;
+        for (w, r) in whole.grads.iter().zip(&recomputed.grads) {
+            let (w, r) = (
+                w.as_ref().expect("a gradient"),
+                r.as_ref().expect("a gradient"),
+            );
+            let diff = (w - r)
+                .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+                .expect("diff");
+            let size = w
+                .abs()
+                .and_then(|t| t.max_all()?.to_scalar::<f32>())
+                .expect("max");
+            assert!(
+                diff <= 1e-5 * size.max(1.0),
+                "{precision:?}: {diff} of {size}"
+            );
+            compared += 1;
+        }
+        assert_eq!(compared, 2 * 7 * 2, "A and B of 7 sites in 2 layers");
+    }
+}
+
+#[test]
+fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
+    let run = |interrupt_after: Option<usize>| -> Vec<f32> {
+        let mut model = tiny_llama(Precision::Nf4);
+        let adapters = attach(&mut model, 7);
+        let mut trainer = Trainer::new(model, adapters, settings(3, 2), mapping(10), mapping(2))
+            .expect("trainer");
+        let mut recorder = Recorder::default();
+        trainer.run(&mut recorder).expect("training");
+        let Some(n) = interrupt_after else {
+            return flat(trainer.adapters());
+        };
+        // A fresh process: new model, new adapters, then the n-th checkpoint.
+        let files = recorder.checkpoints.swap_remove(n);
+        let checkpoint = Checkpoint::from_files(|name| {
+            files
+                .iter()
+                .find(|(f, _)| *f == name)
+                .map(|(_, b)| b.clone())
+        })
+        .expect("checkpoint reads back");
+        let mut model = tiny_llama(Precision::Nf4);
+        let adapters = attach(&mut model, 7);
+        let mut resumed = Trainer::new(model, adapters, settings(3, 2), mapping(10), mapping(2))
+            .expect("trainer");
+        resumed.resume(checkpoint).expect("resume");
+        let mut later = Recorder::default();
+        resumed.run(&mut later).expect("training");
+        assert_eq!(
+            later.reports.first().map(|r| r.step),
+            Some(2 * (n as u64 + 1) + 1),
+            "resumes after the checkpointed step"
+        );
+        flat(resumed.adapters())
+    };
+    let uninterrupted = run(None);
+    let resumed = run(Some(1));
+    assert_eq!(uninterrupted.len(), resumed.len());
+    let worst = uninterrupted
+        .iter()
+        .zip(&resumed)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= 1e-5, "max difference {worst}");
+    assert!(uninterrupted.iter().any(|&v| v != 0.0));
+}
+
+#[test]
+fn the_loss_falls_and_the_mapping_is_answered_greedily() {
+    let mut model = tiny_llama(Precision::Nf4);
+    let adapters = attach(&mut model, 1);
+    let data = mapping(12);
+    let mut s = settings(60, 0);
+    s.learning_rate = 3e-2;
+    s.accumulation = 1;
+    s.dropout = 0.0;
+    let mut trainer = Trainer::new(model, adapters, s, data.clone(), Vec::new()).expect("trainer");
+    let mut recorder = Recorder::default();
+    trainer.run(&mut recorder).expect("training");
+    let first = recorder.reports.first().expect("a step").loss;
+    let last = recorder.reports.last().expect("a step").loss;
+    assert!(last < first * 0.1, "loss {first} → {last}");
+    for example in &data {
+        let prompt = Tensor::new(&example.ids[..3], &Device::Cpu)
+            .and_then(|t| t.unsqueeze(0))
+            .expect("prompt");
+        let logits = trainer.model().forward(&prompt).expect("forward").detach();
+        let next = logits
+            .get(0)
+            .and_then(|t| t.get(2))
+            .and_then(|t| t.argmax(0))
+            .and_then(|t| t.to_scalar::<u32>())
+            .expect("argmax");
+        assert_eq!(next, example.ids[3], "answer to {:?}", &example.ids[..3]);
+    }
+}
