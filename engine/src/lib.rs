@@ -1,5 +1,6 @@
 //! The model code shared by `graft-trainer` and `graft-server`.
 
+pub mod chat;
 pub mod linear;
 pub mod lora;
 pub mod models;
@@ -8,3 +9,5 @@ pub mod ops;
 pub mod peft;
 pub mod rng;
 pub mod storage;
+pub mod tiny;
+pub mod tokenizer;

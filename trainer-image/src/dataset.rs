@@ -5,6 +5,7 @@
 use graft_api::DatasetFormat;
 use serde::Deserialize;
 
+pub use graft_engine::chat::Message;
 use graft_engine::rng::Rng;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -17,13 +18,6 @@ pub enum DatasetError {
     Invalid { line: usize, reason: String },
     #[error("the dataset has no records")]
     Empty,
-}
-
-/// One chat turn.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-pub struct Message {
-    pub role: String,
-    pub content: String,
 }
 
 /// One training record.
