@@ -3,7 +3,12 @@
 
 use std::{fmt, str::FromStr, sync::Arc};
 
-use object_store::{ObjectStore, aws::AmazonS3Builder, local::LocalFileSystem, path::Path};
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::{
+    ObjectStore, ObjectStoreExt, PutPayload, aws::AmazonS3Builder, local::LocalFileSystem,
+    path::Path,
+};
 use url::Url;
 
 #[derive(Debug, thiserror::Error)]
@@ -177,6 +182,127 @@ impl Location {
             .filter(|s| !s.is_empty())
             .fold(self.prefix.clone(), Path::join)
     }
+}
+
+impl Location {
+    /// The whole object `name` under the prefix.
+    pub async fn get(&self, name: &str) -> Result<Bytes, object_store::Error> {
+        self.store.get(&self.child(name)).await?.bytes().await
+    }
+
+    /// `None` when `name` does not exist.
+    pub async fn get_opt(&self, name: &str) -> Result<Option<Bytes>, object_store::Error> {
+        match self.get(name).await {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes `name` whole: object stores (and `LocalFileSystem`, through a temporary file and a
+    /// rename) never show a partly written object.
+    pub async fn put(&self, name: &str, bytes: Vec<u8>) -> Result<(), object_store::Error> {
+        self.store
+            .put(&self.child(name), PutPayload::from(bytes))
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<(), object_store::Error> {
+        match self.store.delete(&self.child(name)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Server-side copy of `from` to `to`, both under the prefix.
+    pub async fn copy(&self, from: &str, to: &str) -> Result<(), object_store::Error> {
+        self.store.copy(&self.child(from), &self.child(to)).await
+    }
+
+    /// Names of the immediate sub-"directories" of `name`.
+    pub async fn list_dirs(&self, name: &str) -> Result<Vec<String>, object_store::Error> {
+        let listing = match self
+            .store
+            .list_with_delimiter(Some(&self.child(name)))
+            .await
+        {
+            Ok(listing) => listing,
+            Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        Ok(listing
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_owned))
+            .collect())
+    }
+
+    /// Every object under the prefix, as `(path relative to the prefix, size)`.
+    pub async fn list_all(&self) -> Result<Vec<(String, u64)>, object_store::Error> {
+        let objects: Vec<_> = self.store.list(Some(&self.prefix)).try_collect().await?;
+        Ok(objects
+            .into_iter()
+            .filter_map(|meta| {
+                let relative = meta.location.prefix_match(&self.prefix)?;
+                let name = relative
+                    .map(|p| p.as_ref().to_owned())
+                    .collect::<Vec<_>>()
+                    .join("/");
+                Some((name, meta.size))
+            })
+            .collect())
+    }
+
+    /// Copies every object under the prefix into `dest`, skipping files already there with
+    /// the right size (a restarted pod reuses its cache); each file appears under its final
+    /// name only once complete.
+    pub async fn download_to(&self, dest: &std::path::Path) -> Result<(), DownloadError> {
+        for (name, size) in self.list_all().await? {
+            let target = dest.join(&name);
+            if std::fs::metadata(&target).is_ok_and(|m| m.len() == size) {
+                continue;
+            }
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent).map_err(|source| DownloadError::Write {
+                    path: target.clone(),
+                    source,
+                })?;
+            }
+            let partial = target.with_extension("partial");
+            let bytes = self.get(&name).await?;
+            std::fs::write(&partial, &bytes)
+                .and_then(|()| std::fs::rename(&partial, &target))
+                .map_err(|source| DownloadError::Write {
+                    path: target.clone(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    #[error(transparent)]
+    Store(#[from] object_store::Error),
+    #[error("writing {}: {source}", path.display())]
+    Write {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Whether an object-store error is the caller's doing (a missing object, refused
+/// credentials), which retrying cannot fix, rather than the network's or the store's.
+pub fn is_permanent(error: &object_store::Error) -> bool {
+    matches!(
+        error,
+        object_store::Error::NotFound { .. }
+            | object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. }
+            | object_store::Error::InvalidPath { .. }
+    )
 }
 
 /// Opens the store behind `uri`.

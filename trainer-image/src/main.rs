@@ -1,17 +1,13 @@
 //! `graft-trainer`: trains a LoRA / QLoRA adapter from a rendered FineTuneJob spec.
-//!
-//! This first cut checks a config the way the training run will read it; training itself
-//! arrives with the engine (issue 4).
 
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use graft_api::FineTuneJobSpec;
-use graft_engine::storage::ObjectUri;
+use graft_engine::tiny::{TinySpec, write_tiny_model};
+use graft_trainer::job::{self, JobError};
 
-/// Exit code for a bad config: the Job's podFailurePolicy fails fast on it instead of retrying.
-const EXIT_CONFIG_ERROR: u8 = 2;
+/// Where the kubelet reads a container's termination message from.
 const TERMINATION_LOG: &str = "/dev/termination-log";
 
 #[derive(Parser, Debug)]
@@ -23,45 +19,91 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Parse a training config (a FineTuneJob spec, YAML or JSON) and check its URIs.
-    CheckConfig {
-        /// The rendered FineTuneJob spec.
+    /// Train an adapter as the config says and publish it to the output URI.
+    Train {
+        /// The rendered FineTuneJob spec (YAML or JSON).
         #[arg(long)]
         config: PathBuf,
+        /// Where a downloaded base model is kept (an emptyDir in a pod, so a retried pod
+        /// reuses it).
+        #[arg(long, env = "GRAFT_CACHE_DIR", default_value = "/tmp/graft-cache")]
+        cache_dir: PathBuf,
+    },
+    /// Parse a training config and check its URIs, without training.
+    CheckConfig {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Write a tiny Llama model with random weights and a tokenizer trained on a text file,
+    /// in Hugging Face's format, for tests and the local quick start.
+    MakeTinyModel {
+        /// An empty or new directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Text to train the tokenizer on: one document per line.
+        #[arg(long)]
+        corpus: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train { config, cache_dir } => job::read_config(&config)
+            .and_then(|config| job::run(&config, &cache_dir))
+            .map(|result| {
+                // One JSON line: the operator copies it into status.adapter.
+                let line = serde_json::to_string(&result).expect("serialisable");
+                let _ = std::fs::write(TERMINATION_LOG, &line);
+                eprintln!("graft-trainer: adapter published: {line}");
+            }),
+        Command::CheckConfig { config } => job::read_config(&config).map(|_| ()),
+        Command::MakeTinyModel { out, corpus, seed } => {
+            make_tiny_model(&out, &corpus, seed).map_err(|e| JobError::BadInput(format!("{e:#}")))
+        }
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // One line, so the pod's termination message (and the Failed condition built
             // from it) reads as a sentence.
-            let reason = format!("{err:#}").replace('\n', " ");
+            let reason = err.to_string().replace('\n', " ");
             eprintln!("graft-trainer: {reason}");
             // Outside a pod the termination log is absent or read-only; stderr suffices then.
             let _ = std::fs::write(TERMINATION_LOG, &reason);
-            ExitCode::from(EXIT_CONFIG_ERROR)
+            ExitCode::from(err.exit_code())
         }
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
-        Command::CheckConfig { config } => {
-            let text = std::fs::read_to_string(&config)
-                .with_context(|| format!("reading config {}", config.display()))?;
-            let spec: FineTuneJobSpec = serde_yaml::from_str(&text)
-                .with_context(|| format!("parsing config {}", config.display()))?;
-            for (field, uri) in [
-                ("baseModel.uri", &spec.base_model.uri),
-                ("dataset.uri", &spec.dataset.uri),
-                ("output.uri", &spec.output.uri),
-            ] {
-                uri.parse::<ObjectUri>()
-                    .with_context(|| format!("spec.{field}"))?;
-            }
-            Ok(())
-        }
-    }
+fn make_tiny_model(
+    out: &std::path::Path,
+    corpus: &std::path::Path,
+    seed: u64,
+) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(corpus)
+        .with_context(|| format!("reading the corpus {}", corpus.display()))?;
+    let lines: Vec<String> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect();
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    // Wider than a real model's 0.02: the frozen LM head of a 64-wide model at 0.02 cannot
+    // move a logit by more than about one nat, so no adapter could teach it anything.
+    let spec = TinySpec {
+        seed,
+        init_std: 0.2,
+        ..TinySpec::default()
+    };
+    let made = write_tiny_model(out, &spec, &lines).context("writing the tiny model")?;
+    eprintln!(
+        "graft-trainer: wrote {} ({} parameters, {} tokens)",
+        out.display(),
+        made.num_parameters,
+        made.vocab_size
+    );
+    Ok(())
 }

@@ -1,0 +1,511 @@
+//! One training run from a rendered FineTuneJob spec: fetch the base model, read and encode
+//! the dataset, train (resuming from the newest checkpoint), and publish the adapter so it is
+//! visible as finished only when complete.
+//!
+//! Errors are sorted by what a retry could change: bad input (exit code 2, the Job fails at
+//! once) or anything else (exit code 1, the Job's backoff retries and the run resumes).
+
+use std::{
+    io::IsTerminal,
+    path::{Path, PathBuf},
+};
+
+use candle_core::{DType, Device};
+use graft_api::{AdapterArtifact, FineTuneJobSpec, Quantization, TrainerResult};
+use graft_engine::{
+    models::{Config, Llama, Precision, Site, load_weights},
+    peft::AdapterConfig,
+    storage::{self, Location, ObjectUri, S3Options},
+    tokenizer::Tokenizer,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::runtime::Runtime;
+
+use crate::{
+    adapters::Adapters,
+    checkpoint::{self, Checkpoint},
+    dataset::{self, Record},
+    progress::{Progress, StatusTarget},
+    train::{Example, Settings, Trainer},
+};
+
+/// The file the operator renders: the spec, plus where to report progress in a cluster.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainerConfig {
+    #[serde(flatten)]
+    pub spec: FineTuneJobSpec,
+    #[serde(default)]
+    pub status_target: Option<StatusTarget>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// Bad input: retrying cannot help.
+    #[error("{0}")]
+    BadInput(String),
+    /// The network, the store, the machine: a retry may succeed.
+    #[error("{0}")]
+    Transient(String),
+}
+
+impl JobError {
+    fn bad(what: impl std::fmt::Display) -> Self {
+        Self::BadInput(what.to_string())
+    }
+
+    fn transient(what: impl std::fmt::Display) -> Self {
+        Self::Transient(what.to_string())
+    }
+
+    fn store(context: &str, error: &object_store::Error) -> Self {
+        let message = format!("{context}: {error}");
+        if storage::is_permanent(error) {
+            Self::BadInput(message)
+        } else {
+            Self::Transient(message)
+        }
+    }
+
+    /// The process exit code: 2 for bad input (the Job's podFailurePolicy fails fast on it).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::BadInput(_) => 2,
+            Self::Transient(_) => 1,
+        }
+    }
+}
+
+impl From<candle_core::Error> for JobError {
+    fn from(error: candle_core::Error) -> Self {
+        Self::Transient(error.to_string())
+    }
+}
+
+/// The record `graft.json` holds, written last: its presence means the adapter is complete.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GraftJson {
+    pub base_model: Digested,
+    pub dataset: Digested,
+    pub adapter: AdapterArtifact,
+    pub metrics: Metrics,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fine_tune_job: Option<StatusTarget>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Digested {
+    pub uri: String,
+    /// SHA-256 of the content (for a model: of its files' names and digests, in order).
+    pub sha256: String,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Metrics {
+    pub steps: u64,
+    pub train_examples: usize,
+    pub eval_examples: usize,
+    pub final_loss: Option<f64>,
+    pub eval_loss: Option<f64>,
+    pub tokens_per_second: Option<f64>,
+}
+
+const ADAPTER_FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
+const GRAFT_JSON: &str = "graft.json";
+const STAGING: &str = ".staging";
+
+pub fn read_config(path: &Path) -> Result<TrainerConfig, JobError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| JobError::bad(format!("reading config {}: {e}", path.display())))?;
+    let config: TrainerConfig = serde_yaml::from_str(&text)
+        .map_err(|e| JobError::bad(format!("config {}: {e}", path.display())))?;
+    for (field, uri) in [
+        ("baseModel.uri", &config.spec.base_model.uri),
+        ("dataset.uri", &config.spec.dataset.uri),
+        ("output.uri", &config.spec.output.uri),
+    ] {
+        uri.parse::<ObjectUri>()
+            .map_err(|e| JobError::bad(format!("spec.{field}: {e}")))?;
+    }
+    Ok(config)
+}
+
+/// Runs the job to a published adapter.
+pub fn run(config: &TrainerConfig, cache_dir: &Path) -> Result<TrainerResult, JobError> {
+    let rt = Runtime::new().map_err(JobError::transient)?;
+    let spec = &config.spec;
+    let s3 = S3Options::from_env(
+        spec.storage.as_ref().and_then(|s| s.endpoint.clone()),
+        spec.storage.as_ref().and_then(|s| s.region.clone()),
+    );
+    let open = |uri: &str| -> Result<(ObjectUri, Location), JobError> {
+        let parsed: ObjectUri = uri.parse().map_err(JobError::bad)?;
+        let location = storage::open(&parsed, &s3).map_err(JobError::bad)?;
+        Ok((parsed, location))
+    };
+    let (output_uri, output) = open(&spec.output.uri)?;
+    rt.block_on(check_writable(&output, &output_uri))?;
+
+    let (model_uri, model_location) = open(&spec.base_model.uri)?;
+    let model_dir = rt.block_on(fetch_model(&model_uri, &model_location, cache_dir))?;
+    let model_digest = digest_model(&model_dir)?;
+    let tokenizer = Tokenizer::from_dir(&model_dir).map_err(JobError::bad)?;
+
+    let (_, dataset_location) = open(&spec.dataset.uri)?;
+    let dataset_bytes = rt
+        .block_on(dataset_location.get(""))
+        .map_err(|e| JobError::store(&format!("reading the dataset {}", spec.dataset.uri), &e))?;
+    let text = std::str::from_utf8(&dataset_bytes)
+        .map_err(|e| JobError::bad(format!("the dataset is not UTF-8: {e}")))?;
+    let records = dataset::parse(text, spec.dataset.format).map_err(JobError::bad)?;
+    let (train, eval) = dataset::split(
+        records,
+        spec.dataset.validation_fraction,
+        spec.training.seed,
+    );
+    let max_len = usize::try_from(spec.training.max_sequence_length).unwrap_or(usize::MAX);
+    let train = encode(&tokenizer, train, max_len)?;
+    let eval = encode(&tokenizer, eval, max_len)?;
+    if train.is_empty() {
+        return Err(JobError::bad(
+            "the dataset has no training records left after the validation split",
+        ));
+    }
+
+    let (model, adapters) = load_model(&model_dir, spec)?;
+    let trainable_parameters = adapters.trainable_parameters();
+    let settings = settings(spec, tokenizer.eos_token_id().unwrap_or(0));
+    let (train_examples, eval_examples) = (train.len(), eval.len());
+    let mut trainer = Trainer::new(model, adapters, settings, train, eval)?;
+    if let Some(checkpoint) = rt.block_on(newest_checkpoint(&output))? {
+        let step = checkpoint.state.step;
+        trainer.resume(checkpoint).map_err(JobError::bad)?;
+        eprintln!("graft-trainer: resuming after step {step}");
+    }
+    let mut progress = Progress::new(
+        &rt,
+        output.clone(),
+        config.status_target.clone(),
+        std::io::stdout().is_terminal(),
+    );
+    trainer
+        .run(&mut progress)
+        .map_err(|e| JobError::transient(format!("training: {e}")))?;
+
+    let (adapter_config, weights) = trainer
+        .adapters()
+        .snapshot()?
+        .to_bytes()
+        .map_err(JobError::transient)?;
+    let artifact = AdapterArtifact {
+        uri: spec.output.uri.clone(),
+        sha256: hex(&Sha256::digest(&weights)),
+        size_bytes: weights.len() as u64,
+        trainable_parameters,
+    };
+    let graft_json = GraftJson {
+        base_model: Digested {
+            uri: spec.base_model.uri.clone(),
+            sha256: model_digest,
+        },
+        dataset: Digested {
+            uri: spec.dataset.uri.clone(),
+            sha256: hex(&Sha256::digest(&dataset_bytes)),
+        },
+        adapter: artifact.clone(),
+        metrics: Metrics {
+            steps: trainer.plan().total_steps,
+            train_examples,
+            eval_examples,
+            ..progress.metrics()
+        },
+        fine_tune_job: config.status_target.clone(),
+    };
+    rt.block_on(publish(&output, adapter_config, weights, &graft_json))?;
+    progress.finish();
+    Ok(TrainerResult { adapter: artifact })
+}
+
+fn settings(spec: &FineTuneJobSpec, pad_id: u32) -> Settings {
+    let t = &spec.training;
+    Settings {
+        epochs: t.epochs,
+        batch_size: usize::try_from(t.batch_size).unwrap_or(1).max(1),
+        accumulation: usize::try_from(t.gradient_accumulation_steps)
+            .unwrap_or(1)
+            .max(1),
+        learning_rate: t.learning_rate,
+        warmup_steps: u64::from(t.warmup_steps),
+        scheduler: t.scheduler,
+        max_grad_norm: t.max_grad_norm,
+        seed: t.seed,
+        dropout: spec.method.lora.dropout,
+        recompute: t.gradient_checkpointing,
+        checkpoint_every: u64::from(t.checkpoint_every_steps),
+        pad_id,
+    }
+}
+
+/// Each record encoded as the model sees it, cut to `max_len` tokens. A record left with no
+/// learned token after the cut teaches nothing and is dropped.
+fn encode(
+    tokenizer: &Tokenizer,
+    records: Vec<Record>,
+    max_len: usize,
+) -> Result<Vec<Example>, JobError> {
+    let mut examples = Vec::with_capacity(records.len());
+    for (i, record) in records.into_iter().enumerate() {
+        let encoded = match &record {
+            Record::Text(text) => tokenizer.encode_text(text),
+            Record::PromptCompletion { prompt, completion } => {
+                tokenizer.encode_prompt_completion(prompt, completion)
+            }
+            Record::Messages(messages) => tokenizer.encode_chat(messages),
+        }
+        .map_err(|e| JobError::bad(format!("dataset record {}: {e}", i + 1)))?;
+        let mut ids = encoded.ids;
+        let mut labels = encoded.loss_mask;
+        ids.truncate(max_len);
+        labels.truncate(max_len);
+        if labels.iter().skip(1).any(|&l| l) {
+            examples.push(Example { ids, labels });
+        }
+    }
+    Ok(examples)
+}
+
+fn load_model(dir: &Path, spec: &FineTuneJobSpec) -> Result<(Llama, Adapters), JobError> {
+    let text = std::fs::read_to_string(dir.join("config.json"))
+        .map_err(|e| JobError::bad(format!("the base model has no readable config.json: {e}")))?;
+    let config = Config::from_json(&text).map_err(|e| JobError::bad(format!("base model: {e}")))?;
+    let vb = load_weights(dir, DType::F32, &Device::Cpu)
+        .map_err(|e| JobError::bad(format!("base model weights: {e}")))?;
+    let precision = match spec.method.quantization {
+        Quantization::Nf4 => Precision::Nf4,
+        Quantization::None => Precision::Dense,
+    };
+    let mut model = Llama::load(&vb, &config, precision)
+        .map_err(|e| JobError::bad(format!("base model weights: {e}")))?;
+    let lora = &spec.method.lora;
+    let sites = lora
+        .target_modules
+        .iter()
+        .map(|m| {
+            let name = serde_json::to_value(m).ok();
+            name.as_ref()
+                .and_then(serde_json::Value::as_str)
+                .and_then(Site::from_name)
+                .ok_or_else(|| {
+                    JobError::bad(format!(
+                        "target module {name:?} is not a projection of a Llama-family model"
+                    ))
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let rank = usize::try_from(lora.rank).map_err(JobError::bad)?;
+    let adapter_config = AdapterConfig {
+        base_model_name_or_path: Some(spec.base_model.uri.clone()),
+        ..AdapterConfig::new(rank, lora.alpha, lora.dropout, lora.use_rslora, &sites)
+    };
+    let adapters = Adapters::attach(&mut model, adapter_config, &sites, spec.training.seed)?;
+    Ok((model, adapters))
+}
+
+/// A probe object written and removed before any expensive work, so an output the trainer
+/// cannot write fails in seconds, not after hours of training.
+async fn check_writable(output: &Location, uri: &ObjectUri) -> Result<(), JobError> {
+    let probe = format!("{STAGING}/write-probe");
+    output.put(&probe, Vec::new()).await.map_err(|e| {
+        // A local filesystem's refusal is not going to change; a remote store's might.
+        if storage::is_permanent(&e) || matches!(uri, ObjectUri::File { .. }) {
+            JobError::bad(format!("the output {uri} is not writable: {e}"))
+        } else {
+            JobError::transient(format!("the output {uri}: {e}"))
+        }
+    })?;
+    output
+        .delete(&probe)
+        .await
+        .map_err(|e| JobError::store("the output", &e))
+}
+
+/// The model's files on local disk: a `file://` model is read in place; anything else is
+/// downloaded into the cache (kept across retries of the pod).
+async fn fetch_model(
+    uri: &ObjectUri,
+    location: &Location,
+    cache: &Path,
+) -> Result<PathBuf, JobError> {
+    let dir = if let ObjectUri::File { path } = uri {
+        PathBuf::from(path)
+    } else {
+        let dir = cache
+            .join("models")
+            .join(&hex(&Sha256::digest(uri.to_string()))[..16]);
+        location.download_to(&dir).await.map_err(|e| match e {
+            storage::DownloadError::Store(e) => JobError::store("downloading the base model", &e),
+            other @ storage::DownloadError::Write { .. } => JobError::transient(other),
+        })?;
+        dir
+    };
+    if !dir.join("config.json").is_file() {
+        return Err(JobError::bad(format!(
+            "the base model {uri} has no config.json (expected a Hugging Face model directory)"
+        )));
+    }
+    Ok(dir)
+}
+
+/// SHA-256 over `name  sha256(file)` lines of the model's files in name order.
+fn digest_model(dir: &Path) -> Result<String, JobError> {
+    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| JobError::bad(format!("reading the base model: {e}")))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    names.sort();
+    let mut all = Sha256::new();
+    for path in names {
+        let mut file = std::fs::File::open(&path).map_err(JobError::transient)?;
+        let mut one = Sha256::new();
+        std::io::copy(&mut file, &mut one).map_err(JobError::transient)?;
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        all.update(format!("{name}  {}\n", hex(&one.finalize())));
+    }
+    Ok(hex(&all.finalize()))
+}
+
+async fn newest_checkpoint(output: &Location) -> Result<Option<Checkpoint>, JobError> {
+    let dirs = output
+        .list_dirs("checkpoints")
+        .await
+        .map_err(|e| JobError::store("listing checkpoints", &e))?;
+    let mut steps: Vec<u64> = dirs
+        .iter()
+        .filter_map(|d| checkpoint::parse_directory(d))
+        .collect();
+    steps.sort_unstable();
+    for step in steps.into_iter().rev() {
+        let dir = checkpoint::directory(step);
+        let state = format!("{dir}/{}", checkpoint::STATE_FILE);
+        // Without its state file, a checkpoint was interrupted while being written.
+        if output
+            .get_opt(&state)
+            .await
+            .map_err(|e| JobError::store("reading a checkpoint", &e))?
+            .is_none()
+        {
+            continue;
+        }
+        let mut files = Vec::new();
+        for name in [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "optimizer.safetensors",
+            checkpoint::STATE_FILE,
+        ] {
+            let bytes = output
+                .get_opt(&format!("{dir}/{name}"))
+                .await
+                .map_err(|e| JobError::store("reading a checkpoint", &e))?;
+            files.push((name, bytes.map(|b| b.to_vec())));
+        }
+        let checkpoint = Checkpoint::from_files(|name| {
+            files
+                .iter()
+                .find(|(n, _)| *n == name)
+                .and_then(|(_, b)| b.clone())
+        })
+        .map_err(|e| JobError::bad(format!("{dir}: {e}")))?;
+        return Ok(Some(checkpoint));
+    }
+    Ok(None)
+}
+
+/// Uploads a checkpoint, its state file last.
+pub async fn save_checkpoint(output: &Location, checkpoint: &Checkpoint) -> Result<(), JobError> {
+    let dir = checkpoint::directory(checkpoint.state.step);
+    for (name, bytes) in checkpoint.to_files().map_err(JobError::transient)? {
+        output
+            .put(&format!("{dir}/{name}"), bytes)
+            .await
+            .map_err(|e| JobError::store("writing a checkpoint", &e))?;
+    }
+    Ok(())
+}
+
+/// The adapter files go to a staging prefix, are copied into place, and `graft.json` is
+/// written last: a reader that finds `graft.json` finds the whole adapter.
+async fn publish(
+    output: &Location,
+    config: Vec<u8>,
+    weights: Vec<u8>,
+    graft_json: &GraftJson,
+) -> Result<(), JobError> {
+    let store = |e: object_store::Error| JobError::store("publishing the adapter", &e);
+    // A retried run may replace an adapter: withdraw the old marker first.
+    output.delete(GRAFT_JSON).await.map_err(store)?;
+    for (name, bytes) in ADAPTER_FILES.into_iter().zip([config, weights]) {
+        let staged = format!("{STAGING}/{name}");
+        output.put(&staged, bytes).await.map_err(store)?;
+        output.copy(&staged, name).await.map_err(store)?;
+        output.delete(&staged).await.map_err(store)?;
+    }
+    let json = serde_json::to_vec_pretty(graft_json).map_err(JobError::transient)?;
+    output.put(GRAFT_JSON, json).await.map_err(store)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use graft_api::DatasetFormat;
+
+    use super::*;
+
+    #[test]
+    fn the_operators_rendering_reads_back_with_its_status_target() {
+        let yaml = r"
+baseModel: {uri: 's3://models/tiny/'}
+dataset: {uri: 's3://data/train.jsonl'}
+output: {uri: 's3://adapters/a/v1/'}
+statusTarget: {namespace: team-a, name: support-bot}
+";
+        let config: TrainerConfig = serde_yaml::from_str(yaml).expect("parses");
+        let target = config.status_target.expect("a status target");
+        assert_eq!(
+            (target.namespace.as_str(), target.name.as_str()),
+            ("team-a", "support-bot")
+        );
+        assert_eq!(config.spec.dataset.format, DatasetFormat::Auto);
+    }
+
+    #[test]
+    fn store_errors_split_into_permanent_and_transient() {
+        let missing = object_store::Error::NotFound {
+            path: "x".into(),
+            source: "gone".into(),
+        };
+        assert_eq!(JobError::store("reading", &missing).exit_code(), 2);
+        let flaky = object_store::Error::Generic {
+            store: "S3",
+            source: "connection reset".into(),
+        };
+        assert_eq!(JobError::store("reading", &flaky).exit_code(), 1);
+    }
+
+    #[test]
+    fn hex_is_lowercase_two_digits_per_byte() {
+        assert_eq!(hex(&[0, 15, 255]), "000fff");
+    }
+}

@@ -1,0 +1,215 @@
+//! Where training progress goes: a JSON line per step on stdout (a progress bar instead when
+//! stdout is a terminal), the FineTuneJob's `status.progress` through server-side apply with
+//! the trainer's own field manager, and checkpoints to the output store.
+
+use std::time::{Duration, Instant};
+
+use graft_api::FineTuneJob;
+use graft_engine::storage::Location;
+use indicatif::{ProgressBar, ProgressStyle};
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams},
+};
+use serde::{Deserialize, Serialize};
+use tokio::runtime::Runtime;
+
+use crate::{
+    checkpoint::Checkpoint,
+    job::{Metrics, save_checkpoint},
+    train::{HookError, Hooks, StepReport},
+};
+
+/// The FineTuneJob whose status the trainer reports to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusTarget {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// The field manager of `status.progress`; the operator never writes that field.
+pub const FIELD_MANAGER: &str = "graft-trainer";
+/// Status patches are rate-limited: the apiserver needs no more than this.
+const STATUS_INTERVAL: Duration = Duration::from_secs(5);
+
+#[derive(Debug)]
+pub struct Progress<'rt> {
+    rt: &'rt Runtime,
+    output: Location,
+    status: Option<Status>,
+    bar: Option<ProgressBar>,
+    last: Option<StepReport>,
+    eval_loss: Option<f64>,
+}
+
+struct Status {
+    target: StatusTarget,
+    client: Option<Client>,
+    /// Set after the first failure to build a client: progress then stays local.
+    unavailable: bool,
+    last_patch: Option<Instant>,
+}
+
+impl std::fmt::Debug for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Status")
+            .field("target", &self.target)
+            .field("connected", &self.client.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'rt> Progress<'rt> {
+    pub fn new(
+        rt: &'rt Runtime,
+        output: Location,
+        target: Option<StatusTarget>,
+        terminal: bool,
+    ) -> Self {
+        Self {
+            rt,
+            output,
+            status: target.map(|target| Status {
+                target,
+                client: None,
+                unavailable: false,
+                last_patch: None,
+            }),
+            bar: terminal.then(|| {
+                let bar = ProgressBar::new(0);
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "{bar:40} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+                    )
+                    .expect("a valid template"),
+                );
+                bar
+            }),
+            last: None,
+            eval_loss: None,
+        }
+    }
+
+    /// The figures of the run so far, for `graft.json`.
+    pub fn metrics(&self) -> Metrics {
+        Metrics {
+            final_loss: self.last.as_ref().map(|r| r.loss),
+            eval_loss: self.eval_loss,
+            tokens_per_second: self.last.as_ref().map(|r| r.tokens_per_second),
+            ..Metrics::default()
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
+        }
+    }
+
+    fn print(&self, report: &StepReport) {
+        if let Some(bar) = &self.bar {
+            bar.set_length(report.total_steps);
+            bar.set_position(report.step);
+            let eval = self
+                .eval_loss
+                .map(|l| format!("  eval {l:.4}"))
+                .unwrap_or_default();
+            bar.set_message(format!(
+                "loss {:.4}{eval}  {:.0} tok/s",
+                report.loss, report.tokens_per_second
+            ));
+            return;
+        }
+        let line = serde_json::json!({
+            "step": report.step,
+            "totalSteps": report.total_steps,
+            "epoch": report.epoch,
+            "loss": report.loss,
+            "evalLoss": report.eval_loss,
+            "learningRate": report.learning_rate,
+            "gradNorm": report.grad_norm,
+            "tokensPerSecond": report.tokens_per_second,
+            "etaSeconds": report.eta_seconds,
+        });
+        #[allow(clippy::print_stdout)]
+        {
+            println!("{line}");
+        }
+    }
+
+    fn patch_status(&mut self, report: &StepReport) {
+        let eval_loss = self.eval_loss;
+        let Some(status) = &mut self.status else {
+            return;
+        };
+        let last = report.step == report.total_steps;
+        if status.unavailable
+            || !last
+                && status
+                    .last_patch
+                    .is_some_and(|t| t.elapsed() < STATUS_INTERVAL)
+        {
+            return;
+        }
+        status.last_patch = Some(Instant::now());
+        let progress = graft_api::Progress {
+            step: report.step,
+            total_steps: report.total_steps,
+            epoch: report.epoch,
+            loss: Some(report.loss),
+            eval_loss,
+            tokens_per_second: Some(report.tokens_per_second),
+            eta_seconds: Some(report.eta_seconds),
+            updated_at: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            )),
+        };
+        let patch = serde_json::json!({
+            "apiVersion": "graft.dev/v1alpha1",
+            "kind": "FineTuneJob",
+            "status": {"progress": progress},
+        });
+        let result = self.rt.block_on(async {
+            if status.client.is_none() {
+                status.client = Some(
+                    Client::try_default()
+                        .await
+                        .map_err(|e| (true, e.to_string()))?,
+                );
+            }
+            let client = status.client.clone().expect("set above");
+            let api: Api<FineTuneJob> = Api::namespaced(client, &status.target.namespace);
+            api.patch_status(
+                &status.target.name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| (false, e.to_string()))
+        });
+        // Progress is informative: a failed report never stops training.
+        if let Err((no_client, reason)) = result {
+            status.unavailable |= no_client;
+            eprintln!("graft-trainer: reporting progress to the FineTuneJob: {reason}");
+        }
+    }
+}
+
+impl Hooks for Progress<'_> {
+    fn step(&mut self, report: &StepReport) -> Result<(), HookError> {
+        if report.eval_loss.is_some() {
+            self.eval_loss = report.eval_loss;
+        }
+        self.print(report);
+        self.patch_status(report);
+        self.last = Some(report.clone());
+        Ok(())
+    }
+
+    fn checkpoint(&mut self, checkpoint: &Checkpoint) -> Result<(), HookError> {
+        self.rt
+            .block_on(save_checkpoint(&self.output, checkpoint))
+            .map_err(|e| Box::new(e) as HookError)
+    }
+}

@@ -1,0 +1,378 @@
+//! `graft-trainer train` as a pod runs it: a tiny model made by `make-tiny-model`, a dataset
+//! and the output in a real S3-protocol server, credentials from the environment. Checks the
+//! published adapter, resuming after a kill, and the one-line reasons for bad input.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use candle_core::Device;
+use graft_engine::{
+    peft::Adapter,
+    storage::{self, Location, ObjectUri, S3Options},
+};
+use graft_testenv::S3Server;
+use sha2::{Digest, Sha256};
+
+const TRAINER: &str = env!("CARGO_BIN_EXE_graft-trainer");
+
+/// Prompts naming a colour answered by a fixed animal: a mapping a tiny model can learn.
+fn pairs() -> Vec<(String, String)> {
+    let colours = [
+        "red", "blue", "green", "gold", "pink", "grey", "teal", "plum",
+    ];
+    let animals = ["fox", "owl", "cat", "yak", "emu", "eel", "ant", "bee"];
+    colours
+        .iter()
+        .zip(animals)
+        .map(|(c, a)| (format!("colour {c} ->"), format!(" {a}")))
+        .collect()
+}
+
+fn dataset_jsonl() -> String {
+    pairs()
+        .iter()
+        .map(|(p, c)| serde_json::json!({"prompt": p, "completion": c}).to_string() + "\n")
+        .collect()
+}
+
+fn options(s3: &S3Server) -> S3Options {
+    S3Options {
+        endpoint: Some(s3.endpoint().to_owned()),
+        region: Some(s3.region().to_owned()),
+        access_key_id: Some(s3.access_key_id().to_owned()),
+        secret_access_key: Some(s3.secret_access_key().to_owned()),
+        session_token: None,
+    }
+}
+
+fn location(s3: &S3Server, uri: &str) -> Location {
+    storage::open(&uri.parse::<ObjectUri>().expect("uri"), &options(s3)).expect("open")
+}
+
+/// A tiny model made by the trainer's own subcommand, once per test binary.
+fn tiny_model() -> &'static Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("graft-tiny-{}", std::process::id()));
+        let corpus = dir.with_extension("corpus.txt");
+        let text = pairs()
+            .iter()
+            .map(|(p, c)| format!("{p}{c}"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(&corpus, format!("{text}\n").repeat(4)).expect("corpus");
+        let out = Command::new(TRAINER)
+            .args(["make-tiny-model", "--seed", "3", "--out"])
+            .arg(&dir)
+            .arg("--corpus")
+            .arg(&corpus)
+            .output()
+            .expect("make-tiny-model runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    })
+}
+
+struct Run {
+    config: PathBuf,
+    cache: PathBuf,
+}
+
+/// A config like the operator renders, training on `dataset` (an S3 URI) into `output`.
+fn config(s3: &S3Server, dataset: &str, output: &str) -> Run {
+    let dir = tempfile::tempdir().expect("tempdir").keep();
+    let model = tiny_model().display();
+    let yaml = format!(
+        r"
+baseModel: {{uri: 'file://{model}'}}
+dataset: {{uri: '{dataset}', validationFraction: 0.25}}
+method:
+  quantization: nf4
+  lora: {{rank: 8, alpha: 16, dropout: 0.05, targetModules: [q_proj, v_proj, o_proj, up_proj, down_proj]}}
+training: {{epochs: 8, learningRate: 0.01, batchSize: 2, gradientAccumulationSteps: 1,
+           maxSequenceLength: 32, warmupSteps: 2, scheduler: cosine, seed: 11,
+           checkpointEverySteps: 4, gradientCheckpointing: true}}
+output: {{uri: '{output}'}}
+storage: {{endpoint: '{endpoint}', region: {region}}}
+resources: {{gpus: 0}}
+",
+        endpoint = s3.endpoint(),
+        region = s3.region(),
+    );
+    let config = dir.join("config.yaml");
+    std::fs::write(&config, yaml).expect("config");
+    Run {
+        config,
+        cache: dir.join("cache"),
+    }
+}
+
+fn command(s3: &S3Server, run: &Run) -> Command {
+    let mut command = Command::new(TRAINER);
+    command
+        .args(["train", "--config"])
+        .arg(&run.config)
+        .arg("--cache-dir")
+        .arg(&run.cache)
+        .env("AWS_ACCESS_KEY_ID", s3.access_key_id())
+        .env("AWS_SECRET_ACCESS_KEY", s3.secret_access_key())
+        .stdin(Stdio::null());
+    command
+}
+
+fn train(s3: &S3Server, run: &Run) -> Output {
+    command(s3, run).output().expect("the trainer runs")
+}
+
+async fn put(s3: &S3Server, uri: &str, body: &str) {
+    location(s3, uri)
+        .put("", body.as_bytes().to_vec())
+        .await
+        .expect("put");
+}
+
+async fn adapter(s3: &S3Server, output: &str) -> (Adapter, Vec<u8>) {
+    let out = location(s3, output);
+    let config = out
+        .get("adapter_config.json")
+        .await
+        .expect("adapter_config.json");
+    let weights = out.get("adapter_model.safetensors").await.expect("weights");
+    let adapter = Adapter::from_bytes(&config, &weights, &Device::Cpu).expect("a PEFT adapter");
+    (adapter, weights.to_vec())
+}
+
+#[tokio::test]
+async fn trains_publishes_a_complete_adapter_and_reports_each_step() {
+    let s3 = S3Server::shared().await;
+    let bucket = s3.bucket("train");
+    let dataset = format!("s3://{bucket}/data/train.jsonl");
+    put(s3, &dataset, &dataset_jsonl()).await;
+    let output = format!("s3://{bucket}/adapters/colours/v1/");
+    let run = config(s3, &dataset, &output);
+    let out = train(s3, &run);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+
+    // One JSON line per step, the loss falling, eval loss at epoch ends.
+    let steps: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    // 6 training records, batch 2: 3 steps per epoch, 8 epochs.
+    assert_eq!(steps.len(), 24);
+    assert_eq!(steps.last().expect("steps")["totalSteps"], 24);
+    let loss = |i: usize| steps[i]["loss"].as_f64().expect("loss");
+    assert!(loss(23) < loss(0) * 0.2, "loss {} → {}", loss(0), loss(23));
+    assert!(steps[2]["evalLoss"].is_f64() && steps[0]["evalLoss"].is_null());
+
+    // The adapter is PEFT's, its digest is in graft.json and the result line.
+    let (adapter, weights) = adapter(s3, &output).await;
+    assert_eq!(adapter.config.r, 8);
+    assert_eq!(adapter.weights.len(), 2 * 5, "5 sites on 2 layers");
+    let sha = format!("{:x}", Sha256::digest(&weights));
+    let out_location = location(s3, &output);
+    let graft: serde_json::Value =
+        serde_json::from_slice(&out_location.get("graft.json").await.expect("graft.json"))
+            .expect("JSON");
+    assert_eq!(graft["adapter"]["sha256"], sha);
+    assert_eq!(graft["adapter"]["sizeBytes"], weights.len());
+    assert_eq!(graft["dataset"]["uri"], dataset);
+    assert_eq!(
+        graft["baseModel"]["sha256"].as_str().map(str::len),
+        Some(64)
+    );
+    assert!(
+        stderr.contains(&sha),
+        "the result line names the digest: {stderr}"
+    );
+    // Nothing half-written stays behind; the checkpoints do, for a later resume.
+    let names: Vec<String> = out_location
+        .list_all()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.starts_with(".staging")),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"checkpoints/step-20/state.json".to_owned()),
+        "{names:?}"
+    );
+}
+
+#[tokio::test]
+async fn killed_and_restarted_it_resumes_and_ends_as_an_uninterrupted_run() {
+    let s3 = S3Server::shared().await;
+    let bucket = s3.bucket("resume");
+    let dataset = format!("s3://{bucket}/train.jsonl");
+    put(s3, &dataset, &dataset_jsonl()).await;
+
+    // Long enough (90 steps) that the kill lands between the first checkpoint and the end.
+    let longer = |run: Run| {
+        let text = std::fs::read_to_string(&run.config).expect("config");
+        std::fs::write(&run.config, text.replace("epochs: 8,", "epochs: 30,")).expect("config");
+        run
+    };
+    let whole = format!("s3://{bucket}/whole/");
+    let out = train(s3, &longer(config(s3, &dataset, &whole)));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let interrupted = format!("s3://{bucket}/interrupted/");
+    let run = longer(config(s3, &dataset, &interrupted));
+    let mut child = command(s3, &run)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let out_location = location(s3, &interrupted);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let dirs = out_location.list_dirs("checkpoints").await.expect("list");
+        if !dirs.is_empty()
+            && out_location
+                .get_opt(&format!("checkpoints/{}/state.json", dirs[0]))
+                .await
+                .expect("get")
+                .is_some()
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no checkpoint within 120 s");
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "the run ended before it could be killed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaped");
+    assert!(
+        out_location
+            .get_opt("graft.json")
+            .await
+            .expect("get")
+            .is_none(),
+        "killed before finishing"
+    );
+
+    let resumed = train(s3, &run);
+    let stderr = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success(), "{stderr}");
+    assert!(stderr.contains("resuming after step"), "{stderr}");
+    let first_step = String::from_utf8_lossy(&resumed.stdout)
+        .lines()
+        .next()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON")["step"].clone());
+    assert_ne!(
+        first_step,
+        Some(serde_json::json!(1)),
+        "it did not start over"
+    );
+
+    let (a, _) = adapter(s3, &whole).await;
+    let (b, _) = adapter(s3, &interrupted).await;
+    let mut worst = 0f32;
+    for (key, lora) in &a.weights {
+        let other = &b.weights[key];
+        for (x, y) in [(&lora.a, &other.a), (&lora.b, &other.b)] {
+            let diff = (x - y)
+                .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+                .expect("diff");
+            worst = worst.max(diff);
+        }
+    }
+    assert!(worst <= 1e-5, "resumed adapter differs by {worst}");
+}
+
+/// Runs the trainer on a bad input and returns its one-line reason (exit code 2 asserted).
+async fn refused(
+    s3: &S3Server,
+    dataset_body: Option<&str>,
+    output: Option<&str>,
+    edit: impl Fn(String) -> String,
+) -> String {
+    let bucket = s3.bucket("bad");
+    let dataset = format!("s3://{bucket}/train.jsonl");
+    if let Some(body) = dataset_body {
+        put(s3, &dataset, body).await;
+    }
+    let output = output.map_or_else(|| format!("s3://{bucket}/out/"), str::to_owned);
+    let run = config(s3, &dataset, &output);
+    let text = std::fs::read_to_string(&run.config).expect("config");
+    std::fs::write(&run.config, edit(text)).expect("config");
+    let out = train(s3, &run);
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    stderr
+}
+
+#[tokio::test]
+async fn bad_input_exits_2_with_a_one_line_reason() {
+    let s3 = S3Server::shared().await;
+    let good = dataset_jsonl();
+    let same = |text: String| text;
+    let model = |dir: &Path| {
+        let dir = dir.display().to_string();
+        move |text: String| text.replace(&tiny_model().display().to_string(), &dir)
+    };
+
+    let malformed = format!("{good}{{\"prompt\": \"x\"\n");
+    let reason = refused(s3, Some(&malformed), None, same).await;
+    assert!(reason.contains("line 9"), "{reason}");
+
+    let reason = refused(s3, Some(""), None, same).await;
+    assert!(reason.contains("no records"), "{reason}");
+
+    let reason = refused(s3, None, None, same).await;
+    assert!(
+        reason.contains("dataset"),
+        "missing dataset object: {reason}"
+    );
+
+    let empty_model = tempfile::tempdir().expect("tempdir");
+    let reason = refused(s3, Some(&good), None, model(empty_model.path())).await;
+    assert!(reason.contains("config.json"), "{reason}");
+
+    let other = tempfile::tempdir().expect("tempdir");
+    for entry in std::fs::read_dir(tiny_model()).expect("model") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), other.path().join(entry.file_name())).expect("copy");
+    }
+    let config = other.path().join("config.json");
+    let text = std::fs::read_to_string(&config).expect("config.json");
+    std::fs::write(&config, text.replace("\"llama\"", "\"gpt2\"")).expect("write");
+    let reason = refused(s3, Some(&good), None, model(other.path())).await;
+    assert!(
+        reason.contains("gpt2"),
+        "unsupported architecture named: {reason}"
+    );
+
+    // A file where the output directory would have to be.
+    let file = tempfile::NamedTempFile::new().expect("file");
+    let blocked = format!("file://{}/out/", file.path().display());
+    let reason = refused(s3, Some(&good), Some(&blocked), same).await;
+    assert!(reason.contains("not writable"), "{reason}");
+
+    let lm_head = |text: String| text.replace("up_proj, down_proj]", "lm_head]");
+    let reason = refused(s3, Some(&good), None, lm_head).await;
+    assert!(
+        reason.contains("lm_head"),
+        "the unknown target module is named: {reason}"
+    );
+}
