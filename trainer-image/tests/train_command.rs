@@ -376,3 +376,97 @@ async fn bad_input_exits_2_with_a_one_line_reason() {
         "the unknown target module is named: {reason}"
     );
 }
+
+#[tokio::test]
+async fn progress_reaches_the_finetunejobs_status_under_the_trainers_own_rights() {
+    use graft_api::{FineTuneJob, all_crds};
+    use graft_testenv::{ControlPlane, install_crds};
+    use kube::{Api, api::PostParams};
+
+    let cp = ControlPlane::shared().await;
+    let admin = cp.client().await;
+    install_crds(&admin, &all_crds()).await;
+    let ns = cp.namespace("trainer").await;
+    let job: FineTuneJob = serde_json::from_value(serde_json::json!({
+        "apiVersion": "graft.dev/v1alpha1", "kind": "FineTuneJob",
+        "metadata": {"name": "colours", "namespace": ns},
+        "spec": {
+            "baseModel": {"uri": "s3://models/tiny/"},
+            "dataset": {"uri": "s3://data/train.jsonl"},
+            "output": {"uri": "s3://adapters/colours/"},
+        },
+    }))
+    .expect("a FineTuneJob");
+    let jobs: Api<FineTuneJob> = Api::namespaced(admin.clone(), &ns);
+    jobs.create(&PostParams::default(), &job)
+        .await
+        .expect("create");
+    // The rights the operator gives a job's ServiceAccount: its own status, nothing else.
+    let rbac = serde_json::json!([
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+         "metadata": {"name": "trainer", "namespace": ns},
+         "rules": [{"apiGroups": ["graft.dev"], "resources": ["finetunejobs/status"],
+                    "resourceNames": ["colours"], "verbs": ["get", "patch"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": {"name": "trainer", "namespace": ns},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "trainer"},
+         "subjects": [{"kind": "ServiceAccount", "name": "trainer", "namespace": ns}]},
+    ]);
+    for object in rbac.as_array().expect("list") {
+        let kind = object["kind"].as_str().expect("kind");
+        let resource = kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+            "rbac.authorization.k8s.io",
+            "v1",
+            kind,
+        ));
+        let api: Api<kube::api::DynamicObject> =
+            Api::namespaced_with(admin.clone(), &ns, &resource);
+        let object: kube::api::DynamicObject =
+            serde_json::from_value(object.clone()).expect("object");
+        api.create(&PostParams::default(), &object)
+            .await
+            .expect("create RBAC");
+    }
+
+    let s3 = S3Server::shared().await;
+    let bucket = s3.bucket("status");
+    let dataset = format!("s3://{bucket}/train.jsonl");
+    put(s3, &dataset, &dataset_jsonl()).await;
+    let run = config(s3, &dataset, &format!("s3://{bucket}/out/"));
+    let text = std::fs::read_to_string(&run.config).expect("config");
+    let target = format!("statusTarget: {{namespace: {ns}, name: colours}}\n");
+    std::fs::write(&run.config, text + &target).expect("config");
+    let kubeconfig = cp.kubeconfig_as(&format!("system:serviceaccount:{ns}:trainer"));
+    let out = command(s3, &run)
+        .env("KUBECONFIG", &kubeconfig)
+        .output()
+        .expect("the trainer runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        !stderr.contains("reporting progress"),
+        "no failed report: {stderr}"
+    );
+
+    let job = jobs.get_status("colours").await.expect("get");
+    let progress = job
+        .status
+        .and_then(|s| s.progress)
+        .expect("progress written");
+    assert_eq!(
+        (progress.step, progress.total_steps),
+        (24, 24),
+        "the last step is always sent"
+    );
+    assert!(progress.loss.is_some() && progress.eval_loss.is_some());
+    assert!(progress.updated_at.is_some());
+    let managers: Vec<_> = job
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|f| f.subresource.as_deref() == Some("status"))
+        .filter_map(|f| f.manager)
+        .collect();
+    assert_eq!(managers, ["graft-trainer"]);
+}
