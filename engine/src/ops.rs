@@ -2,7 +2,7 @@
 //! (`ops::rms_norm`, `ops::softmax_last_dim`, `rotary_emb::rope`): the training path must use
 //! these, or gradients silently stop.
 
-use candle_core::{D, DType, Result, Tensor};
+use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Result, Shape, Tensor};
 
 /// RMSNorm as transformers computes it: in f32, then cast back, then times the weight.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
@@ -34,6 +34,79 @@ pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
 }
 
+/// Attention probabilities from f32 scores `[.., queries, keys]`: softmax over the keys each
+/// query may see — causal, and within `window` when the model has a sliding window — with the
+/// rest exactly 0. The last `queries` of `keys` positions are the queries (all of them in
+/// training; the new ones after a KV cache).
+///
+/// One fused op instead of a mask addition and five elementwise passes, each with its own
+/// backward: attention scores are the largest activations of a training step, and the passes
+/// over them dominated a CPU step. The backward uses the saved probabilities:
+/// `dscores = p · (dp − Σ dp·p)`.
+pub fn causal_softmax(scores: &Tensor, window: Option<usize>) -> Result<Tensor> {
+    scores.apply_op1(CausalSoftmax { window })
+}
+
+struct CausalSoftmax {
+    window: Option<usize>,
+}
+
+impl CausalSoftmax {
+    /// The keys query `q` (of `queries`) may see: `first..=last`.
+    fn visible(&self, q: usize, queries: usize, keys: usize) -> (usize, usize) {
+        let last = keys - queries + q;
+        let first = self.window.map_or(0, |w| (last + 1).saturating_sub(w));
+        (first, last)
+    }
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(values), Some((start, end))) = (storage, layout.contiguous_offsets())
+        else {
+            candle_core::bail!("{}: needs contiguous f32 scores", self.name());
+        };
+        let dims = layout.dims();
+        let (queries, keys) = match dims {
+            [.., q, k] if k >= q => (*q, *k),
+            _ => candle_core::bail!(
+                "{}: scores {dims:?} are not [.., queries, keys]",
+                self.name()
+            ),
+        };
+        let mut out = vec![0f32; end - start];
+        for (row, (input, output)) in values[start..end]
+            .chunks_exact(keys)
+            .zip(out.chunks_exact_mut(keys))
+            .enumerate()
+        {
+            let (first, last) = self.visible(row % queries, queries, keys);
+            let (input, output) = (&input[first..=last], &mut output[first..=last]);
+            let max = input.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for (o, &x) in output.iter_mut().zip(input) {
+                *o = (x - max).exp();
+                sum += *o;
+            }
+            let inverse = 1.0 / sum;
+            for o in output.iter_mut() {
+                *o *= inverse;
+            }
+        }
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _: &Tensor, probs: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        // Masked positions have p = 0, so they get no gradient without a mask here.
+        let dot = (grad * probs)?.sum_keepdim(D::Minus1)?;
+        Ok(Some((grad.broadcast_sub(&dot)? * probs)?))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, Var};
@@ -61,6 +134,47 @@ mod tests {
             .expect("a gradient reaches the input");
         let norm: f32 = grad.sqr()?.sum_all()?.to_scalar()?;
         assert!(norm > 1e-6, "gradient {grad}");
+        Ok(())
+    }
+
+    /// The unfused reference: scores plus a −∞ mask, then softmax.
+    fn masked_softmax(x: &Tensor, window: Option<usize>) -> Result<Tensor> {
+        let (q, k) = (x.dim(D::Minus2)?, x.dim(D::Minus1)?);
+        let mask: Vec<f32> = (0..q)
+            .flat_map(|i| {
+                (0..k).map(move |j| {
+                    let last = k - q + i;
+                    let visible = j <= last && window.is_none_or(|w| last - j < w);
+                    if visible { 0.0 } else { f32::NEG_INFINITY }
+                })
+            })
+            .collect();
+        softmax_last_dim(&x.broadcast_add(&Tensor::from_vec(mask, (q, k), x.device())?)?)
+    }
+
+    #[test]
+    fn causal_softmax_equals_masking_then_softmax_with_the_same_gradient() -> Result<()> {
+        let device = Device::Cpu;
+        for (queries, window) in [(5, None), (5, Some(2)), (2, None), (3, Some(3))] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (2, 3, queries, 5), &device)?)?;
+            let weights = Tensor::randn(0f32, 1.0, (2, 3, queries, 5), &device)?;
+            let fused = causal_softmax(x.as_tensor(), window)?;
+            let reference = masked_softmax(x.as_tensor(), window)?;
+            let diff: f32 = (&fused - &reference)?.abs()?.max_all()?.to_scalar()?;
+            assert!(diff < 1e-6, "{queries} queries, window {window:?}: {diff}");
+            let grad = |y: &Tensor| -> Result<Tensor> {
+                let grads = (y * &weights)?.sum_all()?.backward()?;
+                Ok(grads.get(x.as_tensor()).expect("a gradient").clone())
+            };
+            let diff: f32 = (grad(&fused)? - grad(&reference)?)?
+                .abs()?
+                .max_all()?
+                .to_scalar()?;
+            assert!(
+                diff < 1e-5,
+                "gradient, {queries} queries, window {window:?}: {diff}"
+            );
+        }
         Ok(())
     }
 

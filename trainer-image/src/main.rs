@@ -7,6 +7,12 @@ use clap::{Parser, Subcommand};
 use graft_engine::tiny::{TinySpec, write_tiny_model};
 use graft_trainer::job::{self, JobError};
 
+// Training allocates and frees activation-sized buffers on every op; glibc's malloc hands
+// large ones back to the kernel each time, and the page faults of getting them again cost
+// more than a third of a CPU training step. mimalloc keeps them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Where the kubelet reads a container's termination message from.
 const TERMINATION_LOG: &str = "/dev/termination-log";
 
@@ -45,6 +51,24 @@ enum Command {
         corpus: PathBuf,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// The most tokens the tokenizer may learn (a small corpus may give fewer).
+        #[arg(long, default_value_t = 512)]
+        vocab_size: usize,
+        #[arg(long, default_value_t = 64)]
+        hidden_size: usize,
+        #[arg(long, default_value_t = 128)]
+        intermediate_size: usize,
+        #[arg(long, default_value_t = 2)]
+        layers: usize,
+        #[arg(long, default_value_t = 4)]
+        heads: usize,
+        #[arg(long, default_value_t = 2)]
+        kv_heads: usize,
+        /// Standard deviation of the random weights. Wider than a real model's 0.02 by
+        /// default: the frozen LM head of a narrow model at 0.02 cannot move a logit by more
+        /// than about one nat, so no adapter could teach it anything.
+        #[arg(long, default_value_t = 0.2)]
+        init_std: f32,
     },
 }
 
@@ -60,8 +84,30 @@ fn main() -> ExitCode {
                 eprintln!("graft-trainer: adapter published: {line}");
             }),
         Command::CheckConfig { config } => job::read_config(&config).map(|_| ()),
-        Command::MakeTinyModel { out, corpus, seed } => {
-            make_tiny_model(&out, &corpus, seed).map_err(|e| JobError::BadInput(format!("{e:#}")))
+        Command::MakeTinyModel {
+            out,
+            corpus,
+            seed,
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            layers,
+            heads,
+            kv_heads,
+            init_std,
+        } => {
+            let spec = TinySpec {
+                seed,
+                vocab_size,
+                hidden_size,
+                intermediate_size,
+                num_layers: layers,
+                num_heads: heads,
+                num_kv_heads: kv_heads,
+                init_std,
+                ..TinySpec::default()
+            };
+            make_tiny_model(&out, &corpus, &spec).map_err(|e| JobError::BadInput(format!("{e:#}")))
         }
     };
     match result {
@@ -81,7 +127,7 @@ fn main() -> ExitCode {
 fn make_tiny_model(
     out: &std::path::Path,
     corpus: &std::path::Path,
-    seed: u64,
+    spec: &TinySpec,
 ) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(corpus)
         .with_context(|| format!("reading the corpus {}", corpus.display()))?;
@@ -91,14 +137,7 @@ fn make_tiny_model(
         .map(str::to_owned)
         .collect();
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    // Wider than a real model's 0.02: the frozen LM head of a 64-wide model at 0.02 cannot
-    // move a logit by more than about one nat, so no adapter could teach it anything.
-    let spec = TinySpec {
-        seed,
-        init_std: 0.2,
-        ..TinySpec::default()
-    };
-    let made = write_tiny_model(out, &spec, &lines).context("writing the tiny model")?;
+    let made = write_tiny_model(out, spec, &lines).context("writing the tiny model")?;
     eprintln!(
         "graft-trainer: wrote {} ({} parameters, {} tokens)",
         out.display(),

@@ -9,7 +9,7 @@ use super::config::{Config, Rope};
 use crate::{
     linear::{FrozenLinear, FrozenWeight},
     lora::{Lora, LoraLinear, dropout_mask},
-    ops::{apply_rotary, rms_norm, softmax_last_dim},
+    ops::{apply_rotary, causal_softmax, rms_norm},
     rng::Rng,
 };
 
@@ -88,12 +88,11 @@ impl Dropout {
     }
 }
 
-/// Per-sequence-length tables shared by every layer: rotary `cos`/`sin` and the causal mask.
+/// Per-sequence-length tables shared by every layer: rotary `cos` and `sin`.
 #[derive(Clone, Debug)]
 pub struct Positions {
     cos: Tensor,
     sin: Tensor,
-    mask: Tensor,
 }
 
 #[derive(Clone, Debug)]
@@ -189,11 +188,10 @@ impl Llama {
             .reshape((batch, seq, self.config.hidden_size))
     }
 
-    /// The rotary tables and causal mask for sequences of `seq` tokens, shared by every layer.
+    /// The rotary tables for sequences of `seq` tokens, shared by every layer.
     pub fn positions(&self, seq: usize, device: &Device) -> Result<Positions> {
         let (cos, sin) = self.rotary_tables(seq, device)?;
-        let mask = causal_mask(seq, self.config.sliding_window, device)?;
-        Ok(Positions { cos, sin, mask })
+        Ok(Positions { cos, sin })
     }
 
     /// Decoder layer `index`. The trainer calls it one layer at a time to recompute layers
@@ -260,8 +258,8 @@ impl Llama {
         let scale = 1.0 / (cfg.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?
             .to_dtype(DType::F32)?
-            .broadcast_add(&positions.mask)?;
-        let probs = softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+            .contiguous()?;
+        let probs = causal_softmax(&scores, cfg.sliding_window)?.to_dtype(v.dtype())?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((
             batch,
             seq,
@@ -337,19 +335,6 @@ fn repeat_kv(heads: &Tensor, times: usize) -> Result<Tensor> {
         .broadcast_as((batch, kv, times, seq, dim))?
         .contiguous()?
         .reshape((batch, kv * times, seq, dim))
-}
-
-/// `[seq, seq]`: 0 where position `i` may attend to `j`, −∞ elsewhere.
-fn causal_mask(seq: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..seq)
-        .flat_map(|i| {
-            (0..seq).map(move |j| {
-                let visible = j <= i && window.is_none_or(|w| i - j < w);
-                if visible { 0.0 } else { f32::NEG_INFINITY }
-            })
-        })
-        .collect();
-    Tensor::from_vec(mask, (seq, seq), device)
 }
 
 /// transformers' `inv_freq` (with llama3 scaling), in f32.

@@ -1,0 +1,227 @@
+//! Parity with the reference implementation: an adapter `graft-trainer train` publishes loads
+//! in Hugging Face PEFT and gives, there, the logits Graft's engine gives with it, within 1e-4.
+//!
+//! The trainer trains on the committed tiny model `engine/tests/data/tiny/made/` (a Hugging
+//! Face Llama directory with its tokenizer); the engine computes logits with the adapter
+//! applied; `tests/oracle/graft_adapter_in_peft.py` loads the same model with
+//! `AutoModelForCausalLM.from_pretrained(dtype=float32)` + `PeftModel.from_pretrained`
+//! (PEFT 0.21.2, transformers 5.23, CPU) and compares. The Python is
+//! `$GRAFT_ORACLE_PYTHON`, the environment `tests/oracle/venv.sh` makes (tests/run.sh sets it).
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use candle_core::{DType, Device, Tensor};
+use graft_engine::{
+    models::{Config, Llama, Precision, load_weights},
+    peft::Adapter,
+};
+
+const TRAINER: &str = env!("CARGO_BIN_EXE_graft-trainer");
+
+/// The repository root, found at run time: a shared, cached target directory may hold a
+/// binary compiled in another checkout, so nothing is baked in with `env!`.
+fn repo() -> PathBuf {
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .expect("CARGO_MANIFEST_DIR is set: run tests through cargo");
+    let root = Path::new(&manifest_dir).join("..");
+    std::fs::canonicalize(&root).unwrap_or_else(|e| panic!("{}: {e}", root.display()))
+}
+
+fn tiny_model() -> PathBuf {
+    repo().join("engine/tests/data/tiny/made")
+}
+
+/// The oracle's Python. Missing, the test fails: parity is a gate, not a best effort.
+fn oracle_python() -> PathBuf {
+    std::env::var_os("GRAFT_ORACLE_PYTHON").map_or_else(
+        || {
+            panic!(
+                "GRAFT_ORACLE_PYTHON is not set: run `export GRAFT_ORACLE_PYTHON=$(bash \
+                 tests/oracle/venv.sh)` (a cached venv with torch, transformers and peft; \
+                 tests/run.sh does this)"
+            )
+        },
+        PathBuf::from,
+    )
+}
+
+/// Questions naming a colour answered by a fixed animal: something a tiny model can learn, so
+/// the adapter moves far from its zero-B start.
+fn dataset_jsonl() -> String {
+    let colours = [
+        "red", "blue", "green", "gold", "pink", "grey", "teal", "plum",
+    ];
+    let animals = ["fox", "owl", "cat", "yak", "emu", "eel", "ant", "bee"];
+    colours
+        .iter()
+        .zip(animals)
+        .map(|(c, a)| {
+            let record = serde_json::json!({
+                "prompt": format!("Which animal is {c}?"),
+                "completion": format!(" The {a}."),
+            });
+            record.to_string() + "\n"
+        })
+        .collect()
+}
+
+/// Trains with `method` (the YAML of `spec.method`) and returns the published adapter's
+/// directory.
+fn train(dir: &Path, method: &str) -> PathBuf {
+    let dataset = dir.join("train.jsonl");
+    std::fs::write(&dataset, dataset_jsonl()).expect("dataset");
+    let output = dir.join("adapter");
+    let yaml = format!(
+        r"
+baseModel: {{uri: 'file://{model}'}}
+dataset: {{uri: 'file://{dataset}', validationFraction: 0.25}}
+method: {method}
+training: {{epochs: 12, learningRate: 0.01, batchSize: 2, gradientAccumulationSteps: 1,
+           maxSequenceLength: 32, warmupSteps: 2, scheduler: cosine, seed: 5}}
+output: {{uri: 'file://{output}/'}}
+resources: {{gpus: 0}}
+",
+        model = tiny_model().display(),
+        dataset = dataset.display(),
+        output = output.display(),
+    );
+    let config = dir.join("config.yaml");
+    std::fs::write(&config, yaml).expect("config");
+    let out = Command::new(TRAINER)
+        .args(["train", "--config"])
+        .arg(&config)
+        .arg("--cache-dir")
+        .arg(dir.join("cache"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("the trainer runs");
+    assert!(
+        out.status.success(),
+        "graft-trainer train failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        output.join("graft.json").is_file(),
+        "the adapter is published"
+    );
+    output
+}
+
+fn read_adapter(dir: &Path) -> Adapter {
+    let config = std::fs::read(dir.join("adapter_config.json")).expect("adapter_config.json");
+    let weights =
+        std::fs::read(dir.join("adapter_model.safetensors")).expect("adapter_model.safetensors");
+    Adapter::from_bytes(&config, &weights, &Device::Cpu).expect("a PEFT adapter")
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .and_then(|t| t.flatten_all()?.max(0)?.to_scalar::<f32>())
+        .expect("max")
+}
+
+/// The tiny model on its dense f32 weights, as `from_pretrained(dtype=float32)` loads it.
+fn dense_model() -> Llama {
+    let dir = tiny_model();
+    let text = std::fs::read_to_string(dir.join("config.json")).expect("config.json");
+    let config = Config::from_json(&text).expect("config");
+    let vb = load_weights(&dir, DType::F32, &Device::Cpu).expect("weights");
+    Llama::load(&vb, &config, Precision::Dense).expect("model")
+}
+
+/// Fixed rows of token ids (the model's vocabulary is 384): no padding, no special meaning.
+fn input_ids() -> Tensor {
+    let rows: [[u32; 12]; 3] = [
+        [0, 17, 250, 3, 99, 383, 42, 42, 7, 128, 64, 300],
+        [0, 200, 201, 202, 5, 6, 1, 77, 310, 11, 12, 13],
+        [9, 8, 7, 6, 5, 4, 3, 2, 100, 150, 180, 360],
+    ];
+    Tensor::new(&rows, &Device::Cpu).expect("ids")
+}
+
+/// Trains with `method`, computes Graft's logits with the adapter on the dense base, and has
+/// PEFT compare its own (the oracle's line, with the largest difference, goes to stderr).
+fn graft_and_peft_agree(name: &str, method: &str) {
+    let python = oracle_python();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let adapter_dir = train(dir.path(), method);
+    let adapter = read_adapter(&adapter_dir);
+    for ((layer, site), lora) in &adapter.weights {
+        let b = max_abs(&lora.b);
+        assert!(
+            b > 1e-3,
+            "B of layer {layer} {} is still ~0 ({b}): training did not move it",
+            site.name()
+        );
+    }
+
+    let ids = input_ids();
+    let base = dense_model().forward(&ids).expect("forward");
+    let mut model = dense_model();
+    adapter
+        .apply(&mut model)
+        .expect("the adapter fits its base");
+    let logits = model.forward(&ids).expect("forward");
+    let effect = max_abs(&(&logits - &base).expect("diff"));
+    assert!(
+        effect > 1e-3,
+        "the adapter moves the logits by only {effect}: the comparison would prove nothing"
+    );
+
+    let reference = dir.path().join("graft-logits.safetensors");
+    let tensors = HashMap::from([
+        (
+            "input_ids".to_owned(),
+            ids.to_dtype(DType::I64).expect("i64"),
+        ),
+        ("logits".to_owned(), logits),
+    ]);
+    candle_core::safetensors::save(&tensors, &reference).expect("write the reference");
+
+    let script = repo().join("tests/oracle/graft_adapter_in_peft.py");
+    let out = Command::new(&python)
+        .arg(&script)
+        .arg("--model")
+        .arg(tiny_model())
+        .arg("--adapter")
+        .arg(&adapter_dir)
+        .arg("--reference")
+        .arg(&reference)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", python.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{name}: {}", stdout.trim());
+    assert!(
+        out.status.success(),
+        "PEFT disagrees with Graft (Graft's adapter moves the logits by {effect}):\n\
+         {stdout}\n{stderr}"
+    );
+}
+
+#[test]
+fn a_lora_adapter_trained_by_graft_gives_graft_logits_in_peft() {
+    graft_and_peft_agree(
+        "LoRA on the f32 base",
+        "{quantization: none, lora: {rank: 4, alpha: 8, dropout: 0.0, targetModules: \
+         [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]}}",
+    );
+}
+
+/// The adapter is trained against the NF4-quantized base, but PEFT loads it on the f32 base,
+/// as users load a QLoRA adapter for inference; so Graft's logits here are computed on the
+/// dense base too (`Precision::Dense`), and the comparison is of the adapter's files, config
+/// (rsLoRA scaling included) and placement, not of NF4.
+#[test]
+fn a_qlora_adapter_trained_on_nf4_gives_graft_logits_in_peft_on_the_dense_base() {
+    graft_and_peft_agree(
+        "QLoRA (NF4), applied to the f32 base",
+        "{quantization: nf4, lora: {rank: 8, alpha: 16, dropout: 0.05, useRslora: true, \
+         targetModules: [q_proj, v_proj, o_proj, up_proj, down_proj]}}",
+    );
+}
