@@ -34,6 +34,16 @@ impl Rng {
     pub fn uniform(&mut self, low: f32, high: f32) -> f32 {
         low + (high - low) * self.next_f32()
     }
+
+    /// `0..n` in a Fisher–Yates shuffled order.
+    pub fn permutation(&mut self, n: usize) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            let j = usize::try_from(self.next_u64() % (i as u64 + 1)).expect("below n");
+            order.swap(i, j);
+        }
+        order
+    }
 }
 
 #[cfg(test)]
@@ -46,6 +56,16 @@ mod tests {
         a.next_u64();
         let mut b = Rng::seed(a.state());
         assert_eq!(a.next_u64(), b.next_u64());
+    }
+
+    #[test]
+    fn permutations_hold_each_index_once_and_depend_on_the_seed() {
+        let order = Rng::seed(3).permutation(100);
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..100).collect::<Vec<_>>());
+        assert_eq!(order, Rng::seed(3).permutation(100));
+        assert_ne!(order, Rng::seed(4).permutation(100));
     }
 
     #[test]

@@ -166,14 +166,7 @@ pub fn split(records: Vec<Record>, fraction: f64, seed: u64) -> (Vec<Record>, Ve
     if fraction > 0.0 && n >= 2 {
         held = held.clamp(1, n - 1);
     }
-    let mut order: Vec<usize> = (0..n).collect();
-    let mut rng = Rng::seed(seed);
-    // Fisher–Yates.
-    for i in (1..n).rev() {
-        #[allow(clippy::cast_possible_truncation)]
-        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-        order.swap(i, j);
-    }
+    let order = Rng::seed(seed).permutation(n);
     let held_out: std::collections::BTreeSet<usize> = order[..held].iter().copied().collect();
     let (mut train, mut eval) = (Vec::new(), Vec::new());
     for (i, record) in records.into_iter().enumerate() {

@@ -203,7 +203,7 @@ pub fn run(config: &TrainerConfig, cache_dir: &Path) -> Result<TrainerResult, Jo
         .map_err(JobError::transient)?;
     let artifact = AdapterArtifact {
         uri: spec.output.uri.clone(),
-        sha256: hex(&Sha256::digest(&weights)),
+        sha256: format!("{:x}", Sha256::digest(&weights)),
         size_bytes: weights.len() as u64,
         trainable_parameters,
     };
@@ -214,7 +214,7 @@ pub fn run(config: &TrainerConfig, cache_dir: &Path) -> Result<TrainerResult, Jo
         },
         dataset: Digested {
             uri: spec.dataset.uri.clone(),
-            sha256: hex(&Sha256::digest(&dataset_bytes)),
+            sha256: format!("{:x}", Sha256::digest(&dataset_bytes)),
         },
         adapter: artifact.clone(),
         metrics: Metrics {
@@ -345,7 +345,7 @@ async fn fetch_model(
     } else {
         let dir = cache
             .join("models")
-            .join(&hex(&Sha256::digest(uri.to_string()))[..16]);
+            .join(&format!("{:x}", Sha256::digest(uri.to_string()))[..16]);
         location.download_to(&dir).await.map_err(|e| match e {
             storage::DownloadError::Store(e) => JobError::store("downloading the base model", &e),
             other @ storage::DownloadError::Write { .. } => JobError::transient(other),
@@ -374,9 +374,9 @@ fn digest_model(dir: &Path) -> Result<String, JobError> {
         let mut one = Sha256::new();
         std::io::copy(&mut file, &mut one).map_err(JobError::transient)?;
         let name = path.file_name().unwrap_or_default().to_string_lossy();
-        all.update(format!("{name}  {}\n", hex(&one.finalize())));
+        all.update(format!("{name}  {:x}\n", one.finalize()));
     }
-    Ok(hex(&all.finalize()))
+    Ok(format!("{:x}", all.finalize()))
 }
 
 async fn newest_checkpoint(output: &Location) -> Result<Option<Checkpoint>, JobError> {
@@ -391,28 +391,25 @@ async fn newest_checkpoint(output: &Location) -> Result<Option<Checkpoint>, JobE
     steps.sort_unstable();
     for step in steps.into_iter().rev() {
         let dir = checkpoint::directory(step);
-        let state = format!("{dir}/{}", checkpoint::STATE_FILE);
-        // Without its state file, a checkpoint was interrupted while being written.
-        if output
-            .get_opt(&state)
-            .await
-            .map_err(|e| JobError::store("reading a checkpoint", &e))?
-            .is_none()
-        {
-            continue;
-        }
         let mut files = Vec::new();
         for name in [
+            checkpoint::STATE_FILE,
             "adapter_config.json",
             "adapter_model.safetensors",
             "optimizer.safetensors",
-            checkpoint::STATE_FILE,
         ] {
             let bytes = output
                 .get_opt(&format!("{dir}/{name}"))
                 .await
                 .map_err(|e| JobError::store("reading a checkpoint", &e))?;
+            // Without its state file (written last), a checkpoint was interrupted mid-write.
+            if bytes.is_none() && name == checkpoint::STATE_FILE {
+                break;
+            }
             files.push((name, bytes.map(|b| b.to_vec())));
+        }
+        if files.is_empty() {
+            continue;
         }
         let checkpoint = Checkpoint::from_files(|name| {
             files
@@ -459,14 +456,6 @@ async fn publish(
     output.put(GRAFT_JSON, json).await.map_err(store)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use graft_api::DatasetFormat;
@@ -502,10 +491,5 @@ statusTarget: {namespace: team-a, name: support-bot}
             source: "connection reset".into(),
         };
         assert_eq!(JobError::store("reading", &flaky).exit_code(), 1);
-    }
-
-    #[test]
-    fn hex_is_lowercase_two_digits_per_byte() {
-        assert_eq!(hex(&[0, 15, 255]), "000fff");
     }
 }

@@ -310,15 +310,9 @@ impl Trainer {
     }
 }
 
-/// The epoch's order of example indices: a Fisher–Yates shuffle seeded by seed and epoch.
+/// The epoch's order of example indices, from the seed and the epoch alone.
 fn shuffled(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
-    let mut rng = Rng::seed(seed ^ epoch.wrapping_mul(0xA076_1D64_78BD_642F));
-    let mut order: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        let j = usize::try_from(rng.next_u64() % (i as u64 + 1)).expect("fits");
-        order.swap(i, j);
-    }
-    order
+    Rng::seed(seed ^ epoch.wrapping_mul(0xA076_1D64_78BD_642F)).permutation(n)
 }
 
 /// Right-pads `examples` into one micro-batch. Under a causal mask, padding after a row's last
