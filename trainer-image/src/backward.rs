@@ -104,14 +104,7 @@ fn recomputed(
         let x = tracked.as_ref().map_or(&input, Var::as_tensor);
         let y = model.layer(layer, x, &positions, dropout)?;
         let layer_grads = (y * &upstream)?.sum_all()?.backward()?;
-        for (slot, grad) in grads.iter_mut().zip(take(&layer_grads, vars)) {
-            if let Some(grad) = grad {
-                *slot = Some(match slot.take() {
-                    Some(sum) => (sum + grad)?,
-                    None => grad,
-                });
-            }
-        }
+        accumulate(&mut grads, take(&layer_grads, vars))?;
         if let Some(tracked) = &tracked {
             upstream = layer_grads
                 .get(tracked.as_tensor())
@@ -123,6 +116,19 @@ fn recomputed(
         loss_sum: loss_sum.to_scalar()?,
         grads,
     })
+}
+
+/// Adds `more` into `totals`, slot by slot; a slot without a gradient stays as it is.
+pub fn accumulate(totals: &mut [Option<Tensor>], more: Vec<Option<Tensor>>) -> Result<()> {
+    for (total, grad) in totals.iter_mut().zip(more) {
+        if let Some(grad) = grad {
+            *total = Some(match total.take() {
+                Some(sum) => (sum + grad)?,
+                None => grad,
+            });
+        }
+    }
+    Ok(())
 }
 
 fn take(grads: &GradStore, vars: &[Var]) -> Vec<Option<Tensor>> {

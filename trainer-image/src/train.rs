@@ -16,7 +16,7 @@ use graft_engine::{
 
 use crate::{
     adapters::Adapters,
-    backward::{Batch, micro_step},
+    backward::{Batch, accumulate, micro_step},
     checkpoint::Checkpoint,
     loss::nll_sum,
     optim::{AdamW, AdamWParams, clip_grad_norm},
@@ -274,14 +274,7 @@ impl Trainer {
             let micro = micro_step(&self.model, &vars, batch, denominator, dropout, s.recompute)?;
             loss_sum += f64::from(micro.loss_sum);
             tokens += batch.tokens;
-            for (total, grad) in grads.iter_mut().zip(micro.grads) {
-                if let Some(grad) = grad {
-                    *total = Some(match total.take() {
-                        Some(sum) => (sum + grad)?,
-                        None => grad,
-                    });
-                }
-            }
+            accumulate(&mut grads, micro.grads)?;
         }
         let grad_norm = clip_grad_norm(&mut grads, s.max_grad_norm)?;
         let lr = learning_rate(
