@@ -64,6 +64,18 @@ impl FrozenLinear {
     pub fn weight(&self) -> &FrozenWeight {
         &self.weight
     }
+
+    /// `x · Wᵀ (+ b)` for inference: no gradient op, and a dense weight is used in place.
+    pub fn infer(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match &self.weight {
+            FrozenWeight::Dense(w) if w.dtype() == x.dtype() => x.broadcast_matmul(&w.t()?)?,
+            weight => x.broadcast_matmul(&weight.to_dense(x.device(), x.dtype())?.t()?)?,
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
+            None => Ok(y),
+        }
+    }
 }
 
 impl Module for FrozenLinear {

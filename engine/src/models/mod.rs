@@ -5,5 +5,5 @@ mod llama;
 mod weights;
 
 pub use config::{Config, ConfigError, HfConfig, Rope, RopeParameters};
-pub use llama::{Dropout, Llama, Positions, Precision, Site};
+pub use llama::{Dropout, KvCache, Llama, Positions, Precision, Segment, Site};
 pub use weights::{WeightsError, load_weights};

@@ -2,7 +2,7 @@
 //! adapters only: every base weight is a [`FrozenLinear`] (dense or NF4) or a detached tensor.
 //! Weight names mirror Hugging Face (`model.layers.N.self_attn.q_proj.weight`).
 
-use candle_core::{D, DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{Config, Rope};
@@ -12,6 +12,10 @@ use crate::{
     ops::{apply_rotary, causal_softmax, rms_norm},
     rng::Rng,
 };
+
+mod serve;
+
+pub use serve::{KvCache, Segment};
 
 /// How the frozen projections are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -270,15 +274,7 @@ impl Llama {
 
     /// `cos`, `sin` `[seq, head_dim]` in f32, as transformers builds them.
     fn rotary_tables(&self, seq: usize, device: &Device) -> Result<(Tensor, Tensor)> {
-        let inv_freq = Tensor::new(self.inv_freq.as_slice(), device)?;
-        #[allow(clippy::cast_precision_loss)]
-        let positions: Vec<f32> = (0..seq).map(|p| p as f32).collect();
-        let positions = Tensor::new(positions.as_slice(), device)?;
-        let freqs = positions
-            .unsqueeze(1)?
-            .broadcast_mul(&inv_freq.unsqueeze(0)?)?;
-        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
-        Ok((emb.cos()?, emb.sin()?))
+        self.rotary_range(0, seq, device)
     }
 }
 

@@ -6,6 +6,8 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 
 use crate::{linear::FrozenLinear, rng::Rng};
 
+pub mod batched;
+
 /// PEFT's `scaling`.
 pub fn scaling(alpha: f64, rank: usize, use_rslora: bool) -> f64 {
     #[allow(clippy::cast_precision_loss)]

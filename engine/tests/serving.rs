@@ -1,0 +1,142 @@
+//! The server's forward pass: packed segments with KV caches and per-sequence adapters give
+//! the logits of the training forward (and so of transformers + PEFT), one step at a time.
+
+mod common;
+
+use candle_core::{Device, IndexOp, Tensor};
+use common::{max_abs_diff, model, reference, tiny};
+use graft_engine::{
+    models::{KvCache, Llama, Precision, Segment},
+    peft::Adapter,
+};
+
+fn peft_adapter() -> Adapter {
+    let dir = tiny("llama-peft");
+    let config = std::fs::read(dir.join("adapter_config.json")).expect("config");
+    let weights = std::fs::read(dir.join("adapter_model.safetensors")).expect("weights");
+    Adapter::from_bytes(&config, &weights, &Device::Cpu).expect("PEFT's adapter loads")
+}
+
+/// The same adapter with every B doubled: a second, different adapter of the same shape.
+fn doubled(adapter: &Adapter) -> Adapter {
+    let mut other = adapter.clone();
+    for lora in other.weights.values_mut() {
+        lora.b = (&lora.b * 2.0).expect("scaled");
+    }
+    other
+}
+
+fn ids_row(ids: &Tensor, row: usize) -> Vec<u32> {
+    ids.i(row).expect("row").to_vec1::<u32>().expect("u32 ids")
+}
+
+/// Logits of every position of `ids`, fed as a prompt of `prefill` tokens and then one token
+/// per step.
+fn stepwise(model: &Llama, adapter: Option<&Adapter>, ids: &[u32], prefill: usize) -> Tensor {
+    let mut cache = KvCache::new(model);
+    let mut rows = Vec::new();
+    let mut chunks = vec![&ids[..prefill]];
+    chunks.extend(ids[prefill..].chunks(1));
+    for chunk in chunks {
+        let mut segment = [Segment {
+            tokens: chunk,
+            cache: &mut cache,
+            adapter,
+        }];
+        rows.push(model.forward_packed(&mut segment).expect("forward_packed"));
+    }
+    assert_eq!(cache.len(), ids.len());
+    Tensor::cat(&rows, 0).expect("cat")
+}
+
+#[test]
+fn decoding_with_a_cache_gives_pefts_logits_at_every_position() {
+    let adapter = peft_adapter();
+    let base = model("llama", Precision::Dense);
+    let (ids, expected) = reference(&tiny("llama-peft"));
+    let row = ids_row(&ids, 0);
+    let prefill = 3;
+    let ours = stepwise(&base, Some(&adapter), &row, prefill);
+    let expected = expected
+        .i(0)
+        .expect("row")
+        .narrow(0, prefill - 1, row.len() - prefill + 1)
+        .expect("positions");
+    let diff = max_abs_diff(&ours, &expected);
+    assert!(diff < 1e-4, "logits differ from PEFT's by {diff}");
+}
+
+#[test]
+fn every_family_decodes_as_its_full_forward() {
+    for name in ["llama", "llama3", "mistral", "qwen2"] {
+        let model = model(name, Precision::Dense);
+        let (ids, _) = reference(&tiny(name));
+        let row = ids_row(&ids, 0);
+        let full = model
+            .forward(&Tensor::new(row.as_slice(), &Device::Cpu).expect("ids").unsqueeze(0).expect("batch"))
+            .expect("forward")
+            .squeeze(0)
+            .expect("row");
+        let ours = stepwise(&model, None, &row, 1);
+        let diff = max_abs_diff(&ours, &full);
+        assert!(diff < 1e-4, "{name}: cached decoding differs by {diff}");
+    }
+}
+
+#[test]
+fn a_mixed_batch_gives_each_sequence_what_it_gets_alone() {
+    let model = model("llama", Precision::Dense);
+    let first = peft_adapter();
+    let second = doubled(&first);
+    let (ids, _) = reference(&tiny("llama-peft"));
+    let row = ids_row(&ids, 0);
+    let adapters = [Some(&first), None, Some(&second), Some(&first)];
+    // Each sequence already holds a different number of tokens before the shared step.
+    let prefixes = [2, 5, 1, 4];
+
+    let mut caches: Vec<KvCache> = adapters
+        .iter()
+        .zip(prefixes)
+        .map(|(adapter, len)| {
+            let mut cache = KvCache::new(&model);
+            let mut segment = [Segment {
+                tokens: &row[..len],
+                cache: &mut cache,
+                adapter: *adapter,
+            }];
+            model.forward_packed(&mut segment).expect("prefill");
+            cache
+        })
+        .collect();
+    let alone: Vec<Tensor> = adapters
+        .iter()
+        .zip(prefixes)
+        .zip(caches.clone())
+        .map(|((adapter, len), mut cache)| {
+            let mut segment = [Segment {
+                tokens: &row[len..len + 2],
+                cache: &mut cache,
+                adapter: *adapter,
+            }];
+            model.forward_packed(&mut segment).expect("alone")
+        })
+        .collect();
+
+    let mut segments: Vec<Segment<'_>> = caches
+        .iter_mut()
+        .zip(adapters)
+        .zip(prefixes)
+        .map(|((cache, adapter), len)| Segment {
+            tokens: &row[len..len + 2],
+            cache,
+            adapter,
+        })
+        .collect();
+    let batched = model.forward_packed(&mut segments).expect("mixed batch");
+    for (i, alone) in alone.iter().enumerate() {
+        let diff = max_abs_diff(&batched.i(i).expect("row").unsqueeze(0).expect("2-D"), alone);
+        assert!(diff < 1e-5, "sequence {i} differs by {diff} in the batch");
+    }
+    let between = max_abs_diff(&alone[0], &alone[2].clone());
+    assert!(between > 1e-3, "the two adapters give different logits");
+}
