@@ -275,6 +275,18 @@ impl Adapter {
 
     /// Puts every pair on `model`, after checking each fits.
     pub fn apply(&self, model: &mut Llama) -> Result<(), PeftError> {
+        self.check_fits(model)?;
+        for (&(layer, site), lora) in &self.weights {
+            model.set_lora(layer, site, Some(lora.clone()));
+        }
+        Ok(())
+    }
+
+    /// Whether every pair has a layer and the shapes of its projection in `model`.
+    pub fn check_fits(&self, model: &Llama) -> Result<(), PeftError> {
+        if self.weights.is_empty() {
+            return Err(PeftError::Mismatch("the adapter holds no LoRA weights".to_owned()));
+        }
         let layers = model.config().num_layers;
         for (&(layer, site), lora) in &self.weights {
             if layer >= layers {
@@ -295,9 +307,6 @@ impl Adapter {
                     )));
                 }
             }
-        }
-        for (&(layer, site), lora) in &self.weights {
-            model.set_lora(layer, site, Some(lora.clone()));
         }
         Ok(())
     }

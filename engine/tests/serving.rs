@@ -73,7 +73,12 @@ fn every_family_decodes_as_its_full_forward() {
         let (ids, _) = reference(&tiny(name));
         let row = ids_row(&ids, 0);
         let full = model
-            .forward(&Tensor::new(row.as_slice(), &Device::Cpu).expect("ids").unsqueeze(0).expect("batch"))
+            .forward(
+                &Tensor::new(row.as_slice(), &Device::Cpu)
+                    .expect("ids")
+                    .unsqueeze(0)
+                    .expect("batch"),
+            )
             .expect("forward")
             .squeeze(0)
             .expect("row");
@@ -134,7 +139,10 @@ fn a_mixed_batch_gives_each_sequence_what_it_gets_alone() {
         .collect();
     let batched = model.forward_packed(&mut segments).expect("mixed batch");
     for (i, alone) in alone.iter().enumerate() {
-        let diff = max_abs_diff(&batched.i(i).expect("row").unsqueeze(0).expect("2-D"), alone);
+        let diff = max_abs_diff(
+            &batched.i(i).expect("row").unsqueeze(0).expect("2-D"),
+            alone,
+        );
         assert!(diff < 1e-5, "sequence {i} differs by {diff} in the batch");
     }
     let between = max_abs_diff(&alone[0], &alone[2].clone());

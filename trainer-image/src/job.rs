@@ -5,17 +5,20 @@
 //! Errors are sorted by what a retry could change: bad input (exit code 2, the Job fails at
 //! once) or anything else (exit code 1, the Job's backoff retries and the run resumes).
 
-use std::{
-    io::IsTerminal,
-    path::{Path, PathBuf},
-};
+use std::{io::IsTerminal, path::Path};
 
 use candle_core::{DType, Device};
-use graft_api::{AdapterArtifact, FineTuneJobSpec, Quantization, TrainerResult};
+use graft_api::{
+    AdapterArtifact, Digested, FineTuneJobSpec, GraftJson, Metrics, Quantization, StatusTarget,
+    TrainerResult,
+};
 use graft_engine::{
-    models::{Config, Llama, Precision, Site, load_weights},
+    models::{
+        Config, Llama, Precision, Site, load_weights,
+        source::{self, SourceError},
+    },
     peft::AdapterConfig,
-    storage::{self, Location, ObjectUri, S3Options},
+    storage::{self, DownloadError, Location, ObjectUri, S3Options},
     tokenizer::Tokenizer,
 };
 use serde::{Deserialize, Serialize};
@@ -26,7 +29,7 @@ use crate::{
     adapters::Adapters,
     checkpoint::{self, Checkpoint},
     dataset::{self, Record},
-    progress::{Progress, StatusTarget},
+    progress::Progress,
     train::{Example, Settings, Trainer},
 };
 
@@ -83,37 +86,6 @@ impl From<candle_core::Error> for JobError {
     }
 }
 
-/// The record `graft.json` holds, written last: its presence means the adapter is complete.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct GraftJson {
-    pub base_model: Digested,
-    pub dataset: Digested,
-    pub adapter: AdapterArtifact,
-    pub metrics: Metrics,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub fine_tune_job: Option<StatusTarget>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Digested {
-    pub uri: String,
-    /// SHA-256 of the content (for a model: of its files' names and digests, in order).
-    pub sha256: String,
-}
-
-#[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Metrics {
-    pub steps: u64,
-    pub train_examples: usize,
-    pub eval_examples: usize,
-    pub final_loss: Option<f64>,
-    pub eval_loss: Option<f64>,
-    pub tokens_per_second: Option<f64>,
-}
-
 const ADAPTER_FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
 const GRAFT_JSON: &str = "graft.json";
 const STAGING: &str = ".staging";
@@ -151,8 +123,10 @@ pub fn run(config: &TrainerConfig, cache_dir: &Path) -> Result<TrainerResult, Jo
     rt.block_on(check_writable(&output, &output_uri))?;
 
     let (model_uri, model_location) = open(&spec.base_model.uri)?;
-    let model_dir = rt.block_on(fetch_model(&model_uri, &model_location, cache_dir))?;
-    let model_digest = digest_model(&model_dir)?;
+    let model_dir = rt
+        .block_on(source::fetch(&model_uri, &model_location, cache_dir))
+        .map_err(model_source_error)?;
+    let model_digest = source::digest(&model_dir).map_err(model_source_error)?;
     let tokenizer = Tokenizer::from_dir(&model_dir).map_err(JobError::bad)?;
 
     let (_, dataset_location) = open(&spec.dataset.uri)?;
@@ -315,6 +289,18 @@ fn load_model(dir: &Path, spec: &FineTuneJobSpec) -> Result<(Llama, Adapters), J
     Ok((model, adapters))
 }
 
+fn model_source_error(error: SourceError) -> JobError {
+    match error {
+        SourceError::Download(DownloadError::Store(e)) => {
+            JobError::store("downloading the base model", &e)
+        }
+        e @ SourceError::NotAModel { .. } => JobError::bad(e),
+        e @ (SourceError::Download(DownloadError::Write { .. }) | SourceError::Read { .. }) => {
+            JobError::transient(e)
+        }
+    }
+}
+
 /// A probe object written and removed before any expensive work, so an output the trainer
 /// cannot write fails in seconds, not after hours of training.
 async fn check_writable(output: &Location, uri: &ObjectUri) -> Result<(), JobError> {
@@ -331,52 +317,6 @@ async fn check_writable(output: &Location, uri: &ObjectUri) -> Result<(), JobErr
         .delete(&probe)
         .await
         .map_err(|e| JobError::store("the output", &e))
-}
-
-/// The model's files on local disk: a `file://` model is read in place; anything else is
-/// downloaded into the cache (kept across retries of the pod).
-async fn fetch_model(
-    uri: &ObjectUri,
-    location: &Location,
-    cache: &Path,
-) -> Result<PathBuf, JobError> {
-    let dir = if let ObjectUri::File { path } = uri {
-        PathBuf::from(path)
-    } else {
-        let dir = cache
-            .join("models")
-            .join(&format!("{:x}", Sha256::digest(uri.to_string()))[..16]);
-        location.download_to(&dir).await.map_err(|e| match e {
-            storage::DownloadError::Store(e) => JobError::store("downloading the base model", &e),
-            other @ storage::DownloadError::Write { .. } => JobError::transient(other),
-        })?;
-        dir
-    };
-    if !dir.join("config.json").is_file() {
-        return Err(JobError::bad(format!(
-            "the base model {uri} has no config.json (expected a Hugging Face model directory)"
-        )));
-    }
-    Ok(dir)
-}
-
-/// SHA-256 over `name  sha256(file)` lines of the model's files in name order.
-fn digest_model(dir: &Path) -> Result<String, JobError> {
-    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| JobError::bad(format!("reading the base model: {e}")))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file())
-        .collect();
-    names.sort();
-    let mut all = Sha256::new();
-    for path in names {
-        let mut file = std::fs::File::open(&path).map_err(JobError::transient)?;
-        let mut one = Sha256::new();
-        std::io::copy(&mut file, &mut one).map_err(JobError::transient)?;
-        let name = path.file_name().unwrap_or_default().to_string_lossy();
-        all.update(format!("{name}  {:x}\n", one.finalize()));
-    }
-    Ok(format!("{:x}", all.finalize()))
 }
 
 async fn newest_checkpoint(output: &Location) -> Result<Option<Checkpoint>, JobError> {

@@ -4,28 +4,20 @@
 
 use std::time::{Duration, Instant};
 
-use graft_api::FineTuneJob;
+use graft_api::{FineTuneJob, Metrics, StatusTarget};
 use graft_engine::storage::Location;
 use indicatif::{ProgressBar, ProgressStyle};
 use kube::{
     Api, Client,
     api::{Patch, PatchParams},
 };
-use serde::{Deserialize, Serialize};
 use tokio::runtime::Runtime;
 
 use crate::{
     checkpoint::Checkpoint,
-    job::{Metrics, save_checkpoint},
+    job::save_checkpoint,
     train::{HookError, Hooks, StepReport},
 };
-
-/// The FineTuneJob whose status the trainer reports to.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StatusTarget {
-    pub namespace: String,
-    pub name: String,
-}
 
 /// The field manager of `status.progress`; the operator never writes that field.
 pub const FIELD_MANAGER: &str = "graft-trainer";

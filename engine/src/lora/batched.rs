@@ -22,7 +22,11 @@ pub struct SegmentLora<'a> {
 
 /// The adapters' contribution `[rows, out]` for `x` `[rows, in]`, or `None` when no segment
 /// has an adapter on this projection (the caller then adds nothing).
-pub fn batched_delta(x: &Tensor, segments: &[SegmentLora<'_>], out: usize) -> Result<Option<Tensor>> {
+pub fn batched_delta(
+    x: &Tensor,
+    segments: &[SegmentLora<'_>],
+    out: usize,
+) -> Result<Option<Tensor>> {
     if segments.iter().all(|s| s.lora.is_none()) {
         return Ok(None);
     }
@@ -152,19 +156,41 @@ mod tests {
         let second = pair(8, (out, input), 2)?;
         let x = Tensor::randn(0f32, 1.0, (9, input), &Device::Cpu)?;
         let segments = [
-            SegmentLora { rows: 0..3, lora: Some(&first) },
-            SegmentLora { rows: 3..4, lora: None },
-            SegmentLora { rows: 4..8, lora: Some(&second) },
-            SegmentLora { rows: 8..9, lora: Some(&first) },
+            SegmentLora {
+                rows: 0..3,
+                lora: Some(&first),
+            },
+            SegmentLora {
+                rows: 3..4,
+                lora: None,
+            },
+            SegmentLora {
+                rows: 4..8,
+                lora: Some(&second),
+            },
+            SegmentLora {
+                rows: 8..9,
+                lora: Some(&first),
+            },
         ];
         let fused = batched_delta(&x, &segments, out)?.expect("adapters present");
         let reference = per_segment_delta(&x, &segments, out)?;
-        let diff = (&fused - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = (&fused - &reference)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
         assert!(diff < 1e-5, "fused and per-segment sums differ by {diff}");
-        let bare = fused.narrow(0, 3, 1)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let bare = fused
+            .narrow(0, 3, 1)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
         assert!(bare == 0.0);
         let alone = first.delta(&x.narrow(0, 8, 1)?)?;
-        let diff = (fused.narrow(0, 8, 1)? - alone)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = (fused.narrow(0, 8, 1)? - alone)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
         assert!(diff < 1e-5);
         Ok(())
     }
@@ -172,7 +198,10 @@ mod tests {
     #[test]
     fn a_batch_without_adapters_adds_nothing() -> Result<()> {
         let x = Tensor::zeros((2, 8), DType::F32, &Device::Cpu)?;
-        let segments = [SegmentLora { rows: 0..2, lora: None }];
+        let segments = [SegmentLora {
+            rows: 0..2,
+            lora: None,
+        }];
         assert!(batched_delta(&x, &segments, 4)?.is_none());
         Ok(())
     }

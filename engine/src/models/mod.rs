@@ -2,6 +2,7 @@
 
 mod config;
 mod llama;
+pub mod source;
 mod weights;
 
 pub use config::{Config, ConfigError, HfConfig, Rope, RopeParameters};

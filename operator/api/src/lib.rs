@@ -6,6 +6,7 @@
 //! as CEL (`x-kubernetes-validations`).
 
 mod adapter_deployment;
+mod artifact;
 mod common;
 mod crd;
 mod fine_tune_job;
@@ -13,6 +14,10 @@ mod fine_tune_job;
 pub use adapter_deployment::{
     AdapterDeployment, AdapterDeploymentPhase, AdapterDeploymentSpec, AdapterDeploymentStatus,
     AdapterSource, AdapterVersion, ReplicaCounts, ServerRef, VersionStatus,
+};
+pub use artifact::{
+    AdapterAssignment, AdapterListing, AdaptersFile, AssignedVersion, Digested, GraftJson,
+    LoadState, Metrics, ServerInfo, StatusTarget, VersionState,
 };
 pub use common::{LocalObjectRef, SecretRef};
 pub use crd::{all_crds, crds_yaml};

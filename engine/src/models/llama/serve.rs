@@ -73,7 +73,10 @@ impl Llama {
     /// its segment's tokens. On error the caches are left inconsistent and must be dropped.
     pub fn forward_packed(&self, segments: &mut [Segment<'_>]) -> Result<Tensor> {
         let device = self.embed_tokens.device().clone();
-        let ids: Vec<u32> = segments.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        let ids: Vec<u32> = segments
+            .iter()
+            .flat_map(|s| s.tokens.iter().copied())
+            .collect();
         if segments.iter().any(|s| s.tokens.is_empty()) {
             candle_core::bail!("forward_packed: every segment needs at least one token");
         }
@@ -141,7 +144,11 @@ impl Llama {
         let o = project(Site::OProj, &attended, &site_loras[Site::OProj as usize])?;
         let x = (h + o)?;
         let normed = candle_nn::ops::rms_norm(&x, &block.post_attention_norm, eps)?;
-        let gate = project(Site::GateProj, &normed, &site_loras[Site::GateProj as usize])?;
+        let gate = project(
+            Site::GateProj,
+            &normed,
+            &site_loras[Site::GateProj as usize],
+        )?;
         let up = project(Site::UpProj, &normed, &site_loras[Site::UpProj as usize])?;
         let mlp = project(
             Site::DownProj,
@@ -183,16 +190,23 @@ impl Llama {
                 .to_dtype(DType::F32)?
                 .contiguous()?;
             let probs = causal_softmax(&scores, cfg.sliding_window)?.to_dtype(v.dtype())?;
-            outputs.push(probs.matmul(&v)?.transpose(0, 1)?.reshape((
-                p.rows.len(),
-                heads * dim,
-            ))?);
+            outputs.push(
+                probs
+                    .matmul(&v)?
+                    .transpose(0, 1)?
+                    .reshape((p.rows.len(), heads * dim))?,
+            );
         }
         Tensor::cat(&outputs, 0)
     }
 
     /// `cos`, `sin` `[len, head_dim]` for positions `start..start + len`.
-    pub(super) fn rotary_range(&self, start: usize, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    pub(super) fn rotary_range(
+        &self,
+        start: usize,
+        len: usize,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let inv_freq = Tensor::new(self.inv_freq.as_slice(), device)?;
         #[allow(clippy::cast_precision_loss)]
         let positions: Vec<f32> = (start..start + len).map(|p| p as f32).collect();
