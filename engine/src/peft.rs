@@ -285,7 +285,9 @@ impl Adapter {
     /// Whether every pair has a layer and the shapes of its projection in `model`.
     pub fn check_fits(&self, model: &Llama) -> Result<(), PeftError> {
         if self.weights.is_empty() {
-            return Err(PeftError::Mismatch("the adapter holds no LoRA weights".to_owned()));
+            return Err(PeftError::Mismatch(
+                "the adapter holds no LoRA weights".to_owned(),
+            ));
         }
         let layers = model.config().num_layers;
         for (&(layer, site), lora) in &self.weights {

@@ -1,22 +1,33 @@
-//! `graft-server`: one base model, many LoRA adapters, OpenAI-compatible HTTP.
-//!
-//! Only the command line exists so far: serving arrives with issue 5. Until then the binary
-//! refuses to start rather than pretend to serve.
+//! `graft-server`: see the library for what it does.
 
-use anyhow::{Context, bail};
 use clap::Parser;
-use graft_engine::storage::ObjectUri;
+use graft_server::{cli::Args, serve};
+use tracing_subscriber::EnvFilter;
 
-#[derive(Parser, Debug)]
-#[command(version, about)]
-struct Cli {
-    /// The base model: `s3://`, `file://` or `hf://`.
-    #[arg(long, env = "GRAFT_MODEL")]
-    model: String,
-}
+// Every request allocates activations per step; mimalloc keeps that cheap.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    let model: ObjectUri = cli.model.parse().context("--model")?;
-    bail!("cannot serve {model}: inference is not built yet (tracked in issue 5)")
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    };
+    if let Err(e) = serve(args, shutdown).await {
+        tracing::error!(error = %e, "graft-server failed");
+        return Err(e.into());
+    }
+    Ok(())
 }

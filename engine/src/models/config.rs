@@ -79,6 +79,10 @@ pub enum Rope {
 /// What the model code needs, checked.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
+    /// `llama`, `mistral` or `qwen2`.
+    pub model_type: String,
+    /// The longest sequence the model was trained for, when `config.json` says.
+    pub max_position_embeddings: Option<usize>,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -175,6 +179,8 @@ impl TryFrom<HfConfig> for Config {
             _ => hf.sliding_window,
         };
         Ok(Self {
+            model_type: hf.model_type.clone(),
+            max_position_embeddings: hf.max_position_embeddings,
             vocab_size: hf.vocab_size,
             hidden_size: hf.hidden_size,
             intermediate_size: hf.intermediate_size,

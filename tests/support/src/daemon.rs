@@ -27,11 +27,26 @@ impl Daemon {
     /// # Panics
     /// When the program cannot start or never listens.
     pub async fn start(kubeconfig: &Path, name: &str, program: &str, args: &[&str]) -> Self {
+        let kubeconfig = kubeconfig.to_string_lossy();
+        Self::start_with_env(name, program, args, &[("KUBECONFIG", &kubeconfig)]).await
+    }
+
+    /// Like [`Daemon::start`], with `env` added to the program's environment instead of a
+    /// kubeconfig.
+    ///
+    /// # Panics
+    /// When the program cannot start or never listens.
+    pub async fn start_with_env(
+        name: &str,
+        program: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let port = free_port();
         let mut command = Command::new(program);
         command
             .args(args.iter().map(|a| a.replace("{port}", &port.to_string())))
-            .env("KUBECONFIG", kubeconfig);
+            .envs(env.iter().copied());
         let dir = process::scratch_dir("graft-daemon-");
         let process = process::spawn(name, command, &dir);
         wait_for_port(&process, port).await;

@@ -1,0 +1,80 @@
+//! The command line, each flag also settable from the environment.
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+use graft_engine::{models::Precision, storage::S3Options};
+
+use crate::model::ModelOptions;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Quantization {
+    /// Base weights as stored (f32 on CPU).
+    None,
+    /// NF4 base weights: about a quarter of the memory, slower on CPU.
+    Nf4,
+}
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "graft-server", version, about)]
+pub struct Args {
+    /// The base model directory: `s3://`, `file://` (or `hf://` where a hub is reachable).
+    #[arg(long, env = "GRAFT_MODEL")]
+    pub model: String,
+    /// The `model` name that selects the base model; the URI's last segment by default.
+    #[arg(long, env = "GRAFT_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    #[arg(long, env = "GRAFT_LISTEN", default_value = "0.0.0.0:8000")]
+    pub listen: String,
+    /// A file holding the admin API's bearer token (a mounted Secret). Without it the admin
+    /// API refuses every call.
+    #[arg(long, env = "GRAFT_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// The adapters to load before turning ready (`adapters.json` of the operator's ConfigMap).
+    #[arg(long, env = "GRAFT_ADAPTERS_FILE")]
+    pub adapters_file: Option<PathBuf>,
+    /// Downloaded models and adapters.
+    #[arg(long, env = "GRAFT_CACHE_DIR", default_value = "/var/cache/graft")]
+    pub cache_dir: PathBuf,
+    #[arg(long, env = "GRAFT_QUANTIZATION", value_enum, default_value = "none")]
+    pub quantization: Quantization,
+    /// Adapters of a higher rank are refused.
+    #[arg(long, env = "GRAFT_MAX_LORA_RANK", default_value_t = 64)]
+    pub max_lora_rank: usize,
+    /// Adapter versions kept in memory; the least recently used are dropped and reloaded from
+    /// the local disk cache on demand.
+    #[arg(long, env = "GRAFT_MAX_LOADED_ADAPTERS", default_value_t = 64)]
+    pub max_loaded_adapters: usize,
+    /// Sequences decoded together in one step.
+    #[arg(long, env = "GRAFT_MAX_BATCH_SIZE", default_value_t = 32)]
+    pub max_batch_size: usize,
+    /// Prompt plus completion, in tokens; the model's `max_position_embeddings` by default.
+    #[arg(long, env = "GRAFT_MAX_MODEL_LEN")]
+    pub max_model_len: Option<usize>,
+    /// S3 endpoint (for MinIO and other S3-compatible stores); also `AWS_ENDPOINT_URL`.
+    #[arg(long)]
+    pub s3_endpoint: Option<String>,
+    #[arg(long)]
+    pub s3_region: Option<String>,
+}
+
+impl Args {
+    pub fn model_options(&self) -> ModelOptions {
+        ModelOptions {
+            uri: self.model.clone(),
+            served_name: self.served_model_name.clone(),
+            precision: match self.quantization {
+                Quantization::None => Precision::Dense,
+                Quantization::Nf4 => Precision::Nf4,
+            },
+            max_lora_rank: self.max_lora_rank,
+            max_loaded_adapters: self.max_loaded_adapters,
+            max_model_len: self.max_model_len,
+        }
+    }
+
+    /// Credentials come from the environment only, never from flags (which `ps` shows).
+    pub fn s3_options(&self) -> S3Options {
+        S3Options::from_env(self.s3_endpoint.clone(), self.s3_region.clone())
+    }
+}

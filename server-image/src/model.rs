@@ -1,0 +1,128 @@
+//! The base model the server loads once: weights, tokenizer, and what adapters must match.
+
+use std::path::Path;
+
+use candle_core::{DType, Device};
+use graft_api::ServerInfo;
+use graft_engine::{
+    models::{Config, Llama, Precision, Site, load_weights, source},
+    storage::{self, ObjectUri, S3Options},
+    tokenizer::Tokenizer,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("--model {uri}: {reason}")]
+    Model { uri: String, reason: String },
+}
+
+/// What [`BaseModel::load`] needs.
+#[derive(Clone, Debug)]
+pub struct ModelOptions {
+    pub uri: String,
+    /// The `model` name clients use for the base model; the URI's last segment by default.
+    pub served_name: Option<String>,
+    pub precision: Precision,
+    pub max_lora_rank: usize,
+    pub max_loaded_adapters: usize,
+    pub max_model_len: Option<usize>,
+}
+
+#[derive(Debug)]
+pub struct BaseModel {
+    pub llama: Llama,
+    pub tokenizer: Tokenizer,
+    pub info: ServerInfo,
+    /// Prompt plus completion, in tokens.
+    pub max_model_len: usize,
+    /// The ids that end a completion: the tokenizer's eos and the model's.
+    pub eos_ids: Vec<u32>,
+}
+
+impl BaseModel {
+    pub async fn load(
+        options: &ModelOptions,
+        s3: &S3Options,
+        cache: &Path,
+    ) -> Result<Self, LoadError> {
+        let fail = |reason: String| LoadError::Model {
+            uri: options.uri.clone(),
+            reason,
+        };
+        let uri: ObjectUri = options.uri.parse().map_err(|e| fail(format!("{e}")))?;
+        let location = storage::open(&uri, s3).map_err(|e| fail(e.to_string()))?;
+        let dir = source::fetch(&uri, &location, cache)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let digest = source::digest(&dir).map_err(|e| fail(e.to_string()))?;
+        let text = std::fs::read_to_string(dir.join("config.json"))
+            .map_err(|e| fail(format!("config.json: {e}")))?;
+        let config = Config::from_json(&text).map_err(|e| fail(e.to_string()))?;
+        let tokenizer = Tokenizer::from_dir(&dir).map_err(|e| fail(e.to_string()))?;
+        let vb = load_weights(&dir, DType::F32, &Device::Cpu).map_err(|e| fail(e.to_string()))?;
+        let llama =
+            Llama::load(&vb, &config, options.precision).map_err(|e| fail(e.to_string()))?;
+        let served = options.served_name.clone().unwrap_or_else(|| {
+            options
+                .uri
+                .trim_end_matches('/')
+                .rsplit('/')
+                .next()
+                .unwrap_or("base")
+                .to_owned()
+        });
+        let max_model_len = options
+            .max_model_len
+            .or(config.max_position_embeddings)
+            .unwrap_or(2048);
+        let mut eos_ids: Vec<u32> = tokenizer.eos_token_id().into_iter().collect();
+        eos_ids.extend(generation_eos(&dir));
+        eos_ids.sort_unstable();
+        eos_ids.dedup();
+        let info = ServerInfo {
+            model: served,
+            model_uri: options.uri.clone(),
+            model_sha256: digest,
+            architecture: config.model_type.clone(),
+            hidden_size: config.hidden_size,
+            intermediate_size: config.intermediate_size,
+            num_layers: config.num_layers,
+            num_heads: config.num_heads,
+            num_kv_heads: config.num_kv_heads,
+            vocab_size: config.vocab_size,
+            target_modules: Site::ALL.iter().map(|s| s.name().to_owned()).collect(),
+            max_lora_rank: options.max_lora_rank,
+            max_loaded_adapters: options.max_loaded_adapters,
+        };
+        Ok(Self {
+            llama,
+            tokenizer,
+            info,
+            max_model_len,
+            eos_ids,
+        })
+    }
+}
+
+/// `eos_token_id` of `generation_config.json` (a number or a list), as transformers' generate
+/// stops on it.
+fn generation_eos(dir: &Path) -> Vec<u32> {
+    let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) else {
+        return Vec::new();
+    };
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return Vec::new();
+    };
+    match &value["eos_token_id"] {
+        serde_json::Value::Number(n) => n
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .into_iter()
+            .collect(),
+        serde_json::Value::Array(ids) => ids
+            .iter()
+            .filter_map(|v| v.as_u64().and_then(|n| u32::try_from(n).ok()))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
