@@ -3,6 +3,8 @@
 
 use serde::Deserialize;
 
+use super::Site;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("config.json: {0}")]
@@ -102,6 +104,21 @@ pub struct Config {
 impl Config {
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
         Self::try_from(serde_json::from_str::<HfConfig>(text)?)
+    }
+
+    /// `(out, in)` of a projection.
+    pub fn site_shape(&self, site: Site) -> (usize, usize) {
+        let (q, kv) = (
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        );
+        match site {
+            Site::QProj => (q, self.hidden_size),
+            Site::KProj | Site::VProj => (kv, self.hidden_size),
+            Site::OProj => (self.hidden_size, q),
+            Site::GateProj | Site::UpProj => (self.intermediate_size, self.hidden_size),
+            Site::DownProj => (self.hidden_size, self.intermediate_size),
+        }
     }
 }
 

@@ -532,7 +532,11 @@ fn token_text(state: &AppState, meta: &Meta, token: u32) -> String {
     if meta.token_ids {
         format!("token_id:{token}")
     } else {
-        state.model.tokenizer.decode(&[token], false).unwrap_or_default()
+        state
+            .model
+            .tokenizer
+            .decode(&[token], false)
+            .unwrap_or_default()
     }
 }
 

@@ -153,15 +153,7 @@ impl Llama {
 
     /// `(out, in)` of a projection.
     pub fn site_shape(&self, site: Site) -> (usize, usize) {
-        let c = &self.config;
-        let (q, kv) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        match site {
-            Site::QProj => (q, c.hidden_size),
-            Site::KProj | Site::VProj => (kv, c.hidden_size),
-            Site::OProj => (c.hidden_size, q),
-            Site::GateProj | Site::UpProj => (c.intermediate_size, c.hidden_size),
-            Site::DownProj => (c.hidden_size, c.intermediate_size),
-        }
+        self.config.site_shape(site)
     }
 
     /// Puts `lora` on `site` of `layer` (or removes it with `None`).

@@ -1,0 +1,487 @@
+//! The HTTP API of a real `graft-server` process: OpenAI-style answers and errors, the admin
+//! API's checks on adapters, eviction and reloading, start-up adapters, graceful shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{BASE, Server, TOKEN, random_adapter, store, text, upload};
+use graft_engine::models::Site;
+use graft_testenv::S3Server;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+const SITES: [Site; 3] = [Site::QProj, Site::VProj, Site::DownProj];
+
+fn error_of(body: &Value) -> &Value {
+    assert!(
+        body["error"]["message"].is_string(),
+        "an OpenAI error object: {body}"
+    );
+    assert!(
+        body["error"]["type"].is_string(),
+        "an OpenAI error object: {body}"
+    );
+    &body["error"]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
+    let server = Server::start(&[]).await;
+    let long = "colour red fox ".repeat(200);
+    let cases: Vec<(&str, Value, u16, Option<&str>)> = vec![
+        (
+            "/v1/completions",
+            json!({"model": "nope", "prompt": "hi"}),
+            404,
+            Some("model"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": BASE, "prompt": long}),
+            400,
+            Some("prompt"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": BASE, "prompt": "hi", "max_tokens": 1000}),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": BASE, "prompt": "hi", "temperature": 3}),
+            400,
+            Some("temperature"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": BASE, "prompt": "hi", "top_p": 0}),
+            400,
+            Some("top_p"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": BASE, "prompt": "hi", "top_k": -2}),
+            400,
+            Some("top_k"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": BASE, "prompt": "hi", "n": 2}),
+            400,
+            Some("n"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": BASE, "prompt": "hi", "logprobs": 50}),
+            400,
+            Some("logprobs"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": BASE, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}),
+            400,
+            Some("stop"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": BASE, "prompt": ["a", "b"]}),
+            400,
+            Some("prompt"),
+        ),
+        ("/v1/completions", json!({"model": BASE}), 400, None),
+        (
+            "/v1/completions",
+            json!({"model": BASE, "prompt": "hi", "temperature": "hot"}),
+            400,
+            None,
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": BASE, "messages": []}),
+            400,
+            Some("messages"),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": BASE, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
+            400,
+            Some("messages"),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": BASE, "messages": [{"role": "wizard", "content": "hi"}]}),
+            400,
+            Some("messages"),
+        ),
+    ];
+    let healthy = server.complete(BASE, "colour red", 4).await;
+    for (path, body, status, param) in cases {
+        let (got, answer) = server.post(path, body.clone()).await;
+        assert_eq!(got, status, "{body} → {answer}");
+        let error = error_of(&answer);
+        if let Some(param) = param {
+            assert_eq!(error["param"], param, "{body} → {answer}");
+        }
+        assert_eq!(
+            server.complete(BASE, "colour red", 4).await["choices"],
+            healthy["choices"]
+        );
+    }
+    let malformed = server
+        .client()
+        .post(format!("{}/v1/completions", server.url))
+        .header("content-type", "application/json")
+        .body("{\"model\": ")
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(malformed.status(), 400);
+    let body: Value = malformed.json().await.expect("json error");
+    assert!(
+        error_of(&body)["message"]
+            .as_str()
+            .expect("message")
+            .contains("parse"),
+        "{body}"
+    );
+    assert!(server.daemon.is_running());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn completions_are_deterministic_count_usage_and_honour_stop_strings() {
+    let server = Server::start(&[]).await;
+    let first = server.complete(BASE, "colour blue", 12).await;
+    let again = server.complete(BASE, "colour blue", 12).await;
+    assert_eq!(text(&first), text(&again));
+    assert_eq!(first["object"], "text_completion");
+    assert_eq!(first["choices"][0]["finish_reason"], "length");
+    assert_eq!(first["usage"]["completion_tokens"], 12);
+    let prompt_tokens = first["usage"]["prompt_tokens"].as_u64().expect("count");
+    assert!(prompt_tokens >= 2);
+    assert_eq!(
+        first["usage"]["total_tokens"].as_u64(),
+        Some(prompt_tokens + 12)
+    );
+
+    // A stop string from the middle of the greedy answer cuts it there.
+    let full = text(&first).to_owned();
+    let chars: Vec<char> = full.chars().collect();
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
+    let cut = full.find(&stop).expect("in the text");
+    let (status, stopped) = server
+        .post(
+            "/v1/completions",
+            json!({"model": BASE, "prompt": "colour blue", "max_tokens": 12, "temperature": 0, "stop": stop}),
+        )
+        .await;
+    assert_eq!(status, 200, "{stopped}");
+    assert_eq!(text(&stopped), &full[..cut]);
+    assert_eq!(stopped["choices"][0]["finish_reason"], "stop");
+
+    // Sampling with a seed repeats; without temperature 0 it differs from greedy somewhere.
+    let sample = async |seed: u64| {
+        let (_, body) = server
+            .post(
+                "/v1/completions",
+                json!({"model": BASE, "prompt": "colour", "max_tokens": 16, "temperature": 1.5, "seed": seed}),
+            )
+            .await;
+        text(&body).to_owned()
+    };
+    assert_eq!(sample(5).await, sample(5).await);
+    let mut distinct = std::collections::HashSet::new();
+    for seed in 1..=4 {
+        distinct.insert(sample(seed).await);
+    }
+    assert!(distinct.len() > 1, "different seeds, different samples");
+
+    let (status, chat) = server
+        .post(
+            "/v1/chat/completions",
+            json!({"model": BASE, "messages": [{"role": "user", "content": "colour red"}], "max_tokens": 6, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(status, 200, "{chat}");
+    assert_eq!(chat["object"], "chat.completion");
+    assert_eq!(chat["choices"][0]["message"]["role"], "assistant");
+    assert!(chat["choices"][0]["message"]["content"].is_string());
+    assert!(
+        chat["usage"]["prompt_tokens"].as_u64().expect("count") > 4,
+        "the template adds tokens"
+    );
+
+    assert!(server.metric("graft_server_generated_tokens_total").await >= 12.0 * 2.0 + 6.0);
+    assert!(
+        server
+            .metric("graft_server_requests_total{endpoint=\"/v1/completions\",status=\"200\"}")
+            .await
+            >= 3.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_api_needs_the_token_and_refuses_bad_adapters_with_reasons() {
+    let s3 = S3Server::shared().await;
+    let bucket = s3.bucket("admin");
+    let server = Server::start(&["--max-lora-rank", "8"]).await;
+    let good = store(s3, &bucket, "good", &random_adapter(4, 1, &SITES)).await;
+
+    for token in [None, Some("wrong")] {
+        let (status, body) = server
+            .request(reqwest::Method::GET, "/admin/adapters", None, token)
+            .await;
+        assert_eq!(status, 401, "{body}");
+        error_of(&body);
+    }
+    let (status, body) = server.put_adapter("good", &[(&good, 100)]).await;
+    assert_eq!(status, 200, "{body}");
+    let base = text(&server.complete(BASE, "colour red", 8).await).to_owned();
+    let adapted = server.complete("good", "colour red", 8).await;
+    assert_ne!(text(&adapted), base, "the adapter changes the answer");
+    assert_eq!(adapted["model"], "good");
+
+    // Every bad adapter is refused with its reason, and nothing else changes.
+    let mut bad_digest = good.clone();
+    bad_digest.sha256 = format!("{:x}", Sha256::digest(b"something else"));
+    let high_rank = store(s3, &bucket, "rank16", &random_adapter(16, 2, &SITES)).await;
+    let (config, weights) = random_adapter(4, 3, &SITES).to_bytes().expect("bytes");
+    let other_base = {
+        let graft_json = json!({
+            "baseModel": {"uri": "s3://models/other/", "sha256": "0".repeat(64)},
+            "dataset": {"uri": "s3://data/x.jsonl", "sha256": "1".repeat(64)},
+            "adapter": {"uri": "s3://x/", "sha256": format!("{:x}", Sha256::digest(&weights)), "sizeBytes": weights.len(), "trainableParameters": 1},
+            "metrics": {"steps": 1, "trainExamples": 1, "evalExamples": 0, "finalLoss": null, "evalLoss": null, "tokensPerSecond": null},
+        });
+        let uri = upload(
+            s3,
+            &bucket,
+            "other-base",
+            &[
+                ("adapter_config.json", config.clone()),
+                ("adapter_model.safetensors", weights.clone()),
+                ("graft.json", graft_json.to_string().into_bytes()),
+            ],
+        )
+        .await;
+        common::TestAdapter {
+            uri,
+            sha256: format!("{:x}", Sha256::digest(&weights)),
+        }
+    };
+    let garbage = b"not a safetensors file".to_vec();
+    let corrupt = common::TestAdapter {
+        uri: upload(
+            s3,
+            &bucket,
+            "corrupt",
+            &[
+                ("adapter_config.json", config.clone()),
+                ("adapter_model.safetensors", garbage.clone()),
+            ],
+        )
+        .await,
+        sha256: format!("{:x}", Sha256::digest(&garbage)),
+    };
+    let other_shape = {
+        let dir = graft_testenv::repo_root().join("engine/tests/data/tiny/llama-peft");
+        let weights = std::fs::read(dir.join("adapter_model.safetensors")).expect("weights");
+        common::TestAdapter {
+            uri: upload(
+                s3,
+                &bucket,
+                "other-shape",
+                &[
+                    (
+                        "adapter_config.json",
+                        std::fs::read(dir.join("adapter_config.json")).expect("config"),
+                    ),
+                    ("adapter_model.safetensors", weights.clone()),
+                ],
+            )
+            .await,
+            sha256: format!("{:x}", Sha256::digest(&weights)),
+        }
+    };
+    let missing = common::TestAdapter {
+        uri: format!("s3://{bucket}/nothing-here/"),
+        sha256: "a".repeat(64),
+    };
+    let cases = [
+        (&bad_digest, "digest mismatch"),
+        (&high_rank, "rank 16"),
+        (&other_base, "another base model"),
+        (&corrupt, "adapter_model.safetensors"),
+        (&other_shape, "the model needs"),
+        (&missing, "has no adapter_model.safetensors"),
+    ];
+    for (adapter, reason) in cases {
+        let (status, body) = server.put_adapter("good", &[(adapter, 100)]).await;
+        assert_eq!(status, 422, "{adapter:?} → {body}");
+        let message = error_of(&body)["message"].as_str().expect("message");
+        assert!(message.contains(reason), "{reason:?} not in {message:?}");
+        assert_eq!(
+            text(&server.complete("good", "colour red", 8).await),
+            text(&adapted)
+        );
+    }
+    let (status, body) = server.put_adapter("made", &[(&good, 100)]).await;
+    assert_eq!(status, 422, "the base model's name is taken: {body}");
+    let (_, listing) = server.admin_get("/admin/adapters").await;
+    let versions = listing["adapters"]["good"]
+        .as_array()
+        .expect("good is listed");
+    assert_eq!(versions.len(), 1);
+    assert_eq!(versions[0]["state"], "loaded");
+    assert_eq!(versions[0]["sha256"], good.sha256);
+    assert!(versions[0]["loaded_at"].is_string());
+
+    let (_, info) = server.admin_get("/admin/info").await;
+    assert_eq!(info["model"], BASE);
+    assert_eq!(info["maxLoraRank"], 8);
+    assert_eq!(info["architecture"], "llama");
+
+    let (_, models) = server
+        .request(reqwest::Method::GET, "/v1/models", None, None)
+        .await;
+    let ids: Vec<(&str, &Value)> = models["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|m| (m["id"].as_str().expect("id"), &m["parent"]))
+        .collect();
+    assert_eq!(ids, [(BASE, &Value::Null), ("good", &json!(BASE))]);
+
+    let (status, _) = server
+        .request(
+            reqwest::Method::DELETE,
+            "/admin/adapters/good",
+            None,
+            Some(TOKEN),
+        )
+        .await;
+    assert_eq!(status, 204);
+    let (status, _) = server
+        .post("/v1/completions", json!({"model": "good", "prompt": "hi"}))
+        .await;
+    assert_eq!(status, 404);
+    let (status, _) = server
+        .request(
+            reqwest::Method::DELETE,
+            "/admin/adapters/good",
+            None,
+            Some(TOKEN),
+        )
+        .await;
+    assert_eq!(status, 404);
+    assert!(
+        server
+            .metric("graft_server_adapter_load_failures_total")
+            .await
+            >= 5.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn least_recently_used_adapters_leave_memory_and_come_back_on_demand() {
+    let s3 = S3Server::shared().await;
+    let bucket = s3.bucket("lru");
+    let server = Server::start(&["--max-loaded-adapters", "2"]).await;
+    let mut answers = Vec::new();
+    for (i, name) in ["one", "two", "three"].into_iter().enumerate() {
+        let adapter = store(s3, &bucket, name, &random_adapter(4, 10 + i as u64, &SITES)).await;
+        let (status, body) = server.put_adapter(name, &[(&adapter, 100)]).await;
+        assert_eq!(status, 200, "{body}");
+        answers.push(text(&server.complete(name, "colour gold", 8).await).to_owned());
+    }
+    assert_eq!(server.metric("graft_server_loaded_adapters").await, 2.0);
+    let (_, listing) = server.admin_get("/admin/adapters").await;
+    assert_eq!(
+        listing["adapters"]["one"][0]["state"], "offloaded",
+        "{listing}"
+    );
+    // Reloaded from the local disk cache: the same weights, the same answer.
+    assert_eq!(
+        text(&server.complete("one", "colour gold", 8).await),
+        answers[0]
+    );
+    assert_eq!(server.metric("graft_server_loaded_adapters").await, 2.0);
+    let (_, listing) = server.admin_get("/admin/adapters").await;
+    assert_eq!(
+        listing["adapters"]["one"][0]["state"], "loaded",
+        "{listing}"
+    );
+    assert_eq!(
+        listing["adapters"]["two"][0]["state"], "offloaded",
+        "{listing}"
+    );
+    for (name, answer) in ["one", "two", "three"].iter().zip(&answers) {
+        assert_eq!(
+            text(&server.complete(name, "colour gold", 8).await),
+            *answer
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn start_up_adapters_load_before_ready_and_failures_are_listed() {
+    let s3 = S3Server::shared().await;
+    let bucket = s3.bucket("startup");
+    let good = store(s3, &bucket, "good", &random_adapter(4, 21, &SITES)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("adapters.json");
+    let adapters = json!({"adapters": {
+        "ready-one": {"versions": [{"uri": good.uri, "sha256": good.sha256, "weight": 100}]},
+        "broken": {"versions": [{"uri": format!("s3://{bucket}/absent/"), "sha256": "a".repeat(64), "weight": 100}]},
+    }});
+    std::fs::write(&file, adapters.to_string()).expect("adapters file");
+    let path = file.display().to_string();
+    let server = Server::start(&["--adapters-file", &path]).await;
+    let (_, listing) = server.admin_get("/admin/adapters").await;
+    assert_eq!(
+        listing["adapters"]["ready-one"][0]["state"], "loaded",
+        "{listing}"
+    );
+    assert_eq!(
+        listing["adapters"]["broken"][0]["state"], "failed",
+        "{listing}"
+    );
+    assert!(
+        listing["adapters"]["broken"][0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("absent")),
+        "{listing}"
+    );
+    let adapted = server.complete("ready-one", "colour teal", 6).await;
+    assert_eq!(adapted["model"], "ready-one");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_drains_the_requests_in_flight() {
+    let server = Server::start(&[]).await;
+    let request = {
+        let client = server.client().clone();
+        let url = format!("{}/v1/completions", server.url);
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .json(&json!({"model": BASE, "prompt": "hi", "max_tokens": 120, "temperature": 0, "stop": []}))
+                .send()
+                .await
+                .expect("answered")
+                .json::<Value>()
+                .await
+                .expect("json")
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let daemon = &server.daemon;
+    daemon.terminate(Duration::from_secs(30));
+    let body = request.await.expect("the request task");
+    assert!(
+        body["choices"][0]["finish_reason"].is_string(),
+        "finished, not cut: {body}"
+    );
+    assert!(body["usage"]["completion_tokens"].as_u64().expect("count") > 0);
+}

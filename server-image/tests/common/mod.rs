@@ -1,0 +1,256 @@
+//! Shared by the server's tests: a real `graft-server` process on 127.0.0.1 serving the
+//! committed tiny model, adapters made for it and stored in the test S3 server, and a small
+//! HTTP client.
+
+#![allow(dead_code)] // each test binary uses a subset
+
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+
+use candle_core::{Device, Tensor};
+use graft_engine::{
+    lora::Lora,
+    models::{Config, Site},
+    peft::{Adapter, AdapterConfig},
+    rng::Rng,
+    storage::{self, ObjectUri, S3Options},
+};
+use graft_testenv::{Daemon, S3Server, eventually, repo_root};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+pub const TOKEN: &str = "admin-token-for-tests";
+/// The served name of the base model (the last segment of its URI).
+pub const BASE: &str = "made";
+
+/// `engine/tests/data/tiny/made`: what `graft-trainer make-tiny-model` writes.
+pub fn model_dir() -> PathBuf {
+    repo_root().join("engine/tests/data/tiny/made")
+}
+
+pub fn model_config() -> Config {
+    let text = std::fs::read_to_string(model_dir().join("config.json")).expect("config.json");
+    Config::from_json(&text).expect("config")
+}
+
+pub fn s3_options(s3: &S3Server) -> S3Options {
+    S3Options {
+        endpoint: Some(s3.endpoint().to_owned()),
+        region: Some(s3.region().to_owned()),
+        access_key_id: Some(s3.access_key_id().to_owned()),
+        secret_access_key: Some(s3.secret_access_key().to_owned()),
+        session_token: None,
+    }
+}
+
+#[derive(Debug)]
+pub struct Server {
+    pub daemon: Daemon,
+    pub url: String,
+    pub dir: PathBuf,
+    client: reqwest::Client,
+}
+
+impl Server {
+    /// Starts `graft-server` on the tiny model with the admin token, the test S3 server's
+    /// credentials and `extra` arguments, and waits until it is ready.
+    pub async fn start(extra: &[&str]) -> Self {
+        let s3 = S3Server::shared().await;
+        let dir = tempfile::tempdir().expect("tempdir").keep();
+        std::fs::write(dir.join("token"), format!("{TOKEN}\n")).expect("token file");
+        let model = format!("file://{}", model_dir().display());
+        let token = dir.join("token").display().to_string();
+        let cache = dir.join("cache").display().to_string();
+        let mut args = vec![
+            "--model",
+            &model,
+            "--listen",
+            "127.0.0.1:{port}",
+            "--admin-token-file",
+            &token,
+            "--cache-dir",
+            &cache,
+            "--s3-endpoint",
+            s3.endpoint(),
+            "--s3-region",
+            s3.region(),
+        ];
+        args.extend_from_slice(extra);
+        let daemon = Daemon::start_with_env(
+            "graft-server",
+            env!("CARGO_BIN_EXE_graft-server"),
+            &args,
+            &[
+                ("AWS_ACCESS_KEY_ID", s3.access_key_id()),
+                ("AWS_SECRET_ACCESS_KEY", s3.secret_access_key()),
+                ("RUST_LOG", "info"),
+            ],
+        )
+        .await;
+        let server = Self {
+            url: format!("http://127.0.0.1:{}", daemon.port()),
+            daemon,
+            dir,
+            client: reqwest::Client::new(),
+        };
+        server.wait_ready().await;
+        server
+    }
+
+    pub async fn wait_ready(&self) {
+        let url = format!("{}/readyz", self.url);
+        eventually("graft-server ready", Duration::from_secs(60), async || {
+            self.client
+                .get(&url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        })
+        .await;
+    }
+
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    /// `(status, body)`; a body that is not JSON comes back as a JSON string.
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        token: Option<&str>,
+    ) -> (u16, Value) {
+        let mut request = self.client.request(method, format!("{}{path}", self.url));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.expect("the server answers");
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("a body");
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, body)
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.request(reqwest::Method::POST, path, Some(body), None)
+            .await
+    }
+
+    /// A greedy completion of `prompt` by `model`, asserting success.
+    pub async fn complete(&self, model: &str, prompt: &str, max_tokens: usize) -> Value {
+        let (status, body) = self
+            .post(
+                "/v1/completions",
+                json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}),
+            )
+            .await;
+        assert_eq!(status, 200, "completion failed: {body}");
+        body
+    }
+
+    pub async fn put_adapter(&self, name: &str, versions: &[(&TestAdapter, u32)]) -> (u16, Value) {
+        let versions: Vec<Value> = versions
+            .iter()
+            .map(|(a, w)| json!({"uri": a.uri, "sha256": a.sha256, "weight": w}))
+            .collect();
+        self.request(
+            reqwest::Method::PUT,
+            &format!("/admin/adapters/{name}"),
+            Some(json!({"versions": versions})),
+            Some(TOKEN),
+        )
+        .await
+    }
+
+    pub async fn admin_get(&self, path: &str) -> (u16, Value) {
+        self.request(reqwest::Method::GET, path, None, Some(TOKEN))
+            .await
+    }
+
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self
+            .client
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        text.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+/// An adapter version stored somewhere the server can read.
+#[derive(Clone, Debug)]
+pub struct TestAdapter {
+    pub uri: String,
+    pub sha256: String,
+}
+
+/// A random adapter for the tiny model: every B non-zero so it changes what the model says.
+pub fn random_adapter(rank: usize, seed: u64, sites: &[Site]) -> Adapter {
+    let config = model_config();
+    let mut rng = Rng::seed(seed);
+    let mut weights = BTreeMap::new();
+    for layer in 0..config.num_layers {
+        for &site in sites {
+            let (out, input) = config.site_shape(site);
+            let mut lora =
+                Lora::init(rank, (out, input), 2.0, &mut rng, &Device::Cpu).expect("init");
+            let b: Vec<f32> = (0..out * rank).map(|_| rng.uniform(-0.8, 0.8)).collect();
+            lora.b = Tensor::from_vec(b, (out, rank), &Device::Cpu).expect("b");
+            weights.insert((layer, site), lora);
+        }
+    }
+    Adapter {
+        config: AdapterConfig::new(rank, 2.0 * rank as f64, 0.0, false, sites),
+        weights,
+    }
+}
+
+/// Writes `files` under `s3://<bucket>/<prefix>/`.
+pub async fn upload(
+    s3: &S3Server,
+    bucket: &str,
+    prefix: &str,
+    files: &[(&str, Vec<u8>)],
+) -> String {
+    let uri = format!("s3://{bucket}/{prefix}/");
+    let location =
+        storage::open(&uri.parse::<ObjectUri>().expect("uri"), &s3_options(s3)).expect("open");
+    for (name, bytes) in files {
+        location.put(name, bytes.clone()).await.expect("upload");
+    }
+    uri
+}
+
+/// Stores `adapter` in PEFT's format under `s3://<bucket>/<prefix>/`.
+pub async fn store(s3: &S3Server, bucket: &str, prefix: &str, adapter: &Adapter) -> TestAdapter {
+    let (config, weights) = adapter.to_bytes().expect("serialise");
+    let sha256 = format!("{:x}", Sha256::digest(&weights));
+    let uri = upload(
+        s3,
+        bucket,
+        prefix,
+        &[
+            ("adapter_config.json", config),
+            ("adapter_model.safetensors", weights),
+        ],
+    )
+    .await;
+    TestAdapter { uri, sha256 }
+}
+
+/// The text of a completion response.
+pub fn text(body: &Value) -> &str {
+    body["choices"][0]["text"]
+        .as_str()
+        .expect("choices[0].text")
+}
