@@ -20,33 +20,12 @@ use graft_engine::{
     peft::Adapter,
 };
 
+use graft_testenv::{oracle_python, repo_root};
+
 const TRAINER: &str = env!("CARGO_BIN_EXE_graft-trainer");
 
-/// The repository root, found at run time: a shared, cached target directory may hold a
-/// binary compiled in another checkout, so nothing is baked in with `env!`.
-fn repo() -> PathBuf {
-    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
-        .expect("CARGO_MANIFEST_DIR is set: run tests through cargo");
-    let root = Path::new(&manifest_dir).join("..");
-    std::fs::canonicalize(&root).unwrap_or_else(|e| panic!("{}: {e}", root.display()))
-}
-
 fn tiny_model() -> PathBuf {
-    repo().join("engine/tests/data/tiny/made")
-}
-
-/// The oracle's Python. Missing, the test fails: parity is a gate, not a best effort.
-fn oracle_python() -> PathBuf {
-    std::env::var_os("GRAFT_ORACLE_PYTHON").map_or_else(
-        || {
-            panic!(
-                "GRAFT_ORACLE_PYTHON is not set: run `export GRAFT_ORACLE_PYTHON=$(bash \
-                 tests/oracle/venv.sh)` (a cached venv with torch, transformers and peft; \
-                 tests/run.sh does this)"
-            )
-        },
-        PathBuf::from,
-    )
+    repo_root().join("engine/tests/data/tiny/made")
 }
 
 /// Questions naming a colour answered by a fixed animal: something a tiny model can learn, so
@@ -182,7 +161,7 @@ fn graft_and_peft_agree(name: &str, method: &str) {
     ]);
     candle_core::safetensors::save(&tensors, &reference).expect("write the reference");
 
-    let script = repo().join("tests/oracle/graft_adapter_in_peft.py");
+    let script = repo_root().join("tests/oracle/graft_adapter_in_peft.py");
     let out = Command::new(&python)
         .arg(&script)
         .arg("--model")

@@ -38,3 +38,20 @@ pub fn unique_name(prefix: &str) -> String {
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     format!("{prefix}-{}-{n}", std::process::id())
 }
+
+/// The Python of the Hugging Face oracle's virtual environment, `$GRAFT_ORACLE_PYTHON`.
+///
+/// # Panics
+/// When it is not set, with the command that sets it.
+pub fn oracle_python() -> std::path::PathBuf {
+    std::env::var_os("GRAFT_ORACLE_PYTHON").map_or_else(
+        || {
+            panic!(
+                "GRAFT_ORACLE_PYTHON is not set: run `export GRAFT_ORACLE_PYTHON=$(bash \
+                 tests/oracle/venv.sh)` (a cached venv with torch, transformers, peft and openai; \
+                 tests/run.sh does this)"
+            )
+        },
+        std::path::PathBuf::from,
+    )
+}

@@ -1,0 +1,94 @@
+"""Compares graft-server's next-token distribution with Hugging Face transformers + PEFT.
+
+For the base model, an adapter PEFT creates here (random, non-zero B), and an adapter Graft
+trained (--graft-adapter, a directory), it asks the server for greedy tokens with the top-20
+log-probabilities by token id (vLLM's `return_tokens_as_token_ids`) and checks each against
+log_softmax of PEFT's logits for the same ids, at every generated position (so the server's
+KV cache is exercised). Exits 1 above --tolerance (default 1e-4).
+
+    $GRAFT_ORACLE_PYTHON tests/oracle/server_logits.py --url URL --token T --model DIR \
+        --graft-adapter DIR --work DIR
+"""
+
+import argparse
+import hashlib
+import json
+import sys
+import urllib.request
+from pathlib import Path
+
+import openai
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--url", required=True)
+parser.add_argument("--token", required=True)
+parser.add_argument("--model", required=True)
+parser.add_argument("--base-name", required=True)
+parser.add_argument("--graft-adapter", required=True)
+parser.add_argument("--work", required=True)
+parser.add_argument("--tolerance", type=float, default=1e-4)
+args = parser.parse_args()
+
+torch.manual_seed(0)
+tokenizer = AutoTokenizer.from_pretrained(args.model)
+base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+
+peft_dir = Path(args.work) / "peft-created"
+config = LoraConfig(
+    r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+)
+get_peft_model(AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32), config).save_pretrained(peft_dir)
+
+
+def put(name, directory):
+    weights = (Path(directory) / "adapter_model.safetensors").read_bytes()
+    body = json.dumps({"versions": [{"uri": f"file://{Path(directory).resolve()}/", "sha256": hashlib.sha256(weights).hexdigest(), "weight": 100}]})
+    request = urllib.request.Request(
+        f"{args.url}/admin/adapters/{name}", data=body.encode(), method="PUT",
+        headers={"Authorization": f"Bearer {args.token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request) as response:
+        assert response.status == 200, response.read()
+
+
+put("peft-created", peft_dir)
+put("graft-trained", args.graft_adapter)
+
+client = openai.OpenAI(base_url=args.url + "/v1", api_key="not-needed", max_retries=0)
+worst = 0.0
+for name, directory in [(args.base_name, None), ("peft-created", peft_dir), ("graft-trained", Path(args.graft_adapter))]:
+    model = base if directory is None else PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32), directory
+    ).eval()
+    for prompt in ["colour red", "colour teal -> a long prompt"]:
+        ids = tokenizer(prompt)["input_ids"]
+        answer = client.completions.create(
+            model=name, prompt=prompt, max_tokens=4, temperature=0, logprobs=20,
+            extra_body={"return_tokens_as_token_ids": True},
+        )
+        if answer.usage.prompt_tokens != len(ids):
+            print(f"{name}: the server read {answer.usage.prompt_tokens} prompt tokens, transformers {len(ids)}")
+            sys.exit(1)
+        generated = [int(t.split(":")[1]) for t in answer.choices[0].logprobs.tokens]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids + generated])).logits[0]
+        reference = torch.log_softmax(logits, dim=-1)
+        for step, top in enumerate(answer.choices[0].logprobs.top_logprobs):
+            expected = reference[len(ids) - 1 + step]
+            ours = {int(k.split(":")[1]): v for k, v in top.items()}
+            theirs = set(torch.topk(expected, 20).indices.tolist())
+            if len(ours.keys() & theirs) < 19:
+                print(f"{name} step {step}: top-20 ids differ: {sorted(ours)} vs {sorted(theirs)}")
+                sys.exit(1)
+            diff = max(abs(v - expected[i].item()) for i, v in ours.items())
+            worst = max(worst, diff)
+            if generated[step] != int(expected.argmax()):
+                print(f"{name} step {step}: greedy token {generated[step]}, transformers' argmax {int(expected.argmax())}")
+                sys.exit(1)
+    print(f"{name}: log-probabilities agree with transformers + PEFT (worst so far {worst:.2e})")
+print(f"largest |logprob difference| {worst:.2e} (tolerance {args.tolerance:g})")
+sys.exit(0 if worst <= args.tolerance else 1)
