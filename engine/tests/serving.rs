@@ -148,3 +148,39 @@ fn a_mixed_batch_gives_each_sequence_what_it_gets_alone() {
     let between = max_abs_diff(&alone[0], &alone[2].clone());
     assert!(between > 1e-3, "the two adapters give different logits");
 }
+
+/// Off the CPU fast path (here: f64 weights) attention and LoRA run as tensor ops per
+/// segment, the path other devices take; it must give the same logits.
+#[test]
+fn the_tensor_op_path_decodes_as_the_full_forward() {
+    use candle_core::DType;
+    use graft_engine::models::{Config, load_weights};
+    let dir = tiny("llama");
+    let config =
+        Config::from_json(&std::fs::read_to_string(dir.join("config.json")).expect("config"))
+            .expect("parses");
+    let vb = load_weights(&dir, DType::F64, &Device::Cpu).expect("weights");
+    let mut model = Llama::load(&vb, &config, Precision::Dense).expect("f64 model");
+    let adapter = peft_adapter();
+    let (ids, _) = reference(&tiny("llama-peft"));
+    let row = ids_row(&ids, 0);
+    let ours = stepwise(&model, Some(&adapter), &row, 2);
+    adapter.apply(&mut model).expect("fits");
+    let full = model
+        .forward(
+            &Tensor::new(row.as_slice(), &Device::Cpu)
+                .expect("ids")
+                .unsqueeze(0)
+                .expect("batch"),
+        )
+        .expect("forward")
+        .squeeze(0)
+        .expect("row")
+        .narrow(0, 1, row.len() - 1)
+        .expect("positions");
+    let diff = max_abs_diff(
+        &ours.to_dtype(DType::F32).expect("f32"),
+        &full.to_dtype(DType::F32).expect("f32"),
+    );
+    assert!(diff < 1e-6, "the tensor-op path differs by {diff}");
+}

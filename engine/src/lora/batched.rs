@@ -11,7 +11,10 @@ use std::ops::Range;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
 
+use rayon::prelude::*;
+
 use super::Lora;
+use crate::ops::dot;
 
 /// The rows of one sequence in the packed batch and the adapter pair they go through.
 #[derive(Clone, Debug)]
@@ -70,41 +73,71 @@ impl CustomOp1 for BatchedLora<'_> {
             candle_core::bail!("{}: needs contiguous f32 rows [rows, in]", self.name());
         };
         let x = &values[start..end];
-        let mut delta = vec![0f32; rows * self.out];
-        let mut hidden = Vec::new();
-        for segment in self.segments {
-            let Some(lora) = segment.lora else { continue };
-            let (a, b) = (lora.a.contiguous()?, lora.b.contiguous()?);
-            let (rank, a_in) = a.dims2()?;
-            let (b_out, b_rank) = b.dims2()?;
-            if a_in != input || b_out != self.out || b_rank != rank || segment.rows.end > rows {
-                candle_core::bail!(
-                    "{}: adapter A {:?} / B {:?} does not fit rows {:?} of [{rows}, {input}] → {}",
-                    self.name(),
-                    a.dims(),
-                    b.dims(),
-                    segment.rows,
-                    self.out
-                );
-            }
-            let (a_storage, a_layout) = a.storage_and_layout();
-            let (b_storage, b_layout) = b.storage_and_layout();
-            let a = f32_slice(&a_storage, a_layout)?;
-            let b = f32_slice(&b_storage, b_layout)?;
-            #[allow(clippy::cast_possible_truncation)]
-            let scale = lora.scale as f32;
-            hidden.resize(rank, 0.0);
-            for row in segment.rows.clone() {
-                let x_row = &x[row * input..(row + 1) * input];
-                for (h, a_row) in hidden.iter_mut().zip(a.chunks_exact(input)) {
-                    *h = dot(a_row, x_row) * scale;
+        // Each segment's A and B as slices, borrowed for the parallel pass below.
+        let pairs = self
+            .segments
+            .iter()
+            .map(|segment| {
+                let Some(lora) = segment.lora else {
+                    return Ok(None);
+                };
+                let (a, b) = (lora.a.contiguous()?, lora.b.contiguous()?);
+                let (rank, a_in) = a.dims2()?;
+                let (b_out, b_rank) = b.dims2()?;
+                if a_in != input || b_out != self.out || b_rank != rank || segment.rows.end > rows {
+                    candle_core::bail!(
+                        "{}: adapter A {:?} / B {:?} does not fit rows {:?} of [{rows}, {input}] → {}",
+                        self.name(),
+                        a.dims(),
+                        b.dims(),
+                        segment.rows,
+                        self.out
+                    );
                 }
-                let out_row = &mut delta[row * self.out..(row + 1) * self.out];
-                for (o, b_row) in out_row.iter_mut().zip(b.chunks_exact(rank)) {
+                #[allow(clippy::cast_possible_truncation)]
+                Ok(Some((a, b, rank, lora.scale as f32)))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let guards: Vec<_> = pairs
+            .iter()
+            .map(|pair| {
+                pair.as_ref()
+                    .map(|(a, b, _, _)| (a.storage_and_layout(), b.storage_and_layout()))
+            })
+            .collect();
+        let mut slices = Vec::with_capacity(guards.len());
+        for (guard, pair) in guards.iter().zip(&pairs) {
+            slices.push(match (guard, pair) {
+                (Some(((a, a_layout), (b, b_layout))), Some((_, _, rank, scale))) => Some((
+                    f32_slice(a, a_layout)?,
+                    f32_slice(b, b_layout)?,
+                    *rank,
+                    *scale,
+                )),
+                _ => None,
+            });
+        }
+        let mut owner = vec![usize::MAX; rows];
+        for (index, segment) in self.segments.iter().enumerate() {
+            owner[segment.rows.clone()].fill(index);
+        }
+        let mut delta = vec![0f32; rows * self.out];
+        delta
+            .par_chunks_mut(self.out)
+            .zip(x.par_chunks(input))
+            .zip(owner.par_iter())
+            .for_each(|((out_row, x_row), &segment)| {
+                let Some(Some((a, b, rank, scale))) = slices.get(segment) else {
+                    return;
+                };
+                let hidden: Vec<f32> = a
+                    .chunks_exact(input)
+                    .map(|a_row| dot(a_row, x_row) * scale)
+                    .collect();
+                for (o, b_row) in out_row.iter_mut().zip(b.chunks_exact(*rank)) {
                     *o = dot(b_row, &hidden);
                 }
-            }
-        }
+            });
         Ok((CpuStorage::F32(delta), Shape::from((rows, self.out))))
     }
 }
@@ -114,24 +147,6 @@ fn f32_slice<'s>(storage: &'s Storage, layout: &Layout) -> Result<&'s [f32]> {
         (Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) => Ok(&values[start..end]),
         _ => candle_core::bail!("batched-lora: adapter weights must be contiguous f32 on CPU"),
     }
-}
-
-/// Eight running sums, so the compiler vectorises the loop without reassociating floats.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut sums = [0f32; 8];
-    let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a_chunks
-        .remainder()
-        .iter()
-        .zip(b_chunks.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in a_chunks.zip(b_chunks) {
-        for i in 0..8 {
-            sums[i] += x[i] * y[i];
-        }
-    }
-    sums.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]

@@ -50,16 +50,25 @@ pub fn cache_dir(cache: &Path, sha256: &str) -> PathBuf {
     cache.join("adapters").join(sha256)
 }
 
-/// Downloads the version unless its verified copy is already on disk.
+/// A version's files, their digest verified.
+#[derive(Debug)]
+pub struct Files {
+    config: Vec<u8>,
+    weights: Vec<u8>,
+    graft_json: Option<Vec<u8>>,
+}
+
+/// The version's files: from the local disk cache when a verified copy is there, otherwise
+/// from the store (then kept on disk, under its digest, for a reload after eviction).
 pub async fn fetch(
     uri: &str,
     sha256: &str,
     s3: &S3Options,
     cache: &Path,
-) -> Result<PathBuf, LoadError> {
+) -> Result<Files, LoadError> {
     let dir = cache_dir(cache, sha256);
-    if dir.join(WEIGHTS).is_file() {
-        return Ok(dir);
+    if let Some(files) = from_disk(&dir, sha256) {
+        return Ok(files);
     }
     let parsed: ObjectUri = uri
         .parse()
@@ -78,53 +87,63 @@ pub async fn fetch(
             })
         }
     };
+    let (weights, config, graft_json) =
+        futures::try_join!(get(WEIGHTS), get(CONFIG), get(GRAFT_JSON))?;
     let missing = |name: &str| LoadError::Invalid(format!("{uri} has no {name}"));
-    let weights = get(WEIGHTS).await?.ok_or_else(|| missing(WEIGHTS))?;
+    let weights = weights.ok_or_else(|| missing(WEIGHTS))?.to_vec();
     let actual = format!("{:x}", Sha256::digest(&weights));
     if actual != sha256 {
         return Err(LoadError::Invalid(format!(
             "digest mismatch: {WEIGHTS} under {uri} has sha256 {actual}, expected {sha256}"
         )));
     }
-    let config = get(CONFIG).await?.ok_or_else(|| missing(CONFIG))?;
-    let graft_json = get(GRAFT_JSON).await?;
+    let files = Files {
+        config: config.ok_or_else(|| missing(CONFIG))?.to_vec(),
+        weights,
+        graft_json: graft_json.map(|b| b.to_vec()),
+    };
+    keep_on_disk(&dir, &files)?;
+    Ok(files)
+}
 
+fn from_disk(dir: &Path, sha256: &str) -> Option<Files> {
+    let weights = std::fs::read(dir.join(WEIGHTS)).ok()?;
+    if format!("{:x}", Sha256::digest(&weights)) != sha256 {
+        // A damaged copy: fetch it again.
+        let _ = std::fs::remove_dir_all(dir);
+        return None;
+    }
+    Some(Files {
+        config: std::fs::read(dir.join(CONFIG)).ok()?,
+        weights,
+        graft_json: std::fs::read(dir.join(GRAFT_JSON)).ok(),
+    })
+}
+
+/// Written beside, then renamed into place: a copy on disk is always whole.
+fn keep_on_disk(dir: &Path, files: &Files) -> Result<(), LoadError> {
     let partial = dir.with_extension("partial");
     let write =
         |e: std::io::Error| LoadError::Unavailable(format!("writing {}: {e}", partial.display()));
     let _ = std::fs::remove_dir_all(&partial);
     std::fs::create_dir_all(&partial).map_err(write)?;
-    std::fs::write(partial.join(WEIGHTS), &weights).map_err(write)?;
-    std::fs::write(partial.join(CONFIG), &config).map_err(write)?;
-    if let Some(json) = graft_json {
-        std::fs::write(partial.join(GRAFT_JSON), &json).map_err(write)?;
+    std::fs::write(partial.join(WEIGHTS), &files.weights).map_err(write)?;
+    std::fs::write(partial.join(CONFIG), &files.config).map_err(write)?;
+    if let Some(json) = &files.graft_json {
+        std::fs::write(partial.join(GRAFT_JSON), json).map_err(write)?;
     }
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&partial, &dir).map_err(write)?;
-    Ok(dir)
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::rename(&partial, dir).map_err(write)
 }
 
-/// Reads a verified local copy and checks it fits `model`.
+/// Reads verified files and checks the adapter fits `model`.
 pub fn read(
-    dir: &Path,
+    files: &Files,
     uri: &str,
     sha256: &str,
     model: &BaseModel,
 ) -> Result<LoadedAdapter, LoadError> {
-    let read = |name: &str| {
-        std::fs::read(dir.join(name))
-            .map_err(|e| LoadError::Unavailable(format!("reading the cached {name}: {e}")))
-    };
-    let weights = read(WEIGHTS)?;
-    let actual = format!("{:x}", Sha256::digest(&weights));
-    if actual != sha256 {
-        let _ = std::fs::remove_dir_all(dir);
-        return Err(LoadError::Unavailable(format!(
-            "the cached copy of {uri} is damaged (sha256 {actual}); removed, load it again"
-        )));
-    }
-    let config = read(CONFIG)?;
-    let adapter = Adapter::from_bytes(&config, &weights, &Device::Cpu)
+    let adapter = Adapter::from_bytes(&files.config, &files.weights, &Device::Cpu)
         .map_err(|e| LoadError::Invalid(format!("{uri}: {e}")))?;
     let info = &model.info;
     if adapter.config.r > info.max_lora_rank {
@@ -133,8 +152,8 @@ pub fn read(
             adapter.config.r, info.max_lora_rank
         )));
     }
-    if let Ok(text) = std::fs::read(dir.join(GRAFT_JSON)) {
-        let record: GraftJson = serde_json::from_slice(&text)
+    if let Some(text) = &files.graft_json {
+        let record: GraftJson = serde_json::from_slice(text)
             .map_err(|e| LoadError::Invalid(format!("{uri}: graft.json: {e}")))?;
         if record.base_model.sha256 != info.model_sha256 {
             return Err(LoadError::Invalid(format!(

@@ -298,10 +298,10 @@ impl Registry {
     async fn load(&self, spec: &AssignedVersion) -> Result<Arc<LoadedAdapter>, LoadError> {
         let started = Instant::now();
         let result = async {
-            let dir = load::fetch(&spec.uri, &spec.sha256, &self.s3, &self.cache).await?;
+            let files = load::fetch(&spec.uri, &spec.sha256, &self.s3, &self.cache).await?;
             let model = self.model.clone();
             let (uri, sha) = (spec.uri.clone(), spec.sha256.clone());
-            tokio::task::spawn_blocking(move || load::read(&dir, &uri, &sha, &model))
+            tokio::task::spawn_blocking(move || load::read(&files, &uri, &sha, &model))
                 .await
                 .map_err(|e| LoadError::Unavailable(format!("loading task: {e}")))?
         }

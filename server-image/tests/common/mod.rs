@@ -54,10 +54,15 @@ impl Server {
     /// Starts `graft-server` on the tiny model with the admin token, the test S3 server's
     /// credentials and `extra` arguments, and waits until it is ready.
     pub async fn start(extra: &[&str]) -> Self {
+        Self::start_with_model(&model_dir(), extra).await
+    }
+
+    /// [`Server::start`] with another model directory.
+    pub async fn start_with_model(model: &std::path::Path, extra: &[&str]) -> Self {
         let s3 = S3Server::shared().await;
         let dir = tempfile::tempdir().expect("tempdir").keep();
         std::fs::write(dir.join("token"), format!("{TOKEN}\n")).expect("token file");
-        let model = format!("file://{}", model_dir().display());
+        let model = format!("file://{}", model.display());
         let token = dir.join("token").display().to_string();
         let cache = dir.join("cache").display().to_string();
         let mut args = vec![
@@ -196,7 +201,11 @@ pub struct TestAdapter {
 
 /// A random adapter for the tiny model: every B non-zero so it changes what the model says.
 pub fn random_adapter(rank: usize, seed: u64, sites: &[Site]) -> Adapter {
-    let config = model_config();
+    random_adapter_for(&model_config(), rank, seed, sites)
+}
+
+/// [`random_adapter`] for the model `config` describes.
+pub fn random_adapter_for(config: &Config, rank: usize, seed: u64, sites: &[Site]) -> Adapter {
     let mut rng = Rng::seed(seed);
     let mut weights = BTreeMap::new();
     for layer in 0..config.num_layers {

@@ -266,7 +266,7 @@ impl Llama {
 
     /// `cos`, `sin` `[seq, head_dim]` in f32, as transformers builds them.
     fn rotary_tables(&self, seq: usize, device: &Device) -> Result<(Tensor, Tensor)> {
-        self.rotary_range(0, seq, device)
+        self.rotary_at(&(0..seq).collect::<Vec<_>>(), device)
     }
 }
 

@@ -11,23 +11,34 @@ use std::ops::Range;
 use candle_core::{D, DType, Device, Result, Tensor};
 
 use super::{Llama, Site, repeat_kv};
+use rayon::prelude::*;
+
 use crate::{
     lora::batched::{SegmentLora, batched_delta},
-    ops::{apply_rotary, causal_softmax},
+    ops::{apply_rotary, causal_softmax, dot, rms_norm},
     peft::Adapter,
 };
 
-/// One sequence's keys and values, per layer `[kv_heads, tokens, head_dim]`.
+/// One sequence's keys and values.
 #[derive(Clone, Debug)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<LayerCache>,
     len: usize,
+}
+
+#[derive(Clone, Debug, Default)]
+struct LayerCache {
+    /// On CPU: `[tokens, kv_heads, head_dim]` f32, appended in place.
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// Elsewhere: `[kv_heads, tokens, head_dim]` tensors.
+    tensors: Option<(Tensor, Tensor)>,
 }
 
 impl KvCache {
     pub fn new(model: &Llama) -> Self {
         Self {
-            layers: vec![None; model.num_layers()],
+            layers: vec![LayerCache::default(); model.num_layers()],
             len: 0,
         }
     }
@@ -42,7 +53,7 @@ impl KvCache {
     }
 
     fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-        let slot = &mut self.layers[layer];
+        let slot = &mut self.layers[layer].tensors;
         let (k, v) = match slot.take() {
             Some((old_k, old_v)) => (Tensor::cat(&[old_k, k], 1)?, Tensor::cat(&[old_v, v], 1)?),
             None => (k, v),
@@ -64,6 +75,10 @@ pub struct Segment<'a> {
 struct Packed {
     rows: Range<usize>,
     offset: usize,
+}
+
+/// Rotary tables `[rows, head_dim]` for every packed row at its own position.
+struct Tables {
     cos: Tensor,
     sin: Tensor,
 }
@@ -81,22 +96,23 @@ impl Llama {
             candle_core::bail!("forward_packed: every segment needs at least one token");
         }
         let mut packed = Vec::with_capacity(segments.len());
+        let mut positions = Vec::with_capacity(ids.len());
         let mut start = 0;
         for segment in segments.iter() {
             let (len, offset) = (segment.tokens.len(), segment.cache.len());
-            let (cos, sin) = self.rotary_range(offset, len, &device)?;
             packed.push(Packed {
                 rows: start..start + len,
                 offset,
-                cos,
-                sin,
             });
+            positions.extend(offset..offset + len);
             start += len;
         }
+        let (cos, sin) = self.rotary_at(&positions, &device)?;
+        let tables = Tables { cos, sin };
         let ids = Tensor::new(ids.as_slice(), &device)?;
         let mut h = self.embed_tokens.index_select(&ids, 0)?;
         for layer in 0..self.layers.len() {
-            h = self.serve_layer(layer, &h, segments, &packed)?;
+            h = self.serve_layer(layer, &h, segments, &packed, &tables)?;
         }
         for segment in segments.iter_mut() {
             segment.cache.len += segment.tokens.len();
@@ -104,7 +120,7 @@ impl Llama {
         #[allow(clippy::cast_possible_truncation)]
         let last: Vec<u32> = packed.iter().map(|p| (p.rows.end - 1) as u32).collect();
         let last = h.index_select(&Tensor::new(last.as_slice(), &device)?, 0)?;
-        let normed = candle_nn::ops::rms_norm(&last, &self.norm, self.config.rms_norm_eps as f32)?;
+        let normed = norm(&last, &self.norm, self.config.rms_norm_eps as f32)?;
         self.lm_head.infer(&normed)
     }
 
@@ -114,6 +130,7 @@ impl Llama {
         h: &Tensor,
         segments: &mut [Segment<'_>],
         packed: &[Packed],
+        tables: &Tables,
     ) -> Result<Tensor> {
         let block = &self.layers[layer];
         #[allow(clippy::cast_possible_truncation)]
@@ -135,15 +152,15 @@ impl Llama {
                 None => Ok(y),
             }
         };
-        let x = candle_nn::ops::rms_norm(h, &block.input_norm, eps)?;
+        let x = norm(h, &block.input_norm, eps)?;
         let site_loras: Vec<Vec<SegmentLora<'_>>> = Site::ALL.iter().map(|&s| loras(s)).collect();
         let q = project(Site::QProj, &x, &site_loras[Site::QProj as usize])?;
         let k = project(Site::KProj, &x, &site_loras[Site::KProj as usize])?;
         let v = project(Site::VProj, &x, &site_loras[Site::VProj as usize])?;
-        let attended = self.packed_attention(layer, &q, &k, &v, segments, packed)?;
+        let attended = self.packed_attention(layer, [&q, &k, &v], segments, packed, tables)?;
         let o = project(Site::OProj, &attended, &site_loras[Site::OProj as usize])?;
         let x = (h + o)?;
-        let normed = candle_nn::ops::rms_norm(&x, &block.post_attention_norm, eps)?;
+        let normed = norm(&x, &block.post_attention_norm, eps)?;
         let gate = project(
             Site::GateProj,
             &normed,
@@ -161,32 +178,37 @@ impl Llama {
     fn packed_attention(
         &self,
         layer: usize,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        [q, k, v]: [&Tensor; 3],
         segments: &mut [Segment<'_>],
         packed: &[Packed],
+        tables: &Tables,
     ) -> Result<Tensor> {
         let cfg = &self.config;
         let (heads, kv_heads, dim) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let rows = q.dim(0)?;
+        let (cos, sin) = (tables.cos.unsqueeze(1)?, tables.sin.unsqueeze(1)?);
+        let q = apply_rotary(&q.reshape((rows, heads, dim))?, &cos, &sin)?;
+        let k = apply_rotary(&k.reshape((rows, kv_heads, dim))?, &cos, &sin)?;
+        let v = v.reshape((rows, kv_heads, dim))?;
+        if q.device().is_cpu() && q.dtype() == DType::F32 {
+            return self.host_attention(layer, [&q, &k, &v], segments, packed);
+        }
         #[allow(clippy::cast_precision_loss)]
         let scale = 1.0 / (dim as f64).sqrt();
-        let split = |t: &Tensor, rows: &Range<usize>, n: usize| {
+        let split = |t: &Tensor, rows: &Range<usize>| {
             t.narrow(0, rows.start, rows.len())?
-                .reshape((rows.len(), n, dim))?
                 .transpose(0, 1)?
                 .contiguous()
         };
         let mut outputs = Vec::with_capacity(packed.len());
         for (segment, p) in segments.iter_mut().zip(packed) {
-            let q = apply_rotary(&split(q, &p.rows, heads)?, &p.cos, &p.sin)?;
-            let k_new = apply_rotary(&split(k, &p.rows, kv_heads)?, &p.cos, &p.sin)?;
-            let v_new = split(v, &p.rows, kv_heads)?;
             debug_assert_eq!(segment.cache.len(), p.offset);
-            let (k, v) = segment.cache.append(layer, k_new, v_new)?;
+            let (k, v) = segment
+                .cache
+                .append(layer, split(&k, &p.rows)?, split(&v, &p.rows)?)?;
             let k = repeat_kv(&k.unsqueeze(0)?, heads / kv_heads)?.squeeze(0)?;
             let v = repeat_kv(&v.unsqueeze(0)?, heads / kv_heads)?.squeeze(0)?;
-            let scores = (q.matmul(&k.t()?)? * scale)?
+            let scores = (split(&q, &p.rows)?.matmul(&k.t()?)? * scale)?
                 .to_dtype(DType::F32)?
                 .contiguous()?;
             let probs = causal_softmax(&scores, cfg.sliding_window)?.to_dtype(v.dtype())?;
@@ -200,21 +222,96 @@ impl Llama {
         Tensor::cat(&outputs, 0)
     }
 
-    /// `cos`, `sin` `[len, head_dim]` for positions `start..start + len`.
-    pub(super) fn rotary_range(
+    /// Attention on CPU straight over each sequence's cache, every query row in parallel: a
+    /// decoding batch is many sequences of one row each, and per-sequence tensor ops (slice,
+    /// transpose, repeat the kv heads, two matmuls, softmax) would cost more than the arithmetic.
+    fn host_attention(
         &self,
-        start: usize,
-        len: usize,
+        layer: usize,
+        [q, k, v]: [&Tensor; 3],
+        segments: &mut [Segment<'_>],
+        packed: &[Packed],
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let (heads, kv_heads, dim) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let group = heads / kv_heads;
+        let kv_row = kv_heads * dim;
+        let q = q.flatten_all()?.to_vec1::<f32>()?;
+        let k = k.flatten_all()?.to_vec1::<f32>()?;
+        let v = v.flatten_all()?.to_vec1::<f32>()?;
+        for (segment, p) in segments.iter_mut().zip(packed.iter()) {
+            debug_assert_eq!(segment.cache.len(), p.offset);
+            let cache = &mut segment.cache.layers[layer];
+            let rows = p.rows.start * kv_row..p.rows.end * kv_row;
+            cache.k.extend_from_slice(&k[rows.clone()]);
+            cache.v.extend_from_slice(&v[rows]);
+        }
+        // Each query row: its cache and its position.
+        let mut work = Vec::with_capacity(q.len() / (heads * dim));
+        for (segment, p) in segments.iter().zip(packed) {
+            let cache = &segment.cache.layers[layer];
+            for i in 0..p.rows.len() {
+                work.push((&cache.k, &cache.v, p.offset + i));
+            }
+        }
+        #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation)]
+        let scale = (1.0 / (dim as f64).sqrt()) as f32;
+        let window = cfg.sliding_window;
+        let mut out = vec![0f32; q.len()];
+        out.par_chunks_mut(heads * dim)
+            .zip(q.par_chunks(heads * dim))
+            .zip(work.par_iter())
+            .for_each(|((out_row, q_row), (keys, values, position))| {
+                let first = window.map_or(0, |w| (position + 1).saturating_sub(w));
+                let mut scores = Vec::with_capacity(position + 1 - first);
+                for h in 0..heads {
+                    let kv = (h / group) * dim;
+                    let q_head = &q_row[h * dim..(h + 1) * dim];
+                    scores.clear();
+                    scores.extend((first..=*position).map(|j| {
+                        dot(q_head, &keys[j * kv_row + kv..j * kv_row + kv + dim]) * scale
+                    }));
+                    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut total = 0.0;
+                    for s in &mut scores {
+                        *s = (*s - max).exp();
+                        total += *s;
+                    }
+                    let out_head = &mut out_row[h * dim..(h + 1) * dim];
+                    for (j, weight) in (first..=*position).zip(&scores) {
+                        let value = &values[j * kv_row + kv..j * kv_row + kv + dim];
+                        let weight = weight / total;
+                        for (o, x) in out_head.iter_mut().zip(value) {
+                            *o += weight * x;
+                        }
+                    }
+                }
+            });
+        Tensor::from_vec(out, (work.len(), heads * dim), self.embed_tokens.device())
+    }
+
+    /// `cos`, `sin` `[positions, head_dim]`, one row per position.
+    pub(super) fn rotary_at(
+        &self,
+        positions: &[usize],
         device: &Device,
     ) -> Result<(Tensor, Tensor)> {
         let inv_freq = Tensor::new(self.inv_freq.as_slice(), device)?;
         #[allow(clippy::cast_precision_loss)]
-        let positions: Vec<f32> = (start..start + len).map(|p| p as f32).collect();
+        let positions: Vec<f32> = positions.iter().map(|&p| p as f32).collect();
         let positions = Tensor::new(positions.as_slice(), device)?;
         let freqs = positions
             .unsqueeze(1)?
             .broadcast_mul(&inv_freq.unsqueeze(0)?)?;
         let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
         Ok((emb.cos()?, emb.sin()?))
+    }
+}
+
+/// candle's fused RMSNorm (f32, f16, bf16); the op-by-op form for other dtypes.
+fn norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    match x.dtype() {
+        DType::F32 | DType::F16 | DType::BF16 => candle_nn::ops::rms_norm(x, weight, eps),
+        _ => rms_norm(x, weight, f64::from(eps)),
     }
 }
