@@ -6,6 +6,7 @@ mod common;
 use candle_core::{Device, IndexOp, Tensor};
 use common::{max_abs_diff, model, reference, tiny};
 use graft_engine::{
+    lora::batched::ServingAdapter,
     models::{KvCache, Llama, Precision, Segment},
     peft::Adapter,
 };
@@ -33,6 +34,8 @@ fn ids_row(ids: &Tensor, row: usize) -> Vec<u32> {
 /// Logits of every position of `ids`, fed as a prompt of `prefill` tokens and then one token
 /// per step.
 fn stepwise(model: &Llama, adapter: Option<&Adapter>, ids: &[u32], prefill: usize) -> Tensor {
+    let serving = adapter.map(|a| ServingAdapter::new(a).expect("serving layout"));
+    let adapter = serving.as_ref();
     let mut cache = KvCache::new(model);
     let mut rows = Vec::new();
     let mut chunks = vec![&ids[..prefill]];
@@ -93,9 +96,13 @@ fn a_mixed_batch_gives_each_sequence_what_it_gets_alone() {
     let model = model("llama", Precision::Dense);
     let first = peft_adapter();
     let second = doubled(&first);
+    let (first_s, second_s) = (
+        ServingAdapter::new(&first).expect("layout"),
+        ServingAdapter::new(&second).expect("layout"),
+    );
     let (ids, _) = reference(&tiny("llama-peft"));
     let row = ids_row(&ids, 0);
-    let adapters = [Some(&first), None, Some(&second), Some(&first)];
+    let adapters = [Some(&first_s), None, Some(&second_s), Some(&first_s)];
     // Each sequence already holds a different number of tokens before the shared step.
     let prefixes = [2, 5, 1, 4];
 

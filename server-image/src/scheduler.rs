@@ -136,7 +136,7 @@ fn run(model: &BaseModel, max_batch: usize, metrics: &Metrics, requests: &mpsc::
                 .map(|r| Segment {
                     tokens: &r.feed,
                     cache: &mut r.cache,
-                    adapter: r.request.adapter.as_deref().map(|a| &a.adapter),
+                    adapter: r.request.adapter.as_deref().map(|a| &a.serving),
                 })
                 .collect();
             model

@@ -2,46 +2,90 @@
 //! none): the base projection runs once for all rows, and each sequence's rows add their own
 //! adapter's `B · A · x · scale`. No adapter is ever merged into a copy of the base weights.
 //!
-//! On CPU one op walks the segments (as punica's SGMV does on GPU): a batch of 32 sequences
-//! with 32 adapters costs one op per projection, not 32 × (slice, two matmuls, scale, copy)
-//! — at serving batch sizes those per-op costs, not the arithmetic, would dominate. Other
-//! devices take the same sum through candle's ops, one segment at a time.
+//! On CPU one op walks the rows (as punica's SGMV does on GPU), adding into the base output:
+//! a batch of 32 sequences with 32 adapters costs one op per projection, not 32 × (slice, two
+//! matmuls, scale, add) — at serving batch sizes those per-op costs, not the arithmetic, would
+//! dominate. Other devices take the same sum through candle's ops, one segment at a time.
 
-use std::ops::Range;
+use std::{collections::BTreeMap, ops::Range};
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
-
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::Lora;
-use crate::ops::dot;
+use crate::{models::Site, ops::dot, peft::Adapter};
+
+/// One pair laid out for serving: `A` `[rank, in]` and `Bᵀ` `[rank, out]`, contiguous, so
+/// both halves of the product read memory in order.
+#[derive(Clone, Debug)]
+pub struct ServingLora {
+    a: Tensor,
+    b_t: Tensor,
+    scale: f64,
+}
+
+impl ServingLora {
+    pub fn new(lora: &Lora) -> Result<Self> {
+        Ok(Self {
+            a: lora.a.contiguous()?,
+            b_t: lora.b.t()?.contiguous()?,
+            scale: lora.scale,
+        })
+    }
+
+    /// `x · Aᵀ · B · scale` through candle's ops.
+    fn delta(&self, x: &Tensor) -> Result<Tensor> {
+        let a = self.a.to_dtype(x.dtype())?;
+        let b_t = self.b_t.to_dtype(x.dtype())?;
+        x.broadcast_matmul(&a.t()?)?
+            .broadcast_matmul(&b_t)?
+            .affine(self.scale, 0.0)
+    }
+}
+
+/// An adapter's pairs in serving layout, by layer and projection.
+#[derive(Clone, Debug)]
+pub struct ServingAdapter {
+    pairs: BTreeMap<(usize, Site), ServingLora>,
+}
+
+impl ServingAdapter {
+    pub fn new(adapter: &Adapter) -> Result<Self> {
+        let pairs = adapter
+            .weights
+            .iter()
+            .map(|(&key, lora)| Ok((key, ServingLora::new(lora)?)))
+            .collect::<Result<_>>()?;
+        Ok(Self { pairs })
+    }
+
+    pub fn get(&self, layer: usize, site: Site) -> Option<&ServingLora> {
+        self.pairs.get(&(layer, site))
+    }
+}
 
 /// The rows of one sequence in the packed batch and the adapter pair they go through.
 #[derive(Clone, Debug)]
 pub struct SegmentLora<'a> {
     pub rows: Range<usize>,
-    pub lora: Option<&'a Lora>,
+    pub lora: Option<&'a ServingLora>,
 }
 
-/// The adapters' contribution `[rows, out]` for `x` `[rows, in]`, or `None` when no segment
-/// has an adapter on this projection (the caller then adds nothing).
-pub fn batched_delta(
-    x: &Tensor,
-    segments: &[SegmentLora<'_>],
-    out: usize,
-) -> Result<Option<Tensor>> {
+/// `y + Σ` each segment's adapter applied to its rows of `x` (`[rows, in]` → `[rows, out]`).
+pub fn add_batched(x: &Tensor, y: &Tensor, segments: &[SegmentLora<'_>]) -> Result<Tensor> {
     if segments.iter().all(|s| s.lora.is_none()) {
-        return Ok(None);
+        return Ok(y.clone());
     }
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
-        let op = BatchedLora { segments, out };
-        return x.contiguous()?.apply_op1_no_bwd(&op).map(Some);
+    if x.device().is_cpu() && x.dtype() == DType::F32 && y.dtype() == DType::F32 {
+        return x
+            .contiguous()?
+            .apply_op2_no_bwd(&y.contiguous()?, &BatchedLora { segments });
     }
-    per_segment_delta(x, segments, out).map(Some)
+    y + per_segment_delta(x, segments, y.dim(1)?)?
 }
 
-/// The same sum from candle's ops: the reference the fused op is tested against, and the
-/// path on devices without the fused op.
+/// The adapters' contribution through candle's ops: the reference the fused op is tested
+/// against, and the path on devices without it.
 pub fn per_segment_delta(x: &Tensor, segments: &[SegmentLora<'_>], out: usize) -> Result<Tensor> {
     let parts = segments
         .iter()
@@ -58,87 +102,101 @@ pub fn per_segment_delta(x: &Tensor, segments: &[SegmentLora<'_>], out: usize) -
 
 struct BatchedLora<'a> {
     segments: &'a [SegmentLora<'a>],
-    out: usize,
 }
 
-impl CustomOp1 for BatchedLora<'_> {
+impl CustomOp2 for BatchedLora<'_> {
     fn name(&self) -> &'static str {
         "batched-lora"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(values), Some((start, end)), &[rows, input]) =
-            (storage, layout.contiguous_offsets(), layout.dims())
+    fn cpu_fwd(
+        &self,
+        x_storage: &CpuStorage,
+        x_layout: &Layout,
+        y_storage: &CpuStorage,
+        y_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (
+            CpuStorage::F32(x_values),
+            Some((x_start, x_end)),
+            &[rows, input],
+            CpuStorage::F32(y_values),
+            Some((y_start, y_end)),
+            &[y_rows, out],
+        ) = (
+            x_storage,
+            x_layout.contiguous_offsets(),
+            x_layout.dims(),
+            y_storage,
+            y_layout.contiguous_offsets(),
+            y_layout.dims(),
+        )
         else {
-            candle_core::bail!("{}: needs contiguous f32 rows [rows, in]", self.name());
+            candle_core::bail!(
+                "{}: needs contiguous f32 x [rows, in] and y [rows, out]",
+                self.name()
+            );
         };
-        let x = &values[start..end];
-        // Each segment's A and B as slices, borrowed for the parallel pass below.
-        let pairs = self
+        if y_rows != rows {
+            candle_core::bail!("{}: x has {rows} rows, y {y_rows}", self.name());
+        }
+        let x = &x_values[x_start..x_end];
+        let guards: Vec<_> = self
             .segments
             .iter()
-            .map(|segment| {
-                let Some(lora) = segment.lora else {
-                    return Ok(None);
-                };
-                let (a, b) = (lora.a.contiguous()?, lora.b.contiguous()?);
-                let (rank, a_in) = a.dims2()?;
-                let (b_out, b_rank) = b.dims2()?;
-                if a_in != input || b_out != self.out || b_rank != rank || segment.rows.end > rows {
-                    candle_core::bail!(
-                        "{}: adapter A {:?} / B {:?} does not fit rows {:?} of [{rows}, {input}] → {}",
-                        self.name(),
-                        a.dims(),
-                        b.dims(),
-                        segment.rows,
-                        self.out
-                    );
-                }
-                #[allow(clippy::cast_possible_truncation)]
-                Ok(Some((a, b, rank, lora.scale as f32)))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let guards: Vec<_> = pairs
-            .iter()
-            .map(|pair| {
-                pair.as_ref()
-                    .map(|(a, b, _, _)| (a.storage_and_layout(), b.storage_and_layout()))
+            .map(|s| {
+                s.lora.map(|l| {
+                    (
+                        l.a.storage_and_layout(),
+                        l.b_t.storage_and_layout(),
+                        l.scale,
+                    )
+                })
             })
             .collect();
         let mut slices = Vec::with_capacity(guards.len());
-        for (guard, pair) in guards.iter().zip(&pairs) {
-            slices.push(match (guard, pair) {
-                (Some(((a, a_layout), (b, b_layout))), Some((_, _, rank, scale))) => Some((
-                    f32_slice(a, a_layout)?,
-                    f32_slice(b, b_layout)?,
-                    *rank,
-                    *scale,
-                )),
-                _ => None,
-            });
+        for (guard, segment) in guards.iter().zip(self.segments) {
+            let Some(((a, a_layout), (b_t, b_layout), scale)) = guard else {
+                slices.push(None);
+                continue;
+            };
+            let (rank, a_in) = (a_layout.dims()[0], a_layout.dims()[1]);
+            let (b_rank, b_out) = (b_layout.dims()[0], b_layout.dims()[1]);
+            if a_in != input || b_out != out || b_rank != rank || segment.rows.end > rows {
+                candle_core::bail!(
+                    "{}: adapter A [{rank}, {a_in}] / Bᵀ [{b_rank}, {b_out}] does not fit rows {:?} of [{rows}, {input}] → {out}",
+                    self.name(),
+                    segment.rows
+                );
+            }
+            #[allow(clippy::cast_possible_truncation)]
+            slices.push(Some((
+                f32_slice(a, a_layout)?,
+                f32_slice(b_t, b_layout)?,
+                *scale as f32,
+            )));
         }
         let mut owner = vec![usize::MAX; rows];
         for (index, segment) in self.segments.iter().enumerate() {
             owner[segment.rows.clone()].fill(index);
         }
-        let mut delta = vec![0f32; rows * self.out];
-        delta
-            .par_chunks_mut(self.out)
+        let mut result = y_values[y_start..y_end].to_vec();
+        result
+            .par_chunks_mut(out)
             .zip(x.par_chunks(input))
             .zip(owner.par_iter())
             .for_each(|((out_row, x_row), &segment)| {
-                let Some(Some((a, b, rank, scale))) = slices.get(segment) else {
+                let Some(Some((a, b_t, scale))) = slices.get(segment) else {
                     return;
                 };
-                let hidden: Vec<f32> = a
-                    .chunks_exact(input)
-                    .map(|a_row| dot(a_row, x_row) * scale)
-                    .collect();
-                for (o, b_row) in out_row.iter_mut().zip(b.chunks_exact(*rank)) {
-                    *o = dot(b_row, &hidden);
+                for (a_row, b_row) in a.chunks_exact(input).zip(b_t.chunks_exact(out)) {
+                    let h = dot(a_row, x_row) * scale;
+                    for (o, b) in out_row.iter_mut().zip(b_row) {
+                        *o += h * b;
+                    }
                 }
             });
-        Ok((CpuStorage::F32(delta), Shape::from((rows, self.out))))
+        Ok((CpuStorage::F32(result), Shape::from((rows, out))))
     }
 }
 
@@ -169,55 +227,42 @@ mod tests {
         let (input, out) = (40, 24);
         let first = pair(4, (out, input), 1)?;
         let second = pair(8, (out, input), 2)?;
+        let (first_s, second_s) = (ServingLora::new(&first)?, ServingLora::new(&second)?);
         let x = Tensor::randn(0f32, 1.0, (9, input), &Device::Cpu)?;
+        let segment = |rows: Range<usize>, lora| SegmentLora { rows, lora };
         let segments = [
-            SegmentLora {
-                rows: 0..3,
-                lora: Some(&first),
-            },
-            SegmentLora {
-                rows: 3..4,
-                lora: None,
-            },
-            SegmentLora {
-                rows: 4..8,
-                lora: Some(&second),
-            },
-            SegmentLora {
-                rows: 8..9,
-                lora: Some(&first),
-            },
+            segment(0..3, Some(&first_s)),
+            segment(3..4, None),
+            segment(4..8, Some(&second_s)),
+            segment(8..9, Some(&first_s)),
         ];
-        let fused = batched_delta(&x, &segments, out)?.expect("adapters present");
+        let base = Tensor::randn(0f32, 1.0, (9, out), &Device::Cpu)?;
+        let fused = (add_batched(&x, &base, &segments)? - &base)?;
         let reference = per_segment_delta(&x, &segments, out)?;
-        let diff = (&fused - &reference)?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f32>()?;
+        let max_abs = |t: Tensor| -> Result<f32> { t.abs()?.max_all()?.to_scalar::<f32>() };
+        let diff = max_abs((&fused - &reference)?)?;
         assert!(diff < 1e-5, "fused and per-segment sums differ by {diff}");
-        let bare = fused
-            .narrow(0, 3, 1)?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f32>()?;
-        assert!(bare == 0.0);
+        assert!(
+            max_abs(fused.narrow(0, 3, 1)?)? < 1e-6,
+            "a bare row gets nothing"
+        );
         let alone = first.delta(&x.narrow(0, 8, 1)?)?;
-        let diff = (fused.narrow(0, 8, 1)? - alone)?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f32>()?;
-        assert!(diff < 1e-5);
+        assert!(max_abs((fused.narrow(0, 8, 1)? - alone)?)? < 1e-5);
         Ok(())
     }
 
     #[test]
     fn a_batch_without_adapters_adds_nothing() -> Result<()> {
-        let x = Tensor::zeros((2, 8), DType::F32, &Device::Cpu)?;
+        let x = Tensor::ones((2, 8), DType::F32, &Device::Cpu)?;
+        let y = Tensor::ones((2, 4), DType::F32, &Device::Cpu)?;
         let segments = [SegmentLora {
             rows: 0..2,
             lora: None,
         }];
-        assert!(batched_delta(&x, &segments, 4)?.is_none());
+        assert_eq!(
+            add_batched(&x, &y, &segments)?.to_vec2::<f32>()?,
+            y.to_vec2::<f32>()?
+        );
         Ok(())
     }
 }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use graft_api::GraftJson;
 use graft_engine::{
+    lora::batched::ServingAdapter,
     peft::Adapter,
     storage::{self, ObjectUri, S3Options},
 };
@@ -34,7 +35,8 @@ pub enum LoadError {
 pub struct LoadedAdapter {
     pub uri: String,
     pub sha256: String,
-    pub adapter: Adapter,
+    /// The weights in the layout the batched LoRA op reads.
+    pub serving: ServingAdapter,
 }
 
 /// Whether `sha256` looks like a SHA-256 digest (64 lower-case hex digits).
@@ -165,9 +167,11 @@ pub fn read(
     adapter
         .check_fits(&model.llama)
         .map_err(|e| LoadError::Invalid(format!("{uri}: {e}")))?;
+    let serving =
+        ServingAdapter::new(&adapter).map_err(|e| LoadError::Invalid(format!("{uri}: {e}")))?;
     Ok(LoadedAdapter {
         uri: uri.to_owned(),
         sha256: sha256.to_owned(),
-        adapter,
+        serving,
     })
 }

@@ -14,9 +14,8 @@ use super::{Llama, Site, repeat_kv};
 use rayon::prelude::*;
 
 use crate::{
-    lora::batched::{SegmentLora, batched_delta},
+    lora::batched::{SegmentLora, ServingAdapter, add_batched},
     ops::{apply_rotary, causal_softmax, dot, rms_norm},
-    peft::Adapter,
 };
 
 /// One sequence's keys and values.
@@ -69,7 +68,7 @@ impl KvCache {
 pub struct Segment<'a> {
     pub tokens: &'a [u32],
     pub cache: &'a mut KvCache,
-    pub adapter: Option<&'a Adapter>,
+    pub adapter: Option<&'a ServingAdapter>,
 }
 
 struct Packed {
@@ -141,16 +140,13 @@ impl Llama {
                 .zip(packed)
                 .map(|(s, p)| SegmentLora {
                     rows: p.rows.clone(),
-                    lora: s.adapter.and_then(|a| a.weights.get(&(layer, site))),
+                    lora: s.adapter.and_then(|a| a.get(layer, site)),
                 })
                 .collect()
         };
         let project = |site: Site, x: &Tensor, loras: &[SegmentLora<'_>]| -> Result<Tensor> {
             let y = block.projections[site as usize].base().infer(x)?;
-            match batched_delta(x, loras, self.site_shape(site).0)? {
-                Some(delta) => y + delta,
-                None => Ok(y),
-            }
+            add_batched(x, &y, loras)
         };
         let x = norm(h, &block.input_norm, eps)?;
         let site_loras: Vec<Vec<SegmentLora<'_>>> = Site::ALL.iter().map(|&s| loras(s)).collect();
