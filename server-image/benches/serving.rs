@@ -7,6 +7,8 @@
 //!
 //! Targets (issue 5): 32 adapters ≥ 70% of base-only throughput; hot-load p99 < 100 ms.
 
+#![allow(clippy::print_stdout)] // a benchmark reports on stdout
+
 #[path = "../tests/common/mod.rs"]
 mod common;
 

@@ -25,11 +25,10 @@ fn error_of(body: &Value) -> &Value {
     &body["error"]
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
-    let server = Server::start(&[]).await;
+/// Requests the server must refuse: `(path, body, status, the parameter named)`.
+fn bad_requests() -> Vec<(&'static str, Value, u16, Option<&'static str>)> {
     let long = "colour red fox ".repeat(200);
-    let cases: Vec<(&str, Value, u16, Option<&str>)> = vec![
+    vec![
         (
             "/v1/completions",
             json!({"model": "nope", "prompt": "hi"}),
@@ -115,7 +114,13 @@ async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
             400,
             Some("messages"),
         ),
-    ];
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
+    let server = Server::start(&[]).await;
+    let cases = bad_requests();
     let healthy = server.complete(BASE, "colour red", 4).await;
     for (path, body, status, param) in cases {
         let (got, answer) = server.post(path, body.clone()).await;
@@ -221,6 +226,87 @@ async fn completions_are_deterministic_count_usage_and_honour_stop_strings() {
     );
 }
 
+/// Adapters the server must refuse, each with a phrase its reason must contain.
+async fn bad_adapters(
+    s3: &S3Server,
+    bucket: &str,
+    good: &common::TestAdapter,
+) -> Vec<(common::TestAdapter, &'static str)> {
+    let mut bad_digest = good.clone();
+    bad_digest.sha256 = format!("{:x}", Sha256::digest(b"something else"));
+    let high_rank = store(s3, bucket, "rank16", &random_adapter(16, 2, &SITES)).await;
+    let (config, weights) = random_adapter(4, 3, &SITES).to_bytes().expect("bytes");
+    let other_base = {
+        let graft_json = json!({
+            "baseModel": {"uri": "s3://models/other/", "sha256": "0".repeat(64)},
+            "dataset": {"uri": "s3://data/x.jsonl", "sha256": "1".repeat(64)},
+            "adapter": {"uri": "s3://x/", "sha256": format!("{:x}", Sha256::digest(&weights)), "sizeBytes": weights.len(), "trainableParameters": 1},
+            "metrics": {"steps": 1, "trainExamples": 1, "evalExamples": 0, "finalLoss": null, "evalLoss": null, "tokensPerSecond": null},
+        });
+        let uri = upload(
+            s3,
+            bucket,
+            "other-base",
+            &[
+                ("adapter_config.json", config.clone()),
+                ("adapter_model.safetensors", weights.clone()),
+                ("graft.json", graft_json.to_string().into_bytes()),
+            ],
+        )
+        .await;
+        common::TestAdapter {
+            uri,
+            sha256: format!("{:x}", Sha256::digest(&weights)),
+        }
+    };
+    let garbage = b"not a safetensors file".to_vec();
+    let corrupt = common::TestAdapter {
+        uri: upload(
+            s3,
+            bucket,
+            "corrupt",
+            &[
+                ("adapter_config.json", config.clone()),
+                ("adapter_model.safetensors", garbage.clone()),
+            ],
+        )
+        .await,
+        sha256: format!("{:x}", Sha256::digest(&garbage)),
+    };
+    let other_shape = {
+        let dir = graft_testenv::repo_root().join("engine/tests/data/tiny/llama-peft");
+        let weights = std::fs::read(dir.join("adapter_model.safetensors")).expect("weights");
+        common::TestAdapter {
+            uri: upload(
+                s3,
+                bucket,
+                "other-shape",
+                &[
+                    (
+                        "adapter_config.json",
+                        std::fs::read(dir.join("adapter_config.json")).expect("config"),
+                    ),
+                    ("adapter_model.safetensors", weights.clone()),
+                ],
+            )
+            .await,
+            sha256: format!("{:x}", Sha256::digest(&weights)),
+        }
+    };
+    let missing = common::TestAdapter {
+        uri: format!("s3://{bucket}/nothing-here/"),
+        sha256: "a".repeat(64),
+    };
+    vec![
+        (bad_digest, "digest mismatch"),
+        (high_rank, "rank 16"),
+        (other_base, "another base model"),
+        (corrupt, "adapter_model.safetensors"),
+        (other_shape, "the model needs"),
+        (missing, "has no adapter_model.safetensors"),
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_admin_api_needs_the_token_and_refuses_bad_adapters_with_reasons() {
     let s3 = S3Server::shared().await;
@@ -243,81 +329,9 @@ async fn the_admin_api_needs_the_token_and_refuses_bad_adapters_with_reasons() {
     assert_eq!(adapted["model"], "good");
 
     // Every bad adapter is refused with its reason, and nothing else changes.
-    let mut bad_digest = good.clone();
-    bad_digest.sha256 = format!("{:x}", Sha256::digest(b"something else"));
-    let high_rank = store(s3, &bucket, "rank16", &random_adapter(16, 2, &SITES)).await;
-    let (config, weights) = random_adapter(4, 3, &SITES).to_bytes().expect("bytes");
-    let other_base = {
-        let graft_json = json!({
-            "baseModel": {"uri": "s3://models/other/", "sha256": "0".repeat(64)},
-            "dataset": {"uri": "s3://data/x.jsonl", "sha256": "1".repeat(64)},
-            "adapter": {"uri": "s3://x/", "sha256": format!("{:x}", Sha256::digest(&weights)), "sizeBytes": weights.len(), "trainableParameters": 1},
-            "metrics": {"steps": 1, "trainExamples": 1, "evalExamples": 0, "finalLoss": null, "evalLoss": null, "tokensPerSecond": null},
-        });
-        let uri = upload(
-            s3,
-            &bucket,
-            "other-base",
-            &[
-                ("adapter_config.json", config.clone()),
-                ("adapter_model.safetensors", weights.clone()),
-                ("graft.json", graft_json.to_string().into_bytes()),
-            ],
-        )
-        .await;
-        common::TestAdapter {
-            uri,
-            sha256: format!("{:x}", Sha256::digest(&weights)),
-        }
-    };
-    let garbage = b"not a safetensors file".to_vec();
-    let corrupt = common::TestAdapter {
-        uri: upload(
-            s3,
-            &bucket,
-            "corrupt",
-            &[
-                ("adapter_config.json", config.clone()),
-                ("adapter_model.safetensors", garbage.clone()),
-            ],
-        )
-        .await,
-        sha256: format!("{:x}", Sha256::digest(&garbage)),
-    };
-    let other_shape = {
-        let dir = graft_testenv::repo_root().join("engine/tests/data/tiny/llama-peft");
-        let weights = std::fs::read(dir.join("adapter_model.safetensors")).expect("weights");
-        common::TestAdapter {
-            uri: upload(
-                s3,
-                &bucket,
-                "other-shape",
-                &[
-                    (
-                        "adapter_config.json",
-                        std::fs::read(dir.join("adapter_config.json")).expect("config"),
-                    ),
-                    ("adapter_model.safetensors", weights.clone()),
-                ],
-            )
-            .await,
-            sha256: format!("{:x}", Sha256::digest(&weights)),
-        }
-    };
-    let missing = common::TestAdapter {
-        uri: format!("s3://{bucket}/nothing-here/"),
-        sha256: "a".repeat(64),
-    };
-    let cases = [
-        (&bad_digest, "digest mismatch"),
-        (&high_rank, "rank 16"),
-        (&other_base, "another base model"),
-        (&corrupt, "adapter_model.safetensors"),
-        (&other_shape, "the model needs"),
-        (&missing, "has no adapter_model.safetensors"),
-    ];
+    let cases = bad_adapters(s3, &bucket, &good).await;
     for (adapter, reason) in cases {
-        let (status, body) = server.put_adapter("good", &[(adapter, 100)]).await;
+        let (status, body) = server.put_adapter("good", &[(&adapter, 100)]).await;
         assert_eq!(status, 422, "{adapter:?} → {body}");
         let message = error_of(&body)["message"].as_str().expect("message");
         assert!(message.contains(reason), "{reason:?} not in {message:?}");
@@ -395,7 +409,7 @@ async fn least_recently_used_adapters_leave_memory_and_come_back_on_demand() {
         assert_eq!(status, 200, "{body}");
         answers.push(text(&server.complete(name, "colour gold", 8).await).to_owned());
     }
-    assert_eq!(server.metric("graft_server_loaded_adapters").await, 2.0);
+    assert!((server.metric("graft_server_loaded_adapters").await - 2.0).abs() < 0.5);
     let (_, listing) = server.admin_get("/admin/adapters").await;
     assert_eq!(
         listing["adapters"]["one"][0]["state"], "offloaded",
@@ -406,7 +420,7 @@ async fn least_recently_used_adapters_leave_memory_and_come_back_on_demand() {
         text(&server.complete("one", "colour gold", 8).await),
         answers[0]
     );
-    assert_eq!(server.metric("graft_server_loaded_adapters").await, 2.0);
+    assert!((server.metric("graft_server_loaded_adapters").await - 2.0).abs() < 0.5);
     let (_, listing) = server.admin_get("/admin/adapters").await;
     assert_eq!(
         listing["adapters"]["one"][0]["state"], "loaded",

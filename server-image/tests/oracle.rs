@@ -20,7 +20,7 @@ fn run_script(script: &str, args: &[&str]) {
         .output()
         .expect("the oracle's python runs");
     let stdout = String::from_utf8_lossy(&output.stdout);
-    println!("{stdout}");
+    eprintln!("{stdout}");
     assert!(
         output.status.success(),
         "{script} failed:\n{stdout}\n{}",

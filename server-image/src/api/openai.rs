@@ -474,7 +474,14 @@ async fn collect(
             }
             Event::Done { reason, usage } => {
                 let logprobs = meta.logprobs.then(|| logprobs_json(&state, &meta, &tokens));
-                return Json(full_response(&meta, &text, logprobs, reason, usage)).into_response();
+                return Json(full_response(
+                    &meta,
+                    &text,
+                    logprobs.as_ref(),
+                    reason,
+                    usage,
+                ))
+                .into_response();
             }
             Event::Failed(message) => {
                 return ApiError {
@@ -494,7 +501,7 @@ async fn collect(
 fn full_response(
     meta: &Meta,
     text: &str,
-    logprobs: Option<Value>,
+    logprobs: Option<&Value>,
     reason: FinishReason,
     usage: Usage,
 ) -> Value {
@@ -584,7 +591,7 @@ fn sse_stream(
     let first = (meta.kind == Kind::Chat).then(|| {
         chunk(
             &meta,
-            json!({"role": "assistant", "content": ""}),
+            &json!({"role": "assistant", "content": ""}),
             None,
             None,
         )
@@ -597,10 +604,10 @@ fn sse_stream(
                 Some(Event::Token { text, .. }) if text.is_empty() && !meta.logprobs => Vec::new(),
                 Some(Event::Token { text, choice }) => {
                     let logprobs = meta.logprobs.then(|| logprobs_json(&state, &meta, std::slice::from_ref(&choice)));
-                    vec![chunk(&meta, delta(&meta, &text), logprobs, None)]
+                    vec![chunk(&meta, &delta(&meta, &text), logprobs.as_ref(), None)]
                 }
                 Some(Event::Done { reason, usage }) => {
-                    let mut last = vec![chunk(&meta, delta(&meta, ""), None, Some(reason))];
+                    let mut last = vec![chunk(&meta, &delta(&meta, ""), None, Some(reason))];
                     if include_usage {
                         last.push(json!({
                             "id": meta.id, "object": chunk_object(&meta), "created": meta.created,
@@ -608,19 +615,22 @@ fn sse_stream(
                             "choices": [], "usage": usage_json(usage),
                         }));
                     }
-                    return Some((stream::iter(last.into_iter().map(data).chain([done()]).collect::<Vec<_>>()), None));
+                    let events: Vec<SseEvent> = last.iter().map(data).chain([done()]).collect();
+                    return Some((stream::iter(events), None));
                 }
                 Some(Event::Failed(message)) => {
                     let error = json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}});
-                    return Some((stream::iter(vec![data(error), done()]), None));
+                    return Some((stream::iter(vec![data(&error), done()]), None));
                 }
                 None => return Some((stream::iter(vec![done()]), None)),
             };
-            Some((stream::iter(out.into_iter().map(data).collect::<Vec<_>>()), Some(events)))
+            Some((stream::iter(out.iter().map(data).collect::<Vec<_>>()), Some(events)))
         }
     })
     .flatten();
-    stream::iter(first.into_iter().map(data)).chain(body)
+    stream::iter(first.iter().map(data).collect::<Vec<_>>())
+        .chain(body)
+        .map(Ok)
 }
 
 fn chunk_object(meta: &Meta) -> &'static str {
@@ -640,8 +650,8 @@ fn delta(meta: &Meta, text: &str) -> Value {
 
 fn chunk(
     meta: &Meta,
-    delta: Value,
-    logprobs: Option<Value>,
+    delta: &Value,
+    logprobs: Option<&Value>,
     finish: Option<FinishReason>,
 ) -> Value {
     let choice = match meta.kind {
@@ -658,10 +668,10 @@ fn chunk(
     })
 }
 
-fn data(value: Value) -> Result<SseEvent, Infallible> {
-    Ok(SseEvent::default().data(value.to_string()))
+fn data(value: &Value) -> SseEvent {
+    SseEvent::default().data(value.to_string())
 }
 
-fn done() -> Result<SseEvent, Infallible> {
-    Ok(SseEvent::default().data("[DONE]"))
+fn done() -> SseEvent {
+    SseEvent::default().data("[DONE]")
 }

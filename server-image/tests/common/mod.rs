@@ -218,8 +218,9 @@ pub fn random_adapter_for(config: &Config, rank: usize, seed: u64, sites: &[Site
             weights.insert((layer, site), lora);
         }
     }
+    let alpha = 2.0 * f64::from(u32::try_from(rank).expect("a small rank"));
     Adapter {
-        config: AdapterConfig::new(rank, 2.0 * rank as f64, 0.0, false, sites),
+        config: AdapterConfig::new(rank, alpha, 0.0, false, sites),
         weights,
     }
 }

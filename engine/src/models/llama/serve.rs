@@ -119,21 +119,20 @@ impl Llama {
         #[allow(clippy::cast_possible_truncation)]
         let last: Vec<u32> = packed.iter().map(|p| (p.rows.end - 1) as u32).collect();
         let last = h.index_select(&Tensor::new(last.as_slice(), &device)?, 0)?;
-        let normed = norm(&last, &self.norm, self.config.rms_norm_eps as f32)?;
+        let normed = norm(&last, &self.norm, self.config.rms_norm_eps)?;
         self.lm_head.infer(&normed)
     }
 
     fn serve_layer(
         &self,
         layer: usize,
-        h: &Tensor,
+        hidden: &Tensor,
         segments: &mut [Segment<'_>],
         packed: &[Packed],
         tables: &Tables,
     ) -> Result<Tensor> {
         let block = &self.layers[layer];
-        #[allow(clippy::cast_possible_truncation)]
-        let eps = self.config.rms_norm_eps as f32;
+        let eps = self.config.rms_norm_eps;
         let loras = |site: Site| -> Vec<SegmentLora<'_>> {
             segments
                 .iter()
@@ -148,15 +147,15 @@ impl Llama {
             let y = block.projections[site as usize].base().infer(x)?;
             add_batched(x, &y, loras)
         };
-        let x = norm(h, &block.input_norm, eps)?;
+        let normed_in = norm(hidden, &block.input_norm, eps)?;
         let site_loras: Vec<Vec<SegmentLora<'_>>> = Site::ALL.iter().map(|&s| loras(s)).collect();
-        let q = project(Site::QProj, &x, &site_loras[Site::QProj as usize])?;
-        let k = project(Site::KProj, &x, &site_loras[Site::KProj as usize])?;
-        let v = project(Site::VProj, &x, &site_loras[Site::VProj as usize])?;
+        let q = project(Site::QProj, &normed_in, &site_loras[Site::QProj as usize])?;
+        let k = project(Site::KProj, &normed_in, &site_loras[Site::KProj as usize])?;
+        let v = project(Site::VProj, &normed_in, &site_loras[Site::VProj as usize])?;
         let attended = self.packed_attention(layer, [&q, &k, &v], segments, packed, tables)?;
         let o = project(Site::OProj, &attended, &site_loras[Site::OProj as usize])?;
-        let x = (h + o)?;
-        let normed = norm(&x, &block.post_attention_norm, eps)?;
+        let residual = (hidden + o)?;
+        let normed = norm(&residual, &block.post_attention_norm, eps)?;
         let gate = project(
             Site::GateProj,
             &normed,
@@ -168,7 +167,7 @@ impl Llama {
             &(gate.silu()? * up)?,
             &site_loras[Site::DownProj as usize],
         )?;
-        x + mlp
+        residual + mlp
     }
 
     fn packed_attention(
@@ -305,9 +304,10 @@ impl Llama {
 }
 
 /// candle's fused RMSNorm (f32, f16, bf16); the op-by-op form for other dtypes.
-fn norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+fn norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     match x.dtype() {
-        DType::F32 | DType::F16 | DType::BF16 => candle_nn::ops::rms_norm(x, weight, eps),
-        _ => rms_norm(x, weight, f64::from(eps)),
+        #[allow(clippy::cast_possible_truncation)]
+        DType::F32 | DType::F16 | DType::BF16 => candle_nn::ops::rms_norm(x, weight, eps as f32),
+        _ => rms_norm(x, weight, eps),
     }
 }
