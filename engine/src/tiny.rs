@@ -16,7 +16,12 @@ use tokenizers::{
     processors::template::TemplateProcessing,
 };
 
-use crate::rng::Rng;
+use crate::{
+    lora::Lora,
+    models::{Config, Site},
+    peft::{Adapter, AdapterConfig},
+    rng::Rng,
+};
 
 pub const BOS_TOKEN: &str = "<|begin_of_text|>";
 pub const EOS_TOKEN: &str = "<|end_of_text|>";
@@ -393,6 +398,34 @@ fn write_json(dir: &Path, name: &str, value: &impl Serialize) -> Result<(), Tiny
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), TinyError> {
     let path = dir.join(name);
     std::fs::write(&path, bytes).map_err(|source| TinyError::Write { path, source })
+}
+
+/// A random adapter of `rank` on `sites` of every layer of the model `config` describes, with
+/// every B non-zero (unlike a fresh PEFT init) so it changes what the model says: for tests
+/// and benchmarks of anything that loads adapters.
+pub fn random_adapter(
+    config: &Config,
+    rank: usize,
+    seed: u64,
+    sites: &[Site],
+) -> candle_core::Result<Adapter> {
+    let device = candle_core::Device::Cpu;
+    let mut rng = Rng::seed(seed);
+    let mut weights = std::collections::BTreeMap::new();
+    for layer in 0..config.num_layers {
+        for &site in sites {
+            let (out, input) = config.site_shape(site);
+            let mut lora = Lora::init(rank, (out, input), 2.0, &mut rng, &device)?;
+            let b: Vec<f32> = (0..out * rank).map(|_| rng.uniform(-0.8, 0.8)).collect();
+            lora.b = candle_core::Tensor::from_vec(b, (out, rank), &device)?;
+            weights.insert((layer, site), lora);
+        }
+    }
+    let alpha = 2.0 * f64::from(u32::try_from(rank).unwrap_or(u32::MAX));
+    Ok(Adapter {
+        config: AdapterConfig::new(rank, alpha, 0.0, false, sites),
+        weights,
+    })
 }
 
 #[cfg(test)]

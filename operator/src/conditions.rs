@@ -34,6 +34,17 @@ pub const NOT_SUSPENDED: &str = "NotSuspended";
 pub const IN_PROGRESS: &str = "InProgress";
 pub const FINISHED: &str = "Finished";
 
+// Reasons of an AdapterDeployment's Ready condition.
+pub const WAITING_FOR_FINE_TUNE_JOB: &str = "WaitingForFineTuneJob";
+pub const FINE_TUNE_JOB_FAILED: &str = "FineTuneJobFailed";
+pub const SERVER_NOT_FOUND: &str = "ServerNotFound";
+pub const INCOMPATIBLE: &str = "Incompatible";
+pub const CONFLICT: &str = "Conflict";
+pub const NO_READY_PODS: &str = "NoReadyPods";
+pub const ROLLING_OUT: &str = "RollingOut";
+pub const LOAD_FAILED: &str = "LoadFailed";
+pub const ROLLED_OUT: &str = "RolledOut";
+
 /// Sets `new` in `conditions`, replacing the condition of the same type. When the status is
 /// unchanged the old `lastTransitionTime` is kept, so readers can tell how long it has held.
 pub fn set(conditions: &mut Vec<Condition>, mut new: Condition) {

@@ -5,7 +5,9 @@ use std::{io::Write, sync::Arc, time::Duration};
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
+use graft_engine::storage::S3Options;
 use graft_operator::{
+    adapter_deployment,
     fine_tune_job::{self, Context, Settings, TrainerDefaults},
     http::{self, Health},
     leader::{LeaseLock, Timings},
@@ -79,6 +81,15 @@ struct RunArgs {
     renew_deadline_seconds: u64,
     #[arg(long, default_value_t = 2)]
     retry_period_seconds: u64,
+    /// How often each AdapterDeployment is compared with what its server pods serve (drift
+    /// repair; changes are acted on at once regardless).
+    #[arg(long, default_value_t = 30)]
+    adapter_recheck_seconds: u64,
+    /// S3 endpoint for reading adapter manifests (credentials from the AWS_* environment).
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    s3_endpoint: Option<String>,
+    #[arg(long, env = "AWS_REGION")]
+    s3_region: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -161,13 +172,27 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ),
         metrics: metrics.clone(),
     });
+    let ad_ctx = Arc::new(adapter_deployment::Context {
+        client: client.clone(),
+        settings: adapter_deployment::Settings {
+            namespace: args.namespace.clone(),
+            recheck: Duration::from_secs(args.adapter_recheck_seconds),
+            s3: S3Options::from_env(args.s3_endpoint.clone(), args.s3_region.clone()),
+        },
+        recorder: ctx.recorder.clone(),
+        metrics: metrics.clone(),
+    });
     let work = {
         let (health, metrics, shutdown) = (health.clone(), metrics.clone(), shutdown.clone());
         async move {
             metrics.set_leader(true);
-            let (stream, store) = fine_tune_job::controller(ctx, shutdown.cancelled_owned());
+            let (jobs, store) = fine_tune_job::controller(ctx, shutdown.clone().cancelled_owned());
             health.watch_jobs(store);
-            stream.for_each(|()| async {}).await;
+            let deployments = adapter_deployment::controller(ad_ctx, shutdown.cancelled_owned());
+            futures::join!(
+                jobs.for_each(|()| async {}),
+                deployments.for_each(|()| async {})
+            );
             metrics.set_leader(false);
         }
     };

@@ -30,7 +30,8 @@ pub struct Args {
     /// API refuses every call.
     #[arg(long, env = "GRAFT_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
-    /// The adapters to load before turning ready (`adapters.json` of the operator's ConfigMap).
+    /// The adapters to load before turning ready: a JSON file, or the directory where the
+    /// operator's `<deployment>-graft-adapters` ConfigMap is mounted (one `<name>.json` each).
     #[arg(long, env = "GRAFT_ADAPTERS_FILE")]
     pub adapters_file: Option<PathBuf>,
     /// Downloaded models and adapters.

@@ -119,24 +119,42 @@ fn read_file(what: &'static str, path: &Path) -> Result<String, ServeError> {
     })
 }
 
-/// A missing file is an empty one: the ConfigMap may not exist before the first adapter.
+/// The adapters to load at start-up: a JSON file (`{"adapters": {name: {versions}}}`) or a
+/// directory — the operator's ConfigMap mounted as a volume — with one `<name>.json` per
+/// adapter. A missing path is an empty list: the ConfigMap may not exist before the first
+/// adapter.
 fn read_adapters_file(path: &Path) -> Result<AdaptersFile, ServeError> {
+    let parse_error = |source| ServeError::AdaptersFile {
+        path: path.to_owned(),
+        source,
+    };
+    let io_error = |source| ServeError::File {
+        what: "adapters file",
+        path: path.to_owned(),
+        source,
+    };
+    if path.is_dir() {
+        let mut file = AdaptersFile::default();
+        for entry in std::fs::read_dir(path).map_err(io_error)? {
+            let entry = entry.map_err(io_error)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // ConfigMap volumes also hold `..data` and timestamped directories.
+            let Some(adapter) = name.strip_suffix(".json").filter(|n| !n.starts_with('.')) else {
+                continue;
+            };
+            let text = std::fs::read_to_string(entry.path()).map_err(io_error)?;
+            let assignment = serde_json::from_str(&text).map_err(parse_error)?;
+            file.adapters.insert(adapter.to_owned(), assignment);
+        }
+        return Ok(file);
+    }
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(AdaptersFile::default()),
-        Err(source) => {
-            return Err(ServeError::File {
-                what: "adapters file",
-                path: path.to_owned(),
-                source,
-            });
-        }
+        Err(source) => return Err(io_error(source)),
     };
     if text.trim().is_empty() {
         return Ok(AdaptersFile::default());
     }
-    serde_json::from_str(&text).map_err(|source| ServeError::AdaptersFile {
-        path: path.to_owned(),
-        source,
-    })
+    serde_json::from_str(&text).map_err(parse_error)
 }

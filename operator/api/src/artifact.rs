@@ -66,8 +66,9 @@ fn full_weight() -> u32 {
     100
 }
 
-/// The adapters file (key `adapters.json` of the `<deployment>-graft-adapters` ConfigMap):
-/// every adapter name the server must load before it reports ready.
+/// The adapters a server must load before it reports ready, as one file. The operator's
+/// `<deployment>-graft-adapters` ConfigMap holds the same as one key per adapter
+/// (`<name>.json`, an [`AdapterAssignment`]), so that each AdapterDeployment owns its key.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AdaptersFile {
     #[serde(default)]

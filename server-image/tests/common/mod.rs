@@ -4,14 +4,11 @@
 
 #![allow(dead_code)] // each test binary uses a subset
 
-use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
-use candle_core::{Device, Tensor};
 use graft_engine::{
-    lora::Lora,
     models::{Config, Site},
-    peft::{Adapter, AdapterConfig},
-    rng::Rng,
+    peft::Adapter,
     storage::{self, ObjectUri, S3Options},
 };
 use graft_testenv::{Daemon, S3Server, eventually, repo_root};
@@ -206,23 +203,7 @@ pub fn random_adapter(rank: usize, seed: u64, sites: &[Site]) -> Adapter {
 
 /// [`random_adapter`] for the model `config` describes.
 pub fn random_adapter_for(config: &Config, rank: usize, seed: u64, sites: &[Site]) -> Adapter {
-    let mut rng = Rng::seed(seed);
-    let mut weights = BTreeMap::new();
-    for layer in 0..config.num_layers {
-        for &site in sites {
-            let (out, input) = config.site_shape(site);
-            let mut lora =
-                Lora::init(rank, (out, input), 2.0, &mut rng, &Device::Cpu).expect("init");
-            let b: Vec<f32> = (0..out * rank).map(|_| rng.uniform(-0.8, 0.8)).collect();
-            lora.b = Tensor::from_vec(b, (out, rank), &Device::Cpu).expect("b");
-            weights.insert((layer, site), lora);
-        }
-    }
-    let alpha = 2.0 * f64::from(u32::try_from(rank).expect("a small rank"));
-    Adapter {
-        config: AdapterConfig::new(rank, alpha, 0.0, false, sites),
-        weights,
-    }
+    graft_engine::tiny::random_adapter(config, rank, seed, sites).expect("a random adapter")
 }
 
 /// Writes `files` under `s3://<bucket>/<prefix>/`.

@@ -55,3 +55,23 @@ pub fn oracle_python() -> std::path::PathBuf {
         std::path::PathBuf::from,
     )
 }
+
+/// A binary of another package of the workspace, built beside the running test binary
+/// (`target/<profile>/<name>`): `cargo test --workspace` builds every package's binaries.
+///
+/// # Panics
+/// When it has not been built, with the command that builds it.
+pub fn workspace_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let profile_dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let path = profile_dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is not built: run `cargo build -p {name}` (cargo test --workspace builds it)",
+        path.display()
+    );
+    path
+}
