@@ -1,0 +1,238 @@
+//! AdapterDeployment against the local control plane, the S3 server and real graft-server
+//! processes standing in for a server Deployment's pods: rollout, promotion and canary under
+//! load with no failed request and no restart, recovery of a restarted pod and of drift,
+//! incompatible adapters refused while the servers keep serving, and unloading on delete.
+
+mod support;
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use graft_api::AdapterDeployment;
+use graft_testenv::{S3Server, eventually};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::{
+    Api,
+    api::{DeleteParams, Patch, PatchParams, PostParams},
+};
+use serde_json::json;
+use support::{
+    Fleet, TOKEN, Version, WAIT, complete, manifest, ready_reason, setup, start_operator,
+    store_adapter, versions_json, wait_for_reason,
+};
+
+async fn set_versions(api: &Api<AdapterDeployment>, name: &str, versions: &[(&Version, u32)]) {
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"versions": versions_json(versions)}})),
+    )
+    .await
+    .expect("edit the versions");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn promotion_and_canary_under_load_fail_no_request_and_restart_no_server() {
+    let (cp, client) = setup().await;
+    let ns = cp.namespace("ad-rollout").await;
+    let s3 = S3Server::shared().await;
+    let bucket = s3.bucket("ad-rollout");
+    let v1 = store_adapter(&bucket, "bot/v1", 4, 1).await;
+    let v2 = store_adapter(&bucket, "bot/v2", 4, 2).await;
+    let v3 = store_adapter(&bucket, "bot/v3", 4, 3).await;
+    let fleet = Fleet::start(&client, &ns, "llama", 3, &[]).await;
+    let pids = fleet.pids();
+    let _operator = start_operator(cp, &ns).await;
+
+    let api: Api<AdapterDeployment> = Api::namespaced(client.clone(), &ns);
+    api.create(
+        &PostParams::default(),
+        &manifest("bot", "llama", "bot", &[(&v1, 100)]),
+    )
+    .await
+    .expect("create");
+    let ad = wait_for_reason(&client, &ns, "bot", "RolledOut").await;
+    let status = ad.status.expect("status");
+    assert_eq!(status.replicas.map(|r| (r.desired, r.ready)), Some((3, 3)));
+    assert_eq!(status.versions[0].ready_replicas, 3);
+    for pod in &fleet.pods {
+        let (code, body) = complete(&pod.url, "bot").await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["system_fingerprint"], v1.fingerprint());
+    }
+
+    // A client sends requests to every server without pause while versions change.
+    let stop = Arc::new(AtomicBool::new(false));
+    let urls: Vec<String> = fleet.pods.iter().map(|p| p.url.clone()).collect();
+    let load = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut seen: HashMap<String, usize> = HashMap::new();
+            let mut failures = Vec::new();
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let (code, body) = complete(&urls[i % urls.len()], "bot").await;
+                i += 1;
+                if code == 200 {
+                    *seen
+                        .entry(
+                            body["system_fingerprint"]
+                                .as_str()
+                                .unwrap_or_default()
+                                .to_owned(),
+                        )
+                        .or_default() += 1;
+                } else {
+                    failures.push(format!("{code}: {body}"));
+                }
+            }
+            (seen, failures)
+        })
+    };
+    set_versions(&api, "bot", &[(&v2, 100)]).await;
+    let promoted = wait_for_reason(&client, &ns, "bot", "RolledOut").await;
+    assert_eq!(
+        promoted.status.as_ref().expect("status").versions[0].sha256,
+        v2.sha256
+    );
+    set_versions(&api, "bot", &[(&v2, 90), (&v3, 10)]).await;
+    let canary = wait_for_reason(&client, &ns, "bot", "RolledOut").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (seen, failures) = load.await.expect("load task");
+    assert!(failures.is_empty(), "failed requests: {failures:?}");
+    assert!(
+        seen.contains_key(&v1.fingerprint()) && seen.contains_key(&v2.fingerprint()),
+        "{seen:?}"
+    );
+    assert_eq!(fleet.pids(), pids, "no server process was restarted");
+    assert!(fleet.pods.iter().all(|p| p.daemon.is_running()));
+
+    let status = canary.status.expect("status");
+    let versions: Vec<(String, u32, u32)> = status
+        .versions
+        .iter()
+        .map(|v| (v.sha256.clone(), v.weight, v.ready_replicas))
+        .collect();
+    assert_eq!(
+        versions,
+        [(v2.sha256.clone(), 90, 3), (v3.sha256.clone(), 10, 3)]
+    );
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let cm = config_maps
+        .get("llama-graft-adapters")
+        .await
+        .expect("the adapters ConfigMap");
+    let recorded: serde_json::Value =
+        serde_json::from_str(&cm.data.expect("data")["bot.json"]).expect("json");
+    assert_eq!(recorded["versions"][0]["sha256"], v2.sha256);
+    assert_eq!(recorded["versions"][1]["weight"], 10);
+    for pod in &fleet.pods {
+        let listing: serde_json::Value = reqwest::Client::new()
+            .get(format!("{}/admin/adapters", pod.url))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("listing")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(
+            listing["adapters"]["bot"].as_array().map(Vec::len),
+            Some(2),
+            "v1 unloaded: {listing}"
+        );
+    }
+
+    // Deleting unloads it everywhere and removes its ConfigMap key.
+    api.delete("bot", &DeleteParams::default())
+        .await
+        .expect("delete");
+    eventually("bot deleted", WAIT, async || {
+        api.get_opt("bot").await.expect("get").is_none()
+    })
+    .await;
+    for pod in &fleet.pods {
+        assert_eq!(complete(&pod.url, "bot").await.0, 404);
+    }
+    let cm = config_maps
+        .get("llama-graft-adapters")
+        .await
+        .expect("ConfigMap");
+    assert!(!cm.data.unwrap_or_default().contains_key("bot.json"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restarted_pods_and_drift_are_repaired_and_incompatible_adapters_refused() {
+    let (cp, client) = setup().await;
+    let ns = cp.namespace("ad-repair").await;
+    let s3 = S3Server::shared().await;
+    let bucket = s3.bucket("ad-repair");
+    let v1 = store_adapter(&bucket, "bot/v1", 4, 11).await;
+    let too_big = store_adapter(&bucket, "bot/rank16", 16, 12).await;
+    let mut fleet = Fleet::start(&client, &ns, "qwen", 2, &["--max-lora-rank", "8"]).await;
+    let _operator = start_operator(cp, &ns).await;
+    let api: Api<AdapterDeployment> = Api::namespaced(client.clone(), &ns);
+    api.create(
+        &PostParams::default(),
+        &manifest("bot", "qwen", "bot", &[(&v1, 100)]),
+    )
+    .await
+    .expect("create");
+    wait_for_reason(&client, &ns, "bot", "RolledOut").await;
+
+    // A crashed pod's new server loads the adapter from the ConfigMap before it is ready.
+    fleet.restart(0).await;
+    let (code, body) = complete(&fleet.pods[0].url, "bot").await;
+    assert_eq!(code, 200, "the restarted server serves bot at once: {body}");
+    assert_eq!(body["system_fingerprint"], v1.fingerprint());
+
+    // An adapter removed behind the operator's back comes back at the next re-check.
+    let removed = reqwest::Client::new()
+        .delete(format!("{}/admin/adapters/bot", fleet.pods[1].url))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(removed.status().as_u16(), 204);
+    let url = fleet.pods[1].url.clone();
+    eventually("drift repaired", WAIT, async || {
+        complete(&url, "bot").await.0 == 200
+    })
+    .await;
+
+    // Refused before anything is loaded; the servers keep serving v1.
+    let mut bad_digest = v1.clone();
+    bad_digest.sha256 = "0".repeat(64);
+    for (version, phrase) in [(&too_big, "rank 16"), (&bad_digest, "digest mismatch")] {
+        set_versions(&api, "bot", &[(version, 100)]).await;
+        let ad = wait_for_reason(&client, &ns, "bot", "Incompatible").await;
+        let (_, message) = ready_reason(&ad);
+        assert!(message.contains(phrase), "{phrase:?} not in {message:?}");
+        assert_eq!(
+            ad.status.as_ref().and_then(|s| s.phase),
+            Some(graft_api::AdapterDeploymentPhase::Failed)
+        );
+        for pod in &fleet.pods {
+            let (code, body) = complete(&pod.url, "bot").await;
+            assert_eq!(code, 200);
+            assert_eq!(body["system_fingerprint"], v1.fingerprint());
+        }
+    }
+
+    // A second AdapterDeployment claiming the same name on the same server conflicts.
+    api.create(
+        &PostParams::default(),
+        &manifest("bot-copy", "qwen", "bot", &[(&v1, 100)]),
+    )
+    .await
+    .expect("create");
+    let copy = wait_for_reason(&client, &ns, "bot-copy", "Conflict").await;
+    assert!(ready_reason(&copy).1.contains("bot"));
+}

@@ -1,0 +1,391 @@
+//! The AdapterDeployment tests' world: the shared control plane, the operator, and a "server
+//! Deployment" whose pods are real graft-server processes on 127.0.0.1, registered as Pods
+//! (IP, admin port annotation, Ready) since there is no kubelet. Like a kubelet, the harness
+//! mounts the `<deployment>-graft-adapters` ConfigMap for a starting server: it writes the
+//! ConfigMap's keys into the directory the server reads at start-up.
+
+use std::{path::PathBuf, time::Duration};
+
+use graft_api::{AdapterDeployment, all_crds};
+use graft_engine::{
+    models::{Config, Site},
+    storage::{self, ObjectUri, S3Options},
+    tiny::random_adapter,
+};
+use graft_testenv::{
+    ControlPlane, Daemon, S3Server, eventually, install_crds, repo_root, unique_name,
+    workspace_binary,
+};
+use k8s_openapi::{
+    api::{
+        apps::v1::Deployment,
+        core::v1::{ConfigMap, Pod, Secret},
+    },
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams, PostParams},
+};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::sync::OnceCell;
+
+const OPERATOR: &str = env!("CARGO_BIN_EXE_graft-operator");
+pub const TOKEN: &str = "admin-token-for-tests";
+pub const WAIT: Duration = Duration::from_secs(60);
+
+pub async fn setup() -> (&'static ControlPlane, Client) {
+    static READY: OnceCell<()> = OnceCell::const_new();
+    let cp = ControlPlane::shared().await;
+    READY
+        .get_or_init(async || install_crds(&cp.client().await, &all_crds()).await)
+        .await;
+    (cp, cp.client().await)
+}
+
+fn model_dir() -> PathBuf {
+    repo_root().join("engine/tests/data/tiny/made")
+}
+
+pub fn s3_options(s3: &S3Server) -> S3Options {
+    S3Options {
+        endpoint: Some(s3.endpoint().to_owned()),
+        region: Some(s3.region().to_owned()),
+        access_key_id: Some(s3.access_key_id().to_owned()),
+        secret_access_key: Some(s3.secret_access_key().to_owned()),
+        session_token: None,
+    }
+}
+
+/// `graft-operator run` for `namespace`, re-checking AdapterDeployments every 2 s.
+pub async fn start_operator(cp: &ControlPlane, namespace: &str) -> Daemon {
+    let s3 = S3Server::shared().await;
+    let identity = unique_name("operator");
+    let kubeconfig = cp.kubeconfig().display().to_string();
+    let args = [
+        "run",
+        "--namespace",
+        namespace,
+        "--trainer-image",
+        "ghcr.io/graft-dev/graft-trainer:test",
+        "--metrics-port",
+        "{port}",
+        "--leader-elect",
+        "false",
+        "--identity",
+        &identity,
+        "--adapter-recheck-seconds",
+        "2",
+        "--s3-endpoint",
+        s3.endpoint(),
+        "--s3-region",
+        s3.region(),
+    ];
+    Daemon::start_with_env(
+        &identity,
+        OPERATOR,
+        &args,
+        &[
+            ("KUBECONFIG", &kubeconfig),
+            ("AWS_ACCESS_KEY_ID", s3.access_key_id()),
+            ("AWS_SECRET_ACCESS_KEY", s3.secret_access_key()),
+        ],
+    )
+    .await
+}
+
+/// An adapter version in the test S3 server.
+#[derive(Clone, Debug)]
+pub struct Version {
+    pub uri: String,
+    pub sha256: String,
+}
+
+impl Version {
+    /// What responses carry in `system_fingerprint` when this version answered.
+    pub fn fingerprint(&self) -> String {
+        format!("graft-{}", &self.sha256[..16])
+    }
+}
+
+/// A random adapter of `rank` for the tiny model, stored under `s3://<bucket>/<prefix>/`.
+pub async fn store_adapter(bucket: &str, prefix: &str, rank: usize, seed: u64) -> Version {
+    let s3 = S3Server::shared().await;
+    let text = std::fs::read_to_string(model_dir().join("config.json")).expect("config.json");
+    let config = Config::from_json(&text).expect("config");
+    let adapter = random_adapter(&config, rank, seed, &Site::ALL).expect("adapter");
+    let (config, weights) = adapter.to_bytes().expect("bytes");
+    let uri = format!("s3://{bucket}/{prefix}/");
+    let location =
+        storage::open(&uri.parse::<ObjectUri>().expect("uri"), &s3_options(s3)).expect("open");
+    location
+        .put("adapter_config.json", config)
+        .await
+        .expect("put");
+    let sha256 = format!("{:x}", Sha256::digest(&weights));
+    location
+        .put("adapter_model.safetensors", weights)
+        .await
+        .expect("put");
+    Version { uri, sha256 }
+}
+
+/// One server pod: a graft-server process and the Pod object standing for it.
+#[derive(Debug)]
+pub struct ServerPod {
+    pub name: String,
+    pub daemon: Daemon,
+    pub url: String,
+}
+
+/// A server Deployment whose pods are graft-server processes.
+pub struct Fleet {
+    pub client: Client,
+    pub namespace: String,
+    pub name: String,
+    pub pods: Vec<ServerPod>,
+    dir: PathBuf,
+    extra: Vec<String>,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet")
+            .field("name", &self.name)
+            .field("pods", &self.pods)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Fleet {
+    /// The Deployment, its admin-token Secret, and `replicas` ready server pods.
+    pub async fn start(
+        client: &Client,
+        namespace: &str,
+        name: &str,
+        replicas: usize,
+        extra: &[&str],
+    ) -> Self {
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+        let secret: Secret = serde_json::from_value(json!({
+            "metadata": {"name": format!("{name}-admin-token")},
+            "stringData": {"token": TOKEN},
+        }))
+        .expect("secret");
+        secrets
+            .create(&PostParams::default(), &secret)
+            .await
+            .expect("admin token Secret");
+        let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+        let deployment: Deployment = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {
+                "replicas": replicas,
+                "selector": {"matchLabels": {"graft.dev/server": name}},
+                "template": {
+                    "metadata": {"labels": {"graft.dev/server": name}},
+                    "spec": {"containers": [{"name": "server", "image": "ghcr.io/graft-dev/graft-server:test"}]},
+                },
+            },
+        }))
+        .expect("deployment");
+        deployments
+            .create(&PostParams::default(), &deployment)
+            .await
+            .expect("Deployment");
+        let mut fleet = Self {
+            client: client.clone(),
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            pods: Vec::new(),
+            dir: tempfile::tempdir().expect("tempdir").keep(),
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        for i in 0..replicas {
+            let pod = fleet.start_pod(&format!("{name}-{i}")).await;
+            fleet.pods.push(pod);
+        }
+        fleet
+    }
+
+    /// Starts a server for pod `pod` with the ConfigMap's adapters, then marks the pod ready.
+    async fn start_pod(&self, pod: &str) -> ServerPod {
+        let s3 = S3Server::shared().await;
+        let dir = self.dir.join(pod);
+        let adapters = dir.join("adapters");
+        let _ = std::fs::remove_dir_all(&adapters);
+        std::fs::create_dir_all(&adapters).expect("adapters dir");
+        let config_maps: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
+        if let Some(cm) = config_maps
+            .get_opt(&format!("{}-graft-adapters", self.name))
+            .await
+            .expect("ConfigMap")
+        {
+            for (key, value) in cm.data.unwrap_or_default() {
+                std::fs::write(adapters.join(key), value).expect("mounted key");
+            }
+        }
+        std::fs::write(dir.join("token"), TOKEN).expect("token");
+        let model = format!("file://{}", model_dir().display());
+        let (token, cache, adapters) = (
+            dir.join("token").display().to_string(),
+            dir.join("cache").display().to_string(),
+            adapters.display().to_string(),
+        );
+        let mut args: Vec<&str> = vec![
+            "--model",
+            &model,
+            "--listen",
+            "127.0.0.1:{port}",
+            "--admin-token-file",
+            &token,
+            "--cache-dir",
+            &cache,
+            "--adapters-file",
+            &adapters,
+            "--s3-endpoint",
+            s3.endpoint(),
+            "--s3-region",
+            s3.region(),
+        ];
+        args.extend(self.extra.iter().map(String::as_str));
+        let server = workspace_binary("graft-server");
+        let daemon = Daemon::start_with_env(
+            pod,
+            server.to_str().expect("utf-8 path"),
+            &args,
+            &[
+                ("AWS_ACCESS_KEY_ID", s3.access_key_id()),
+                ("AWS_SECRET_ACCESS_KEY", s3.secret_access_key()),
+            ],
+        )
+        .await;
+        let url = format!("http://127.0.0.1:{}", daemon.port());
+        let http = reqwest::Client::new();
+        eventually("the server ready", WAIT, async || {
+            http.get(format!("{url}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        })
+        .await;
+        self.register(pod, daemon.port()).await;
+        ServerPod {
+            name: pod.to_owned(),
+            daemon,
+            url,
+        }
+    }
+
+    /// Creates (or updates) the Pod object and writes the status a kubelet would.
+    async fn register(&self, pod: &str, port: u16) {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        let object = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {
+                "name": pod,
+                "labels": {"graft.dev/server": self.name},
+                "annotations": {"graft.dev/admin-port": port.to_string()},
+            },
+            "spec": {"containers": [{"name": "server", "image": "ghcr.io/graft-dev/graft-server:test"}]},
+        });
+        pods.patch(
+            pod,
+            &PatchParams::apply("test-kubelet").force(),
+            &Patch::Apply(&object),
+        )
+        .await
+        .expect("the Pod");
+        self.set_ready(pod, true).await;
+    }
+
+    pub async fn set_ready(&self, pod: &str, ready: bool) {
+        let now = Timestamp::now().to_string();
+        let status = json!({"status": {
+            "phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
+            "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }, "lastTransitionTime": now}],
+        }});
+        Api::<Pod>::namespaced(self.client.clone(), &self.namespace)
+            .patch_status(pod, &PatchParams::default(), &Patch::Merge(status))
+            .await
+            .expect("pod status");
+    }
+
+    /// Kills pod `index`'s server (as a crash) and starts a fresh one for the same pod.
+    pub async fn restart(&mut self, index: usize) {
+        let name = self.pods[index].name.clone();
+        self.pods[index].daemon.kill();
+        self.set_ready(&name, false).await;
+        self.pods[index] = self.start_pod(&name).await;
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        self.pods.iter().map(|p| p.daemon.pid()).collect()
+    }
+}
+
+/// A greedy completion on `url`: `(status, body)`.
+pub async fn complete(url: &str, model: &str) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{url}/v1/completions"))
+        .json(&json!({"model": model, "prompt": "colour red", "max_tokens": 6, "temperature": 0}))
+        .send()
+        .await
+        .expect("the server answers");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+pub fn manifest(
+    name: &str,
+    server: &str,
+    adapter: &str,
+    versions: &[(&Version, u32)],
+) -> AdapterDeployment {
+    serde_json::from_value(json!({
+        "apiVersion": "graft.dev/v1alpha1", "kind": "AdapterDeployment",
+        "metadata": {"name": name},
+        "spec": {"server": {"name": server}, "adapterName": adapter, "versions": versions_json(versions)},
+    }))
+    .expect("a valid AdapterDeployment")
+}
+
+pub fn versions_json(versions: &[(&Version, u32)]) -> Value {
+    versions
+        .iter()
+        .map(|(v, w)| json!({"source": {"uri": v.uri, "sha256": v.sha256}, "weight": w}))
+        .collect()
+}
+
+/// Waits until the AdapterDeployment's Ready condition has `reason` for the current generation.
+pub async fn wait_for_reason(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    reason: &str,
+) -> AdapterDeployment {
+    let api: Api<AdapterDeployment> = Api::namespaced(client.clone(), ns);
+    let mut last = None;
+    eventually(&format!("{name} with reason {reason}"), WAIT, async || {
+        let ad = api.get(name).await.expect("get");
+        let status = ad.status.clone().unwrap_or_default();
+        let done = status.observed_generation == ad.metadata.generation
+            && status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.reason == reason);
+        last = Some(ad);
+        done
+    })
+    .await;
+    last.expect("seen")
+}
+
+pub fn ready_reason(ad: &AdapterDeployment) -> (String, String) {
+    ad.status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| (c.reason.clone(), c.message.clone()))
+        .unwrap_or_default()
+}
