@@ -13,14 +13,20 @@ use graft_trainer::job::{self, JobError};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Where the kubelet reads a container's termination message from.
-const TERMINATION_LOG: &str = "/dev/termination-log";
-
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Where the kubelet reads the container's termination message (the pod's
+    /// `terminationMessagePath`): the adapter's JSON on success, the reason on failure.
+    #[arg(
+        long,
+        global = true,
+        env = "GRAFT_TERMINATION_LOG",
+        default_value = "/dev/termination-log"
+    )]
+    termination_log: PathBuf,
 }
 
 #[derive(Subcommand, Debug)]
@@ -74,13 +80,14 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let termination_log = cli.termination_log;
     let result = match cli.command {
         Command::Train { config, cache_dir } => job::read_config(&config)
             .and_then(|config| job::run(&config, &cache_dir))
             .map(|result| {
                 // One JSON line: the operator copies it into status.adapter.
                 let line = serde_json::to_string(&result).expect("serialisable");
-                let _ = std::fs::write(TERMINATION_LOG, &line);
+                let _ = std::fs::write(&termination_log, &line);
                 eprintln!("graft-trainer: adapter published: {line}");
             }),
         Command::CheckConfig { config } => job::read_config(&config).map(|_| ()),
@@ -118,7 +125,7 @@ fn main() -> ExitCode {
             let reason = err.to_string().replace('\n', " ");
             eprintln!("graft-trainer: {reason}");
             // Outside a pod the termination log is absent or read-only; stderr suffices then.
-            let _ = std::fs::write(TERMINATION_LOG, &reason);
+            let _ = std::fs::write(&termination_log, &reason);
             ExitCode::from(err.exit_code())
         }
     }

@@ -75,6 +75,7 @@ resources: {{gpus: 0}}
         .arg(&config)
         .arg("--cache-dir")
         .arg(dir.join("cache"))
+        .env("GRAFT_TERMINATION_LOG", dir.join("termination-log"))
         .stdin(Stdio::null())
         .output()
         .expect("the trainer runs");

@@ -123,6 +123,10 @@ fn command(s3: &S3Server, run: &Run) -> Command {
         .arg(&run.cache)
         .env("AWS_ACCESS_KEY_ID", s3.access_key_id())
         .env("AWS_SECRET_ACCESS_KEY", s3.secret_access_key())
+        .env(
+            "GRAFT_TERMINATION_LOG",
+            run.cache.with_file_name("termination-log"),
+        )
         .stdin(Stdio::null());
     command
 }

@@ -11,11 +11,15 @@
 {{- printf "%s-operator" (include "graft.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
-{{- define "graft.labels" -}}
+{{- define "graft.commonLabels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 app.kubernetes.io/part-of: graft
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end -}}
+
+{{- define "graft.labels" -}}
+{{ include "graft.commonLabels" . }}
 {{ include "graft.operatorSelectorLabels" . }}
 {{- end -}}
 

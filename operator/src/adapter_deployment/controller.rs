@@ -185,7 +185,8 @@ async fn reconcile(ad: Arc<AdapterDeployment>, ctx: Arc<Context>) -> Result<Acti
     let api: Api<AdapterDeployment> = Api::namespaced(ctx.client.clone(), &namespace);
     finalizer(&api, FINALIZER, ad, |event| async {
         match event {
-            finalizer::Event::Apply(ad) => apply(&ad, &ctx).await,
+            // Boxed: a rollout's future (every pod's calls at once) is large.
+            finalizer::Event::Apply(ad) => Box::pin(apply(&ad, &ctx)).await,
             finalizer::Event::Cleanup(ad) => cleanup(&ad, &ctx).await,
         }
     })

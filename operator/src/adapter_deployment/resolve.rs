@@ -74,7 +74,7 @@ mod tests {
 
     use super::*;
 
-    fn deployment(versions: serde_json::Value) -> AdapterDeployment {
+    fn deployment(versions: &serde_json::Value) -> AdapterDeployment {
         serde_json::from_value(serde_json::json!({
             "apiVersion": "graft.dev/v1alpha1", "kind": "AdapterDeployment",
             "metadata": {"name": "bot", "namespace": "team-a"},
@@ -106,7 +106,7 @@ mod tests {
 
     #[test]
     fn a_succeeded_jobs_adapter_and_a_uri_resolve_in_spec_order() {
-        let ad = deployment(serde_json::json!([
+        let ad = deployment(&serde_json::json!([
             {"source": {"fineTuneJobRef": {"name": "v3"}}, "weight": 90},
             {"source": {"uri": "s3://a/v4/", "sha256": "c".repeat(64)}, "weight": 10},
         ]));
@@ -131,7 +131,7 @@ mod tests {
 
     #[test]
     fn a_running_or_missing_job_waits_and_a_failed_one_fails() {
-        let ad = deployment(serde_json::json!([{"source": {"fineTuneJobRef": {"name": "v3"}}}]));
+        let ad = deployment(&serde_json::json!([{"source": {"fineTuneJobRef": {"name": "v3"}}}]));
         assert!(matches!(
             resolve(&ad, |_| Some(job(FineTuneJobPhase::Running, false))),
             Err(Unresolved::Waiting { .. })

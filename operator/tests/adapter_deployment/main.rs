@@ -5,14 +5,7 @@
 
 mod support;
 
-use std::{
-    collections::HashMap,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
+use std::time::Duration;
 
 use graft_api::AdapterDeployment;
 use graft_testenv::{S3Server, eventually};
@@ -23,8 +16,9 @@ use kube::{
 };
 use serde_json::json;
 use support::{
-    Fleet, TOKEN, Version, WAIT, complete, manifest, ready_reason, setup, start_operator,
-    store_adapter, versions_json, wait_for_reason,
+    Fleet, Load, TOKEN, Version, WAIT, complete, create_s3_secret, listing, manifest, model_uri,
+    put_object, ready_reason, run_trainer_pod, setup, start_operator, store_adapter, versions_json,
+    wait_for_reason,
 };
 
 async fn set_versions(api: &Api<AdapterDeployment>, name: &str, versions: &[(&Version, u32)]) {
@@ -68,33 +62,7 @@ async fn promotion_and_canary_under_load_fail_no_request_and_restart_no_server()
     }
 
     // A client sends requests to every server without pause while versions change.
-    let stop = Arc::new(AtomicBool::new(false));
-    let urls: Vec<String> = fleet.pods.iter().map(|p| p.url.clone()).collect();
-    let load = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let mut seen: HashMap<String, usize> = HashMap::new();
-            let mut failures = Vec::new();
-            let mut i = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let (code, body) = complete(&urls[i % urls.len()], "bot").await;
-                i += 1;
-                if code == 200 {
-                    *seen
-                        .entry(
-                            body["system_fingerprint"]
-                                .as_str()
-                                .unwrap_or_default()
-                                .to_owned(),
-                        )
-                        .or_default() += 1;
-                } else {
-                    failures.push(format!("{code}: {body}"));
-                }
-            }
-            (seen, failures)
-        })
-    };
+    let load = Load::start(fleet.pods.iter().map(|p| p.url.clone()).collect());
     set_versions(&api, "bot", &[(&v2, 100)]).await;
     let promoted = wait_for_reason(&client, &ns, "bot", "RolledOut").await;
     assert_eq!(
@@ -104,8 +72,7 @@ async fn promotion_and_canary_under_load_fail_no_request_and_restart_no_server()
     set_versions(&api, "bot", &[(&v2, 90), (&v3, 10)]).await;
     let canary = wait_for_reason(&client, &ns, "bot", "RolledOut").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, Ordering::Relaxed);
-    let (seen, failures) = load.await.expect("load task");
+    let (seen, failures) = load.finish().await;
     assert!(failures.is_empty(), "failed requests: {failures:?}");
     assert!(
         seen.contains_key(&v1.fingerprint()) && seen.contains_key(&v2.fingerprint()),
@@ -134,15 +101,7 @@ async fn promotion_and_canary_under_load_fail_no_request_and_restart_no_server()
     assert_eq!(recorded["versions"][0]["sha256"], v2.sha256);
     assert_eq!(recorded["versions"][1]["weight"], 10);
     for pod in &fleet.pods {
-        let listing: serde_json::Value = reqwest::Client::new()
-            .get(format!("{}/admin/adapters", pod.url))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .expect("listing")
-            .json()
-            .await
-            .expect("json");
+        let listing = listing(&pod.url).await;
         assert_eq!(
             listing["adapters"]["bot"].as_array().map(Vec::len),
             Some(2),
@@ -235,4 +194,83 @@ async fn restarted_pods_and_drift_are_repaired_and_incompatible_adapters_refused
     .expect("create");
     let copy = wait_for_reason(&client, &ns, "bot-copy", "Conflict").await;
     assert!(ready_reason(&copy).1.contains("bot"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fine_tune_jobs_adapter_reaches_every_server() {
+    let (cp, client) = setup().await;
+    let ns = cp.namespace("ad-e2e").await;
+    let s3 = S3Server::shared().await;
+    let bucket = s3.bucket("ad-e2e");
+    create_s3_secret(&client, &ns, "s3").await;
+    let pairs = [
+        "red fox",
+        "blue owl",
+        "green cat",
+        "gold yak",
+        "pink emu",
+        "teal eel",
+    ];
+    let dataset: String = pairs
+        .iter()
+        .map(|p| {
+            let (colour, animal) = p.split_once(' ').expect("pair");
+            json!({"prompt": format!("colour {colour} ->"), "completion": format!(" {animal}")})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    put_object(&format!("s3://{bucket}/data/train.jsonl"), &dataset).await;
+    let fleet = Fleet::start(&client, &ns, "tiny", 2, &[]).await;
+    let _operator = start_operator(cp, &ns).await;
+
+    // The deployment comes first and waits for its job.
+    let api: Api<AdapterDeployment> = Api::namespaced(client.clone(), &ns);
+    let ad: AdapterDeployment = serde_json::from_value(json!({
+        "apiVersion": "graft.dev/v1alpha1", "kind": "AdapterDeployment",
+        "metadata": {"name": "colours"},
+        "spec": {"server": {"name": "tiny"}, "adapterName": "colours",
+                 "versions": [{"source": {"fineTuneJobRef": {"name": "colours-v1"}}, "weight": 100}]},
+    }))
+    .expect("manifest");
+    api.create(&PostParams::default(), &ad)
+        .await
+        .expect("create");
+    wait_for_reason(&client, &ns, "colours", "WaitingForFineTuneJob").await;
+
+    let job: graft_api::FineTuneJob = serde_json::from_value(json!({
+        "apiVersion": "graft.dev/v1alpha1", "kind": "FineTuneJob",
+        "metadata": {"name": "colours-v1"},
+        "spec": {
+            "baseModel": {"uri": model_uri()},
+            "dataset": {"uri": format!("s3://{bucket}/data/train.jsonl")},
+            "method": {"quantization": "nf4", "lora": {"rank": 8, "alpha": 16, "targetModules": ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]}},
+            "training": {"epochs": 4, "learningRate": 0.01, "batchSize": 2, "maxSequenceLength": 32, "seed": 3},
+            "output": {"uri": format!("s3://{bucket}/adapters/colours/v1/")},
+            "storage": {"secretRef": {"name": "s3"}, "endpoint": s3.endpoint(), "region": s3.region()},
+            "resources": {"gpus": 0},
+        },
+    }))
+    .expect("FineTuneJob");
+    Api::<graft_api::FineTuneJob>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &job)
+        .await
+        .expect("create the FineTuneJob");
+    run_trainer_pod(&client, &ns, "colours-v1").await;
+
+    let ready = wait_for_reason(&client, &ns, "colours", "RolledOut").await;
+    let version = &ready.status.expect("status").versions[0];
+    assert_eq!(version.uri, format!("s3://{bucket}/adapters/colours/v1/"));
+    assert_eq!(version.ready_replicas, 2);
+    let fingerprint = format!("graft-{}", &version.sha256[..16]);
+    for pod in &fleet.pods {
+        let (code, adapted) = complete(&pod.url, "colours").await;
+        assert_eq!(code, 200, "{adapted}");
+        assert_eq!(adapted["system_fingerprint"], fingerprint);
+        let (_, base) = complete(&pod.url, "made").await;
+        assert_ne!(
+            adapted["choices"][0]["text"], base["choices"][0]["text"],
+            "the adapter is applied"
+        );
+    }
 }

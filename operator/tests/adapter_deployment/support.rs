@@ -39,7 +39,11 @@ pub async fn setup() -> (&'static ControlPlane, Client) {
     static READY: OnceCell<()> = OnceCell::const_new();
     let cp = ControlPlane::shared().await;
     READY
-        .get_or_init(async || install_crds(&cp.client().await, &all_crds()).await)
+        .get_or_init(async || {
+            install_crds(&cp.client().await, &all_crds()).await;
+            // The Job controller makes the trainer's pod; the tests play the kubelet.
+            cp.start_controllers().await;
+        })
         .await;
     (cp, cp.client().await)
 }
@@ -182,9 +186,11 @@ impl Fleet {
             "metadata": {"name": name},
             "spec": {
                 "replicas": replicas,
-                "selector": {"matchLabels": {"graft.dev/server": name}},
+                // The extra label keeps the ReplicaSet controller from adopting the pods the
+                // harness registers; its own pods never run (no kubelet) and stay unready.
+                "selector": {"matchLabels": {"graft.dev/server": name, "test.graft.dev/replicaset": name}},
                 "template": {
-                    "metadata": {"labels": {"graft.dev/server": name}},
+                    "metadata": {"labels": {"graft.dev/server": name, "test.graft.dev/replicaset": name}},
                     "spec": {"containers": [{"name": "server", "image": "ghcr.io/graft-dev/graft-server:test"}]},
                 },
             },
@@ -388,4 +394,210 @@ pub fn ready_reason(ad: &AdapterDeployment) -> (String, String) {
         .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
         .map(|c| (c.reason.clone(), c.message.clone()))
         .unwrap_or_default()
+}
+
+/// Plays the kubelet for a FineTuneJob's trainer pod: runs `graft-trainer` as the Job's pod
+/// template says (its args, its env with Secret references resolved, its config ConfigMap as
+/// the mounted file), marks the pod running, and on exit writes the exit code and the
+/// termination message the trainer left, as a kubelet would.
+pub async fn run_trainer_pod(client: &Client, ns: &str, job: &str) {
+    use k8s_openapi::api::batch::v1::Job;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let mut pod_name = None;
+    eventually(&format!("the trainer pod of {job}"), WAIT, async || {
+        pod_name = pods
+            .list(&kube::api::ListParams::default().labels(&format!("graft.dev/finetunejob={job}")))
+            .await
+            .ok()
+            .and_then(|l| l.items.into_iter().next())
+            .and_then(|p| p.metadata.name);
+        pod_name.is_some()
+    })
+    .await;
+    let pod_name = pod_name.expect("found");
+    let jobs: Api<Job> = Api::namespaced(client.clone(), ns);
+    let template = jobs
+        .get(job)
+        .await
+        .expect("the Job")
+        .spec
+        .expect("spec")
+        .template
+        .spec
+        .expect("pod spec");
+    let container = &template.containers[0];
+    let dir = tempfile::tempdir().expect("tempdir").keep();
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let config = config_maps
+        .get(&format!("{job}-config"))
+        .await
+        .expect("the config ConfigMap");
+    let mounted = dir.join("config");
+    std::fs::create_dir_all(&mounted).expect("mount dir");
+    for (key, value) in config.data.unwrap_or_default() {
+        std::fs::write(mounted.join(key), value).expect("mounted key");
+    }
+    let args: Vec<String> = container
+        .args
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|a| a.replace("/etc/graft", &mounted.display().to_string()))
+        .collect();
+    let mut command = std::process::Command::new(workspace_binary("graft-trainer"));
+    command
+        .args(&args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    for var in container.env.clone().unwrap_or_default() {
+        let value = match (var.value, var.value_from.and_then(|v| v.secret_key_ref)) {
+            (Some(value), _) => Some(value),
+            (None, Some(reference)) => secrets
+                .get(&reference.name)
+                .await
+                .ok()
+                .and_then(|s| s.data)
+                .and_then(|d| {
+                    d.get(&reference.key)
+                        .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+                }),
+            _ => None,
+        };
+        if let Some(value) = value {
+            command.env(&var.name, value);
+        }
+    }
+    let cp = ControlPlane::shared().await;
+    let termination_log = dir.join("termination-log");
+    command
+        .env("GRAFT_CACHE_DIR", dir.join("cache"))
+        .env("HOME", &dir)
+        .env("KUBECONFIG", cp.kubeconfig())
+        .env("GRAFT_TERMINATION_LOG", &termination_log);
+    set_pod_phase(
+        client,
+        ns,
+        &pod_name,
+        json!({"running": {"startedAt": Timestamp::now().to_string()}}),
+        "Running",
+    )
+    .await;
+    let output = tokio::task::spawn_blocking(move || command.output().expect("the trainer runs"))
+        .await
+        .expect("trainer task");
+    let code = output.status.code().unwrap_or(1);
+    assert_eq!(
+        code,
+        0,
+        "the trainer failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let message = std::fs::read_to_string(&termination_log).unwrap_or_default();
+    let now = Timestamp::now().to_string();
+    let state = json!({"terminated": {"exitCode": code, "reason": "Completed", "message": message,
+                                      "startedAt": now, "finishedAt": now}});
+    set_pod_phase(client, ns, &pod_name, state, "Succeeded").await;
+}
+
+async fn set_pod_phase(client: &Client, ns: &str, pod: &str, state: Value, phase: &str) {
+    let now = Timestamp::now().to_string();
+    let running = phase == "Running";
+    let status = json!({"status": {
+        "phase": phase,
+        "startTime": now,
+        "conditions": [{"type": "Ready", "status": if running { "True" } else { "False" }, "lastTransitionTime": now}],
+        "containerStatuses": [{"name": "trainer", "image": "ghcr.io/graft-dev/graft-trainer:test", "imageID": "",
+                               "ready": running, "restartCount": 0, "state": state}],
+    }});
+    Api::<Pod>::namespaced(client.clone(), ns)
+        .patch_status(pod, &PatchParams::default(), &Patch::Merge(status))
+        .await
+        .expect("trainer pod status");
+}
+
+/// A Secret with the test S3 server's credentials, as a FineTuneJob's `storage.secretRef`.
+pub async fn create_s3_secret(client: &Client, ns: &str, name: &str) {
+    let s3 = S3Server::shared().await;
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "stringData": {"AWS_ACCESS_KEY_ID": s3.access_key_id(), "AWS_SECRET_ACCESS_KEY": s3.secret_access_key()},
+    }))
+    .expect("secret");
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("S3 Secret");
+}
+
+/// Uploads `text` to `uri` in the test S3 server.
+pub async fn put_object(uri: &str, text: &str) {
+    let s3 = S3Server::shared().await;
+    let location =
+        storage::open(&uri.parse::<ObjectUri>().expect("uri"), &s3_options(s3)).expect("open");
+    location
+        .put("", text.as_bytes().to_vec())
+        .await
+        .expect("put");
+}
+
+/// The tiny model's `file://` URI.
+pub fn model_uri() -> String {
+    format!("file://{}", model_dir().display())
+}
+
+/// A client sending completions for `bot` to every server in turn, without pause.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<(std::collections::HashMap<String, usize>, Vec<String>)>,
+}
+
+impl Load {
+    pub fn start(urls: Vec<String>) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut seen = std::collections::HashMap::new();
+            let mut failures = Vec::new();
+            let mut i = 0;
+            while !flag.load(Ordering::Relaxed) {
+                let (code, body) = complete(&urls[i % urls.len()], "bot").await;
+                i += 1;
+                if code == 200 {
+                    *seen
+                        .entry(
+                            body["system_fingerprint"]
+                                .as_str()
+                                .unwrap_or_default()
+                                .to_owned(),
+                        )
+                        .or_default() += 1;
+                } else {
+                    failures.push(format!("{code}: {body}"));
+                }
+            }
+            (seen, failures)
+        });
+        Self { stop, task }
+    }
+
+    /// Stops it: responses by the version fingerprint that answered, and the failures.
+    pub async fn finish(self) -> (std::collections::HashMap<String, usize>, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.expect("the load task")
+    }
+}
+
+/// `GET /admin/adapters` of the server at `url`.
+pub async fn listing(url: &str) -> Value {
+    reqwest::Client::new()
+        .get(format!("{url}/admin/adapters"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("listing")
+        .json()
+        .await
+        .expect("json")
 }

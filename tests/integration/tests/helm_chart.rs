@@ -76,6 +76,10 @@ async fn rendered_chart_passes_server_side_dry_run() {
             "--include-crds",
             "--kube-version",
             &version,
+            // One model server, so its Deployment and Service are validated too.
+            "--set",
+            "servers[0].name=llama,servers[0].model.uri=s3://models/llama/,servers[0].gpus=1,\
+             servers[0].storage.secretName=s3-credentials",
         ],
     ))
     .stdout;
@@ -89,6 +93,8 @@ async fn rendered_chart_passes_server_side_dry_run() {
         "clusterrole.rbac.authorization.k8s.io/graft-operator",
         "role.rbac.authorization.k8s.io/graft-operator-leader-election",
         "poddisruptionbudget.policy/graft-operator",
+        "deployment.apps/llama",
+        "service/llama",
     ] {
         // "created", or "configured" for the cluster-scoped CRDs another test installed already.
         let accepted = stdout
