@@ -55,25 +55,49 @@ pub fn incompatibility(
     None
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// The adapter is not there (or the URI is unusable): it cannot load anywhere.
+    #[error("{0}")]
+    Missing(String),
+    /// The store could not be read from here (network, credentials the operator lacks): the
+    /// servers still check the adapter when they load it.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
 /// `adapter_config.json` and, when present, `graft.json` under the version's URI.
 pub async fn read_manifest(
     version: &AssignedVersion,
     s3: &S3Options,
-) -> Result<(Vec<u8>, Option<Vec<u8>>), String> {
+) -> Result<(Vec<u8>, Option<Vec<u8>>), ManifestError> {
     let uri: ObjectUri = version
         .uri
         .parse()
-        .map_err(|e| format!("{}: {e}", version.uri))?;
-    let location = storage::open(&uri, s3).map_err(|e| e.to_string())?;
+        .map_err(|e| ManifestError::Missing(format!("{}: {e}", version.uri)))?;
+    let location = storage::open(&uri, s3).map_err(|e| ManifestError::Missing(e.to_string()))?;
+    let read = |name: &str, e: &object_store::Error| {
+        let message = format!("reading {}{name}: {e}", version.uri);
+        if matches!(
+            e,
+            object_store::Error::NotFound { .. } | object_store::Error::InvalidPath { .. }
+        ) {
+            ManifestError::Missing(message)
+        } else {
+            ManifestError::Unavailable(message)
+        }
+    };
     let config = location
         .get_opt("adapter_config.json")
         .await
-        .map_err(|e| format!("reading {}adapter_config.json: {e}", version.uri))?
-        .ok_or_else(|| format!("{} has no adapter_config.json", version.uri))?;
+        .map_err(|e| read("adapter_config.json", &e))?
+        .ok_or_else(|| {
+            ManifestError::Missing(format!("{} has no adapter_config.json", version.uri))
+        })?;
     let graft_json = location
         .get_opt("graft.json")
         .await
-        .map_err(|e| format!("reading {}graft.json: {e}", version.uri))?;
+        .map_err(|e| read("graft.json", &e))?;
     Ok((config.to_vec(), graft_json.map(|b| b.to_vec())))
 }
 

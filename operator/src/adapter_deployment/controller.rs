@@ -288,7 +288,11 @@ async fn plan(
                         Ok((config, graft_json)) => {
                             compat::incompatibility(&config, graft_json.as_deref(), &info)
                         }
-                        Err(e) => Some(e),
+                        Err(e @ compat::ManifestError::Missing(_)) => Some(e.to_string()),
+                        Err(e @ compat::ManifestError::Unavailable(_)) => {
+                            warn!(error = %e, "checking the adapter here; the servers check it as they load it");
+                            None
+                        }
                     };
                     if let Some(reason) = reason {
                         return Ok(Err(Outcome::Failed {
