@@ -388,8 +388,10 @@ async fn kubectl_shows_short_names_and_printer_columns_from_the_status_subresour
 async fn shipped_examples_pass_server_side_validation() {
     let (_client, ns) = setup("examples").await;
     let examples = graft_testenv::repo_root().join("examples");
-    let mut files: Vec<_> = std::fs::read_dir(&examples)
-        .expect("examples/")
+    // The GitOps example's manifests too; its Argo CD objects need Argo's CRDs, not ours.
+    let mut files: Vec<_> = [examples.clone(), examples.join("gitops/team-a")]
+        .iter()
+        .flat_map(|dir| std::fs::read_dir(dir).expect("examples/"))
         .map(|e| e.expect("entry").path())
         .filter(|f| f.extension().is_some_and(|e| e == "yaml"))
         .collect();
