@@ -79,7 +79,7 @@ async fn rendered_chart_passes_server_side_dry_run() {
             // One model server, so its Deployment and Service are validated too.
             "--set",
             "servers[0].name=llama,servers[0].model.uri=s3://models/llama/,servers[0].gpus=1,\
-             servers[0].storage.secretName=s3-credentials",
+             servers[0].storage.secretName=s3-credentials,networkPolicy.enabled=true",
         ],
     ))
     .stdout;
@@ -95,6 +95,8 @@ async fn rendered_chart_passes_server_side_dry_run() {
         "poddisruptionbudget.policy/graft-operator",
         "deployment.apps/llama",
         "service/llama",
+        "networkpolicy.networking.k8s.io/graft-operator",
+        "networkpolicy.networking.k8s.io/llama",
     ] {
         // "created", or "configured" for the cluster-scoped CRDs another test installed already.
         let accepted = stdout
