@@ -49,7 +49,8 @@ pub struct Args {
     /// Sequences decoded together in one step.
     #[arg(long, env = "GRAFT_MAX_BATCH_SIZE", default_value_t = 32)]
     pub max_batch_size: usize,
-    /// Prompt plus completion, in tokens; the model's `max_position_embeddings` by default.
+    /// Prompt plus completion, in tokens; by default the model's `max_position_embeddings`, at
+    /// most 4096 (each sequence's KV cache may grow to this).
     #[arg(long, env = "GRAFT_MAX_MODEL_LEN")]
     pub max_model_len: Option<usize>,
     /// S3 endpoint (for MinIO and other S3-compatible stores); also `AWS_ENDPOINT_URL`.

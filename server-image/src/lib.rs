@@ -34,6 +34,8 @@ pub enum ServeError {
         path: std::path::PathBuf,
         source: serde_json::Error,
     },
+    #[error("admin token file {}: it is empty", path.display())]
+    EmptyToken { path: std::path::PathBuf },
     #[error("listening on {listen}: {source}")]
     Listen {
         listen: String,
@@ -47,11 +49,18 @@ pub async fn serve(
     args: Args,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let admin_token = args
-        .admin_token_file
-        .as_deref()
-        .map(|path| read_file("admin token file", path).map(|t| t.trim().to_owned()))
-        .transpose()?;
+    let admin_token = match args.admin_token_file.as_deref() {
+        // An empty token would match a request without one.
+        Some(path) => match read_file("admin token file", path)?.trim() {
+            "" => {
+                return Err(ServeError::EmptyToken {
+                    path: path.to_owned(),
+                });
+            }
+            token => Some(token.to_owned()),
+        },
+        None => None,
+    };
     let adapters_file = match &args.adapters_file {
         Some(path) => read_adapters_file(path)?,
         None => AdaptersFile::default(),

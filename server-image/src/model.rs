@@ -10,6 +10,9 @@ use graft_engine::{
     tokenizer::Tokenizer,
 };
 
+/// The context when `--max-model-len` is not given (or the model's, if shorter).
+pub const DEFAULT_MAX_MODEL_LEN: usize = 4096;
+
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("--model {uri}: {reason}")]
@@ -71,10 +74,14 @@ impl BaseModel {
                 .unwrap_or("base")
                 .to_owned()
         });
-        let max_model_len = options
-            .max_model_len
-            .or(config.max_position_embeddings)
-            .unwrap_or(2048);
+        // Every sequence's KV cache may grow to this; a model's full context (128k for Llama
+        // 3.1) as the default would let a few requests exhaust memory.
+        let max_model_len = options.max_model_len.unwrap_or_else(|| {
+            config
+                .max_position_embeddings
+                .unwrap_or(DEFAULT_MAX_MODEL_LEN)
+                .min(DEFAULT_MAX_MODEL_LEN)
+        });
         let mut eos_ids: Vec<u32> = tokenizer.eos_token_id().into_iter().collect();
         eos_ids.extend(generation_eos(&dir));
         eos_ids.sort_unstable();

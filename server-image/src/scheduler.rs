@@ -103,6 +103,10 @@ struct Running {
     /// What this step feeds.
     feed: Vec<u32>,
     sampler: Sampler,
+    /// The last prompt tokens and their text: decoding the completion after them keeps what
+    /// a tokenizer drops at the start of a text (SentencePiece's leading space).
+    prefix: Vec<u32>,
+    prefix_text: String,
     generated: Vec<u32>,
     /// Bytes of the decoded completion already sent.
     sent: usize,
@@ -168,7 +172,11 @@ fn run(model: &BaseModel, max_batch: usize, metrics: &Metrics, requests: &mpsc::
 
 fn start(model: &BaseModel, request: Request) -> Running {
     let first = request.prompt.len().min(PREFILL_CHUNK);
+    let prefix = request.prompt[request.prompt.len().saturating_sub(4)..].to_vec();
+    let prefix_text = model.tokenizer.decode(&prefix, true).unwrap_or_default();
     Running {
+        prefix,
+        prefix_text,
         cache: KvCache::new(&model.llama),
         pending: request.prompt.len() - first,
         feed: request.prompt[..first].to_vec(),
@@ -198,10 +206,7 @@ fn advance(model: &BaseModel, metrics: &Metrics, r: &mut Running, logits: &[f32]
     if !eos {
         r.generated.push(token);
     }
-    let text = model
-        .tokenizer
-        .decode(&r.generated, true)
-        .unwrap_or_default();
+    let text = completion_text(model, r);
     let mut finish = None;
     let mut end = text.len();
     if let Some(at) = first_stop(&text, &r.request.stop, r.sent) {
@@ -252,6 +257,18 @@ fn advance(model: &BaseModel, metrics: &Metrics, r: &mut Running, logits: &[f32]
     }
     r.feed = vec![token];
     true
+}
+
+/// The completion so far as text, decoded after the prompt's last tokens (then cut off).
+fn completion_text(model: &BaseModel, r: &Running) -> String {
+    let decode = |ids: &[u32]| model.tokenizer.decode(ids, true).unwrap_or_default();
+    let with_prefix = decode(&[r.prefix.as_slice(), &r.generated].concat());
+    match with_prefix.strip_prefix(r.prefix_text.as_str()) {
+        Some(text) => text.to_owned(),
+        // The prefix decodes differently next to the completion (a character split across
+        // them): decode the completion alone.
+        None => decode(&r.generated),
+    }
 }
 
 /// The earliest stop string in `text` that ends after byte `from` (earlier text was already

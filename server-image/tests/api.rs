@@ -499,3 +499,25 @@ async fn shutdown_drains_the_requests_in_flight() {
     );
     assert!(body["usage"]["completion_tokens"].as_u64().expect("count") > 0);
 }
+
+#[test]
+fn an_empty_admin_token_file_is_refused_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "  \n").expect("token file");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_graft-server"))
+        .arg("--model")
+        .arg(format!("file://{}", common::model_dir().display()))
+        .args(["--listen", "127.0.0.1:0", "--admin-token-file"])
+        .arg(&token)
+        .arg("--cache-dir")
+        .arg(dir.path().join("cache"))
+        .output()
+        .expect("graft-server runs");
+    assert!(
+        !output.status.success(),
+        "an empty token would match a request without one"
+    );
+    let log = String::from_utf8_lossy(&output.stdout) + String::from_utf8_lossy(&output.stderr);
+    assert!(log.contains("it is empty"), "{log}");
+}

@@ -26,11 +26,23 @@ use crate::common::{LocalObjectRef, NAME_PATTERN, SHA256_PATTERN, SOURCE_URI_PAT
 #[serde(rename_all = "camelCase")]
 pub struct AdapterDeploymentSpec {
     /// The graft-server Deployment that serves the adapter.
+    // Immutable: the operator unloads an adapter from the server and name it was deployed
+    // under; moving it means a new AdapterDeployment (and deleting this one).
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self == oldSelf",
+        "message": "spec.server is immutable: create another AdapterDeployment for another server",
+        "reason": "FieldValueForbidden",
+    }]))]
     pub server: ServerRef,
     /// The name clients put in the OpenAI `model` field.
     #[schemars(
         length(min = 1, max = 128),
-        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"),
+        extend("x-kubernetes-validations" = [{
+            "rule": "self == oldSelf",
+            "message": "spec.adapterName is immutable: create another AdapterDeployment for another name",
+            "reason": "FieldValueForbidden",
+        }])
     )]
     pub adapter_name: String,
     /// One version for a plain rollout, two with weights for a canary. Weights sum to 100.

@@ -200,7 +200,8 @@ async fn reconcile(ad: Arc<AdapterDeployment>, ctx: Arc<Context>) -> Result<Acti
 struct Servers {
     deployment: Deployment,
     pods: Vec<Endpoint>,
-    client: AdminClient,
+    /// The admin client, or why there is none (no Secret, no `token` key).
+    client: Result<AdminClient, String>,
 }
 
 async fn apply(ad: &AdapterDeployment, ctx: &Context) -> Result<Action, Error> {
@@ -208,14 +209,14 @@ async fn apply(ad: &AdapterDeployment, ctx: &Context) -> Result<Action, Error> {
     let outcome = match plan(ad, ctx).await? {
         Err(outcome) => outcome,
         Ok((servers, desired)) => {
-            record_in_config_map(ctx, ad, &servers.deployment, Some(&desired)).await?;
-            let rollout = rollout::roll_out(
-                &servers.client,
-                &servers.pods,
-                &ad.spec.adapter_name,
-                &desired,
-            )
-            .await;
+            let client = servers.client.clone().map_err(Error::Token)?;
+            let name = &ad.spec.adapter_name;
+            let staged = rollout::stage(&client, &servers.pods, name, &desired).await;
+            // Recorded for pods that start later only once no running pod refused it.
+            if staged.refused().is_none() {
+                record_in_config_map(ctx, ad, &servers.deployment, Some(&desired)).await?;
+            }
+            let rollout = rollout::finish(&client, &servers.pods, name, &desired, staged).await;
             Outcome::Rolled {
                 desired: desired_replicas(&servers.deployment),
                 pods: servers.pods.len(),
@@ -225,16 +226,30 @@ async fn apply(ad: &AdapterDeployment, ctx: &Context) -> Result<Action, Error> {
         }
     };
     let next = status(ad, &outcome, Timestamp::now());
-    let settled = matches!(next.phase, Some(graft_api::AdapterDeploymentPhase::Ready));
+    // Rolling out or repairing: look again soon. Ready, or waiting on something a watch
+    // reports (a job, a spec change): at the re-check interval.
+    // A conflict ends when the other deployment is gone, which no watch of this one reports.
+    let conflict = next
+        .conditions
+        .iter()
+        .any(|c| c.type_ == conditions::READY && c.reason == conditions::CONFLICT);
+    let busy = conflict
+        || matches!(
+            next.phase,
+            Some(
+                graft_api::AdapterDeploymentPhase::Loading
+                    | graft_api::AdapterDeploymentPhase::Degraded
+            )
+        );
     if ad.status.as_ref() != Some(&next) {
         publish(ctx, ad, ad.status.as_ref(), &next).await;
         write_status(ctx, ad, &next).await?;
     }
     // Until everything is verified, look again soon; then at the re-check interval.
-    Ok(if settled {
-        recheck
-    } else {
+    Ok(if busy {
         Action::requeue(Duration::from_secs(2).min(ctx.settings.recheck))
+    } else {
+        recheck
     })
 }
 
@@ -280,8 +295,8 @@ async fn plan(
     };
     // Checked against a live server before anything is loaded; with no pod ready, the pods
     // check each adapter themselves when they start.
-    if let Some(first) = servers.pods.first() {
-        match servers.client.info(first).await {
+    if let (Some(first), Ok(client)) = (servers.pods.first(), &servers.client) {
+        match client.info(first).await {
             Ok(info) => {
                 for version in &versions {
                     let reason = match compat::read_manifest(version, &ctx.settings.s3).await {
@@ -308,7 +323,9 @@ async fn plan(
     Ok(Ok((servers, AdapterAssignment { versions })))
 }
 
-/// Another AdapterDeployment that claimed the same adapter name on the same server first.
+/// Another AdapterDeployment that claimed the same adapter name on the same server first. One
+/// being deleted still counts until its cleanup has unloaded the name, so a successor never
+/// loads it just before that cleanup removes it.
 async fn conflicting_owner(
     ad: &AdapterDeployment,
     ctx: &Context,
@@ -333,7 +350,6 @@ async fn conflicting_owner(
         .iter()
         .filter(|other| {
             other.uid() != ad.uid()
-                && other.metadata.deletion_timestamp.is_none()
                 && other.spec.server.name == ad.spec.server.name
                 && other.spec.adapter_name == ad.spec.adapter_name
                 && key(other) < key(ad)
@@ -394,20 +410,23 @@ async fn servers(
         .cloned()
         .unwrap_or_else(|| format!("{name}-admin-token"));
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    let secret = secrets
+    let token = secrets
         .get_opt(&secret_name)
         .await
         .map_err(|source| Error::Read {
             what: format!("Secret {secret_name}"),
             source,
         })?
-        .ok_or_else(|| Error::Token(format!("Secret {secret_name} does not exist")))?;
-    let token = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get("token"))
-        .map(|b| String::from_utf8_lossy(&b.0).trim().to_owned())
-        .ok_or_else(|| Error::Token(format!("Secret {secret_name} has no key \"token\"")))?;
+        .ok_or_else(|| format!("Secret {secret_name} does not exist"))
+        .and_then(|secret| {
+            secret
+                .data
+                .as_ref()
+                .and_then(|d| d.get("token"))
+                .map(|b| String::from_utf8_lossy(&b.0).trim().to_owned())
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| format!("Secret {secret_name} has no non-empty key \"token\""))
+        });
 
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
     let listed = pods
@@ -428,16 +447,21 @@ async fn servers(
                 .get(ADMIN_PORT_ANNOTATION)
                 .and_then(|p| p.parse().ok())
                 .unwrap_or(port);
+            let host = if ip.contains(':') {
+                format!("[{ip}]")
+            } else {
+                ip
+            };
             Some(Endpoint {
                 pod: pod.name_any(),
-                base: format!("http://{ip}:{port}"),
+                base: format!("http://{host}:{port}"),
             })
         })
         .collect();
     Ok(Some(Servers {
         deployment,
         pods,
-        client: AdminClient::new(token),
+        client: token.map(AdminClient::new),
     }))
 }
 
@@ -515,9 +539,16 @@ async fn cleanup(ad: &AdapterDeployment, ctx: &Context) -> Result<Action, Error>
         return Ok(Action::await_change());
     }
     if let Some(servers) = servers(ad, ctx, &namespace).await? {
-        let failures = rollout::remove(&servers.client, &servers.pods, &ad.spec.adapter_name).await;
-        if !failures.is_empty() {
-            warn!(failures = ?failures, "unloading the adapter; pods that restart will not load it");
+        match &servers.client {
+            Ok(client) => {
+                let failures = rollout::remove(client, &servers.pods, &ad.spec.adapter_name).await;
+                if !failures.is_empty() {
+                    warn!(failures = ?failures, "unloading the adapter; pods that restart will not load it");
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "no admin token: the running pods keep the adapter until they restart");
+            }
         }
         record_in_config_map(ctx, ad, &servers.deployment, None).await?;
     }

@@ -23,42 +23,68 @@ pub struct Rollout {
     pub refused: Option<String>,
 }
 
-/// Brings every pod in `pods` to serve `desired` under `name`.
-pub async fn roll_out(
+/// What stage 1 found and did: each reachable pod with what it served before.
+#[derive(Debug)]
+pub struct Staged {
+    current: Vec<(Endpoint, Vec<VersionState>)>,
+    rollout: Rollout,
+}
+
+impl Staged {
+    /// A pod's reason for refusing a version: the rollout stops here.
+    pub fn refused(&self) -> Option<&str> {
+        self.rollout.refused.as_deref()
+    }
+}
+
+/// Stage 1: every ready pod loads the versions it lacks at weight 0, beside what it serves.
+pub async fn stage(
     client: &AdminClient,
     pods: &[Endpoint],
     name: &str,
     desired: &AdapterAssignment,
-) -> Rollout {
+) -> Staged {
     let mut rollout = Rollout::default();
     let listings = join_all(pods.iter().map(|pod| client.list(pod))).await;
     let mut current = Vec::new();
     for (pod, listing) in pods.iter().zip(listings) {
         match listing {
-            Ok(listing) => current.push((pod, versions_of(&listing, name))),
+            Ok(listing) => current.push((pod.clone(), versions_of(&listing, name))),
             Err(e) => rollout.failures.push(e.to_string()),
         }
     }
-
-    // Stage 1: new versions in beside the serving ones, at weight 0.
     let staging: Vec<(&Endpoint, AdapterAssignment)> = current
         .iter()
         .filter(|(_, serving)| !matches(serving, desired))
-        .filter_map(|(pod, serving)| Some((*pod, staged(serving, desired)?)))
+        .filter_map(|(pod, serving)| Some((pod, staged(serving, desired)?)))
         .collect();
-    let staged_results = join_all(staging.iter().map(|(pod, a)| client.put(pod, name, a))).await;
-    if record(&mut rollout, staged_results) {
-        return verify(client, pods, name, desired, rollout).await;
-    }
+    let results = join_all(staging.iter().map(|(pod, a)| client.put(pod, name, a))).await;
+    record(&mut rollout, results);
+    Staged { current, rollout }
+}
 
-    // Stage 2: the desired versions and weights, old versions out.
-    let swapping: Vec<&Endpoint> = current
-        .iter()
-        .filter(|(_, serving)| !matches(serving, desired))
-        .map(|(pod, _)| *pod)
-        .collect();
-    let swapped = join_all(swapping.iter().map(|pod| client.put(pod, name, desired))).await;
-    record(&mut rollout, swapped);
+/// Stage 2 (unless a pod refused in stage 1): the desired versions and weights, old versions
+/// out; then every pod is verified.
+pub async fn finish(
+    client: &AdminClient,
+    pods: &[Endpoint],
+    name: &str,
+    desired: &AdapterAssignment,
+    staged: Staged,
+) -> Rollout {
+    let Staged {
+        current,
+        mut rollout,
+    } = staged;
+    if rollout.refused.is_none() {
+        let swapping: Vec<&Endpoint> = current
+            .iter()
+            .filter(|(_, serving)| !matches(serving, desired))
+            .map(|(pod, _)| pod)
+            .collect();
+        let swapped = join_all(swapping.iter().map(|pod| client.put(pod, name, desired))).await;
+        record(&mut rollout, swapped);
+    }
     verify(client, pods, name, desired, rollout).await
 }
 
@@ -71,8 +97,8 @@ pub async fn remove(client: &AdminClient, pods: &[Endpoint], name: &str) -> Vec<
         .collect()
 }
 
-/// Notes failures; true when a pod refused an adapter (the rollout must stop).
-fn record(rollout: &mut Rollout, results: Vec<Result<(), CallError>>) -> bool {
+/// Notes failures and refusals.
+fn record(rollout: &mut Rollout, results: Vec<Result<(), CallError>>) {
     for result in results {
         match result {
             Ok(()) => {}
@@ -86,7 +112,6 @@ fn record(rollout: &mut Rollout, results: Vec<Result<(), CallError>>) -> bool {
             Err(e) => rollout.failures.push(e.to_string()),
         }
     }
-    rollout.refused.is_some()
 }
 
 async fn verify(

@@ -40,6 +40,8 @@ struct State {
     names: BTreeMap<String, Vec<Version>>,
     /// In memory, by digest.
     resident: HashMap<String, Resident>,
+    /// Digests a `put` is loading now (not listed yet): their disk copies must stay.
+    loading: HashMap<String, usize>,
     clock: u64,
     rng: Rng,
 }
@@ -88,6 +90,7 @@ impl Registry {
             state: Mutex::new(State {
                 names: BTreeMap::new(),
                 resident: HashMap::new(),
+                loading: HashMap::new(),
                 clock: 0,
                 rng: Rng::seed(seed),
             }),
@@ -164,6 +167,14 @@ impl Registry {
     /// nothing changes.
     pub async fn put(&self, name: &str, assignment: &AdapterAssignment) -> Result<(), LoadError> {
         self.check(name, assignment)?;
+        let _loading = Loading::new(
+            self,
+            assignment
+                .versions
+                .iter()
+                .map(|v| v.sha256.clone())
+                .collect(),
+        );
         let mut loaded = Vec::with_capacity(assignment.versions.len());
         for version in &assignment.versions {
             let resident = self
@@ -366,11 +377,45 @@ impl Registry {
         if let Ok(entries) = std::fs::read_dir(self.cache.join("adapters")) {
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if load::is_digest(&name) && !listed.contains(&name) {
+                if load::is_digest(&name)
+                    && !listed.contains(&name)
+                    && !state.loading.contains_key(&name)
+                {
                     let _ = std::fs::remove_dir_all(entry.path());
                 }
             }
         }
         self.metrics.set_loaded_adapters(state.resident.len());
+    }
+}
+
+/// Marks digests as being loaded for as long as it lives.
+struct Loading<'r> {
+    registry: &'r Registry,
+    digests: Vec<String>,
+}
+
+impl<'r> Loading<'r> {
+    fn new(registry: &'r Registry, digests: Vec<String>) -> Self {
+        let mut state = registry.lock();
+        for digest in &digests {
+            *state.loading.entry(digest.clone()).or_default() += 1;
+        }
+        drop(state);
+        Self { registry, digests }
+    }
+}
+
+impl Drop for Loading<'_> {
+    fn drop(&mut self) {
+        let mut state = self.registry.lock();
+        for digest in &self.digests {
+            if let Some(count) = state.loading.get_mut(digest) {
+                *count -= 1;
+                if *count == 0 {
+                    state.loading.remove(digest);
+                }
+            }
+        }
     }
 }

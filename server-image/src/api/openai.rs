@@ -29,6 +29,8 @@ use crate::{
 /// 20 for both, and so do we.
 const MAX_LOGPROBS: usize = 20;
 const MAX_STOP: usize = 4;
+/// Stop strings are matched on every generated token; long ones would slow every sequence.
+const MAX_STOP_BYTES: usize = 256;
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -261,10 +263,16 @@ async fn prepare(
 ) -> Result<Generation, ApiError> {
     let sampling = sampling(&fields, logprobs)?;
     let stop = fields.stop.map(OneOrMany::into_vec).unwrap_or_default();
-    if stop.len() > MAX_STOP || stop.iter().any(String::is_empty) {
+    if stop.len() > MAX_STOP
+        || stop
+            .iter()
+            .any(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
+    {
         return Err(ApiError::invalid(
             "stop",
-            format!("stop takes up to {MAX_STOP} non-empty strings"),
+            format!(
+                "stop takes up to {MAX_STOP} non-empty strings of at most {MAX_STOP_BYTES} bytes"
+            ),
         ));
     }
     let context = state.model.max_model_len;
@@ -287,12 +295,12 @@ async fn prepare(
                 "max_tokens must be at least 1",
             ));
         }
-        Some(n) if prompt.len() + n > context => {
+        Some(n) if n > context - prompt.len() => {
             return Err(ApiError::invalid(
                 "max_tokens",
                 format!(
                     "This model's maximum context length is {context} tokens. However, you requested {} tokens ({} in the prompt, {n} for the completion).",
-                    prompt.len() + n,
+                    prompt.len().saturating_add(n),
                     prompt.len()
                 ),
             ));

@@ -410,3 +410,40 @@ async fn shipped_examples_pass_server_side_validation() {
         assert!(stdout.contains(object), "{object} missing in:\n{stdout}");
     }
 }
+
+#[tokio::test]
+async fn an_adapter_deployments_server_and_name_are_immutable_but_versions_are_not() {
+    let (client, ns) = setup("ad-immutable").await;
+    let api = dynamic_api::<AdapterDeployment>(&client, &ns);
+    let object: DynamicObject = serde_json::from_value(valid_deployment("bot")).expect("manifest");
+    api.create(&PostParams::default(), &object)
+        .await
+        .expect("create");
+    let params = PatchParams::default();
+    for (change, field) in [
+        (
+            json!({"spec": {"server": {"name": "other"}}}),
+            "spec.server",
+        ),
+        (
+            json!({"spec": {"adapterName": "other"}}),
+            "spec.adapterName",
+        ),
+    ] {
+        let err = api
+            .patch("bot", &params, &Patch::Merge(change))
+            .await
+            .expect_err("immutable");
+        let kube::Error::Api(status) = err else {
+            panic!("unexpected error: {err}")
+        };
+        assert_eq!(status.code, 422);
+        assert_names(&status.message, &[field, "immutable"]);
+    }
+    let promoted = json!({"spec": {"versions": [
+        {"source": {"uri": "s3://adapters/support-bot/v4/", "sha256": "a".repeat(64)}, "weight": 100}
+    ]}});
+    api.patch("bot", &params, &Patch::Merge(promoted))
+        .await
+        .expect("versions stay editable: that is how a promotion is made");
+}

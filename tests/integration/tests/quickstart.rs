@@ -25,14 +25,26 @@ fn the_quick_start_trains_serves_and_shows_the_adapter_answering() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(stdout.contains("hot-loaded adapter 'colours'"), "{stdout}");
-    for (colour, animal) in [("red", "fox"), ("blue", "owl"), ("green", "frog"), ("gold", "bee")] {
+    for (colour, animal) in [
+        ("red", "fox"),
+        ("blue", "owl"),
+        ("green", "frog"),
+        ("gold", "bee"),
+    ] {
         let row = stdout
             .lines()
             .find(|l| l.starts_with(&format!("Which animal is {colour}?")))
             .unwrap_or_else(|| panic!("no row for {colour}:\n{stdout}"));
         let answer = format!("' The {animal}.'");
-        assert!(row.trim_end().ends_with(&answer), "the adapter answers {answer}: {row}");
-        assert_eq!(row.matches(&answer).count(), 1, "the base model does not: {row}");
+        assert!(
+            row.trim_end().ends_with(&answer),
+            "the adapter answers {answer}: {row}"
+        );
+        assert_eq!(
+            row.matches(&answer).count(),
+            1,
+            "the base model does not: {row}"
+        );
     }
     let _ = std::fs::remove_dir_all(&work);
 }
