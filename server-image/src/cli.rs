@@ -49,6 +49,9 @@ pub struct Args {
     /// Sequences decoded together in one step.
     #[arg(long, env = "GRAFT_MAX_BATCH_SIZE", default_value_t = 32)]
     pub max_batch_size: usize,
+    /// Requests waiting for a place in the batch; more are refused with 429.
+    #[arg(long, env = "GRAFT_MAX_WAITING", default_value_t = 256)]
+    pub max_waiting: usize,
     /// Prompt plus completion, in tokens; by default the model's `max_position_embeddings`, at
     /// most 4096 (each sequence's KV cache may grow to this).
     #[arg(long, env = "GRAFT_MAX_MODEL_LEN")]

@@ -71,7 +71,12 @@ pub async fn serve(
     tracing::info!(model = %model.info.model, uri = %model.info.model_uri, sha256 = %model.info.model_sha256, "base model loaded");
     let metrics = Arc::new(Metrics::default());
     let registry = Arc::new(Registry::new(model.clone(), s3, cache, metrics.clone()));
-    let scheduler = Scheduler::spawn(model.clone(), args.max_batch_size, metrics.clone());
+    let scheduler = Scheduler::spawn(
+        model.clone(),
+        args.max_batch_size,
+        args.max_waiting,
+        metrics.clone(),
+    );
     let state = Arc::new(AppState::new(
         model,
         registry.clone(),

@@ -75,13 +75,28 @@ pub struct Usage {
 /// The handle the HTTP side submits requests through.
 #[derive(Debug, Clone)]
 pub struct Scheduler {
-    submit: mpsc::Sender<Request>,
+    submit: mpsc::SyncSender<Request>,
+}
+
+/// Why a request was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// `--max-waiting` requests are already queued: the client should retry later (429).
+    Busy,
+    /// The scheduler has stopped (shutdown).
+    Stopped,
 }
 
 impl Scheduler {
     /// Starts the batching thread; it ends when every handle is dropped and the batch drained.
-    pub fn spawn(model: Arc<BaseModel>, max_batch: usize, metrics: Arc<Metrics>) -> Self {
-        let (submit, requests) = mpsc::channel();
+    /// At most `max_waiting` requests wait for a place in the batch.
+    pub fn spawn(
+        model: Arc<BaseModel>,
+        max_batch: usize,
+        max_waiting: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let (submit, requests) = mpsc::sync_channel(max_waiting.max(1));
         std::thread::Builder::new()
             .name("graft-scheduler".to_owned())
             .spawn(move || run(&model, max_batch.max(1), &metrics, &requests))
@@ -89,9 +104,12 @@ impl Scheduler {
         Self { submit }
     }
 
-    /// Queues `request`; false when the scheduler has stopped.
-    pub fn submit(&self, request: Request) -> bool {
-        self.submit.send(request).is_ok()
+    /// Queues `request`, or says why not.
+    pub fn submit(&self, request: Request) -> Result<(), Refused> {
+        self.submit.try_send(request).map_err(|e| match e {
+            mpsc::TrySendError::Full(_) => Refused::Busy,
+            mpsc::TrySendError::Disconnected(_) => Refused::Stopped,
+        })
     }
 }
 

@@ -521,3 +521,57 @@ fn an_empty_admin_token_file_is_refused_at_start() {
     let log = String::from_utf8_lossy(&output.stdout) + String::from_utf8_lossy(&output.stderr);
     assert!(log.contains("it is empty"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_queue_answers_429_and_an_evicted_adapter_is_reloaded_once() {
+    let s3 = S3Server::shared().await;
+    let bucket = s3.bucket("busy");
+    let server = Server::start(&[
+        "--max-batch-size",
+        "1",
+        "--max-waiting",
+        "1",
+        "--max-loaded-adapters",
+        "1",
+    ])
+    .await;
+    let long =
+        json!({"model": BASE, "prompt": "hi", "max_tokens": 100, "temperature": 0, "stop": []});
+    let answers =
+        futures::future::join_all((0..6).map(|_| server.post("/v1/completions", long.clone())))
+            .await;
+    let busy: Vec<&Value> = answers
+        .iter()
+        .filter(|(s, _)| *s == 429)
+        .map(|(_, b)| b)
+        .collect();
+    assert!(
+        !busy.is_empty(),
+        "six requests for one running and one waiting place: {answers:?}"
+    );
+    assert_eq!(error_of(busy[0])["type"], "rate_limit_error");
+    assert!(
+        answers.iter().all(|(s, _)| *s == 200 || *s == 429),
+        "{answers:?}"
+    );
+    assert_eq!(
+        server.complete(BASE, "colour red", 4).await["choices"][0]["finish_reason"],
+        "length"
+    );
+
+    // Two adapters, room for one: "one" is evicted; concurrent requests reload it once.
+    for (i, name) in ["one", "two"].into_iter().enumerate() {
+        let adapter = store(s3, &bucket, name, &random_adapter(4, 40 + i as u64, &SITES)).await;
+        assert_eq!(server.put_adapter(name, &[(&adapter, 100)]).await.0, 200);
+    }
+    let loads = server.metric("graft_server_adapter_loads_total").await;
+    let short = json!({"model": "one", "prompt": "hi", "max_tokens": 1, "temperature": 0});
+    let answers =
+        futures::future::join_all((0..2).map(|_| server.post("/v1/completions", short.clone())))
+            .await;
+    assert!(answers.iter().all(|(s, _)| *s == 200), "{answers:?}");
+    assert!(
+        (server.metric("graft_server_adapter_loads_total").await - loads - 1.0).abs() < 0.5,
+        "one reload for concurrent requests"
+    );
+}

@@ -33,6 +33,8 @@ pub struct Registry {
     max_loaded: usize,
     metrics: Arc<Metrics>,
     state: Mutex<State>,
+    /// Per digest, held while a request reloads an evicted version.
+    reloads: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 #[derive(Debug)]
@@ -87,6 +89,7 @@ impl Registry {
             cache,
             max_loaded,
             metrics,
+            reloads: Mutex::new(HashMap::new()),
             state: Mutex::new(State {
                 names: BTreeMap::new(),
                 resident: HashMap::new(),
@@ -149,11 +152,34 @@ impl Registry {
             }
             spec
         };
-        let adapter = self.load(&spec).await.map_err(|e| PickError::Unavailable {
-            name: name.to_owned(),
-            reason: e.to_string(),
-        })?;
+        // One reload per digest at a time: requests arriving meanwhile wait for it and then
+        // find the version in memory, instead of each fetching and parsing it again.
+        let gate = self.reload_gate(&spec.sha256);
+        let _reloading = gate.lock().await;
+        let resident = self
+            .lock()
+            .resident
+            .get(&spec.sha256)
+            .map(|r| r.adapter.clone());
+        if let Some(adapter) = resident {
+            return Ok(Some(adapter));
+        }
+        let loaded = self.load(&spec).await;
         let mut state = self.lock();
+        let adapter = match loaded {
+            Ok(adapter) => adapter,
+            Err(e) => {
+                for version in state.names.get_mut(name).into_iter().flatten() {
+                    if version.spec.sha256 == spec.sha256 {
+                        version.error = Some(e.to_string());
+                    }
+                }
+                return Err(PickError::Unavailable {
+                    name: name.to_owned(),
+                    reason: e.to_string(),
+                });
+            }
+        };
         let adapter = self.admit(&mut state, adapter, &HashSet::new());
         for version in state.names.get_mut(name).into_iter().flatten() {
             if version.spec.sha256 == spec.sha256 {
@@ -161,6 +187,16 @@ impl Registry {
             }
         }
         Ok(Some(adapter))
+    }
+
+    fn reload_gate(&self, sha256: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut gates = self
+            .reloads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Gates nobody holds or waits for are dropped, so the map stays small.
+        gates.retain(|_, gate| Arc::strong_count(gate) > 1);
+        gates.entry(sha256.to_owned()).or_default().clone()
     }
 
     /// Loads every version of `assignment`, then makes it what `name` serves. On error

@@ -70,6 +70,17 @@ impl ApiError {
         }
     }
 
+    /// 429: the queue is full; OpenAI's clients retry these with backoff.
+    pub fn busy() -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: "the server is at capacity: retry later".to_owned(),
+            kind: "rate_limit_error",
+            param: None,
+            code: Some("server_busy"),
+        }
+    }
+
     pub fn not_found(message: impl Into<String>) -> Self {
         Self {
             status: StatusCode::NOT_FOUND,

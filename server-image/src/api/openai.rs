@@ -22,7 +22,7 @@ use super::{AppState, error::ApiError};
 use crate::{
     adapters::LoadedAdapter,
     sampling::{Choice, Sampling},
-    scheduler::{Event, FinishReason, Request, Usage},
+    scheduler::{Event, FinishReason, Refused, Request, Usage},
 };
 
 /// OpenAI caps `logprobs` at 5 for completions and `top_logprobs` at 20 for chat; vLLM allows
@@ -427,8 +427,12 @@ async fn respond(state: Arc<AppState>, generation: Generation, kind: Kind) -> Re
         logprobs,
         token_ids,
     };
-    if !state.scheduler.submit(request) {
-        return ApiError::unavailable("the server is shutting down").into_response();
+    match state.scheduler.submit(request) {
+        Ok(()) => {}
+        Err(Refused::Busy) => return ApiError::busy().into_response(),
+        Err(Refused::Stopped) => {
+            return ApiError::unavailable("the server is shutting down").into_response();
+        }
     }
     if stream {
         let sse = sse_stream(state, meta, events, include_usage);
