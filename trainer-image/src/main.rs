@@ -79,6 +79,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // The cores to train on (RAYON_NUM_THREADS, or all), then one shard per core with
+    // single-threaded matmuls; see `backward::set_shards`.
+    graft_trainer::backward::set_shards(candle_core::utils::get_num_threads());
+    #[allow(unsafe_code)]
+    // SAFETY: no other thread exists yet, so nothing reads the environment concurrently.
+    unsafe {
+        std::env::set_var("RAYON_NUM_THREADS", "1");
+    }
     let cli = Cli::parse();
     let termination_log = cli.termination_log;
     let result = match cli.command {

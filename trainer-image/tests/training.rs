@@ -12,7 +12,7 @@ use graft_engine::{
 };
 use graft_trainer::{
     adapters::Adapters,
-    backward::micro_step,
+    backward::{micro_step, sharded_step},
     checkpoint::Checkpoint,
     train::{Example, HookError, Hooks, Settings, StepReport, Trainer, collate},
 };
@@ -128,6 +128,47 @@ fn recomputed_layers_give_the_whole_graphs_loss_and_gradients() {
             compared += 1;
         }
         assert_eq!(compared, 2 * 7 * 2, "A and B of 7 sites in 2 layers");
+    }
+}
+
+/// Splitting a micro-batch across cores changes nothing but the order of the sums.
+#[test]
+fn a_micro_batch_split_across_threads_gives_the_same_loss_and_gradients() {
+    let mut model = tiny_llama(Precision::Nf4);
+    let adapters = attach(&mut model, 7);
+    for pair in &adapters.pairs {
+        let b = Tensor::randn(0f32, 0.1, pair.b.shape(), &Device::Cpu).expect("b");
+        pair.b.set(&b).expect("set");
+    }
+    let vars = adapters.vars();
+    let examples = mapping(5);
+    let batch = collate(&examples.iter().collect::<Vec<_>>(), 0, &Device::Cpu).expect("batch");
+    for recompute in [false, true] {
+        let whole = sharded_step(1, &model, &vars, &batch, 10.0, None, recompute).expect("one");
+        let split = sharded_step(3, &model, &vars, &batch, 10.0, None, recompute).expect("three");
+        assert!(
+            (whole.loss_sum - split.loss_sum).abs() < 1e-4,
+            "{} vs {}",
+            whole.loss_sum,
+            split.loss_sum
+        );
+        for (w, s) in whole.grads.iter().zip(&split.grads) {
+            let (w, s) = (
+                w.as_ref().expect("a gradient"),
+                s.as_ref().expect("a gradient"),
+            );
+            let diff = (w - s)
+                .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+                .expect("diff");
+            let size = w
+                .abs()
+                .and_then(|t| t.max_all()?.to_scalar::<f32>())
+                .expect("max");
+            assert!(
+                diff <= 1e-5 * size.max(1.0),
+                "recompute {recompute}: {diff} of {size}"
+            );
+        }
     }
 }
 
