@@ -91,16 +91,41 @@ fn flat(adapters: &Adapters) -> Vec<f32> {
         .collect()
 }
 
+/// B starts at zero, which would leave A without a gradient: moves every B off zero.
+fn move_b_off_zero(adapters: &Adapters) {
+    for pair in &adapters.pairs {
+        let b = Tensor::randn(0f32, 0.1, pair.b.shape(), &Device::Cpu).expect("b");
+        pair.b.set(&b).expect("set");
+    }
+}
+
+/// Asserts both sets hold the same gradients (relative 1e-5); returns how many were compared.
+fn assert_same_gradients(left: &[Option<Tensor>], right: &[Option<Tensor>], what: &str) -> usize {
+    let mut compared = 0;
+    for (l, r) in left.iter().zip(right) {
+        let (l, r) = (
+            l.as_ref().expect("a gradient"),
+            r.as_ref().expect("a gradient"),
+        );
+        let diff = (l - r)
+            .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+            .expect("diff");
+        let size = l
+            .abs()
+            .and_then(|t| t.max_all()?.to_scalar::<f32>())
+            .expect("max");
+        assert!(diff <= 1e-5 * size.max(1.0), "{what}: {diff} of {size}");
+        compared += 1;
+    }
+    compared
+}
+
 #[test]
 fn recomputed_layers_give_the_whole_graphs_loss_and_gradients() {
     for precision in [Precision::Dense, Precision::Nf4] {
         let mut model = tiny_llama(precision);
         let adapters = attach(&mut model, 5);
-        // B starts at zero, which would leave A without a gradient: move B off zero.
-        for pair in &adapters.pairs {
-            let b = Tensor::randn(0f32, 0.1, pair.b.shape(), &Device::Cpu).expect("b");
-            pair.b.set(&b).expect("set");
-        }
+        move_b_off_zero(&adapters);
         let vars = adapters.vars();
         let examples = mapping(3);
         let batch = collate(&examples.iter().collect::<Vec<_>>(), 0, &Device::Cpu).expect("batch");
@@ -108,25 +133,8 @@ fn recomputed_layers_give_the_whole_graphs_loss_and_gradients() {
         let whole = micro_step(&model, &vars, &batch, 6.0, dropout, false).expect("whole");
         let recomputed = micro_step(&model, &vars, &batch, 6.0, dropout, true).expect("recomputed");
         assert!((whole.loss_sum - recomputed.loss_sum).abs() < 1e-5);
-        let mut compared = 0;
-        for (w, r) in whole.grads.iter().zip(&recomputed.grads) {
-            let (w, r) = (
-                w.as_ref().expect("a gradient"),
-                r.as_ref().expect("a gradient"),
-            );
-            let diff = (w - r)
-                .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
-                .expect("diff");
-            let size = w
-                .abs()
-                .and_then(|t| t.max_all()?.to_scalar::<f32>())
-                .expect("max");
-            assert!(
-                diff <= 1e-5 * size.max(1.0),
-                "{precision:?}: {diff} of {size}"
-            );
-            compared += 1;
-        }
+        let compared =
+            assert_same_gradients(&whole.grads, &recomputed.grads, &format!("{precision:?}"));
         assert_eq!(compared, 2 * 7 * 2, "A and B of 7 sites in 2 layers");
     }
 }
@@ -136,10 +144,7 @@ fn recomputed_layers_give_the_whole_graphs_loss_and_gradients() {
 fn a_micro_batch_split_across_threads_gives_the_same_loss_and_gradients() {
     let mut model = tiny_llama(Precision::Nf4);
     let adapters = attach(&mut model, 7);
-    for pair in &adapters.pairs {
-        let b = Tensor::randn(0f32, 0.1, pair.b.shape(), &Device::Cpu).expect("b");
-        pair.b.set(&b).expect("set");
-    }
+    move_b_off_zero(&adapters);
     let vars = adapters.vars();
     let examples = mapping(5);
     let batch = collate(&examples.iter().collect::<Vec<_>>(), 0, &Device::Cpu).expect("batch");
@@ -152,23 +157,11 @@ fn a_micro_batch_split_across_threads_gives_the_same_loss_and_gradients() {
             whole.loss_sum,
             split.loss_sum
         );
-        for (w, s) in whole.grads.iter().zip(&split.grads) {
-            let (w, s) = (
-                w.as_ref().expect("a gradient"),
-                s.as_ref().expect("a gradient"),
-            );
-            let diff = (w - s)
-                .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
-                .expect("diff");
-            let size = w
-                .abs()
-                .and_then(|t| t.max_all()?.to_scalar::<f32>())
-                .expect("max");
-            assert!(
-                diff <= 1e-5 * size.max(1.0),
-                "recompute {recompute}: {diff} of {size}"
-            );
-        }
+        assert_same_gradients(
+            &whole.grads,
+            &split.grads,
+            &format!("recompute {recompute}"),
+        );
     }
 }
 

@@ -36,7 +36,7 @@ use super::{
     compat, resolve, rollout,
     status::{Outcome, status},
 };
-use crate::{FIELD_MANAGER, conditions, metrics::Metrics};
+use crate::{FIELD_MANAGER, conditions, metrics::Metrics, scoped};
 
 const CONTROLLER: &str = "adapterdeployment";
 /// The finalizer that unloads the adapter from the servers before the object goes.
@@ -166,16 +166,6 @@ fn targeting(
         .filter(|ad| ad.namespace().as_deref() == Some(namespace) && matches(ad))
         .map(|ad| ObjectRef::from_obj(ad.as_ref()))
         .collect()
-}
-
-fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
-{
-    match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    }
 }
 
 async fn reconcile(ad: Arc<AdapterDeployment>, ctx: Arc<Context>) -> Result<Action, Error> {

@@ -10,7 +10,6 @@ use std::{sync::Arc, time::Duration};
 use futures::{Stream, StreamExt};
 use graft_api::{FineTuneJob, FineTuneJobPhase, FineTuneJobStatus};
 use k8s_openapi::{
-    NamespaceResourceScope,
     api::{
         batch::v1::Job,
         core::v1::{ObjectReference, Pod, Secret},
@@ -37,7 +36,7 @@ use super::{
     status,
     validate::{self, Lookups},
 };
-use crate::{FIELD_MANAGER, conditions, metrics::Metrics};
+use crate::{FIELD_MANAGER, conditions, metrics::Metrics, scoped};
 
 const CONTROLLER: &str = "finetunejob";
 /// The label every child carries, naming its FineTuneJob; pods inherit it from the Job template.
@@ -133,17 +132,6 @@ pub fn controller(
         }
     });
     (stream, store)
-}
-
-/// An `Api` over `namespace`, or over all namespaces.
-fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
-where
-    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
-{
-    match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    }
 }
 
 async fn reconcile(ftj: Arc<FineTuneJob>, ctx: Arc<Context>) -> Result<Action, Error> {
