@@ -52,6 +52,17 @@ fn stepwise(model: &Llama, adapter: Option<&Adapter>, ids: &[u32], prefill: usiz
     Tensor::cat(&rows, 0).expect("cat")
 }
 
+/// Logits `[seq, vocab]` of the training forward over one row.
+fn full_forward(model: &Llama, row: &[u32]) -> Tensor {
+    let ids = Tensor::new(row, &Device::Cpu)
+        .and_then(|t| t.unsqueeze(0))
+        .expect("ids");
+    model
+        .forward(&ids)
+        .and_then(|l| l.squeeze(0))
+        .expect("forward")
+}
+
 #[test]
 fn decoding_with_a_cache_gives_pefts_logits_at_every_position() {
     let adapter = peft_adapter();
@@ -75,16 +86,7 @@ fn every_family_decodes_as_its_full_forward() {
         let model = model(name, Precision::Dense);
         let (ids, _) = reference(&tiny(name));
         let row = ids_row(&ids, 0);
-        let full = model
-            .forward(
-                &Tensor::new(row.as_slice(), &Device::Cpu)
-                    .expect("ids")
-                    .unsqueeze(0)
-                    .expect("batch"),
-            )
-            .expect("forward")
-            .squeeze(0)
-            .expect("row");
+        let full = full_forward(&model, &row);
         let ours = stepwise(&model, None, &row, 1);
         let diff = max_abs_diff(&ours, &full);
         assert!(diff < 1e-4, "{name}: cached decoding differs by {diff}");
@@ -173,16 +175,7 @@ fn the_tensor_op_path_decodes_as_the_full_forward() {
     let row = ids_row(&ids, 0);
     let ours = stepwise(&model, Some(&adapter), &row, 2);
     adapter.apply(&mut model).expect("fits");
-    let full = model
-        .forward(
-            &Tensor::new(row.as_slice(), &Device::Cpu)
-                .expect("ids")
-                .unsqueeze(0)
-                .expect("batch"),
-        )
-        .expect("forward")
-        .squeeze(0)
-        .expect("row")
+    let full = full_forward(&model, &row)
         .narrow(0, 1, row.len() - 1)
         .expect("positions");
     let diff = max_abs_diff(

@@ -9,10 +9,7 @@ use std::{
 };
 
 use candle_core::Device;
-use graft_engine::{
-    peft::Adapter,
-    storage::{self, Location, ObjectUri, S3Options},
-};
+use graft_engine::peft::Adapter;
 use graft_testenv::S3Server;
 use sha2::{Digest, Sha256};
 
@@ -36,20 +33,6 @@ fn dataset_jsonl() -> String {
         .iter()
         .map(|(p, c)| serde_json::json!({"prompt": p, "completion": c}).to_string() + "\n")
         .collect()
-}
-
-fn options(s3: &S3Server) -> S3Options {
-    S3Options {
-        endpoint: Some(s3.endpoint().to_owned()),
-        region: Some(s3.region().to_owned()),
-        access_key_id: Some(s3.access_key_id().to_owned()),
-        secret_access_key: Some(s3.secret_access_key().to_owned()),
-        session_token: None,
-    }
-}
-
-fn location(s3: &S3Server, uri: &str) -> Location {
-    storage::open(&uri.parse::<ObjectUri>().expect("uri"), &options(s3)).expect("open")
 }
 
 /// A tiny model made by the trainer's own subcommand, once per test binary.
@@ -136,14 +119,14 @@ fn train(s3: &S3Server, run: &Run) -> Output {
 }
 
 async fn put(s3: &S3Server, uri: &str, body: &str) {
-    location(s3, uri)
+    s3.location(uri)
         .put("", body.as_bytes().to_vec())
         .await
         .expect("put");
 }
 
 async fn adapter(s3: &S3Server, output: &str) -> (Adapter, Vec<u8>) {
-    let out = location(s3, output);
+    let out = s3.location(output);
     let config = out
         .get("adapter_config.json")
         .await
@@ -182,7 +165,7 @@ async fn trains_publishes_a_complete_adapter_and_reports_each_step() {
     assert_eq!(adapter.config.r, 8);
     assert_eq!(adapter.weights.len(), 2 * 5, "5 sites on 2 layers");
     let sha = format!("{:x}", Sha256::digest(&weights));
-    let out_location = location(s3, &output);
+    let out_location = s3.location(&output);
     let graft: serde_json::Value =
         serde_json::from_slice(&out_location.get("graft.json").await.expect("graft.json"))
             .expect("JSON");
@@ -243,7 +226,7 @@ async fn killed_and_restarted_it_resumes_and_ends_as_an_uninterrupted_run() {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn");
-    let out_location = location(s3, &interrupted);
+    let out_location = s3.location(&interrupted);
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let dirs = out_location.list_dirs("checkpoints").await.expect("list");

@@ -9,7 +9,6 @@ use std::{path::PathBuf, time::Duration};
 use graft_api::{AdapterDeployment, all_crds};
 use graft_engine::{
     models::{Config, Site},
-    storage::{self, ObjectUri, S3Options},
     tiny::random_adapter,
 };
 use graft_testenv::{
@@ -50,16 +49,6 @@ pub async fn setup() -> (&'static ControlPlane, Client) {
 
 fn model_dir() -> PathBuf {
     repo_root().join("engine/tests/data/tiny/made")
-}
-
-pub fn s3_options(s3: &S3Server) -> S3Options {
-    S3Options {
-        endpoint: Some(s3.endpoint().to_owned()),
-        region: Some(s3.region().to_owned()),
-        access_key_id: Some(s3.access_key_id().to_owned()),
-        secret_access_key: Some(s3.secret_access_key().to_owned()),
-        session_token: None,
-    }
 }
 
 /// `graft-operator run` for `namespace`, re-checking AdapterDeployments every 2 s.
@@ -121,8 +110,7 @@ pub async fn store_adapter(bucket: &str, prefix: &str, rank: usize, seed: u64) -
     let adapter = random_adapter(&config, rank, seed, &Site::ALL).expect("adapter");
     let (config, weights) = adapter.to_bytes().expect("bytes");
     let uri = format!("s3://{bucket}/{prefix}/");
-    let location =
-        storage::open(&uri.parse::<ObjectUri>().expect("uri"), &s3_options(s3)).expect("open");
+    let location = s3.location(&uri);
     location
         .put("adapter_config.json", config)
         .await
@@ -533,8 +521,7 @@ pub async fn create_s3_secret(client: &Client, ns: &str, name: &str) {
 /// Uploads `text` to `uri` in the test S3 server.
 pub async fn put_object(uri: &str, text: &str) {
     let s3 = S3Server::shared().await;
-    let location =
-        storage::open(&uri.parse::<ObjectUri>().expect("uri"), &s3_options(s3)).expect("open");
+    let location = s3.location(uri);
     location
         .put("", text.as_bytes().to_vec())
         .await

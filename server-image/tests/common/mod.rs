@@ -9,7 +9,6 @@ use std::{path::PathBuf, time::Duration};
 use graft_engine::{
     models::{Config, Site},
     peft::Adapter,
-    storage::{self, ObjectUri, S3Options},
 };
 use graft_testenv::{Daemon, S3Server, eventually, repo_root};
 use serde_json::{Value, json};
@@ -27,16 +26,6 @@ pub fn model_dir() -> PathBuf {
 pub fn model_config() -> Config {
     let text = std::fs::read_to_string(model_dir().join("config.json")).expect("config.json");
     Config::from_json(&text).expect("config")
-}
-
-pub fn s3_options(s3: &S3Server) -> S3Options {
-    S3Options {
-        endpoint: Some(s3.endpoint().to_owned()),
-        region: Some(s3.region().to_owned()),
-        access_key_id: Some(s3.access_key_id().to_owned()),
-        secret_access_key: Some(s3.secret_access_key().to_owned()),
-        session_token: None,
-    }
 }
 
 #[derive(Debug)]
@@ -214,8 +203,7 @@ pub async fn upload(
     files: &[(&str, Vec<u8>)],
 ) -> String {
     let uri = format!("s3://{bucket}/{prefix}/");
-    let location =
-        storage::open(&uri.parse::<ObjectUri>().expect("uri"), &s3_options(s3)).expect("open");
+    let location = s3.location(&uri);
     for (name, bytes) in files {
         location.put(name, bytes.clone()).await.expect("upload");
     }

@@ -3,19 +3,9 @@
 
 use bytes::Bytes;
 use futures::TryStreamExt;
-use graft_engine::storage::{self, ObjectUri, S3Options};
+use graft_engine::storage::{self, ObjectUri};
 use graft_testenv::S3Server;
 use object_store::{ObjectStoreExt, PutPayload};
-
-fn options(s3: &S3Server) -> S3Options {
-    S3Options {
-        endpoint: Some(s3.endpoint().to_owned()),
-        region: Some(s3.region().to_owned()),
-        access_key_id: Some(s3.access_key_id().to_owned()),
-        secret_access_key: Some(s3.secret_access_key().to_owned()),
-        session_token: None,
-    }
-}
 
 #[tokio::test]
 async fn object_written_to_s3_reads_back_and_lists_under_its_prefix() {
@@ -24,7 +14,7 @@ async fn object_written_to_s3_reads_back_and_lists_under_its_prefix() {
     let uri: ObjectUri = format!("s3://{bucket}/support-bot/v3/")
         .parse()
         .expect("uri");
-    let location = storage::open(&uri, &options(s3)).expect("open");
+    let location = storage::open(&uri, &s3.options()).expect("open");
 
     let body = Bytes::from_static(br#"{"r": 16, "lora_alpha": 32}"#);
     let path = location.child("adapter_config.json");
@@ -60,7 +50,7 @@ async fn wrong_secret_key_is_refused_by_the_server() {
     let s3 = S3Server::shared().await;
     let bucket = s3.bucket("private");
     let uri: ObjectUri = format!("s3://{bucket}/x").parse().expect("uri");
-    let mut wrong = options(s3);
+    let mut wrong = s3.options();
     wrong.secret_access_key = Some("not-the-secret".into());
     let location = storage::open(&uri, &wrong).expect("open");
     let err = location
@@ -80,7 +70,7 @@ async fn missing_object_is_not_found() {
     let s3 = S3Server::shared().await;
     let bucket = s3.bucket("empty");
     let uri: ObjectUri = format!("s3://{bucket}/").parse().expect("uri");
-    let location = storage::open(&uri, &options(s3)).expect("open");
+    let location = storage::open(&uri, &s3.options()).expect("open");
     let err = location
         .store
         .get(&location.child("graft.json"))

@@ -78,6 +78,26 @@ impl S3Server {
         "us-east-1"
     }
 
+    /// The engine's options for this server: its endpoint, region and credentials.
+    pub fn options(&self) -> graft_engine::storage::S3Options {
+        graft_engine::storage::S3Options {
+            endpoint: Some(self.endpoint.clone()),
+            region: Some(self.region().to_owned()),
+            access_key_id: Some(self.access_key_id.clone()),
+            secret_access_key: Some(self.secret_access_key.clone()),
+            session_token: None,
+        }
+    }
+
+    /// The store and prefix behind `uri` (an `s3://` URI in this server).
+    ///
+    /// # Panics
+    /// When `uri` is not a valid object-store URI.
+    pub fn location(&self, uri: &str) -> graft_engine::storage::Location {
+        let parsed: graft_engine::storage::ObjectUri = uri.parse().expect("an object-store URI");
+        graft_engine::storage::open(&parsed, &self.options()).expect("opening the test S3 server")
+    }
+
     /// Creates an empty bucket with a name unique to this run and returns the name.
     pub fn bucket(&self, prefix: &str) -> String {
         assert!(
