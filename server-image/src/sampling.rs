@@ -103,6 +103,15 @@ impl Sampler {
     }
 }
 
+/// A seed from the clock, for requests that name none.
+pub fn clock_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    u64::try_from(nanos % u128::from(u64::MAX)).unwrap_or_default()
+}
+
 fn argmax(values: &[f32]) -> u32 {
     let best = values
         .iter()

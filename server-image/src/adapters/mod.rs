@@ -75,14 +75,7 @@ impl Registry {
         metrics: Arc<Metrics>,
     ) -> Self {
         let max_loaded = model.info.max_loaded_adapters.max(1);
-        let seed = u64::try_from(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_nanos()
-                % u128::from(u64::MAX),
-        )
-        .unwrap_or_default();
+        let seed = crate::sampling::clock_seed();
         Self {
             model,
             s3,

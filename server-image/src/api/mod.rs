@@ -4,12 +4,9 @@ mod admin;
 mod error;
 mod openai;
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
-    time::Duration,
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, AtomicU64, Ordering},
 };
 
 use axum::{
@@ -53,10 +50,7 @@ impl AppState {
             metrics,
             admin_token,
             ready: AtomicBool::new(false),
-            started_at: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs(),
+            started_at: unix_now(),
             ids: AtomicU64::new(0),
         }
     }
@@ -118,5 +112,10 @@ async fn count(State(state): State<Arc<AppState>>, request: Request, next: Next)
     response
 }
 
-/// How long shutdown waits for in-flight requests.
-pub const DRAIN: Duration = Duration::from_secs(30);
+/// Seconds since the Unix epoch, as OpenAI's `created` fields hold.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}

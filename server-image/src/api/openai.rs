@@ -2,7 +2,7 @@
 //! streaming) and `/v1/models`. `model` selects an adapter by name, or none by the base
 //! model's own name.
 
-use std::{convert::Infallible, sync::Arc, time::SystemTime};
+use std::{convert::Infallible, sync::Arc};
 
 use axum::{
     Json,
@@ -18,10 +18,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use super::{AppState, error::ApiError};
+use super::{AppState, error::ApiError, unix_now};
 use crate::{
     adapters::LoadedAdapter,
-    sampling::{Choice, Sampling},
+    sampling::{Choice, Sampling, clock_seed},
     scheduler::{Event, FinishReason, Refused, Request, Usage},
 };
 
@@ -376,13 +376,7 @@ fn sampling(fields: &SamplingFields, logprobs: Option<usize>) -> Result<Sampling
             ));
         }
     }
-    let seed = fields.seed.unwrap_or_else(|| {
-        let nanos = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        u64::try_from(nanos % u128::from(u64::MAX)).unwrap_or_default()
-    });
+    let seed = fields.seed.unwrap_or_else(clock_seed);
     Ok(Sampling {
         temperature,
         top_p,
@@ -459,13 +453,6 @@ struct Meta {
 fn fingerprint(state: &AppState, adapter: Option<&LoadedAdapter>) -> String {
     let sha = adapter.map_or(&state.model.info.model_sha256, |a| &a.sha256);
     format!("graft-{}", &sha[..16.min(sha.len())])
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
 }
 
 async fn collect(
