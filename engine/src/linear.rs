@@ -11,13 +11,14 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Module, Result, Shape, Tensor};
 
-use crate::nf4::Nf4Matrix;
+use crate::{nf4::Nf4Matrix, nf4_tensor::Nf4Tensor};
 
 /// A frozen `[out, in]` weight.
 #[derive(Clone, Debug)]
 pub enum FrozenWeight {
     Dense(Tensor),
-    Nf4(Arc<Nf4Matrix>),
+    /// Packed on the model's device.
+    Nf4(Arc<Nf4Tensor>),
 }
 
 impl FrozenWeight {
@@ -25,7 +26,7 @@ impl FrozenWeight {
     pub fn to_dense(&self, device: &Device, dtype: DType) -> Result<Tensor> {
         match self {
             Self::Dense(w) => w.to_device(device)?.to_dtype(dtype),
-            Self::Nf4(m) => Tensor::from_vec(m.dequantize(), m.shape(), device)?.to_dtype(dtype),
+            Self::Nf4(m) => m.dequantize(dtype)?.to_device(device),
         }
     }
 
@@ -50,7 +51,7 @@ impl FrozenLinear {
         Self { weight, bias }
     }
 
-    /// Quantizes a dense `[out, in]` weight to NF4.
+    /// Quantizes a dense `[out, in]` weight to NF4 (on the CPU), kept on the weight's device.
     pub fn quantize_nf4(weight: &Tensor, bias: Option<Tensor>) -> Result<Self> {
         let shape = weight.dims2()?;
         let values = weight
@@ -58,7 +59,8 @@ impl FrozenLinear {
             .flatten_all()?
             .to_vec1::<f32>()?;
         let matrix = Nf4Matrix::quantize(&values, shape).map_err(candle_core::Error::wrap)?;
-        Ok(Self::new(FrozenWeight::Nf4(Arc::new(matrix)), bias))
+        let tensor = Nf4Tensor::new(&matrix, weight.device())?;
+        Ok(Self::new(FrozenWeight::Nf4(Arc::new(tensor)), bias))
     }
 
     pub fn weight(&self) -> &FrozenWeight {
@@ -125,6 +127,25 @@ impl CustomOp2 for InputGradient {
             _ => candle_core::bail!("{}: only float dtypes are supported", self.name()),
         };
         Ok((copy, layout.shape().clone()))
+    }
+
+    /// The same pass-through on the GPU: a copy of the product (made contiguous by the caller).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        y: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        if layout.contiguous_offsets() != Some((0, layout.shape().elem_count())) {
+            candle_core::bail!(
+                "{}: the product must be contiguous from its start",
+                self.name()
+            );
+        }
+        Ok((y.try_clone(layout)?, layout.shape().clone()))
     }
 
     fn bwd(

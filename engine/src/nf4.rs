@@ -141,30 +141,41 @@ impl Nf4Matrix {
         self.packed.len() + self.absmax.len() + 4 * self.nested_absmax.len() + 4
     }
 
-    /// The block scales, as bitsandbytes' `dequantize_blockwise(absmax) + offset`.
-    fn block_scales(&self) -> Vec<f32> {
-        let code = dynamic_code();
-        self.absmax
-            .iter()
-            .enumerate()
-            .map(|(i, &q)| {
-                code[usize::from(q)] * self.nested_absmax[i / NESTED_BLOCK_SIZE] + self.offset
-            })
-            .collect()
-    }
-
     /// The dense row-major f32 weights.
     pub fn dequantize(&self) -> Vec<f32> {
-        let n = self.shape.0 * self.shape.1;
-        let scales = self.block_scales();
-        (0..n)
-            .map(|i| {
-                let byte = self.packed[i / 2];
-                let index = if i % 2 == 0 { byte >> 4 } else { byte & 0x0f };
-                NF4_LEVELS[usize::from(index)] * scales[i / BLOCK_SIZE]
-            })
-            .collect()
+        dequantize_parts(
+            &self.packed,
+            &self.absmax,
+            &self.nested_absmax,
+            self.offset,
+            self.shape.0 * self.shape.1,
+        )
     }
+}
+
+/// The first `n` weights of stored NF4 parts, in f32. The CUDA kernel (`cuda/nf4.cu`) does
+/// the same arithmetic in the same order and must give the same bits.
+pub fn dequantize_parts(
+    packed: &[u8],
+    absmax: &[u8],
+    nested_absmax: &[f32],
+    offset: f32,
+    n: usize,
+) -> Vec<f32> {
+    let code = dynamic_code();
+    // bitsandbytes' `dequantize_blockwise(absmax) + offset`.
+    let scales: Vec<f32> = absmax
+        .iter()
+        .enumerate()
+        .map(|(i, &q)| code[usize::from(q)] * nested_absmax[i / NESTED_BLOCK_SIZE] + offset)
+        .collect();
+    (0..n)
+        .map(|i| {
+            let byte = packed[i / 2];
+            let index = if i % 2 == 0 { byte >> 4 } else { byte & 0x0f };
+            NF4_LEVELS[usize::from(index)] * scales[i / BLOCK_SIZE]
+        })
+        .collect()
 }
 
 fn check_len(

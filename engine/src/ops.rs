@@ -43,8 +43,36 @@ pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// backward: attention scores are the largest activations of a training step, and the passes
 /// over them dominated a CPU step. The backward uses the saved probabilities:
 /// `dscores = p · (dp − Σ dp·p)`.
+///
+/// Elsewhere (a GPU, or f16/bf16 scores) the same result from tensor ops: a −∞ mask added, then
+/// [`softmax_last_dim`].
 pub fn causal_softmax(scores: &Tensor, window: Option<usize>) -> Result<Tensor> {
-    scores.apply_op1(CausalSoftmax { window })
+    if scores.device().is_cpu() && scores.dtype() == DType::F32 {
+        scores.apply_op1(CausalSoftmax { window })
+    } else {
+        masked_softmax(scores, window)
+    }
+}
+
+/// [`causal_softmax`] from candle's own ops.
+fn masked_softmax(scores: &Tensor, window: Option<usize>) -> Result<Tensor> {
+    let (queries, keys) = (scores.dim(D::Minus2)?, scores.dim(D::Minus1)?);
+    let visible = CausalSoftmax { window };
+    let mask: Vec<f32> = (0..queries)
+        .flat_map(|q| {
+            let (first, last) = visible.visible(q, queries, keys);
+            (0..keys).map(move |k| {
+                if (first..=last).contains(&k) {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    let mask =
+        Tensor::from_vec(mask, (queries, keys), scores.device())?.to_dtype(scores.dtype())?;
+    softmax_last_dim(&scores.broadcast_add(&mask)?)
 }
 
 struct CausalSoftmax {
@@ -156,8 +184,8 @@ mod tests {
         Ok(())
     }
 
-    /// The unfused reference: scores plus a −∞ mask, then softmax.
-    fn masked_softmax(x: &Tensor, window: Option<usize>) -> Result<Tensor> {
+    /// The unfused reference, written out independently: scores plus a −∞ mask, then softmax.
+    fn reference_softmax(x: &Tensor, window: Option<usize>) -> Result<Tensor> {
         let (q, k) = (x.dim(D::Minus2)?, x.dim(D::Minus1)?);
         let mask: Vec<f32> = (0..q)
             .flat_map(|i| {
@@ -178,9 +206,13 @@ mod tests {
             let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (2, 3, queries, 5), &device)?)?;
             let weights = Tensor::randn(0f32, 1.0, (2, 3, queries, 5), &device)?;
             let fused = causal_softmax(x.as_tensor(), window)?;
-            let reference = masked_softmax(x.as_tensor(), window)?;
-            let diff: f32 = (&fused - &reference)?.abs()?.max_all()?.to_scalar()?;
-            assert!(diff < 1e-6, "{queries} queries, window {window:?}: {diff}");
+            let reference = reference_softmax(x.as_tensor(), window)?;
+            // The tensor-op form other devices take, checked here on the CPU.
+            let fallback = masked_softmax(x.as_tensor(), window)?;
+            for ours in [&fused, &fallback] {
+                let diff: f32 = (ours - &reference)?.abs()?.max_all()?.to_scalar()?;
+                assert!(diff < 1e-6, "{queries} queries, window {window:?}: {diff}");
+            }
             let grad = |y: &Tensor| -> Result<Tensor> {
                 let grads = (y * &weights)?.sum_all()?.backward()?;
                 Ok(grads.get(x.as_tensor()).expect("a gradient").clone())

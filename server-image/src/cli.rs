@@ -3,13 +3,13 @@
 use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
-use graft_engine::{models::Precision, storage::S3Options};
+use graft_engine::{device::DeviceChoice, models::Precision, storage::S3Options};
 
 use crate::model::ModelOptions;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Quantization {
-    /// Base weights as stored (f32 on CPU).
+    /// Base weights as stored (f32 on CPU, bf16 on a GPU).
     None,
     /// NF4 base weights: about a quarter of the memory, slower on CPU.
     Nf4,
@@ -56,6 +56,10 @@ pub struct Args {
     /// most 4096 (each sequence's KV cache may grow to this).
     #[arg(long, env = "GRAFT_MAX_MODEL_LEN")]
     pub max_model_len: Option<usize>,
+    /// auto (the GPU when this build has CUDA and one is present), cpu, cuda or
+    /// cuda:<ordinal>.
+    #[arg(long, env = "GRAFT_DEVICE", default_value = "auto")]
+    pub device: DeviceChoice,
     /// S3 endpoint (for MinIO and other S3-compatible stores); also `AWS_ENDPOINT_URL`.
     #[arg(long)]
     pub s3_endpoint: Option<String>,
@@ -75,6 +79,7 @@ impl Args {
             max_lora_rank: self.max_lora_rank,
             max_loaded_adapters: self.max_loaded_adapters,
             max_model_len: self.max_model_len,
+            device: self.device,
         }
     }
 

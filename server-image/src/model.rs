@@ -2,9 +2,9 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device};
 use graft_api::ServerInfo;
 use graft_engine::{
+    device::{DeviceChoice, compute_dtype},
     models::{Config, Llama, Precision, Site, load_weights, source},
     storage::{self, ObjectUri, S3Options},
     tokenizer::Tokenizer,
@@ -29,6 +29,7 @@ pub struct ModelOptions {
     pub max_lora_rank: usize,
     pub max_loaded_adapters: usize,
     pub max_model_len: Option<usize>,
+    pub device: DeviceChoice,
 }
 
 #[derive(Debug)]
@@ -62,7 +63,9 @@ impl BaseModel {
             .map_err(|e| fail(format!("config.json: {e}")))?;
         let config = Config::from_json(&text).map_err(|e| fail(e.to_string()))?;
         let tokenizer = Tokenizer::from_dir(&dir).map_err(|e| fail(e.to_string()))?;
-        let vb = load_weights(&dir, DType::F32, &Device::Cpu).map_err(|e| fail(e.to_string()))?;
+        let device = options.device.open().map_err(|e| fail(e.to_string()))?;
+        let vb =
+            load_weights(&dir, compute_dtype(&device), &device).map_err(|e| fail(e.to_string()))?;
         let llama =
             Llama::load(&vb, &config, options.precision).map_err(|e| fail(e.to_string()))?;
         let served = options.served_name.clone().unwrap_or_else(|| {

@@ -82,9 +82,11 @@ resources: {{gpus: 0}}
     let config = job::read_config(&config).expect("a valid config");
     let cache = work.join("cache");
     // The job runs its own async runtime, so it gets a thread of its own.
-    std::thread::spawn(move || job::run(&config, &cache).expect("training succeeds"))
-        .join()
-        .expect("the training thread");
+    std::thread::spawn(move || {
+        job::run(&config, &cache, &candle_core::Device::Cpu).expect("training succeeds")
+    })
+    .join()
+    .expect("the training thread");
     out
 }
 

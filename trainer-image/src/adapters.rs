@@ -1,7 +1,7 @@
 //! The trainable adapters: one LoRA A/B pair per (layer, target site), as candle `Var`s that
 //! the model's LoRA layers share storage with, so an optimizer step is seen by the next forward.
 
-use candle_core::{Device, Result, Tensor, Var};
+use candle_core::{Result, Tensor, Var};
 use graft_engine::{
     lora::{Lora, scaling},
     models::{Llama, Site},
@@ -35,7 +35,9 @@ impl Adapters {
     ) -> Result<Self> {
         let mut rng = Rng::seed(seed);
         let scale = scaling(config.lora_alpha, config.r, config.use_rslora);
-        let device = Device::Cpu;
+        // On the model's device, in f32 whatever the model computes in: these are the master
+        // weights the optimizer updates.
+        let device = model.device().clone();
         let mut pairs = Vec::new();
         for layer in 0..model.num_layers() {
             for &site in Site::ALL.iter().filter(|s| sites.contains(s)) {
@@ -89,8 +91,8 @@ impl Adapters {
                     pair.layer
                 );
             };
-            pair.a.set(&saved.a)?;
-            pair.b.set(&saved.b)?;
+            pair.a.set(&saved.a.to_device(pair.a.device())?)?;
+            pair.b.set(&saved.b.to_device(pair.b.device())?)?;
         }
         Ok(())
     }

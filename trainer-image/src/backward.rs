@@ -171,13 +171,10 @@ fn recomputed(
             .detach();
         inputs.push(next);
     }
-    let last = Var::from_tensor(&inputs.pop().expect("the embeddings at least"))?;
-    let loss_sum = nll_sum(&model.head(last.as_tensor())?, &batch.ids, &batch.labels)?;
-    let head_grads = (&loss_sum / denominator)?.backward()?;
-    let mut upstream = head_grads
-        .get(last.as_tensor())
-        .expect("the loss depends on the last hidden state")
-        .detach();
+    let last = inputs.pop().expect("the embeddings at least");
+    let (rows, vocab) = (batch.ids.dim(0)?, model.config().vocab_size);
+    let chunk = (LOSS_CHUNK_LOGITS / (rows * vocab).max(1)).max(1);
+    let (loss_sum, mut upstream) = head_loss(model, &last, batch, denominator, chunk)?;
     let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
     for layer in (0..model.num_layers()).rev() {
         let input = inputs.pop().expect("one input per layer");
@@ -198,10 +195,57 @@ fn recomputed(
                 .detach();
         }
     }
-    Ok(MicroStep {
-        loss_sum: loss_sum.to_scalar()?,
-        grads,
-    })
+    Ok(MicroStep { loss_sum, grads })
+}
+
+/// Logits a chunk of the loss may hold at once (256 MiB in f32): a Llama-3 vocabulary over
+/// 2048 positions would be 1 GiB per sequence, and its log-softmax as much again.
+const LOSS_CHUNK_LOGITS: usize = 1 << 26;
+
+/// The loss sum of the head over hidden states `last` `[batch, seq, hidden]` and its gradient
+/// with respect to `last` (divided by `denominator`), `positions` at a time: each chunk's
+/// logits are built, used and dropped before the next. Chunks overlap by one position, since
+/// position `t`'s logits are scored against token `t + 1`.
+pub fn head_loss(
+    model: &Llama,
+    last: &Tensor,
+    batch: &Batch,
+    denominator: f64,
+    positions: usize,
+) -> Result<(f32, Tensor)> {
+    let seq = last.dim(1)?;
+    let positions = positions.max(1);
+    let (mut loss_sum, mut grads) = (0f32, Vec::new());
+    let mut start = 0;
+    while start < seq {
+        let len = (positions + 1).min(seq - start);
+        let part = Var::from_tensor(&last.narrow(1, start, len)?)?;
+        let logits = model.head(part.as_tensor())?;
+        let loss = nll_sum(
+            &logits,
+            &batch.ids.narrow(1, start, len)?,
+            &batch.labels.narrow(1, start, len)?,
+        )?;
+        let chunk_grads = (&loss / denominator)?.backward()?;
+        // A one-token chunk scores nothing, so nothing reaches it.
+        let grad = match chunk_grads.get(part.as_tensor()) {
+            Some(grad) => grad.detach(),
+            None => part.as_tensor().zeros_like()?,
+        };
+        loss_sum += loss.to_scalar::<f32>()?;
+        // The overlapping last position scored nothing here: its gradient is the next chunk's.
+        let done = start + len == seq;
+        grads.push(if done {
+            grad
+        } else {
+            grad.narrow(1, 0, len - 1)?
+        });
+        if done {
+            break;
+        }
+        start += len - 1;
+    }
+    Ok((loss_sum, Tensor::cat(&grads, 1)?))
 }
 
 /// Adds `more` into `totals`, slot by slot; a slot without a gradient stays as it is.

@@ -7,12 +7,13 @@
 
 use std::{io::IsTerminal, path::Path};
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 use graft_api::{
     AdapterArtifact, Digested, FineTuneJobSpec, GraftJson, Metrics, Quantization, StatusTarget,
     TrainerResult,
 };
 use graft_engine::{
+    device::compute_dtype,
     models::{
         Config, Llama, Precision, Site, load_weights,
         source::{self, SourceError},
@@ -107,7 +108,11 @@ pub fn read_config(path: &Path) -> Result<TrainerConfig, JobError> {
 }
 
 /// Runs the job to a published adapter.
-pub fn run(config: &TrainerConfig, cache_dir: &Path) -> Result<TrainerResult, JobError> {
+pub fn run(
+    config: &TrainerConfig,
+    cache_dir: &Path,
+    device: &Device,
+) -> Result<TrainerResult, JobError> {
     let rt = Runtime::new().map_err(JobError::transient)?;
     let spec = &config.spec;
     let s3 = S3Options::from_env(
@@ -150,7 +155,7 @@ pub fn run(config: &TrainerConfig, cache_dir: &Path) -> Result<TrainerResult, Jo
         ));
     }
 
-    let (model, adapters) = load_model(&model_dir, spec)?;
+    let (model, adapters) = load_model(&model_dir, spec, device)?;
     let trainable_parameters = adapters.trainable_parameters();
     let settings = settings(spec, tokenizer.eos_token_id().unwrap_or(0));
     let (train_examples, eval_examples) = (train.len(), eval.len());
@@ -252,11 +257,17 @@ fn encode(
     Ok(examples)
 }
 
-fn load_model(dir: &Path, spec: &FineTuneJobSpec) -> Result<(Llama, Adapters), JobError> {
+/// The base model on `device` in its compute dtype (NF4 weights quantized on the CPU as each
+/// is read, then kept packed on the device), with fresh adapters.
+fn load_model(
+    dir: &Path,
+    spec: &FineTuneJobSpec,
+    device: &Device,
+) -> Result<(Llama, Adapters), JobError> {
     let text = std::fs::read_to_string(dir.join("config.json"))
         .map_err(|e| JobError::bad(format!("the base model has no readable config.json: {e}")))?;
     let config = Config::from_json(&text).map_err(|e| JobError::bad(format!("base model: {e}")))?;
-    let vb = load_weights(dir, DType::F32, &Device::Cpu)
+    let vb = load_weights(dir, compute_dtype(device), device)
         .map_err(|e| JobError::bad(format!("base model weights: {e}")))?;
     let precision = match spec.method.quantization {
         Quantization::Nf4 => Precision::Nf4,

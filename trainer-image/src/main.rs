@@ -4,7 +4,10 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use graft_engine::tiny::{TinySpec, write_tiny_model};
+use graft_engine::{
+    device::DeviceChoice,
+    tiny::{TinySpec, write_tiny_model},
+};
 use graft_trainer::job::{self, JobError};
 
 // Training allocates and frees activation-sized buffers on every op; glibc's malloc hands
@@ -40,6 +43,10 @@ enum Command {
         /// reuses it).
         #[arg(long, env = "GRAFT_CACHE_DIR", default_value = "/tmp/graft-cache")]
         cache_dir: PathBuf,
+        /// auto (the GPU when this build has CUDA and one is present), cpu, cuda or
+        /// cuda:<ordinal>.
+        #[arg(long, env = "GRAFT_DEVICE", default_value = "auto")]
+        device: DeviceChoice,
     },
     /// Parse a training config and check its URIs, without training.
     CheckConfig {
@@ -90,8 +97,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let termination_log = cli.termination_log;
     let result = match cli.command {
-        Command::Train { config, cache_dir } => job::read_config(&config)
-            .and_then(|config| job::run(&config, &cache_dir))
+        Command::Train {
+            config,
+            cache_dir,
+            device,
+        } => job::read_config(&config)
+            .and_then(|config| {
+                let device = device
+                    .open()
+                    .map_err(|e| JobError::BadInput(e.to_string()))?;
+                job::run(&config, &cache_dir, &device)
+            })
             .map(|result| {
                 // One JSON line: the operator copies it into status.adapter.
                 let line = serde_json::to_string(&result).expect("serialisable");

@@ -89,7 +89,12 @@ impl AdamW {
             );
         }
         self.steps = steps;
-        self.moments = moments;
+        // A checkpoint is read on the CPU; the moments live beside their vars.
+        self.moments = moments
+            .into_iter()
+            .zip(&self.vars)
+            .map(|((m, v), var)| Ok((m.to_device(var.device())?, v.to_device(var.device())?)))
+            .collect::<Result<_>>()?;
         Ok(())
     }
 }

@@ -248,7 +248,7 @@ impl Trainer {
         let s = &self.settings;
         let epoch = self.step / self.plan.steps_per_epoch;
         let order = shuffled(self.train.len(), s.seed, epoch);
-        let device = Device::Cpu;
+        let device = self.model.device().clone();
         let batches: Vec<(usize, Batch)> = self
             .micro_batches_of(self.step)
             .map(|m| {
@@ -293,7 +293,7 @@ impl Trainer {
         let (mut sum, mut count) = (0f64, 0usize);
         for chunk in self.eval.chunks(self.settings.batch_size) {
             let examples: Vec<&Example> = chunk.iter().collect();
-            let batch = collate(&examples, self.settings.pad_id, &Device::Cpu)?;
+            let batch = collate(&examples, self.settings.pad_id, self.model.device())?;
             let logits = self.model.forward(&batch.ids)?.detach();
             sum += f64::from(nll_sum(&logits, &batch.ids, &batch.labels)?.to_scalar::<f32>()?);
             count += batch.label_tokens;

@@ -2,47 +2,18 @@
 //! layers give the same gradients, a resumed run ends where an uninterrupted one does, and a
 //! learnable mapping is learned.
 
-use std::path::PathBuf;
+mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
+use common::{assert_same_gradients, attach, mapping, move_b_off_zero, tiny_llama};
 use graft_api::Scheduler;
-use graft_engine::{
-    models::{Config, Dropout, Llama, Precision, Site, load_weights},
-    peft::AdapterConfig,
-};
+use graft_engine::models::{Dropout, Precision};
 use graft_trainer::{
     adapters::Adapters,
-    backward::{micro_step, sharded_step},
+    backward::{head_loss, micro_step, sharded_step},
     checkpoint::Checkpoint,
-    train::{Example, HookError, Hooks, Settings, StepReport, Trainer, collate},
+    train::{HookError, Hooks, Settings, StepReport, Trainer, collate},
 };
-
-fn tiny_llama(precision: Precision) -> Llama {
-    let dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("run through cargo"))
-        .join("../engine/tests/data/tiny/llama");
-    let text = std::fs::read_to_string(dir.join("config.json")).expect("config.json");
-    let config = Config::from_json(&text).expect("config");
-    let vb = load_weights(&dir, DType::F32, &Device::Cpu).expect("weights");
-    Llama::load(&vb, &config, precision).expect("model")
-}
-
-fn attach(model: &mut Llama, seed: u64) -> Adapters {
-    let config = AdapterConfig::new(4, 8.0, 0.1, false, &Site::ALL);
-    Adapters::attach(model, config, &Site::ALL, seed).expect("adapters")
-}
-
-/// Prompts `[1, k, k+1]` answered by `[(3k) mod 90 + 3, 2]`: learned on the answer only.
-fn mapping(n: u32) -> Vec<Example> {
-    (0..n)
-        .map(|k| {
-            let k = k + 3;
-            Example {
-                ids: vec![1, k, k + 1, (3 * k) % 90 + 3, 2],
-                labels: vec![false, false, false, true, true],
-            }
-        })
-        .collect()
-}
 
 fn settings(epochs: u32, checkpoint_every: u64) -> Settings {
     Settings {
@@ -89,35 +60,6 @@ fn flat(adapters: &Adapters) -> Vec<f32> {
                 .expect("values")
         })
         .collect()
-}
-
-/// B starts at zero, which would leave A without a gradient: moves every B off zero.
-fn move_b_off_zero(adapters: &Adapters) {
-    for pair in &adapters.pairs {
-        let b = Tensor::randn(0f32, 0.1, pair.b.shape(), &Device::Cpu).expect("b");
-        pair.b.set(&b).expect("set");
-    }
-}
-
-/// Asserts both sets hold the same gradients (relative 1e-5); returns how many were compared.
-fn assert_same_gradients(left: &[Option<Tensor>], right: &[Option<Tensor>], what: &str) -> usize {
-    let mut compared = 0;
-    for (l, r) in left.iter().zip(right) {
-        let (l, r) = (
-            l.as_ref().expect("a gradient"),
-            r.as_ref().expect("a gradient"),
-        );
-        let diff = (l - r)
-            .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
-            .expect("diff");
-        let size = l
-            .abs()
-            .and_then(|t| t.max_all()?.to_scalar::<f32>())
-            .expect("max");
-        assert!(diff <= 1e-5 * size.max(1.0), "{what}: {diff} of {size}");
-        compared += 1;
-    }
-    compared
 }
 
 #[test]
@@ -239,5 +181,42 @@ fn the_loss_falls_and_the_mapping_is_answered_greedily() {
             .and_then(|t| t.to_scalar::<u32>())
             .expect("argmax");
         assert_eq!(next, example.ids[3], "answer to {:?}", &example.ids[..3]);
+    }
+}
+
+/// The loss taken a few positions at a time equals the loss over the whole sequence, and so
+/// does its gradient with respect to the last hidden states.
+#[test]
+fn the_loss_in_chunks_of_positions_equals_the_whole_loss() {
+    let model = tiny_llama(Precision::Nf4);
+    let examples = mapping(3);
+    let batch = collate(&examples.iter().collect::<Vec<_>>(), 0, &Device::Cpu).expect("batch");
+    let mut h = model.embed(&batch.ids).expect("embed");
+    let positions = model
+        .positions(batch.ids.dim(1).expect("seq"), &Device::Cpu)
+        .expect("rope");
+    for layer in 0..model.num_layers() {
+        h = model.layer(layer, &h, &positions, None).expect("layer");
+    }
+    let seq = h.dim(1).expect("seq");
+    assert!(seq > 4, "the test needs several chunks: {seq} positions");
+    let (whole_loss, whole_grad) = head_loss(&model, &h, &batch, 4.0, seq).expect("whole");
+    let norm: f32 = whole_grad
+        .sqr()
+        .and_then(|g| g.sum_all()?.to_scalar())
+        .expect("norm");
+    assert!(norm > 0.0, "a gradient reaches the hidden states");
+    for chunk in [1, 2, 3] {
+        let (loss, grad) = head_loss(&model, &h, &batch, 4.0, chunk).expect("chunked");
+        assert!(
+            (loss - whole_loss).abs() < 1e-5 * whole_loss.abs(),
+            "{chunk}: {loss} vs {whole_loss}"
+        );
+        assert_eq!(grad.dims(), whole_grad.dims());
+        assert_same_gradients(
+            &[Some(grad)],
+            &[Some(whole_grad.clone())],
+            &format!("chunks of {chunk}"),
+        );
     }
 }

@@ -5,11 +5,13 @@
 //! On CPU one op walks the rows (as punica's SGMV does on GPU), adding into the base output:
 //! a batch of 32 sequences with 32 adapters costs one op per projection, not 32 × (slice, two
 //! matmuls, scale, add) — at serving batch sizes those per-op costs, not the arithmetic, would
-//! dominate. Other devices take the same sum through candle's ops, one segment at a time.
+//! dominate. On a GPU the rows of each distinct adapter are gathered into one matrix, go
+//! through that adapter's two matmuls, and are added back in place: one pair of matmuls per
+//! adapter in the batch, not per sequence.
 
 use std::{collections::BTreeMap, ops::Range};
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::Lora;
@@ -30,6 +32,16 @@ impl ServingLora {
             a: lora.a.contiguous()?,
             b_t: lora.b.t()?.contiguous()?,
             scale: lora.scale,
+        })
+    }
+
+    /// The pair on `device` in `dtype` (the model's), so serving never converts it per step.
+    fn to(&self, device: &Device, dtype: DType) -> Result<Self> {
+        let place = |t: &Tensor| t.to_device(device)?.to_dtype(dtype)?.contiguous();
+        Ok(Self {
+            a: place(&self.a)?,
+            b_t: place(&self.b_t)?,
+            scale: self.scale,
         })
     }
 
@@ -59,6 +71,16 @@ impl ServingAdapter {
         Ok(Self { pairs })
     }
 
+    /// This adapter on `device` in `dtype`: where the model is, in its compute dtype.
+    pub fn to(&self, device: &Device, dtype: DType) -> Result<Self> {
+        let pairs = self
+            .pairs
+            .iter()
+            .map(|(&key, lora)| Ok((key, lora.to(device, dtype)?)))
+            .collect::<Result<_>>()?;
+        Ok(Self { pairs })
+    }
+
     pub fn get(&self, layer: usize, site: Site) -> Option<&ServingLora> {
         self.pairs.get(&(layer, site))
     }
@@ -81,7 +103,31 @@ pub fn add_batched(x: &Tensor, y: &Tensor, segments: &[SegmentLora<'_>]) -> Resu
             .contiguous()?
             .apply_op2_no_bwd(&y.contiguous()?, &BatchedLora { segments });
     }
-    y + per_segment_delta(x, segments, y.dim(1)?)?
+    grouped(x, y, segments)
+}
+
+/// [`add_batched`] through candle's ops, grouped by adapter: each adapter's rows gathered,
+/// multiplied once, and added back into their rows of `y`.
+pub fn grouped(x: &Tensor, y: &Tensor, segments: &[SegmentLora<'_>]) -> Result<Tensor> {
+    let mut groups: Vec<(&ServingLora, Vec<u32>)> = Vec::new();
+    for segment in segments {
+        let Some(lora) = segment.lora else { continue };
+        let rows = segment
+            .rows
+            .clone()
+            .map(|r| u32::try_from(r).expect("rows fit u32"));
+        match groups.iter_mut().find(|(l, _)| std::ptr::eq(*l, lora)) {
+            Some((_, group)) => group.extend(rows),
+            None => groups.push((lora, rows.collect())),
+        }
+    }
+    let mut y = y.clone();
+    for (lora, rows) in groups {
+        let index = Tensor::new(rows.as_slice(), x.device())?;
+        let delta = lora.delta(&x.index_select(&index, 0)?)?;
+        y = y.index_add(&index, &delta.to_dtype(y.dtype())?, 0)?;
+    }
+    Ok(y)
 }
 
 /// The adapters' contribution through candle's ops: the reference the fused op is tested
@@ -239,9 +285,13 @@ mod tests {
         let base = Tensor::randn(0f32, 1.0, (9, out), &Device::Cpu)?;
         let fused = (add_batched(&x, &base, &segments)? - &base)?;
         let reference = per_segment_delta(&x, &segments, out)?;
+        // The GPU's grouped form, run here on the CPU.
+        let gathered = (grouped(&x, &base, &segments)? - &base)?;
         let max_abs = |t: Tensor| -> Result<f32> { t.abs()?.max_all()?.to_scalar::<f32>() };
         let diff = max_abs((&fused - &reference)?)?;
         assert!(diff < 1e-5, "fused and per-segment sums differ by {diff}");
+        let diff = max_abs((&gathered - &reference)?)?;
+        assert!(diff < 1e-5, "grouped and per-segment sums differ by {diff}");
         assert!(
             max_abs(fused.narrow(0, 3, 1)?)? < 1e-6,
             "a bare row gets nothing"

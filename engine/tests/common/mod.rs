@@ -22,7 +22,12 @@ pub fn config(name: &str) -> Config {
 
 /// The tiny model `name`, loaded as the engine loads any checkpoint.
 pub fn model(name: &str, precision: Precision) -> Llama {
-    let vb = load_weights(&tiny(name), DType::F32, &Device::Cpu).expect("weights");
+    model_on(name, precision, &Device::Cpu, DType::F32)
+}
+
+/// The tiny model `name` on `device`, computing in `dtype`.
+pub fn model_on(name: &str, precision: Precision, device: &Device, dtype: DType) -> Llama {
+    let vb = load_weights(&tiny(name), dtype, device).expect("weights");
     Llama::load(&vb, &config(name), precision).expect("model")
 }
 

@@ -167,8 +167,9 @@ pub fn read(
     adapter
         .check_fits(&model.llama)
         .map_err(|e| LoadError::Invalid(format!("{uri}: {e}")))?;
-    let serving =
-        ServingAdapter::new(&adapter).map_err(|e| LoadError::Invalid(format!("{uri}: {e}")))?;
+    let serving = ServingAdapter::new(&adapter)
+        .and_then(|s| s.to(model.llama.device(), model.llama.dtype()))
+        .map_err(|e| LoadError::Invalid(format!("{uri}: {e}")))?;
     Ok(LoadedAdapter {
         uri: uri.to_owned(),
         sha256: sha256.to_owned(),

@@ -147,6 +147,16 @@ impl Llama {
         &self.config
     }
 
+    /// Where the weights are, and so where inputs must be.
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    /// The dtype of activations (the embeddings').
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }
