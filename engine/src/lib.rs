@@ -4,6 +4,7 @@ pub mod chat;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;
+pub mod gemm;
 pub mod linear;
 pub mod lora;
 pub mod models;

@@ -6,12 +6,21 @@
 //! ties `y` back to `x` with [`InputGradient`], a custom op whose forward passes `y` through and
 //! whose backward returns `grad · W`, rebuilding `W` from its packed NF4 form when needed: no
 //! dense copy of an NF4 weight outlives the call that uses it.
+//!
+//! On the CPU in f32 one op, [`FrozenMatmul`], does both: it computes the product itself, so
+//! the pass-through copy is saved too.
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Module, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Module, Result, Shape, Tensor,
+};
 
-use crate::{nf4::Nf4Matrix, nf4_tensor::Nf4Tensor};
+use crate::{
+    gemm::{Mat, f32_values, matmul, with_f32},
+    nf4::Nf4Matrix,
+    nf4_tensor::Nf4Tensor,
+};
 
 /// A frozen `[out, in]` weight.
 #[derive(Clone, Debug)]
@@ -27,6 +36,21 @@ impl FrozenWeight {
         match self {
             Self::Dense(w) => w.to_device(device)?.to_dtype(dtype),
             Self::Nf4(m) => m.dequantize(dtype)?.to_device(device),
+        }
+    }
+
+    /// Runs `f` on the `[out, in]` weight as f32 values on the CPU: in place when dense f32
+    /// there, else a copy (dequantized when NF4) that lives only for `f`.
+    pub fn with_cpu_f32<R>(&self, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+        match self {
+            Self::Dense(w) if w.device().is_cpu() && w.dtype() == DType::F32 => {
+                with_f32(w, "frozen weight", f)
+            }
+            weight => with_f32(
+                &weight.to_dense(&Device::Cpu, DType::F32)?,
+                "frozen weight",
+                f,
+            ),
         }
     }
 
@@ -73,29 +97,93 @@ impl FrozenLinear {
             FrozenWeight::Dense(w) if w.dtype() == x.dtype() => x.broadcast_matmul(&w.t()?)?,
             weight => x.broadcast_matmul(&weight.to_dense(x.device(), x.dtype())?.t()?)?,
         };
-        match &self.bias {
-            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
-            None => Ok(y),
-        }
+        self.add_bias(y)
     }
-}
 
-impl Module for FrozenLinear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.weight.to_dense(x.device(), x.dtype())?;
-        let y = x.detach().broadcast_matmul(&w.t()?)?.contiguous()?;
-        drop(w);
-        let y = x.apply_op2(
-            &y,
-            InputGradient {
-                weight: self.weight.clone(),
-            },
-        )?;
+    /// `y + b` when there is a bias, `b` frozen.
+    pub fn add_bias(&self, y: Tensor) -> Result<Tensor> {
         match &self.bias {
             Some(b) => y.broadcast_add(&b.detach().to_dtype(y.dtype())?),
             None => Ok(y),
         }
     }
+}
+
+/// Whether `x` takes the fused CPU ops' path: f32 on the CPU.
+pub fn fused_on_cpu(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+impl Module for FrozenLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let weight = self.weight.clone();
+        let y = if fused_on_cpu(x) {
+            x.apply_op1(FrozenMatmul { weight })?
+        } else {
+            let w = self.weight.to_dense(x.device(), x.dtype())?;
+            let y = x.detach().broadcast_matmul(&w.t()?)?.contiguous()?;
+            drop(w);
+            x.apply_op2(&y, InputGradient { weight })?
+        };
+        self.add_bias(y)
+    }
+}
+
+/// `x · Wᵀ` on the CPU in f32, whose backward is `grad · W` for `x` alone.
+struct FrozenMatmul {
+    weight: FrozenWeight,
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_values(storage, layout, self.name())?;
+        let (out, input) = self.weight.shape()?;
+        let (rows, shape) = rows_and_output(layout.dims(), input, out, self.name())?;
+        let y = self.weight.with_cpu_f32(|w| {
+            Ok(matmul(
+                Mat::new(x, rows, input),
+                Mat::new(w, out, input).t(),
+                1.0,
+            ))
+        })?;
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (out, input) = self.weight.shape()?;
+        let rows = x.elem_count() / input;
+        let grad_x = with_f32(grad, self.name(), |grad| {
+            self.weight.with_cpu_f32(|w| {
+                Ok(matmul(
+                    Mat::new(grad, rows, out),
+                    Mat::new(w, out, input),
+                    1.0,
+                ))
+            })
+        })?;
+        Tensor::from_vec(grad_x, x.shape(), x.device()).map(Some)
+    }
+}
+
+/// For an input of `dims` `[.., input]`: its rows, and the output's shape `[.., out]`.
+pub(crate) fn rows_and_output(
+    dims: &[usize],
+    input: usize,
+    out: usize,
+    op: &str,
+) -> Result<(usize, Shape)> {
+    let Some((&last, batch)) = dims.split_last() else {
+        candle_core::bail!("{op}: a scalar input");
+    };
+    if last != input {
+        candle_core::bail!("{op}: input {dims:?} is not [.., {input}]");
+    }
+    let shape: Vec<usize> = batch.iter().copied().chain([out]).collect();
+    Ok((batch.iter().product(), Shape::from(shape)))
 }
 
 /// Forward: its second argument, unchanged. Backward: `grad · W` for the first, nothing for

@@ -4,9 +4,13 @@
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 
-use crate::{linear::FrozenLinear, rng::Rng};
+use crate::{
+    linear::{FrozenLinear, fused_on_cpu},
+    rng::Rng,
+};
 
 pub mod batched;
+pub mod fused;
 
 /// PEFT's `scaling`.
 pub fn scaling(alpha: f64, rank: usize, use_rslora: bool) -> f64 {
@@ -112,10 +116,13 @@ impl LoraLinear {
         x: &Tensor,
         dropout_mask: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let y = self.base.forward(x)?;
         let Some(lora) = &self.lora else {
-            return Ok(y);
+            return self.base.forward(x);
         };
+        if fused_on_cpu(x) && lora.a.dtype() == DType::F32 && lora.b.dtype() == DType::F32 {
+            return fused::forward(&self.base, lora, x, dropout_mask);
+        }
+        let y = self.base.forward(x)?;
         let input = match dropout_mask {
             Some(mask) => x.broadcast_mul(mask)?,
             None => x.clone(),

@@ -9,7 +9,7 @@ use super::config::{Config, Rope};
 use crate::{
     linear::{FrozenLinear, FrozenWeight},
     lora::{Lora, LoraLinear, dropout_mask},
-    ops::{apply_rotary, causal_softmax, rms_norm},
+    ops::{apply_rotary, causal_softmax, rms_norm, swiglu},
     rng::Rng,
 };
 
@@ -227,7 +227,7 @@ impl Llama {
         let normed = rms_norm(&x, &block.post_attention_norm, eps)?;
         let gate = project(Site::GateProj, &normed)?;
         let up = project(Site::UpProj, &normed)?;
-        let mlp = project(Site::DownProj, &(silu(&gate)? * up)?)?;
+        let mlp = project(Site::DownProj, &swiglu(&gate, &up)?)?;
         x + mlp
     }
 
@@ -262,10 +262,8 @@ impl Llama {
         let v = repeat_kv(&v, cfg.num_heads / cfg.num_kv_heads)?;
         #[allow(clippy::cast_precision_loss)]
         let scale = 1.0 / (cfg.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?
-            .to_dtype(DType::F32)?
-            .contiguous()?;
-        let probs = causal_softmax(&scores, cfg.sliding_window)?.to_dtype(v.dtype())?;
+        let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?.contiguous()?;
+        let probs = causal_softmax(&scores, scale, cfg.sliding_window)?.to_dtype(v.dtype())?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((
             batch,
             seq,
@@ -315,11 +313,6 @@ fn load_block(vb: &VarBuilder<'_>, config: &Config, precision: Precision) -> Res
             projection(Site::DownProj, (hidden, inter), false)?,
         ],
     })
-}
-
-/// `x · sigmoid(x)` from differentiable parts.
-fn silu(x: &Tensor) -> Result<Tensor> {
-    x * candle_nn::ops::sigmoid(x)?
 }
 
 /// `[b, kv, s, d]` → `[b, kv·n, s, d]`, each kv head repeated `n` times in place.

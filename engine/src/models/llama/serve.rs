@@ -203,10 +203,11 @@ impl Llama {
                 .append(layer, split(&k, &p.rows)?, split(&v, &p.rows)?)?;
             let k = repeat_kv(&k.unsqueeze(0)?, heads / kv_heads)?.squeeze(0)?;
             let v = repeat_kv(&v.unsqueeze(0)?, heads / kv_heads)?.squeeze(0)?;
-            let scores = (split(&q, &p.rows)?.matmul(&k.t()?)? * scale)?
+            let scores = split(&q, &p.rows)?
+                .matmul(&k.t()?)?
                 .to_dtype(DType::F32)?
                 .contiguous()?;
-            let probs = causal_softmax(&scores, cfg.sliding_window)?.to_dtype(v.dtype())?;
+            let probs = causal_softmax(&scores, scale, cfg.sliding_window)?.to_dtype(v.dtype())?;
             outputs.push(
                 probs
                     .matmul(&v)?

@@ -1,0 +1,195 @@
+//! f32 matrix products on the CPU written straight into a caller's buffer, and read access to a
+//! tensor's f32 data: the pieces of the fused CPU training ops ([`crate::lora::fused`],
+//! [`crate::ops`]), which need a product added onto another without the separate output
+//! buffer, add pass and gradient bookkeeping that candle's `matmul` then `add` cost.
+
+use std::borrow::Cow;
+
+use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
+use gemm::Parallelism;
+
+/// A row-major `[rows, cols]` matrix, used as it is or transposed.
+#[derive(Clone, Copy, Debug)]
+pub struct Mat<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    transposed: bool,
+}
+
+impl<'a> Mat<'a> {
+    /// # Panics
+    /// When `data` does not hold exactly `rows · cols` values.
+    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        assert_eq!(data.len(), rows * cols, "a [{rows}, {cols}] matrix");
+        Self {
+            data,
+            rows,
+            cols,
+            transposed: false,
+        }
+    }
+
+    /// The transpose (no copy).
+    #[must_use]
+    pub fn t(self) -> Self {
+        Self {
+            transposed: !self.transposed,
+            ..self
+        }
+    }
+
+    /// `(rows, cols)` as used.
+    pub fn shape(&self) -> (usize, usize) {
+        if self.transposed {
+            (self.cols, self.rows)
+        } else {
+            (self.rows, self.cols)
+        }
+    }
+
+    /// `(row stride, column stride)` as used.
+    #[allow(clippy::cast_possible_wrap)]
+    fn strides(&self) -> (isize, isize) {
+        if self.transposed {
+            (1, self.cols as isize)
+        } else {
+            (self.cols as isize, 1)
+        }
+    }
+}
+
+/// `out = scale · lhs · rhs`, or `out += scale · lhs · rhs` with `accumulate`; `out` is
+/// row-major `[lhs rows, rhs cols]`. Threads as candle's own matmul (`RAYON_NUM_THREADS`).
+///
+/// # Panics
+/// When the shapes disagree.
+#[allow(clippy::cast_possible_wrap)]
+pub fn matmul_into(out: &mut [f32], lhs: Mat<'_>, rhs: Mat<'_>, scale: f32, accumulate: bool) {
+    let ((rows, inner), (rhs_inner, cols)) = (lhs.shape(), rhs.shape());
+    assert_eq!(inner, rhs_inner, "inner dimensions");
+    assert_eq!(out.len(), rows * cols, "a [{rows}, {cols}] product");
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    if inner == 0 {
+        if !accumulate {
+            out.fill(0.0);
+        }
+        return;
+    }
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    let ((lhs_row, lhs_col), (rhs_row, rhs_col)) = (lhs.strides(), rhs.strides());
+    #[allow(unsafe_code)]
+    // SAFETY: `Mat::new` and the asserts above tie every slice's length to the dimensions and
+    // strides given, so gemm reads and writes inside them; `out` is borrowed mutably, so it
+    // overlaps neither input.
+    unsafe {
+        gemm::gemm(
+            rows,
+            cols,
+            inner,
+            out.as_mut_ptr(),
+            1,
+            cols as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs_col,
+            lhs_row,
+            rhs.data.as_ptr(),
+            rhs_col,
+            rhs_row,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// `scale · lhs · rhs` in a new row-major buffer.
+pub fn matmul(lhs: Mat<'_>, rhs: Mat<'_>, scale: f32) -> Vec<f32> {
+    let mut out = vec![0f32; lhs.shape().0 * rhs.shape().1];
+    matmul_into(&mut out, lhs, rhs, scale, false);
+    out
+}
+
+/// The values of a contiguous f32 CPU storage under `layout`.
+pub fn f32_values<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(values), Some((start, end))) => Ok(&values[start..end]),
+        _ => candle_core::bail!("{op}: needs contiguous f32 tensors on the CPU"),
+    }
+}
+
+/// Runs `f` on the f32 values of a CPU tensor, in place when contiguous.
+pub fn with_f32<R>(tensor: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let tensor: Cow<'_, Tensor> = if tensor.is_contiguous() {
+        Cow::Borrowed(tensor)
+    } else {
+        Cow::Owned(tensor.contiguous()?)
+    };
+    let (storage, layout) = tensor.storage_and_layout();
+    let Storage::Cpu(storage) = &*storage else {
+        candle_core::bail!("{op}: needs tensors on the CPU");
+    };
+    f(f32_values(storage, layout, op)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    #[test]
+    fn products_of_transposes_match_candle_and_accumulate() -> Result<()> {
+        let device = Device::Cpu;
+        let a = Tensor::randn(0f32, 1.0, (5, 3), &device)?;
+        let b = Tensor::randn(0f32, 1.0, (4, 3), &device)?;
+        let c = Tensor::randn(0f32, 1.0, (5, 4), &device)?;
+        let (av, bv) = (
+            a.flatten_all()?.to_vec1::<f32>()?,
+            b.flatten_all()?.to_vec1::<f32>()?,
+        );
+        // 2 · a · bᵀ, then c + that, then aᵀ · (a · bᵀ)-shaped checks through transposes.
+        let ours = matmul(Mat::new(&av, 5, 3), Mat::new(&bv, 4, 3).t(), 2.0);
+        let expected = (a.matmul(&b.t()?)? * 2.0)?;
+        let mut accumulated = c.flatten_all()?.to_vec1::<f32>()?;
+        matmul_into(
+            &mut accumulated,
+            Mat::new(&av, 5, 3),
+            Mat::new(&bv, 4, 3).t(),
+            2.0,
+            true,
+        );
+        let transposed = matmul(Mat::new(&av, 5, 3).t(), Mat::new(&ours, 5, 4), 1.0);
+        let close = |ours: &[f32], expected: &Tensor| -> Result<()> {
+            let expected = expected.flatten_all()?.to_vec1::<f32>()?;
+            assert_eq!(ours.len(), expected.len());
+            for (o, e) in ours.iter().zip(&expected) {
+                assert!((o - e).abs() < 1e-5, "{o} vs {e}");
+            }
+            Ok(())
+        };
+        close(&ours, &expected)?;
+        close(&accumulated, &(&c + &expected)?)?;
+        close(&transposed, &a.t()?.matmul(&expected)?)?;
+        Ok(())
+    }
+
+    #[test]
+    fn non_contiguous_tensors_are_read_in_logical_order() -> Result<()> {
+        let t = Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &Device::Cpu)?.t()?;
+        let values = with_f32(&t, "test", |v| Ok(v.to_vec()))?;
+        assert_eq!(values, [1.0, 3.0, 2.0, 4.0]);
+        Ok(())
+    }
+}

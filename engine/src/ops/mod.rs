@@ -1,0 +1,131 @@
+//! Differentiable forms of the ops whose fused candle-nn versions have no backward
+//! (`ops::rms_norm`, `ops::softmax_last_dim`, `rotary_emb::rope`): the training path must use
+//! these, or gradients silently stop.
+//!
+//! On the CPU in f32 each is one custom op with its own backward. Composed from candle's
+//! elementwise ops, each would be several graph nodes, and candle's backward gives every node a
+//! zeroed gradient buffer it adds into: on a small model those passes over activations cost
+//! more than the matmuls. Elsewhere (a GPU, bf16) they are composed from candle's ops, and the
+//! tests check the two forms agree, values and gradients.
+
+use candle_core::{D, Result, Tensor};
+
+mod norm;
+mod rotary;
+mod softmax;
+mod swiglu;
+
+pub use norm::rms_norm;
+pub use rotary::apply_rotary;
+pub use softmax::causal_softmax;
+pub use swiglu::swiglu;
+
+/// Softmax over the last dimension. The max is detached: softmax doesn't depend on the shift.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let exp = x.broadcast_sub(&max)?.exp()?;
+    exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
+}
+
+/// A dot product with eight running sums, so the compiler vectorises it without being asked
+/// to reassociate floats.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut sums = [0f32; 8];
+    let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a_chunks
+        .remainder()
+        .iter()
+        .zip(b_chunks.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a_chunks.zip(b_chunks) {
+        for i in 0..8 {
+            sums[i] += x[i] * y[i];
+        }
+    }
+    sums.iter().sum::<f32>() + tail
+}
+
+/// Checks a fused op against its composed form.
+#[cfg(test)]
+pub(crate) mod check {
+    use candle_core::{Result, Tensor, Var};
+
+    /// Asserts `fused` and `composed` of `inputs` agree within `tolerance`, and so do the
+    /// gradients, for every input, of a random weighting of their outputs.
+    pub fn same_values_and_gradients(
+        inputs: &[Tensor],
+        fused: impl Fn(&[Tensor]) -> Result<Tensor>,
+        composed: impl Fn(&[Tensor]) -> Result<Tensor>,
+        tolerance: f32,
+    ) -> Result<()> {
+        let vars = inputs
+            .iter()
+            .map(Var::from_tensor)
+            .collect::<Result<Vec<_>>>()?;
+        let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let (ours, expected) = (fused(&tensors)?, composed(&tensors)?);
+        assert_eq!(ours.dims(), expected.dims());
+        let diff = max_diff(&ours, &expected)?;
+        assert!(diff < tolerance, "values differ by {diff}");
+        let weights = Tensor::randn(0f32, 1.0, ours.shape(), ours.device())?;
+        let grads = |y: &Tensor| (y * &weights)?.sum_all()?.backward();
+        let (ours, expected) = (grads(&ours)?, grads(&expected)?);
+        for (index, t) in tensors.iter().enumerate() {
+            let (o, e) = (ours.get(t), expected.get(t));
+            let (Some(o), Some(e)) = (o, e) else {
+                panic!("input {index}: a gradient on one side only");
+            };
+            assert_eq!(o.dims(), e.dims());
+            let diff = max_diff(o, e)?;
+            assert!(
+                diff < tolerance * 10.0,
+                "input {index}: gradients differ by {diff}"
+            );
+        }
+        Ok(())
+    }
+
+    pub fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Var};
+
+    use super::*;
+
+    #[test]
+    fn gradients_flow_through_every_op() -> Result<()> {
+        let device = Device::Cpu;
+        let x = Var::new(&[[[[0.5f32, -1.0, 2.0, 0.25]]]], &device)?;
+        let weight = Tensor::new(&[1f32, 2.0, 3.0, 4.0], &device)?;
+        let cos = Tensor::new(&[[0.5f32, 0.5, 0.5, 0.5]], &device)?;
+        let sin = Tensor::new(&[[0.25f32, 0.25, 0.25, 0.25]], &device)?;
+        let normed = rms_norm(x.as_tensor(), &weight, 1e-6)?;
+        let y = softmax_last_dim(&swiglu(&apply_rotary(&normed, &cos, &sin)?, &normed)?)?;
+        let loss = y
+            .broadcast_mul(&Tensor::new(&[1f32, 2.0, 3.0, 4.0], &device)?)?
+            .sum_all()?;
+        let grads = loss.backward()?;
+        let grad = grads
+            .get(x.as_tensor())
+            .expect("a gradient reaches the input");
+        // Their values are checked against the composed forms in each op's tests.
+        let largest: f32 = grad.abs()?.flatten_all()?.max(0)?.to_scalar()?;
+        assert!(largest > 0.0, "gradient {grad}");
+        Ok(())
+    }
+
+    #[test]
+    fn softmax_rows_sum_to_one_and_match_the_fused_op() -> Result<()> {
+        let x = Tensor::new(&[[1f32, 2.0, 3.0], [-1.0, 0.0, 100.0]], &Device::Cpu)?;
+        let ours = softmax_last_dim(&x)?;
+        let fused = candle_nn::ops::softmax_last_dim(&x)?;
+        let diff: f32 = (ours - fused)?.abs()?.max_all()?.to_scalar()?;
+        assert!(diff < 1e-6);
+        Ok(())
+    }
+}

@@ -1,0 +1,104 @@
+//! The gated activation of Llama's MLP.
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+
+use crate::gemm::{f32_values, with_f32};
+
+/// `silu(gate) · up`, `silu(x) = x · sigmoid(x)`. On the CPU in f32, one op whose backward is
+/// `dgate = g · up · σ(gate) · (1 + gate · (1 − σ(gate)))`, `dup = g · silu(gate)`.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let fused = gate.device().is_cpu()
+        && gate.dtype() == DType::F32
+        && up.dtype() == DType::F32
+        && gate.dims() == up.dims();
+    if fused {
+        gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+    } else {
+        composed(gate, up)
+    }
+}
+
+fn composed(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    (gate * candle_nn::ops::sigmoid(gate)?)? * up
+}
+
+/// candle's sigmoid, so both forms round alike.
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+struct SwiGlu;
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gate: &CpuStorage,
+        gate_layout: &Layout,
+        up: &CpuStorage,
+        up_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let gate = f32_values(gate, gate_layout, self.name())?;
+        let up = f32_values(up, up_layout, self.name())?;
+        if gate.len() != up.len() {
+            candle_core::bail!("{}: gate and up differ in shape", self.name());
+        }
+        let out = gate
+            .iter()
+            .zip(up)
+            .map(|(&g, &u)| g * sigmoid(g) * u)
+            .collect();
+        Ok((CpuStorage::F32(out), gate_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (d_gate, d_up) = with_f32(gate, self.name(), |gate| {
+            with_f32(up, self.name(), |up| {
+                with_f32(grad, self.name(), |grad| {
+                    let mut d_gate = vec![0f32; gate.len()];
+                    let mut d_up = vec![0f32; gate.len()];
+                    for i in 0..gate.len() {
+                        let (g, s) = (gate[i], sigmoid(gate[i]));
+                        d_gate[i] = grad[i] * up[i] * s * (1.0 + g * (1.0 - s));
+                        d_up[i] = grad[i] * g * s;
+                    }
+                    Ok((d_gate, d_up))
+                })
+            })
+        })?;
+        Ok((
+            Some(Tensor::from_vec(d_gate, gate.shape(), gate.device())?),
+            Some(Tensor::from_vec(d_up, up.shape(), up.device())?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+    use crate::ops::check::same_values_and_gradients;
+
+    #[test]
+    fn the_fused_activation_equals_the_composed_one_with_the_same_gradient() -> Result<()> {
+        let device = Device::Cpu;
+        let gate = Tensor::randn(0f32, 3.0, (2, 5, 12), &device)?;
+        let up = Tensor::randn(0f32, 1.0, (2, 5, 12), &device)?;
+        same_values_and_gradients(
+            &[gate, up],
+            |t| swiglu(&t[0], &t[1]),
+            |t| composed(&t[0], &t[1]),
+            1e-5,
+        )
+    }
+}
