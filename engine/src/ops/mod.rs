@@ -10,11 +10,13 @@
 
 use candle_core::{D, Result, Tensor};
 
+mod attention;
 mod norm;
 mod rotary;
 mod softmax;
 mod swiglu;
 
+pub use attention::{Heads, causal_attention};
 pub use norm::rms_norm;
 pub use rotary::apply_rotary;
 pub use softmax::causal_softmax;
@@ -49,7 +51,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// Checks a fused op against its composed form.
 #[cfg(test)]
 pub(crate) mod check {
-    use candle_core::{Result, Tensor, Var};
+    use candle_core::{D, Result, Tensor, Var};
 
     /// Asserts `fused` and `composed` of `inputs` agree within `tolerance`, and so do the
     /// gradients, for every input, of a random weighting of their outputs.
@@ -84,6 +86,27 @@ pub(crate) mod check {
             );
         }
         Ok(())
+    }
+
+    /// Causal attention probabilities written out independently of the ops: scaled scores
+    /// plus a −∞ mask, then softmax.
+    pub fn reference_causal_softmax(
+        x: &Tensor,
+        scale: f64,
+        window: Option<usize>,
+    ) -> Result<Tensor> {
+        let (q, k) = (x.dim(D::Minus2)?, x.dim(D::Minus1)?);
+        let mask: Vec<f32> = (0..q)
+            .flat_map(|i| {
+                (0..k).map(move |j| {
+                    let last = k - q + i;
+                    let visible = j <= last && window.is_none_or(|w| last - j < w);
+                    if visible { 0.0 } else { f32::NEG_INFINITY }
+                })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (q, k), x.device())?;
+        super::softmax_last_dim(&(x * scale)?.broadcast_add(&mask)?)
     }
 
     pub fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {

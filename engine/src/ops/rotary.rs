@@ -27,7 +27,7 @@ pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     }
 }
 
-fn composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+pub(super) fn composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let half = x.dim(D::Minus1)? / 2;
     let x1 = x.narrow(D::Minus1, 0, half)?;
     let x2 = x.narrow(D::Minus1, half, half)?;
@@ -35,6 +35,25 @@ fn composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     // transformers casts the tables to the activations' dtype (bf16 on GPU).
     let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
     x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+}
+
+/// One head's row `x` rotated into `out`, with its position's `cos` and `sin` rows: the
+/// composed form's arithmetic, term for term, `x·cos + (−x₂, x₁)·sin`.
+pub(super) fn rotate(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
+    let half = x.len() / 2;
+    for i in 0..half {
+        out[i] = x[i] * cos[i] + -x[i + half] * sin[i];
+        out[i + half] = x[i + half] * cos[i + half] + x[i] * sin[i + half];
+    }
+}
+
+/// The gradient of [`rotate`]'s input from its output's `g`: `g·cos + rotate_halfᵀ(g·sin)`.
+pub(super) fn rotate_back(g: &[f32], cos: &[f32], sin: &[f32], dx: &mut [f32]) {
+    let half = g.len() / 2;
+    for i in 0..half {
+        dx[i] = g[i] * cos[i] + g[i + half] * sin[i + half];
+        dx[i + half] = g[i + half] * cos[i + half] - g[i] * sin[i];
+    }
 }
 
 struct Rotary {
@@ -76,27 +95,12 @@ impl CustomOp1 for Rotary {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_values(storage, layout, self.name())?;
-        // The composed form's arithmetic, term for term: x·cos + (−x₂, x₁)·sin.
-        let out = self.map(x, |x, cos, sin, out| {
-            let half = x.len() / 2;
-            for i in 0..half {
-                out[i] = x[i] * cos[i] + -x[i + half] * sin[i];
-                out[i + half] = x[i + half] * cos[i + half] + x[i] * sin[i + half];
-            }
-        })?;
+        let out = self.map(x, rotate)?;
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let dx = with_f32(grad, self.name(), |g| {
-            self.map(g, |g, cos, sin, dx| {
-                let half = g.len() / 2;
-                for i in 0..half {
-                    dx[i] = g[i] * cos[i] + g[i + half] * sin[i + half];
-                    dx[i + half] = g[i + half] * cos[i + half] - g[i] * sin[i];
-                }
-            })
-        })?;
+        let dx = with_f32(grad, self.name(), |g| self.map(g, rotate_back))?;
         Tensor::from_vec(dx, x.shape(), x.device()).map(Some)
     }
 }

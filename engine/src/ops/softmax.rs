@@ -42,8 +42,27 @@ fn masked_softmax(scores: &Tensor, window: Option<usize>) -> Result<Tensor> {
     softmax_last_dim(&scores.broadcast_add(&mask)?)
 }
 
+/// Softmax of a row in place.
+pub(super) fn softmax_in_place(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inverse = 1.0 / sum;
+    for v in row.iter_mut() {
+        *v *= inverse;
+    }
+}
+
 /// The keys query `q` (of `queries`) may see: `first..=last`.
-fn visible(window: Option<usize>, q: usize, queries: usize, keys: usize) -> (usize, usize) {
+pub(super) fn visible(
+    window: Option<usize>,
+    q: usize,
+    queries: usize,
+    keys: usize,
+) -> (usize, usize) {
     let last = keys - queries + q;
     let first = window.map_or(0, |w| (last + 1).saturating_sub(w));
     (first, last)
@@ -82,16 +101,7 @@ impl CustomOp1 for CausalSoftmax {
             for (o, &x) in output.iter_mut().zip(input) {
                 *o = x * scale;
             }
-            let max = output.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for o in output.iter_mut() {
-                *o = (*o - max).exp();
-                sum += *o;
-            }
-            let inverse = 1.0 / sum;
-            for o in output.iter_mut() {
-                *o *= inverse;
-            }
+            softmax_in_place(output);
         }
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
@@ -108,24 +118,7 @@ mod tests {
     use candle_core::{Device, Var};
 
     use super::*;
-    use crate::ops::check::max_diff;
-
-    /// The unfused reference, written out independently: scaled scores plus a −∞ mask, then
-    /// softmax.
-    fn reference_softmax(x: &Tensor, scale: f64, window: Option<usize>) -> Result<Tensor> {
-        let (q, k) = (x.dim(D::Minus2)?, x.dim(D::Minus1)?);
-        let mask: Vec<f32> = (0..q)
-            .flat_map(|i| {
-                (0..k).map(move |j| {
-                    let last = k - q + i;
-                    let visible = j <= last && window.is_none_or(|w| last - j < w);
-                    if visible { 0.0 } else { f32::NEG_INFINITY }
-                })
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (q, k), x.device())?;
-        softmax_last_dim(&(x * scale)?.broadcast_add(&mask)?)
-    }
+    use crate::ops::check::{max_diff, reference_causal_softmax as reference_softmax};
 
     #[test]
     fn causal_softmax_equals_masking_then_softmax_with_the_same_gradient() -> Result<()> {

@@ -7,9 +7,9 @@ use candle_nn::VarBuilder;
 
 use super::config::{Config, Rope};
 use crate::{
-    linear::{FrozenLinear, FrozenWeight},
+    linear::{FrozenLinear, FrozenWeight, fused_on_cpu},
     lora::{Lora, LoraLinear, dropout_mask},
-    ops::{apply_rotary, causal_softmax, rms_norm, swiglu},
+    ops::{Heads, apply_rotary, causal_attention, causal_softmax, rms_norm, swiglu},
     rng::Rng,
 };
 
@@ -245,23 +245,43 @@ impl Llama {
     ) -> Result<Tensor> {
         let cfg = &self.config;
         let (batch, seq, _) = x.dims3()?;
+        #[allow(clippy::cast_precision_loss)]
+        let scale = 1.0 / (cfg.head_dim as f64).sqrt();
+        let (q, k, v) = (
+            project(Site::QProj, x)?,
+            project(Site::KProj, x)?,
+            project(Site::VProj, x)?,
+        );
+        let (cos, sin) = (&positions.cos, &positions.sin);
+        if fused_on_cpu(&q) {
+            let geometry = Heads {
+                heads: cfg.num_heads,
+                kv_heads: cfg.num_kv_heads,
+                head_dim: cfg.head_dim,
+                scale,
+                window: cfg.sliding_window,
+            };
+            return project(
+                Site::OProj,
+                &causal_attention(&q, &k, &v, cos, sin, geometry)?,
+            );
+        }
         let heads = |t: Tensor, n: usize| {
             t.reshape((batch, seq, n, cfg.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = heads(project(Site::QProj, x)?, cfg.num_heads)?;
-        let k = heads(project(Site::KProj, x)?, cfg.num_kv_heads)?;
-        let v = heads(project(Site::VProj, x)?, cfg.num_kv_heads)?;
-        let (cos, sin) = (&positions.cos, &positions.sin);
+        let (q, k, v) = (
+            heads(q, cfg.num_heads)?,
+            heads(k, cfg.num_kv_heads)?,
+            heads(v, cfg.num_kv_heads)?,
+        );
         let q = apply_rotary(&q, cos, sin)?;
         let k = repeat_kv(
             &apply_rotary(&k, cos, sin)?,
             cfg.num_heads / cfg.num_kv_heads,
         )?;
         let v = repeat_kv(&v, cfg.num_heads / cfg.num_kv_heads)?;
-        #[allow(clippy::cast_precision_loss)]
-        let scale = 1.0 / (cfg.head_dim as f64).sqrt();
         let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?.contiguous()?;
         let probs = causal_softmax(&scores, scale, cfg.sliding_window)?.to_dtype(v.dtype())?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((

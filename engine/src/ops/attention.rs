@@ -1,0 +1,399 @@
+//! Causal self-attention of a training step on the CPU in f32, as one op from the projections'
+//! outputs to the attention output: rotary, grouped-query heads, scaled and masked softmax,
+//! and the weighted values.
+//!
+//! Composed from candle's ops the same is a dozen graph nodes — head transposes, rotations,
+//! repeated key/value heads, two batched products, the softmax — each with activation-sized
+//! copies and gradient buffers. Here the forward keeps nothing but its inputs, and the backward
+//! recomputes each head's probabilities (as FlashAttention does) instead of holding
+//! `[batch, heads, seq, seq]` of them per layer.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+
+use super::{
+    rotary::{rotate, rotate_back},
+    softmax::{softmax_in_place, visible},
+};
+use crate::gemm::{Mat, f32_values, matmul_into, with_f32};
+
+/// The attention's geometry.
+#[derive(Clone, Copy, Debug)]
+pub struct Heads {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Applied to the scores (`1 / √head_dim`).
+    pub scale: f64,
+    pub window: Option<usize>,
+}
+
+/// Attention output `[batch, seq, heads·head_dim]` from the projections `q`
+/// `[batch, seq, heads·head_dim]`, `k` and `v` `[batch, seq, kv_heads·head_dim]` (f32 on the
+/// CPU), rotated with `cos` and `sin` `[seq, head_dim]`.
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    heads: Heads,
+) -> Result<Tensor> {
+    let tables = |t: &Tensor| t.detach().contiguous();
+    #[allow(clippy::cast_possible_truncation)]
+    let op = Attention {
+        cos: tables(cos)?,
+        sin: tables(sin)?,
+        heads,
+        scale: heads.scale as f32,
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+struct Attention {
+    cos: Tensor,
+    sin: Tensor,
+    heads: Heads,
+    scale: f32,
+}
+
+/// `[batch, seq, n·dim]` as seen per head.
+#[derive(Clone, Copy)]
+struct Layout3 {
+    batch: usize,
+    seq: usize,
+    dim: usize,
+}
+
+impl Layout3 {
+    /// `[batch, seq, n·dim]` rows → head-major `[batch, n, seq, dim]`, each row rotated for
+    /// its position when `rotation` gives the tables.
+    fn split(self, x: &[f32], n: usize, rotation: Option<(&[f32], &[f32])>) -> Vec<f32> {
+        let Self { batch, seq, dim } = self;
+        let mut out = vec![0f32; x.len()];
+        for b in 0..batch {
+            for i in 0..seq {
+                for h in 0..n {
+                    let from = &x[((b * seq + i) * n + h) * dim..][..dim];
+                    let to = &mut out[((b * n + h) * seq + i) * dim..][..dim];
+                    match rotation {
+                        Some((cos, sin)) => {
+                            let at = i * dim..(i + 1) * dim;
+                            rotate(from, &cos[at.clone()], &sin[at], to);
+                        }
+                        None => to.copy_from_slice(from),
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The inverse of [`Self::split`] for gradients: head-major → `[batch, seq, n·dim]`, each
+    /// row rotated back when `rotation` gives the tables.
+    fn merge(self, x: &[f32], n: usize, rotation: Option<(&[f32], &[f32])>) -> Vec<f32> {
+        let Self { batch, seq, dim } = self;
+        let mut out = vec![0f32; x.len()];
+        for b in 0..batch {
+            for h in 0..n {
+                for i in 0..seq {
+                    let from = &x[((b * n + h) * seq + i) * dim..][..dim];
+                    let to = &mut out[((b * seq + i) * n + h) * dim..][..dim];
+                    match rotation {
+                        Some((cos, sin)) => {
+                            let at = i * dim..(i + 1) * dim;
+                            rotate_back(from, &cos[at.clone()], &sin[at], to);
+                        }
+                        None => to.copy_from_slice(from),
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// One head's `[seq, dim]` block of a head-major buffer of `n` heads.
+    fn head(self, x: &[f32], n: usize, b: usize, h: usize) -> Mat<'_> {
+        let size = self.seq * self.dim;
+        Mat::new(&x[(b * n + h) * size..][..size], self.seq, self.dim)
+    }
+}
+
+const NAME: &str = "causal-attention";
+
+impl Attention {
+    /// `[batch, seq, dim]` of `q`, after checking `k` and `v` fit it.
+    fn geometry(&self, q: &Layout, k: &Layout, v: &Layout) -> Result<Layout3> {
+        let Heads {
+            heads,
+            kv_heads,
+            head_dim,
+            ..
+        } = self.heads;
+        let (batch, seq, width) = q.shape().dims3()?;
+        let kv = (batch, seq, kv_heads * head_dim);
+        if width != heads * head_dim
+            || k.shape().dims3()? != kv
+            || v.shape().dims3()? != kv
+            || heads % kv_heads != 0
+            || self.cos.dims() != [seq, head_dim]
+        {
+            candle_core::bail!(
+                "{NAME}: q {:?}, k {:?}, v {:?} and tables {:?} do not fit {heads} heads of \
+                 {head_dim} over {kv_heads} key/value heads",
+                q.dims(),
+                k.dims(),
+                v.dims(),
+                self.cos.dims()
+            );
+        }
+        Ok(Layout3 {
+            batch,
+            seq,
+            dim: head_dim,
+        })
+    }
+
+    /// Head `h`'s probabilities `[seq, seq]` into `probs`: the scaled scores of its queries and
+    /// keys, each row's softmax over the keys it may see, 0 elsewhere.
+    fn probabilities(&self, q: Mat<'_>, k: Mat<'_>, probs: &mut [f32]) {
+        let seq = q.shape().0;
+        matmul_into(probs, q, k.t(), self.scale, false);
+        for (i, row) in probs.chunks_exact_mut(seq).enumerate() {
+            let (first, last) = visible(self.heads.window, i, seq, seq);
+            row[..first].fill(0.0);
+            row[last + 1..].fill(0.0);
+            softmax_in_place(&mut row[first..=last]);
+        }
+    }
+
+    /// Runs `f` with the head-major rotated queries and keys and the head-major values.
+    fn with_heads<R>(
+        &self,
+        shape: Layout3,
+        [q, k, v]: [&[f32]; 3],
+        f: impl FnOnce(&[f32], &[f32], &[f32], (&[f32], &[f32])) -> Result<R>,
+    ) -> Result<R> {
+        with_f32(&self.cos, NAME, |cos| {
+            with_f32(&self.sin, NAME, |sin| {
+                let Heads {
+                    heads, kv_heads, ..
+                } = self.heads;
+                let qh = shape.split(q, heads, Some((cos, sin)));
+                let kh = shape.split(k, kv_heads, Some((cos, sin)));
+                let vh = shape.split(v, kv_heads, None);
+                f(&qh, &kh, &vh, (cos, sin))
+            })
+        })
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        q_layout: &Layout,
+        k: &CpuStorage,
+        k_layout: &Layout,
+        v: &CpuStorage,
+        v_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let shape = self.geometry(q_layout, k_layout, v_layout)?;
+        let inputs = [
+            f32_values(q, q_layout, NAME)?,
+            f32_values(k, k_layout, NAME)?,
+            f32_values(v, v_layout, NAME)?,
+        ];
+        let Heads {
+            heads, kv_heads, ..
+        } = self.heads;
+        let (seq, dim) = (shape.seq, shape.dim);
+        let out = self.with_heads(shape, inputs, |qh, kh, vh, _| {
+            let mut out_heads = vec![0f32; qh.len()];
+            let mut probs = vec![0f32; seq * seq];
+            for b in 0..shape.batch {
+                for h in 0..heads {
+                    let g = h / (heads / kv_heads);
+                    self.probabilities(
+                        shape.head(qh, heads, b, h),
+                        shape.head(kh, kv_heads, b, g),
+                        &mut probs,
+                    );
+                    let size = seq * dim;
+                    matmul_into(
+                        &mut out_heads[(b * heads + h) * size..][..size],
+                        Mat::new(&probs, seq, seq),
+                        shape.head(vh, kv_heads, b, g),
+                        1.0,
+                        false,
+                    );
+                }
+            }
+            Ok(shape.merge(&out_heads, heads, None))
+        })?;
+        Ok((CpuStorage::F32(out), q_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dq, dk, dv) = with_f32(q, NAME, |qv| {
+            with_f32(k, NAME, |kv| {
+                with_f32(v, NAME, |vv| {
+                    with_f32(grad, NAME, |g| {
+                        let (q_layout, k_layout, v_layout) = (q.layout(), k.layout(), v.layout());
+                        let shape = self.geometry(q_layout, k_layout, v_layout)?;
+                        self.backward(shape, [qv, kv, vv], g)
+                    })
+                })
+            })
+        })?;
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), q.device())?),
+            Some(Tensor::from_vec(dk, k.shape(), k.device())?),
+            Some(Tensor::from_vec(dv, v.shape(), v.device())?),
+        ))
+    }
+}
+
+impl Attention {
+    /// The gradients of `q`, `k` and `v` for the output's gradient `grad`, head by head:
+    /// `dV += Pᵀ·dO`, `dP = dO·Vᵀ`, `dS = P ⊙ (dP − Σ dP⊙P)`, `dQ = scale·dS·K`,
+    /// `dK += scale·dSᵀ·Q`, then the rotations undone.
+    fn backward(
+        &self,
+        shape: Layout3,
+        inputs: [&[f32]; 3],
+        grad: &[f32],
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let Heads {
+            heads, kv_heads, ..
+        } = self.heads;
+        let (seq, dim) = (shape.seq, shape.dim);
+        let size = seq * dim;
+        self.with_heads(shape, inputs, |qh, kh, vh, tables| {
+            let grad_heads = shape.split(grad, heads, None);
+            let (mut dqh, mut dkh, mut dvh) = (
+                vec![0f32; qh.len()],
+                vec![0f32; kh.len()],
+                vec![0f32; vh.len()],
+            );
+            let (mut probs, mut dp) = (vec![0f32; seq * seq], vec![0f32; seq * seq]);
+            for b in 0..shape.batch {
+                for h in 0..heads {
+                    let g = h / (heads / kv_heads);
+                    let (qm, km) = (shape.head(qh, heads, b, h), shape.head(kh, kv_heads, b, g));
+                    let grad_out = shape.head(&grad_heads, heads, b, h);
+                    self.probabilities(qm, km, &mut probs);
+                    let kv_at = (b * kv_heads + g) * size;
+                    let p = Mat::new(&probs, seq, seq);
+                    matmul_into(&mut dvh[kv_at..][..size], p.t(), grad_out, 1.0, true);
+                    matmul_into(
+                        &mut dp,
+                        grad_out,
+                        shape.head(vh, kv_heads, b, g).t(),
+                        1.0,
+                        false,
+                    );
+                    for (dp, p) in dp.chunks_exact_mut(seq).zip(probs.chunks_exact(seq)) {
+                        let dot = super::dot(dp, p);
+                        for (d, &p) in dp.iter_mut().zip(p) {
+                            *d = p * (*d - dot);
+                        }
+                    }
+                    let ds = Mat::new(&dp, seq, seq);
+                    let q_at = (b * heads + h) * size;
+                    matmul_into(&mut dqh[q_at..][..size], ds, km, self.scale, false);
+                    matmul_into(&mut dkh[kv_at..][..size], ds.t(), qm, self.scale, true);
+                }
+            }
+            Ok((
+                shape.merge(&dqh, heads, Some(tables)),
+                shape.merge(&dkh, kv_heads, Some(tables)),
+                shape.merge(&dvh, kv_heads, None),
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{D, Device};
+
+    use super::*;
+    use crate::ops::{
+        check::{reference_causal_softmax, same_values_and_gradients},
+        rotary::composed as rotary,
+    };
+
+    /// The attention from candle's ops, written out independently of the op.
+    fn reference(
+        [q, k, v]: [&Tensor; 3],
+        cos: &Tensor,
+        sin: &Tensor,
+        heads: Heads,
+    ) -> Result<Tensor> {
+        let (batch, seq, _) = q.dims3()?;
+        let split = |t: &Tensor, n: usize| {
+            t.reshape((batch, seq, n, heads.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let repeat = |t: Tensor| -> Result<Tensor> {
+            let times = heads.heads / heads.kv_heads;
+            let per_head: Vec<Tensor> = (0..heads.heads)
+                .map(|h| t.narrow(1, h / times, 1))
+                .collect::<Result<_>>()?;
+            Tensor::cat(&per_head, 1)
+        };
+        let q = rotary(&split(q, heads.heads)?, cos, sin)?;
+        let k = repeat(rotary(&split(k, heads.kv_heads)?, cos, sin)?)?;
+        let v = repeat(split(v, heads.kv_heads)?)?;
+        let probs =
+            reference_causal_softmax(&q.matmul(&k.t()?.contiguous()?)?, heads.scale, heads.window)?;
+        probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .flatten_from(D::Minus2)
+    }
+
+    #[test]
+    fn the_fused_attention_equals_the_composed_one_with_the_same_gradients() -> Result<()> {
+        let device = Device::Cpu;
+        // head_dim 8: the scale below is 1/√8.
+        let (batch, seq, head_dim) = (2, 6, 8);
+        for (heads, kv_heads, window) in [(4, 2, None), (2, 2, Some(3)), (4, 1, None)] {
+            let geometry = Heads {
+                heads,
+                kv_heads,
+                head_dim,
+                scale: 1.0 / 8f64.sqrt(),
+                window,
+            };
+            let angles = Tensor::randn(0f32, 2.0, (seq, head_dim), &device)?;
+            let (cos, sin) = (angles.cos()?, angles.sin()?);
+            let inputs = [
+                Tensor::randn(0f32, 1.0, (batch, seq, heads * head_dim), &device)?,
+                Tensor::randn(0f32, 1.0, (batch, seq, kv_heads * head_dim), &device)?,
+                Tensor::randn(0f32, 1.0, (batch, seq, kv_heads * head_dim), &device)?,
+            ];
+            same_values_and_gradients(
+                &inputs,
+                |t| causal_attention(&t[0], &t[1], &t[2], &cos, &sin, geometry),
+                |t| reference([&t[0], &t[1], &t[2]], &cos, &sin, geometry),
+                1e-5,
+            )?;
+        }
+        Ok(())
+    }
+}
