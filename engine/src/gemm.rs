@@ -64,17 +64,48 @@ impl<'a> Mat<'a> {
 ///
 /// # Panics
 /// When the shapes disagree.
-#[allow(clippy::cast_possible_wrap)]
 pub fn matmul_into(out: &mut [f32], lhs: Mat<'_>, rhs: Mat<'_>, scale: f32, accumulate: bool) {
+    assert_eq!(
+        out.len(),
+        lhs.shape().0 * rhs.shape().1,
+        "the product's size"
+    );
+    #[allow(unsafe_code)]
+    // SAFETY: `out` holds the whole product and is initialised.
+    unsafe {
+        product(out.as_mut_ptr(), lhs, rhs, scale, accumulate);
+    }
+}
+
+/// `scale · lhs · rhs` in a new row-major buffer.
+pub fn matmul(lhs: Mat<'_>, rhs: Mat<'_>, scale: f32) -> Vec<f32> {
+    let len = lhs.shape().0 * rhs.shape().1;
+    // Not zeroed first: the product overwrites every element, and zeroing was a pass over
+    // every activation-sized output of a step.
+    let mut out = Vec::<f32>::with_capacity(len);
+    #[allow(unsafe_code)]
+    // SAFETY: the buffer has room for the product, which (not accumulating) writes every
+    // element and reads none, so all `len` are initialised before `set_len`.
+    unsafe {
+        product(out.as_mut_ptr(), lhs, rhs, scale, false);
+        out.set_len(len);
+    }
+    out
+}
+
+/// The product into `out`, which must have room for `[lhs rows, rhs cols]` values and be
+/// initialised when `accumulate`.
+#[allow(unsafe_code, clippy::cast_possible_wrap)]
+unsafe fn product(out: *mut f32, lhs: Mat<'_>, rhs: Mat<'_>, scale: f32, accumulate: bool) {
     let ((rows, inner), (rhs_inner, cols)) = (lhs.shape(), rhs.shape());
     assert_eq!(inner, rhs_inner, "inner dimensions");
-    assert_eq!(out.len(), rows * cols, "a [{rows}, {cols}] product");
     if rows == 0 || cols == 0 {
         return;
     }
     if inner == 0 {
         if !accumulate {
-            out.fill(0.0);
+            // SAFETY: the caller gives room for rows · cols values.
+            unsafe { out.write_bytes(0, rows * cols) };
         }
         return;
     }
@@ -85,16 +116,16 @@ pub fn matmul_into(out: &mut [f32], lhs: Mat<'_>, rhs: Mat<'_>, scale: f32, accu
         Parallelism::None
     };
     let ((lhs_row, lhs_col), (rhs_row, rhs_col)) = (lhs.strides(), rhs.strides());
-    #[allow(unsafe_code)]
-    // SAFETY: `Mat::new` and the asserts above tie every slice's length to the dimensions and
-    // strides given, so gemm reads and writes inside them; `out` is borrowed mutably, so it
-    // overlaps neither input.
+    // SAFETY: `Mat::new` ties each input's length to its dimensions and strides, and the
+    // caller gives room for the product, so gemm reads and writes inside them; `out` is
+    // the caller's own buffer, so it overlaps neither input. Not accumulating, gemm writes
+    // `out` without reading it.
     unsafe {
         gemm::gemm(
             rows,
             cols,
             inner,
-            out.as_mut_ptr(),
+            out,
             1,
             cols as isize,
             accumulate,
@@ -112,13 +143,6 @@ pub fn matmul_into(out: &mut [f32], lhs: Mat<'_>, rhs: Mat<'_>, scale: f32, accu
             parallelism,
         );
     }
-}
-
-/// `scale · lhs · rhs` in a new row-major buffer.
-pub fn matmul(lhs: Mat<'_>, rhs: Mat<'_>, scale: f32) -> Vec<f32> {
-    let mut out = vec![0f32; lhs.shape().0 * rhs.shape().1];
-    matmul_into(&mut out, lhs, rhs, scale, false);
-    out
 }
 
 /// The values of a contiguous f32 CPU storage under `layout`.

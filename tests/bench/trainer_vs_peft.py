@@ -129,7 +129,11 @@ def main() -> None:
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(os.path.join(model, "tokenizer.json"))
-    texts = [" ".join(corpus(1, rng)[0] for _ in range(3)) for _ in range(args.batch * args.steps)]
+    # Corpus lines have at least 60 words, each one or more tokens.
+    lines_per_text = max(3, args.seq // 50)
+    texts = [
+        " ".join(corpus(lines_per_text, rng)) for _ in range(args.batch * args.steps)
+    ]
     rows = [tok.encode(t).ids[: args.seq] for t in texts]
     assert all(len(r) == args.seq for r in rows), "texts too short for --seq"
     rows_file = os.path.join(work, "rows.json")
