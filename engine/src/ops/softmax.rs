@@ -2,7 +2,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Result, Shape, Tensor};
 
-use super::softmax_last_dim;
+use super::{exp, softmax_last_dim, sum};
 use crate::gemm::f32_values;
 
 /// Attention probabilities from f32 scores `[.., queries, keys]`: softmax of `scores · scale`
@@ -44,13 +44,28 @@ fn masked_softmax(scores: &Tensor, window: Option<usize>) -> Result<Tensor> {
 
 /// Softmax of a row in place.
 pub(super) fn softmax_in_place(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for v in row.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
+    // Eight running maxima, so the compiler vectorises the search.
+    let mut maxima = [f32::NEG_INFINITY; 8];
+    let chunks = row.chunks_exact(8);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    for chunk in chunks {
+        for i in 0..8 {
+            maxima[i] = if chunk[i] > maxima[i] {
+                chunk[i]
+            } else {
+                maxima[i]
+            };
+        }
     }
-    let inverse = 1.0 / sum;
+    let max = maxima.into_iter().fold(tail, f32::max);
+    for v in row.iter_mut() {
+        *v = exp(*v - max);
+    }
+    let inverse = 1.0 / sum(row);
     for v in row.iter_mut() {
         *v *= inverse;
     }

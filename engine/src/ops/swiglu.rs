@@ -2,6 +2,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
+use super::exp;
 use crate::gemm::{f32_values, with_f32};
 
 /// `silu(gate) · up`, `silu(x) = x · sigmoid(x)`. On the CPU in f32, one op whose backward is
@@ -22,9 +23,8 @@ fn composed(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     (gate * candle_nn::ops::sigmoid(gate)?)? * up
 }
 
-/// candle's sigmoid, so both forms round alike.
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + exp(-x))
 }
 
 struct SwiGlu;
