@@ -59,6 +59,9 @@ struct Attention {
     scale: f32,
 }
 
+/// [`rotate`] or [`rotate_back`].
+type Rotation = fn(&[f32], &[f32], &[f32], &mut [f32]);
+
 /// `[batch, seq, n·dim]` as seen per head.
 #[derive(Clone, Copy)]
 struct Layout3 {
@@ -71,40 +74,51 @@ impl Layout3 {
     /// `[batch, seq, n·dim]` rows → head-major `[batch, n, seq, dim]`, each row rotated for
     /// its position when `rotation` gives the tables.
     fn split(self, x: &[f32], n: usize, rotation: Option<(&[f32], &[f32])>) -> Vec<f32> {
-        let Self { batch, seq, dim } = self;
-        let mut out = vec![0f32; x.len()];
-        for b in 0..batch {
-            for i in 0..seq {
-                for h in 0..n {
-                    let from = &x[((b * seq + i) * n + h) * dim..][..dim];
-                    let to = &mut out[((b * n + h) * seq + i) * dim..][..dim];
-                    match rotation {
-                        Some((cos, sin)) => {
-                            let at = i * dim..(i + 1) * dim;
-                            rotate(from, &cos[at.clone()], &sin[at], to);
-                        }
-                        None => to.copy_from_slice(from),
-                    }
-                }
-            }
-        }
-        out
+        self.reorder(
+            x,
+            n,
+            true,
+            rotation.map(|(cos, sin)| (cos, sin, rotate as Rotation)),
+        )
     }
 
     /// The inverse of [`Self::split`] for gradients: head-major → `[batch, seq, n·dim]`, each
     /// row rotated back when `rotation` gives the tables.
     fn merge(self, x: &[f32], n: usize, rotation: Option<(&[f32], &[f32])>) -> Vec<f32> {
+        self.reorder(
+            x,
+            n,
+            false,
+            rotation.map(|(cos, sin)| (cos, sin, rotate_back as Rotation)),
+        )
+    }
+
+    /// Moves each `dim` row between token-major and head-major order (`to_heads` says which
+    /// way), passing it through `rotation` with its position's tables when given.
+    fn reorder(
+        self,
+        x: &[f32],
+        n: usize,
+        to_heads: bool,
+        rotation: Option<(&[f32], &[f32], Rotation)>,
+    ) -> Vec<f32> {
         let Self { batch, seq, dim } = self;
         let mut out = vec![0f32; x.len()];
         for b in 0..batch {
-            for h in 0..n {
-                for i in 0..seq {
-                    let from = &x[((b * n + h) * seq + i) * dim..][..dim];
-                    let to = &mut out[((b * seq + i) * n + h) * dim..][..dim];
+            for i in 0..seq {
+                for h in 0..n {
+                    let token_major = ((b * seq + i) * n + h) * dim;
+                    let head_major = ((b * n + h) * seq + i) * dim;
+                    let (from, to) = if to_heads {
+                        (token_major, head_major)
+                    } else {
+                        (head_major, token_major)
+                    };
+                    let (from, to) = (&x[from..][..dim], &mut out[to..][..dim]);
                     match rotation {
-                        Some((cos, sin)) => {
+                        Some((cos, sin, rotation)) => {
                             let at = i * dim..(i + 1) * dim;
-                            rotate_back(from, &cos[at.clone()], &sin[at], to);
+                            rotation(from, &cos[at.clone()], &sin[at], to);
                         }
                         None => to.copy_from_slice(from),
                     }
