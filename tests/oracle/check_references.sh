@@ -6,7 +6,10 @@
 # write that is committed is compared with the committed one:
 #
 #   safetensors  same names, dtypes, shapes and metadata; integers equal, floats within
-#                1e-6 (relative above magnitude 1)
+#                1e-6 (relative above magnitude 1); a forward pass's outputs
+#                (reference.safetensors) within 1e-4, the parity tests' own tolerance:
+#                torch picks its CPU kernels by instruction set, and the same logits come out
+#                up to a few 1e-5 apart on different CPUs
 #   JSON         equal, floats as above; in adapter_config.json, target_modules compared as
 #                the set it is and base_model_name_or_path (the path the script ran from)
 #                left out
@@ -62,6 +65,7 @@ def close(a, b):
 
 
 def compare_safetensors(new, old):
+    tolerance = 1e-4 if new.name == "reference.safetensors" else 1e-6
     with safe_open(new, "pt") as n, safe_open(old, "pt") as o:
         if n.metadata() != o.metadata():
             return f"metadata {n.metadata()} != {o.metadata()}"
@@ -73,7 +77,7 @@ def compare_safetensors(new, old):
                 return f"{key}: {a.dtype}{list(a.shape)} != {b.dtype}{list(b.shape)}"
             if a.dtype.is_floating_point:
                 a, b = a.double(), b.double()
-                excess = ((a - b).abs() - 1e-6 * b.abs().clamp(min=1.0)).max().item()
+                excess = ((a - b).abs() - tolerance * b.abs().clamp(min=1.0)).max().item()
                 if not excess <= 0:
                     return f"{key}: differs by up to {(a - b).abs().max().item():.3e}"
             elif not torch.equal(a, b):
