@@ -396,7 +396,7 @@ mod tests {
     use super::*;
     use crate::ops::{
         check::{reference_causal_softmax, same_values_and_gradients},
-        rotary::composed as rotary,
+        rotary::apply_rotary as rotary,
     };
 
     /// The attention from candle's ops, written out independently of the op.

@@ -2,11 +2,12 @@
 //! (`ops::rms_norm`, `ops::softmax_last_dim`, `rotary_emb::rope`): the training path must use
 //! these, or gradients silently stop.
 //!
-//! On the CPU in f32 each is one custom op with its own backward. Composed from candle's
-//! elementwise ops, each would be several graph nodes, and candle's backward gives every node a
-//! zeroed gradient buffer it adds into: on a small model those passes over activations cost
-//! more than the matmuls. Elsewhere (a GPU, bf16) they are composed from candle's ops, and the
-//! tests check the two forms agree, values and gradients.
+//! On the CPU in f32 the training path's attention, RMSNorm and SwiGLU are custom ops with
+//! their own backward. Composed from candle's elementwise ops, each would be several graph
+//! nodes, and candle's backward gives every node a zeroed gradient buffer it adds into: on a
+//! small model those passes over activations cost more than the matmuls. Elsewhere (a GPU,
+//! bf16) they are composed from candle's ops, and the tests check the two forms agree, values
+//! and gradients.
 
 use candle_core::{D, Result, Tensor};
 

@@ -1,33 +1,12 @@
 //! Rotary position embedding.
 
-use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Result, Shape, Tensor};
-
-use crate::gemm::{f32_values, with_f32};
+use candle_core::{D, Result, Tensor};
 
 /// Rotary embedding in transformers' (non-interleaved) layout: `x·cos + rotate_half(x)·sin`
 /// with `cos`, `sin` broadcast against `x` (`[batch, heads, seq, head_dim]` against
-/// `[seq, head_dim]` in training). On the CPU in f32 with `[seq, head_dim]` tables, one op
-/// whose backward is the inverse rotation: `dx = g·cos + rotate_halfᵀ(g·sin)`.
+/// `[seq, head_dim]`). The CPU training path rotates inside its attention op with [`rotate`]
+/// and [`rotate_back`].
 pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let rank = x.rank();
-    let fused = x.device().is_cpu()
-        && x.dtype() == DType::F32
-        && rank >= 2
-        && x.dim(D::Minus1)? % 2 == 0
-        && cos.dims() == &x.dims()[rank - 2..]
-        && sin.dims() == cos.dims();
-    if fused {
-        let tables = |t: &Tensor| t.detach().to_dtype(DType::F32)?.contiguous();
-        x.contiguous()?.apply_op1(Rotary {
-            cos: tables(cos)?,
-            sin: tables(sin)?,
-        })
-    } else {
-        composed(x, cos, sin)
-    }
-}
-
-pub(super) fn composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let half = x.dim(D::Minus1)? / 2;
     let x1 = x.narrow(D::Minus1, 0, half)?;
     let x2 = x.narrow(D::Minus1, half, half)?;
@@ -37,8 +16,8 @@ pub(super) fn composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor>
     x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
 }
 
-/// One head's row `x` rotated into `out`, with its position's `cos` and `sin` rows: the
-/// composed form's arithmetic, term for term, `x·cos + (−x₂, x₁)·sin`.
+/// One head's row `x` rotated into `out`, with its position's `cos` and `sin` rows:
+/// [`apply_rotary`]'s arithmetic, term for term, `x·cos + (−x₂, x₁)·sin`.
 pub(super) fn rotate(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
     let half = x.len() / 2;
     for i in 0..half {
@@ -56,73 +35,31 @@ pub(super) fn rotate_back(g: &[f32], cos: &[f32], sin: &[f32], dx: &mut [f32]) {
     }
 }
 
-struct Rotary {
-    /// `[seq, head_dim]`.
-    cos: Tensor,
-    sin: Tensor,
-}
-
-impl Rotary {
-    /// Applies `rotate` to every `head_dim` row of `x` with its position's `cos` and `sin`
-    /// rows, into a new buffer.
-    fn map(
-        &self,
-        x: &[f32],
-        rotate: impl Fn(&[f32], &[f32], &[f32], &mut [f32]),
-    ) -> Result<Vec<f32>> {
-        with_f32(&self.cos, "rotary", |cos| {
-            with_f32(&self.sin, "rotary", |sin| {
-                let (seq, dim) = self.cos.dims2()?;
-                let mut out = vec![0f32; x.len()];
-                for (row, (x, o)) in x
-                    .chunks_exact(dim)
-                    .zip(out.chunks_exact_mut(dim))
-                    .enumerate()
-                {
-                    let at = (row % seq) * dim..(row % seq + 1) * dim;
-                    rotate(x, &cos[at.clone()], &sin[at], o);
-                }
-                Ok(out)
-            })
-        })
-    }
-}
-
-impl CustomOp1 for Rotary {
-    fn name(&self) -> &'static str {
-        "rotary"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_values(storage, layout, self.name())?;
-        let out = self.map(x, rotate)?;
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
-    }
-
-    fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let dx = with_f32(grad, self.name(), |g| self.map(g, rotate_back))?;
-        Tensor::from_vec(dx, x.shape(), x.device()).map(Some)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use candle_core::Device;
 
     use super::*;
-    use crate::ops::check::same_values_and_gradients;
 
     #[test]
-    fn the_fused_rotation_equals_the_composed_one_with_the_same_gradient() -> Result<()> {
+    fn rotating_a_row_equals_the_tensor_form_and_rotating_back_is_its_transpose() -> Result<()> {
         let device = Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &device)?;
-        let angles = Tensor::randn(0f32, 2.0, (5, 8), &device)?;
-        let (cos, sin) = (angles.cos()?, angles.sin()?);
-        same_values_and_gradients(
-            &[x],
-            |t| apply_rotary(&t[0], &cos, &sin),
-            |t| composed(&t[0], &cos, &sin),
-            1e-6,
-        )
+        let row = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        let (x, g) = (
+            Tensor::randn(0f32, 1.0, (1, 8), &device)?,
+            Tensor::randn(0f32, 1.0, (1, 8), &device)?,
+        );
+        let angles = Tensor::randn(0f32, 2.0, (1, 8), &device)?;
+        let (cos, sin) = (row(&angles.cos()?)?, row(&angles.sin()?)?);
+        let (mut rotated, mut back) = ([0f32; 8], [0f32; 8]);
+        rotate(&row(&x)?, &cos, &sin, &mut rotated);
+        rotate_back(&row(&g)?, &cos, &sin, &mut back);
+        let expected = row(&apply_rotary(&x, &angles.cos()?, &angles.sin()?)?)?;
+        assert_eq!(rotated.to_vec(), expected, "the same arithmetic");
+        // ⟨rotate(x), g⟩ = ⟨x, rotate_back(g)⟩: rotate_back is the gradient.
+        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(a, b)| a * b).sum::<f32>();
+        let (lhs, rhs) = (dot(&rotated, &row(&g)?), dot(&row(&x)?, &back));
+        assert!((lhs - rhs).abs() < 1e-5, "{lhs} vs {rhs}");
+        Ok(())
     }
 }

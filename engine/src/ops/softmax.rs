@@ -1,29 +1,17 @@
 //! Causal attention probabilities.
 
-use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Result, Shape, Tensor};
+use candle_core::{D, Result, Tensor};
 
 use super::{exp, softmax_last_dim, sum};
-use crate::gemm::f32_values;
 
-/// Attention probabilities from f32 scores `[.., queries, keys]`: softmax of `scores · scale`
-/// over the keys each query may see — causal, and within `window` when the model has a
-/// sliding window — with the rest exactly 0. The last `queries` of `keys` positions are the
-/// queries (all of them in training; the new ones after a KV cache).
-///
-/// On the CPU one op with the scale and the mask inside; attention scores are the largest
-/// activations of a training step. Its backward uses the saved probabilities:
-/// `dscores = scale · p · (dp − Σ dp·p)`. Elsewhere (a GPU, or f16/bf16 scores) the same from
-/// tensor ops: scaled, a −∞ mask added, then [`softmax_last_dim`].
+/// Attention probabilities from scores `[.., queries, keys]`: softmax of `scores · scale` over
+/// the keys each query may see — causal, and within `window` when the model has a sliding
+/// window — with the rest exactly 0. The last `queries` of `keys` positions are the queries
+/// (all of them in training; the new ones after a KV cache). Tensor ops: scaled, a −∞ mask
+/// added, then [`softmax_last_dim`]; the CPU paths have their own ([`super::causal_attention`]
+/// in training, the server's host attention).
 pub fn causal_softmax(scores: &Tensor, scale: f64, window: Option<usize>) -> Result<Tensor> {
-    if scores.device().is_cpu() && scores.dtype() == DType::F32 {
-        scores.apply_op1(CausalSoftmax { window, scale })
-    } else {
-        masked_softmax(&(scores * scale)?, window)
-    }
-}
-
-/// [`causal_softmax`] of already scaled scores, from candle's own ops.
-fn masked_softmax(scores: &Tensor, window: Option<usize>) -> Result<Tensor> {
+    let scores = (scores * scale)?;
     let (queries, keys) = (scores.dim(D::Minus2)?, scores.dim(D::Minus1)?);
     let mask: Vec<f32> = (0..queries)
         .flat_map(|q| {
@@ -83,82 +71,23 @@ pub(super) fn visible(
     (first, last)
 }
 
-struct CausalSoftmax {
-    window: Option<usize>,
-    scale: f64,
-}
-
-impl CustomOp1 for CausalSoftmax {
-    fn name(&self) -> &'static str {
-        "causal-softmax"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let values = f32_values(storage, layout, self.name())?;
-        let dims = layout.dims();
-        let (queries, keys) = match dims {
-            [.., q, k] if k >= q => (*q, *k),
-            _ => candle_core::bail!(
-                "{}: scores {dims:?} are not [.., queries, keys]",
-                self.name()
-            ),
-        };
-        #[allow(clippy::cast_possible_truncation)]
-        let scale = self.scale as f32;
-        let mut out = vec![0f32; values.len()];
-        for (row, (input, output)) in values
-            .chunks_exact(keys)
-            .zip(out.chunks_exact_mut(keys))
-            .enumerate()
-        {
-            let (first, last) = visible(self.window, row % queries, queries, keys);
-            let (input, output) = (&input[first..=last], &mut output[first..=last]);
-            for (o, &x) in output.iter_mut().zip(input) {
-                *o = x * scale;
-            }
-            softmax_in_place(output);
-        }
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
-    }
-
-    fn bwd(&self, _: &Tensor, probs: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        // Masked positions have p = 0, so they get no gradient without a mask here.
-        let dot = (grad * probs)?.sum_keepdim(D::Minus1)?;
-        Ok(Some(((grad.broadcast_sub(&dot)? * probs)? * self.scale)?))
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use candle_core::{Device, Var};
+    use candle_core::Device;
 
     use super::*;
-    use crate::ops::check::{max_diff, reference_causal_softmax as reference_softmax};
+    use crate::ops::check::{reference_causal_softmax, same_values_and_gradients};
 
     #[test]
-    fn causal_softmax_equals_masking_then_softmax_with_the_same_gradient() -> Result<()> {
-        let device = Device::Cpu;
+    fn causal_softmax_masks_the_keys_each_query_may_not_see() -> Result<()> {
         for (queries, window) in [(5, None), (5, Some(2)), (2, None), (3, Some(3))] {
-            let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (2, 3, queries, 5), &device)?)?;
-            let weights = Tensor::randn(0f32, 1.0, (2, 3, queries, 5), &device)?;
-            let scale = 0.3;
-            let fused = causal_softmax(x.as_tensor(), scale, window)?;
-            let reference = reference_softmax(x.as_tensor(), scale, window)?;
-            // The tensor-op form other devices take, checked here on the CPU.
-            let fallback = masked_softmax(&(x.as_tensor() * scale)?, window)?;
-            for ours in [&fused, &fallback] {
-                let diff = max_diff(ours, &reference)?;
-                assert!(diff < 1e-6, "{queries} queries, window {window:?}: {diff}");
-            }
-            let grad = |y: &Tensor| -> Result<Tensor> {
-                let grads = (y * &weights)?.sum_all()?.backward()?;
-                Ok(grads.get(x.as_tensor()).expect("a gradient").clone())
-            };
-            let diff = max_diff(&grad(&fused)?, &grad(&reference)?)?;
-            assert!(
-                diff < 1e-5,
-                "gradient, {queries} queries, window {window:?}: {diff}"
-            );
+            let x = Tensor::randn(0f32, 2.0, (2, 3, queries, 5), &Device::Cpu)?;
+            same_values_and_gradients(
+                &[x],
+                |t| causal_softmax(&t[0], 0.3, window),
+                |t| reference_causal_softmax(&t[0], 0.3, window),
+                1e-6,
+            )?;
         }
         Ok(())
     }
