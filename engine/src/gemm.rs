@@ -5,7 +5,7 @@
 
 use std::borrow::Cow;
 
-use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
 use gemm::Parallelism;
 
 /// A row-major `[rows, cols]` matrix, used as it is or transposed.
@@ -153,18 +153,41 @@ pub fn f32_values<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Res
     }
 }
 
+/// Whether `x` takes the fused CPU ops' path: f32 on the CPU.
+pub fn is_cpu_f32(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
 /// Runs `f` on the f32 values of a CPU tensor, in place when contiguous.
 pub fn with_f32<R>(tensor: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let tensor: Cow<'_, Tensor> = if tensor.is_contiguous() {
-        Cow::Borrowed(tensor)
-    } else {
-        Cow::Owned(tensor.contiguous()?)
-    };
-    let (storage, layout) = tensor.storage_and_layout();
-    let Storage::Cpu(storage) = &*storage else {
-        candle_core::bail!("{op}: needs tensors on the CPU");
-    };
-    f(f32_values(storage, layout, op)?)
+    with_f32s([tensor], op, |[values]| f(values))
+}
+
+/// [`with_f32`] for several tensors at once.
+pub fn with_f32s<const N: usize, R>(
+    tensors: [&Tensor; N],
+    op: &str,
+    f: impl FnOnce([&[f32]; N]) -> Result<R>,
+) -> Result<R> {
+    let tensors = tensors
+        .map(|t| -> Result<Cow<'_, Tensor>> {
+            Ok(if t.is_contiguous() {
+                Cow::Borrowed(t)
+            } else {
+                Cow::Owned(t.contiguous()?)
+            })
+        })
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let values = guards
+        .iter()
+        .map(|(storage, layout)| match &**storage {
+            Storage::Cpu(storage) => f32_values(storage, layout, op),
+            _ => candle_core::bail!("{op}: needs tensors on the CPU"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    f(values.try_into().expect("one slice per tensor"))
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use candle_core::{
 };
 
 use crate::{
-    gemm::{Mat, f32_values, matmul, with_f32},
+    gemm::{Mat, f32_values, is_cpu_f32, matmul, with_f32},
     nf4::Nf4Matrix,
     nf4_tensor::Nf4Tensor,
 };
@@ -43,9 +43,7 @@ impl FrozenWeight {
     /// there, else a copy (dequantized when NF4) that lives only for `f`.
     pub fn with_cpu_f32<R>(&self, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
         match self {
-            Self::Dense(w) if w.device().is_cpu() && w.dtype() == DType::F32 => {
-                with_f32(w, "frozen weight", f)
-            }
+            Self::Dense(w) if is_cpu_f32(w) => with_f32(w, "frozen weight", f),
             weight => with_f32(
                 &weight.to_dense(&Device::Cpu, DType::F32)?,
                 "frozen weight",
@@ -109,15 +107,10 @@ impl FrozenLinear {
     }
 }
 
-/// Whether `x` takes the fused CPU ops' path: f32 on the CPU.
-pub fn fused_on_cpu(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32
-}
-
 impl Module for FrozenLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let weight = self.weight.clone();
-        let y = if fused_on_cpu(x) {
+        let y = if is_cpu_f32(x) {
             x.apply_op1(FrozenMatmul { weight })?
         } else {
             let w = self.weight.to_dense(x.device(), x.dtype())?;

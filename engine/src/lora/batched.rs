@@ -15,7 +15,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, S
 use rayon::prelude::*;
 
 use super::Lora;
-use crate::{models::Site, ops::dot, peft::Adapter};
+use crate::{gemm::is_cpu_f32, models::Site, ops::dot, peft::Adapter};
 
 /// One pair laid out for serving: `A` `[rank, in]` and `Bᵀ` `[rank, out]`, contiguous, so
 /// both halves of the product read memory in order.
@@ -98,7 +98,7 @@ pub fn add_batched(x: &Tensor, y: &Tensor, segments: &[SegmentLora<'_>]) -> Resu
     if segments.iter().all(|s| s.lora.is_none()) {
         return Ok(y.clone());
     }
-    if x.device().is_cpu() && x.dtype() == DType::F32 && y.dtype() == DType::F32 {
+    if is_cpu_f32(x) && y.dtype() == DType::F32 {
         return x
             .contiguous()?
             .apply_op2_no_bwd(&y.contiguous()?, &BatchedLora { segments });

@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::Lora;
 use crate::{
-    gemm::{Mat, f32_values, matmul, matmul_into, with_f32},
+    gemm::{Mat, f32_values, matmul, matmul_into, with_f32, with_f32s},
     linear::{FrozenLinear, FrozenWeight, rows_and_output},
 };
 
@@ -119,39 +119,34 @@ impl CustomOp3 for LoraMatmul {
         let rank = a.dim(0)?;
         let rows = x.elem_count() / input;
         let scale = self.scale;
-        let (grad_x, grad_a, grad_b) = with_f32(grad, self.name(), |g| {
-            with_f32(x, self.name(), |xv| {
-                with_f32(a, self.name(), |av| {
-                    with_f32(b, self.name(), |bv| {
-                        let g = Mat::new(g, rows, out);
-                        let a = Mat::new(av, rank, input);
-                        let gb = matmul(g, Mat::new(bv, out, rank), 1.0);
-                        let gb = Mat::new(&gb, rows, rank);
-                        let mut grad_x = self
-                            .weight
-                            .with_cpu_f32(|w| Ok(matmul(g, Mat::new(w, out, input), 1.0)))?;
-                        match &self.mask {
-                            None => matmul_into(&mut grad_x, gb, a, scale, true),
-                            Some(mask) => {
-                                let through = matmul(gb, a, scale);
-                                with_f32(mask, self.name(), |m| {
-                                    for ((dx, t), m) in grad_x.iter_mut().zip(&through).zip(m) {
-                                        *dx += t * m;
-                                    }
-                                    Ok(())
-                                })?;
+        let (grad_x, grad_a, grad_b) =
+            with_f32s([grad, x, a, b], self.name(), |[g, xv, av, bv]| {
+                let g = Mat::new(g, rows, out);
+                let a = Mat::new(av, rank, input);
+                let gb = matmul(g, Mat::new(bv, out, rank), 1.0);
+                let gb = Mat::new(&gb, rows, rank);
+                let mut grad_x = self
+                    .weight
+                    .with_cpu_f32(|w| Ok(matmul(g, Mat::new(w, out, input), 1.0)))?;
+                match &self.mask {
+                    None => matmul_into(&mut grad_x, gb, a, scale, true),
+                    Some(mask) => {
+                        let through = matmul(gb, a, scale);
+                        with_f32(mask, self.name(), |m| {
+                            for ((dx, t), m) in grad_x.iter_mut().zip(&through).zip(m) {
+                                *dx += t * m;
                             }
-                        }
-                        let masked = self.masked(xv)?;
-                        let masked = Mat::new(&masked, rows, input);
-                        let xa = matmul(masked, a.t(), 1.0);
-                        let grad_a = matmul(gb.t(), masked, scale);
-                        let grad_b = matmul(g.t(), Mat::new(&xa, rows, rank), scale);
-                        Ok((grad_x, grad_a, grad_b))
-                    })
-                })
-            })
-        })?;
+                            Ok(())
+                        })?;
+                    }
+                }
+                let masked = self.masked(xv)?;
+                let masked = Mat::new(&masked, rows, input);
+                let xa = matmul(masked, a.t(), 1.0);
+                let grad_a = matmul(gb.t(), masked, scale);
+                let grad_b = matmul(g.t(), Mat::new(&xa, rows, rank), scale);
+                Ok((grad_x, grad_a, grad_b))
+            })?;
         Ok((
             Some(Tensor::from_vec(grad_x, x.shape(), x.device())?),
             Some(Tensor::from_vec(grad_a, a.shape(), a.device())?),

@@ -4,10 +4,7 @@
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 
-use crate::{
-    linear::{FrozenLinear, fused_on_cpu},
-    rng::Rng,
-};
+use crate::{gemm::is_cpu_f32, linear::FrozenLinear, rng::Rng};
 
 pub mod batched;
 pub mod fused;
@@ -119,7 +116,7 @@ impl LoraLinear {
         let Some(lora) = &self.lora else {
             return self.base.forward(x);
         };
-        if fused_on_cpu(x) && lora.a.dtype() == DType::F32 && lora.b.dtype() == DType::F32 {
+        if is_cpu_f32(x) && lora.a.dtype() == DType::F32 && lora.b.dtype() == DType::F32 {
             return fused::forward(&self.base, lora, x, dropout_mask);
         }
         let y = self.base.forward(x)?;

@@ -16,7 +16,7 @@ use super::{
     rotary::{rotate, rotate_back},
     softmax::{softmax_in_place, visible},
 };
-use crate::gemm::{Mat, f32_values, matmul_into, with_f32};
+use crate::gemm::{Mat, f32_values, matmul_into, with_f32s};
 
 /// The attention's geometry.
 #[derive(Clone, Copy, Debug)]
@@ -226,16 +226,14 @@ impl Attention {
         [q, k, v]: [&[f32]; 3],
         f: impl FnOnce(&[f32], &[f32], &[f32], (&[f32], &[f32])) -> Result<R>,
     ) -> Result<R> {
-        with_f32(&self.cos, NAME, |cos| {
-            with_f32(&self.sin, NAME, |sin| {
-                let Heads {
-                    heads, kv_heads, ..
-                } = self.heads;
-                let qh = shape.split(q, heads, Some((cos, sin)));
-                let kh = shape.split(k, kv_heads, Some((cos, sin)));
-                let vh = shape.split(v, kv_heads, None);
-                f(&qh, &kh, &vh, (cos, sin))
-            })
+        with_f32s([&self.cos, &self.sin], NAME, |[cos, sin]| {
+            let Heads {
+                heads, kv_heads, ..
+            } = self.heads;
+            let qh = shape.split(q, heads, Some((cos, sin)));
+            let kh = shape.split(k, kv_heads, Some((cos, sin)));
+            let vh = shape.split(v, kv_heads, None);
+            f(&qh, &kh, &vh, (cos, sin))
         })
     }
 }
@@ -303,16 +301,9 @@ impl CustomOp3 for Attention {
         _: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dq, dk, dv) = with_f32(q, NAME, |qv| {
-            with_f32(k, NAME, |kv| {
-                with_f32(v, NAME, |vv| {
-                    with_f32(grad, NAME, |g| {
-                        let (q_layout, k_layout, v_layout) = (q.layout(), k.layout(), v.layout());
-                        let shape = self.geometry(q_layout, k_layout, v_layout)?;
-                        self.backward(shape, [qv, kv, vv], g)
-                    })
-                })
-            })
+        let shape = self.geometry(q.layout(), k.layout(), v.layout())?;
+        let (dq, dk, dv) = with_f32s([q, k, v, grad], NAME, |[qv, kv, vv, g]| {
+            self.backward(shape, [qv, kv, vv], g)
         })?;
         Ok((
             Some(Tensor::from_vec(dq, q.shape(), q.device())?),

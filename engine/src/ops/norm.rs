@@ -2,13 +2,13 @@
 
 use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Result, Shape, Tensor};
 
-use crate::gemm::{f32_values, with_f32};
+use crate::gemm::{f32_values, is_cpu_f32, with_f32, with_f32s};
 
 /// RMSNorm as transformers computes it: in f32, then cast back, then times the (frozen)
 /// weight. On the CPU in f32, one op whose backward is
 /// `dx = (g⊙w − x̂ · mean(g⊙w⊙x̂)) / rms` with `x̂ = x / rms`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 {
+    if is_cpu_f32(x) && weight.dtype() == DType::F32 {
         x.contiguous()?.apply_op1(RmsNorm {
             weight: weight.detach().contiguous()?,
             eps,
@@ -72,31 +72,27 @@ impl CustomOp1 for RmsNorm {
 
     #[allow(clippy::cast_precision_loss)]
     fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let dx = with_f32(x, self.name(), |x| {
-            with_f32(grad, self.name(), |g| {
-                with_f32(&self.weight, self.name(), |w| {
-                    let n = w.len();
-                    let mut dx = vec![0f32; x.len()];
-                    for ((row, g), dx) in x
-                        .chunks_exact(n)
-                        .zip(g.chunks_exact(n))
-                        .zip(dx.chunks_exact_mut(n))
-                    {
-                        let inverse = 1.0 / self.rms(row);
-                        let mean = row
-                            .iter()
-                            .zip(g)
-                            .zip(w)
-                            .map(|((x, g), w)| g * w * x * inverse)
-                            .sum::<f32>()
-                            / n as f32;
-                        for (((dx, x), g), w) in dx.iter_mut().zip(row).zip(g).zip(w) {
-                            *dx = (g * w - x * inverse * mean) * inverse;
-                        }
-                    }
-                    Ok(dx)
-                })
-            })
+        let dx = with_f32s([x, grad, &self.weight], self.name(), |[x, g, w]| {
+            let n = w.len();
+            let mut dx = vec![0f32; x.len()];
+            for ((row, g), dx) in x
+                .chunks_exact(n)
+                .zip(g.chunks_exact(n))
+                .zip(dx.chunks_exact_mut(n))
+            {
+                let inverse = 1.0 / self.rms(row);
+                let mean = row
+                    .iter()
+                    .zip(g)
+                    .zip(w)
+                    .map(|((x, g), w)| g * w * x * inverse)
+                    .sum::<f32>()
+                    / n as f32;
+                for (((dx, x), g), w) in dx.iter_mut().zip(row).zip(g).zip(w) {
+                    *dx = (g * w - x * inverse * mean) * inverse;
+                }
+            }
+            Ok(dx)
         })?;
         Tensor::from_vec(dx, x.shape(), x.device()).map(Some)
     }

@@ -3,15 +3,12 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 use super::exp;
-use crate::gemm::{f32_values, with_f32};
+use crate::gemm::{f32_values, is_cpu_f32, with_f32s};
 
 /// `silu(gate) · up`, `silu(x) = x · sigmoid(x)`. On the CPU in f32, one op whose backward is
 /// `dgate = g · up · σ(gate) · (1 + gate · (1 − σ(gate)))`, `dup = g · silu(gate)`.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    let fused = gate.device().is_cpu()
-        && gate.dtype() == DType::F32
-        && up.dtype() == DType::F32
-        && gate.dims() == up.dims();
+    let fused = is_cpu_f32(gate) && up.dtype() == DType::F32 && gate.dims() == up.dims();
     if fused {
         gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
     } else {
@@ -61,19 +58,15 @@ impl CustomOp2 for SwiGlu {
         _: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (d_gate, d_up) = with_f32(gate, self.name(), |gate| {
-            with_f32(up, self.name(), |up| {
-                with_f32(grad, self.name(), |grad| {
-                    let mut d_gate = vec![0f32; gate.len()];
-                    let mut d_up = vec![0f32; gate.len()];
-                    for i in 0..gate.len() {
-                        let (g, s) = (gate[i], sigmoid(gate[i]));
-                        d_gate[i] = grad[i] * up[i] * s * (1.0 + g * (1.0 - s));
-                        d_up[i] = grad[i] * g * s;
-                    }
-                    Ok((d_gate, d_up))
-                })
-            })
+        let (d_gate, d_up) = with_f32s([gate, up, grad], self.name(), |[gate, up, grad]| {
+            let mut d_gate = vec![0f32; gate.len()];
+            let mut d_up = vec![0f32; gate.len()];
+            for i in 0..gate.len() {
+                let (g, s) = (gate[i], sigmoid(gate[i]));
+                d_gate[i] = grad[i] * up[i] * s * (1.0 + g * (1.0 - s));
+                d_up[i] = grad[i] * g * s;
+            }
+            Ok((d_gate, d_up))
         })?;
         Ok((
             Some(Tensor::from_vec(d_gate, gate.shape(), gate.device())?),

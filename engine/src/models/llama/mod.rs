@@ -7,7 +7,8 @@ use candle_nn::VarBuilder;
 
 use super::config::{Config, Rope};
 use crate::{
-    linear::{FrozenLinear, FrozenWeight, fused_on_cpu},
+    gemm::is_cpu_f32,
+    linear::{FrozenLinear, FrozenWeight},
     lora::{Lora, LoraLinear, dropout_mask},
     ops::{Heads, apply_rotary, causal_attention, causal_softmax, rms_norm, swiglu},
     rng::Rng,
@@ -253,7 +254,7 @@ impl Llama {
             project(Site::VProj, x)?,
         );
         let (cos, sin) = (&positions.cos, &positions.sin);
-        if fused_on_cpu(&q) {
+        if is_cpu_f32(&q) {
             let geometry = Heads {
                 heads: cfg.num_heads,
                 kv_heads: cfg.num_kv_heads,

@@ -14,6 +14,7 @@ use super::{Llama, Site, repeat_kv};
 use rayon::prelude::*;
 
 use crate::{
+    gemm::is_cpu_f32,
     lora::batched::{SegmentLora, ServingAdapter, add_batched},
     ops::{apply_rotary, causal_softmax, dot, rms_norm},
 };
@@ -185,7 +186,7 @@ impl Llama {
         let q = apply_rotary(&q.reshape((rows, heads, dim))?, &cos, &sin)?;
         let k = apply_rotary(&k.reshape((rows, kv_heads, dim))?, &cos, &sin)?;
         let v = v.reshape((rows, kv_heads, dim))?;
-        if q.device().is_cpu() && q.dtype() == DType::F32 {
+        if is_cpu_f32(&q) {
             return self.host_attention(layer, [&q, &k, &v], segments, packed);
         }
         #[allow(clippy::cast_precision_loss)]
