@@ -11,11 +11,10 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{max_abs_diff, model, model_on, reference, tiny};
 use graft_engine::{
-    lora::batched::ServingAdapter,
-    models::{KvCache, Precision, Segment},
-    nf4::Nf4Matrix,
-    nf4_tensor::Nf4Tensor,
-    peft::Adapter,
+    adapters::{Adapter, ServingAdapter},
+    backend::KvCache,
+    models::{Precision, Segment},
+    quant::{Nf4Matrix, Nf4Tensor},
     rng::Rng,
 };
 
@@ -99,7 +98,10 @@ fn a_mixed_adapter_batch_on_the_gpu_equals_the_cpus() {
             Some(&serving[1]),
             Some(&serving[0]),
         ];
-        let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(&llama)).collect();
+        let mut caches: Vec<KvCache> = prompts
+            .iter()
+            .map(|_| KvCache::new(llama.num_layers()))
+            .collect();
         let mut segments: Vec<Segment<'_>> = prompts
             .iter()
             .zip(caches.iter_mut())

@@ -4,10 +4,11 @@ use std::path::Path;
 
 use graft_api::ServerInfo;
 use graft_engine::{
+    adapters::Site,
     device::{DeviceChoice, compute_dtype},
-    models::{Config, Llama, Precision, Site, load_weights, source},
+    models::{Config, Llama, Precision, load_weights, source},
     storage::{self, ObjectUri, S3Options},
-    tokenizer::Tokenizer,
+    text::tokenizer::Tokenizer,
 };
 
 /// The context when `--max-model-len` is not given (or the model's, if shorter).

@@ -8,7 +8,7 @@ use std::{
     time::Instant,
 };
 
-use graft_engine::models::{KvCache, Segment};
+use graft_engine::{backend::KvCache, models::Segment};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{
@@ -195,7 +195,7 @@ fn start(model: &BaseModel, request: Request) -> Running {
     Running {
         prefix,
         prefix_text,
-        cache: KvCache::new(&model.llama),
+        cache: KvCache::new(model.llama.num_layers()),
         pending: request.prompt.len() - first,
         feed: request.prompt[..first].to_vec(),
         sampler: Sampler::new(request.sampling.clone()),

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{BASE, Server, TOKEN, random_adapter, store, text, upload};
-use graft_engine::models::Site;
+use graft_engine::adapters::Site;
 use graft_testenv::S3Server;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};

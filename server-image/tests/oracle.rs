@@ -9,7 +9,7 @@ mod common;
 use std::{path::Path, process::Command};
 
 use common::{BASE, Server, TOKEN, model_dir, random_adapter, store};
-use graft_engine::models::Site;
+use graft_engine::adapters::Site;
 use graft_testenv::{S3Server, oracle_python, repo_root};
 use graft_trainer::job;
 

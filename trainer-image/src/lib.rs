@@ -9,4 +9,5 @@ pub mod loss;
 pub mod optim;
 pub mod progress;
 pub mod schedule;
+pub mod tiny;
 pub mod train;

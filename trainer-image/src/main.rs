@@ -4,11 +4,11 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use graft_engine::{
-    device::DeviceChoice,
+use graft_engine::device::DeviceChoice;
+use graft_trainer::{
+    job::{self, JobError},
     tiny::{TinySpec, write_tiny_model},
 };
-use graft_trainer::job::{self, JobError};
 
 // Training allocates and frees activation-sized buffers on every op; glibc's malloc hands
 // large ones back to the kernel each time, and the page faults of getting them again cost

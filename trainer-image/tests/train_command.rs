@@ -9,7 +9,7 @@ use std::{
 };
 
 use candle_core::Device;
-use graft_engine::peft::Adapter;
+use graft_engine::adapters::Adapter;
 use graft_testenv::S3Server;
 use sha2::{Digest, Sha256};
 

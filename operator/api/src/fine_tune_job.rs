@@ -268,6 +268,11 @@ pub struct Training {
     /// Recompute each layer's activations in the backward pass instead of keeping them.
     #[serde(default = "default_true")]
     pub gradient_checkpointing: bool,
+    /// Evaluate on the validation split every this many optimiser steps, as well as at the
+    /// end of each epoch. Unset: at the end of each epoch only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub eval_every_steps: Option<u32>,
 }
 
 impl Default for Training {
@@ -284,6 +289,7 @@ impl Default for Training {
             checkpoint_every_steps: default_checkpoint_every_steps(),
             max_grad_norm: default_max_grad_norm(),
             gradient_checkpointing: default_true(),
+            eval_every_steps: None,
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use graft_api::{AssignedVersion, GraftJson, ServerInfo};
 use graft_engine::{
-    peft::AdapterConfig,
+    adapters::AdapterConfig,
     storage::{self, ObjectUri, S3Options},
 };
 
@@ -28,8 +28,8 @@ pub fn incompatibility(
         ));
     }
     let targets = match &config.target_modules {
-        graft_engine::peft::TargetModules::Names(names) => names.clone(),
-        graft_engine::peft::TargetModules::Pattern(p) => vec![p.clone()],
+        graft_engine::adapters::TargetModules::Names(names) => names.clone(),
+        graft_engine::adapters::TargetModules::Pattern(p) => vec![p.clone()],
     };
     if let Some(unknown) = targets.iter().find(|t| !info.target_modules.contains(t)) {
         return Some(format!(

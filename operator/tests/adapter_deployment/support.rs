@@ -7,14 +7,12 @@
 use std::{path::PathBuf, time::Duration};
 
 use graft_api::{AdapterDeployment, all_crds};
-use graft_engine::{
-    models::{Config, Site},
-    tiny::random_adapter,
-};
+use graft_engine::{adapters::Site, models::Config};
 use graft_testenv::{
     ControlPlane, Daemon, S3Server, eventually, install_crds, repo_root, unique_name,
     workspace_binary,
 };
+use graft_trainer::tiny::random_adapter;
 use k8s_openapi::{
     api::{
         apps::v1::Deployment,

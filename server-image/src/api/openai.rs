@@ -13,7 +13,7 @@ use axum::{
     },
 };
 use futures::{Stream, StreamExt, stream};
-use graft_engine::chat::Message;
+use graft_engine::text::chat::Message;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;

@@ -3,14 +3,37 @@
 
 #![allow(dead_code)] // each test binary uses a subset
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use graft_engine::{
-    models::{Config, Llama, Precision, Site, load_weights},
-    peft::AdapterConfig,
+    adapters::{AdapterConfig, Site},
+    models::{Config, Llama, Precision, load_weights},
 };
 use graft_trainer::{adapters::Adapters, train::Example};
+
+/// `engine/tests/data/tiny/<name>`: the reference models every crate's tests share. Read at
+/// run time, not baked in with `env!`: a shared, cached target directory may hold a binary
+/// compiled in another checkout.
+pub fn tiny(name: &str) -> PathBuf {
+    PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("run through cargo"))
+        .join("../engine/tests/data/tiny")
+        .join(name)
+}
+
+/// Input ids (u32) and logits from `<dir>/reference.safetensors`.
+pub fn reference(dir: &Path) -> (Tensor, Tensor) {
+    let tensors = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
+        .expect("reference");
+    let ids = tensors["input_ids"].to_dtype(DType::U32).expect("ids");
+    (ids, tensors["logits"].clone())
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+        .expect("comparable tensors")
+}
 
 /// engine/tests/data/tiny/llama on the CPU in f32.
 pub fn tiny_llama(precision: Precision) -> Llama {
@@ -18,8 +41,7 @@ pub fn tiny_llama(precision: Precision) -> Llama {
 }
 
 pub fn tiny_llama_on(precision: Precision, device: &Device, dtype: DType) -> Llama {
-    let dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("run through cargo"))
-        .join("../engine/tests/data/tiny/llama");
+    let dir = tiny("llama");
     let text = std::fs::read_to_string(dir.join("config.json")).expect("config.json");
     let config = Config::from_json(&text).expect("config");
     let vb = load_weights(&dir, dtype, device).expect("weights");
