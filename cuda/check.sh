@@ -6,6 +6,7 @@
 #
 #     bash cuda/check.sh            # what CI runs
 #     bash cuda/check.sh --release  # also the release binaries to copy to a GPU machine
+#     bash cuda/check.sh --bundle DIR  # release binaries + GPU tests, stripped, for device-check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CUDA_ROOT=$(bash cuda/toolkit.sh)
@@ -21,4 +22,28 @@ cargo clippy --locked "${cuda[@]}" --all-targets -- -D warnings
 cargo build --locked "${cuda[@]}" --bins --test cuda
 if [[ ${1:-} == --release ]]; then
   cargo build --locked --release "${cuda[@]}" --bins
+fi
+if [[ ${1:-} == --bundle ]]; then
+  # What a GPU machine needs besides a checkout of the same commit (cuda/device-check.sh):
+  # the release binaries and the GPU test binaries, stripped, under 64 MiB in all.
+  out=${2:?usage: cuda/check.sh --bundle DIR}
+  cargo build --locked --release "${cuda[@]}" --bins
+  mkdir -p "$out"
+  for bin in graft-trainer graft-server; do
+    strip -o "$out/$bin" "${CARGO_TARGET_DIR:-target}/release/$bin"
+  done
+  # The test binaries of the `cuda` test targets, as cargo names them.
+  cargo test --locked --release "${cuda[@]}" --test cuda --no-run --message-format=json \
+    | python3 -c '
+import json, os, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "cuda" and m.get("executable"):
+        print(os.path.basename(os.path.dirname(m["manifest_path"])), m["executable"])
+' | while read -r package exe; do
+    strip -o "$out/cuda-test-$package" "$exe"
+  done
+  size=$(du -cb "$out"/* | tail -1 | cut -f1)
+  echo "bundle: $(ls "$out" | tr '\n' ' ') — $((size / 1048576)) MiB" >&2
+  (( size < 64 * 1048576 )) || { echo "the bundle is over 64 MiB" >&2; exit 1; }
 fi

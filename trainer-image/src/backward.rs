@@ -209,7 +209,7 @@ fn recomputed(
 
 /// Logits a chunk of the loss may hold at once (256 MiB in f32): a Llama-3 vocabulary over
 /// 2048 positions would be 1 GiB per sequence, and its log-softmax as much again.
-const LOSS_CHUNK_LOGITS: usize = 1 << 26;
+pub const LOSS_CHUNK_LOGITS: usize = 1 << 26;
 
 /// Positions per chunk of the loss for `batch`.
 fn loss_chunk(model: &Llama, batch: &Batch) -> Result<usize> {

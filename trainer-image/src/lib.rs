@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod dataset;
 pub mod job;
 pub mod loss;
+pub mod memory;
 pub mod optim;
 pub mod progress;
 pub mod schedule;

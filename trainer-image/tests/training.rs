@@ -237,3 +237,10 @@ fn the_loss_in_chunks_of_positions_equals_the_whole_loss() {
         );
     }
 }
+
+/// The GPU path's step (the device backend), run on the CPU: the fused CPU backend's loss and
+/// gradients, with the same dropout masks, in f32 and within bf16's rounding in bf16.
+#[test]
+fn the_device_backend_on_the_cpu_steps_as_the_cpu_backend_does() {
+    common::device_step_matches_the_cpu_backend(&Device::Cpu);
+}

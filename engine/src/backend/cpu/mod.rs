@@ -12,7 +12,7 @@ use crate::adapters::{Lora, SegmentLora};
 mod attention;
 mod batch;
 mod cached_attention;
-pub mod gemm;
+mod gemm;
 mod linear;
 mod lora;
 mod math;
@@ -20,8 +20,6 @@ mod norm;
 mod rotary;
 mod softmax;
 mod swiglu;
-
-pub use math::dot;
 
 /// See the module's documentation.
 #[derive(Debug)]

@@ -24,7 +24,7 @@ use candle_core::{
 use crate::backend::{CachedRows, Heads, Rotary};
 
 /// Bytes of f32 scores one block may hold.
-const SCORES_BUDGET: usize = 128 << 20;
+pub const SCORES_BUDGET: usize = 128 << 20;
 /// Added to the scores of keys a query may not see: far below any real score, yet finite, so
 /// no NaN can come from `−∞ − (−∞)`.
 const HIDDEN: f64 = 1e30;
@@ -229,20 +229,25 @@ fn forward_blocks(
             ))?;
             let k = kh.narrow(2, keys.start, keys.len())?;
             let v = vh.narrow(2, keys.start, keys.len())?;
-            let scores = q
-                .matmul(&k.t()?)?
-                .to_dtype(DType::F32)?
+            // One block-sized tensor replaces the last at each step (a chained expression
+            // would keep every intermediate alive to its end).
+            let mut scores = q.matmul(&k.t()?)?;
+            scores = scores.to_dtype(DType::F32)?;
+            scores = scores
                 .reshape((batch, kv_heads, group, len, keys.len()))?
-                .affine(heads.scale, 0.0)?
-                .broadcast_add(&bias(positions, &at, &keys, heads.window)?)?;
+                .affine(heads.scale, 0.0)?;
+            scores = scores.broadcast_add(&bias(positions, &at, &keys, heads.window)?)?;
             let max = scores.max_keepdim(D::Minus1)?;
-            let exp = scores.broadcast_sub(&max)?.exp()?;
-            let total = exp.sum_keepdim(D::Minus1)?;
-            let probs = exp.broadcast_div(&total)?;
+            scores = scores.broadcast_sub(&max)?;
+            scores = scores.exp()?;
+            let total = scores.sum_keepdim(D::Minus1)?;
             let lse = (max + total.log()?)?.squeeze(D::Minus1)?;
-            let out = probs
+            let mut probs = scores.broadcast_div(&total)?;
+            drop(scores);
+            probs = probs
                 .reshape((batch, kv_heads, group * len, keys.len()))?
-                .to_dtype(v.dtype())?
+                .to_dtype(v.dtype())?;
+            let out = probs
                 .matmul(&v)?
                 .reshape((batch, kv_heads, group, len, dim))?;
             Ok(BlockOut {
@@ -424,22 +429,22 @@ impl Attention {
                 self.vh.narrow(2, ks.start, ks.len())?,
             );
             let shape = (batch, kv_heads, group, qs.len(), ks.len());
-            let scores = q
-                .matmul(&k.t()?)?
-                .to_dtype(DType::F32)?
-                .reshape(shape)?
-                .affine(heads.scale, 0.0)?
-                .broadcast_add(&bias(&self.rotary.positions, qs, ks, heads.window)?)?;
-            let probs = scores
-                .broadcast_sub(&lse.narrow(3, qs.start, qs.len())?.unsqueeze(D::Minus1)?)?
-                .exp()?;
-            let dp = rows(&grad_h, qs)?
-                .matmul(&v.t()?)?
-                .to_dtype(DType::F32)?
-                .reshape(shape)?;
-            let ds = (&probs
-                * dp.broadcast_sub(&delta.narrow(3, qs.start, qs.len())?.unsqueeze(D::Minus1)?)?)?;
             let flat = (batch, kv_heads, group * qs.len(), ks.len());
+            // As in the forward, each block-sized tensor replaces the last.
+            let mut probs = q.matmul(&k.t()?)?;
+            probs = probs.to_dtype(DType::F32)?;
+            probs = probs.reshape(shape)?.affine(heads.scale, 0.0)?;
+            probs = probs.broadcast_add(&bias(&self.rotary.positions, qs, ks, heads.window)?)?;
+            probs =
+                probs.broadcast_sub(&lse.narrow(3, qs.start, qs.len())?.unsqueeze(D::Minus1)?)?;
+            probs = probs.exp()?;
+            let mut dp = rows(&grad_h, qs)?.matmul(&v.t()?)?;
+            dp = dp.to_dtype(DType::F32)?;
+            dp = dp
+                .reshape(shape)?
+                .broadcast_sub(&delta.narrow(3, qs.start, qs.len())?.unsqueeze(D::Minus1)?)?;
+            let ds = (&probs * &dp)?;
+            drop(dp);
             Ok((probs.reshape(flat)?, ds.reshape(flat)?))
         };
         let mut dq = Vec::new();
@@ -463,6 +468,7 @@ impl Attention {
             let qs = ks.start..last;
             let (probs, ds) = recompute(&qs, &ks)?;
             dv.push(probs.to_dtype(dtype)?.t()?.matmul(&rows(&grad_h, &qs)?)?);
+            drop(probs);
             dk.push(
                 ds.to_dtype(dtype)?
                     .t()?

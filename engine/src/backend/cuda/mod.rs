@@ -17,6 +17,7 @@ mod batch;
 pub(crate) mod kernels;
 mod linear;
 
+pub use attention::SCORES_BUDGET;
 pub(crate) use batch::grouped_adapters;
 
 /// See the module's documentation.
