@@ -23,8 +23,9 @@ pub use common::{LocalObjectRef, SecretRef};
 pub use crd::{all_crds, crds_yaml};
 pub use fine_tune_job::{
     AdapterArtifact, DatasetFormat, DatasetSource, FineTuneJob, FineTuneJobPhase, FineTuneJobSpec,
-    FineTuneJobStatus, LoraConfig, Method, ModelSource, OutputTarget, Progress, Quantization,
-    Resources, Scheduler, StorageConfig, TargetModule, TrainerResult, Training,
+    FineTuneJobStatus, LoraConfig, LossPoint, MAX_HISTORY_POINTS, Method, ModelSource,
+    OutputTarget, Progress, Quantization, Resources, Scheduler, StorageConfig, TargetModule,
+    TrainerResult, Training,
 };
 
 /// The API group of every Graft resource.
