@@ -10,6 +10,7 @@ mod artifact;
 mod common;
 mod crd;
 mod fine_tune_job;
+mod reference;
 
 pub use adapter_deployment::{
     AdapterDeployment, AdapterDeploymentPhase, AdapterDeploymentSpec, AdapterDeploymentStatus,
@@ -27,6 +28,7 @@ pub use fine_tune_job::{
     OutputTarget, Progress, Quantization, Resources, Scheduler, StorageConfig, TargetModule,
     TrainerResult, Training,
 };
+pub use reference::api_reference;
 
 /// The API group of every Graft resource.
 pub const GROUP: &str = "graft.dev";
