@@ -8,7 +8,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-# shellcheck source=versions.env
+# shellcheck source=tests/controlplane/versions.env
 source "$here/versions.env"
 tools=${GRAFT_TOOLS_DIR:-$HOME/.cache/graft/tools}
 mkdir -p "$tools"
