@@ -42,8 +42,12 @@ pub enum Change {
     Canary(AdapterSource, u32),
 }
 
+/// What the command line asked for.
 #[derive(Debug)]
-pub struct Options {
+pub struct Request {
+    /// The AdapterDeployment's name.
+    pub deployment: String,
+    pub change: Change,
     pub timeout: Duration,
     pub force_conflicts: bool,
     pub dry_run: bool,
@@ -114,19 +118,18 @@ pub fn versions(
 pub async fn run(
     client: &Client,
     namespace: &str,
-    name: &str,
-    change: &Change,
-    options: &Options,
+    request: &Request,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
+    let name = request.deployment.as_str();
     let api: Api<AdapterDeployment> = Api::namespaced(client.clone(), namespace);
     let current = api
         .get_opt(name)
         .await
         .with_context(|| format!("reading AdapterDeployment {name}"))?
         .with_context(|| format!("no AdapterDeployment {name} in namespace {namespace}"))?;
-    let versions = versions(&current.spec.versions, change)?;
-    if options.dry_run {
+    let versions = versions(&current.spec.versions, &request.change)?;
+    if request.dry_run {
         let manifest = json!({
             "apiVersion": "graft.dev/v1alpha1",
             "kind": "AdapterDeployment",
@@ -145,7 +148,7 @@ pub async fn run(
         .into_iter()
         .filter(|m| GITOPS_MANAGERS.contains(&m.as_str()))
         .collect();
-    if !gitops.is_empty() && !options.force_conflicts {
+    if !gitops.is_empty() && !request.force_conflicts {
         bail!(
             "spec.versions of adapterdeployment/{name} is managed by {}: change it in Git \
              (--dry-run prints the manifest to commit), or take it over with --force-conflicts \
@@ -178,7 +181,7 @@ pub async fn run(
         shown.join(" + ")
     )?;
     let generation = applied.metadata.generation.unwrap_or_default();
-    let outcome = wait(&api, name, generation, options.timeout, out).await;
+    let outcome = wait(&api, name, generation, request.timeout, out).await;
     let latest = api
         .get(name)
         .await

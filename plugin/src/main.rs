@@ -95,12 +95,24 @@ struct EditArgs {
 }
 
 impl EditArgs {
-    fn options(&self) -> edit::Options {
-        edit::Options {
+    /// The edit of `deployment` that makes `version` the only one, or gives it `percent`.
+    fn request(
+        &self,
+        deployment: &str,
+        version: &str,
+        percent: Option<u32>,
+    ) -> anyhow::Result<edit::Request> {
+        let source = edit::parse_version(version, self.sha256.as_deref())?;
+        Ok(edit::Request {
+            deployment: deployment.to_owned(),
+            change: match percent {
+                Some(percent) => edit::Change::Canary(source, percent),
+                None => edit::Change::Promote(source),
+            },
             timeout: std::time::Duration::from_secs(self.timeout),
             force_conflicts: self.force_conflicts,
             dry_run: self.dry_run,
-        }
+        })
     }
 }
 
@@ -136,17 +148,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             version,
             edit,
         } => {
-            let source = edit::parse_version(&version, edit.sha256.as_deref())?;
-            let change = edit::Change::Promote(source);
-            edit::run(
-                &client,
-                &namespace,
-                &deployment,
-                &change,
-                &edit.options(),
-                &mut out,
-            )
-            .await?;
+            let request = edit.request(&deployment, &version, None)?;
+            edit::run(&client, &namespace, &request, &mut out).await?;
         }
         Command::Canary {
             deployment,
@@ -154,17 +157,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             percent,
             edit,
         } => {
-            let source = edit::parse_version(&version, edit.sha256.as_deref())?;
-            let change = edit::Change::Canary(source, percent);
-            edit::run(
-                &client,
-                &namespace,
-                &deployment,
-                &change,
-                &edit.options(),
-                &mut out,
-            )
-            .await?;
+            let request = edit.request(&deployment, &version, Some(percent))?;
+            edit::run(&client, &namespace, &request, &mut out).await?;
         }
         Command::Logs { job, follow } => {
             logs::run(&client, &namespace, &job, follow, &mut out).await?;

@@ -20,17 +20,7 @@ async fn setup(prefix: &str) -> (&'static ControlPlane, Client, String) {
 }
 
 fn plugin(cp: &ControlPlane, args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(PLUGIN)
-        .args(args)
-        .env("KUBECONFIG", cp.kubeconfig())
-        .output()
-        .expect("kubectl-graft runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    cp.run(std::path::Path::new(PLUGIN), args)
 }
 
 /// A FineTuneJob with `status` written through the status subresource.

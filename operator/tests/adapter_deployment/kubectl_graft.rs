@@ -3,26 +3,16 @@
 //! every server pod and the versions, and leaves the pods serving exactly what it said.
 
 use graft_api::AdapterDeployment;
-use graft_testenv::{S3Server, workspace_binary};
+use graft_testenv::{ControlPlane, S3Server, workspace_binary};
 use kube::{Api, api::PostParams};
 use serde_json::Value;
 
 use crate::support::{Fleet, Version, listing, manifest, setup, start_operator, wait_for_reason};
 
-/// Runs `kubectl-graft ARGS -n NS` against the test control plane; `(success, stdout+stderr)`.
-fn kubectl_graft(kubeconfig: &std::path::Path, ns: &str, args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(workspace_binary("kubectl-graft"))
-        .args(args)
-        .args(["--namespace", ns])
-        .env("KUBECONFIG", kubeconfig)
-        .output()
-        .expect("kubectl-graft runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+/// Runs `kubectl-graft ARGS -n NS` against the test control plane.
+fn kubectl_graft(cp: &ControlPlane, ns: &str, args: &[&str]) -> (bool, String) {
+    let args = [args, &["--namespace", ns]].concat();
+    cp.run(&workspace_binary("kubectl-graft"), &args)
 }
 
 /// The (sha256, weight) pairs a pod serves under `name`.
@@ -69,7 +59,7 @@ async fn kubectl_graft_canary_and_promote_wait_for_ready_and_show_each_pod() {
 
     let Version { uri, sha256 } = &v2;
     let (ok, out) = kubectl_graft(
-        cp.kubeconfig(),
+        cp,
         &ns,
         &[
             "canary",
@@ -123,7 +113,7 @@ async fn kubectl_graft_canary_and_promote_wait_for_ready_and_show_each_pod() {
     );
 
     let (ok, out) = kubectl_graft(
-        cp.kubeconfig(),
+        cp,
         &ns,
         &["promote", "bot", uri, "--sha256", sha256, "--timeout", "60"],
     );

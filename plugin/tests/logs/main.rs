@@ -218,12 +218,10 @@ async fn logs_follow_a_retried_trainer_to_the_end_of_the_job() {
     assert_eq!(output.lines(), expected, "{stderr}");
 
     // Without --follow, after the fact: both attempts, then the outcome.
-    let out = Command::new(PLUGIN)
-        .args(["logs", "colours", "-n", &ns])
-        .env("KUBECONFIG", cp.kubeconfig())
-        .output()
-        .expect("kubectl-graft runs");
-    assert!(out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout);
+    let (ok, text) = cp.run(
+        std::path::Path::new(PLUGIN),
+        &["logs", "colours", "-n", &ns],
+    );
+    assert!(ok, "{text}");
     assert_eq!(text.lines().collect::<Vec<_>>(), expected, "{text}");
 }
