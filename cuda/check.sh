@@ -17,7 +17,7 @@ export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 # Always the same packages, features and dev-dependencies (every command builds a test target):
 # another resolution of candle-kernels' build dependencies reruns nvcc on its kernels (17 min).
 cuda=(-p graft-engine -p graft-trainer -p graft-server
-  --features graft-engine/cuda,graft-trainer/cuda,graft-server/cuda)
+  --features "graft-engine/cuda,graft-trainer/cuda,graft-server/cuda")
 cargo clippy --locked "${cuda[@]}" --all-targets -- -D warnings
 cargo build --locked "${cuda[@]}" --bins --test cuda
 if [[ ${1:-} == --release ]]; then

@@ -33,6 +33,8 @@ struct Cli {
 enum Command {
     /// Print the CustomResourceDefinitions as YAML (what `crds/` and the chart hold).
     Crd,
+    /// Print the API reference of both kinds as Markdown (what `docs/reference/api.md` holds).
+    Docs,
     /// Run the controllers.
     Run(Box<RunArgs>),
 }
@@ -102,6 +104,10 @@ fn main() -> anyhow::Result<()> {
                 .context("writing the CRDs to stdout")?;
             Ok(())
         }
+        Command::Docs => std::io::stdout()
+            .lock()
+            .write_all(graft_api::api_reference().as_bytes())
+            .context("writing the API reference to stdout"),
         Command::Run(args) => {
             init_logging();
             tokio::runtime::Runtime::new()

@@ -13,3 +13,14 @@ fn committed_crds_match_the_api_types() {
         );
     }
 }
+
+#[test]
+fn committed_api_reference_matches_the_api_types() {
+    let file = "docs/reference/api.md";
+    let committed =
+        std::fs::read_to_string(graft_testenv::repo_root().join(file)).unwrap_or_default();
+    assert!(
+        committed == graft_api::api_reference(),
+        "{file} is stale: regenerate it with `cargo run -p graft-operator -- docs > {file}`"
+    );
+}

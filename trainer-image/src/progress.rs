@@ -1,6 +1,7 @@
 //! Where training progress goes: a JSON line per step on stdout (a progress bar instead when
 //! stdout is a terminal), the FineTuneJob's `status.progress` through server-side apply with
-//! the trainer's own field manager, and checkpoints to the output store.
+//! the trainer's own field manager (with a short loss history, see `history`), and
+//! checkpoints to the output store.
 
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,7 @@ use tokio::runtime::Runtime;
 
 use crate::{
     checkpoint::Checkpoint,
+    history::LossHistory,
     job::save_checkpoint,
     train::{HookError, Hooks, StepReport},
 };
@@ -32,6 +34,7 @@ pub struct Progress<'rt> {
     bar: Option<ProgressBar>,
     last: Option<StepReport>,
     eval_loss: Option<f64>,
+    history: LossHistory,
 }
 
 struct Status {
@@ -40,6 +43,8 @@ struct Status {
     /// Set after the first failure to build a client: progress then stays local.
     unavailable: bool,
     last_patch: Option<Instant>,
+    /// Whether an earlier attempt's loss history has been read (once, before the first patch).
+    seeded: bool,
 }
 
 impl std::fmt::Debug for Status {
@@ -66,6 +71,7 @@ impl<'rt> Progress<'rt> {
                 client: None,
                 unavailable: false,
                 last_patch: None,
+                seeded: false,
             }),
             bar: terminal.then(|| {
                 let bar = ProgressBar::new(0);
@@ -79,6 +85,7 @@ impl<'rt> Progress<'rt> {
             }),
             last: None,
             eval_loss: None,
+            history: LossHistory::default(),
         }
     }
 
@@ -130,8 +137,14 @@ impl<'rt> Progress<'rt> {
     }
 
     fn patch_status(&mut self, report: &StepReport) {
-        let eval_loss = self.eval_loss;
-        let Some(status) = &mut self.status else {
+        let Self {
+            rt,
+            status,
+            history,
+            eval_loss,
+            ..
+        } = self;
+        let Some(status) = status else {
             return;
         };
         let last = report.step == report.total_steps;
@@ -144,24 +157,7 @@ impl<'rt> Progress<'rt> {
             return;
         }
         status.last_patch = Some(Instant::now());
-        let progress = graft_api::Progress {
-            step: report.step,
-            total_steps: report.total_steps,
-            epoch: report.epoch,
-            loss: Some(report.loss),
-            eval_loss,
-            tokens_per_second: Some(report.tokens_per_second),
-            eta_seconds: Some(report.eta_seconds),
-            updated_at: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                k8s_openapi::jiff::Timestamp::now(),
-            )),
-        };
-        let patch = serde_json::json!({
-            "apiVersion": "graft.dev/v1alpha1",
-            "kind": "FineTuneJob",
-            "status": {"progress": progress},
-        });
-        let result = self.rt.block_on(async {
+        let result = rt.block_on(async {
             if status.client.is_none() {
                 status.client = Some(
                     Client::try_default()
@@ -171,6 +167,35 @@ impl<'rt> Progress<'rt> {
             }
             let client = status.client.clone().expect("set above");
             let api: Api<FineTuneJob> = Api::namespaced(client, &status.target.namespace);
+            if !status.seeded {
+                // A retried pod resumes after a checkpoint: keep the curve its predecessors drew.
+                let job = api
+                    .get_status(&status.target.name)
+                    .await
+                    .map_err(|e| (false, e.to_string()))?;
+                if let Some(earlier) = job.status.and_then(|s| s.progress) {
+                    history.seed(&earlier.history);
+                }
+                status.seeded = true;
+            }
+            let progress = graft_api::Progress {
+                step: report.step,
+                total_steps: report.total_steps,
+                epoch: report.epoch,
+                loss: Some(report.loss),
+                eval_loss: *eval_loss,
+                tokens_per_second: Some(report.tokens_per_second),
+                eta_seconds: Some(report.eta_seconds),
+                updated_at: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::now(),
+                )),
+                history: history.points().to_vec(),
+            };
+            let patch = serde_json::json!({
+                "apiVersion": "graft.dev/v1alpha1",
+                "kind": "FineTuneJob",
+                "status": {"progress": progress},
+            });
             api.patch_status(
                 &status.target.name,
                 &PatchParams::apply(FIELD_MANAGER).force(),
@@ -193,6 +218,12 @@ impl Hooks for Progress<'_> {
         if report.eval_loss.is_some() {
             self.eval_loss = report.eval_loss;
         }
+        self.history.record(
+            report.step,
+            report.total_steps,
+            report.loss,
+            report.eval_loss,
+        );
         self.print(report);
         self.patch_status(report);
         self.last = Some(report.clone());

@@ -447,6 +447,18 @@ async fn progress_reaches_the_finetunejobs_status_under_the_trainers_own_rights(
     );
     assert!(progress.loss.is_some() && progress.eval_loss.is_some());
     assert!(progress.updated_at.is_some());
+    // The loss curve `kubectl graft loss` draws: every step of this short run, the last one
+    // being the step reported, with the validation loss at each epoch's end.
+    let steps: Vec<u64> = progress.history.iter().map(|p| p.step).collect();
+    assert_eq!(steps, (1..=24).collect::<Vec<_>>());
+    assert_eq!(progress.history.last().map(|p| p.loss), progress.loss);
+    let evals: Vec<u64> = progress
+        .history
+        .iter()
+        .filter(|p| p.eval_loss.is_some())
+        .map(|p| p.step)
+        .collect();
+    assert_eq!(evals, [3, 6, 9, 12, 15, 18, 21, 24], "3 steps per epoch");
     let managers: Vec<_> = job
         .metadata
         .managed_fields

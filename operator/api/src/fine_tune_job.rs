@@ -479,6 +479,27 @@ pub struct Progress {
     /// When the trainer wrote this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated_at: Option<Time>,
+    /// The loss curve so far, for `kubectl graft loss`: at most about 250 points, evenly
+    /// spaced over the run's steps, plus the steps where the validation loss was measured.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_HISTORY_POINTS))]
+    pub history: Vec<LossPoint>,
+}
+
+/// How many points `status.progress.history` holds at most (the schema's `maxItems`).
+pub const MAX_HISTORY_POINTS: u32 = 256;
+
+/// One point of the loss curve.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LossPoint {
+    /// Optimiser steps done.
+    pub step: u64,
+    /// Training loss of that step.
+    pub loss: f64,
+    /// Loss on the validation split, where it was measured at that step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
 }
 
 /// A finished adapter in object storage.

@@ -10,6 +10,7 @@ mod artifact;
 mod common;
 mod crd;
 mod fine_tune_job;
+mod reference;
 
 pub use adapter_deployment::{
     AdapterDeployment, AdapterDeploymentPhase, AdapterDeploymentSpec, AdapterDeploymentStatus,
@@ -23,9 +24,11 @@ pub use common::{LocalObjectRef, SecretRef};
 pub use crd::{all_crds, crds_yaml};
 pub use fine_tune_job::{
     AdapterArtifact, DatasetFormat, DatasetSource, FineTuneJob, FineTuneJobPhase, FineTuneJobSpec,
-    FineTuneJobStatus, LoraConfig, Method, ModelSource, OutputTarget, Progress, Quantization,
-    Resources, Scheduler, StorageConfig, TargetModule, TrainerResult, Training,
+    FineTuneJobStatus, LoraConfig, LossPoint, MAX_HISTORY_POINTS, Method, ModelSource,
+    OutputTarget, Progress, Quantization, Resources, Scheduler, StorageConfig, TargetModule,
+    TrainerResult, Training,
 };
+pub use reference::api_reference;
 
 /// The API group of every Graft resource.
 pub const GROUP: &str = "graft.dev";

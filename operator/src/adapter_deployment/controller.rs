@@ -216,6 +216,11 @@ async fn apply(ad: &AdapterDeployment, ctx: &Context) -> Result<Action, Error> {
         }
     };
     let next = status(ad, &outcome, Timestamp::now());
+    ctx.metrics.set_adapter_deployment_phase(
+        &ad.namespace().unwrap_or_default(),
+        &ad.name_any(),
+        next.phase,
+    );
     // Rolling out or repairing: look again soon. Ready, or waiting on something a watch
     // reports (a job, a spec change): at the re-check interval.
     // A conflict ends when the other deployment is gone, which no watch of this one reports.
@@ -542,6 +547,8 @@ async fn cleanup(ad: &AdapterDeployment, ctx: &Context) -> Result<Action, Error>
         }
         record_in_config_map(ctx, ad, &servers.deployment, None).await?;
     }
+    ctx.metrics
+        .set_adapter_deployment_phase(&namespace, &ad.name_any(), None);
     info!("adapter unloaded");
     Ok(Action::await_change())
 }

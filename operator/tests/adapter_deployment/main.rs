@@ -3,6 +3,7 @@
 //! load with no failed request and no restart, recovery of a restarted pod and of drift,
 //! incompatible adapters refused while the servers keep serving, and unloading on delete.
 
+mod kubectl_graft;
 mod support;
 
 use std::time::Duration;

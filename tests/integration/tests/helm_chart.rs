@@ -79,7 +79,8 @@ async fn rendered_chart_passes_server_side_dry_run() {
             // One model server, so its Deployment and Service are validated too.
             "--set",
             "servers[0].name=llama,servers[0].model.uri=s3://models/llama/,servers[0].gpus=1,\
-             servers[0].storage.secretName=s3-credentials,networkPolicy.enabled=true",
+             servers[0].storage.secretName=s3-credentials,networkPolicy.enabled=true,\
+             dashboards.enabled=true",
         ],
     ))
     .stdout;
@@ -97,6 +98,11 @@ async fn rendered_chart_passes_server_side_dry_run() {
         "service/llama",
         "networkpolicy.networking.k8s.io/graft-operator",
         "networkpolicy.networking.k8s.io/llama",
+        // The Grafana dashboards (the PrometheusRule needs the Prometheus Operator's CRD;
+        // tests/monitoring/check.sh checks it with promtool).
+        "configmap/graft-operator-dashboard",
+        "configmap/graft-training-dashboard",
+        "configmap/graft-serving-dashboard",
     ] {
         // "created", or "configured" for the cluster-scoped CRDs another test installed already.
         let accepted = stdout
@@ -190,6 +196,8 @@ async fn bad_values_are_rejected_by_the_schema() {
         ("operator.logLevel=loud", "logLevel"),
         ("operator.image.pullPolicy=Sometimes", "pullPolicy"),
         ("operator.replica=2", "replica"),
+        ("prometheusRule.degradedFor=soon", "degradedFor"),
+        ("dashboards.namespace=Not_A_Namespace", "namespace"),
     ] {
         let out = helm(cp, &["template", "graft", chart, "--set", value])
             .output()

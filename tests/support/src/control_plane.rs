@@ -227,6 +227,22 @@ impl ControlPlane {
         command
     }
 
+    /// Runs `program` with `args` against this control plane (its kubeconfig in `KUBECONFIG`,
+    /// as kubectl plugins read it): whether it succeeded, and its stdout then its stderr.
+    pub fn run(&self, program: &Path, args: &[&str]) -> (bool, String) {
+        let out = Command::new(program)
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", program.display()));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
     /// `kubectl apply --dry-run=server` of `manifests` in `namespace`: the apiserver runs
     /// admission and schema validation and stores nothing. Returns kubectl's report.
     ///
