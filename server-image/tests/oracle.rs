@@ -108,8 +108,12 @@ async fn structured_output_tool_calls_and_sampling_through_the_openai_client() {
     // The tools' descriptions make long prompts; the tiny model's rotary tables extend.
     let server = Server::start_with_model(&model, &["--max-model-len", "2048"]).await;
     let url = server.url.clone();
+    let tokenizer = model.join("tokenizer.json").display().to_string();
     tokio::task::spawn_blocking(move || {
-        run_script("openai_structured.py", &["--url", &url, "--model", "tools"]);
+        run_script(
+            "openai_structured.py",
+            &["--url", &url, "--model", "tools", "--tokenizer", &tokenizer],
+        );
     })
     .await
     .expect("script task");
