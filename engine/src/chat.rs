@@ -69,7 +69,7 @@ impl ChatTemplate {
         special_tokens: &SpecialTokens,
     ) -> Result<String, Error> {
         self.render_with_tools(
-            Value::from_serialize(messages),
+            &Value::from_serialize(messages),
             None,
             add_generation_prompt,
             special_tokens,
@@ -81,8 +81,8 @@ impl ChatTemplate {
     /// transformers passes `apply_chat_template(messages, tools=...)`.
     pub fn render_with_tools(
         &self,
-        messages: Value,
-        tools: Option<Value>,
+        messages: &Value,
+        tools: Option<&Value>,
         add_generation_prompt: bool,
         special_tokens: &SpecialTokens,
     ) -> Result<String, Error> {
@@ -95,7 +95,7 @@ impl ChatTemplate {
         self.env.get_template(NAME)?.render(context! {
             messages,
             add_generation_prompt,
-            tools => tools.unwrap_or_else(|| Value::from(())),
+            tools => tools.cloned().unwrap_or_else(|| Value::from(())),
             documents => Value::from(()),
             bos_token,
             eos_token,
@@ -489,13 +489,13 @@ mod tests {
         let special = SpecialTokens::default();
         assert_eq!(
             template
-                .render_with_tools(messages.clone(), Some(tools), false, &special)
+                .render_with_tools(&messages, Some(&tools), false, &special)
                 .expect("renders"),
             r#"[f]f({"x": 1})c1False"#
         );
         assert_eq!(
             template
-                .render_with_tools(messages, None, false, &special)
+                .render_with_tools(&messages, None, false, &special)
                 .expect("renders"),
             r#"f({"x": 1})c1True"#
         );

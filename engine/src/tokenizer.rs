@@ -204,8 +204,8 @@ impl Tokenizer {
     ) -> Result<String> {
         self.compiled_template()?
             .render_with_tools(
-                minijinja::Value::from_serialize(messages),
-                tools.map(minijinja::Value::from_serialize),
+                &minijinja::Value::from_serialize(messages),
+                tools.map(minijinja::Value::from_serialize).as_ref(),
                 add_generation_prompt,
                 &self.special,
             )

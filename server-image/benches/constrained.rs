@@ -50,10 +50,9 @@ fn corpus() -> Vec<String> {
             } else if path
                 .extension()
                 .is_some_and(|e| e == "rs" || e == "md" || e == "yaml")
+                && let Ok(text) = std::fs::read_to_string(&path)
             {
-                if let Ok(text) = std::fs::read_to_string(&path) {
-                    texts.extend(text.lines().map(str::to_owned));
-                }
+                texts.extend(text.lines().map(str::to_owned));
             }
         }
     }
@@ -119,6 +118,8 @@ fn mask_cost(dir: &std::path::Path) {
         }
     }
     masks.sort();
+    #[allow(clippy::cast_precision_loss)]
+    let commit = commits.as_secs_f64() * 1e6 / tokens.max(1) as f64;
     let mean = masks.iter().sum::<Duration>() / u32::try_from(masks.len()).expect("count");
     println!(
         "grammar mask, {vocab}-token vocabulary, JSON schema (compiled in {:.1} ms), {tokens} tokens: \
@@ -127,7 +128,7 @@ fn mask_cost(dir: &std::path::Path) {
         mean.as_secs_f64() * 1e6,
         masks[masks.len() / 2].as_secs_f64() * 1e6,
         masks[masks.len() * 99 / 100].as_secs_f64() * 1e6,
-        commits.as_secs_f64() * 1e6 / tokens.max(1) as f64,
+        commit,
     );
 }
 

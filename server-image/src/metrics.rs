@@ -200,7 +200,7 @@ impl Metrics {
     /// in memory at once (`max_lora`).
     pub fn set_served_model(&self, model: &str, max_lora: usize) {
         let mut router = self.router();
-        router.model = model.to_owned();
+        model.clone_into(&mut router.model);
         router.max_lora = max_lora;
     }
 

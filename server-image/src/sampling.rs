@@ -53,7 +53,7 @@ impl Sampling {
     fn adjusts(&self) -> bool {
         self.presence_penalty != 0.0
             || self.frequency_penalty != 0.0
-            || self.repetition_penalty != 1.0
+            || !is_one(self.repetition_penalty)
             || !self.logit_bias.is_empty()
     }
 }
@@ -80,7 +80,7 @@ pub struct Sampler {
 impl Sampler {
     pub fn new(settings: Sampling, prompt: &[u32]) -> Self {
         let rng = Rng::seed(settings.seed);
-        let mut prompt = if settings.repetition_penalty == 1.0 {
+        let mut prompt = if is_one(settings.repetition_penalty) {
             Vec::new()
         } else {
             prompt.to_vec()
@@ -97,6 +97,7 @@ impl Sampler {
 
     /// The sampler of another choice of the same request: its own random stream, so the
     /// choices differ, and the same history.
+    #[must_use]
     pub fn fork(&self, choice: usize) -> Self {
         let seed = self
             .settings
@@ -164,7 +165,7 @@ impl Sampler {
                 *score += bias;
             }
         }
-        if s.repetition_penalty != 1.0 {
+        if !is_one(s.repetition_penalty) {
             let seen = self.prompt.iter().chain(self.counts.keys());
             for &token in seen {
                 if let Some(score) = scores.get_mut(token as usize) {
@@ -241,6 +242,11 @@ impl Sampler {
         }
         candidates[kept - 1].0
     }
+}
+
+/// A repetition penalty of 1 is none.
+fn is_one(penalty: f32) -> bool {
+    (penalty - 1.0).abs() < f32::EPSILON
 }
 
 /// A seed from the clock, for requests that name none.

@@ -29,7 +29,7 @@ use crate::{
 const PREFILL_CHUNK: usize = 256;
 
 /// A generation request as the scheduler takes it: one prompt, one or more choices.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Request {
     pub prompt: Vec<u32>,
     pub stopping: Stopping,
@@ -123,14 +123,14 @@ impl Scheduler {
     ) -> Self {
         let (submit, requests) = mpsc::sync_channel(max_waiting.max(1));
         metrics.set_served_model(&model.info.model, model.info.max_loaded_adapters);
-        let batch = Batch {
+        let worker = Worker {
             model,
             max_batch: max_batch.max(1),
             metrics: metrics.clone(),
         };
         std::thread::Builder::new()
             .name("graft-scheduler".to_owned())
-            .spawn(move || batch.run(&requests))
+            .spawn(move || worker.run(&requests))
             .expect("spawning the scheduler thread");
         Self { submit, metrics }
     }
@@ -149,7 +149,7 @@ impl Scheduler {
     }
 }
 
-struct Batch {
+struct Worker {
     model: Arc<BaseModel>,
     max_batch: usize,
     metrics: Arc<Metrics>,
@@ -188,7 +188,7 @@ fn kv_cache_usage(running: &[Running], max_batch: usize, max_model_len: usize) -
     usage.min(1.0)
 }
 
-impl Batch {
+impl Worker {
     fn run(&self, requests: &mpsc::Receiver<Request>) {
         let mut running: Vec<Running> = Vec::new();
         loop {

@@ -244,43 +244,26 @@ impl ToolCallParser {
     fn find_calls(&mut self, out: &mut Vec<Delta>, end: bool) -> bool {
         let rest = &self.text[self.done..];
         let start = match self.format.marker() {
-            Some(marker) => match rest.find(marker) {
-                Some(at) => Some((at, marker.len())),
-                None => {
-                    // Hold back a tail that may be the marker's beginning, and the
-                    // whitespace before it, which a call's start would drop.
-                    let keep = if end {
-                        0
-                    } else {
-                        let partial = (1..marker.len().min(rest.len() + 1))
-                            .rev()
-                            .find(|&n| {
-                                rest.is_char_boundary(rest.len() - n)
-                                    && marker.starts_with(&rest[rest.len() - n..])
-                            })
-                            .unwrap_or(0);
-                        let before = &rest[..rest.len() - partial];
-                        partial + before.len() - before.trim_end().len()
-                    };
-                    let send = rest.len() - keep;
+            Some(marker) => {
+                let Some(at) = rest.find(marker) else {
+                    let send = rest.len() - if end { 0 } else { held_back(rest, marker) };
                     if send > 0 {
                         out.push(Delta::Content(rest[..send].to_owned()));
                         self.done += send;
                     }
                     return false;
-                }
-            },
+                };
+                Some((at, marker.len()))
+            }
             // Llama 3 calls are the whole output: a `{` first (after whitespace).
             None if self.done == 0 && self.calls == 0 => {
                 let trimmed = rest.trim_start();
                 if trimmed.is_empty() && !end {
                     return false;
                 }
-                if trimmed.starts_with('{') {
-                    Some((rest.len() - trimmed.len(), 0))
-                } else {
-                    None
-                }
+                trimmed
+                    .starts_with('{')
+                    .then_some((rest.len() - trimmed.len(), 0))
             }
             None => None,
         };
@@ -360,6 +343,19 @@ impl ToolCallParser {
             self.object = None;
         }
     }
+}
+
+/// How much of the end of `text` to hold back: a tail that may be the beginning of `marker`,
+/// and the whitespace before it, which a call's start would drop.
+fn held_back(text: &str, marker: &str) -> usize {
+    let partial = (1..marker.len().min(text.len() + 1))
+        .rev()
+        .find(|&n| {
+            text.is_char_boundary(text.len() - n) && marker.starts_with(&text[text.len() - n..])
+        })
+        .unwrap_or(0);
+    let before = &text[..text.len() - partial];
+    partial + before.len() - before.trim_end().len()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

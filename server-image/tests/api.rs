@@ -73,6 +73,55 @@ fn bad_requests() -> Vec<(&'static str, Value, u16, Option<&'static str>)> {
         ),
         (
             "/v1/completions",
+            json!({"model": BASE, "prompt": "hi", "logprobs": 50}),
+            400,
+            Some("logprobs"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": BASE, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}),
+            400,
+            Some("stop"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": BASE, "prompt": []}),
+            400,
+            Some("prompt"),
+        ),
+        ("/v1/completions", json!({"model": BASE}), 400, None),
+        (
+            "/v1/completions",
+            json!({"model": BASE, "prompt": "hi", "temperature": "hot"}),
+            400,
+            None,
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": BASE, "messages": []}),
+            400,
+            Some("messages"),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": BASE, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
+            400,
+            Some("messages"),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": BASE, "messages": [{"role": "wizard", "content": "hi"}]}),
+            400,
+            Some("messages"),
+        ),
+    ]
+}
+
+/// Fields the server does not implement, or values it cannot honour, each named.
+fn unsupported_requests() -> Vec<(&'static str, Value, u16, Option<&'static str>)> {
+    vec![
+        (
+            "/v1/completions",
             json!({"model": BASE, "prompt": "hi", "n": 2, "best_of": 3, "stream": true}),
             400,
             Some("best_of"),
@@ -131,56 +180,14 @@ fn bad_requests() -> Vec<(&'static str, Value, u16, Option<&'static str>)> {
             400,
             Some("tools"),
         ),
-        (
-            "/v1/completions",
-            json!({"model": BASE, "prompt": "hi", "logprobs": 50}),
-            400,
-            Some("logprobs"),
-        ),
-        (
-            "/v1/completions",
-            json!({"model": BASE, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}),
-            400,
-            Some("stop"),
-        ),
-        (
-            "/v1/completions",
-            json!({"model": BASE, "prompt": []}),
-            400,
-            Some("prompt"),
-        ),
-        ("/v1/completions", json!({"model": BASE}), 400, None),
-        (
-            "/v1/completions",
-            json!({"model": BASE, "prompt": "hi", "temperature": "hot"}),
-            400,
-            None,
-        ),
-        (
-            "/v1/chat/completions",
-            json!({"model": BASE, "messages": []}),
-            400,
-            Some("messages"),
-        ),
-        (
-            "/v1/chat/completions",
-            json!({"model": BASE, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
-            400,
-            Some("messages"),
-        ),
-        (
-            "/v1/chat/completions",
-            json!({"model": BASE, "messages": [{"role": "wizard", "content": "hi"}]}),
-            400,
-            Some("messages"),
-        ),
     ]
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     let server = Server::start(&[]).await;
-    let cases = bad_requests();
+    let mut cases = bad_requests();
+    cases.extend(unsupported_requests());
     let healthy = server.complete(BASE, "colour red", 4).await;
     for (path, body, status, param) in cases {
         let (got, answer) = server.post(path, body.clone()).await;
@@ -726,7 +733,16 @@ async fn prompts_choices_and_the_sampling_options_vllm_clients_send() {
         repeats(&token_ids(&penalised["choices"][0])) < repeats(&token_ids(&plain["choices"][0])),
         "{plain} vs {penalised}"
     );
+}
 
+#[tokio::test(flavor = "multi_thread")]
+async fn best_of_returns_the_likeliest_sample_and_the_router_gauges_are_served() {
+    let server = Server::start(&[]).await;
+    let post = async |body: Value| {
+        let (status, answer) = server.post("/v1/completions", body.clone()).await;
+        assert_eq!(status, 200, "{body} → {answer}");
+        answer
+    };
     // best_of returns the most likely of its samples: the same seed draws the same three.
     let three = post(json!({"model": BASE, "prompt": "colour", "max_tokens": 6, "temperature": 1, "seed": 11, "n": 3, "logprobs": 0})).await;
     let best = post(json!({"model": BASE, "prompt": "colour", "max_tokens": 6, "temperature": 1, "seed": 11, "best_of": 3})).await;

@@ -276,37 +276,24 @@ async fn run(state: Arc<AppState>, plan: Plan) -> Result<Response, ApiError> {
         tools: plan.tools.as_ref().map(|t| t.format),
         call_seed: state.next_id(),
     };
-    for (i, (prompt, _)) in plan.prompts.into_iter().enumerate() {
-        let mut sampling = sampling.clone();
-        let first_index = i * choices.best_of;
-        sampling.seed = sampling
-            .seed
-            .wrapping_add((first_index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let request = Request {
-            prompt,
-            stopping: stopping.clone(),
-            sampling,
-            choices: choices.best_of,
-            first_index,
-            constraint: constraint.clone(),
-            skip_special_tokens: plan.skip_special_tokens,
-            adapter: adapter.clone(),
-            adapter_name: if adapter.is_some() {
-                name.clone()
-            } else {
-                String::new()
-            },
-            events: events_tx.clone(),
-        };
-        match state.scheduler.submit(request) {
-            Ok(()) => {}
-            Err(Refused::Busy) => return Err(ApiError::busy()),
-            Err(Refused::Stopped) => {
-                return Err(ApiError::unavailable("the server is shutting down"));
-            }
-        }
-    }
-    drop(events_tx);
+    let request = Request {
+        prompt: Vec::new(),
+        stopping,
+        sampling,
+        choices: choices.best_of,
+        first_index: 0,
+        constraint,
+        skip_special_tokens: plan.skip_special_tokens,
+        adapter_name: if adapter.is_some() {
+            name.clone()
+        } else {
+            String::new()
+        },
+        adapter,
+        events: events_tx,
+    };
+    submit(&state, &request, plan.prompts)?;
+    drop(request);
     if plan.common.stream() {
         let include_usage = plan
             .common
@@ -317,6 +304,35 @@ async fn run(state: Arc<AppState>, plan: Plan) -> Result<Response, ApiError> {
     } else {
         Ok(collect(state.clone(), meta, events).await.into_response())
     }
+}
+
+/// Queues `request` once for each prompt, its choices numbered after the previous prompt's.
+fn submit(
+    state: &AppState,
+    request: &Request,
+    prompts: Vec<(Vec<u32>, String)>,
+) -> Result<(), ApiError> {
+    for (i, (prompt, _)) in prompts.into_iter().enumerate() {
+        let first_index = i * request.choices;
+        let mut sampling = request.sampling.clone();
+        sampling.seed = sampling
+            .seed
+            .wrapping_add((first_index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let request = Request {
+            prompt,
+            sampling,
+            first_index,
+            ..request.clone()
+        };
+        match state.scheduler.submit(request) {
+            Ok(()) => {}
+            Err(Refused::Busy) => return Err(ApiError::busy()),
+            Err(Refused::Stopped) => {
+                return Err(ApiError::unavailable("the server is shutting down"));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `max_tokens`, checked against the context the longest prompt leaves; by default all of it.

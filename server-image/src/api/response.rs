@@ -138,7 +138,7 @@ pub async fn collect(
     }
     let completion_tokens: usize = sequences.iter().map(|s| s.completion_tokens).sum();
     let mut choices = Vec::new();
-    for (prompt, chunk) in sequences.chunks_mut(meta.best_of).enumerate() {
+    for (prompt, chunk) in sequences.chunks(meta.best_of).enumerate() {
         // best_of: the n choices most likely under the model.
         let mut order: Vec<usize> = (0..chunk.len()).collect();
         if meta.best_of > meta.n {
@@ -150,8 +150,7 @@ pub async fn collect(
         }
         for (j, &k) in order.iter().take(meta.n).enumerate() {
             let index = prompt * meta.n + j;
-            let sequence = std::mem::take(&mut chunk[k]);
-            choices.push(full_choice(&state, &meta, index, prompt, sequence));
+            choices.push(full_choice(&state, &meta, index, prompt, &chunk[k]));
         }
     }
     Json(json!({
@@ -171,7 +170,7 @@ fn full_choice(
     meta: &Meta,
     index: usize,
     prompt: usize,
-    sequence: Sequence,
+    sequence: &Sequence,
 ) -> Value {
     let logprobs = meta
         .logprobs
