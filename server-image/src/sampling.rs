@@ -209,29 +209,44 @@ impl Sampler {
             .enumerate()
             .map(|(i, &l)| (u32::try_from(i).unwrap_or(u32::MAX), l / s.temperature))
             .collect();
-        candidates.sort_by(|a, b| b.1.total_cmp(&a.1));
-        if s.top_k > 0 {
+        let descending = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1);
+        if s.top_k > 0 && s.top_k < candidates.len() {
+            candidates.select_nth_unstable_by(s.top_k - 1, descending);
             candidates.truncate(s.top_k);
         }
-        let max = candidates[0].1;
+        // Only top-p and min-p need the candidates in order; sorting a whole vocabulary for
+        // every token would cost more than the rest of sampling.
+        let ordered = s.top_p < 1.0 || s.min_p > 0.0;
+        if ordered {
+            candidates.sort_by(descending);
+        }
+        let max = candidates
+            .iter()
+            .map(|c| c.1)
+            .fold(f32::NEG_INFINITY, f32::max);
+        if !max.is_finite() {
+            return argmax(logits);
+        }
         let mut weights: Vec<f32> = candidates.iter().map(|(_, l)| (l - max).exp()).collect();
-        if s.min_p > 0.0 {
-            // Weights are relative to the most likely token's, which is 1.
-            let kept = weights.iter().take_while(|&&w| w >= s.min_p).count();
-            weights.truncate(kept.max(1));
-        }
-        let total: f32 = weights.iter().sum();
-        // The smallest prefix whose probability reaches top_p (always at least one token).
-        let mut kept = 0;
-        let mut mass = 0.0;
-        for w in &weights {
-            kept += 1;
-            mass += w / total;
-            if mass >= s.top_p {
-                break;
+        if ordered {
+            if s.min_p > 0.0 {
+                // Weights are relative to the most likely token's, which is 1.
+                let kept = weights.iter().take_while(|&&w| w >= s.min_p).count();
+                weights.truncate(kept.max(1));
             }
+            let total: f32 = weights.iter().sum();
+            // The smallest prefix whose probability reaches top_p (always at least one token).
+            let mut kept = 0;
+            let mut mass = 0.0;
+            for w in &weights {
+                kept += 1;
+                mass += w / total;
+                if mass >= s.top_p {
+                    break;
+                }
+            }
+            weights.truncate(kept);
         }
-        weights.truncate(kept);
         let total: f32 = weights.iter().sum();
         let mut target = self.rng.next_f32() * total;
         for (i, w) in weights.iter().enumerate() {
@@ -240,7 +255,9 @@ impl Sampler {
             }
             target -= w;
         }
-        candidates[kept - 1].0
+        // Rounding: the last token with any weight.
+        let last = weights.iter().rposition(|&w| w > 0.0).unwrap_or(0);
+        candidates[last].0
     }
 }
 
