@@ -44,6 +44,6 @@ for line in sys.stdin:
     strip -o "$out/cuda-test-$package" "$exe"
   done
   size=$(du -cb "$out"/* | tail -1 | cut -f1)
-  echo "bundle: $(ls "$out" | tr '\n' ' ') — $((size / 1048576)) MiB" >&2
+  echo "bundle: $(cd "$out" && echo *) — $((size / 1048576)) MiB" >&2
   (( size < 64 * 1048576 )) || { echo "the bundle is over 64 MiB" >&2; exit 1; }
 fi

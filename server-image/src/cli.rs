@@ -56,6 +56,11 @@ pub struct Args {
     /// most 4096 (each sequence's KV cache may grow to this).
     #[arg(long, env = "GRAFT_MAX_MODEL_LEN")]
     pub max_model_len: Option<usize>,
+    /// How the model writes tool calls: auto (from its chat template), hermes (Qwen,
+    /// Hermes: `<tool_call>`), llama3_json, mistral (`[TOOL_CALLS]`), or none.
+    #[arg(long, env = "GRAFT_TOOL_CALL_PARSER", default_value = "auto",
+          value_parser = ["auto", "hermes", "llama3_json", "mistral", "none"])]
+    pub tool_call_parser: String,
     /// auto (the GPU when this build has CUDA and one is present), cpu, cuda or
     /// cuda:<ordinal>.
     #[arg(long, env = "GRAFT_DEVICE", default_value = "auto")]
@@ -79,6 +84,7 @@ impl Args {
             max_lora_rank: self.max_lora_rank,
             max_loaded_adapters: self.max_loaded_adapters,
             max_model_len: self.max_model_len,
+            tool_call_parser: self.tool_call_parser.clone(),
             device: self.device,
         }
     }

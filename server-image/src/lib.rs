@@ -4,10 +4,13 @@
 pub mod adapters;
 pub mod api;
 pub mod cli;
+pub mod constrain;
+pub mod detokenize;
 pub mod metrics;
 pub mod model;
 pub mod sampling;
 pub mod scheduler;
+pub mod tool_calls;
 
 use std::{path::Path, sync::Arc};
 

@@ -66,6 +66,7 @@ pub struct Encoded {
 #[derive(Debug)]
 struct Template {
     path: PathBuf,
+    source: String,
     compiled: std::result::Result<ChatTemplate, String>,
 }
 
@@ -125,6 +126,7 @@ impl Tokenizer {
         let template = source.map(|(path, source)| Template {
             path,
             compiled: ChatTemplate::new(&source).map_err(|e| e.to_string()),
+            source,
         });
         Ok(Self {
             dir: dir.to_owned(),
@@ -170,6 +172,16 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// The model directory's `tokenizer.json`.
+    pub fn path(&self) -> PathBuf {
+        self.dir.join("tokenizer.json")
+    }
+
+    /// The chat template's Jinja source, if the model has one.
+    pub fn chat_template_source(&self) -> Option<&str> {
+        self.template.as_ref().map(|t| t.source.as_str())
+    }
+
     /// The conversation as the model's chat template writes it, as transformers'
     /// `apply_chat_template(messages, tokenize=False, add_generation_prompt=...)` does.
     pub fn apply_chat_template(
@@ -177,23 +189,43 @@ impl Tokenizer {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<String> {
+        self.compiled_template()?
+            .render(messages, add_generation_prompt, &self.special)
+            .map_err(|source| TokenizerError::Render { source })
+    }
+
+    /// [`Tokenizer::apply_chat_template`] for OpenAI-shaped messages (with `tool_calls` and
+    /// `tool` turns) and a list of tools, as `apply_chat_template(messages, tools=tools)`.
+    pub fn apply_chat_template_with_tools(
+        &self,
+        messages: &[serde_json::Value],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        self.compiled_template()?
+            .render_with_tools(
+                &minijinja::Value::from_serialize(messages),
+                tools.map(minijinja::Value::from_serialize).as_ref(),
+                add_generation_prompt,
+                &self.special,
+            )
+            .map_err(|source| TokenizerError::Render { source })
+    }
+
+    fn compiled_template(&self) -> Result<&ChatTemplate> {
         let template = self
             .template
             .as_ref()
             .ok_or_else(|| TokenizerError::NoChatTemplate {
                 dir: self.dir.clone(),
             })?;
-        let compiled =
-            template
-                .compiled
-                .as_ref()
-                .map_err(|reason| TokenizerError::TemplateSyntax {
-                    path: template.path.clone(),
-                    reason: reason.clone(),
-                })?;
-        compiled
-            .render(messages, add_generation_prompt, &self.special)
-            .map_err(|source| TokenizerError::Render { source })
+        template
+            .compiled
+            .as_ref()
+            .map_err(|reason| TokenizerError::TemplateSyntax {
+                path: template.path.clone(),
+                reason: reason.clone(),
+            })
     }
 
     /// Plain text, every token a label: the tokenizer's special tokens, then eos.

@@ -1,8 +1,11 @@
 //! The HTTP surface: OpenAI endpoints, the admin API, health and metrics.
 
 mod admin;
+mod chat;
 mod error;
 mod openai;
+mod request;
+mod response;
 
 use std::sync::{
     Arc,
