@@ -10,6 +10,7 @@ mod artifact;
 mod common;
 mod crd;
 mod fine_tune_job;
+mod server_grant;
 
 pub use adapter_deployment::{
     AdapterDeployment, AdapterDeploymentPhase, AdapterDeploymentSpec, AdapterDeploymentStatus,
@@ -17,7 +18,7 @@ pub use adapter_deployment::{
 };
 pub use artifact::{
     AdapterAssignment, AdapterListing, AdaptersFile, AssignedVersion, Digested, GraftJson,
-    LoadState, Metrics, ServerInfo, StatusTarget, VersionState,
+    LoadState, Metrics, Owner, ServerInfo, StatusTarget, VersionState,
 };
 pub use common::{LocalObjectRef, SecretRef};
 pub use crd::{all_crds, crds_yaml};
@@ -26,6 +27,8 @@ pub use fine_tune_job::{
     FineTuneJobStatus, LoraConfig, Method, ModelSource, OutputTarget, Progress, Quantization,
     Resources, Scheduler, StorageConfig, TargetModule, TrainerResult, Training,
 };
+
+pub use server_grant::{GrantFrom, GrantTo, ServerGrant, ServerGrantSpec};
 
 /// The API group of every Graft resource.
 pub const GROUP: &str = "graft.dev";
