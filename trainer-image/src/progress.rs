@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use graft_api::{FineTuneJob, Metrics, StatusTarget};
+use graft_api::{AdapterArtifact, FineTuneJob, Metrics, StatusTarget};
 use graft_engine::storage::Location;
 use indicatif::{ProgressBar, ProgressStyle};
 use kube::{
@@ -40,6 +40,9 @@ struct Status {
     /// Set after the first failure to build a client: progress then stays local.
     unavailable: bool,
     last_patch: Option<Instant>,
+    /// The progress last applied: every apply as `graft-trainer` carries it, since server-side
+    /// apply drops the fields a manager's new apply leaves out.
+    progress: Option<graft_api::Progress>,
 }
 
 impl std::fmt::Debug for Status {
@@ -66,6 +69,7 @@ impl<'rt> Progress<'rt> {
                 client: None,
                 unavailable: false,
                 last_patch: None,
+                progress: None,
             }),
             bar: terminal.then(|| {
                 let bar = ProgressBar::new(0);
@@ -90,6 +94,72 @@ impl<'rt> Progress<'rt> {
             tokens_per_second: self.last.as_ref().map(|r| r.tokens_per_second),
             ..Metrics::default()
         }
+    }
+
+    /// Records the published adapter in the FineTuneJob's `status.adapter` before the trainer
+    /// exits, so the outcome survives the pod and its termination message (garbage-collected,
+    /// or the Job deleted before the operator saw it). A few attempts; the termination message
+    /// stays the fallback.
+    pub fn record_adapter(&mut self, adapter: &AdapterArtifact) {
+        let Some(status) = &self.status else {
+            return;
+        };
+        let mut fields = serde_json::json!({"adapter": adapter});
+        if let Some(progress) = &status.progress {
+            fields["progress"] = serde_json::json!(progress);
+        }
+        let patch = serde_json::json!({
+            "apiVersion": "graft.dev/v1alpha1",
+            "kind": "FineTuneJob",
+            "status": fields,
+        });
+        for attempt in 1..=3 {
+            match self.apply_status(&patch) {
+                Ok(()) => return,
+                Err(reason) => {
+                    eprintln!("graft-trainer: recording the adapter in the FineTuneJob: {reason}");
+                    let no_cluster = self.status.as_ref().is_some_and(|s| s.unavailable);
+                    if no_cluster || attempt == 3 {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// Server-side apply of `patch` to the FineTuneJob's status as `graft-trainer`; `Ok` when
+    /// there is no FineTuneJob to report to, or no cluster to reach (found once, then kept).
+    fn apply_status(&mut self, patch: &serde_json::Value) -> Result<(), String> {
+        let Some(status) = &mut self.status else {
+            return Ok(());
+        };
+        if status.unavailable {
+            return Ok(());
+        }
+        let result = self.rt.block_on(async {
+            if status.client.is_none() {
+                status.client = Some(
+                    Client::try_default()
+                        .await
+                        .map_err(|e| (true, e.to_string()))?,
+                );
+            }
+            let client = status.client.clone().expect("set above");
+            let api: Api<FineTuneJob> = Api::namespaced(client, &status.target.namespace);
+            api.patch_status(
+                &status.target.name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(patch),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| (false, e.to_string()))
+        });
+        result.map_err(|(no_client, reason)| {
+            status.unavailable |= no_client;
+            reason
+        })
     }
 
     pub fn finish(&self) {
@@ -161,28 +231,9 @@ impl<'rt> Progress<'rt> {
             "kind": "FineTuneJob",
             "status": {"progress": progress},
         });
-        let result = self.rt.block_on(async {
-            if status.client.is_none() {
-                status.client = Some(
-                    Client::try_default()
-                        .await
-                        .map_err(|e| (true, e.to_string()))?,
-                );
-            }
-            let client = status.client.clone().expect("set above");
-            let api: Api<FineTuneJob> = Api::namespaced(client, &status.target.namespace);
-            api.patch_status(
-                &status.target.name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await
-            .map(|_| ())
-            .map_err(|e| (false, e.to_string()))
-        });
+        status.progress = Some(progress);
         // Progress is informative: a failed report never stops training.
-        if let Err((no_client, reason)) = result {
-            status.unavailable |= no_client;
+        if let Err(reason) = self.apply_status(&patch) {
             eprintln!("graft-trainer: reporting progress to the FineTuneJob: {reason}");
         }
     }

@@ -438,6 +438,7 @@ async fn progress_reaches_the_finetunejobs_status_under_the_trainers_own_rights(
     let job = jobs.get_status("colours").await.expect("get");
     let progress = job
         .status
+        .clone()
         .and_then(|s| s.progress)
         .expect("progress written");
     assert_eq!(
@@ -447,6 +448,16 @@ async fn progress_reaches_the_finetunejobs_status_under_the_trainers_own_rights(
     );
     assert!(progress.loss.is_some() && progress.eval_loss.is_some());
     assert!(progress.updated_at.is_some());
+    // The outcome is on the job before the trainer exits, whatever becomes of its pod.
+    let adapter = job
+        .status
+        .as_ref()
+        .and_then(|s| s.adapter.clone())
+        .expect("the trainer records its adapter");
+    assert_eq!(adapter.uri, format!("s3://{bucket}/out/"));
+    let termination = std::fs::read_to_string(run.cache.with_file_name("termination-log"))
+        .expect("the termination message");
+    assert!(termination.contains(&adapter.sha256), "{termination}");
     let managers: Vec<_> = job
         .metadata
         .managed_fields

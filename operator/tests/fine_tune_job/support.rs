@@ -331,19 +331,58 @@ pub async fn assert_children_removed(client: &Client, ns: &str, name: &str) {
     let roles: Api<Role> = Api::namespaced(client.clone(), ns);
     let bindings: Api<RoleBinding> = Api::namespaced(client.clone(), ns);
     let identity = format!("{name}-trainer");
+    let labelled = ListParams::default().labels(&format!("graft.dev/finetunejob={name}"));
     eventually(
         "the garbage collector to remove every child",
         WAIT,
         async || {
             jobs.get_opt(name).await.is_ok_and(|o| o.is_none())
                 && configs
-                    .get_opt(&format!("{name}-config"))
+                    .list(&labelled)
                     .await
-                    .is_ok_and(|o| o.is_none())
+                    .is_ok_and(|l| l.items.is_empty())
                 && accounts.get_opt(&identity).await.is_ok_and(|o| o.is_none())
                 && roles.get_opt(&identity).await.is_ok_and(|o| o.is_none())
                 && bindings.get_opt(&identity).await.is_ok_and(|o| o.is_none())
         },
+    )
+    .await;
+}
+
+/// Writes `status.adapter` as the trainer does when it has published its adapter: server-side
+/// apply under its own field manager, with the per-job identity the operator created for it.
+pub async fn record_adapter(cp: &ControlPlane, ns: &str, name: &str, sha256: &str) {
+    let trainer = cp
+        .client_as(&format!("system:serviceaccount:{ns}:{name}-trainer"))
+        .await;
+    let patch = json!({
+        "apiVersion": "graft.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "status": {"adapter": {"uri": format!("s3://adapters/{name}/"), "sha256": sha256,
+                               "sizeBytes": 10, "trainableParameters": 5}},
+    });
+    Api::<FineTuneJob>::namespaced(trainer, ns)
+        .patch_status(
+            name,
+            &PatchParams::apply("graft-trainer"),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .expect("the trainer's identity may record its job's adapter");
+}
+
+/// What the kubelet writes when it cannot build the trainer container's configuration.
+pub async fn set_pod_config_error(client: &Client, ns: &str, pod: &str, message: &str) {
+    set_pod_status(
+        client,
+        ns,
+        pod,
+        json!({
+            "phase": "Pending",
+            "containerStatuses": [container_status(false, &json!({"waiting": {
+                "reason": "CreateContainerConfigError", "message": message,
+            }}))],
+        }),
     )
     .await;
 }
