@@ -26,7 +26,7 @@ use tracing::{info, warn};
 use super::{
     admin::AdminClient,
     config_map,
-    controller::{Context, Error, claimed_by_other},
+    controller::{Context, Error, all_deployments, claimed_by_other},
     rollout,
     servers::{self, SERVER_LABEL},
 };
@@ -170,16 +170,9 @@ async fn sweep_server(
         return Ok(());
     }
     let mut owned = config_map::recorded_names(&ctx.client, namespace, server).await?;
-    let ads: Api<AdapterDeployment> = scoped(&ctx.client, ctx.settings.namespace.as_deref());
-    let all = ads
-        .list(&ListParams::default())
-        .await
-        .map_err(|source| Error::Read {
-            what: "AdapterDeployments".to_owned(),
-            source,
-        })?;
     owned.extend(
-        all.items
+        all_deployments(ctx)
+            .await?
             .iter()
             .filter(|ad| {
                 ad.metadata.deletion_timestamp.is_none()

@@ -502,14 +502,7 @@ pub async fn claimed_by_other(
     ad: &AdapterDeployment,
     ctx: &Context,
 ) -> Result<Option<String>, Error> {
-    let api: Api<AdapterDeployment> = scoped(&ctx.client, ctx.settings.namespace.as_deref());
-    let all = api
-        .list(&ListParams::default())
-        .await
-        .map_err(|source| Error::Read {
-            what: "AdapterDeployments".to_owned(),
-            source,
-        })?;
+    let all = all_deployments(ctx).await?;
     let key = |a: &AdapterDeployment| {
         (
             a.metadata.creation_timestamp.clone().map(|t| t.0),
@@ -518,7 +511,6 @@ pub async fn claimed_by_other(
         )
     };
     Ok(all
-        .items
         .iter()
         .filter(|other| {
             other.uid() != ad.uid()
@@ -535,6 +527,19 @@ pub async fn claimed_by_other(
             )
         })
         .next())
+}
+
+/// Every AdapterDeployment in the operator's scope, read afresh (not from the watch's cache).
+pub async fn all_deployments(ctx: &Context) -> Result<Vec<AdapterDeployment>, Error> {
+    let api: Api<AdapterDeployment> = scoped(&ctx.client, ctx.settings.namespace.as_deref());
+    Ok(api
+        .list(&ListParams::default())
+        .await
+        .map_err(|source| Error::Read {
+            what: "AdapterDeployments".to_owned(),
+            source,
+        })?
+        .items)
 }
 
 async fn referenced_jobs(

@@ -10,6 +10,7 @@ use k8s_openapi::{
         core::v1::{ConfigMap, ServiceAccount},
         rbac::v1::{Role, RoleBinding},
     },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
     Api, Client, Resource,
@@ -45,9 +46,10 @@ pub struct Taken {
     pub name: String,
 }
 
-/// The first child whose name is held by an object this FineTuneJob does not control. Applying
-/// over it would rewrite someone else's object, make it the job's, and have the garbage
-/// collector delete it with the job.
+/// The first child but the Job whose name is held by an object this FineTuneJob does not
+/// control. Applying over it would rewrite someone else's object, make it the job's, and have
+/// the garbage collector delete it with the job. (The reconciler reads the Job itself, as late
+/// as it can before applying it.)
 pub async fn taken_name(
     client: &Client,
     children: &Children,
@@ -62,12 +64,10 @@ pub async fn taken_name(
     if let Some(taken) = check(client, &children.role_binding, owner_uid).await? {
         return Ok(Some(taken));
     }
-    if let Some(config) = &children.config
-        && let Some(taken) = check(client, config, owner_uid).await?
-    {
-        return Ok(Some(taken));
+    match &children.config {
+        Some(config) => check(client, config, owner_uid).await,
+        None => Ok(None),
     }
-    check(client, &children.job, owner_uid).await
 }
 
 async fn check<K>(
@@ -87,17 +87,20 @@ where
     let existing: Option<PartialObjectMeta<K>> = Api::<K>::namespaced(client.clone(), namespace)
         .get_metadata_opt(name)
         .await?;
-    let controlled = |meta: &PartialObjectMeta<K>| {
-        meta.metadata
-            .owner_references
-            .iter()
-            .flatten()
-            .any(|r| r.controller == Some(true) && r.uid == owner_uid)
-    };
-    Ok(existing.filter(|m| !controlled(m)).map(|_| Taken {
-        kind: K::kind(&()).into_owned(),
-        name: name.to_owned(),
-    }))
+    Ok(existing
+        .filter(|m| !controlled_by(&m.metadata, owner_uid))
+        .map(|_| Taken {
+            kind: K::kind(&()).into_owned(),
+            name: name.to_owned(),
+        }))
+}
+
+/// Whether `meta` names `owner_uid` as its controller.
+pub fn controlled_by(meta: &ObjectMeta, owner_uid: &str) -> bool {
+    meta.owner_references
+        .iter()
+        .flatten()
+        .any(|r| r.controller == Some(true) && r.uid == owner_uid)
 }
 
 /// Applies every child and returns the Job as the apiserver has it. Idempotent: applying the

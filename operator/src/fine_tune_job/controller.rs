@@ -31,7 +31,7 @@ use serde_json::json;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::{
-    apply::{ApplyError, apply_children, taken_name},
+    apply::{ApplyError, Taken, apply_children, controlled_by, taken_name},
     build::{BuildError, Children, TrainerDefaults, build},
     status,
     validate::{self, Lookups, Schemes},
@@ -165,30 +165,43 @@ async fn reconcile_in(
         return Ok(Action::await_change());
     }
 
+    // Someone else's objects under the names the children would take: nothing is written.
+    let mut children = build(ftj, &ctx.settings.trainer)?;
+    let owner = ftj.uid().unwrap_or_default();
+    let mut taken = taken_name(client, &children, &owner)
+        .await
+        .map_err(|source| Error::Read {
+            what: "the job's children",
+            source,
+        })?;
+
     let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
     let existing = jobs.get_opt(name).await.map_err(|source| Error::Read {
         what: "the Job",
         source,
     })?;
-    // The Job is gone, or never was. Once the job has started (startTime is recorded with the
-    // first Job), a missing Job is never made again: a GPU would train a second time. The
-    // FineTuneJob is read afresh, so a cache that has not seen our own startTime yet can't
-    // make that mistake.
+    // The outcome is decided on the FineTuneJob as the apiserver has it, not as the watch's
+    // cache last saw it: when the Job is gone, or never was (once the job has started a
+    // missing Job is never made again: a GPU would train a second time), and when it ended
+    // (a stale copy would not show the Succeeded already recorded, or the adapter the trainer
+    // recorded, and a pod collected since would turn the outcome into a failure).
     let fresh;
-    let ftj = match &existing {
-        None => {
-            fresh = Api::<FineTuneJob>::namespaced(client.clone(), namespace)
-                .get(name)
-                .await
-                .map_err(|source| Error::Read {
-                    what: "the FineTuneJob",
-                    source,
-                })?;
-            &fresh
+    let ftj = if existing.as_ref().is_none_or(has_ended) {
+        fresh = Api::<FineTuneJob>::namespaced(client.clone(), namespace)
+            .get(name)
+            .await
+            .map_err(|source| Error::Read {
+                what: "the FineTuneJob",
+                source,
+            })?;
+        if is_finished(&fresh) {
+            return Ok(Action::await_change());
         }
-        Some(_) => ftj,
+        &fresh
+    } else {
+        ftj
     };
-    if existing.is_none() && !is_finished(ftj) && started(ftj) {
+    if existing.is_none() && started(ftj) {
         let next = status::vanished(ftj, now);
         warn!("the training Job is gone before the outcome was recorded; not training again");
         write_status(client, namespace, name, &next).await?;
@@ -196,17 +209,15 @@ async fn reconcile_in(
         return Ok(Action::await_change());
     }
 
-    let mut children = build(ftj, &ctx.settings.trainer)?;
     if let Some(job) = &existing {
+        if !controlled_by(&job.metadata, &owner) {
+            taken.get_or_insert(Taken {
+                kind: "Job".to_owned(),
+                name: name.to_owned(),
+            });
+        }
         children.keep_job_spec_of(job, ftj);
     }
-    let owner = ftj.uid().unwrap_or_default();
-    let taken = taken_name(client, &children, &owner)
-        .await
-        .map_err(|source| Error::Read {
-            what: "the job's children",
-            source,
-        })?;
     let (next, action) = match taken {
         Some(taken) => {
             let blocked = validate::Blocked {
@@ -256,6 +267,17 @@ fn is_finished(ftj: &FineTuneJob) -> bool {
         ftj.status.as_ref().and_then(|s| s.phase),
         Some(FineTuneJobPhase::Succeeded | FineTuneJobPhase::Failed)
     )
+}
+
+/// Whether the Job has finished, one way or the other.
+fn has_ended(job: &Job) -> bool {
+    job.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| {
+            c.iter()
+                .any(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")
+        })
 }
 
 fn started(ftj: &FineTuneJob) -> bool {

@@ -9,7 +9,7 @@ use graft_api::{AdapterArtifact, FineTuneJob, FineTuneJobPhase, FineTuneJobStatu
 use k8s_openapi::{
     api::{
         batch::v1::{Job, JobCondition},
-        core::v1::{ContainerStateTerminated, Pod},
+        core::v1::{ContainerState, ContainerStateTerminated, Pod},
     },
     apimachinery::pkg::apis::meta::v1::Time,
     jiff::Timestamp,
@@ -260,17 +260,7 @@ fn outcome(ftj: &FineTuneJob, job: &Job, pods: &[Pod]) -> Outcome {
 
 /// The kubelet's message when it cannot build the trainer container's configuration.
 fn config_error(pod: &Pod) -> Option<String> {
-    let waiting = pod
-        .status
-        .as_ref()?
-        .container_statuses
-        .as_ref()?
-        .iter()
-        .find(|c| c.name == CONTAINER)?
-        .state
-        .as_ref()?
-        .waiting
-        .as_ref()?;
+    let waiting = trainer_state(pod)?.waiting.as_ref()?;
     (waiting.reason.as_deref() == Some("CreateContainerConfigError"))
         .then(|| waiting.message.clone().unwrap_or_default())
 }
@@ -292,7 +282,8 @@ enum Outcome {
     },
 }
 
-fn trainer_terminated(pod: &Pod) -> Option<&ContainerStateTerminated> {
+/// The trainer container's state, as the kubelet last reported it.
+fn trainer_state(pod: &Pod) -> Option<&ContainerState> {
     pod.status
         .as_ref()?
         .container_statuses
@@ -300,9 +291,11 @@ fn trainer_terminated(pod: &Pod) -> Option<&ContainerStateTerminated> {
         .iter()
         .find(|c| c.name == CONTAINER)?
         .state
-        .as_ref()?
-        .terminated
         .as_ref()
+}
+
+fn trainer_terminated(pod: &Pod) -> Option<&ContainerStateTerminated> {
+    trainer_state(pod)?.terminated.as_ref()
 }
 
 fn is_running(pod: &Pod) -> bool {

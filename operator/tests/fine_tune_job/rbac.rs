@@ -44,12 +44,21 @@ fn can_i(cp: &ControlPlane, kubeconfig: Option<&std::path::Path>, args: &[&str])
     String::from_utf8_lossy(&out.stdout).trim() == "yes"
 }
 
-fn chart() -> String {
-    graft_testenv::repo_root()
-        .join("charts/graft")
-        .to_str()
-        .expect("a UTF-8 path")
-        .to_owned()
+/// `helm install` of the chart as `release` in `namespace`, with `extra` arguments.
+fn install(cp: &ControlPlane, release: &str, namespace: &str, extra: &[&str]) {
+    let chart = graft_testenv::repo_root().join("charts/graft");
+    let chart = chart.to_str().expect("a UTF-8 path");
+    let mut args = vec![
+        "install",
+        release,
+        chart,
+        "--namespace",
+        namespace,
+        "--set",
+        NO_CRDS,
+    ];
+    args.extend_from_slice(extra);
+    helm(cp, &args);
 }
 
 /// Runs a job that starts and one whose Secret is missing under the chart's identity.
@@ -95,18 +104,7 @@ async fn the_charts_service_account_may_do_everything_a_job_needs_and_read_no_se
     let (cp, _client) = setup().await;
     let system = cp.namespace("graft-system").await;
     let release = unique_name("rbac");
-    helm(
-        cp,
-        &[
-            "install",
-            &release,
-            &chart(),
-            "--namespace",
-            &system,
-            "--set",
-            NO_CRDS,
-        ],
-    );
+    install(cp, &release, &system, &[]);
     let account = format!("system:serviceaccount:{system}:{release}-graft-operator");
     let kubeconfig = cp.kubeconfig_as(&account);
     for secrets in [
@@ -145,19 +143,11 @@ async fn with_a_watched_namespace_the_operator_gets_namespaced_roles_only() {
     let system = cp.namespace("graft-system").await;
     let ns = cp.namespace("ftj-namespaced").await;
     let release = unique_name("rbac-ns");
-    helm(
+    install(
         cp,
-        &[
-            "install",
-            &release,
-            &chart(),
-            "--namespace",
-            &system,
-            "--set",
-            &format!("operator.watchNamespace={ns}"),
-            "--set",
-            NO_CRDS,
-        ],
+        &release,
+        &system,
+        &["--set", &format!("operator.watchNamespace={ns}")],
     );
     let operator = format!("{release}-graft-operator");
     assert!(
@@ -202,18 +192,7 @@ async fn teams_get_graft_kinds_through_the_edit_view_and_admin_roles() {
     let system = cp.namespace("graft-system").await;
     let team = cp.namespace("team").await;
     let release = unique_name("rbac-agg");
-    helm(
-        cp,
-        &[
-            "install",
-            &release,
-            &chart(),
-            "--namespace",
-            &system,
-            "--set",
-            NO_CRDS,
-        ],
-    );
+    install(cp, &release, &system, &[]);
     let bind = |user: &str, role: &str| {
         let out = cp
             .command("kubectl")
