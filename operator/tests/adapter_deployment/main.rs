@@ -364,3 +364,49 @@ async fn admin_credential_problems_are_on_the_status_and_a_rotated_token_is_pick
     assert_eq!(complete(&fleet.pods[0].url, "bot").await.0, 200);
     assert!(operator.is_running());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_with_a_tls_admin_port_is_reached_only_with_the_right_ca() {
+    let (cp, client) = setup().await;
+    let ns = cp.namespace("ad-tls").await;
+    let bucket = S3Server::shared().await.bucket("ad-tls");
+    let v1 = store_adapter(&bucket, "bot/v1", 4, 81).await;
+    let certs = support::certificates(&format!("llama.{ns}.svc"));
+    let (cert, key) = (certs.join("tls.crt"), certs.join("tls.key"));
+    let fleet = Fleet::start(
+        &client,
+        &ns,
+        "llama",
+        1,
+        &[
+            "--admin-listen",
+            "127.0.0.1:{port2}",
+            "--admin-tls-cert",
+            cert.to_str().expect("utf-8"),
+            "--admin-tls-key",
+            key.to_str().expect("utf-8"),
+        ],
+    )
+    .await;
+    // Without the CA that signed the server's certificate, the operator does not talk to it.
+    let untrusting = start_operator_with(cp, &ns, &[]).await;
+    let api: Api<AdapterDeployment> = Api::namespaced(client.clone(), &ns);
+    api.create(
+        &PostParams::default(),
+        &manifest("bot", "llama", "bot", &[(&v1, 100)]),
+    )
+    .await
+    .expect("create");
+    let refused = wait_for_reason(&client, &ns, "bot", "LoadFailed").await;
+    assert!(ready_reason(&refused).1.contains("llama-0"), "{refused:?}");
+    assert_eq!(complete(&fleet.pods[0].url, "bot").await.0, 404);
+    untrusting.kill();
+
+    let ca = certs.join("ca.crt");
+    let _operator =
+        start_operator_with(cp, &ns, &["--admin-ca-file", ca.to_str().expect("utf-8")]).await;
+    wait_for_reason(&client, &ns, "bot", "RolledOut").await;
+    let (code, body) = complete(&fleet.pods[0].url, "bot").await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["system_fingerprint"], v1.fingerprint());
+}

@@ -166,8 +166,14 @@ impl Fleet {
         extra: &[&str],
     ) -> Self {
         let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+        // A server whose admin API serves TLS says so on its Deployment, as the chart does.
+        let annotations = if extra.contains(&"--admin-tls-cert") {
+            json!({"graft.dev/admin-scheme": "https"})
+        } else {
+            json!({})
+        };
         let deployment: Deployment = serde_json::from_value(json!({
-            "metadata": {"name": name},
+            "metadata": {"name": name, "annotations": annotations},
             "spec": {
                 "replicas": replicas,
                 // The extra label keeps the ReplicaSet controller from adopting the pods the
@@ -260,7 +266,12 @@ impl Fleet {
                 .is_ok_and(|r| r.status().is_success())
         })
         .await;
-        self.register(pod, daemon.port()).await;
+        let admin_port = if self.extra.iter().any(|a| a == "--admin-listen") {
+            daemon.port2()
+        } else {
+            daemon.port()
+        };
+        self.register(pod, admin_port).await;
         ServerPod {
             name: pod.to_owned(),
             daemon,
@@ -638,4 +649,92 @@ pub async fn loaded(url: &str) -> Vec<String> {
         .as_object()
         .map(|a| a.keys().cloned().collect())
         .unwrap_or_default()
+}
+
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA (`ca.crt`) and a serving certificate it signed for `name` (`tls.crt`, `tls.key`), as
+/// cert-manager would issue for a server's Service, in a new directory.
+pub fn certificates(name: &str) -> PathBuf {
+    let dir = tempfile::tempdir().expect("tempdir").keep();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        &dir,
+        &[
+            &["req", "-x509"],
+            &ec[..],
+            &[
+                "-days",
+                "2",
+                "-subj",
+                "/CN=test-ca",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        &dir,
+        &[
+            &["req"],
+            &ec[..],
+            &[
+                "-subj",
+                &format!("/CN={name}"),
+                "-keyout",
+                "tls.key",
+                "-out",
+                "tls.csr",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(
+        dir.join("tls.ext"),
+        format!(
+            "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:{name}\n"
+        ),
+    )
+    .expect("extensions");
+    openssl(
+        &dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "tls.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "tls.ext",
+            "-out",
+            "tls.crt",
+        ],
+    );
+    dir
 }
