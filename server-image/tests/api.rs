@@ -675,8 +675,8 @@ async fn prompts_choices_and_the_sampling_options_vllm_clients_send() {
     let ids = token_ids(&alone["choices"][0]);
 
     // Several prompts, as text and as token ids, each answered as if alone.
-    let tokenizer =
-        graft_engine::text::tokenizer::Tokenizer::from_dir(&common::model_dir()).expect("tokenizer");
+    let tokenizer = graft_engine::text::tokenizer::Tokenizer::from_dir(&common::model_dir())
+        .expect("tokenizer");
     let prompt_ids = tokenizer.encode("colour blue", true).expect("encode");
     let several = post(with(json!({"prompt": ["colour red", "colour blue"]}))).await;
     let by_ids = post(with(json!({"prompt": [prompt_ids.clone(), prompt_ids]}))).await;

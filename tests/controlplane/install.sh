@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds (or finds cached) the real binaries the integration tests run:
-# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, helm and an
-# S3-protocol server. Everything is built from the registries (Go module proxy, crates.io),
+# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, helm, an
+# S3-protocol server, and argocd-lua (Argo CD's Lua runtime, for the shipped health checks). Everything is built from the registries (Go module proxy, crates.io),
 # never downloaded as a prebuilt binary, and cached by version outside the work tree:
 #   ${GRAFT_TOOLS_DIR:-$HOME/.cache/graft/tools}/<tool>-<version>/
 # A second run with the same versions rebuilds nothing.
@@ -122,11 +122,26 @@ build_promtool() {
   rm -rf "$work"
 }
 
+build_argocd_lua() {
+  local v=$GOPHER_LUA_VERSION dest="$tools/argocd-lua-$GOPHER_LUA_VERSION-r$ARGOCD_LUA_REVISION"
+  if have "$dest" argocd-lua; then log "argocd-lua $v cached"; return; fi
+  log "building argocd-lua (gopher-lua $v)"
+  local work; work=$(mktemp -d)
+  cp "$here/argocd-lua/main.go" "$work/"
+  printf 'module graft.dev/tools/argocd-lua\n\ngo 1.22\n' >"$work/go.mod"
+  (cd "$work" && go get "github.com/yuin/gopher-lua@$v" >/dev/null)
+  mkdir -p "$work/bin"
+  (cd "$work" && go build -trimpath -ldflags "-s -w" -o "$work/bin/argocd-lua" .)
+  finish "$work/bin" "$dest"
+  rm -rf "$work"
+}
+
 t0=$SECONDS
 # `install.sh promtool` builds only promtool; without arguments, the test harness's tools.
 if [[ ${1:-} == promtool ]]; then
   build_promtool
 else
+  build_argocd_lua
   build_etcd
   build_kubernetes
   build_helm

@@ -2,11 +2,25 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 use serde_json::Value;
 
-use crate::{AdapterDeployment, FineTuneJob};
+use crate::{AdapterDeployment, FineTuneJob, ServerGrant};
 
 /// Every CRD Graft installs, in a stable order.
 pub fn all_crds() -> Vec<CustomResourceDefinition> {
-    vec![FineTuneJob::crd(), AdapterDeployment::crd()]
+    let mut crds = vec![
+        FineTuneJob::crd(),
+        AdapterDeployment::crd(),
+        ServerGrant::crd(),
+    ];
+    for crd in &mut crds {
+        // Helm installs the CRDs as part of the chart (so `helm upgrade` brings a new schema)
+        // but must never delete them: that would delete every FineTuneJob and
+        // AdapterDeployment with them.
+        crd.metadata
+            .annotations
+            .get_or_insert_default()
+            .insert("helm.sh/resource-policy".to_owned(), "keep".to_owned());
+    }
+    crds
 }
 
 /// The CRDs as one multi-document YAML stream: what `graft-operator crd` prints and what

@@ -11,6 +11,7 @@ mod common;
 mod crd;
 mod fine_tune_job;
 mod reference;
+mod server_grant;
 
 pub use adapter_deployment::{
     AdapterDeployment, AdapterDeploymentPhase, AdapterDeploymentSpec, AdapterDeploymentStatus,
@@ -18,7 +19,7 @@ pub use adapter_deployment::{
 };
 pub use artifact::{
     AdapterAssignment, AdapterListing, AdaptersFile, AssignedVersion, Digested, GraftJson,
-    LoadState, Metrics, ServerInfo, StatusTarget, VersionState,
+    LoadState, Metrics, Owner, ServerInfo, StatusTarget, VersionState,
 };
 pub use common::{LocalObjectRef, SecretRef};
 pub use crd::{all_crds, crds_yaml};
@@ -29,6 +30,8 @@ pub use fine_tune_job::{
     TrainerResult, Training,
 };
 pub use reference::api_reference;
+
+pub use server_grant::{GrantFrom, GrantTo, ServerGrant, ServerGrantSpec};
 
 /// The API group of every Graft resource.
 pub const GROUP: &str = "graft.dev";
