@@ -1,5 +1,5 @@
-//! Adapters in Hugging Face PEFT's format: one PEFT 0.21.2 made for the tiny Llama loads in
-//! Graft and gives PEFT's logits (written by `tests/oracle/peft_adapter.py`); what Graft
+//! Adapters in Hugging Face PEFT's format: those PEFT 0.21.2 made for the tiny Llama and Qwen3
+//! load in Graft and give PEFT's logits (written by `tests/oracle/peft_adapter.py`); what Graft
 //! writes has PEFT's keys, dtype and metadata, and reads back to the same model.
 
 mod common;
@@ -11,8 +11,8 @@ use common::{max_abs_diff, model, reference, tiny};
 use graft_engine::{adapters::Adapter, models::Precision};
 use safetensors::SafeTensors;
 
-fn peft_files() -> (Vec<u8>, Vec<u8>) {
-    let dir = tiny("llama-peft");
+fn peft_files(name: &str) -> (Vec<u8>, Vec<u8>) {
+    let dir = tiny(&format!("{name}-peft"));
     (
         std::fs::read(dir.join("adapter_config.json")).expect("config"),
         std::fs::read(dir.join("adapter_model.safetensors")).expect("weights"),
@@ -21,30 +21,32 @@ fn peft_files() -> (Vec<u8>, Vec<u8>) {
 
 #[test]
 fn a_peft_adapter_gives_pefts_logits_within_1e_4() {
-    let (config, weights) = peft_files();
-    let adapter =
-        Adapter::from_bytes(&config, &weights, &Device::Cpu).expect("PEFT's adapter loads");
-    assert_eq!(adapter.weights.len(), 2 * 7, "two layers, seven sites");
-    let mut with_adapter = model("llama", Precision::Dense);
-    with_adapter
-        .apply_adapter(&adapter)
-        .expect("fits the model");
+    for name in ["llama", "qwen3"] {
+        let (config, weights) = peft_files(name);
+        let adapter =
+            Adapter::from_bytes(&config, &weights, &Device::Cpu).expect("PEFT's adapter loads");
+        assert_eq!(adapter.weights.len(), 2 * 7, "two layers, seven sites");
+        let mut with_adapter = model(name, Precision::Dense);
+        with_adapter
+            .apply_adapter(&adapter)
+            .expect("fits the model");
 
-    let (ids, expected) = reference(&tiny("llama-peft"));
-    let diff = max_abs_diff(&with_adapter.forward(&ids).expect("forward"), &expected);
-    assert!(diff < 1e-4, "logits differ by {diff}");
-    let plain = model("llama", Precision::Dense)
-        .forward(&ids)
-        .expect("forward");
-    assert!(
-        max_abs_diff(&plain, &expected) > 1e-2,
-        "the adapter matters"
-    );
+        let (ids, expected) = reference(&tiny(&format!("{name}-peft")));
+        let diff = max_abs_diff(&with_adapter.forward(&ids).expect("forward"), &expected);
+        assert!(diff < 1e-4, "{name}: logits differ by {diff}");
+        let plain = model(name, Precision::Dense)
+            .forward(&ids)
+            .expect("forward");
+        assert!(
+            max_abs_diff(&plain, &expected) > 1e-2,
+            "{name}: the adapter matters"
+        );
+    }
 }
 
 #[test]
 fn what_graft_writes_has_pefts_layout_and_reads_back_the_same() {
-    let (config, weights) = peft_files();
+    let (config, weights) = peft_files("llama");
     let adapter = Adapter::from_bytes(&config, &weights, &Device::Cpu).expect("loads");
     let (our_config, our_weights) = adapter.to_bytes().expect("writes");
 

@@ -11,8 +11,11 @@ use graft_engine::{
     models::{Llama, Precision, Segment},
 };
 
-fn peft_adapter() -> Adapter {
-    let dir = tiny("llama-peft");
+/// The families with a PEFT-made adapter: the model and the adapter's directory.
+const WITH_PEFT: [(&str, &str); 2] = [("llama", "llama-peft"), ("qwen3", "qwen3-peft")];
+
+fn peft_adapter(name: &str) -> Adapter {
+    let dir = tiny(name);
     let config = std::fs::read(dir.join("adapter_config.json")).expect("config");
     let weights = std::fs::read(dir.join("adapter_model.safetensors")).expect("weights");
     Adapter::from_bytes(&config, &weights, &Device::Cpu).expect("PEFT's adapter loads")
@@ -65,24 +68,26 @@ fn full_forward(model: &Llama, row: &[u32]) -> Tensor {
 
 #[test]
 fn decoding_with_a_cache_gives_pefts_logits_at_every_position() {
-    let adapter = peft_adapter();
-    let base = model("llama", Precision::Dense);
-    let (ids, expected) = reference(&tiny("llama-peft"));
-    let row = ids_row(&ids, 0);
-    let prefill = 3;
-    let ours = stepwise(&base, Some(&adapter), &row, prefill);
-    let expected = expected
-        .i(0)
-        .expect("row")
-        .narrow(0, prefill - 1, row.len() - prefill + 1)
-        .expect("positions");
-    let diff = max_abs_diff(&ours, &expected);
-    assert!(diff < 1e-4, "logits differ from PEFT's by {diff}");
+    for (name, peft) in WITH_PEFT {
+        let adapter = peft_adapter(peft);
+        let base = model(name, Precision::Dense);
+        let (ids, expected) = reference(&tiny(peft));
+        let row = ids_row(&ids, 0);
+        let prefill = 3;
+        let ours = stepwise(&base, Some(&adapter), &row, prefill);
+        let expected = expected
+            .i(0)
+            .expect("row")
+            .narrow(0, prefill - 1, row.len() - prefill + 1)
+            .expect("positions");
+        let diff = max_abs_diff(&ours, &expected);
+        assert!(diff < 1e-4, "{name}: logits differ from PEFT's by {diff}");
+    }
 }
 
 #[test]
 fn every_family_decodes_as_its_full_forward() {
-    for name in ["llama", "llama3", "mistral", "qwen2"] {
+    for name in ["llama", "llama3", "mistral", "qwen2", "qwen3"] {
         let model = model(name, Precision::Dense);
         let (ids, _) = reference(&tiny(name));
         let row = ids_row(&ids, 0);
@@ -95,14 +100,20 @@ fn every_family_decodes_as_its_full_forward() {
 
 #[test]
 fn a_mixed_batch_gives_each_sequence_what_it_gets_alone() {
-    let model = model("llama", Precision::Dense);
-    let first = peft_adapter();
+    for (name, peft) in WITH_PEFT {
+        mixed_batch(name, peft);
+    }
+}
+
+fn mixed_batch(name: &str, peft: &str) {
+    let model = model(name, Precision::Dense);
+    let first = peft_adapter(peft);
     let second = doubled(&first);
     let (first_s, second_s) = (
         ServingAdapter::new(&first).expect("layout"),
         ServingAdapter::new(&second).expect("layout"),
     );
-    let (ids, _) = reference(&tiny("llama-peft"));
+    let (ids, _) = reference(&tiny(peft));
     let row = ids_row(&ids, 0);
     let adapters = [Some(&first_s), None, Some(&second_s), Some(&first_s)];
     // Each sequence already holds a different number of tokens before the shared step.
@@ -152,10 +163,16 @@ fn a_mixed_batch_gives_each_sequence_what_it_gets_alone() {
             &batched.i(i).expect("row").unsqueeze(0).expect("2-D"),
             alone,
         );
-        assert!(diff < 1e-5, "sequence {i} differs by {diff} in the batch");
+        assert!(
+            diff < 1e-5,
+            "{name}: sequence {i} differs by {diff} in the batch"
+        );
     }
     let between = max_abs_diff(&alone[0], &alone[2].clone());
-    assert!(between > 1e-3, "the two adapters give different logits");
+    assert!(
+        between > 1e-3,
+        "{name}: the two adapters give different logits"
+    );
 }
 
 /// Off the CPU fast path (here: f64 weights) attention and LoRA run as tensor ops per
@@ -170,7 +187,7 @@ fn the_tensor_op_path_decodes_as_the_full_forward() {
             .expect("parses");
     let vb = load_weights(&dir, DType::F64, &Device::Cpu).expect("weights");
     let mut model = Llama::load(&vb, &config, Precision::Dense).expect("f64 model");
-    let adapter = peft_adapter();
+    let adapter = peft_adapter("llama-peft");
     let (ids, _) = reference(&tiny("llama-peft"));
     let row = ids_row(&ids, 0);
     let ours = stepwise(&model, Some(&adapter), &row, 2);

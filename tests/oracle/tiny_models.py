@@ -17,7 +17,7 @@ import pathlib
 import torch
 import transformers
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 OUT = pathlib.Path(__file__).resolve().parents[2] / "engine/tests/data/tiny"
 COMMON = dict(
@@ -46,6 +46,13 @@ MODELS = {
     ),
     "qwen2": Qwen2Config(**COMMON, tie_word_embeddings=True, rope_theta=1000000.0),
     "mistral": MistralConfig(**COMMON, tie_word_embeddings=False, rope_theta=10000.0, sliding_window=None),
+    "qwen3": Qwen3Config(
+        **{**COMMON, "vocab_size": 384},
+        head_dim=24,
+        tie_word_embeddings=False,
+        rope_theta=1000000.0,
+        attention_bias=False,
+    ),
 }
 
 torch.manual_seed(0)
@@ -53,9 +60,9 @@ for name, config in MODELS.items():
     model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).eval()
     # Random weights of a realistic spread (the default init leaves norms at 1, biases at 0).
     with torch.no_grad():
-        for param in model.parameters():
+        for name_, param in model.named_parameters():
             param.normal_(0.0, 0.2 if param.dim() > 1 else 0.5)
-            if param.dim() == 1 and param.numel() == config.hidden_size:
+            if param.dim() == 1 and (param.numel() == config.hidden_size or name_.endswith("_norm.weight")):
                 param.add_(1.0)
     directory = OUT / name
     model.save_pretrained(directory, safe_serialization=True)

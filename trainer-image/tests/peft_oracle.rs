@@ -28,6 +28,25 @@ fn tiny_model() -> PathBuf {
     repo_root().join("engine/tests/data/tiny/made")
 }
 
+/// The tiny Qwen3 transformers made (`engine/tests/data/tiny/qwen3`, q/k norms), with the tiny
+/// model's tokenizer (the same 384-token vocabulary) beside it, as a checkpoint directory in
+/// `dir`.
+fn tiny_qwen3(dir: &Path) -> PathBuf {
+    let model = dir.join("qwen3");
+    std::fs::create_dir_all(&model).expect("model dir");
+    let qwen3 = repo_root().join("engine/tests/data/tiny/qwen3");
+    for (from, name) in [
+        (&qwen3, "config.json"),
+        (&qwen3, "model.safetensors"),
+        (&tiny_model(), "tokenizer.json"),
+        (&tiny_model(), "tokenizer_config.json"),
+        (&tiny_model(), "generation_config.json"),
+    ] {
+        std::fs::copy(from.join(name), model.join(name)).expect("copy the checkpoint");
+    }
+    model
+}
+
 /// Questions naming a colour answered by a fixed animal: something a tiny model can learn, so
 /// the adapter moves far from its zero-B start.
 fn dataset_jsonl() -> String {
@@ -48,9 +67,9 @@ fn dataset_jsonl() -> String {
         .collect()
 }
 
-/// Trains with `method` (the YAML of `spec.method`) and returns the published adapter's
-/// directory.
-fn train(dir: &Path, method: &str) -> PathBuf {
+/// Trains `model` with `method` (the YAML of `spec.method`) and returns the published
+/// adapter's directory.
+fn train(dir: &Path, model: &Path, method: &str) -> PathBuf {
     let dataset = dir.join("train.jsonl");
     std::fs::write(&dataset, dataset_jsonl()).expect("dataset");
     let output = dir.join("adapter");
@@ -64,7 +83,7 @@ training: {{epochs: 12, learningRate: 0.01, batchSize: 2, gradientAccumulationSt
 output: {{uri: 'file://{output}/'}}
 resources: {{gpus: 0}}
 ",
-        model = tiny_model().display(),
+        model = model.display(),
         dataset = dataset.display(),
         output = output.display(),
     );
@@ -104,12 +123,11 @@ fn max_abs(t: &Tensor) -> f32 {
         .expect("max")
 }
 
-/// The tiny model on its dense f32 weights, as `from_pretrained(dtype=float32)` loads it.
-fn dense_model() -> Llama {
-    let dir = tiny_model();
+/// A model on its dense f32 weights, as `from_pretrained(dtype=float32)` loads it.
+fn dense_model(dir: &Path) -> Llama {
     let text = std::fs::read_to_string(dir.join("config.json")).expect("config.json");
     let config = Config::from_json(&text).expect("config");
-    let vb = load_weights(&dir, DType::F32, &Device::Cpu).expect("weights");
+    let vb = load_weights(dir, DType::F32, &Device::Cpu).expect("weights");
     Llama::load(&vb, &config, Precision::Dense).expect("model")
 }
 
@@ -126,9 +144,13 @@ fn input_ids() -> Tensor {
 /// Trains with `method`, computes Graft's logits with the adapter on the dense base, and has
 /// PEFT compare its own (the oracle's line, with the largest difference, goes to stderr).
 fn graft_and_peft_agree(name: &str, method: &str) {
-    let python = oracle_python();
     let dir = tempfile::tempdir().expect("tempdir");
-    let adapter_dir = train(dir.path(), method);
+    agree_on(name, dir.path(), &tiny_model(), method);
+}
+
+fn agree_on(name: &str, dir: &Path, model_dir: &Path, method: &str) {
+    let python = oracle_python();
+    let adapter_dir = train(dir, model_dir, method);
     let adapter = read_adapter(&adapter_dir);
     for ((layer, site), lora) in &adapter.weights {
         let b = max_abs(&lora.b);
@@ -140,8 +162,8 @@ fn graft_and_peft_agree(name: &str, method: &str) {
     }
 
     let ids = input_ids();
-    let base = dense_model().forward(&ids).expect("forward");
-    let mut model = dense_model();
+    let base = dense_model(model_dir).forward(&ids).expect("forward");
+    let mut model = dense_model(model_dir);
     model
         .apply_adapter(&adapter)
         .expect("the adapter fits its base");
@@ -152,7 +174,7 @@ fn graft_and_peft_agree(name: &str, method: &str) {
         "the adapter moves the logits by only {effect}: the comparison would prove nothing"
     );
 
-    let reference = dir.path().join("graft-logits.safetensors");
+    let reference = dir.join("graft-logits.safetensors");
     let tensors = HashMap::from([
         (
             "input_ids".to_owned(),
@@ -166,7 +188,7 @@ fn graft_and_peft_agree(name: &str, method: &str) {
     let out = Command::new(&python)
         .arg(&script)
         .arg("--model")
-        .arg(tiny_model())
+        .arg(model_dir)
         .arg("--adapter")
         .arg(&adapter_dir)
         .arg("--reference")
@@ -203,5 +225,18 @@ fn a_qlora_adapter_trained_on_nf4_gives_graft_logits_in_peft_on_the_dense_base()
         "QLoRA (NF4), applied to the f32 base",
         "{quantization: nf4, lora: {rank: 8, alpha: 16, dropout: 0.05, useRslora: true, \
          targetModules: [q_proj, v_proj, o_proj, up_proj, down_proj]}}",
+    );
+}
+
+#[test]
+fn a_qlora_adapter_trained_on_qwen3_gives_graft_logits_in_peft() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = tiny_qwen3(dir.path());
+    agree_on(
+        "QLoRA on Qwen3 (q/k norms), applied to the f32 base",
+        dir.path(),
+        &model,
+        "{quantization: nf4, lora: {rank: 4, alpha: 8, dropout: 0.05, targetModules: \
+         [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]}}",
     );
 }

@@ -9,7 +9,9 @@ use crate::adapters::Site;
 pub enum ConfigError {
     #[error("config.json: {0}")]
     Parse(#[from] serde_json::Error),
-    #[error("unsupported architecture {0:?}: Graft runs Llama 2/3, Mistral and Qwen2 models")]
+    #[error(
+        "unsupported architecture {0:?}: Graft runs model_type llama (Llama 2/3), mistral, qwen2 and qwen3"
+    )]
     Architecture(String),
     #[error("unsupported rope_type {0:?}: Graft supports default and llama3")]
     RopeType(String),
@@ -81,7 +83,7 @@ pub enum Rope {
 /// What the model code needs, checked.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
-    /// `llama`, `mistral` or `qwen2`.
+    /// `llama`, `mistral`, `qwen2` or `qwen3`.
     pub model_type: String,
     /// The longest sequence the model was trained for, when `config.json` says.
     pub max_position_embeddings: Option<usize>,
@@ -94,8 +96,10 @@ pub struct Config {
     pub head_dim: usize,
     pub rms_norm_eps: f64,
     pub tie_word_embeddings: bool,
-    /// q/k/v projections carry a bias (Qwen2).
+    /// q/k/v projections carry a bias (Qwen2, and Qwen3 with `attention_bias`).
     pub qkv_bias: bool,
+    /// Each head's queries and keys are RMS-normalised before rotation (Qwen3).
+    pub qk_norm: bool,
     /// Attend to at most this many previous positions (Mistral).
     pub sliding_window: Option<usize>,
     pub rope: Rope,
@@ -126,28 +130,31 @@ impl TryFrom<HfConfig> for Config {
     type Error = ConfigError;
 
     fn try_from(hf: HfConfig) -> Result<Self, ConfigError> {
-        let qkv_bias = match hf.model_type.as_str() {
-            "llama" | "mistral" => false,
-            "qwen2" => true,
+        let (qkv_bias, qk_norm) = match hf.model_type.as_str() {
+            "llama" | "mistral" => (false, false),
+            "qwen2" => (true, false),
+            // Qwen3's attention_bias biases q/k/v only (o_proj has none), as Qwen2's always does.
+            "qwen3" => (hf.attention_bias == Some(true), true),
             other => return Err(ConfigError::Architecture(other.to_owned())),
         };
+        let qwen = matches!(hf.model_type.as_str(), "qwen2" | "qwen3");
         // Llama's attention_bias also biases o_proj; neither it nor mlp_bias is in any
         // released Llama-family checkpoint Graft targets, so refuse rather than ignore them.
         for (field, on) in [
             ("attention_bias", hf.attention_bias),
             ("mlp_bias", hf.mlp_bias),
         ] {
-            if on == Some(true) && hf.model_type != "qwen2" {
+            if on == Some(true) && !(qwen && field == "attention_bias") {
                 return Err(ConfigError::Invalid(format!(
                     "{field}: true is not supported"
                 )));
             }
         }
-        if hf.model_type == "qwen2" && hf.use_sliding_window == Some(true) {
-            return Err(ConfigError::Invalid(
-                "use_sliding_window: true is not supported for qwen2 (per-layer windows)"
-                    .to_owned(),
-            ));
+        if qwen && hf.use_sliding_window == Some(true) {
+            return Err(ConfigError::Invalid(format!(
+                "use_sliding_window: true is not supported for {} (per-layer windows)",
+                hf.model_type
+            )));
         }
         if hf.num_attention_heads == 0 || !hf.hidden_size.is_multiple_of(hf.num_attention_heads) {
             return Err(ConfigError::Invalid(format!(
@@ -190,11 +197,8 @@ impl TryFrom<HfConfig> for Config {
             }
             other => return Err(ConfigError::RopeType(other.to_owned())),
         };
-        // Qwen2 writes a window but only uses it with `use_sliding_window` (refused above).
-        let sliding_window = match hf.model_type.as_str() {
-            "qwen2" => None,
-            _ => hf.sliding_window,
-        };
+        // Qwen writes a window but only uses it with `use_sliding_window` (refused above).
+        let sliding_window = if qwen { None } else { hf.sliding_window };
         Ok(Self {
             model_type: hf.model_type.clone(),
             max_position_embeddings: hf.max_position_embeddings,
@@ -210,6 +214,7 @@ impl TryFrom<HfConfig> for Config {
             rms_norm_eps: hf.rms_norm_eps,
             tie_word_embeddings: hf.tie_word_embeddings,
             qkv_bias,
+            qk_norm,
             sliding_window,
             rope,
         })
@@ -222,6 +227,7 @@ mod tests {
 
     const LLAMA3: &str = include_str!("../../tests/data/tiny/llama3/config.json");
     const QWEN2: &str = include_str!("../../tests/data/tiny/qwen2/config.json");
+    const QWEN3: &str = include_str!("../../tests/data/tiny/qwen3/config.json");
 
     #[test]
     fn transformers_5_rope_parameters_are_read() {
@@ -259,6 +265,19 @@ mod tests {
     #[test]
     fn qwen2_has_qkv_bias() {
         assert!(Config::from_json(QWEN2).expect("config").qkv_bias);
+    }
+
+    #[test]
+    fn qwen3_has_qk_norms_its_own_head_dim_and_no_window() {
+        let config = Config::from_json(QWEN3).expect("config");
+        assert!(config.qk_norm && !config.qkv_bias);
+        assert_eq!(config.head_dim, 24, "not hidden_size / heads (16)");
+        let windowed = QWEN3.replace(
+            "\"use_sliding_window\": false",
+            "\"use_sliding_window\": true",
+        );
+        let error = Config::from_json(&windowed).expect_err("per-layer windows");
+        assert!(error.to_string().contains("qwen3"), "{error}");
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The Llama-family causal LM (Llama 2/3, Mistral, Qwen2), written once over a
+//! The Llama-family causal LM (Llama 2/3, Mistral, Qwen2, Qwen3), written once over a
 //! [`Backend`]: a decoder layer is the same code in training (whole sequences, one adapter,
 //! a backward pass through layer-wise recomputation), in evaluation (the same, with no graph
 //! recorded) and in serving (packed rows of many sequences, each with its own KV cache and
@@ -48,6 +48,8 @@ struct Projection {
 struct Block {
     input_norm: Tensor,
     post_attention_norm: Tensor,
+    /// Per-head query and key norms, `[head_dim]` each (Qwen3).
+    qk_norm: Option<[Tensor; 2]>,
     /// Indexed by `Site as usize`.
     projections: Vec<Projection>,
 }
@@ -160,6 +162,7 @@ impl Llama {
             .map(|b| {
                 tensor(&b.input_norm)
                     + tensor(&b.post_attention_norm)
+                    + b.qk_norm.iter().flatten().map(tensor).sum::<usize>()
                     + b.projections
                         .iter()
                         .map(|p| p.base.weight().size_bytes())
@@ -281,11 +284,15 @@ impl Llama {
             pass.project(backend, index, site, &block.projections[site as usize], x)
         };
         let normed = backend.rms_norm(h, &block.input_norm, eps)?;
-        let (q, k, v) = (
+        let (mut q, mut k, v) = (
             project(Site::QProj, &normed)?,
             project(Site::KProj, &normed)?,
             project(Site::VProj, &normed)?,
         );
+        if let Some([q_norm, k_norm]) = &block.qk_norm {
+            q = self.per_head_norm(&q, q_norm)?;
+            k = self.per_head_norm(&k, k_norm)?;
+        }
         let attended = pass.attend(backend, index, [&q, &k, &v], self.heads())?;
         let mut project = |site: Site, x: &Tensor| {
             pass.project(backend, index, site, &block.projections[site as usize], x)
@@ -296,6 +303,15 @@ impl Llama {
         let up = project(Site::UpProj, &normed)?;
         let down = project(Site::DownProj, &backend.swiglu(&gate, &up)?)?;
         h + down
+    }
+
+    /// `x` (`[.., heads·head_dim]`) with each head's slice RMS-normalised by `weight`.
+    fn per_head_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        let head_dim = self.config.head_dim;
+        let heads = x.reshape((x.elem_count() / head_dim, head_dim))?;
+        self.backend
+            .rms_norm(&heads, weight, self.config.rms_norm_eps)?
+            .reshape(x.shape())
     }
 
     /// Rotary tables `[positions, head_dim]` for each of `positions`, and position ids
@@ -464,6 +480,15 @@ fn load_block(vb: &VarBuilder<'_>, config: &Config, precision: Precision) -> Res
     Ok(Block {
         input_norm: vb.pp("input_layernorm").get(hidden, "weight")?,
         post_attention_norm: vb.pp("post_attention_layernorm").get(hidden, "weight")?,
+        qk_norm: if config.qk_norm {
+            let attention = vb.pp("self_attn");
+            Some([
+                attention.pp("q_norm").get(config.head_dim, "weight")?,
+                attention.pp("k_norm").get(config.head_dim, "weight")?,
+            ])
+        } else {
+            None
+        },
         projections: vec![
             projection(Site::QProj, (q, hidden), bias)?,
             projection(Site::KProj, (kv, hidden), bias)?,
