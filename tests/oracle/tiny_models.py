@@ -17,7 +17,7 @@ import pathlib
 import torch
 import transformers
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Gemma3TextConfig, Qwen2Config, Qwen3Config
 
 OUT = pathlib.Path(__file__).resolve().parents[2] / "engine/tests/data/tiny"
 COMMON = dict(
@@ -52,6 +52,19 @@ MODELS = {
         tie_word_embeddings=False,
         rope_theta=1000000.0,
         attention_bias=False,
+    ),
+    "gemma3": Gemma3TextConfig(
+        **{**COMMON, "vocab_size": 384},
+        head_dim=16,
+        query_pre_attn_scalar=32,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 2.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+        final_logit_softcapping=5.0,
+        tie_word_embeddings=True,
     ),
 }
 

@@ -28,16 +28,16 @@ fn tiny_model() -> PathBuf {
     repo_root().join("engine/tests/data/tiny/made")
 }
 
-/// The tiny Qwen3 transformers made (`engine/tests/data/tiny/qwen3`, q/k norms), with the tiny
-/// model's tokenizer (the same 384-token vocabulary) beside it, as a checkpoint directory in
-/// `dir`.
-fn tiny_qwen3(dir: &Path) -> PathBuf {
-    let model = dir.join("qwen3");
+/// A tiny model transformers made (`engine/tests/data/tiny/<name>`: Qwen3, Gemma 3), with the
+/// tiny model's tokenizer (the same 384-token vocabulary) beside it, as a checkpoint directory
+/// in `dir`.
+fn tiny_checkpoint(dir: &Path, name: &str) -> PathBuf {
+    let model = dir.join(name);
     std::fs::create_dir_all(&model).expect("model dir");
-    let qwen3 = repo_root().join("engine/tests/data/tiny/qwen3");
+    let made = repo_root().join("engine/tests/data/tiny").join(name);
     for (from, name) in [
-        (&qwen3, "config.json"),
-        (&qwen3, "model.safetensors"),
+        (&made, "config.json"),
+        (&made, "model.safetensors"),
         (&tiny_model(), "tokenizer.json"),
         (&tiny_model(), "tokenizer_config.json"),
         (&tiny_model(), "generation_config.json"),
@@ -229,14 +229,16 @@ fn a_qlora_adapter_trained_on_nf4_gives_graft_logits_in_peft_on_the_dense_base()
 }
 
 #[test]
-fn a_qlora_adapter_trained_on_qwen3_gives_graft_logits_in_peft() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let model = tiny_qwen3(dir.path());
-    agree_on(
-        "QLoRA on Qwen3 (q/k norms), applied to the f32 base",
-        dir.path(),
-        &model,
-        "{quantization: nf4, lora: {rank: 4, alpha: 8, dropout: 0.05, targetModules: \
-         [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]}}",
-    );
+fn qlora_adapters_trained_on_qwen3_and_gemma3_give_graft_logits_in_peft() {
+    for name in ["qwen3", "gemma3"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let model = tiny_checkpoint(dir.path(), name);
+        agree_on(
+            &format!("QLoRA on {name}, applied to the f32 base"),
+            dir.path(),
+            &model,
+            "{quantization: nf4, lora: {rank: 4, alpha: 8, dropout: 0.05, targetModules: \
+             [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]}}",
+        );
+    }
 }

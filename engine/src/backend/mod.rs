@@ -91,6 +91,12 @@ pub trait Backend: std::fmt::Debug + Send + Sync {
     /// `silu(gate) · up`.
     fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor>;
 
+    /// `gelu_tanh(gate) · up` (Gemma's MLP), differentiable. Composed of candle's ops (the
+    /// tanh approximation, with a backward) on every backend until one has a reason to fuse it.
+    fn gelu_tanh_gated(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        gate.gelu()? * up
+    }
+
     /// Causal self-attention of whole sequences: `q` `[batch, seq, heads·head_dim]`, `k` and
     /// `v` `[batch, seq, kv_heads·head_dim]`, rotated by `rotary` (`[seq, head_dim]`), to
     /// `[batch, seq, heads·head_dim]`. No `[batch, heads, seq, seq]` tensor outlives the call;

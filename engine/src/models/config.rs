@@ -3,6 +3,7 @@
 
 use serde::Deserialize;
 
+use super::rope::{Rope, RopeParameters, RopeParametersField};
 use crate::adapters::Site;
 
 #[derive(Debug, thiserror::Error)]
@@ -10,10 +11,10 @@ pub enum ConfigError {
     #[error("config.json: {0}")]
     Parse(#[from] serde_json::Error),
     #[error(
-        "unsupported architecture {0:?}: Graft runs model_type llama (Llama 2/3), mistral, qwen2 and qwen3"
+        "unsupported architecture {0:?}: Graft runs model_type llama (Llama 2/3), mistral, qwen2, qwen3 and gemma3_text"
     )]
     Architecture(String),
-    #[error("unsupported rope_type {0:?}: Graft supports default and llama3")]
+    #[error("unsupported rope_type {0:?}: Graft supports default, linear and llama3")]
     RopeType(String),
     #[error("config.json: {0}")]
     Invalid(String),
@@ -46,44 +47,50 @@ pub struct HfConfig {
     pub rope_theta: Option<f64>,
     /// transformers 4.
     pub rope_scaling: Option<RopeParameters>,
-    /// transformers 5: theta and scaling together.
-    pub rope_parameters: Option<RopeParameters>,
+    /// transformers 5: theta and scaling together, or one of each per layer type.
+    pub rope_parameters: Option<RopeParametersField>,
+    /// transformers 4's Gemma 3: the theta of sliding layers.
+    pub rope_local_base_freq: Option<f64>,
+    /// `full_attention` or `sliding_attention`, per layer (transformers 5).
+    pub layer_types: Option<Vec<String>>,
+    /// transformers 4's Gemma 3: every this-many-th layer is a full one, the rest slide.
+    pub sliding_window_pattern: Option<usize>,
+    /// Llama's spelling of the MLP activation.
+    pub hidden_act: Option<String>,
+    /// Gemma's.
+    pub hidden_activation: Option<String>,
+    /// Gemma: attention scores scale by `query_pre_attn_scalar^-1/2`, not `head_dim^-1/2`.
+    pub query_pre_attn_scalar: Option<f64>,
+    pub final_logit_softcapping: Option<f64>,
+    /// Gemma 3 as an encoder (EmbeddingGemma): refused.
+    pub use_bidirectional_attention: Option<bool>,
     pub bos_token_id: Option<serde_json::Value>,
     pub eos_token_id: Option<serde_json::Value>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
-pub struct RopeParameters {
-    pub rope_type: Option<String>,
-    /// transformers 4 spelled it `type`.
-    #[serde(rename = "type")]
-    pub legacy_type: Option<String>,
-    pub rope_theta: Option<f64>,
-    pub factor: Option<f64>,
-    pub low_freq_factor: Option<f64>,
-    pub high_freq_factor: Option<f64>,
-    pub original_max_position_embeddings: Option<usize>,
+/// The MLP's gate activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `silu(gate) · up` (Llama, Mistral, Qwen).
+    Silu,
+    /// `gelu_tanh(gate) · up` (Gemma).
+    GeluTanh,
 }
 
-/// Rotary embedding frequencies.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Rope {
-    Default {
-        theta: f64,
-    },
-    Llama3 {
-        theta: f64,
-        factor: f64,
-        low_freq_factor: f64,
-        high_freq_factor: f64,
-        original_max_position_embeddings: usize,
-    },
+/// Which keys a layer's queries see.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionKind {
+    /// Every earlier position.
+    Full,
+    /// The last `sliding_window` positions, and the local rotary schedule where there is one.
+    Sliding,
 }
 
-/// What the model code needs, checked.
+/// What the model code needs, checked. Its flags are independent facts of `config.json`.
+#[allow(clippy::struct_excessive_bools)]
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
-    /// `llama`, `mistral`, `qwen2` or `qwen3`.
+    /// `llama`, `mistral`, `qwen2`, `qwen3` or `gemma3_text`.
     pub model_type: String,
     /// The longest sequence the model was trained for, when `config.json` says.
     pub max_position_embeddings: Option<usize>,
@@ -100,14 +107,42 @@ pub struct Config {
     pub qkv_bias: bool,
     /// Each head's queries and keys are RMS-normalised before rotation (Qwen3).
     pub qk_norm: bool,
-    /// Attend to at most this many previous positions (Mistral).
+    /// Norms scale by `1 + weight` (Gemma); the loader adds the 1 to the weights.
+    pub norm_weight_offset: bool,
+    /// Attention's and the MLP's outputs are normed too, before each residual add (Gemma 3).
+    pub sandwich_norms: bool,
+    /// Embeddings are multiplied by this (Gemma: `√hidden_size`).
+    pub embed_scale: Option<f64>,
+    /// Attention scores are multiplied by this.
+    pub attention_scale: f64,
+    pub activation: Activation,
+    /// Logits become `cap · tanh(logits / cap)` (Gemma).
+    pub final_logit_softcap: Option<f64>,
+    /// How many positions a sliding layer attends to, itself included (Mistral: every layer).
     pub sliding_window: Option<usize>,
+    /// One per layer.
+    pub layer_types: Vec<AttentionKind>,
     pub rope: Rope,
+    /// The rotary schedule of sliding layers where it is their own (Gemma 3's local base).
+    pub local_rope: Option<Rope>,
 }
 
 impl Config {
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
         Self::try_from(serde_json::from_str::<HfConfig>(text)?)
+    }
+
+    /// The window layer `layer` attends within, if any.
+    pub fn window(&self, layer: usize) -> Option<usize> {
+        match self.layer_types.get(layer) {
+            Some(AttentionKind::Sliding) => self.sliding_window,
+            _ => None,
+        }
+    }
+
+    /// The rotary schedule of layer `layer`: whether it is the local one.
+    pub fn local_rope_at(&self, layer: usize) -> bool {
+        self.local_rope.is_some() && self.layer_types.get(layer) == Some(&AttentionKind::Sliding)
     }
 
     /// `(out, in)` of a projection.
@@ -130,38 +165,44 @@ impl TryFrom<HfConfig> for Config {
     type Error = ConfigError;
 
     fn try_from(hf: HfConfig) -> Result<Self, ConfigError> {
-        let (qkv_bias, qk_norm) = match hf.model_type.as_str() {
-            "llama" | "mistral" => (false, false),
-            "qwen2" => (true, false),
-            // Qwen3's attention_bias biases q/k/v only (o_proj has none), as Qwen2's always does.
-            "qwen3" => (hf.attention_bias == Some(true), true),
-            other => return Err(ConfigError::Architecture(other.to_owned())),
-        };
-        let qwen = matches!(hf.model_type.as_str(), "qwen2" | "qwen3");
-        // Llama's attention_bias also biases o_proj; neither it nor mlp_bias is in any
-        // released Llama-family checkpoint Graft targets, so refuse rather than ignore them.
-        for (field, on) in [
-            ("attention_bias", hf.attention_bias),
-            ("mlp_bias", hf.mlp_bias),
-        ] {
-            if on == Some(true) && !(qwen && field == "attention_bias") {
-                return Err(ConfigError::Invalid(format!(
-                    "{field}: true is not supported"
-                )));
-            }
+        let family = Family::of(&hf)?;
+        if hf.mlp_bias == Some(true) {
+            return Err(ConfigError::Invalid(
+                "mlp_bias: true is not supported".to_owned(),
+            ));
         }
-        if qwen && hf.use_sliding_window == Some(true) {
+        // Llama's attention_bias also biases o_proj; no released Llama, Mistral or Gemma
+        // checkpoint Graft targets has it, so it is refused rather than ignored.
+        if hf.attention_bias == Some(true) && !family.qwen {
+            return Err(ConfigError::Invalid(
+                "attention_bias: true is not supported".to_owned(),
+            ));
+        }
+        if hf.use_bidirectional_attention == Some(true) {
+            return Err(ConfigError::Invalid(
+                "use_bidirectional_attention: true (an encoder) is not a causal LM".to_owned(),
+            ));
+        }
+        if family.qwen && hf.use_sliding_window == Some(true) {
             return Err(ConfigError::Invalid(format!(
                 "use_sliding_window: true is not supported for {} (per-layer windows)",
                 hf.model_type
             )));
         }
-        if hf.num_attention_heads == 0 || !hf.hidden_size.is_multiple_of(hf.num_attention_heads) {
-            return Err(ConfigError::Invalid(format!(
-                "hidden_size {} is not a multiple of num_attention_heads {}",
-                hf.hidden_size, hf.num_attention_heads
-            )));
-        }
+        let head_dim = match hf.head_dim {
+            Some(head_dim) if head_dim > 0 => head_dim,
+            _ if hf.num_attention_heads > 0
+                && hf.hidden_size.is_multiple_of(hf.num_attention_heads) =>
+            {
+                hf.hidden_size / hf.num_attention_heads
+            }
+            _ => {
+                return Err(ConfigError::Invalid(format!(
+                    "hidden_size {} is not a multiple of num_attention_heads {}",
+                    hf.hidden_size, hf.num_attention_heads
+                )));
+            }
+        };
         let num_kv_heads = hf.num_key_value_heads.unwrap_or(hf.num_attention_heads);
         if num_kv_heads == 0 || !hf.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(ConfigError::Invalid(format!(
@@ -169,36 +210,14 @@ impl TryFrom<HfConfig> for Config {
                 hf.num_attention_heads
             )));
         }
-        let params = hf.rope_parameters.or(hf.rope_scaling).unwrap_or_default();
-        let theta = params.rope_theta.or(hf.rope_theta).unwrap_or(10_000.0);
-        let rope_type = params
-            .rope_type
-            .clone()
-            .or(params.legacy_type.clone())
-            .unwrap_or_else(|| "default".to_owned());
-        let rope = match rope_type.as_str() {
-            "default" => Rope::Default { theta },
-            "llama3" => {
-                let missing =
-                    |what: &str| ConfigError::Invalid(format!("llama3 rope needs {what}"));
-                Rope::Llama3 {
-                    theta,
-                    factor: params.factor.ok_or_else(|| missing("factor"))?,
-                    low_freq_factor: params
-                        .low_freq_factor
-                        .ok_or_else(|| missing("low_freq_factor"))?,
-                    high_freq_factor: params
-                        .high_freq_factor
-                        .ok_or_else(|| missing("high_freq_factor"))?,
-                    original_max_position_embeddings: params
-                        .original_max_position_embeddings
-                        .ok_or_else(|| missing("original_max_position_embeddings"))?,
-                }
-            }
-            other => return Err(ConfigError::RopeType(other.to_owned())),
-        };
+        let (rope, local_rope) = ropes(&hf)?;
+        let layer_types = layer_types(&hf, &family)?;
         // Qwen writes a window but only uses it with `use_sliding_window` (refused above).
-        let sliding_window = if qwen { None } else { hf.sliding_window };
+        let sliding_window = if family.qwen { None } else { hf.sliding_window };
+        #[allow(clippy::cast_precision_loss)]
+        let attention_scale = 1.0 / hf.query_pre_attn_scalar.unwrap_or(head_dim as f64).sqrt();
+        #[allow(clippy::cast_precision_loss)]
+        let embed_scale = family.gemma.then(|| (hf.hidden_size as f64).sqrt());
         Ok(Self {
             model_type: hf.model_type.clone(),
             max_position_embeddings: hf.max_position_embeddings,
@@ -208,16 +227,143 @@ impl TryFrom<HfConfig> for Config {
             num_layers: hf.num_hidden_layers,
             num_heads: hf.num_attention_heads,
             num_kv_heads,
-            head_dim: hf
-                .head_dim
-                .unwrap_or(hf.hidden_size / hf.num_attention_heads),
+            head_dim,
             rms_norm_eps: hf.rms_norm_eps,
             tie_word_embeddings: hf.tie_word_embeddings,
+            qkv_bias: family.qkv_bias || (family.qwen && hf.attention_bias == Some(true)),
+            qk_norm: family.qk_norm,
+            norm_weight_offset: family.gemma,
+            sandwich_norms: family.gemma,
+            embed_scale,
+            attention_scale,
+            activation: activation(&hf)?,
+            final_logit_softcap: hf.final_logit_softcapping,
+            sliding_window,
+            layer_types,
+            rope,
+            local_rope,
+        })
+    }
+}
+
+/// What a `model_type` implies.
+#[allow(clippy::struct_excessive_bools)]
+struct Family {
+    qwen: bool,
+    gemma: bool,
+    /// Always, whatever `attention_bias` says (Qwen2).
+    qkv_bias: bool,
+    qk_norm: bool,
+}
+
+impl Family {
+    fn of(hf: &HfConfig) -> Result<Self, ConfigError> {
+        let family = |qwen, gemma, qkv_bias, qk_norm| Self {
+            qwen,
+            gemma,
             qkv_bias,
             qk_norm,
-            sliding_window,
-            rope,
+        };
+        Ok(match hf.model_type.as_str() {
+            "llama" | "mistral" => family(false, false, false, false),
+            "qwen2" => family(true, false, true, false),
+            "qwen3" => family(true, false, false, true),
+            // transformers' Gemma 3 reads no attn_logit_softcapping (Gemma 2's); neither do we.
+            "gemma3_text" => family(false, true, false, true),
+            other => return Err(ConfigError::Architecture(other.to_owned())),
         })
+    }
+}
+
+/// The global rotary schedule, and the sliding layers' own where they have one.
+fn ropes(hf: &HfConfig) -> Result<(Rope, Option<Rope>), ConfigError> {
+    let theta = hf.rope_theta.unwrap_or(10_000.0);
+    match (&hf.rope_parameters, &hf.rope_scaling) {
+        (Some(RopeParametersField::PerLayerType(by_type)), _) => {
+            let full = by_type.get("full_attention").ok_or_else(|| {
+                ConfigError::Invalid("rope_parameters has no full_attention entry".to_owned())
+            })?;
+            let local = by_type
+                .get("sliding_attention")
+                .map(|p| Rope::from_parameters(p, theta))
+                .transpose()?;
+            Ok((Rope::from_parameters(full, theta)?, local))
+        }
+        (Some(RopeParametersField::One(params)), _) | (None, Some(params)) => Ok((
+            Rope::from_parameters(params, theta)?,
+            hf.rope_local_base_freq.map(|theta| Rope::Default { theta }),
+        )),
+        (None, None) => Ok((
+            Rope::Default { theta },
+            hf.rope_local_base_freq.map(|theta| Rope::Default { theta }),
+        )),
+    }
+}
+
+/// Each layer's attention: Gemma's `layer_types`; for the others every layer slides when
+/// there is a window (Mistral; Qwen's is refused above), else none does.
+fn layer_types(hf: &HfConfig, family: &Family) -> Result<Vec<AttentionKind>, ConfigError> {
+    if !family.gemma {
+        let kind = if hf.sliding_window.is_some() && !family.qwen {
+            AttentionKind::Sliding
+        } else {
+            AttentionKind::Full
+        };
+        return Ok(vec![kind; hf.num_hidden_layers]);
+    }
+    let pattern = |every: usize| -> Vec<String> {
+        (1..=hf.num_hidden_layers)
+            .map(|i| {
+                if i.is_multiple_of(every) {
+                    "full_attention".to_owned()
+                } else {
+                    "sliding_attention".to_owned()
+                }
+            })
+            .collect()
+    };
+    let types = match (&hf.layer_types, hf.sliding_window_pattern) {
+        (Some(types), _) => types.clone(),
+        (None, Some(every)) if every > 0 => pattern(every),
+        _ => {
+            return Err(ConfigError::Invalid(format!(
+                "{} needs layer_types or sliding_window_pattern",
+                hf.model_type
+            )));
+        }
+    };
+    if types.len() != hf.num_hidden_layers {
+        return Err(ConfigError::Invalid(format!(
+            "layer_types has {} entries for {} layers",
+            types.len(),
+            hf.num_hidden_layers
+        )));
+    }
+    types
+        .iter()
+        .map(|kind| match kind.as_str() {
+            "full_attention" => Ok(AttentionKind::Full),
+            "sliding_attention" if hf.sliding_window.is_some() => Ok(AttentionKind::Sliding),
+            other => Err(ConfigError::Invalid(format!(
+                "layer type {other:?} (sliding_window {:?}) is not supported",
+                hf.sliding_window
+            ))),
+        })
+        .collect()
+}
+
+fn activation(hf: &HfConfig) -> Result<Activation, ConfigError> {
+    match hf
+        .hidden_activation
+        .as_deref()
+        .or(hf.hidden_act.as_deref())
+        .unwrap_or("silu")
+    {
+        "silu" | "swish" => Ok(Activation::Silu),
+        "gelu_pytorch_tanh" => Ok(Activation::GeluTanh),
+        other => Err(ConfigError::Invalid(format!(
+            "MLP activation {other:?} is not supported"
+        ))),
     }
 }
 
@@ -228,6 +374,7 @@ mod tests {
     const LLAMA3: &str = include_str!("../../tests/data/tiny/llama3/config.json");
     const QWEN2: &str = include_str!("../../tests/data/tiny/qwen2/config.json");
     const QWEN3: &str = include_str!("../../tests/data/tiny/qwen3/config.json");
+    const GEMMA3: &str = include_str!("../../tests/data/tiny/gemma3/config.json");
 
     #[test]
     fn transformers_5_rope_parameters_are_read() {
@@ -278,6 +425,61 @@ mod tests {
         );
         let error = Config::from_json(&windowed).expect_err("per-layer windows");
         assert!(error.to_string().contains("qwen3"), "{error}");
+    }
+
+    #[test]
+    fn gemma3_reads_its_layer_types_and_a_rotary_schedule_per_type() {
+        let config = Config::from_json(GEMMA3).expect("config");
+        assert_eq!(
+            config.layer_types,
+            [AttentionKind::Sliding, AttentionKind::Full]
+        );
+        assert_eq!((config.window(0), config.window(1)), (Some(4), None));
+        assert_eq!(
+            config.rope,
+            Rope::Linear {
+                theta: 1_000_000.0,
+                factor: 2.0
+            }
+        );
+        assert_eq!(config.local_rope, Some(Rope::Default { theta: 10_000.0 }));
+        assert!(config.local_rope_at(0) && !config.local_rope_at(1));
+        assert_eq!(config.activation, Activation::GeluTanh);
+        assert!(config.norm_weight_offset && config.sandwich_norms && config.qk_norm);
+        assert_eq!(config.embed_scale, Some(8.0));
+        assert!((config.attention_scale - 1.0 / 32f64.sqrt()).abs() < 1e-12);
+        assert_eq!(config.final_logit_softcap, Some(5.0));
+    }
+
+    /// What transformers 4.50+ wrote for Gemma 3 before `layer_types` and per-type
+    /// `rope_parameters` existed (the released checkpoints' config.json).
+    #[test]
+    fn gemma3_in_transformers_4_spelling_reads_the_same() {
+        let json = r#"{"model_type":"gemma3_text","vocab_size":8,"hidden_size":8,
+            "intermediate_size":16,"num_hidden_layers":7,"num_attention_heads":2,"head_dim":4,
+            "rms_norm_eps":1e-6,"rope_theta":1000000.0,"rope_local_base_freq":10000.0,
+            "rope_scaling":{"rope_type":"linear","factor":8.0},"sliding_window":512,
+            "sliding_window_pattern":6,"query_pre_attn_scalar":4,
+            "hidden_activation":"gelu_pytorch_tanh"}"#;
+        let config = Config::from_json(json).expect("config");
+        let full: Vec<usize> = (0..7).filter(|&i| config.window(i).is_none()).collect();
+        assert_eq!(full, [5], "every sixth layer is a full one");
+        assert_eq!(
+            config.rope,
+            Rope::Linear {
+                theta: 1_000_000.0,
+                factor: 8.0
+            }
+        );
+        assert_eq!(config.local_rope, Some(Rope::Default { theta: 10_000.0 }));
+        let encoder = json.replace(
+            r#""model_type":"gemma3_text","#,
+            r#""model_type":"gemma3_text","use_bidirectional_attention":true,"#,
+        );
+        assert!(
+            Config::from_json(&encoder).is_err(),
+            "an encoder is refused"
+        );
     }
 
     #[test]

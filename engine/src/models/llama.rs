@@ -1,4 +1,4 @@
-//! The Llama-family causal LM (Llama 2/3, Mistral, Qwen2, Qwen3), written once over a
+//! The Llama-family causal LM (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 3), written once over a
 //! [`Backend`]: a decoder layer is the same code in training (whole sequences, one adapter,
 //! a backward pass through layer-wise recomputation), in evaluation (the same, with no graph
 //! recorded) and in serving (packed rows of many sequences, each with its own KV cache and
@@ -11,7 +11,7 @@ use std::ops::Range;
 use candle_core::{D, DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::config::{Config, Rope};
+use super::config::{Activation, Config};
 use crate::{
     adapters::{Adapter, Lora, PeftError, SegmentLora, ServingAdapter, Site},
     backend::{
@@ -46,8 +46,13 @@ struct Projection {
 
 #[derive(Clone, Debug)]
 struct Block {
+    /// Before attention (`input_layernorm`).
     input_norm: Tensor,
-    post_attention_norm: Tensor,
+    /// Before the MLP (`post_attention_layernorm`; Gemma's `pre_feedforward_layernorm`).
+    mlp_norm: Tensor,
+    /// After attention and after the MLP, before each residual add (Gemma's
+    /// `post_attention_layernorm` and `post_feedforward_layernorm`).
+    sandwich: Option<[Tensor; 2]>,
     /// Per-head query and key norms, `[head_dim]` each (Qwen3).
     qk_norm: Option<[Tensor; 2]>,
     /// Indexed by `Site as usize`.
@@ -64,6 +69,25 @@ pub struct Llama {
     norm: Tensor,
     lm_head: FrozenLinear,
     inv_freq: Vec<f32>,
+    /// Sliding layers' own frequencies (Gemma 3).
+    local_inv_freq: Option<Vec<f32>>,
+}
+
+/// The rotary tables of a pass, shared by every layer: the global schedule's, and the
+/// sliding layers' where they have their own.
+#[derive(Clone, Debug)]
+pub struct Positions {
+    global: Rotary,
+    local: Option<Rotary>,
+}
+
+impl Positions {
+    fn for_layer(&self, local: bool) -> &Rotary {
+        match (&self.local, local) {
+            (Some(local), true) => local,
+            _ => &self.global,
+        }
+    }
 }
 
 impl Llama {
@@ -78,7 +102,7 @@ impl Llama {
         let layers = (0..config.num_layers)
             .map(|i| load_block(&model.pp("layers").pp(i), config, precision))
             .collect::<Result<Vec<_>>>()?;
-        let norm = model.pp("norm").get(hidden, "weight")?;
+        let norm = load_norm(&model.pp("norm"), hidden, config)?;
         let lm_head = if config.tie_word_embeddings {
             embed_tokens.clone()
         } else {
@@ -91,7 +115,11 @@ impl Llama {
             layers,
             norm,
             lm_head: FrozenLinear::new(FrozenWeight::Dense(lm_head), None),
-            inv_freq: inverse_frequencies(config),
+            inv_freq: config.rope.inverse_frequencies(config.head_dim),
+            local_inv_freq: config
+                .local_rope
+                .as_ref()
+                .map(|rope| rope.inverse_frequencies(config.head_dim)),
         })
     }
 
@@ -161,7 +189,8 @@ impl Llama {
             .iter()
             .map(|b| {
                 tensor(&b.input_norm)
-                    + tensor(&b.post_attention_norm)
+                    + tensor(&b.mlp_norm)
+                    + b.sandwich.iter().flatten().map(tensor).sum::<usize>()
                     + b.qk_norm.iter().flatten().map(tensor).sum::<usize>()
                     + b.projections
                         .iter()
@@ -191,14 +220,22 @@ impl Llama {
     /// Hidden states `[batch, seq, hidden]` for token ids `[batch, seq]`.
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (batch, seq) = input_ids.dims2()?;
-        self.embed_tokens
-            .index_select(&input_ids.flatten_all()?, 0)?
+        self.embed_rows(&input_ids.flatten_all()?)?
             .reshape((batch, seq, self.config.hidden_size))
+    }
+
+    /// `[ids, hidden]` for a vector of token ids.
+    fn embed_rows(&self, ids: &Tensor) -> Result<Tensor> {
+        let rows = self.embed_tokens.index_select(ids, 0)?;
+        match self.config.embed_scale {
+            Some(scale) => rows.affine(scale, 0.0),
+            None => Ok(rows),
+        }
     }
 
     /// The rotary tables and position ids for sequences of `seq` tokens, shared by every
     /// layer of a pass.
-    pub fn positions(&self, seq: usize, device: &Device) -> Result<Rotary> {
+    pub fn positions(&self, seq: usize, device: &Device) -> Result<Positions> {
         let positions: Vec<usize> = (0..seq).collect();
         self.rotary(&positions, seq, device)
     }
@@ -206,8 +243,14 @@ impl Llama {
     /// Decoder layer `index` of a training or evaluation pass over whole sequences. The
     /// trainer calls it one layer at a time, to recompute layers in the backward pass instead
     /// of keeping every layer's activations, and to evaluate with no graph at all.
-    pub fn layer(&self, index: usize, h: &Tensor, rotary: &Rotary, mode: Mode) -> Result<Tensor> {
-        self.block(index, h, &mut Sequences { rotary, mode })
+    pub fn layer(
+        &self,
+        index: usize,
+        h: &Tensor,
+        positions: &Positions,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        self.block(index, h, &mut Sequences { positions, mode })
     }
 
     /// The final norm and the LM head: logits for hidden states.
@@ -215,7 +258,11 @@ impl Llama {
         let h = self
             .backend
             .rms_norm(h, &self.norm, self.config.rms_norm_eps)?;
-        self.backend.frozen(&h, &self.lm_head)
+        let logits = self.backend.frozen(&h, &self.lm_head)?;
+        match self.config.final_logit_softcap {
+            Some(cap) => (logits / cap)?.tanh()? * cap,
+            None => Ok(logits),
+        }
     }
 
     /// Logits `[segments, vocab]` for the last new token of each segment of a serving step;
@@ -243,12 +290,10 @@ impl Llama {
             .max()
             .unwrap_or(0);
         let rotary = self.rotary(&positions, keys, &device)?;
-        let mut h = self
-            .embed_tokens
-            .index_select(&Tensor::new(ids.as_slice(), &device)?, 0)?;
+        let mut h = self.embed_rows(&Tensor::new(ids.as_slice(), &device)?)?;
         for layer in 0..self.layers.len() {
             let mut pass = Batch {
-                rotary: &rotary,
+                positions: &rotary,
                 segments,
                 rows: &rows,
             };
@@ -262,16 +307,14 @@ impl Llama {
         self.head(&h.index_select(&Tensor::new(last.as_slice(), &device)?, 0)?)
     }
 
-    fn heads(&self) -> Heads {
+    fn heads(&self, layer: usize) -> Heads {
         let cfg = &self.config;
-        #[allow(clippy::cast_precision_loss)]
-        let scale = 1.0 / (cfg.head_dim as f64).sqrt();
         Heads {
             heads: cfg.num_heads,
             kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
-            scale,
-            window: cfg.sliding_window,
+            scale: cfg.attention_scale,
+            window: cfg.window(layer),
         }
     }
 
@@ -293,16 +336,24 @@ impl Llama {
             q = self.per_head_norm(&q, q_norm)?;
             k = self.per_head_norm(&k, k_norm)?;
         }
-        let attended = pass.attend(backend, index, [&q, &k, &v], self.heads())?;
+        let local = self.config.local_rope_at(index);
+        let attended = pass.attend(backend, index, [&q, &k, &v], self.heads(index), local)?;
         let mut project = |site: Site, x: &Tensor| {
             pass.project(backend, index, site, &block.projections[site as usize], x)
         };
-        let h = (h + project(Site::OProj, &attended)?)?;
-        let normed = backend.rms_norm(&h, &block.post_attention_norm, eps)?;
+        let sandwiched = |x: Tensor, at: usize| match &block.sandwich {
+            Some(norms) => backend.rms_norm(&x, &norms[at], eps),
+            None => Ok(x),
+        };
+        let h = (h + sandwiched(project(Site::OProj, &attended)?, 0)?)?;
+        let normed = backend.rms_norm(&h, &block.mlp_norm, eps)?;
         let gate = project(Site::GateProj, &normed)?;
         let up = project(Site::UpProj, &normed)?;
-        let down = project(Site::DownProj, &backend.swiglu(&gate, &up)?)?;
-        h + down
+        let gated = match self.config.activation {
+            Activation::Silu => backend.swiglu(&gate, &up)?,
+            Activation::GeluTanh => backend.gelu_tanh_gated(&gate, &up)?,
+        };
+        h + sandwiched(project(Site::DownProj, &gated)?, 1)?
     }
 
     /// `x` (`[.., heads·head_dim]`) with each head's slice RMS-normalised by `weight`.
@@ -315,23 +366,41 @@ impl Llama {
     }
 
     /// Rotary tables `[positions, head_dim]` for each of `positions`, and position ids
-    /// `0..keys`, on `device`.
-    fn rotary(&self, positions: &[usize], keys: usize, device: &Device) -> Result<Rotary> {
-        let inv_freq = Tensor::new(self.inv_freq.as_slice(), device)?;
-        #[allow(clippy::cast_precision_loss)]
-        let at: Vec<f32> = positions.iter().map(|&p| p as f32).collect();
-        let freqs = Tensor::new(at.as_slice(), device)?
-            .unsqueeze(1)?
-            .broadcast_mul(&inv_freq.unsqueeze(0)?)?;
-        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
-        #[allow(clippy::cast_precision_loss)]
-        let ids: Vec<f32> = (0..keys).map(|p| p as f32).collect();
-        Ok(Rotary {
-            cos: emb.cos()?,
-            sin: emb.sin()?,
-            positions: Tensor::new(ids.as_slice(), device)?,
+    /// `0..keys`, on `device`, for each schedule the layers use.
+    fn rotary(&self, positions: &[usize], keys: usize, device: &Device) -> Result<Positions> {
+        Ok(Positions {
+            global: rotary_tables(&self.inv_freq, positions, keys, device)?,
+            local: self
+                .local_inv_freq
+                .as_ref()
+                .map(|inv_freq| rotary_tables(inv_freq, positions, keys, device))
+                .transpose()?,
         })
     }
+}
+
+/// Rotary tables `[positions, head_dim]` of the frequencies `inv_freq` for each of
+/// `positions`, and position ids `0..keys`, on `device`.
+fn rotary_tables(
+    inv_freq: &[f32],
+    positions: &[usize],
+    keys: usize,
+    device: &Device,
+) -> Result<Rotary> {
+    let inv_freq = Tensor::new(inv_freq, device)?;
+    #[allow(clippy::cast_precision_loss)]
+    let at: Vec<f32> = positions.iter().map(|&p| p as f32).collect();
+    let freqs = Tensor::new(at.as_slice(), device)?
+        .unsqueeze(1)?
+        .broadcast_mul(&inv_freq.unsqueeze(0)?)?;
+    let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
+    #[allow(clippy::cast_precision_loss)]
+    let ids: Vec<f32> = (0..keys).map(|p| p as f32).collect();
+    Ok(Rotary {
+        cos: emb.cos()?,
+        sin: emb.sin()?,
+        positions: Tensor::new(ids.as_slice(), device)?,
+    })
 }
 
 /// What differs between passes: how a projection applies adapters, and what attention sees.
@@ -345,18 +414,20 @@ trait Pass {
         x: &Tensor,
     ) -> Result<Tensor>;
 
+    /// `local`: the layer rotates with the sliding layers' own schedule.
     fn attend(
         &mut self,
         backend: &dyn Backend,
         layer: usize,
         qkv: [&Tensor; 3],
         heads: Heads,
+        local: bool,
     ) -> Result<Tensor>;
 }
 
 /// Training and evaluation: whole sequences `[batch, seq, ..]`, the model's own adapters.
 struct Sequences<'a> {
-    rotary: &'a Rotary,
+    positions: &'a Positions,
     mode: Mode,
 }
 
@@ -385,8 +456,9 @@ impl Pass for Sequences<'_> {
         _: usize,
         [q, k, v]: [&Tensor; 3],
         heads: Heads,
+        local: bool,
     ) -> Result<Tensor> {
-        backend.attention(q, k, v, self.rotary, heads)
+        backend.attention(q, k, v, self.positions.for_layer(local), heads)
     }
 }
 
@@ -401,7 +473,7 @@ pub struct Segment<'a> {
 
 /// Serving: the packed rows `[rows, ..]` of many sequences, each with its adapter and cache.
 struct Batch<'a, 's, 't> {
-    rotary: &'a Rotary,
+    positions: &'a Positions,
     segments: &'a mut [Segment<'s>],
     rows: &'t [Range<usize>],
 }
@@ -433,6 +505,7 @@ impl Pass for Batch<'_, '_, '_> {
         layer: usize,
         qkv: [&Tensor; 3],
         heads: Heads,
+        local: bool,
     ) -> Result<Tensor> {
         let mut sequences: Vec<CachedRows<'_>> = self
             .segments
@@ -443,7 +516,8 @@ impl Pass for Batch<'_, '_, '_> {
                 cache: &mut *s.cache,
             })
             .collect();
-        backend.cached_attention(layer, qkv, self.rotary, heads, &mut sequences)
+        let rotary = self.positions.for_layer(local);
+        backend.cached_attention(layer, qkv, rotary, heads, &mut sequences)
     }
 }
 
@@ -477,14 +551,26 @@ fn load_block(vb: &VarBuilder<'_>, config: &Config, precision: Precision) -> Res
     };
     let inter = config.intermediate_size;
     let bias = config.qkv_bias;
-    Ok(Block {
-        input_norm: vb.pp("input_layernorm").get(hidden, "weight")?,
-        post_attention_norm: vb.pp("post_attention_layernorm").get(hidden, "weight")?,
-        qk_norm: if config.qk_norm {
-            let attention = vb.pp("self_attn");
+    let norm = |name: &str, size: usize| load_norm(&vb.pp(name), size, config);
+    let (mlp_norm, sandwich) = if config.sandwich_norms {
+        (
+            norm("pre_feedforward_layernorm", hidden)?,
             Some([
-                attention.pp("q_norm").get(config.head_dim, "weight")?,
-                attention.pp("k_norm").get(config.head_dim, "weight")?,
+                norm("post_attention_layernorm", hidden)?,
+                norm("post_feedforward_layernorm", hidden)?,
+            ]),
+        )
+    } else {
+        (norm("post_attention_layernorm", hidden)?, None)
+    };
+    Ok(Block {
+        input_norm: norm("input_layernorm", hidden)?,
+        mlp_norm,
+        sandwich,
+        qk_norm: if config.qk_norm {
+            Some([
+                norm("self_attn.q_norm", config.head_dim)?,
+                norm("self_attn.k_norm", config.head_dim)?,
             ])
         } else {
             None
@@ -500,48 +586,14 @@ fn load_block(vb: &VarBuilder<'_>, config: &Config, precision: Precision) -> Res
         ],
     })
 }
-/// transformers' `inv_freq` (with llama3 scaling), in f32.
-fn inverse_frequencies(config: &Config) -> Vec<f32> {
-    let dim = config.head_dim;
-    let theta = match config.rope {
-        Rope::Default { theta } | Rope::Llama3 { theta, .. } => theta,
-    };
-    #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation)]
-    let base: Vec<f32> = (0..dim)
-        .step_by(2)
-        .map(|i| 1.0 / (theta as f32).powf(i as f32 / dim as f32))
-        .collect();
-    let Rope::Llama3 {
-        factor,
-        low_freq_factor,
-        high_freq_factor,
-        original_max_position_embeddings,
-        ..
-    } = config.rope
-    else {
-        return base;
-    };
-    #[allow(clippy::cast_precision_loss)]
-    let old_context = original_max_position_embeddings as f64;
-    let low_freq_wavelen = old_context / low_freq_factor;
-    let high_freq_wavelen = old_context / high_freq_factor;
-    #[allow(clippy::cast_possible_truncation)]
-    base.into_iter()
-        .map(|f| {
-            let f = f64::from(f);
-            let wavelen = 2.0 * std::f64::consts::PI / f;
-            let scaled = if wavelen > low_freq_wavelen {
-                f / factor
-            } else {
-                f
-            };
-            if wavelen < high_freq_wavelen || wavelen > low_freq_wavelen {
-                scaled as f32
-            } else {
-                let smooth = (old_context / wavelen - low_freq_factor)
-                    / (high_freq_factor - low_freq_factor);
-                ((1.0 - smooth) * scaled / factor + smooth * scaled) as f32
-            }
-        })
-        .collect()
+
+/// An RMS norm's weight, `[size]`, with Gemma's `1 +` folded in so every norm computes
+/// `x / rms(x) · weight`.
+fn load_norm(vb: &VarBuilder<'_>, size: usize, config: &Config) -> Result<Tensor> {
+    let weight = vb.get(size, "weight")?;
+    if config.norm_weight_offset {
+        weight.affine(1.0, 1.0)
+    } else {
+        Ok(weight)
+    }
 }

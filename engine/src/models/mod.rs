@@ -2,9 +2,11 @@
 
 mod config;
 mod llama;
+mod rope;
 pub mod source;
 mod weights;
 
-pub use config::{Config, ConfigError, HfConfig, Rope, RopeParameters};
+pub use config::{Activation, AttentionKind, Config, ConfigError, HfConfig};
 pub use llama::{Llama, Mode, Precision, Segment};
+pub use rope::{Rope, RopeParameters, RopeParametersField};
 pub use weights::{WeightsError, load_weights};
