@@ -17,7 +17,15 @@ const DEVICE: &dyn Backend = &Cuda;
 
 #[test]
 fn the_device_backend_gives_transformers_logits_for_every_family() {
-    for name in ["llama", "llama3", "qwen2", "mistral", "qwen3", "gemma3"] {
+    for name in [
+        "llama",
+        "llama3",
+        "qwen2",
+        "mistral",
+        "qwen3",
+        "gemma3",
+        "llama-yarn",
+    ] {
         let llama = model(name, Precision::Dense).with_backend(DEVICE);
         assert_eq!(llama.backend().name(), "cuda");
         let (ids, expected) = reference(&tiny(name));

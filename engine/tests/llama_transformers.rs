@@ -14,7 +14,15 @@ use graft_engine::{
 
 #[test]
 fn base_logits_match_transformers_within_1e_4() {
-    for name in ["llama", "llama3", "qwen2", "mistral", "qwen3", "gemma3"] {
+    for name in [
+        "llama",
+        "llama3",
+        "qwen2",
+        "mistral",
+        "qwen3",
+        "gemma3",
+        "llama-yarn",
+    ] {
         let (ids, expected) = reference(&tiny(name));
         let logits = model(name, Precision::Dense)
             .forward(&ids)

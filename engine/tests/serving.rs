@@ -91,7 +91,15 @@ fn decoding_with_a_cache_gives_pefts_logits_at_every_position() {
 
 #[test]
 fn every_family_decodes_as_its_full_forward() {
-    for name in ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma3"] {
+    for name in [
+        "llama",
+        "llama3",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "gemma3",
+        "llama-yarn",
+    ] {
         let model = model(name, Precision::Dense);
         let (ids, _) = reference(&tiny(name));
         let row = ids_row(&ids, 0);

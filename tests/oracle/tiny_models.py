@@ -66,6 +66,16 @@ MODELS = {
         final_logit_softcapping=5.0,
         tie_word_embeddings=True,
     ),
+    "llama-yarn": LlamaConfig(
+        **COMMON,
+        tie_word_embeddings=False,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
 }
 
 torch.manual_seed(0)

@@ -14,7 +14,7 @@ pub enum ConfigError {
         "unsupported architecture {0:?}: Graft runs model_type llama (Llama 2/3), mistral, qwen2, qwen3 and gemma3_text"
     )]
     Architecture(String),
-    #[error("unsupported rope_type {0:?}: Graft supports default, linear and llama3")]
+    #[error("unsupported rope_type {0:?}: Graft supports default, linear, llama3 and yarn")]
     RopeType(String),
     #[error("config.json: {0}")]
     Invalid(String),
@@ -285,12 +285,15 @@ fn ropes(hf: &HfConfig) -> Result<(Rope, Option<Rope>), ConfigError> {
             })?;
             let local = by_type
                 .get("sliding_attention")
-                .map(|p| Rope::from_parameters(p, theta))
+                .map(|p| Rope::from_parameters(p, theta, hf.max_position_embeddings))
                 .transpose()?;
-            Ok((Rope::from_parameters(full, theta)?, local))
+            Ok((
+                Rope::from_parameters(full, theta, hf.max_position_embeddings)?,
+                local,
+            ))
         }
         (Some(RopeParametersField::One(params)), _) | (None, Some(params)) => Ok((
-            Rope::from_parameters(params, theta)?,
+            Rope::from_parameters(params, theta, hf.max_position_embeddings)?,
             hf.rope_local_base_freq.map(|theta| Rope::Default { theta }),
         )),
         (None, None) => Ok((

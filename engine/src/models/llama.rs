@@ -68,9 +68,25 @@ pub struct Llama {
     layers: Vec<Block>,
     norm: Tensor,
     lm_head: FrozenLinear,
+    inv_freq: Frequencies,
+    /// Sliding layers' own (Gemma 3).
+    local_inv_freq: Option<Frequencies>,
+}
+
+/// A rotary schedule's `inv_freq`, and the factor cos and sin are scaled by (YaRN's).
+#[derive(Clone, Debug)]
+struct Frequencies {
     inv_freq: Vec<f32>,
-    /// Sliding layers' own frequencies (Gemma 3).
-    local_inv_freq: Option<Vec<f32>>,
+    scale: f64,
+}
+
+impl Frequencies {
+    fn of(rope: &super::rope::Rope, head_dim: usize) -> Self {
+        Self {
+            inv_freq: rope.inverse_frequencies(head_dim),
+            scale: rope.attention_factor(),
+        }
+    }
 }
 
 /// The rotary tables of a pass, shared by every layer: the global schedule's, and the
@@ -115,11 +131,11 @@ impl Llama {
             layers,
             norm,
             lm_head: FrozenLinear::new(FrozenWeight::Dense(lm_head), None),
-            inv_freq: config.rope.inverse_frequencies(config.head_dim),
+            inv_freq: Frequencies::of(&config.rope, config.head_dim),
             local_inv_freq: config
                 .local_rope
                 .as_ref()
-                .map(|rope| rope.inverse_frequencies(config.head_dim)),
+                .map(|rope| Frequencies::of(rope, config.head_dim)),
         })
     }
 
@@ -379,15 +395,15 @@ impl Llama {
     }
 }
 
-/// Rotary tables `[positions, head_dim]` of the frequencies `inv_freq` for each of
-/// `positions`, and position ids `0..keys`, on `device`.
+/// Rotary tables `[positions, head_dim]` of `frequencies` for each of `positions`, and
+/// position ids `0..keys`, on `device`.
 fn rotary_tables(
-    inv_freq: &[f32],
+    frequencies: &Frequencies,
     positions: &[usize],
     keys: usize,
     device: &Device,
 ) -> Result<Rotary> {
-    let inv_freq = Tensor::new(inv_freq, device)?;
+    let inv_freq = Tensor::new(frequencies.inv_freq.as_slice(), device)?;
     #[allow(clippy::cast_precision_loss)]
     let at: Vec<f32> = positions.iter().map(|&p| p as f32).collect();
     let freqs = Tensor::new(at.as_slice(), device)?
@@ -396,9 +412,16 @@ fn rotary_tables(
     let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
     #[allow(clippy::cast_precision_loss)]
     let ids: Vec<f32> = (0..keys).map(|p| p as f32).collect();
+    let scaled = |t: Tensor| {
+        if (frequencies.scale - 1.0).abs() < f64::EPSILON {
+            Ok(t)
+        } else {
+            t.affine(frequencies.scale, 0.0)
+        }
+    };
     Ok(Rotary {
-        cos: emb.cos()?,
-        sin: emb.sin()?,
+        cos: scaled(emb.cos()?)?,
+        sin: scaled(emb.sin()?)?,
         positions: Tensor::new(ids.as_slice(), device)?,
     })
 }

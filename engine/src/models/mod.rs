@@ -8,5 +8,5 @@ mod weights;
 
 pub use config::{Activation, AttentionKind, Config, ConfigError, HfConfig};
 pub use llama::{Llama, Mode, Precision, Segment};
-pub use rope::{Rope, RopeParameters, RopeParametersField};
+pub use rope::{Rope, RopeParameters, RopeParametersField, Yarn};
 pub use weights::{WeightsError, load_weights};
