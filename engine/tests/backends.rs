@@ -25,6 +25,7 @@ fn the_device_backend_gives_transformers_logits_for_every_family() {
         "qwen3",
         "gemma3",
         "llama-yarn",
+        "gemma2",
     ] {
         let llama = model(name, Precision::Dense).with_backend(DEVICE);
         assert_eq!(llama.backend().name(), "cuda");
@@ -64,10 +65,18 @@ fn attach(model: &mut Llama) -> Result<Vec<Var>> {
 
 #[test]
 fn both_backends_give_the_same_adapter_gradients_dense_and_nf4() -> Result<()> {
-    let (ids, _) = reference(&tiny("mistral"));
+    // Mistral: a sliding window; Gemma 2: soft-capped scores, sandwich norms, gelu-tanh.
+    for name in ["mistral", "gemma2"] {
+        same_gradients(name)?;
+    }
+    Ok(())
+}
+
+fn same_gradients(name: &str) -> Result<()> {
+    let (ids, _) = reference(&tiny(name));
     for precision in [Precision::Dense, Precision::Nf4] {
         let gradients = |backend: &'static dyn Backend| -> Result<Vec<Tensor>> {
-            let mut llama = model("mistral", precision).with_backend(backend);
+            let mut llama = model(name, precision).with_backend(backend);
             let vars = attach(&mut llama)?;
             let logits = llama.forward(&ids)?;
             let grads = (logits.sqr()?.mean_all()? * 0.01)?.backward()?;
@@ -80,10 +89,10 @@ fn both_backends_give_the_same_adapter_gradients_dense_and_nf4() -> Result<()> {
         for (i, (c, d)) in cpu.iter().zip(&device).enumerate() {
             let size: f32 = c.abs()?.max_all()?.to_scalar()?;
             let diff = max_abs_diff(c, d);
-            assert!(size > 0.0, "{precision:?} var {i}: a zero gradient");
+            assert!(size > 0.0, "{name} {precision:?} var {i}: a zero gradient");
             assert!(
                 diff <= 1e-4 * size.max(1.0),
-                "{precision:?} var {i}: {diff} of {size}"
+                "{name} {precision:?} var {i}: {diff} of {size}"
             );
         }
     }

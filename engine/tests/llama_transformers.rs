@@ -22,6 +22,7 @@ fn base_logits_match_transformers_within_1e_4() {
         "qwen3",
         "gemma3",
         "llama-yarn",
+        "gemma2",
     ] {
         let (ids, expected) = reference(&tiny(name));
         let logits = model(name, Precision::Dense)

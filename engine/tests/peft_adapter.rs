@@ -21,7 +21,7 @@ fn peft_files(name: &str) -> (Vec<u8>, Vec<u8>) {
 
 #[test]
 fn a_peft_adapter_gives_pefts_logits_within_1e_4() {
-    for name in ["llama", "qwen3", "gemma3"] {
+    for name in ["llama", "qwen3", "gemma3", "gemma2"] {
         let (config, weights) = peft_files(name);
         let adapter =
             Adapter::from_bytes(&config, &weights, &Device::Cpu).expect("PEFT's adapter loads");

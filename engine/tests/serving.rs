@@ -12,10 +12,11 @@ use graft_engine::{
 };
 
 /// The families with a PEFT-made adapter: the model and the adapter's directory.
-const WITH_PEFT: [(&str, &str); 3] = [
+const WITH_PEFT: [(&str, &str); 4] = [
     ("llama", "llama-peft"),
     ("qwen3", "qwen3-peft"),
     ("gemma3", "gemma3-peft"),
+    ("gemma2", "gemma2-peft"),
 ];
 
 fn peft_adapter(name: &str) -> Adapter {
@@ -99,6 +100,7 @@ fn every_family_decodes_as_its_full_forward() {
         "qwen3",
         "gemma3",
         "llama-yarn",
+        "gemma2",
     ] {
         let model = model(name, Precision::Dense);
         let (ids, _) = reference(&tiny(name));

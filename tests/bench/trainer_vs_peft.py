@@ -95,6 +95,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument(
+        "--validation", type=float, default=0.1,
+        help="also run graft with this validationFraction (evaluating every 10 steps and at the "
+        "epoch's end) and print its peak RSS beside the run without; 0 skips it",
+    )
     args = parser.parse_args()
     if not os.access(args.trainer, os.X_OK):
         sys.exit(f"{args.trainer} is missing: cargo build --release -p graft-trainer")
@@ -145,18 +150,7 @@ def main() -> None:
 
     # graft: one epoch of steps·batch rows = `steps` optimizer steps.
     config = os.path.join(work, "config.yaml")
-    with open(config, "w") as f:
-        f.write(textwrap.dedent(f"""\
-            baseModel: {{uri: 'file://{model}'}}
-            dataset: {{uri: 'file://{data}', validationFraction: 0}}
-            method:
-              quantization: none
-              lora: {{rank: {args.rank}, alpha: {2 * args.rank}, dropout: 0, targetModules: {json.dumps(TARGETS)}}}
-            training: {{epochs: 1, learningRate: 0.001, batchSize: {args.batch},
-              gradientAccumulationSteps: 1, maxSequenceLength: {args.seq}, warmupSteps: 0,
-              scheduler: constant, seed: 1, checkpointEverySteps: 1000000, gradientCheckpointing: false}}
-            output: {{uri: 'file://{work}/out/'}}
-            """))
+    write_config(config, args, model, data, work, validation=0)
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
     out, err, graft_rss = peak_rss_of(
         [args.trainer, "train", "--config", config, "--cache-dir", os.path.join(work, "cache")], env=env
@@ -165,6 +159,19 @@ def main() -> None:
     assert len(steps) == args.steps, f"graft ran {len(steps)} steps:\n{err}"
     # Tokens per second over the whole loop: graft's figure at the last step is cumulative.
     graft_tps = steps[-1]["tokensPerSecond"]
+    validated_rss = None
+    if args.validation > 0:
+        validated = os.path.join(work, "validated.yaml")
+        write_config(validated, args, model, data, os.path.join(work, "validated"), args.validation)
+        out, err, validated_rss = peak_rss_of(
+            [args.trainer, "train", "--config", validated, "--cache-dir", os.path.join(work, "cache2")],
+            env=env,
+        )
+        evaluated = [
+            line for line in out.splitlines()
+            if line.startswith("{") and json.loads(line).get("evalLoss") is not None
+        ]
+        assert evaluated, f"no evaluation ran:\n{out[-2000:]}\n{err[-2000:]}"
 
     peft_args = json.dumps({
         "model": model, "rows": rows_file, "rank": args.rank, "targets": TARGETS,
@@ -182,6 +189,25 @@ def main() -> None:
     print(f"{'transformers + peft':22}{peft['tokens_per_second']:12.0f}{peft_rss / mib:15.1f}")
     print(f"ratio graft/peft: speed {graft_tps / peft['tokens_per_second']:.2f}x, "
           f"memory {graft_rss / peft_rss:.2f}x")
+    if validated_rss is not None:
+        print(f"graft peak RSS with validationFraction {args.validation} (evaluating every 10 steps): "
+              f"{validated_rss / mib:.1f} MiB, {validated_rss / graft_rss:.2f}x the run without")
+
+
+def write_config(path, args, model, data, work, validation):
+    with open(path, "w") as f:
+        f.write(textwrap.dedent(f"""\
+            baseModel: {{uri: 'file://{model}'}}
+            dataset: {{uri: 'file://{data}', validationFraction: {validation}}}
+            method:
+              quantization: none
+              lora: {{rank: {args.rank}, alpha: {2 * args.rank}, dropout: 0, targetModules: {json.dumps(TARGETS)}}}
+            training: {{epochs: 1, learningRate: 0.001, batchSize: {args.batch},
+              gradientAccumulationSteps: 1, maxSequenceLength: {args.seq}, warmupSteps: 0,
+              scheduler: constant, seed: 1, checkpointEverySteps: 1000000, gradientCheckpointing: false,
+              evalEverySteps: 10}}
+            output: {{uri: 'file://{work}/out/'}}
+            """))
 
 
 if __name__ == "__main__":

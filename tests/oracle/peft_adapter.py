@@ -1,4 +1,4 @@
-"""Writes a LoRA adapter made by Hugging Face PEFT for the tiny Llama, Qwen3 and Gemma 3, and
+"""Writes a LoRA adapter made by Hugging Face PEFT for the tiny Llama, Qwen3, Gemma 3 and Gemma 2, and
 the logits of each adapted model, for engine/tests/peft_adapter.rs and engine/tests/serving.rs:
 
     engine/tests/data/tiny/<model>-peft/adapter_config.json, adapter_model.safetensors
@@ -51,3 +51,4 @@ def write(name, seed):
 write("llama", 1)
 write("qwen3", 2)
 write("gemma3", 3)
+write("gemma2", 4)

@@ -17,7 +17,7 @@ import pathlib
 import torch
 import transformers
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Gemma3TextConfig, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Gemma2Config, Gemma3TextConfig, Qwen2Config, Qwen3Config
 
 OUT = pathlib.Path(__file__).resolve().parents[2] / "engine/tests/data/tiny"
 COMMON = dict(
@@ -75,6 +75,16 @@ MODELS = {
             "factor": 4.0,
             "original_max_position_embeddings": 64,
         },
+    ),
+    "gemma2": Gemma2Config(
+        **{**COMMON, "vocab_size": 384},
+        head_dim=16,
+        query_pre_attn_scalar=32,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=5.0,
+        tie_word_embeddings=True,
     ),
 }
 

@@ -28,7 +28,7 @@ fn tiny_model() -> PathBuf {
     repo_root().join("engine/tests/data/tiny/made")
 }
 
-/// A tiny model transformers made (`engine/tests/data/tiny/<name>`: Qwen3, Gemma 3), with the
+/// A tiny model transformers made (`engine/tests/data/tiny/<name>`: Qwen3, Gemma 2 and 3), with the
 /// tiny model's tokenizer (the same 384-token vocabulary) beside it, as a checkpoint directory
 /// in `dir`.
 fn tiny_checkpoint(dir: &Path, name: &str) -> PathBuf {
@@ -229,8 +229,8 @@ fn a_qlora_adapter_trained_on_nf4_gives_graft_logits_in_peft_on_the_dense_base()
 }
 
 #[test]
-fn qlora_adapters_trained_on_qwen3_and_gemma3_give_graft_logits_in_peft() {
-    for name in ["qwen3", "gemma3"] {
+fn qlora_adapters_trained_on_qwen3_and_gemmas_give_graft_logits_in_peft() {
+    for name in ["qwen3", "gemma3", "gemma2"] {
         let dir = tempfile::tempdir().expect("tempdir");
         let model = tiny_checkpoint(dir.path(), name);
         agree_on(

@@ -36,6 +36,8 @@ pub struct Heads {
     pub scale: f64,
     /// Sliding window: a query sees at most this many keys, itself included.
     pub window: Option<usize>,
+    /// Scaled scores become `cap · tanh(score / cap)` before the mask and softmax (Gemma 2).
+    pub softcap: Option<f64>,
 }
 
 /// Rotary tables and position ids, built once per forward pass and shared by every layer.

@@ -11,7 +11,7 @@ pub enum ConfigError {
     #[error("config.json: {0}")]
     Parse(#[from] serde_json::Error),
     #[error(
-        "unsupported architecture {0:?}: Graft runs model_type llama (Llama 2/3), mistral, qwen2, qwen3 and gemma3_text"
+        "unsupported architecture {0:?}: Graft runs model_type llama (Llama 2/3), mistral, qwen2, qwen3, gemma2 and gemma3_text"
     )]
     Architecture(String),
     #[error("unsupported rope_type {0:?}: Graft supports default, linear, llama3 and yarn")]
@@ -62,6 +62,8 @@ pub struct HfConfig {
     /// Gemma: attention scores scale by `query_pre_attn_scalar^-1/2`, not `head_dim^-1/2`.
     pub query_pre_attn_scalar: Option<f64>,
     pub final_logit_softcapping: Option<f64>,
+    /// Gemma 2: scaled attention scores become `cap · tanh(score / cap)`.
+    pub attn_logit_softcapping: Option<f64>,
     /// Gemma 3 as an encoder (EmbeddingGemma): refused.
     pub use_bidirectional_attention: Option<bool>,
     pub bos_token_id: Option<serde_json::Value>,
@@ -90,7 +92,7 @@ pub enum AttentionKind {
 #[allow(clippy::struct_excessive_bools)]
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
-    /// `llama`, `mistral`, `qwen2`, `qwen3` or `gemma3_text`.
+    /// `llama`, `mistral`, `qwen2`, `qwen3`, `gemma2` or `gemma3_text`.
     pub model_type: String,
     /// The longest sequence the model was trained for, when `config.json` says.
     pub max_position_embeddings: Option<usize>,
@@ -109,7 +111,7 @@ pub struct Config {
     pub qk_norm: bool,
     /// Norms scale by `1 + weight` (Gemma); the loader adds the 1 to the weights.
     pub norm_weight_offset: bool,
-    /// Attention's and the MLP's outputs are normed too, before each residual add (Gemma 3).
+    /// Attention's and the MLP's outputs are normed too, before each residual add (Gemma 2/3).
     pub sandwich_norms: bool,
     /// Embeddings are multiplied by this (Gemma: `√hidden_size`).
     pub embed_scale: Option<f64>,
@@ -118,6 +120,8 @@ pub struct Config {
     pub activation: Activation,
     /// Logits become `cap · tanh(logits / cap)` (Gemma).
     pub final_logit_softcap: Option<f64>,
+    /// Scaled attention scores become `cap · tanh(score / cap)` (Gemma 2).
+    pub attention_softcap: Option<f64>,
     /// How many positions a sliding layer attends to, itself included (Mistral: every layer).
     pub sliding_window: Option<usize>,
     /// One per layer.
@@ -238,6 +242,9 @@ impl TryFrom<HfConfig> for Config {
             attention_scale,
             activation: activation(&hf)?,
             final_logit_softcap: hf.final_logit_softcapping,
+            attention_softcap: hf
+                .attn_logit_softcapping
+                .filter(|_| family.reads_attention_softcap),
             sliding_window,
             layer_types,
             rope,
@@ -254,6 +261,8 @@ struct Family {
     /// Always, whatever `attention_bias` says (Qwen2).
     qkv_bias: bool,
     qk_norm: bool,
+    /// Gemma 2 soft-caps attention scores; transformers' Gemma 3 reads no such field.
+    reads_attention_softcap: bool,
 }
 
 impl Family {
@@ -263,12 +272,17 @@ impl Family {
             gemma,
             qkv_bias,
             qk_norm,
+            reads_attention_softcap: false,
         };
         Ok(match hf.model_type.as_str() {
             "llama" | "mistral" => family(false, false, false, false),
             "qwen2" => family(true, false, true, false),
             "qwen3" => family(true, false, false, true),
             // transformers' Gemma 3 reads no attn_logit_softcapping (Gemma 2's); neither do we.
+            "gemma2" => Self {
+                reads_attention_softcap: true,
+                ..family(false, true, false, false)
+            },
             "gemma3_text" => family(false, true, false, true),
             other => return Err(ConfigError::Architecture(other.to_owned())),
         })
@@ -328,6 +342,8 @@ fn layer_types(hf: &HfConfig, family: &Family) -> Result<Vec<AttentionKind>, Con
     let types = match (&hf.layer_types, hf.sliding_window_pattern) {
         (Some(types), _) => types.clone(),
         (None, Some(every)) if every > 0 => pattern(every),
+        // transformers 4's Gemma 2: every other layer slides, the first among them.
+        (None, None) if hf.model_type == "gemma2" => pattern(2),
         _ => {
             return Err(ConfigError::Invalid(format!(
                 "{} needs layer_types or sliding_window_pattern",
@@ -483,6 +499,27 @@ mod tests {
             Config::from_json(&encoder).is_err(),
             "an encoder is refused"
         );
+    }
+
+    #[test]
+    fn gemma2_soft_caps_attention_and_alternates_windows_by_default() {
+        let json = r#"{"model_type":"gemma2","vocab_size":8,"hidden_size":8,
+            "intermediate_size":16,"num_hidden_layers":4,"num_attention_heads":2,"head_dim":4,
+            "rms_norm_eps":1e-6,"rope_theta":10000.0,"sliding_window":4096,
+            "query_pre_attn_scalar":4,"attn_logit_softcapping":50.0,
+            "final_logit_softcapping":30.0,"hidden_activation":"gelu_pytorch_tanh"}"#;
+        let config = Config::from_json(json).expect("config");
+        let windows: Vec<_> = (0..4).map(|i| config.window(i)).collect();
+        assert_eq!(windows, [Some(4096), None, Some(4096), None]);
+        assert_eq!(config.attention_softcap, Some(50.0));
+        assert!(!config.qk_norm && config.sandwich_norms && config.local_rope.is_none());
+        // Gemma 3's attention is not soft-capped, whatever its config says (transformers').
+        let gemma3 = Config::from_json(&GEMMA3.replace(
+            "\"attn_logit_softcapping\": null",
+            "\"attn_logit_softcapping\": 50.0",
+        ))
+        .expect("config");
+        assert_eq!(gemma3.attention_softcap, None);
     }
 
     #[test]

@@ -331,6 +331,7 @@ impl Llama {
             head_dim: cfg.head_dim,
             scale: cfg.attention_scale,
             window: cfg.window(layer),
+            softcap: cfg.attention_softcap,
         }
     }
 

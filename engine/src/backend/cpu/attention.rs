@@ -199,7 +199,7 @@ impl Attention {
     /// A block's probabilities `[rows, keys]` into `probs` from its queries `q` and keys `k`:
     /// the scaled scores, each row's softmax over the keys it may see, 0 elsewhere.
     fn probabilities(&self, q: Mat<'_>, k: Mat<'_>, block: &Block, seq: usize, probs: &mut [f32]) {
-        matmul_into(probs, q, k.t(), self.scale, false);
+        self.scores(q, k, probs);
         let offset = block.keys.start;
         for (i, row) in probs.chunks_exact_mut(block.keys.len()).enumerate() {
             let (first, last) = visible(self.heads.window, block.rows.start + i, seq, seq);
@@ -207,6 +207,18 @@ impl Attention {
             row[..first].fill(0.0);
             row[last + 1..].fill(0.0);
             softmax_in_place(&mut row[first..=last]);
+        }
+    }
+
+    /// The scaled (and soft-capped) scores of queries `q` over keys `k` into `scores`.
+    fn scores(&self, q: Mat<'_>, k: Mat<'_>, scores: &mut [f32]) {
+        matmul_into(scores, q, k.t(), self.scale, false);
+        if let Some(cap) = self.heads.softcap {
+            #[allow(clippy::cast_possible_truncation)]
+            let cap = cap as f32;
+            for s in scores.iter_mut() {
+                *s = cap * (*s / cap).tanh();
+            }
         }
     }
 
@@ -306,8 +318,9 @@ impl CustomOp3 for Attention {
 
 impl Attention {
     /// The gradients of `q`, `k` and `v` for the output's gradient `grad`, head by head:
-    /// `dV += Pᵀ·dO`, `dP = dO·Vᵀ`, `dS = P ⊙ (dP − Σ dP⊙P)`, `dQ = scale·dS·K`,
-    /// `dK += scale·dSᵀ·Q`, then the rotations undone.
+    /// `dV += Pᵀ·dO`, `dP = dO·Vᵀ`, `dS = P ⊙ (dP − Σ dP⊙P)` (times `1 − tanh²` of the
+    /// capped scores under soft-capping), `dQ = scale·dS·K`, `dK += scale·dSᵀ·Q`, then the
+    /// rotations undone.
     fn backward(
         &self,
         shape: Layout3,
@@ -326,6 +339,11 @@ impl Attention {
                 vec![0f32; vh.len()],
             );
             let (mut probs, mut dp) = (vec![0f32; BLOCK * seq], vec![0f32; BLOCK * seq]);
+            let mut capped = if self.heads.softcap.is_some() {
+                vec![0f32; BLOCK * seq]
+            } else {
+                Vec::new()
+            };
             for b in 0..shape.batch {
                 for h in 0..heads {
                     let g = h / (heads / kv_heads);
@@ -352,6 +370,16 @@ impl Attention {
                             let dot = dot(dp, p);
                             for (d, &p) in dp.iter_mut().zip(p) {
                                 *d = p * (*d - dot);
+                            }
+                        }
+                        if let Some(cap) = self.heads.softcap {
+                            #[allow(clippy::cast_possible_truncation)]
+                            let cap = cap as f32;
+                            let capped = &mut capped[..size];
+                            self.scores(qm, km, capped);
+                            for (d, &c) in dp.iter_mut().zip(capped.iter()) {
+                                let t = c / cap;
+                                *d *= 1.0 - t * t;
                             }
                         }
                         let ds = Mat::new(dp, rows.len(), keys.len());
@@ -391,6 +419,7 @@ mod tests {
                 head_dim,
                 scale: 1.0 / 8f64.sqrt(),
                 window,
+                softcap: None,
             };
             let angles = Tensor::randn(0f32, 2.0, (seq, head_dim), &device)?;
             let (cos, sin) = (angles.cos()?, angles.sin()?);

@@ -23,6 +23,7 @@ pub fn cached_attention(
         head_dim: dim,
         scale,
         window,
+        softcap,
     } = heads;
     let group = n_heads / kv_heads;
     let kv_row = kv_heads * dim;
@@ -59,6 +60,8 @@ pub fn cached_attention(
     }
     #[allow(clippy::cast_possible_truncation)]
     let scale = scale as f32;
+    #[allow(clippy::cast_possible_truncation)]
+    let softcap = softcap.map(|cap| cap as f32);
     let mut out = vec![0f32; q.len()];
     out.par_chunks_mut(n_heads * dim)
         .zip(q.par_chunks(n_heads * dim))
@@ -74,6 +77,11 @@ pub fn cached_attention(
                     (first..=*position)
                         .map(|j| dot(q_head, &keys[j * kv_row + kv..][..dim]) * scale),
                 );
+                if let Some(cap) = softcap {
+                    for s in &mut scores {
+                        *s = cap * (*s / cap).tanh();
+                    }
+                }
                 let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let mut total = 0.0;
                 for s in &mut scores {

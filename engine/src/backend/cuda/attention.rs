@@ -119,6 +119,18 @@ pub fn cached_attention(
     Tensor::cat(&outputs, 0)
 }
 
+/// Gemma 2's soft-capping of scaled scores, `cap · tanh(s / cap)`, with the tanh the
+/// backward needs; the scores unchanged without a cap.
+fn soft_cap(scores: Tensor, cap: Option<f64>) -> Result<(Tensor, Option<Tensor>)> {
+    match cap {
+        Some(cap) => {
+            let tanh = (scores / cap)?.tanh()?;
+            Ok(((&tanh * cap)?, Some(tanh)))
+        }
+        None => Ok((scores, None)),
+    }
+}
+
 /// The query block for `queries` queries over `keys` keys within [`SCORES_BUDGET`].
 fn query_block(batch: usize, heads: usize, queries: usize, keys: usize) -> usize {
     let per_query = batch * heads * keys.max(1) * DType::F32.size_in_bytes();
@@ -240,6 +252,7 @@ fn forward_blocks(
             scores = scores
                 .reshape((batch, kv_heads, group, len, keys.len()))?
                 .affine(heads.scale, 0.0)?;
+            scores = soft_cap(scores, heads.softcap)?.0;
             if !all_visible(&at, &keys, heads.window) {
                 scores = scores.broadcast_add(&bias(positions, &at, &keys, heads.window)?)?;
             }
@@ -440,6 +453,8 @@ impl Attention {
             let mut probs = q.matmul(&k.t()?)?;
             probs = probs.to_dtype(DType::F32)?;
             probs = probs.reshape(shape)?.affine(heads.scale, 0.0)?;
+            let tanh;
+            (probs, tanh) = soft_cap(probs, heads.softcap)?;
             if !all_visible(qs, ks, heads.window) {
                 probs =
                     probs.broadcast_add(&bias(&self.rotary.positions, qs, ks, heads.window)?)?;
@@ -452,8 +467,11 @@ impl Attention {
             dp = dp
                 .reshape(shape)?
                 .broadcast_sub(&delta.narrow(3, qs.start, qs.len())?.unsqueeze(D::Minus1)?)?;
-            let ds = (&probs * &dp)?;
+            let mut ds = (&probs * &dp)?;
             drop(dp);
+            if let Some(tanh) = tanh {
+                ds = (ds * tanh.sqr()?.affine(-1.0, 1.0)?)?;
+            }
             Ok((probs.reshape(flat)?, ds.reshape(flat)?))
         };
         let mut dq = Vec::new();
@@ -530,6 +548,7 @@ mod tests {
                 head_dim,
                 scale: 1.0 / 8f64.sqrt(),
                 window,
+                softcap: None,
             };
             let tables = rotary(seq, head_dim)?;
             let inputs = [
