@@ -1,24 +1,15 @@
 #!/usr/bin/env bash
 # CI's compile of the `cuda` feature, on a machine without a GPU or a system CUDA: lints the
 # CUDA code of the engine, trainer and server, compiles candle's and Graft's kernels with nvcc
-# from cuda/toolkit.sh, and links the binaries and the GPU test binaries (against the toolkit's
-# libraries and its driver stub), so CUDA code never rots unseen. Nothing here runs on a GPU.
+# from cuda/toolkit.sh, and links the release binaries and the GPU test binaries (against the
+# toolkit's libraries and its driver stub), so CUDA code never rots unseen. Nothing here runs
+# on a GPU. Everything is the release profile: the binaries are what the CUDA images ship
+# (images/build.sh), and a second profile would compile candle's kernels a second time.
 #
-#     bash cuda/check.sh            # what CI runs
-#     bash cuda/check.sh --release  # also the release binaries to copy to a GPU machine
+#     bash cuda/check.sh   # → $CARGO_TARGET_DIR/release/graft-{trainer,server}, GPU test binaries
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CUDA_ROOT=$(bash cuda/toolkit.sh)
-export CUDA_ROOT PATH=$CUDA_ROOT/bin:$PATH
-# candle-kernels compiles its static kernels for one GPU generation: Hopper (H100, H200) by
-# default. Graft's own kernels are PTX from compute_80 up, whatever this says.
-export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
-# Always the same packages, features and dev-dependencies (every command builds a test target):
-# another resolution of candle-kernels' build dependencies reruns nvcc on its kernels (17 min).
-cuda=(-p graft-engine -p graft-trainer -p graft-server
-  --features graft-engine/cuda,graft-trainer/cuda,graft-server/cuda)
+# shellcheck source=cuda/env.sh
+source cuda/env.sh
 cargo clippy --locked "${cuda[@]}" --all-targets -- -D warnings
 cargo build --locked "${cuda[@]}" --bins --test cuda
-if [[ ${1:-} == --release ]]; then
-  cargo build --locked --release "${cuda[@]}" --bins
-fi
