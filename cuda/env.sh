@@ -10,6 +10,9 @@ export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 # The release binaries ship (images/build.sh): no machine paths in them.
 # shellcheck source=images/release-flags.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../images/release-flags.sh"
+# nvcc reads this itself: CUB's asserts in candle's static kernels name the toolkit's headers.
+# (candle-kernels does not rebuild when it changes: a cached build keeps what it was built with.)
+export NVCC_APPEND_FLAGS="-Xcompiler=-ffile-prefix-map=$CUDA_ROOT=/cuda"
 # Always the same packages, features and dev-dependencies: every command builds a test target.
 cuda=(--release -p graft-engine -p graft-trainer -p graft-server
   --features graft-engine/cuda,graft-trainer/cuda,graft-server/cuda)

@@ -33,9 +33,11 @@ done
 
 cache=${GRAFT_CACHE_DIR:-$HOME/.cache/graft}
 registry=${GRAFT_IMAGE_REGISTRY:-ghcr.io/graft-dev}
+# Every time in the images is the commit's (or SOURCE_DATE_EPOCH's, if set).
+epoch=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct)}
+created=$(date -u -d "@$epoch" +%Y-%m-%dT%H:%M:%SZ)
 # shellcheck source=images/release-flags.sh
 source "$here/release-flags.sh"
-created=$(date -u -d "@$SOURCE_DATE_EPOCH" +%Y-%m-%dT%H:%M:%SZ)
 read -r version source license < <(python3 -c '
 import tomllib
 p = tomllib.load(open("Cargo.toml", "rb"))["workspace"]["package"]
@@ -51,42 +53,44 @@ apt() {
 }
 need() { # command, the Debian package that has it
   command -v "$1" >/dev/null && return
-  [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null || {
+  if [[ $EUID -ne 0 ]] || ! command -v apt-get >/dev/null; then
     echo "images: $1 is missing (apt-get install $2)" >&2
     exit 1
-  }
+  fi
   apt install -y -qq --no-install-recommends "$2" >&2
 }
 need umoci umoci
 need dpkg-deb dpkg
 need readelf binutils
+need strip binutils
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/graft-images.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$out"
 
 # --- binaries ------------------------------------------------------------------------------
-# name<TAB>path of each binary a release build makes (cargo's own paths under deps/, which the
-# CPU and CUDA builds do not overwrite for each other as they do target/release/).
-release_bins() {
-  cargo build --locked --release --message-format=json-render-diagnostics "$@" |
-    python3 "$here/oci.py" cargo-bins
+# Builds, then copies each binary to $work/bin/<variant>/ at once (the CPU and CUDA builds
+# write the same target/release/graft-{trainer,server}), without its symbol table: a fifth of
+# its size, and nvcc names its objects' symbols after temporary files (tmpxft_<pid>_…), which
+# no two builds share. Panics still say where; backtraces show addresses.
+release_bins() { # variant, cargo build arguments...
+  local variant=$1 name path
+  shift
+  mkdir -p "$work/bin/$variant"
+  cargo build --locked --message-format=json-render-diagnostics "$@" |
+    python3 "$here/oci.py" cargo-bins >"$work/bins-$variant"
+  while IFS=$'\t' read -r name path; do
+    strip --strip-all -o "$work/bin/$variant/$name" "$path"
+  done <"$work/bins-$variant"
 }
-mkdir -p "$work/bin/cpu"
 log "release binaries (CPU)"
-release_bins -p graft-operator -p graft-trainer -p graft-server --bins >"$work/bins-cpu"
+release_bins cpu --release -p graft-operator -p graft-trainer -p graft-server --bins
 if [[ " ${variants[*]} " == *" cuda "* ]]; then
   log "release binaries (CUDA; cuda/check.sh builds the same, so after it this is a no-op)"
   # shellcheck source=cuda/env.sh
-  (source cuda/env.sh && release_bins "${cuda[@]}" --bins --test cuda) >"$work/bins-cuda"
+  (source cuda/env.sh && release_bins cuda "${cuda[@]}" --bins --test cuda)
   cuda_root=$(bash cuda/toolkit.sh)
 fi
-for variant in "${variants[@]}"; do
-  mkdir -p "$work/bin/$variant"
-  while IFS=$'\t' read -r name path; do
-    cp "$path" "$work/bin/$variant/$name"
-  done <"$work/bins-$variant"
-done
 cpu_bins=(graft-operator graft-trainer graft-server)
 cuda_bins=(graft-trainer graft-server)
 
@@ -229,7 +233,7 @@ debian_list() { # packages → "name version arch" lines for the SBOM
 normalize() {
   chmod -R u+rwX,go+rX,go-w "$1"
   chmod 1777 "$1/tmp" 2>/dev/null || true
-  find "$1" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
+  find "$1" -exec touch -h -d "@$epoch" {} +
 }
 
 # --- image assembly --------------------------------------------------------------------------
@@ -238,13 +242,15 @@ umoci init --layout "$layout"
 umoci new --image "$layout:empty"
 
 # add_layer <from-tag> <to-tag> <what> <directory>: <to-tag> is <from-tag> plus one layer
-# holding the directory's files.
+# holding the directory's files. The directory is used up (hard-linked into the bundle, then
+# removed: the CUDA libraries are most of a gigabyte).
 add_layer() {
   local bundle=$work/bundle
   umoci tag --image "$layout:$1" "$2"
   rm -rf "$bundle"
   umoci unpack --image "$layout:$2" "$bundle" >/dev/null
-  cp -a "$4/." "$bundle/rootfs/"
+  cp -al "$4/." "$bundle/rootfs/"
+  rm -rf "$4"
   normalize "$bundle/rootfs"
   umoci repack --image "$layout:$2" --history.created "$created" \
     --history.created_by "images/build.sh: $3" "$bundle"
@@ -261,9 +267,10 @@ describe() {
 
 # The CPU base: what the three CPU binaries link, and the files every image has.
 mkdir -p "$work/rootfs/base"
+closure "${cpu_bins[@]/#/$work/bin/cpu/}" | sort -u >"$work/base-closure"
 base_pkgs=$(
   base_files "$work/rootfs/base"
-  closure "${cpu_bins[@]/#/$work/bin/cpu/}" | sort -u | install_libs "$work/rootfs/base"
+  install_libs "$work/rootfs/base" <"$work/base-closure"
 )
 base_pkgs=$(echo "$base_pkgs" | tr ' ' '\n' | sort -u)
 # shellcheck disable=SC2086
@@ -271,18 +278,15 @@ package_records "$work/rootfs/base" $base_pkgs
 add_layer empty base "Debian 12 libraries, CA certificates, user graft (65532)" "$work/rootfs/base"
 
 if [[ -n ${cuda_root:-} ]]; then
-  # The CUDA layer: the CUDA libraries the binaries link, NVRTC's builtins (which libnvrtc opens
-  # when it compiles), and what those link that the base lacks.
+  # The CUDA layer: the CUDA libraries the binaries link, and what those link that the base
+  # lacks (the static kernels' libstdc++, glibc's compatibility stubs).
   mkdir -p "$work/rootfs/cuda"
-  closure "${cuda_bins[@]/#/$work/bin/cuda/}" "$cuda_root/lib/libnvrtc-builtins.so.13.0" |
-    sort -u >"$work/cuda-closure"
-  echo "nvidia-cuda-nvrtc usr/lib/x86_64-linux-gnu/libnvrtc-builtins.so.13.0 $cuda_root/lib/libnvrtc-builtins.so.13.0" \
-    >>"$work/cuda-closure"
+  closure "${cuda_bins[@]/#/$work/bin/cuda/}" | sort -u >"$work/cuda-closure"
   while read -r pkg dest src; do
-    [[ -e $work/rootfs/base/$dest ]] || echo "$pkg $dest $src"
+    grep -q " $dest " "$work/base-closure" || echo "$pkg $dest $src"
   done <"$work/cuda-closure" | install_libs "$work/rootfs/cuda" | sort -u >"$work/cuda-pkgs"
   # shellcheck disable=SC2046
-  package_records "$work/rootfs/cuda" $(cat "$work/cuda-pkgs")
+  package_records "$work/rootfs/cuda" $(grep -vxF "$base_pkgs" "$work/cuda-pkgs")
   awk '{print $1}' "$work/cuda-closure" | sort -u | grep '^nvidia-' | while read -r wheel; do
     grep -E "^$wheel==" cuda/toolkit.txt | sed 's/==/ /'
   done >"$work/wheels"
@@ -293,7 +297,7 @@ fi
 echo -n >"$out/images.txt"
 for variant in "${variants[@]}"; do
   if [[ $variant == cpu ]]; then
-    bins=("${cpu_bins[@]}") from=base tag=$version suffix= features=() wheels=() cuda_pkgs=()
+    bins=("${cpu_bins[@]}") from=base tag=$version suffix='' features=() wheels=() cuda_pkgs=()
   else
     bins=("${cuda_bins[@]}") from=cuda-base tag=$version-cuda suffix=", CUDA 13"
     wheels=(--wheels "$work/wheels")
@@ -315,6 +319,7 @@ for variant in "${variants[@]}"; do
       --revision "$revision" --source "$source" --license "$license" --created "$created" \
       --crates "$work/crates" --debian "$work/debian" "${wheels[@]}" \
       --out "$app/usr/share/graft/sbom.spdx.json"
+    cp "$app/usr/share/graft/sbom.spdx.json" "$out/$name-$tag.spdx.json"
     add_layer "$from" "$name-$variant" "$name" "$app"
 
     config=(--config.user 65532:65532 --config.entrypoint "/usr/local/bin/$name"
@@ -350,8 +355,7 @@ for variant in "${variants[@]}"; do
 
     archive=$out/$name-$tag.oci.tar
     python3 "$here/oci.py" export "$layout" "$name-$variant" "$tag" "$image" \
-      "$SOURCE_DATE_EPOCH" "$archive"
-    cp "$app/usr/share/graft/sbom.spdx.json" "$out/$name-$tag.spdx.json"
+      "$epoch" "$archive"
     read -r digest compressed unpacked < <(python3 "$here/oci.py" describe "$archive")
     printf '%s %s %s %s %s\n' "$name" "$tag" "$digest" "$compressed" "$unpacked" >>"$out/images.txt"
   done

@@ -1,4 +1,5 @@
-# Sourced (not run) by every build whose binaries ship: images/build.sh and cuda/check.sh.
+# Sourced (not run) by every build whose binaries ship: images/build.sh and cuda/check.sh
+# (through cuda/env.sh).
 # Release binaries must not carry the paths of the machine that built them (panic messages name
 # their source files; C code compiled by build scripts keeps __FILE__), or the same commit
 # would give different bytes, and different image digests, on every machine. Cargo's own
@@ -27,7 +28,10 @@ CARGO_ENCODED_RUSTFLAGS=$(IFS=$'\x1f'; echo "${_graft_rustflags[*]}")
 # would split here).
 CFLAGS="${_graft_cflags[*]}"
 CXXFLAGS=$CFLAGS
-# Whatever records a build time records the commit's.
-SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git -C "$_graft_root" log -1 --format=%ct 2>/dev/null || echo 0)}
+# C compilers put SOURCE_DATE_EPOCH where code asks for __DATE__ and __TIME__, and the cc crate
+# rebuilds (aws-lc, mimalloc and all that depends on them) when it changes: a fixed value keeps
+# both the bytes and cargo's cache the same from commit to commit. The images' own times are
+# the commit's (images/build.sh).
+SOURCE_DATE_EPOCH=315532800
 export CARGO_ENCODED_RUSTFLAGS CFLAGS CXXFLAGS SOURCE_DATE_EPOCH
 unset _graft_root _graft_target _graft_cargo_home _graft_remaps _graft_rustflags _graft_cflags _graft_remap
