@@ -1,15 +1,15 @@
-//! With the `cuda` feature, compiles Graft's CUDA kernels (`src/cuda/*.cu`) to PTX with nvcc
+//! With the `cuda` feature, compiles Graft's CUDA kernels (`src/backend/cuda/*.cu`) to PTX with nvcc
 //! (from `PATH`, else `$CUDA_ROOT/bin`; `cuda/toolkit.sh` makes a toolkit from PyPI). The
 //! driver compiles the PTX for the GPU it finds at first use, so one build serves every GPU
 //! from `compute_<CUDA_COMPUTE_CAP>` (default 80: Ampere, Hopper and later) up.
 
 use std::{env, path::PathBuf, process::Command};
 
-const KERNELS: &[&str] = &["nf4"];
+const KERNELS: &[&str] = &["nf4", "dropout"];
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
-    println!("cargo::rerun-if-changed=src/cuda");
+    println!("cargo::rerun-if-changed=src/backend/cuda");
     println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo::rerun-if-env-changed=CUDA_ROOT");
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -22,7 +22,7 @@ fn main() {
         .filter(|p| p.is_file())
         .unwrap_or_else(|| "nvcc".into());
     for kernel in KERNELS {
-        let source = format!("src/cuda/{kernel}.cu");
+        let source = format!("src/backend/cuda/{kernel}.cu");
         let ptx = out.join(format!("{kernel}.ptx"));
         let status = Command::new(&nvcc)
             .args(["--ptx", "-O3", "-std=c++17"])

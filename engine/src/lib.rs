@@ -1,18 +1,14 @@
 //! The model code shared by `graft-trainer` and `graft-server`.
+//!
+//! Imports point downward: `adapters` (what an adapter is) and `quant` (how frozen weights are
+//! stored) know nothing of the backends; `backend` (what the model computes with) knows the
+//! adapters; `models` (the architectures) is written over `backend`.
 
-pub mod chat;
-#[cfg(feature = "cuda")]
-pub mod cuda;
+pub mod adapters;
+pub mod backend;
 pub mod device;
-pub mod gemm;
-pub mod linear;
-pub mod lora;
 pub mod models;
-pub mod nf4;
-pub mod nf4_tensor;
-pub mod ops;
-pub mod peft;
+pub mod quant;
 pub mod rng;
 pub mod storage;
-pub mod tiny;
-pub mod tokenizer;
+pub mod text;

@@ -1,8 +1,9 @@
 //! The CUDA side against the CPU, on a machine with an NVIDIA GPU (built with `--features
 //! cuda`; CI compiles these, only a GPU machine runs them — see cuda/README.md):
 //! - the NF4 kernel gives the CPU reference's values bit for bit, in f32, bf16 and f16;
-//! - the tiny model's logits on the GPU equal the CPU's within 1e-4 in f32, and within 0.1
-//!   (about 3 bf16 ulps at the logits' size) in bf16;
+//! - the tiny model's logits on the GPU equal the CPU's within 1e-4 in f32, and within 0.5 in
+//!   bf16 (transformers' own bf16 logits differ from its f32 ones by 0.13–0.44 on the tiny
+//!   models, `engine/tests/backends.rs`);
 //! - a served mixed-adapter batch on the GPU (the grouped LoRA path) equals the CPU's.
 #![cfg(feature = "cuda")]
 
@@ -11,11 +12,10 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{max_abs_diff, model, model_on, reference, tiny};
 use graft_engine::{
-    lora::batched::ServingAdapter,
-    models::{KvCache, Precision, Segment},
-    nf4::Nf4Matrix,
-    nf4_tensor::Nf4Tensor,
-    peft::Adapter,
+    adapters::{Adapter, ServingAdapter},
+    backend::KvCache,
+    models::{Precision, Segment},
+    quant::{Nf4Matrix, Nf4Tensor},
     rng::Rng,
 };
 
@@ -62,7 +62,7 @@ fn the_tiny_models_logits_on_the_gpu_equal_the_cpus() {
         let cpu = model("llama", precision)
             .forward(&ids)
             .expect("cpu forward");
-        for (dtype, tolerance) in [(DType::F32, 1e-4), (DType::BF16, 0.1)] {
+        for (dtype, tolerance) in [(DType::F32, 1e-4), (DType::BF16, 0.5)] {
             let on_gpu = model_on("llama", precision, &gpu, dtype);
             let logits = on_gpu
                 .forward(&ids.to_device(&gpu).expect("ids"))
@@ -99,7 +99,10 @@ fn a_mixed_adapter_batch_on_the_gpu_equals_the_cpus() {
             Some(&serving[1]),
             Some(&serving[0]),
         ];
-        let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(&llama)).collect();
+        let mut caches: Vec<KvCache> = prompts
+            .iter()
+            .map(|_| KvCache::new(llama.num_layers()))
+            .collect();
         let mut segments: Vec<Segment<'_>> = prompts
             .iter()
             .zip(caches.iter_mut())

@@ -9,7 +9,7 @@ use candle_nn::VarBuilder;
 use common::{config, max_abs_diff, model, reference, tiny};
 use graft_engine::{
     models::{Llama, Precision},
-    nf4::Nf4Matrix,
+    quant::Nf4Matrix,
 };
 
 #[test]

@@ -5,8 +5,8 @@ mod common;
 
 use candle_core::{Device, Result, Tensor, Var};
 use graft_engine::{
-    lora::Lora,
-    models::{Llama, Precision, Site},
+    adapters::{Lora, Site},
+    models::{Llama, Precision},
     rng::Rng,
 };
 

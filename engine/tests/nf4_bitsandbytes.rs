@@ -2,7 +2,7 @@
 //! `bitsandbytes.functional.quantize_4bit(nf4, blocksize=64, compress_statistics=True)` and
 //! `dequantize_4bit` made of them (written by `tests/oracle/nf4_reference.py`).
 
-use graft_engine::nf4::{NF4_LEVELS, Nf4Matrix, dynamic_code};
+use graft_engine::quant::{NF4_LEVELS, Nf4Matrix, dynamic_code};
 use safetensors::SafeTensors;
 
 const REFERENCE: &[u8] = include_bytes!("data/nf4_bnb_reference.safetensors");

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 
 use candle_core::Device;
 use common::{max_abs_diff, model, reference, tiny};
-use graft_engine::{models::Precision, peft::Adapter};
+use graft_engine::{adapters::Adapter, models::Precision};
 use safetensors::SafeTensors;
 
 fn peft_files() -> (Vec<u8>, Vec<u8>) {
@@ -26,7 +26,9 @@ fn a_peft_adapter_gives_pefts_logits_within_1e_4() {
         Adapter::from_bytes(&config, &weights, &Device::Cpu).expect("PEFT's adapter loads");
     assert_eq!(adapter.weights.len(), 2 * 7, "two layers, seven sites");
     let mut with_adapter = model("llama", Precision::Dense);
-    adapter.apply(&mut with_adapter).expect("fits the model");
+    with_adapter
+        .apply_adapter(&adapter)
+        .expect("fits the model");
 
     let (ids, expected) = reference(&tiny("llama-peft"));
     let diff = max_abs_diff(&with_adapter.forward(&ids).expect("forward"), &expected);

@@ -6,9 +6,9 @@ mod common;
 use candle_core::{Device, IndexOp, Tensor};
 use common::{max_abs_diff, model, reference, tiny};
 use graft_engine::{
-    lora::batched::ServingAdapter,
-    models::{KvCache, Llama, Precision, Segment},
-    peft::Adapter,
+    adapters::{Adapter, ServingAdapter},
+    backend::KvCache,
+    models::{Llama, Precision, Segment},
 };
 
 fn peft_adapter() -> Adapter {
@@ -36,7 +36,7 @@ fn ids_row(ids: &Tensor, row: usize) -> Vec<u32> {
 fn stepwise(model: &Llama, adapter: Option<&Adapter>, ids: &[u32], prefill: usize) -> Tensor {
     let serving = adapter.map(|a| ServingAdapter::new(a).expect("serving layout"));
     let adapter = serving.as_ref();
-    let mut cache = KvCache::new(model);
+    let mut cache = KvCache::new(model.num_layers());
     let mut rows = Vec::new();
     let mut chunks = vec![&ids[..prefill]];
     chunks.extend(ids[prefill..].chunks(1));
@@ -112,7 +112,7 @@ fn a_mixed_batch_gives_each_sequence_what_it_gets_alone() {
         .iter()
         .zip(prefixes)
         .map(|(adapter, len)| {
-            let mut cache = KvCache::new(&model);
+            let mut cache = KvCache::new(model.num_layers());
             let mut segment = [Segment {
                 tokens: &row[..len],
                 cache: &mut cache,
@@ -174,7 +174,7 @@ fn the_tensor_op_path_decodes_as_the_full_forward() {
     let (ids, _) = reference(&tiny("llama-peft"));
     let row = ids_row(&ids, 0);
     let ours = stepwise(&model, Some(&adapter), &row, 2);
-    adapter.apply(&mut model).expect("fits");
+    model.apply_adapter(&adapter).expect("fits");
     let full = full_forward(&model, &row)
         .narrow(0, 1, row.len() - 1)
         .expect("positions");

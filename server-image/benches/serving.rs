@@ -21,11 +21,9 @@ use std::{
 };
 
 use common::{Server, TestAdapter, random_adapter, random_adapter_for, store};
-use graft_engine::{
-    models::{Config, Site},
-    tiny::{TinySpec, write_tiny_model},
-};
+use graft_engine::{adapters::Site, models::Config};
 use graft_testenv::S3Server;
+use graft_trainer::tiny::{TinySpec, write_tiny_model};
 use serde_json::json;
 
 const CLIENTS: usize = 32;

@@ -12,7 +12,7 @@ use std::{
 };
 
 use common::{BASE, Server, TestAdapter, random_adapter, store, text};
-use graft_engine::models::Site;
+use graft_engine::adapters::Site;
 use graft_testenv::S3Server;
 use serde_json::{Value, json};
 

@@ -1,5 +1,5 @@
 """Records what Hugging Face transformers makes of the tiny model that the engine's own maker
-(graft_engine::tiny::write_tiny_model) wrote, for engine/tests/tiny_made.rs:
+(graft_trainer::tiny::write_tiny_model) wrote, for trainer-image/tests/tiny_made.rs:
 
     engine/tests/data/tiny/made/tokenizer_reference.json
         token ids (with and without special tokens) and decodes of texts; chat templates
@@ -8,7 +8,7 @@
     engine/tests/data/tiny/made/reference.safetensors
         input_ids and the logits LlamaForCausalLM.from_pretrained computes for them
 
-The directory must exist first (GRAFT_BLESS_TINY=1 cargo test -p graft-engine --test
+The directory must exist first (GRAFT_BLESS_TINY=1 cargo test -p graft-trainer --test
 tiny_made made_directory). Then:
 
     .venv/bin/pip install torch transformers safetensors

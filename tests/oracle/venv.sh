@@ -9,6 +9,10 @@
 # The install (about 5.7 GB, mostly torch's CUDA wheels) is built in a temporary directory and
 # moved into place only once it imports, so a killed install is never taken as ready.
 # stdout carries the path alone; everything else goes to stderr.
+#
+# Small pins added later go in requirements-extra.txt: they are installed into a second,
+# small environment layered on the first (a `.pth` file puts the first one's packages on its
+# path), keyed by both files, so adding one does not rebuild torch's environment.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -55,10 +59,46 @@ if ! ready; then
     for lock in "$cache"/oracle-venv-*.lock; do
       other=${lock%.lock}
       [[ $other == "$venv" ]] && continue
+      # The lock file is removed while held, on purpose: whoever held it is gone.
+      # shellcheck disable=SC2094
       (flock -n 9 && rm -rf "$other" "$other".tmp.* "$lock") 9>>"$lock" || true
     done
   fi
   exec 9>&-
+fi
+
+extra=$here/requirements-extra.txt
+if [[ -s $extra ]]; then
+  base=$venv
+  hash=$({ echo "$base"; cat "$extra"; } | sha256sum | cut -c1-12)
+  venv=$cache/oracle-extra-$hash
+  if ! ready; then
+    exec 9>"$venv.lock"
+    flock 9
+    if ! ready; then
+      rm -rf "$venv" "$venv".tmp.*
+      tmp=$venv.tmp.$$
+      trap 'rm -rf "$tmp"' EXIT
+      echo "oracle venv: installing tests/oracle/requirements-extra.txt into $venv" >&2
+      # No pip of its own: an older bundled pip and setuptools would shadow the first's.
+      "$base/bin/python" -m venv --without-pip "$tmp" >&2
+      "$base/bin/python" -c 'import site; print(site.getsitepackages()[0])' \
+        >"$("$tmp/bin/python" -c 'import site; print(site.getsitepackages()[0])')/oracle-base.pth"
+      "$base/bin/python" -m pip --python "$tmp/bin/python" install --no-cache-dir \
+        --progress-bar off -r "$extra" >&2
+      "$base/bin/python" -m pip --python "$tmp/bin/python" check >&2
+      { grep -rlIF -- "$tmp" "$tmp/bin" "$tmp/pyvenv.cfg" || true; } | xargs -r sed -i "s|$tmp|$venv|g"
+      mv -T "$tmp" "$venv"
+      trap - EXIT
+      for lock in "$cache"/oracle-extra-*.lock; do
+        other=${lock%.lock}
+        [[ $other == "$venv" ]] && continue
+        # shellcheck disable=SC2094 # the lock is held while its own file is removed
+        (flock -n 9 && rm -rf "$other" "$other".tmp.* "$lock") 9>>"$lock" || true
+      done
+    fi
+    exec 9>&-
+  fi
 fi
 
 echo "$venv/bin/python"

@@ -3,9 +3,8 @@
 
 use candle_core::{Result, Tensor, Var};
 use graft_engine::{
-    lora::{Lora, scaling},
-    models::{Llama, Site},
-    peft::{Adapter, AdapterConfig},
+    adapters::{Adapter, AdapterConfig, Lora, Site, scaling},
+    models::Llama,
     rng::Rng,
 };
 

@@ -6,9 +6,16 @@
 //! Candle has no checkpointing, so recomputation chains per-layer backward passes by hand: with
 //! `g` the gradient of the loss with respect to a layer's output `y`, backpropagating the scalar
 //! `sum(y · g)` (with `g` constant) gives the layer's parameter gradients and its input gradient.
+//!
+//! Evaluation runs the same layers with no graph at all ([`eval_loss_sum`]).
+
+use std::ops::Range;
 
 use candle_core::{Result, Tensor, Var, backprop::GradStore};
-use graft_engine::models::{Dropout, Llama};
+use graft_engine::{
+    backend::Dropout,
+    models::{Llama, Mode},
+};
 
 use crate::loss::nll_sum;
 
@@ -74,28 +81,31 @@ pub fn sharded_step(
         return shard_step(model, vars, batch, denominator, dropout, recompute);
     }
     let per_shard = rows.div_ceil(shards);
+    let seq = batch.ids.dim(1)?;
     let parts = (0..rows)
         .step_by(per_shard)
         .map(|start| {
             let len = per_shard.min(rows - start);
-            Ok(Batch {
+            let part = Batch {
                 ids: batch.ids.narrow(0, start, len)?,
                 labels: batch.labels.narrow(0, start, len)?,
                 label_tokens: 0,
                 tokens: 0,
-            })
+            };
+            // A shard's rows draw the masks they have in the whole micro-batch, so the
+            // result does not depend on the number of shards.
+            let dropout = dropout.map(|d| Dropout {
+                first_row: d.first_row + (start * seq) as u64,
+                ..d
+            });
+            Ok((part, dropout))
         })
         .collect::<Result<Vec<_>>>()?;
     let results: Vec<Result<MicroStep>> = std::thread::scope(|scope| {
         let handles: Vec<_> = parts
             .iter()
-            .enumerate()
-            .map(|(index, part)| {
-                // Each shard its own masks: the same seed would repeat one shard's in the next.
-                let dropout = dropout.map(|d| Dropout {
-                    seed: d.seed ^ (index as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03),
-                    ..d
-                });
+            .map(|(part, dropout)| {
+                let dropout = *dropout;
                 scope.spawn(move || shard_step(model, vars, part, denominator, dropout, recompute))
             })
             .collect();
@@ -144,7 +154,7 @@ fn whole_graph(
     let mut h = model.embed(&batch.ids)?;
     let positions = model.positions(batch.ids.dim(1)?, h.device())?;
     for layer in 0..model.num_layers() {
-        h = model.layer(layer, &h, &positions, dropout)?;
+        h = model.layer(layer, &h, &positions, Mode::Train(dropout))?;
     }
     let loss_sum = nll_sum(&model.head(&h)?, &batch.ids, &batch.labels)?;
     let grads = (&loss_sum / denominator)?.backward()?;
@@ -167,13 +177,12 @@ fn recomputed(
     let mut inputs = vec![h0];
     for layer in 0..model.num_layers() {
         let next = model
-            .layer(layer, &inputs[layer], &positions, dropout)?
+            .layer(layer, &inputs[layer], &positions, Mode::Train(dropout))?
             .detach();
         inputs.push(next);
     }
     let last = inputs.pop().expect("the embeddings at least");
-    let (rows, vocab) = (batch.ids.dim(0)?, model.config().vocab_size);
-    let chunk = (LOSS_CHUNK_LOGITS / (rows * vocab).max(1)).max(1);
+    let chunk = loss_chunk(model, batch)?;
     let (loss_sum, mut upstream) = head_loss(model, &last, batch, denominator, chunk)?;
     let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
     for layer in (0..model.num_layers()).rev() {
@@ -185,7 +194,7 @@ fn recomputed(
             Some(Var::from_tensor(&input)?)
         };
         let x = tracked.as_ref().map_or(&input, Var::as_tensor);
-        let y = model.layer(layer, x, &positions, dropout)?;
+        let y = model.layer(layer, x, &positions, Mode::Train(dropout))?;
         let layer_grads = (y * &upstream)?.sum_all()?.backward()?;
         accumulate(&mut grads, take(&layer_grads, vars))?;
         if let Some(tracked) = &tracked {
@@ -200,12 +209,35 @@ fn recomputed(
 
 /// Logits a chunk of the loss may hold at once (256 MiB in f32): a Llama-3 vocabulary over
 /// 2048 positions would be 1 GiB per sequence, and its log-softmax as much again.
-const LOSS_CHUNK_LOGITS: usize = 1 << 26;
+pub const LOSS_CHUNK_LOGITS: usize = 1 << 26;
+
+/// Positions per chunk of the loss for `batch`.
+fn loss_chunk(model: &Llama, batch: &Batch) -> Result<usize> {
+    let (rows, vocab) = (batch.ids.dim(0)?, model.config().vocab_size);
+    Ok((LOSS_CHUNK_LOGITS / (rows * vocab).max(1)).max(1))
+}
+
+/// The chunks of positions `0..seq` the loss is taken over, `positions` scored at a time.
+/// Chunks overlap by one position, since position `t`'s logits are scored against token
+/// `t + 1`: a chunk of `len` scores `len − 1` tokens.
+fn chunks(seq: usize, positions: usize) -> Vec<Range<usize>> {
+    let positions = positions.max(1);
+    let mut ranges = Vec::new();
+    let mut start = 0;
+    while start < seq {
+        let len = (positions + 1).min(seq - start);
+        ranges.push(start..start + len);
+        if start + len == seq {
+            break;
+        }
+        start += len - 1;
+    }
+    ranges
+}
 
 /// The loss sum of the head over hidden states `last` `[batch, seq, hidden]` and its gradient
 /// with respect to `last` (divided by `denominator`), `positions` at a time: each chunk's
-/// logits are built, used and dropped before the next. Chunks overlap by one position, since
-/// position `t`'s logits are scored against token `t + 1`.
+/// logits are built, used and dropped before the next.
 pub fn head_loss(
     model: &Llama,
     last: &Tensor,
@@ -214,17 +246,15 @@ pub fn head_loss(
     positions: usize,
 ) -> Result<(f32, Tensor)> {
     let seq = last.dim(1)?;
-    let positions = positions.max(1);
     let (mut loss_sum, mut grads) = (0f32, Vec::new());
-    let mut start = 0;
-    while start < seq {
-        let len = (positions + 1).min(seq - start);
-        let part = Var::from_tensor(&last.narrow(1, start, len)?)?;
+    for range in chunks(seq, positions) {
+        let len = range.len();
+        let part = Var::from_tensor(&last.narrow(1, range.start, len)?)?;
         let logits = model.head(part.as_tensor())?;
         let loss = nll_sum(
             &logits,
-            &batch.ids.narrow(1, start, len)?,
-            &batch.labels.narrow(1, start, len)?,
+            &batch.ids.narrow(1, range.start, len)?,
+            &batch.labels.narrow(1, range.start, len)?,
         )?;
         let chunk_grads = (&loss / denominator)?.backward()?;
         // A one-token chunk scores nothing, so nothing reaches it.
@@ -234,18 +264,35 @@ pub fn head_loss(
         };
         loss_sum += loss.to_scalar::<f32>()?;
         // The overlapping last position scored nothing here: its gradient is the next chunk's.
-        let done = start + len == seq;
-        grads.push(if done {
+        grads.push(if range.end == seq {
             grad
         } else {
             grad.narrow(1, 0, len - 1)?
         });
-        if done {
-            break;
-        }
-        start += len - 1;
     }
     Ok((loss_sum, Tensor::cat(&grads, 1)?))
+}
+
+/// The loss sum of a batch with no graph recorded: layer by layer on detached tensors (each
+/// layer's activations dropped as the next is computed), the loss in chunks as in training.
+/// So evaluation never holds more than a training step does.
+pub fn eval_loss_sum(model: &Llama, batch: &Batch) -> Result<f32> {
+    let mut h = model.embed(&batch.ids)?.detach();
+    let positions = model.positions(batch.ids.dim(1)?, h.device())?;
+    for layer in 0..model.num_layers() {
+        h = model.layer(layer, &h, &positions, Mode::Eval)?;
+    }
+    let mut loss_sum = 0f32;
+    for range in chunks(h.dim(1)?, loss_chunk(model, batch)?) {
+        let logits = model.head(&h.narrow(1, range.start, range.len())?)?;
+        let loss = nll_sum(
+            &logits,
+            &batch.ids.narrow(1, range.start, range.len())?,
+            &batch.labels.narrow(1, range.start, range.len())?,
+        )?;
+        loss_sum += loss.to_scalar::<f32>()?;
+    }
+    Ok(loss_sum)
 }
 
 /// Adds `more` into `totals`, slot by slot; a slot without a gradient stays as it is.

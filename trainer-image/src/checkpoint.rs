@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use graft_engine::peft::{Adapter, PeftError};
+use graft_engine::adapters::{Adapter, PeftError};
 use serde::{Deserialize, Serialize};
 
 pub const STATE_FILE: &str = "state.json";

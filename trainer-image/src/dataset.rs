@@ -5,8 +5,8 @@
 use graft_api::DatasetFormat;
 use serde::Deserialize;
 
-pub use graft_engine::chat::Message;
 use graft_engine::rng::Rng;
+pub use graft_engine::text::chat::Message;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DatasetError {

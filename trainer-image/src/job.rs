@@ -13,14 +13,14 @@ use graft_api::{
     TrainerResult,
 };
 use graft_engine::{
+    adapters::{AdapterConfig, Site},
     device::compute_dtype,
     models::{
-        Config, Llama, Precision, Site, load_weights,
+        Config, Llama, Precision, load_weights,
         source::{self, SourceError},
     },
-    peft::AdapterConfig,
     storage::{self, DownloadError, Location, ObjectUri, S3Options},
-    tokenizer::Tokenizer,
+    text::tokenizer::Tokenizer,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -205,6 +205,7 @@ pub fn run(
         fine_tune_job: config.status_target.clone(),
     };
     rt.block_on(publish(&output, adapter_config, weights, &graft_json))?;
+    progress.record_adapter(&artifact);
     progress.finish();
     Ok(TrainerResult { adapter: artifact })
 }
@@ -225,6 +226,7 @@ fn settings(spec: &FineTuneJobSpec, pad_id: u32) -> Settings {
         dropout: spec.method.lora.dropout,
         recompute: t.gradient_checkpointing,
         checkpoint_every: u64::from(t.checkpoint_every_steps),
+        eval_every: t.eval_every_steps.map_or(0, u64::from),
         pad_id,
     }
 }

@@ -5,10 +5,15 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use graft_engine::{
+    adapters::Site,
     device::DeviceChoice,
+    models::{Config, Precision},
+};
+use graft_trainer::{
+    job::{self, JobError},
+    memory,
     tiny::{TinySpec, write_tiny_model},
 };
-use graft_trainer::job::{self, JobError};
 
 // Training allocates and frees activation-sized buffers on every op; glibc's malloc hands
 // large ones back to the kernel each time, and the page faults of getting them again cost
@@ -100,6 +105,22 @@ enum Command {
         #[arg(long, default_value_t = 0.2)]
         init_std: f32,
     },
+    /// Print the modelled peak GPU memory of a training step (bf16 compute, layer
+    /// recomputation, LoRA on every projection), part by part.
+    MemoryModel {
+        /// A model's config.json; Llama-3-8B's when not given.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 2048)]
+        seq: usize,
+        #[arg(long, default_value_t = 16)]
+        rank: usize,
+        /// nf4 (QLoRA) or none.
+        #[arg(long, default_value = "nf4")]
+        quantization: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -133,6 +154,14 @@ fn main() -> ExitCode {
                 eprintln!("graft-trainer: adapter published: {line}");
             }),
         Command::CheckConfig { config } => job::read_config(&config).map(|_| ()),
+        Command::MemoryModel {
+            config,
+            batch,
+            seq,
+            rank,
+            quantization,
+        } => memory_model(config.as_deref(), batch, seq, rank, &quantization)
+            .map_err(|e| JobError::BadInput(format!("{e:#}"))),
         Command::MakeTinyModel {
             out,
             corpus,
@@ -171,6 +200,44 @@ fn main() -> ExitCode {
             ExitCode::from(err.exit_code())
         }
     }
+}
+
+fn memory_model(
+    config: Option<&std::path::Path>,
+    batch: usize,
+    seq: usize,
+    rank: usize,
+    quantization: &str,
+) -> anyhow::Result<()> {
+    let text = match config {
+        Some(path) => {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+        }
+        None => memory::LLAMA_3_8B.to_owned(),
+    };
+    let config = Config::from_json(&text).context("the model's config")?;
+    let precision = match quantization {
+        "nf4" => Precision::Nf4,
+        "none" => Precision::Dense,
+        other => anyhow::bail!("--quantization {other:?}: expected nf4 or none"),
+    };
+    let shape = memory::StepShape {
+        batch,
+        seq,
+        rank,
+        sites: Site::ALL.to_vec(),
+        precision,
+        compute_bytes: 2,
+        dropout: true,
+        runtime_bytes: 1 << 30,
+    };
+    let estimate = memory::training_step(&config, &shape);
+    #[allow(clippy::print_stdout)]
+    {
+        println!("batch {batch} × {seq} tokens, rank {rank}, {quantization}, bf16:");
+        print!("{}", estimate.table());
+    }
+    Ok(())
 }
 
 fn make_tiny_model(

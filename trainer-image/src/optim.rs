@@ -2,7 +2,7 @@
 //! with its state in plain tensors so a checkpoint can store and restore it exactly, and
 //! gradient clipping by global norm as `torch.nn.utils.clip_grad_norm_`.
 
-use candle_core::{Result, Tensor, Var};
+use candle_core::{DType, Result, Tensor, Var};
 
 #[derive(Clone, Copy, Debug)]
 pub struct AdamWParams {
@@ -102,16 +102,18 @@ impl AdamW {
 /// Scales `grads` so their global L2 norm is at most `max_norm`; returns the norm before
 /// clipping. torch's factor: `max_norm / (norm + 1e-6)`, applied when below 1.
 pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
-    let mut total = 0f64;
-    for g in grads.iter().flatten() {
-        total += f64::from(
-            g.sqr()?
-                .sum_all()?
-                .to_dtype(candle_core::DType::F32)?
-                .to_scalar::<f32>()?,
-        );
+    // Every square sum stays on the device; one read brings the norm to the host, instead of
+    // one synchronisation per adapter tensor.
+    let squares = grads
+        .iter()
+        .flatten()
+        .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all())
+        .collect::<Result<Vec<_>>>()?;
+    if squares.is_empty() {
+        return Ok(0.0);
     }
-    let norm = total.sqrt();
+    let total = Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f32>()?;
+    let norm = f64::from(total).sqrt();
     let factor = max_norm / (norm + 1e-6);
     if factor < 1.0 {
         for g in grads.iter_mut().flatten() {

@@ -9,16 +9,12 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Result as TensorResult, Tensor};
 use graft_api::Scheduler;
-use graft_engine::{
-    models::{Dropout, Llama},
-    rng::Rng,
-};
+use graft_engine::{backend::Dropout, models::Llama, rng::Rng};
 
 use crate::{
     adapters::Adapters,
-    backward::{Batch, accumulate, micro_step},
+    backward::{Batch, accumulate, eval_loss_sum, micro_step},
     checkpoint::Checkpoint,
-    loss::nll_sum,
     optim::{AdamW, AdamWParams, clip_grad_norm},
     schedule::learning_rate,
 };
@@ -45,6 +41,8 @@ pub struct Settings {
     pub recompute: bool,
     /// 0: no checkpoints.
     pub checkpoint_every: u64,
+    /// Evaluate every this many steps as well as at each epoch's end; 0: at epochs' ends only.
+    pub eval_every: u64,
     /// Id used to pad micro-batches (never learned).
     pub pad_id: u32,
 }
@@ -58,7 +56,8 @@ pub struct StepReport {
     pub epoch: u32,
     /// Mean loss per learned token over the step's micro-batches.
     pub loss: f64,
-    /// Set on the steps that end an epoch (when there is a validation split).
+    /// Set on the steps that evaluate (each epoch's end, and every `eval_every` steps), when
+    /// there is a validation split.
     pub eval_loss: Option<f64>,
     pub grad_norm: f64,
     pub learning_rate: f64,
@@ -179,7 +178,9 @@ impl Trainer {
             self.step += 1;
             tokens_done += tokens;
             let epoch_end = self.step.is_multiple_of(self.plan.steps_per_epoch);
-            let eval_loss = if epoch_end && !self.eval.is_empty() {
+            let every = self.settings.eval_every;
+            let due = epoch_end || (every > 0 && self.step.is_multiple_of(every));
+            let eval_loss = if due && !self.eval.is_empty() {
                 Some(self.eval_loss()?)
             } else {
                 None
@@ -270,6 +271,7 @@ impl Trainer {
                 p: s.dropout,
                 seed: Rng::seed(s.seed ^ micro_index.wrapping_mul(0x9E37_79B9_7F4A_7C15))
                     .next_u64(),
+                first_row: 0,
             });
             let micro = micro_step(&self.model, &vars, batch, denominator, dropout, s.recompute)?;
             loss_sum += f64::from(micro.loss_sum);
@@ -288,14 +290,14 @@ impl Trainer {
         Ok((loss_sum / denominator, grad_norm, lr, tokens))
     }
 
-    /// Mean loss per learned token on the validation split, without dropout.
+    /// Mean loss per learned token on the validation split, without dropout and without a
+    /// graph ([`eval_loss_sum`]).
     pub fn eval_loss(&self) -> TensorResult<f64> {
         let (mut sum, mut count) = (0f64, 0usize);
         for chunk in self.eval.chunks(self.settings.batch_size) {
             let examples: Vec<&Example> = chunk.iter().collect();
             let batch = collate(&examples, self.settings.pad_id, self.model.device())?;
-            let logits = self.model.forward(&batch.ids)?.detach();
-            sum += f64::from(nll_sum(&logits, &batch.ids, &batch.labels)?.to_scalar::<f32>()?);
+            sum += f64::from(eval_loss_sum(&self.model, &batch)?);
             count += batch.label_tokens;
         }
         #[allow(clippy::cast_precision_loss)]
@@ -351,6 +353,7 @@ mod tests {
             dropout: 0.0,
             recompute: false,
             checkpoint_every: 0,
+            eval_every: 0,
             pad_id: 0,
         };
         // 10 examples → 3 micro-batches (4, 4, 2) → 2 steps (2 + 1 micro-batches) per epoch.

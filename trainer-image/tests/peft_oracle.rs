@@ -16,8 +16,8 @@ use std::{
 
 use candle_core::{DType, Device, Tensor};
 use graft_engine::{
+    adapters::Adapter,
     models::{Config, Llama, Precision, load_weights},
-    peft::Adapter,
 };
 
 use graft_testenv::{oracle_python, repo_root};
@@ -142,8 +142,8 @@ fn graft_and_peft_agree(name: &str, method: &str) {
     let ids = input_ids();
     let base = dense_model().forward(&ids).expect("forward");
     let mut model = dense_model();
-    adapter
-        .apply(&mut model)
+    model
+        .apply_adapter(&adapter)
         .expect("the adapter fits its base");
     let logits = model.forward(&ids).expect("forward");
     let effect = max_abs(&(&logits - &base).expect("diff"));

@@ -7,7 +7,10 @@ mod common;
 use candle_core::{Device, Tensor};
 use common::{assert_same_gradients, attach, mapping, move_b_off_zero, tiny_llama};
 use graft_api::Scheduler;
-use graft_engine::models::{Dropout, Precision};
+use graft_engine::{
+    backend::Dropout,
+    models::{Mode, Precision},
+};
 use graft_trainer::{
     adapters::Adapters,
     backward::{head_loss, micro_step, sharded_step},
@@ -28,6 +31,7 @@ fn settings(epochs: u32, checkpoint_every: u64) -> Settings {
         dropout: 0.1,
         recompute: false,
         checkpoint_every,
+        eval_every: 0,
         pad_id: 0,
     }
 }
@@ -71,7 +75,11 @@ fn recomputed_layers_give_the_whole_graphs_loss_and_gradients() {
         let vars = adapters.vars();
         let examples = mapping(3);
         let batch = collate(&examples.iter().collect::<Vec<_>>(), 0, &Device::Cpu).expect("batch");
-        let dropout = Some(Dropout { p: 0.1, seed: 9 });
+        let dropout = Some(Dropout {
+            p: 0.1,
+            seed: 9,
+            first_row: 0,
+        });
         let whole = micro_step(&model, &vars, &batch, 6.0, dropout, false).expect("whole");
         let recomputed = micro_step(&model, &vars, &batch, 6.0, dropout, true).expect("recomputed");
         assert!((whole.loss_sum - recomputed.loss_sum).abs() < 1e-5);
@@ -81,7 +89,8 @@ fn recomputed_layers_give_the_whole_graphs_loss_and_gradients() {
     }
 }
 
-/// Splitting a micro-batch across cores changes nothing but the order of the sums.
+/// Splitting a micro-batch across cores changes nothing but the order of the sums: each
+/// shard's rows draw the dropout masks they have in the whole micro-batch.
 #[test]
 fn a_micro_batch_split_across_threads_gives_the_same_loss_and_gradients() {
     let mut model = tiny_llama(Precision::Nf4);
@@ -90,9 +99,15 @@ fn a_micro_batch_split_across_threads_gives_the_same_loss_and_gradients() {
     let vars = adapters.vars();
     let examples = mapping(5);
     let batch = collate(&examples.iter().collect::<Vec<_>>(), 0, &Device::Cpu).expect("batch");
-    for recompute in [false, true] {
-        let whole = sharded_step(1, &model, &vars, &batch, 10.0, None, recompute).expect("one");
-        let split = sharded_step(3, &model, &vars, &batch, 10.0, None, recompute).expect("three");
+    let dropout = Dropout {
+        p: 0.2,
+        seed: 4,
+        first_row: 0,
+    };
+    for (recompute, dropout) in [(false, None), (true, None), (true, Some(dropout))] {
+        let whole = sharded_step(1, &model, &vars, &batch, 10.0, dropout, recompute).expect("one");
+        let split =
+            sharded_step(3, &model, &vars, &batch, 10.0, dropout, recompute).expect("three");
         assert!(
             (whole.loss_sum - split.loss_sum).abs() < 1e-4,
             "{} vs {}",
@@ -102,7 +117,7 @@ fn a_micro_batch_split_across_threads_gives_the_same_loss_and_gradients() {
         assert_same_gradients(
             &whole.grads,
             &split.grads,
-            &format!("recompute {recompute}"),
+            &format!("recompute {recompute}, dropout {dropout:?}"),
         );
     }
 }
@@ -196,7 +211,9 @@ fn the_loss_in_chunks_of_positions_equals_the_whole_loss() {
         .positions(batch.ids.dim(1).expect("seq"), &Device::Cpu)
         .expect("rope");
     for layer in 0..model.num_layers() {
-        h = model.layer(layer, &h, &positions, None).expect("layer");
+        h = model
+            .layer(layer, &h, &positions, Mode::Train(None))
+            .expect("layer");
     }
     let seq = h.dim(1).expect("seq");
     assert!(seq > 4, "the test needs several chunks: {seq} positions");
@@ -219,4 +236,11 @@ fn the_loss_in_chunks_of_positions_equals_the_whole_loss() {
             &format!("chunks of {chunk}"),
         );
     }
+}
+
+/// The GPU path's step (the device backend), run on the CPU: the fused CPU backend's loss and
+/// gradients, with the same dropout masks, in f32 and within bf16's rounding in bf16.
+#[test]
+fn the_device_backend_on_the_cpu_steps_as_the_cpu_backend_does() {
+    common::device_step_matches_the_cpu_backend(&Device::Cpu);
 }

@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-use super::Site;
+use crate::adapters::Site;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -6,5 +6,5 @@ pub mod source;
 mod weights;
 
 pub use config::{Config, ConfigError, HfConfig, Rope, RopeParameters};
-pub use llama::{Dropout, KvCache, Llama, Positions, Precision, Segment, Site};
+pub use llama::{Llama, Mode, Precision, Segment};
 pub use weights::{WeightsError, load_weights};

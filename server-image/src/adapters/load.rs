@@ -7,8 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use graft_api::GraftJson;
 use graft_engine::{
-    lora::batched::ServingAdapter,
-    peft::Adapter,
+    adapters::{Adapter, ServingAdapter},
     storage::{self, ObjectUri, S3Options},
 };
 use sha2::{Digest, Sha256};
@@ -164,8 +163,9 @@ pub fn read(
             )));
         }
     }
-    adapter
-        .check_fits(&model.llama)
+    model
+        .llama
+        .check_adapter(&adapter)
         .map_err(|e| LoadError::Invalid(format!("{uri}: {e}")))?;
     let serving = ServingAdapter::new(&adapter)
         .and_then(|s| s.to(model.llama.device(), model.llama.dtype()))

@@ -7,8 +7,8 @@
 use std::{path::PathBuf, time::Duration};
 
 use graft_engine::{
-    models::{Config, Site},
-    peft::Adapter,
+    adapters::{Adapter, Site},
+    models::Config,
 };
 use graft_testenv::{Daemon, S3Server, eventually, repo_root};
 use serde_json::{Value, json};
@@ -192,7 +192,7 @@ pub fn random_adapter(rank: usize, seed: u64, sites: &[Site]) -> Adapter {
 
 /// [`random_adapter`] for the model `config` describes.
 pub fn random_adapter_for(config: &Config, rank: usize, seed: u64, sites: &[Site]) -> Adapter {
-    graft_engine::tiny::random_adapter(config, rank, seed, sites).expect("a random adapter")
+    graft_trainer::tiny::random_adapter(config, rank, seed, sites).expect("a random adapter")
 }
 
 /// Writes `files` under `s3://<bucket>/<prefix>/`.

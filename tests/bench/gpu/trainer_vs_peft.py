@@ -47,7 +47,15 @@ PEFT_SIDE = textwrap.dedent(
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=args["rank"], lora_alpha=2 * args["rank"],
-        lora_dropout=0.0, target_modules=args["targets"], task_type="CAUSAL_LM"))
+        lora_dropout=args["dropout"], target_modules=args["targets"], task_type="CAUSAL_LM"))
+    eval_rows = json.load(open(args["eval_rows"]))
+    def evaluate():
+        model.eval()
+        with torch.no_grad():
+            for i in range(0, len(eval_rows), args["batch"]):
+                ids = torch.tensor(eval_rows[i:i + args["batch"]], device="cuda")
+                model(input_ids=ids, labels=ids).loss.item()
+        model.train()
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     batch = args["batch"]
@@ -62,6 +70,8 @@ PEFT_SIDE = textwrap.dedent(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(); opt.zero_grad()
         tokens += ids.numel()
+        if args["eval_every"] and (step + 1) % args["eval_every"] == 0:
+            evaluate()
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     print(json.dumps({"tokens_per_second": tokens / elapsed, "loss": loss.item()}))
@@ -118,6 +128,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--peak-tflops", type=float, default=800.0)
     parser.add_argument("--modes", default="nf4,none", help="quantization modes to compare")
+    parser.add_argument("--dropout", type=float, default=0.05)
+    parser.add_argument("--eval-rows", type=int, default=8, help="validation rows (0: no evaluation)")
+    parser.add_argument("--eval-every", type=int, default=5, help="evaluate every this many steps")
     args = parser.parse_args()
 
     import torch
@@ -139,11 +152,17 @@ def main() -> None:
 
     tok = Tokenizer.from_file(os.path.join(args.model, "tokenizer.json"))
     words = "the quick brown fox jumps over the lazy dog adapter rank layer".split()
-    texts = [" ".join(rng.choice(words) for _ in range(args.seq * 2)) for _ in range(args.batch * args.steps)]
+    train_count = args.batch * args.steps
+    texts = [" ".join(rng.choice(words) for _ in range(args.seq * 2))
+             for _ in range(train_count + args.eval_rows)]
     rows = [tok.encode(t).ids[: args.seq] for t in texts]
     assert all(len(r) == args.seq for r in rows), "texts too short for --seq"
     rows_file = os.path.join(work, "rows.json")
-    json.dump(rows, open(rows_file, "w"))
+    json.dump(rows[:train_count], open(rows_file, "w"))
+    eval_file = os.path.join(work, "eval-rows.json")
+    json.dump(rows[train_count:], open(eval_file, "w"))
+    # graft takes its validation split from the dataset itself.
+    fraction = args.eval_rows / len(texts)
     data = os.path.join(work, "train.jsonl")
     with open(data, "w") as f:
         for t in texts:
@@ -155,13 +174,14 @@ def main() -> None:
         with open(config, "w") as f:
             f.write(textwrap.dedent(f"""\
                 baseModel: {{uri: 'file://{args.model}'}}
-                dataset: {{uri: 'file://{data}', validationFraction: 0}}
+                dataset: {{uri: 'file://{data}', validationFraction: {fraction}}}
                 method:
                   quantization: {mode}
-                  lora: {{rank: {args.rank}, alpha: {2 * args.rank}, dropout: 0, targetModules: {json.dumps(TARGETS)}}}
+                  lora: {{rank: {args.rank}, alpha: {2 * args.rank}, dropout: {args.dropout}, targetModules: {json.dumps(TARGETS)}}}
                 training: {{epochs: 1, learningRate: 0.0001, batchSize: {args.batch},
                   gradientAccumulationSteps: 1, maxSequenceLength: {args.seq}, warmupSteps: 0,
-                  scheduler: constant, seed: 1, checkpointEverySteps: 1000000, gradientCheckpointing: true}}
+                  scheduler: constant, seed: 1, checkpointEverySteps: 1000000,
+                  gradientCheckpointing: true{f", evalEverySteps: {args.eval_every}" if args.eval_every else ""}}}
                 output: {{uri: 'file://{work}/out-{mode}/'}}
                 """))
         out, err, graft_mem = run([args.trainer, "train", "--device", "cuda", "--config", config,
@@ -171,14 +191,22 @@ def main() -> None:
         graft_tps = steps[-1]["tokensPerSecond"]
         peft_args = json.dumps({"model": args.model, "rows": rows_file, "rank": args.rank,
                                 "targets": TARGETS, "batch": args.batch, "steps": args.steps,
-                                "quantization": mode})
+                                "quantization": mode, "dropout": args.dropout,
+                                "eval_rows": eval_file,
+                                "eval_every": args.eval_every if args.eval_rows else 0})
         out, err, peft_mem = run([sys.executable, "-c", PEFT_SIDE, peft_args])
         peft_tps = json.loads(out.strip().splitlines()[-1])["tokens_per_second"]
+        model_out = subprocess.run(
+            [args.trainer, "memory-model", "--config", os.path.join(args.model, "config.json"),
+             "--batch", str(args.batch), "--seq", str(args.seq), "--rank", str(args.rank),
+             "--quantization", mode], capture_output=True, text=True).stdout
+        print(model_out)
         results.append((mode, graft_tps, graft_mem, peft_tps, peft_mem))
 
     mfu = lambda tps: 4 * params * tps / (args.peak_tflops * 1e12)
     print(f"device: {device}; model {params / 1e9:.2f}B parameters; batch {args.batch} x {args.seq} "
-          f"tokens, {args.steps} steps, rank {args.rank}, 7 targets, bf16 compute")
+          f"tokens, {args.steps} steps, rank {args.rank}, 7 targets, bf16 compute, dropout "
+          f"{args.dropout}, {args.eval_rows} validation rows every {args.eval_every} steps")
     print(f"{'':28}{'tokens/s':>10}{'peak MiB':>10}{'MFU':>8}")
     for mode, g_tps, g_mem, p_tps, p_mem in results:
         label = "QLoRA (nf4)" if mode == "nf4" else "LoRA (bf16)"

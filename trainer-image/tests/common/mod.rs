@@ -3,14 +3,42 @@
 
 #![allow(dead_code)] // each test binary uses a subset
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use graft_engine::{
-    models::{Config, Llama, Precision, Site, load_weights},
-    peft::AdapterConfig,
+    adapters::{AdapterConfig, Site},
+    backend::{Dropout, cuda::Cuda},
+    models::{Config, Llama, Precision, load_weights},
 };
-use graft_trainer::{adapters::Adapters, train::Example};
+use graft_trainer::{
+    adapters::Adapters,
+    backward::micro_step,
+    train::{Example, collate},
+};
+
+/// `engine/tests/data/tiny/<name>`: the reference models every crate's tests share. Read at
+/// run time, not baked in with `env!`: a shared, cached target directory may hold a binary
+/// compiled in another checkout.
+pub fn tiny(name: &str) -> PathBuf {
+    PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("run through cargo"))
+        .join("../engine/tests/data/tiny")
+        .join(name)
+}
+
+/// Input ids (u32) and logits from `<dir>/reference.safetensors`.
+pub fn reference(dir: &Path) -> (Tensor, Tensor) {
+    let tensors = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
+        .expect("reference");
+    let ids = tensors["input_ids"].to_dtype(DType::U32).expect("ids");
+    (ids, tensors["logits"].clone())
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+        .expect("comparable tensors")
+}
 
 /// engine/tests/data/tiny/llama on the CPU in f32.
 pub fn tiny_llama(precision: Precision) -> Llama {
@@ -18,8 +46,7 @@ pub fn tiny_llama(precision: Precision) -> Llama {
 }
 
 pub fn tiny_llama_on(precision: Precision, device: &Device, dtype: DType) -> Llama {
-    let dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("run through cargo"))
-        .join("../engine/tests/data/tiny/llama");
+    let dir = tiny("llama");
     let text = std::fs::read_to_string(dir.join("config.json")).expect("config.json");
     let config = Config::from_json(&text).expect("config");
     let vb = load_weights(&dir, dtype, device).expect("weights");
@@ -77,4 +104,61 @@ pub fn assert_same_gradients(
         compared += 1;
     }
     compared
+}
+
+fn largest(t: &Tensor) -> f32 {
+    t.abs()
+        .and_then(|a| a.max_all()?.to_scalar::<f32>())
+        .expect("max")
+}
+
+/// One micro-step with recomputation and dropout through the device backend on `device`,
+/// against the fused CPU backend, from the same adapter weights: in f32 the loss and every
+/// adapter gradient within 1e-4 (relative to the largest value); in bf16 (f32 adapter weights
+/// and gradients) within 2% for the loss and 10% for the gradients — bf16 keeps 8 bits of
+/// mantissa, and a tiny model's few activations give no averaging to shrink its rounding.
+pub fn device_step_matches_the_cpu_backend(device: &Device) {
+    let examples = mapping(4);
+    let rows: Vec<_> = examples.iter().collect();
+    let dropout = Some(Dropout {
+        p: 0.1,
+        seed: 21,
+        first_row: 0,
+    });
+    for precision in [Precision::Dense, Precision::Nf4] {
+        let mut cpu_model = tiny_llama(precision);
+        let cpu_adapters = attach(&mut cpu_model, 5);
+        move_b_off_zero(&cpu_adapters);
+        let batch = collate(&rows, 0, &Device::Cpu).expect("batch");
+        let expected = micro_step(&cpu_model, &cpu_adapters.vars(), &batch, 8.0, dropout, true)
+            .expect("cpu step");
+        let weights = cpu_adapters.snapshot().expect("snapshot");
+        for (dtype, loss_tolerance, grad_tolerance) in
+            [(DType::F32, 1e-4, 1e-4), (DType::BF16, 2e-2, 1e-1)]
+        {
+            let what = format!("{precision:?} {dtype:?} on {device:?}");
+            let mut model = tiny_llama_on(precision, device, dtype).with_backend(&Cuda);
+            let adapters = attach(&mut model, 5);
+            adapters.load(&weights).expect("same adapter weights");
+            let batch = collate(&rows, 0, device).expect("batch");
+            let actual = micro_step(&model, &adapters.vars(), &batch, 8.0, dropout, true)
+                .expect("device step");
+            let loss_error = (actual.loss_sum - expected.loss_sum).abs() / expected.loss_sum;
+            assert!(
+                loss_error < loss_tolerance,
+                "{what}: loss off by {loss_error}"
+            );
+            for (device_grad, cpu_grad) in actual.grads.iter().zip(&expected.grads) {
+                let c = cpu_grad.as_ref().expect("a gradient");
+                let g = device_grad
+                    .as_ref()
+                    .expect("a gradient")
+                    .to_device(&Device::Cpu)
+                    .expect("to the host");
+                assert_eq!(g.dtype(), DType::F32, "{what}: adapter gradients stay f32");
+                let error = largest(&(&g - c).expect("diff")) / largest(c).max(1e-12);
+                assert!(error < grad_tolerance, "{what}: gradient off by {error}");
+            }
+        }
+    }
 }

@@ -1,0 +1,117 @@
+//! LoRA as Hugging Face PEFT defines it, shared by the trainer and the server:
+//! `y = base(x) + B · A · dropout(x) · scale`, with `A` `[rank, in]`, `B` `[out, rank]` and
+//! `scale = alpha / rank` (`alpha / √rank` with rsLoRA). The backends compute it; this file
+//! holds the pair, its initialisation and the reference form the backends are tested against.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use crate::rng::Rng;
+
+/// PEFT's `scaling`.
+pub fn scaling(alpha: f64, rank: usize, use_rslora: bool) -> f64 {
+    #[allow(clippy::cast_precision_loss)]
+    let rank = rank as f64;
+    if use_rslora {
+        alpha / rank.sqrt()
+    } else {
+        alpha / rank
+    }
+}
+
+/// One adapter's A and B for one projection.
+#[derive(Clone, Debug)]
+pub struct Lora {
+    /// `[rank, in]`.
+    pub a: Tensor,
+    /// `[out, rank]`.
+    pub b: Tensor,
+    pub scale: f64,
+}
+
+impl Lora {
+    /// A fresh adapter as PEFT initialises one: `A` from `kaiming_uniform_(a=√5)`, i.e.
+    /// uniform in `±1/√in`, and `B` zero, so the adapted layer starts equal to the base.
+    pub fn init(
+        rank: usize,
+        (out, input): (usize, usize),
+        scale: f64,
+        rng: &mut Rng,
+        device: &Device,
+    ) -> Result<Self> {
+        #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation)]
+        let bound = (1.0 / (input as f64).sqrt()) as f32;
+        let a: Vec<f32> = (0..rank * input)
+            .map(|_| rng.uniform(-bound, bound))
+            .collect();
+        Ok(Self {
+            a: Tensor::from_vec(a, (rank, input), device)?,
+            b: Tensor::zeros((out, rank), DType::F32, device)?,
+            scale,
+        })
+    }
+
+    pub fn rank(&self) -> Result<usize> {
+        Ok(self.a.dims2()?.0)
+    }
+
+    /// The same pair cut from the graph: evaluation and serving read the trained values
+    /// without recording anything for a backward pass.
+    #[must_use]
+    pub fn detach(&self) -> Self {
+        Self {
+            a: self.a.detach(),
+            b: self.b.detach(),
+            scale: self.scale,
+        }
+    }
+
+    /// `B · A · x · scale` for `x` of shape `[.., in]` (dropout, if any, already applied),
+    /// through candle's ops in `x`'s dtype: the reference form.
+    pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
+        let a = self.a.to_dtype(x.dtype())?;
+        let b = self.b.to_dtype(x.dtype())?;
+        x.broadcast_matmul(&a.t()?)?
+            .broadcast_matmul(&b.t()?)?
+            .affine(self.scale, 0.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scaling_is_alpha_over_rank_or_over_its_root() {
+        assert!((scaling(32.0, 16, false) - 2.0).abs() < 1e-12);
+        assert!((scaling(32.0, 16, true) - 8.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_fresh_adapter_has_b_zero_and_a_bounded() -> Result<()> {
+        let lora = Lora::init(4, (8, 16), 2.0, &mut Rng::seed(1), &Device::Cpu)?;
+        let bound = 0.25f32;
+        let a = lora.a.flatten_all()?.to_vec1::<f32>()?;
+        assert!(a.iter().all(|v| v.abs() <= bound), "A within ±1/√in");
+        assert!(
+            a.iter().any(|v| v.abs() > bound / 2.0),
+            "A is not all small"
+        );
+        let b = lora.b.flatten_all()?.to_vec1::<f32>()?;
+        assert!(b.iter().all(|&v| v == 0.0));
+        Ok(())
+    }
+
+    #[test]
+    fn the_delta_is_b_a_x_times_the_scale() -> Result<()> {
+        let device = Device::Cpu;
+        let lora = Lora {
+            a: Tensor::new(&[[1f32, 0.0], [0.0, 2.0]], &device)?,
+            b: Tensor::new(&[[1f32, 1.0]], &device)?,
+            scale: 0.5,
+        };
+        let delta = lora.delta(&Tensor::new(&[[3f32, 4.0]], &device)?)?;
+        // A·x = [3, 8]; B·(A·x) = 11; × 0.5.
+        assert_eq!(delta.to_vec2::<f32>()?, [[5.5]]);
+        Ok(())
+    }
+}

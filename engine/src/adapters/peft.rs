@@ -1,0 +1,358 @@
+//! Hugging Face PEFT adapter files: `adapter_config.json` and `adapter_model.safetensors`
+//! (keys `base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`, f32, metadata
+//! `{"format": "pt"}`). What Graft writes PEFT and vLLM load; what PEFT writes Graft loads,
+//! or refuses by name when it uses a feature Graft cannot honour.
+
+use std::collections::{BTreeMap, HashMap};
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::{Lora, Site, scaling};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeftError {
+    #[error("adapter_config.json: {0}")]
+    Config(#[from] serde_json::Error),
+    #[error("adapter_config.json: {0} is not supported")]
+    Unsupported(String),
+    #[error("adapter_model.safetensors: {0}")]
+    Weights(#[from] candle_core::Error),
+    #[error("adapter_model.safetensors: unexpected tensor {0:?}")]
+    UnexpectedKey(String),
+    #[error(
+        "adapter_model.safetensors: {site} of layer {layer} has lora_{missing} but not the other half"
+    )]
+    HalfPair {
+        layer: usize,
+        site: &'static str,
+        missing: char,
+    },
+    #[error("adapter does not fit the model: {0}")]
+    Mismatch(String),
+}
+
+/// The fields of PEFT's `LoraConfig` Graft reads and writes. Unknown fields are ignored on
+/// read; those that change the math are checked in [`AdapterConfig::check`].
+// The bools mirror PEFT's JSON fields one to one.
+#[allow(clippy::struct_excessive_bools)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdapterConfig {
+    pub peft_type: String,
+    pub task_type: Option<String>,
+    pub r: usize,
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub lora_dropout: f64,
+    pub target_modules: TargetModules,
+    #[serde(default)]
+    pub use_rslora: bool,
+    #[serde(default)]
+    pub use_dora: bool,
+    #[serde(default = "none")]
+    pub bias: String,
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    #[serde(default)]
+    pub rank_pattern: BTreeMap<String, serde_json::Value>,
+    #[serde(default)]
+    pub alpha_pattern: BTreeMap<String, serde_json::Value>,
+    #[serde(default)]
+    pub layers_to_transform: Option<serde_json::Value>,
+    pub base_model_name_or_path: Option<String>,
+    #[serde(default)]
+    pub inference_mode: bool,
+    /// `true`, `false`, or the name of an init scheme (`"gaussian"`, `"pissa"`, …).
+    #[serde(default = "init_true")]
+    pub init_lora_weights: serde_json::Value,
+    /// Activated LoRA: same tensors, different math.
+    #[serde(default)]
+    pub alora_invocation_tokens: Option<serde_json::Value>,
+    #[serde(default)]
+    pub layer_replication: Option<serde_json::Value>,
+    #[serde(default)]
+    pub use_qalora: bool,
+}
+
+fn none() -> String {
+    "none".to_owned()
+}
+
+fn init_true() -> serde_json::Value {
+    serde_json::Value::Bool(true)
+}
+
+/// PEFT accepts a list of module names or one regular expression.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    Names(Vec<String>),
+    Pattern(String),
+}
+
+impl AdapterConfig {
+    /// A config for an adapter Graft trained.
+    pub fn new(rank: usize, alpha: f64, dropout: f64, use_rslora: bool, sites: &[Site]) -> Self {
+        Self {
+            peft_type: "LORA".to_owned(),
+            task_type: Some("CAUSAL_LM".to_owned()),
+            r: rank,
+            lora_alpha: alpha,
+            lora_dropout: dropout,
+            target_modules: TargetModules::Names(
+                sites.iter().map(|s| s.name().to_owned()).collect(),
+            ),
+            use_rslora,
+            use_dora: false,
+            bias: none(),
+            fan_in_fan_out: false,
+            modules_to_save: None,
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+            layers_to_transform: None,
+            base_model_name_or_path: None,
+            inference_mode: true,
+            init_lora_weights: init_true(),
+            alora_invocation_tokens: None,
+            layer_replication: None,
+            use_qalora: false,
+        }
+    }
+
+    /// Refuses what would make Graft compute something other than PEFT does.
+    pub fn check(&self) -> Result<(), PeftError> {
+        let unsupported = |what: &str| Err(PeftError::Unsupported(what.to_owned()));
+        if self.peft_type != "LORA" {
+            return unsupported(&format!("peft_type {:?} (only LORA)", self.peft_type));
+        }
+        if self.use_dora {
+            return unsupported("use_dora (DoRA)");
+        }
+        if self.bias != "none" {
+            return unsupported(&format!("bias {:?} (only \"none\")", self.bias));
+        }
+        if self.fan_in_fan_out {
+            return unsupported("fan_in_fan_out (GPT-2 style Conv1D layers)");
+        }
+        if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
+            return unsupported("modules_to_save (fully trained extra modules)");
+        }
+        if !self.rank_pattern.is_empty() || !self.alpha_pattern.is_empty() {
+            return unsupported("rank_pattern / alpha_pattern (per-module ranks)");
+        }
+        if self
+            .layers_to_transform
+            .as_ref()
+            .is_some_and(|v| !v.is_null())
+        {
+            return unsupported("layers_to_transform");
+        }
+        if self
+            .alora_invocation_tokens
+            .as_ref()
+            .is_some_and(|v| !v.is_null())
+        {
+            return unsupported("alora_invocation_tokens (activated LoRA)");
+        }
+        if self
+            .layer_replication
+            .as_ref()
+            .is_some_and(|v| !v.is_null())
+        {
+            return unsupported("layer_replication");
+        }
+        if self.use_qalora {
+            return unsupported("use_qalora");
+        }
+        // Init schemes that rewrite the base weights (PiSSA, OLoRA, LoftQ, CorDA, EVA) make
+        // the adapter meaningless on the unmodified base model.
+        if let Some(scheme) = self.init_lora_weights.as_str()
+            && scheme != "gaussian"
+        {
+            return unsupported(&format!("init_lora_weights {scheme:?}"));
+        }
+        if self.r == 0 {
+            return unsupported("r = 0");
+        }
+        Ok(())
+    }
+
+    pub fn scale(&self) -> f64 {
+        scaling(self.lora_alpha, self.r, self.use_rslora)
+    }
+}
+
+/// An adapter: its config and one A/B pair per (layer, site).
+#[derive(Clone, Debug)]
+pub struct Adapter {
+    pub config: AdapterConfig,
+    pub weights: BTreeMap<(usize, Site), Lora>,
+}
+
+fn key(layer: usize, site: Site, half: char) -> String {
+    format!(
+        "base_model.model.model.layers.{layer}.{}.lora_{half}.weight",
+        site.path()
+    )
+}
+
+/// `(layer, site, 'A' | 'B')` of a PEFT key (with or without PEFT's adapter name).
+fn parse_key(key: &str) -> Option<(usize, Site, char)> {
+    let rest = key.strip_prefix("base_model.model.model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, rest) = rest.split_once(".lora_")?;
+    let half = rest.chars().next()?;
+    let tail = &rest[half.len_utf8()..];
+    if !(tail == ".weight" || tail.ends_with(".weight") && tail.starts_with('.')) {
+        return None;
+    }
+    let site = Site::from_name(module.rsplit('.').next()?)?;
+    (site.path() == module).then_some(())?;
+    Some((layer.parse().ok()?, site, half))
+}
+
+impl Adapter {
+    /// Reads PEFT's two files.
+    pub fn from_bytes(
+        config_json: &[u8],
+        safetensors: &[u8],
+        device: &Device,
+    ) -> Result<Self, PeftError> {
+        let config: AdapterConfig = serde_json::from_slice(config_json)?;
+        config.check()?;
+        let tensors = candle_core::safetensors::load_buffer(safetensors, device)?;
+        let mut halves: BTreeMap<(usize, Site), (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+        for (name, tensor) in tensors {
+            let (layer, site, half) =
+                parse_key(&name).ok_or_else(|| PeftError::UnexpectedKey(name.clone()))?;
+            let entry = halves.entry((layer, site)).or_default();
+            let tensor = tensor.to_dtype(DType::F32)?;
+            match half {
+                'A' => entry.0 = Some(tensor),
+                'B' => entry.1 = Some(tensor),
+                _ => return Err(PeftError::UnexpectedKey(name)),
+            }
+        }
+        let scale = config.scale();
+        let weights = halves
+            .into_iter()
+            .map(|((layer, site), pair)| match pair {
+                (Some(a), Some(b)) => Ok(((layer, site), Lora { a, b, scale })),
+                (a, _) => Err(PeftError::HalfPair {
+                    layer,
+                    site: site.name(),
+                    missing: if a.is_none() { 'A' } else { 'B' },
+                }),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { config, weights })
+    }
+
+    /// PEFT's two files: `adapter_config.json` and `adapter_model.safetensors`.
+    pub fn to_bytes(&self) -> Result<(Vec<u8>, Vec<u8>), PeftError> {
+        let config = serde_json::to_vec_pretty(&self.config)?;
+        let mut tensors = Vec::new();
+        for (&(layer, site), lora) in &self.weights {
+            tensors.push((
+                key(layer, site, 'A'),
+                lora.a.to_dtype(DType::F32)?.contiguous()?,
+            ));
+            tensors.push((
+                key(layer, site, 'B'),
+                lora.b.to_dtype(DType::F32)?.contiguous()?,
+            ));
+        }
+        let metadata = HashMap::from([("format".to_owned(), "pt".to_owned())]);
+        let weights = safetensors::serialize(tensors, Some(metadata))
+            .map_err(|e| PeftError::Weights(candle_core::Error::wrap(e)))?;
+        Ok((config, weights))
+    }
+
+    /// Whether every pair has a layer of a model of `layers` layers and the shape its
+    /// projection has there (`shape` gives a site's `(out, in)`).
+    pub fn check_fits(
+        &self,
+        layers: usize,
+        shape: impl Fn(Site) -> (usize, usize),
+    ) -> Result<(), PeftError> {
+        if self.weights.is_empty() {
+            return Err(PeftError::Mismatch(
+                "the adapter holds no LoRA weights".to_owned(),
+            ));
+        }
+        for (&(layer, site), lora) in &self.weights {
+            if layer >= layers {
+                return Err(PeftError::Mismatch(format!(
+                    "layer {layer} does not exist (the model has {layers})"
+                )));
+            }
+            let (out, input) = shape(site);
+            let expected = [
+                (lora.a.dims(), [self.config.r, input]),
+                (lora.b.dims(), [out, self.config.r]),
+            ];
+            for (actual, want) in expected {
+                if actual != want {
+                    return Err(PeftError::Mismatch(format!(
+                        "{} of layer {layer} is {actual:?}, the model needs {want:?}",
+                        site.name()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_parse_with_and_without_the_adapter_name() {
+        assert_eq!(
+            parse_key("base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight"),
+            Some((3, Site::QProj, 'A'))
+        );
+        assert_eq!(
+            parse_key("base_model.model.model.layers.0.mlp.down_proj.lora_B.default.weight"),
+            Some((0, Site::DownProj, 'B'))
+        );
+        assert_eq!(parse_key("base_model.model.lm_head.weight"), None);
+        assert_eq!(
+            parse_key("base_model.model.model.layers.0.self_attn.gate_proj.lora_A.weight"),
+            None,
+            "gate_proj lives under mlp"
+        );
+    }
+
+    type Change = Box<dyn Fn(&mut AdapterConfig)>;
+
+    #[test]
+    fn features_graft_cannot_honour_are_refused_by_name() {
+        let base = AdapterConfig::new(8, 16.0, 0.0, false, &[Site::QProj]);
+        let cases: [(&str, Change); 4] = [
+            ("DoRA", Box::new(|c| c.use_dora = true)),
+            ("bias", Box::new(|c| c.bias = "all".to_owned())),
+            (
+                "modules_to_save",
+                Box::new(|c| c.modules_to_save = Some(vec!["lm_head".to_owned()])),
+            ),
+            (
+                "rank_pattern",
+                Box::new(|c| {
+                    c.rank_pattern.insert("q_proj".to_owned(), 4.into());
+                }),
+            ),
+        ];
+        for (name, change) in cases {
+            let mut config = base.clone();
+            change(&mut config);
+            let error = config.check().expect_err(name);
+            assert!(error.to_string().contains(name), "{error}");
+        }
+        assert!(base.check().is_ok());
+    }
+}

@@ -1,0 +1,199 @@
+//! A mixed serving batch's adapters on the CPU in f32: one op walks the rows (as punica's
+//! SGMV does on a GPU), adding each row's adapter product into the base output. A batch of 32
+//! sequences with 32 adapters costs one op per projection, not 32 × (slice, two matmuls,
+//! scale, add): at serving batch sizes those per-op costs, not the arithmetic, would dominate.
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+use super::math::dot;
+use crate::adapters::SegmentLora;
+
+/// `y + Σ` each segment's adapter applied to its rows of `x` (`[rows, in]` → `[rows, out]`).
+pub fn add_adapters(x: &Tensor, y: &Tensor, segments: &[SegmentLora<'_>]) -> Result<Tensor> {
+    if segments.iter().all(|s| s.lora.is_none()) {
+        return Ok(y.clone());
+    }
+    if y.dtype() != DType::F32 {
+        candle_core::bail!("batched-lora: the CPU backend computes in f32");
+    }
+    x.contiguous()?
+        .apply_op2_no_bwd(&y.contiguous()?, &BatchedLora { segments })
+}
+
+struct BatchedLora<'a> {
+    segments: &'a [SegmentLora<'a>],
+}
+
+impl CustomOp2 for BatchedLora<'_> {
+    fn name(&self) -> &'static str {
+        "batched-lora"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x_storage: &CpuStorage,
+        x_layout: &Layout,
+        y_storage: &CpuStorage,
+        y_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (
+            CpuStorage::F32(x_values),
+            Some((x_start, x_end)),
+            &[rows, input],
+            CpuStorage::F32(y_values),
+            Some((y_start, y_end)),
+            &[y_rows, out],
+        ) = (
+            x_storage,
+            x_layout.contiguous_offsets(),
+            x_layout.dims(),
+            y_storage,
+            y_layout.contiguous_offsets(),
+            y_layout.dims(),
+        )
+        else {
+            candle_core::bail!(
+                "{}: needs contiguous f32 x [rows, in] and y [rows, out]",
+                self.name()
+            );
+        };
+        if y_rows != rows {
+            candle_core::bail!("{}: x has {rows} rows, y {y_rows}", self.name());
+        }
+        let x = &x_values[x_start..x_end];
+        let guards: Vec<_> = self
+            .segments
+            .iter()
+            .map(|s| {
+                s.lora.map(|l| {
+                    (
+                        l.a.storage_and_layout(),
+                        l.b_t.storage_and_layout(),
+                        l.scale,
+                    )
+                })
+            })
+            .collect();
+        let mut slices = Vec::with_capacity(guards.len());
+        for (guard, segment) in guards.iter().zip(self.segments) {
+            let Some(((a, a_layout), (b_t, b_layout), scale)) = guard else {
+                slices.push(None);
+                continue;
+            };
+            let (rank, a_in) = (a_layout.dims()[0], a_layout.dims()[1]);
+            let (b_rank, b_out) = (b_layout.dims()[0], b_layout.dims()[1]);
+            if a_in != input || b_out != out || b_rank != rank || segment.rows.end > rows {
+                candle_core::bail!(
+                    "{}: adapter A [{rank}, {a_in}] / Bᵀ [{b_rank}, {b_out}] does not fit rows {:?} of [{rows}, {input}] → {out}",
+                    self.name(),
+                    segment.rows
+                );
+            }
+            #[allow(clippy::cast_possible_truncation)]
+            slices.push(Some((
+                f32_slice(a, a_layout)?,
+                f32_slice(b_t, b_layout)?,
+                *scale as f32,
+            )));
+        }
+        let mut owner = vec![usize::MAX; rows];
+        for (index, segment) in self.segments.iter().enumerate() {
+            owner[segment.rows.clone()].fill(index);
+        }
+        let mut result = y_values[y_start..y_end].to_vec();
+        result
+            .par_chunks_mut(out)
+            .zip(x.par_chunks(input))
+            .zip(owner.par_iter())
+            .for_each(|((out_row, x_row), &segment)| {
+                let Some(Some((a, b_t, scale))) = slices.get(segment) else {
+                    return;
+                };
+                for (a_row, b_row) in a.chunks_exact(input).zip(b_t.chunks_exact(out)) {
+                    let h = dot(a_row, x_row) * scale;
+                    for (o, b) in out_row.iter_mut().zip(b_row) {
+                        *o += h * b;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(result), Shape::from((rows, out))))
+    }
+}
+
+fn f32_slice<'s>(storage: &'s Storage, layout: &Layout) -> Result<&'s [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) => Ok(&values[start..end]),
+        _ => candle_core::bail!("batched-lora: adapter weights must be contiguous f32 on CPU"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ops::Range;
+
+    use candle_core::Device;
+
+    use super::*;
+    use crate::{
+        adapters::{Lora, ServingLora, per_segment_delta},
+        backend::cuda::grouped_adapters,
+        rng::Rng,
+    };
+
+    fn pair(rank: usize, (out, input): (usize, usize), seed: u64) -> Result<Lora> {
+        let mut rng = Rng::seed(seed);
+        let mut lora = Lora::init(rank, (out, input), 0.5, &mut rng, &Device::Cpu)?;
+        let b: Vec<f32> = (0..out * rank).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        lora.b = Tensor::from_vec(b, (out, rank), &Device::Cpu)?;
+        Ok(lora)
+    }
+
+    #[test]
+    fn each_segment_goes_through_its_own_adapter_and_bare_rows_get_nothing() -> Result<()> {
+        let (input, out) = (40, 24);
+        let first = pair(4, (out, input), 1)?;
+        let second = pair(8, (out, input), 2)?;
+        let (first_s, second_s) = (ServingLora::new(&first)?, ServingLora::new(&second)?);
+        let x = Tensor::randn(0f32, 1.0, (9, input), &Device::Cpu)?;
+        let segment = |rows: Range<usize>, lora| SegmentLora { rows, lora };
+        let segments = [
+            segment(0..3, Some(&first_s)),
+            segment(3..4, None),
+            segment(4..8, Some(&second_s)),
+            segment(8..9, Some(&first_s)),
+        ];
+        let base = Tensor::randn(0f32, 1.0, (9, out), &Device::Cpu)?;
+        let fused = (add_adapters(&x, &base, &segments)? - &base)?;
+        let reference = per_segment_delta(&x, &segments, out)?;
+        // The GPU's grouped form, run here on the CPU.
+        let gathered = (grouped_adapters(&x, &base, &segments)? - &base)?;
+        let max_abs = |t: Tensor| -> Result<f32> { t.abs()?.max_all()?.to_scalar::<f32>() };
+        let diff = max_abs((&fused - &reference)?)?;
+        assert!(diff < 1e-5, "fused and per-segment sums differ by {diff}");
+        let diff = max_abs((&gathered - &reference)?)?;
+        assert!(diff < 1e-5, "grouped and per-segment sums differ by {diff}");
+        assert!(
+            max_abs(fused.narrow(0, 3, 1)?)? < 1e-6,
+            "a bare row gets nothing"
+        );
+        let alone = first.delta(&x.narrow(0, 8, 1)?)?;
+        assert!(max_abs((fused.narrow(0, 8, 1)? - alone)?)? < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn a_batch_without_adapters_adds_nothing() -> Result<()> {
+        let x = Tensor::ones((2, 8), DType::F32, &Device::Cpu)?;
+        let y = Tensor::ones((2, 4), DType::F32, &Device::Cpu)?;
+        let segments = [SegmentLora {
+            rows: 0..2,
+            lora: None,
+        }];
+        assert_eq!(
+            add_adapters(&x, &y, &segments)?.to_vec2::<f32>()?,
+            y.to_vec2::<f32>()?
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,85 @@
+//! The CPU backend: f32 ops fused into custom ops with their own backward, over slices and the
+//! `gemm` crate. Composed from candle's elementwise ops, each would be several graph nodes,
+//! and candle's backward gives every node a zeroed gradient buffer it adds into: on a small
+//! model those passes over activations cost more than the matmuls. Each op is tested against
+//! an independently composed form, values and gradients (`backend::check`).
+
+use candle_core::{Result, Tensor};
+
+use super::{Backend, CachedRows, DropoutMask, FrozenLinear, Heads, Rotary};
+use crate::adapters::{Lora, SegmentLora};
+
+mod attention;
+mod batch;
+mod cached_attention;
+mod gemm;
+mod linear;
+mod lora;
+mod math;
+mod norm;
+mod rotary;
+mod softmax;
+mod swiglu;
+
+/// See the module's documentation.
+#[derive(Debug)]
+pub struct Cpu;
+
+impl Backend for Cpu {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn frozen(&self, x: &Tensor, layer: &FrozenLinear) -> Result<Tensor> {
+        linear::frozen(x, layer)
+    }
+
+    fn adapted(
+        &self,
+        x: &Tensor,
+        layer: &FrozenLinear,
+        lora: &Lora,
+        dropout: Option<DropoutMask>,
+    ) -> Result<Tensor> {
+        lora::adapted(x, layer, lora, dropout)
+    }
+
+    fn mixed(
+        &self,
+        x: &Tensor,
+        layer: &FrozenLinear,
+        segments: &[SegmentLora<'_>],
+    ) -> Result<Tensor> {
+        batch::add_adapters(x, &linear::frozen(x, layer)?, segments)
+    }
+
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+        norm::rms_norm(x, weight, eps)
+    }
+
+    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        swiglu::swiglu(gate, up)
+    }
+
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        rotary: &Rotary,
+        heads: Heads,
+    ) -> Result<Tensor> {
+        attention::causal_attention(q, k, v, &rotary.cos, &rotary.sin, heads)
+    }
+
+    fn cached_attention(
+        &self,
+        layer: usize,
+        qkv: [&Tensor; 3],
+        rotary: &Rotary,
+        heads: Heads,
+        sequences: &mut [CachedRows<'_>],
+    ) -> Result<Tensor> {
+        cached_attention::cached_attention(layer, qkv, rotary, heads, sequences)
+    }
+}

@@ -1,0 +1,522 @@
+//! The Llama-family causal LM (Llama 2/3, Mistral, Qwen2), written once over a
+//! [`Backend`]: a decoder layer is the same code in training (whole sequences, one adapter,
+//! a backward pass through layer-wise recomputation), in evaluation (the same, with no graph
+//! recorded) and in serving (packed rows of many sequences, each with its own KV cache and
+//! adapter). Only the [`Pass`] it is handed differs. Every base weight is frozen
+//! ([`FrozenLinear`], dense or NF4); weight names mirror Hugging Face
+//! (`model.layers.N.self_attn.q_proj.weight`).
+
+use std::ops::Range;
+
+use candle_core::{D, DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::config::{Config, Rope};
+use crate::{
+    adapters::{Adapter, Lora, PeftError, SegmentLora, ServingAdapter, Site},
+    backend::{
+        self, Backend, CachedRows, Dropout, FrozenLinear, FrozenWeight, Heads, KvCache, Rotary,
+    },
+};
+
+/// How the frozen projections are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// NF4 with double quantization (QLoRA).
+    Nf4,
+    /// As loaded (plain LoRA).
+    Dense,
+}
+
+/// How a training or evaluation pass treats the adapters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Mode {
+    /// Differentiable in the adapters, with dropout on their inputs when given.
+    Train(Option<Dropout>),
+    /// Nothing recorded for a backward pass: evaluation reads the trained values only.
+    Eval,
+}
+
+/// A frozen projection and the adapter trained on it, if any.
+#[derive(Clone, Debug)]
+struct Projection {
+    base: FrozenLinear,
+    lora: Option<Lora>,
+}
+
+#[derive(Clone, Debug)]
+struct Block {
+    input_norm: Tensor,
+    post_attention_norm: Tensor,
+    /// Indexed by `Site as usize`.
+    projections: Vec<Projection>,
+}
+
+/// A loaded model.
+#[derive(Clone, Debug)]
+pub struct Llama {
+    config: Config,
+    backend: &'static dyn Backend,
+    embed_tokens: Tensor,
+    layers: Vec<Block>,
+    norm: Tensor,
+    lm_head: FrozenLinear,
+    inv_freq: Vec<f32>,
+}
+
+impl Llama {
+    /// Loads the weights `vb` holds (rooted at the checkpoint's top level) on its device, in
+    /// its dtype, computing with the backend for that device and dtype. NF4 weights are read
+    /// from the checkpoint on the CPU, quantized there on every core, and only their packed
+    /// form goes to the device.
+    pub fn load(vb: &VarBuilder<'_>, config: &Config, precision: Precision) -> Result<Self> {
+        let model = vb.pp("model");
+        let (hidden, vocab) = (config.hidden_size, config.vocab_size);
+        let embed_tokens = model.pp("embed_tokens").get((vocab, hidden), "weight")?;
+        let layers = (0..config.num_layers)
+            .map(|i| load_block(&model.pp("layers").pp(i), config, precision))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = model.pp("norm").get(hidden, "weight")?;
+        let lm_head = if config.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            vb.pp("lm_head").get((vocab, hidden), "weight")?
+        };
+        Ok(Self {
+            config: config.clone(),
+            backend: backend::for_device(vb.device(), vb.dtype()),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head: FrozenLinear::new(FrozenWeight::Dense(lm_head), None),
+            inv_freq: inverse_frequencies(config),
+        })
+    }
+
+    /// This model computing with `backend` instead of its device's default (the tests run
+    /// the device backend on the CPU this way).
+    #[must_use]
+    pub fn with_backend(mut self, backend: &'static dyn Backend) -> Self {
+        self.backend = backend;
+        self
+    }
+
+    pub fn backend(&self) -> &'static dyn Backend {
+        self.backend
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Where the weights are, and so where inputs must be.
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    /// The dtype of activations (the embeddings').
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// `(out, in)` of a projection.
+    pub fn site_shape(&self, site: Site) -> (usize, usize) {
+        self.config.site_shape(site)
+    }
+
+    /// Puts `lora` on `site` of `layer` (or removes it with `None`).
+    pub fn set_lora(&mut self, layer: usize, site: Site, lora: Option<Lora>) {
+        self.layers[layer].projections[site as usize].lora = lora;
+    }
+
+    pub fn lora(&self, layer: usize, site: Site) -> Option<&Lora> {
+        self.layers[layer].projections[site as usize].lora.as_ref()
+    }
+
+    /// Puts every pair of `adapter` on this model, after checking each fits.
+    pub fn apply_adapter(&mut self, adapter: &Adapter) -> std::result::Result<(), PeftError> {
+        self.check_adapter(adapter)?;
+        for (&(layer, site), lora) in &adapter.weights {
+            self.set_lora(layer, site, Some(lora.clone()));
+        }
+        Ok(())
+    }
+
+    /// Whether every pair of `adapter` has a layer here and its projection's shape.
+    pub fn check_adapter(&self, adapter: &Adapter) -> std::result::Result<(), PeftError> {
+        adapter.check_fits(self.num_layers(), |site| self.site_shape(site))
+    }
+
+    /// Bytes of the frozen weights, for memory accounting.
+    pub fn frozen_bytes(&self) -> usize {
+        let tensor = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|b| {
+                tensor(&b.input_norm)
+                    + tensor(&b.post_attention_norm)
+                    + b.projections
+                        .iter()
+                        .map(|p| p.base.weight().size_bytes())
+                        .sum::<usize>()
+            })
+            .sum();
+        let head = if self.config.tie_word_embeddings {
+            0
+        } else {
+            self.lm_head.weight().size_bytes()
+        };
+        tensor(&self.embed_tokens) + layers + tensor(&self.norm) + head
+    }
+
+    /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]` (u32), differentiable in
+    /// the adapters: one graph through every layer.
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let mut h = self.embed(input_ids)?;
+        let rotary = self.positions(input_ids.dim(1)?, h.device())?;
+        for layer in 0..self.layers.len() {
+            h = self.layer(layer, &h, &rotary, Mode::Train(None))?;
+        }
+        self.head(&h)
+    }
+
+    /// Hidden states `[batch, seq, hidden]` for token ids `[batch, seq]`.
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (batch, seq) = input_ids.dims2()?;
+        self.embed_tokens
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((batch, seq, self.config.hidden_size))
+    }
+
+    /// The rotary tables and position ids for sequences of `seq` tokens, shared by every
+    /// layer of a pass.
+    pub fn positions(&self, seq: usize, device: &Device) -> Result<Rotary> {
+        let positions: Vec<usize> = (0..seq).collect();
+        self.rotary(&positions, seq, device)
+    }
+
+    /// Decoder layer `index` of a training or evaluation pass over whole sequences. The
+    /// trainer calls it one layer at a time, to recompute layers in the backward pass instead
+    /// of keeping every layer's activations, and to evaluate with no graph at all.
+    pub fn layer(&self, index: usize, h: &Tensor, rotary: &Rotary, mode: Mode) -> Result<Tensor> {
+        self.block(index, h, &mut Sequences { rotary, mode })
+    }
+
+    /// The final norm and the LM head: logits for hidden states.
+    pub fn head(&self, h: &Tensor) -> Result<Tensor> {
+        let h = self
+            .backend
+            .rms_norm(h, &self.norm, self.config.rms_norm_eps)?;
+        self.backend.frozen(&h, &self.lm_head)
+    }
+
+    /// Logits `[segments, vocab]` for the last new token of each segment of a serving step;
+    /// each cache grows by its segment's tokens. On error the caches are left inconsistent
+    /// and must be dropped.
+    pub fn forward_packed(&self, segments: &mut [Segment<'_>]) -> Result<Tensor> {
+        if segments.iter().any(|s| s.tokens.is_empty()) {
+            candle_core::bail!("forward_packed: every segment needs at least one token");
+        }
+        let device = self.device().clone();
+        let ids: Vec<u32> = segments
+            .iter()
+            .flat_map(|s| s.tokens.iter().copied())
+            .collect();
+        let mut rows = Vec::with_capacity(segments.len());
+        let mut positions = Vec::with_capacity(ids.len());
+        for segment in segments.iter() {
+            let (start, offset) = (positions.len(), segment.cache.len());
+            positions.extend(offset..offset + segment.tokens.len());
+            rows.push(start..positions.len());
+        }
+        let keys = segments
+            .iter()
+            .map(|s| s.cache.len() + s.tokens.len())
+            .max()
+            .unwrap_or(0);
+        let rotary = self.rotary(&positions, keys, &device)?;
+        let mut h = self
+            .embed_tokens
+            .index_select(&Tensor::new(ids.as_slice(), &device)?, 0)?;
+        for layer in 0..self.layers.len() {
+            let mut pass = Batch {
+                rotary: &rotary,
+                segments,
+                rows: &rows,
+            };
+            h = self.block(layer, &h, &mut pass)?;
+        }
+        for segment in segments.iter_mut() {
+            segment.cache.advance(segment.tokens.len());
+        }
+        #[allow(clippy::cast_possible_truncation)]
+        let last: Vec<u32> = rows.iter().map(|r| (r.end - 1) as u32).collect();
+        self.head(&h.index_select(&Tensor::new(last.as_slice(), &device)?, 0)?)
+    }
+
+    fn heads(&self) -> Heads {
+        let cfg = &self.config;
+        #[allow(clippy::cast_precision_loss)]
+        let scale = 1.0 / (cfg.head_dim as f64).sqrt();
+        Heads {
+            heads: cfg.num_heads,
+            kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            scale,
+            window: cfg.sliding_window,
+        }
+    }
+
+    /// One decoder layer, whatever the pass.
+    fn block(&self, index: usize, h: &Tensor, pass: &mut dyn Pass) -> Result<Tensor> {
+        let backend = self.backend;
+        let block = &self.layers[index];
+        let eps = self.config.rms_norm_eps;
+        let mut project = |site: Site, x: &Tensor| {
+            pass.project(backend, index, site, &block.projections[site as usize], x)
+        };
+        let normed = backend.rms_norm(h, &block.input_norm, eps)?;
+        let (q, k, v) = (
+            project(Site::QProj, &normed)?,
+            project(Site::KProj, &normed)?,
+            project(Site::VProj, &normed)?,
+        );
+        let attended = pass.attend(backend, index, [&q, &k, &v], self.heads())?;
+        let mut project = |site: Site, x: &Tensor| {
+            pass.project(backend, index, site, &block.projections[site as usize], x)
+        };
+        let h = (h + project(Site::OProj, &attended)?)?;
+        let normed = backend.rms_norm(&h, &block.post_attention_norm, eps)?;
+        let gate = project(Site::GateProj, &normed)?;
+        let up = project(Site::UpProj, &normed)?;
+        let down = project(Site::DownProj, &backend.swiglu(&gate, &up)?)?;
+        h + down
+    }
+
+    /// Rotary tables `[positions, head_dim]` for each of `positions`, and position ids
+    /// `0..keys`, on `device`.
+    fn rotary(&self, positions: &[usize], keys: usize, device: &Device) -> Result<Rotary> {
+        let inv_freq = Tensor::new(self.inv_freq.as_slice(), device)?;
+        #[allow(clippy::cast_precision_loss)]
+        let at: Vec<f32> = positions.iter().map(|&p| p as f32).collect();
+        let freqs = Tensor::new(at.as_slice(), device)?
+            .unsqueeze(1)?
+            .broadcast_mul(&inv_freq.unsqueeze(0)?)?;
+        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
+        #[allow(clippy::cast_precision_loss)]
+        let ids: Vec<f32> = (0..keys).map(|p| p as f32).collect();
+        Ok(Rotary {
+            cos: emb.cos()?,
+            sin: emb.sin()?,
+            positions: Tensor::new(ids.as_slice(), device)?,
+        })
+    }
+}
+
+/// What differs between passes: how a projection applies adapters, and what attention sees.
+trait Pass {
+    fn project(
+        &mut self,
+        backend: &dyn Backend,
+        layer: usize,
+        site: Site,
+        projection: &Projection,
+        x: &Tensor,
+    ) -> Result<Tensor>;
+
+    fn attend(
+        &mut self,
+        backend: &dyn Backend,
+        layer: usize,
+        qkv: [&Tensor; 3],
+        heads: Heads,
+    ) -> Result<Tensor>;
+}
+
+/// Training and evaluation: whole sequences `[batch, seq, ..]`, the model's own adapters.
+struct Sequences<'a> {
+    rotary: &'a Rotary,
+    mode: Mode,
+}
+
+impl Pass for Sequences<'_> {
+    fn project(
+        &mut self,
+        backend: &dyn Backend,
+        layer: usize,
+        site: Site,
+        projection: &Projection,
+        x: &Tensor,
+    ) -> Result<Tensor> {
+        match (&projection.lora, self.mode) {
+            (None, _) => backend.frozen(x, &projection.base),
+            (Some(lora), Mode::Train(dropout)) => {
+                let mask = dropout.filter(|d| d.p > 0.0).map(|d| d.at(layer, site));
+                backend.adapted(x, &projection.base, lora, mask)
+            }
+            (Some(lora), Mode::Eval) => backend.adapted(x, &projection.base, &lora.detach(), None),
+        }
+    }
+
+    fn attend(
+        &mut self,
+        backend: &dyn Backend,
+        _: usize,
+        [q, k, v]: [&Tensor; 3],
+        heads: Heads,
+    ) -> Result<Tensor> {
+        backend.attention(q, k, v, self.rotary, heads)
+    }
+}
+
+/// One sequence's share of a serving step: its new tokens, its cache (extended by them) and
+/// the adapter its rows go through.
+#[derive(Debug)]
+pub struct Segment<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    pub adapter: Option<&'a ServingAdapter>,
+}
+
+/// Serving: the packed rows `[rows, ..]` of many sequences, each with its adapter and cache.
+struct Batch<'a, 's, 't> {
+    rotary: &'a Rotary,
+    segments: &'a mut [Segment<'s>],
+    rows: &'t [Range<usize>],
+}
+
+impl Pass for Batch<'_, '_, '_> {
+    fn project(
+        &mut self,
+        backend: &dyn Backend,
+        layer: usize,
+        site: Site,
+        projection: &Projection,
+        x: &Tensor,
+    ) -> Result<Tensor> {
+        let loras: Vec<SegmentLora<'_>> = self
+            .segments
+            .iter()
+            .zip(self.rows)
+            .map(|(s, rows)| SegmentLora {
+                rows: rows.clone(),
+                lora: s.adapter.and_then(|a| a.get(layer, site)),
+            })
+            .collect();
+        backend.mixed(x, &projection.base, &loras)
+    }
+
+    fn attend(
+        &mut self,
+        backend: &dyn Backend,
+        layer: usize,
+        qkv: [&Tensor; 3],
+        heads: Heads,
+    ) -> Result<Tensor> {
+        let mut sequences: Vec<CachedRows<'_>> = self
+            .segments
+            .iter_mut()
+            .zip(self.rows)
+            .map(|(s, rows)| CachedRows {
+                rows: rows.clone(),
+                cache: &mut *s.cache,
+            })
+            .collect();
+        backend.cached_attention(layer, qkv, self.rotary, heads, &mut sequences)
+    }
+}
+
+fn load_block(vb: &VarBuilder<'_>, config: &Config, precision: Precision) -> Result<Block> {
+    let hidden = config.hidden_size;
+    let (q, kv) = (
+        config.num_heads * config.head_dim,
+        config.num_kv_heads * config.head_dim,
+    );
+    let device = vb.device().clone();
+    let on_cpu = vb.clone().set_device(Device::Cpu);
+    let projection = |site: Site, (out, input): (usize, usize), bias: bool| -> Result<Projection> {
+        let path = site.path();
+        let bias = if bias {
+            Some(vb.pp(&path).get(out, "bias")?)
+        } else {
+            None
+        };
+        let base = match precision {
+            Precision::Nf4 => FrozenLinear::quantize_nf4(
+                &on_cpu.pp(&path).get((out, input), "weight")?,
+                bias,
+                &device,
+            )?,
+            Precision::Dense => FrozenLinear::new(
+                FrozenWeight::Dense(vb.pp(&path).get((out, input), "weight")?),
+                bias,
+            ),
+        };
+        Ok(Projection { base, lora: None })
+    };
+    let inter = config.intermediate_size;
+    let bias = config.qkv_bias;
+    Ok(Block {
+        input_norm: vb.pp("input_layernorm").get(hidden, "weight")?,
+        post_attention_norm: vb.pp("post_attention_layernorm").get(hidden, "weight")?,
+        projections: vec![
+            projection(Site::QProj, (q, hidden), bias)?,
+            projection(Site::KProj, (kv, hidden), bias)?,
+            projection(Site::VProj, (kv, hidden), bias)?,
+            projection(Site::OProj, (hidden, q), false)?,
+            projection(Site::GateProj, (inter, hidden), false)?,
+            projection(Site::UpProj, (inter, hidden), false)?,
+            projection(Site::DownProj, (hidden, inter), false)?,
+        ],
+    })
+}
+/// transformers' `inv_freq` (with llama3 scaling), in f32.
+fn inverse_frequencies(config: &Config) -> Vec<f32> {
+    let dim = config.head_dim;
+    let theta = match config.rope {
+        Rope::Default { theta } | Rope::Llama3 { theta, .. } => theta,
+    };
+    #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation)]
+    let base: Vec<f32> = (0..dim)
+        .step_by(2)
+        .map(|i| 1.0 / (theta as f32).powf(i as f32 / dim as f32))
+        .collect();
+    let Rope::Llama3 {
+        factor,
+        low_freq_factor,
+        high_freq_factor,
+        original_max_position_embeddings,
+        ..
+    } = config.rope
+    else {
+        return base;
+    };
+    #[allow(clippy::cast_precision_loss)]
+    let old_context = original_max_position_embeddings as f64;
+    let low_freq_wavelen = old_context / low_freq_factor;
+    let high_freq_wavelen = old_context / high_freq_factor;
+    #[allow(clippy::cast_possible_truncation)]
+    base.into_iter()
+        .map(|f| {
+            let f = f64::from(f);
+            let wavelen = 2.0 * std::f64::consts::PI / f;
+            let scaled = if wavelen > low_freq_wavelen {
+                f / factor
+            } else {
+                f
+            };
+            if wavelen < high_freq_wavelen || wavelen > low_freq_wavelen {
+                scaled as f32
+            } else {
+                let smooth = (old_context / wavelen - low_freq_factor)
+                    / (high_freq_factor - low_freq_factor);
+                ((1.0 - smooth) * scaled / factor + smooth * scaled) as f32
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,4 @@
+//! Text in and out of the model: the tokenizer and chat templates.
+
+pub mod chat;
+pub mod tokenizer;
