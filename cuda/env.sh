@@ -14,5 +14,6 @@ source "$(dirname "${BASH_SOURCE[0]}")/../images/release-flags.sh"
 # (candle-kernels does not rebuild when it changes: a cached build keeps what it was built with.)
 export NVCC_APPEND_FLAGS="-Xcompiler=-ffile-prefix-map=$CUDA_ROOT=/cuda"
 # Always the same packages, features and dev-dependencies: every command builds a test target.
+# shellcheck disable=SC2034 # used by the scripts that source this
 cuda=(--release -p graft-engine -p graft-trainer -p graft-server
-  --features graft-engine/cuda,graft-trainer/cuda,graft-server/cuda)
+  --features "graft-engine/cuda,graft-trainer/cuda,graft-server/cuda")

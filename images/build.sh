@@ -108,6 +108,7 @@ fetch_deb() { # name version arch sha256 file
   mv "$tmp"/*.deb "$5"
   rmdir "$tmp"
 }
+mapfile -t lock_pkgs < <(awk '!/^#/ {print $1}' "$here/debian.lock")
 while read -r name deb_version arch sha256; do
   file=$debs/${name}_${deb_version//:/%3a}_$arch.deb
   if ! echo "$sha256  $file" | sha256sum --check --status 2>/dev/null; then
@@ -125,7 +126,7 @@ done < <(grep -v '^#' "$here/debian.lock")
 # loader searches without a cache.
 locate_lib() {
   local so=$1 dir pkg
-  for pkg in $(grep -v '^#' "$here/debian.lock" | awk '{print $1}'); do
+  for pkg in "${lock_pkgs[@]}"; do
     for dir in lib/x86_64-linux-gnu usr/lib/x86_64-linux-gnu; do
       if [[ -e $work/deb/$pkg/$dir/$so ]]; then
         echo "$pkg $dir/$so $work/deb/$pkg/$dir/$so"
@@ -333,7 +334,7 @@ for variant in "${variants[@]}"; do
     if [[ $variant == cuda ]]; then
       # The NVIDIA container runtime refuses a driver older than CUDA 13.0 with this reason;
       # GKE mounts the driver's libraries under /usr/local/nvidia.
-      config+=(--config.env NVIDIA_DRIVER_CAPABILITIES=compute,utility
+      config+=(--config.env "NVIDIA_DRIVER_CAPABILITIES=compute,utility"
         --config.env "NVIDIA_REQUIRE_CUDA=cuda>=13.0"
         --config.env LD_LIBRARY_PATH=/usr/local/nvidia/lib64:/usr/local/nvidia/lib)
     fi
