@@ -6,8 +6,8 @@
 #     read-only root filesystem and no capabilities: the operator's `crd` (equal to crds/) and
 #     `--help`; the trainer's `make-tiny-model` and a short `train` into a mounted directory;
 #     the server on that model answering /readyz, a completion, and one with the new adapter;
-#  4. runs the dynamic loader inside each CUDA image over its binary and libraries: everything
-#     resolves but the driver's libcuda.so.1;
+#  4. runs the dynamic loader inside each CUDA image over its binary and libraries (as ldd does):
+#     everything resolves but the driver's libcuda.so.1;
 #  5. pushes each CPU image to a local registry with skopeo and reads the same digest back;
 #  6. builds every image again and requires the same digests and the same archives;
 #  7. checks that the chart's default images are the ones built.
@@ -218,7 +218,9 @@ for name in graft-trainer graft-server; do
   check_rootfs "$bundle" "$name"
   no_machine_paths "$bundle"
   for file in "/usr/local/bin/$name" $(cd "$bundle/rootfs" && ls usr/lib/x86_64-linux-gnu/lib*.so*); do
-    spec "$bundle" --entrypoint /lib64/ld-linux-x86-64.so.2 -- --list "/${file#/}"
+    # What ldd does: the loader, told to trace, lists each library and where it found it
+    # (its --list option stops at the first missing one instead).
+    spec "$bundle" --env LD_TRACE_LOADED_OBJECTS=1 --entrypoint /lib64/ld-linux-x86-64.so.2 -- "/${file#/}"
     run "graft-check-$$-ldd" "$bundle" >"$work/ldd.txt" 2>&1 || true
     runc delete --force "graft-check-$$-ldd" >/dev/null 2>&1 || true
     unresolved=$(grep -v '=> /' "$work/ldd.txt" | grep -v -e '^\s*/lib64/ld-linux' -e 'linux-vdso' \
