@@ -17,7 +17,9 @@ cargo clippy --locked "${cuda[@]}" --all-targets -- -D warnings
 cargo build --locked "${cuda[@]}" --bins --test cuda
 if [[ ${1:-} == --bundle ]]; then
   # What a GPU machine needs besides a checkout of the same commit (cuda/device-check.sh):
-  # the release binaries and the GPU test binaries, stripped, under 64 MiB in all.
+  # the release binaries and the GPU test binaries, stripped and xz-compressed (each carries
+  # candle's 33 MB of kernels: 236 MB stripped, 36 MB compressed), under 64 MiB in all.
+  # device-check.sh unpacks them.
   out=${2:?usage: cuda/check.sh --bundle DIR}
   mkdir -p "$out"
   for bin in graft-trainer graft-server; do
@@ -34,6 +36,9 @@ for line in sys.stdin:
         print(os.path.basename(os.path.dirname(m["manifest_path"])), m["executable"])
 ' | while read -r package exe; do
     strip -o "$out/cuda-test-$package" "$exe"
+  done
+  for file in "$out"/graft-trainer "$out"/graft-server "$out"/cuda-test-*; do
+    [[ $file == *.xz ]] || xz -T0 -6 -f "$file"
   done
   size=$(du -cb "$out"/* | tail -1 | cut -f1)
   echo "bundle: $(cd "$out" && echo *) — $((size / 1048576)) MiB" >&2
