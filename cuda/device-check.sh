@@ -32,20 +32,27 @@ if ((driver < 580)); then
   exit 1
 fi
 
-# The CUDA 13 libraries the binaries link (cuBLAS, cuBLASLt, cuRAND, NVRTC), from the Python
-# environment's NVIDIA wheels (torch's).
+# The CUDA 13 libraries the binaries link (cuBLAS, cuBLASLt, the CUDA runtime, cuRAND; NVRTC),
+# from the Python environment's NVIDIA wheels (torch's).
 libs=$("$python" - <<'PY'
 import glob, os, site, sys
 roots = site.getsitepackages() + [site.getusersitepackages()] + sys.path
 dirs = set()
 for root in roots:
-    for name in ("libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10", "libnvrtc.so.13"):
+    for name in ("libcublas.so.13", "libcublasLt.so.13", "libcudart.so.13", "libcurand.so.10", "libnvrtc.so.13"):
         for path in glob.glob(os.path.join(root, "nvidia", "**", name), recursive=True):
             dirs.add(os.path.dirname(path))
 print(":".join(sorted(dirs)))
 PY
 )
 export LD_LIBRARY_PATH=$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# cuda/check.sh --bundle compresses the binaries (xz) to carry them; Python's lzma unpacks them
+# where xz is not installed.
+for packed in "$bundle"/*.xz; do
+  [[ -e $packed ]] || continue
+  "$python" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+    "$packed" "${packed%.xz}" && chmod +x "${packed%.xz}" && rm -f "$packed"
+done
 missing=$(ldd "$bundle/graft-trainer" "$bundle/graft-server" | grep 'not found' | sort -u)
 if [[ -n $missing ]]; then
   say "unresolved libraries: $missing"
