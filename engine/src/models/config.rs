@@ -48,6 +48,9 @@ pub struct HfConfig {
     pub rope_parameters: Option<RopeParameters>,
     pub bos_token_id: Option<serde_json::Value>,
     pub eos_token_id: Option<serde_json::Value>,
+    /// How the weights are quantized, if they are (`models::quantization` reads it).
+    #[serde(default)]
+    pub quantization_config: Option<serde_json::Value>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
