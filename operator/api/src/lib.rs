@@ -24,7 +24,8 @@ pub use crd::{all_crds, crds_yaml};
 pub use fine_tune_job::{
     AdapterArtifact, DatasetFormat, DatasetSource, FineTuneJob, FineTuneJobPhase, FineTuneJobSpec,
     FineTuneJobStatus, LoraConfig, Method, ModelSource, OutputTarget, Progress, Quantization,
-    Resources, Scheduler, StorageConfig, TargetModule, TrainerResult, Training,
+    Resources, SUPPORTED_MODEL_TYPES, Scheduler, StorageConfig, TargetModule, TrainerResult,
+    Training,
 };
 
 /// The API group of every Graft resource.

