@@ -17,7 +17,7 @@ export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 # Always the same packages, features and dev-dependencies (every command builds a test target):
 # another resolution of candle-kernels' build dependencies reruns nvcc on its kernels (17 min).
 cuda=(-p graft-engine -p graft-trainer -p graft-server
-  --features graft-engine/cuda,graft-trainer/cuda,graft-server/cuda)
+  --features "graft-engine/cuda,graft-trainer/cuda,graft-server/cuda")
 cargo clippy --locked "${cuda[@]}" --all-targets -- -D warnings
 cargo build --locked "${cuda[@]}" --bins --test cuda
 if [[ ${1:-} == --release ]]; then
@@ -44,6 +44,6 @@ for line in sys.stdin:
     strip -o "$out/cuda-test-$package" "$exe"
   done
   size=$(du -cb "$out"/* | tail -1 | cut -f1)
-  echo "bundle: $(ls "$out" | tr '\n' ' ') — $((size / 1048576)) MiB" >&2
+  echo "bundle: $(cd "$out" && echo *) — $((size / 1048576)) MiB" >&2
   (( size < 64 * 1048576 )) || { echo "the bundle is over 64 MiB" >&2; exit 1; }
 fi

@@ -14,7 +14,7 @@
 # stays within GRAFT_DEVICE_CHECK_SECONDS (default 540). Results also go to $OUT (the device
 # tool's folder) when it is set.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 bundle=${1:-cuda/bundle}
 budget=${GRAFT_DEVICE_CHECK_SECONDS:-540}
 python=${PYTHON:-python3}
@@ -67,8 +67,9 @@ done
 
 # 2. The trainer against transformers + PEFT + bitsandbytes.
 if ! "$python" -c 'import bitsandbytes' 2>/dev/null; then
-  wheel=$(ls cuda/wheels/bitsandbytes-*.whl 2>/dev/null | head -1)
-  if [[ -n $wheel ]]; then
+  wheels=(cuda/wheels/bitsandbytes-*.whl)
+  wheel=${wheels[0]}
+  if [[ -f $wheel ]]; then
     "$python" -m pip install --quiet --no-deps "$wheel" || say "installing $wheel failed"
   fi
 fi

@@ -11,12 +11,16 @@ bash tests/controlplane/install.sh
 GRAFT_ORACLE_PYTHON=$(bash tests/oracle/venv.sh)
 export GRAFT_ORACLE_PYTHON
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+# The chaos suite (operator/tests/chaos) writes its table here; it is printed at the end.
+GRAFT_CHAOS_REPORT=$(mktemp)
+export GRAFT_CHAOS_REPORT
+trap 'rm -f "$log" "$GRAFT_CHAOS_REPORT"' EXIT
 status=0
 # The whole run (no arguments narrowing it) also re-derives the committed reference data.
 if [[ $# -eq 0 ]]; then
   bash tests/oracle/check_references.sh 2>&1 | tee "$log" || status=$?
 fi
 cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee -a "$log" || status=$?
+cat "$GRAFT_CHAOS_REPORT"
 awk '/^test result:/ {p += $4; f += $6} END {printf "tests: %d passed, %d failed\n", p, f}' "$log"
 exit "$status"

@@ -1,12 +1,9 @@
 //! The operator's HTTP endpoints: `/healthz` (the process serves), `/readyz` (it has reached
 //! the apiserver), `/metrics` (Prometheus, OpenMetrics text).
 
-use std::{
-    collections::BTreeMap,
-    sync::{
-        Arc, OnceLock,
-        atomic::{AtomicBool, Ordering},
-    },
+use std::sync::{
+    Arc, OnceLock,
+    atomic::{AtomicBool, Ordering},
 };
 
 use axum::{
@@ -78,16 +75,7 @@ async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
 
 async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
     if let Some(store) = health.jobs.get() {
-        let mut counts = BTreeMap::<String, i64>::new();
-        for job in store.state() {
-            let phase = job
-                .status
-                .as_ref()
-                .and_then(|s| s.phase)
-                .map_or_else(|| "Unknown".to_owned(), |p| format!("{p:?}"));
-            *counts.entry(phase).or_default() += 1;
-        }
-        health.metrics.set_jobs_by_phase(counts);
+        health.metrics.observe_jobs(&store.state());
     }
     (
         [(

@@ -38,6 +38,34 @@ pub struct Timings {
     pub retry_period: Duration,
 }
 
+impl Timings {
+    /// client-go's rules: the Lease outlasts the renew deadline, which outlasts a retry (with
+    /// its jitter), so the holder always gives up before another replica may take over.
+    pub fn validate(&self) -> Result<(), String> {
+        let Self {
+            lease_duration,
+            renew_deadline,
+            retry_period,
+        } = *self;
+        if retry_period.is_zero() {
+            return Err("the retry period must be positive".to_owned());
+        }
+        if lease_duration <= renew_deadline {
+            return Err(format!(
+                "the lease duration ({lease_duration:?}) must be longer than the renew deadline \
+                 ({renew_deadline:?})"
+            ));
+        }
+        if renew_deadline.as_secs_f64() <= 1.2 * retry_period.as_secs_f64() {
+            return Err(format!(
+                "the renew deadline ({renew_deadline:?}) must be longer than 1.2 times the retry \
+                 period ({retry_period:?})"
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for Timings {
     fn default() -> Self {
         Self {
@@ -86,9 +114,10 @@ impl LeaseLock {
         shutdown: impl Future<Output = ()>,
     ) -> Result<Option<F::Output>, Error> {
         let mut shutdown = std::pin::pin!(shutdown);
-        loop {
+        let acquired = loop {
+            let sent = Instant::now();
             match self.try_acquire_or_renew().await {
-                Ok(true) => break,
+                Ok(true) => break sent,
                 Ok(false) => {}
                 Err(e) => warn!(error = %e, "leader election attempt failed"),
             }
@@ -96,12 +125,12 @@ impl LeaseLock {
                 () = &mut shutdown => return Ok(None),
                 () = tokio::time::sleep(self.timings.retry_period) => {}
             }
-        }
+        };
         info!(lease = %self.name, identity = %self.identity, "became the leader");
         // `work` is expected to end by itself on shutdown (gracefully), so only renewal races it.
         tokio::select! {
             output = work => Ok(Some(output)),
-            lost = self.keep_renewing() => Err(lost),
+            lost = self.keep_renewing(acquired) => Err(lost),
         }
     }
 
@@ -125,8 +154,8 @@ impl LeaseLock {
         Ok(())
     }
 
-    async fn keep_renewing(&self) -> Error {
-        let mut last_renewal = Instant::now();
+    async fn keep_renewing(&self, acquired: Instant) -> Error {
+        let mut last_renewal = acquired;
         loop {
             tokio::time::sleep(self.timings.retry_period).await;
             // A request hanging in a partition must not outlive the deadline: by then another
@@ -135,11 +164,14 @@ impl LeaseLock {
                 .timings
                 .renew_deadline
                 .saturating_sub(last_renewal.elapsed());
+            // The renewal counts from when it was sent: the apiserver may have stored it at any
+            // moment until the answer came, and other replicas time the Lease from then.
+            let sent = Instant::now();
             let attempt = tokio::time::timeout(left, self.try_acquire_or_renew())
                 .await
                 .unwrap_or_else(|_elapsed| Err(self.timed_out()));
             match attempt {
-                Ok(true) => last_renewal = Instant::now(),
+                Ok(true) => last_renewal = sent,
                 Ok(false) => {
                     return Error::Lost {
                         name: self.name.clone(),
@@ -247,6 +279,34 @@ impl LeaseLock {
         Error::Lease {
             name: self.name.clone(),
             source,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timings(lease: u64, renew: u64, retry: u64) -> Timings {
+        Timings {
+            lease_duration: Duration::from_secs(lease),
+            renew_deadline: Duration::from_secs(renew),
+            retry_period: Duration::from_secs(retry),
+        }
+    }
+
+    #[test]
+    fn timings_must_let_the_holder_give_up_before_another_may_take_over() {
+        assert_eq!(Timings::default().validate(), Ok(()));
+        assert_eq!(timings(4, 3, 1).validate(), Ok(()));
+        for (bad, needle) in [
+            (timings(10, 10, 2), "lease duration"),
+            (timings(10, 15, 2), "lease duration"),
+            (timings(15, 2, 2), "1.2 times"),
+            (timings(15, 10, 0), "positive"),
+        ] {
+            let error = bad.validate().expect_err("invalid");
+            assert!(error.contains(needle), "{error}");
         }
     }
 }

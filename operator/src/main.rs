@@ -5,10 +5,9 @@ use std::{io::Write, sync::Arc, time::Duration};
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
-use graft_engine::storage::S3Options;
 use graft_operator::{
     adapter_deployment,
-    fine_tune_job::{self, Context, Settings, TrainerDefaults},
+    fine_tune_job::{self, Context, Schemes, Settings, TrainerDefaults},
     http::{self, Health},
     leader::{LeaseLock, Timings},
     metrics::Metrics,
@@ -33,6 +32,8 @@ struct Cli {
 enum Command {
     /// Print the CustomResourceDefinitions as YAML (what `crds/` and the chart hold).
     Crd,
+    /// Print the API reference of both kinds as Markdown (what `docs/reference/api.md` holds).
+    Docs,
     /// Run the controllers.
     Run(Box<RunArgs>),
 }
@@ -52,6 +53,10 @@ struct RunArgs {
     /// the trainer can download from it.
     #[arg(long, value_delimiter = ',', default_value = "s3,file")]
     model_uri_schemes: Vec<String>,
+    /// Output URI schemes FineTuneJobs may write to. `file` writes into the training pod (or a
+    /// volume): allow it only where that is what you want.
+    #[arg(long, value_delimiter = ',', default_value = "s3")]
+    output_uri_schemes: Vec<String>,
     /// Seconds between checks of a job waiting for its Secret.
     #[arg(long, default_value_t = 10)]
     blocked_retry_seconds: u64,
@@ -61,6 +66,10 @@ struct RunArgs {
     /// Watch only this namespace (default: all).
     #[arg(long)]
     namespace: Option<String>,
+    /// With --namespace: another namespace whose graft-server Deployments the watched
+    /// namespace's AdapterDeployments may use (with a ServerGrant there). Repeatable.
+    #[arg(long = "server-namespace")]
+    server_namespaces: Vec<String>,
     /// Port of /healthz, /readyz and /metrics.
     #[arg(long, default_value_t = 8080)]
     metrics_port: u16,
@@ -85,11 +94,24 @@ struct RunArgs {
     /// repair; changes are acted on at once regardless).
     #[arg(long, default_value_t = 30)]
     adapter_recheck_seconds: u64,
-    /// S3 endpoint for reading adapter manifests (credentials from the AWS_* environment).
-    #[arg(long, env = "AWS_ENDPOINT_URL")]
-    s3_endpoint: Option<String>,
-    #[arg(long, env = "AWS_REGION")]
-    s3_region: Option<String>,
+    /// The operator's bearer token for the servers' admin API: its ServiceAccount token,
+    /// projected with the servers' audience (the kubelet rotates it; it is re-read on use).
+    #[arg(long, default_value = "/var/run/secrets/graft.dev/admin/token")]
+    admin_token_file: std::path::PathBuf,
+    /// CA bundle (PEM) for servers whose admin API serves TLS (`graft.dev/admin-scheme:
+    /// https`); their certificates must name `<server>.<namespace>.svc`. The system's roots
+    /// when unset.
+    #[arg(long)]
+    admin_ca_file: Option<std::path::PathBuf>,
+    /// Adapter URIs the AdapterDeployments of a namespace may load:
+    /// `namespace=prefix[,prefix...]`, `*` for namespaces not listed. Repeatable. Without any,
+    /// every URI may be loaded.
+    #[arg(long = "adapter-uri-prefixes")]
+    adapter_uri_prefixes: Vec<String>,
+    /// How long deleting an AdapterDeployment waits for server pods that do not answer before
+    /// it gives up on them (with a Warning Event; the sweep unloads it once they answer).
+    #[arg(long, default_value_t = 120)]
+    unload_timeout_seconds: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -102,6 +124,10 @@ fn main() -> anyhow::Result<()> {
                 .context("writing the CRDs to stdout")?;
             Ok(())
         }
+        Command::Docs => std::io::stdout()
+            .lock()
+            .write_all(graft_api::api_reference().as_bytes())
+            .context("writing the API reference to stdout"),
         Command::Run(args) => {
             init_logging();
             tokio::runtime::Runtime::new()
@@ -125,6 +151,7 @@ fn init_logging() {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let timings = timings(&args)?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
 
@@ -158,7 +185,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 model_cache_size: Quantity(args.model_cache_size.clone()),
                 backoff_limit: args.backoff_limit,
             },
-            model_schemes: args.model_uri_schemes.clone(),
+            schemes: Schemes {
+                model: args.model_uri_schemes.clone(),
+                output: args.output_uri_schemes.clone(),
+            },
             blocked_retry: Duration::from_secs(args.blocked_retry_seconds),
             namespace: args.namespace.clone(),
             concurrency: args.max_concurrent_reconciles,
@@ -172,26 +202,24 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ),
         metrics: metrics.clone(),
     });
-    let ad_ctx = Arc::new(adapter_deployment::Context {
-        client: client.clone(),
-        settings: adapter_deployment::Settings {
-            namespace: args.namespace.clone(),
-            recheck: Duration::from_secs(args.adapter_recheck_seconds),
-            s3: S3Options::from_env(args.s3_endpoint.clone(), args.s3_region.clone()),
-        },
-        recorder: ctx.recorder.clone(),
-        metrics: metrics.clone(),
-    });
+    let ad_ctx = Arc::new(adapter_deployment::Context::new(
+        client.clone(),
+        adapter_settings(&args)?,
+        ctx.recorder.clone(),
+        metrics.clone(),
+    ));
     let work = {
         let (health, metrics, shutdown) = (health.clone(), metrics.clone(), shutdown.clone());
         async move {
             metrics.set_leader(true);
             let (jobs, store) = fine_tune_job::controller(ctx, shutdown.clone().cancelled_owned());
             health.watch_jobs(store);
-            let deployments = adapter_deployment::controller(ad_ctx, shutdown.cancelled_owned());
+            let deployments =
+                adapter_deployment::controller(ad_ctx.clone(), shutdown.clone().cancelled_owned());
             futures::join!(
                 jobs.for_each(|()| async {}),
-                deployments.for_each(|()| async {})
+                deployments.for_each(|()| async {}),
+                adapter_deployment::sweeper(ad_ctx, shutdown.cancelled_owned()),
             );
             metrics.set_leader(false);
         }
@@ -203,13 +231,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             &args.leader_election_namespace,
             &args.lease_name,
             &identity,
-            Timings {
-                lease_duration: Duration::from_secs(args.lease_duration_seconds),
-                renew_deadline: Duration::from_secs(args.renew_deadline_seconds),
-                retry_period: Duration::from_secs(args.retry_period_seconds),
-            },
+            timings,
         );
-        let led = lock.lead(work, shutdown.clone().cancelled_owned()).await;
+        let led = Box::pin(lock.lead(work, shutdown.clone().cancelled_owned())).await;
         if let Err(e) = lock.release().await {
             warn!(error = %e, "releasing the leader Lease");
         }
@@ -222,6 +246,36 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     shutdown.cancel();
     server.await.context("the HTTP server task")??;
     outcome
+}
+
+/// The leader election's timings, checked when there is an election.
+fn timings(args: &RunArgs) -> anyhow::Result<Timings> {
+    let timings = Timings {
+        lease_duration: Duration::from_secs(args.lease_duration_seconds),
+        renew_deadline: Duration::from_secs(args.renew_deadline_seconds),
+        retry_period: Duration::from_secs(args.retry_period_seconds),
+    };
+    if args.leader_elect {
+        timings
+            .validate()
+            .map_err(anyhow::Error::msg)
+            .context("the leader election timings")?;
+    }
+    Ok(timings)
+}
+
+fn adapter_settings(args: &RunArgs) -> anyhow::Result<adapter_deployment::Settings> {
+    Ok(adapter_deployment::Settings {
+        namespace: args.namespace.clone(),
+        server_namespaces: args.server_namespaces.clone(),
+        recheck: Duration::from_secs(args.adapter_recheck_seconds),
+        admin_token_file: args.admin_token_file.clone(),
+        admin_ca_file: args.admin_ca_file.clone(),
+        sources: adapter_deployment::SourcePolicy::parse(&args.adapter_uri_prefixes)
+            .map_err(anyhow::Error::msg)
+            .context("--adapter-uri-prefixes")?,
+        unload_timeout: Duration::from_secs(args.unload_timeout_seconds),
+    })
 }
 
 async fn cancel_on_signal(shutdown: CancellationToken) {

@@ -26,10 +26,28 @@ pub struct Args {
     pub served_model_name: Option<String>,
     #[arg(long, env = "GRAFT_LISTEN", default_value = "0.0.0.0:8000")]
     pub listen: String,
-    /// A file holding the admin API's bearer token (a mounted Secret). Without it the admin
-    /// API refuses every call.
+    /// A file holding a static bearer token for the admin API (a mounted Secret), read again
+    /// whenever it changes. Without it (and without --admin-audience) the admin API refuses
+    /// every call.
     #[arg(long, env = "GRAFT_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// Serve the admin API on this address instead of --listen, e.g. `0.0.0.0:8001`, so that
+    /// a NetworkPolicy can admit only the operator to it.
+    #[arg(long, env = "GRAFT_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+    /// Accept Kubernetes ServiceAccount tokens bound to this audience on the admin API,
+    /// checked with a TokenReview (the server's own credentials need `tokenreviews/create`).
+    #[arg(long, env = "GRAFT_ADMIN_AUDIENCE")]
+    pub admin_audience: Option<String>,
+    /// With --admin-audience: the usernames allowed in, e.g.
+    /// `system:serviceaccount:graft-system:graft-operator`.
+    #[arg(long, env = "GRAFT_ADMIN_ALLOWED_USERS", value_delimiter = ',')]
+    pub admin_allowed_users: Vec<String>,
+    /// PEM certificate chain and key for TLS on --admin-listen (read again when they change).
+    #[arg(long, env = "GRAFT_ADMIN_TLS_CERT", requires_all = ["admin_tls_key", "admin_listen"])]
+    pub admin_tls_cert: Option<PathBuf>,
+    #[arg(long, env = "GRAFT_ADMIN_TLS_KEY", requires = "admin_tls_cert")]
+    pub admin_tls_key: Option<PathBuf>,
     /// The adapters to load before turning ready: a JSON file, or the directory where the
     /// operator's `<deployment>-graft-adapters` ConfigMap is mounted (one `<name>.json` each).
     #[arg(long, env = "GRAFT_ADAPTERS_FILE")]
@@ -56,6 +74,11 @@ pub struct Args {
     /// most 4096 (each sequence's KV cache may grow to this).
     #[arg(long, env = "GRAFT_MAX_MODEL_LEN")]
     pub max_model_len: Option<usize>,
+    /// How the model writes tool calls: auto (from its chat template), hermes (Qwen,
+    /// Hermes: `<tool_call>`), llama3_json, mistral (`[TOOL_CALLS]`), or none.
+    #[arg(long, env = "GRAFT_TOOL_CALL_PARSER", default_value = "auto",
+          value_parser = ["auto", "hermes", "llama3_json", "mistral", "none"])]
+    pub tool_call_parser: String,
     /// auto (the GPU when this build has CUDA and one is present), cpu, cuda or
     /// cuda:<ordinal>.
     #[arg(long, env = "GRAFT_DEVICE", default_value = "auto")]
@@ -88,6 +111,7 @@ impl Args {
             max_lora_rank: self.max_lora_rank,
             max_loaded_adapters: self.max_loaded_adapters,
             max_model_len: self.max_model_len,
+            tool_call_parser: self.tool_call_parser.clone(),
             device: self.device,
         }
     }

@@ -4,18 +4,28 @@
 pub mod adapters;
 pub mod api;
 pub mod cli;
+pub mod constrain;
+pub mod detokenize;
 pub mod metrics;
 pub mod model;
 pub mod sampling;
 pub mod scheduler;
+pub mod tool_calls;
+
+mod tls;
 
 use std::{path::Path, sync::Arc};
 
 use graft_api::AdaptersFile;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::watch};
+use tokio_rustls::TlsAcceptor;
 
 use crate::{
-    adapters::Registry, api::AppState, cli::Args, metrics::Metrics, model::BaseModel,
+    adapters::Registry,
+    api::{AdminAuth, AppState, Reviewer},
+    cli::Args,
+    metrics::Metrics,
+    model::BaseModel,
     scheduler::Scheduler,
 };
 
@@ -41,6 +51,12 @@ pub enum ServeError {
         listen: String,
         source: std::io::Error,
     },
+    #[error("--admin-audience needs --admin-allowed-users: the identities allowed in")]
+    NoAllowedUsers,
+    #[error("a Kubernetes client for TokenReviews: {0}")]
+    Kube(#[source] kube::Error),
+    #[error("the admin API's TLS certificate: {0}")]
+    Tls(String),
 }
 
 /// Loads the model, serves, loads the start-up adapters, turns ready, and drains in-flight
@@ -49,18 +65,7 @@ pub async fn serve(
     args: Args,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let admin_token = match args.admin_token_file.as_deref() {
-        // An empty token would match a request without one.
-        Some(path) => match read_file("admin token file", path)?.trim() {
-            "" => {
-                return Err(ServeError::EmptyToken {
-                    path: path.to_owned(),
-                });
-            }
-            token => Some(token.to_owned()),
-        },
-        None => None,
-    };
+    let (admin, tls) = admin_access(&args).await?;
     let adapters_file = match &args.adapters_file {
         Some(path) => read_adapters_file(path)?,
         None => AdaptersFile::default(),
@@ -82,47 +87,120 @@ pub async fn serve(
         registry.clone(),
         scheduler,
         metrics,
-        admin_token,
+        admin,
     ));
 
-    let listener = TcpListener::bind(&args.listen)
-        .await
-        .map_err(|source| ServeError::Listen {
-            listen: args.listen.clone(),
-            source,
-        })?;
-    tracing::info!(listen = %args.listen, "serving");
-    let app = api::router(state.clone());
-    let ready_state = state.clone();
-    tokio::spawn(async move {
-        for (name, assignment) in &adapters_file.adapters {
-            match registry.put(name, assignment).await {
-                Ok(()) => tracing::info!(adapter = %name, "start-up adapter loaded"),
-                Err(e) => {
-                    tracing::error!(adapter = %name, error = %e, "start-up adapter failed");
-                    registry.record_failure(name, assignment, &e);
-                }
-            }
+    let bind = |listen: &str| {
+        let listen = listen.to_owned();
+        async move {
+            TcpListener::bind(&listen)
+                .await
+                .map_err(|source| ServeError::Listen { listen, source })
         }
-        ready_state
-            .ready
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        tracing::info!("ready");
+    };
+    let listener = bind(&args.listen).await?;
+    let admin_listener = match &args.admin_listen {
+        Some(listen) => Some(bind(listen).await?),
+        None => None,
+    };
+    tracing::info!(listen = %args.listen, admin = ?args.admin_listen, "serving");
+    let app = api::router(state.clone(), admin_listener.is_none());
+    let (stopping, stop) = watch::channel(false);
+    let admin_server = admin_listener.map(|listener| {
+        let app = api::admin_router(state.clone());
+        let stop = stop.clone();
+        match tls {
+            Some(acceptor) => tokio::spawn(tls::serve(listener, app, acceptor, stop)),
+            None => tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped(stop))
+                    .await
+            }),
+        }
     });
+    tokio::spawn(load_start_up(state.clone(), registry, adapters_file));
     let draining = state.clone();
-    axum::serve(listener, app)
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;
             draining
                 .ready
                 .store(false, std::sync::atomic::Ordering::Relaxed);
             tracing::info!("shutting down: draining in-flight requests");
+            let _ = stopping.send(true);
         })
         .await
         .map_err(|source| ServeError::Listen {
             listen: args.listen.clone(),
             source,
-        })
+        });
+    if let Some(admin_server) = admin_server {
+        let _ = admin_server.await;
+    }
+    served
+}
+
+/// Who may call the admin API (a static token file and/or TokenReviews of ServiceAccount
+/// tokens), and TLS for its own port.
+async fn admin_access(args: &Args) -> Result<(AdminAuth, Option<TlsAcceptor>), ServeError> {
+    // The token file must hold a token at start (a typo'd path fails loudly); it is read again
+    // whenever it changes afterwards.
+    if let Some(path) = args.admin_token_file.as_deref()
+        && read_file("admin token file", path)?.trim().is_empty()
+    {
+        // An empty token would match a request without one.
+        return Err(ServeError::EmptyToken {
+            path: path.to_owned(),
+        });
+    }
+    let reviewer = match &args.admin_audience {
+        Some(audience) => {
+            if args.admin_allowed_users.is_empty() {
+                return Err(ServeError::NoAllowedUsers);
+            }
+            let client = kube::Client::try_default()
+                .await
+                .map_err(ServeError::Kube)?;
+            Some(Reviewer::new(
+                client,
+                audience.clone(),
+                args.admin_allowed_users.clone(),
+            ))
+        }
+        None => None,
+    };
+    let tls = match (&args.admin_tls_cert, &args.admin_tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(tls::acceptor(cert.clone(), key.clone()).map_err(ServeError::Tls)?)
+        }
+        _ => None,
+    };
+    Ok((AdminAuth::new(args.admin_token_file.clone(), reviewer), tls))
+}
+
+/// Loads the adapters listed at start-up (a name deleted meanwhile stays deleted), then turns
+/// the server ready.
+async fn load_start_up(state: Arc<AppState>, registry: Arc<Registry>, adapters: AdaptersFile) {
+    for (name, assignment) in &adapters.adapters {
+        match api::assign(&state, name, assignment, true).await {
+            Ok(()) => tracing::info!(adapter = %name, "start-up adapter loaded"),
+            Err(api::AssignError::Load(e)) => {
+                tracing::error!(adapter = %name, error = %e, "start-up adapter failed");
+                registry.record_failure(name, assignment, &e);
+            }
+            Err(e) => tracing::info!(adapter = %name, reason = ?e, "start-up adapter skipped"),
+        }
+    }
+    state.assignments.started();
+    state
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!("ready");
+}
+
+/// Completes once `stop` says so (or its sender is gone).
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stopping| *stopping).await;
 }
 
 fn read_file(what: &'static str, path: &Path) -> Result<String, ServeError> {

@@ -1,7 +1,10 @@
 //! Prometheus metrics of the server: requests by endpoint and status, tokens, latencies,
-//! requests per adapter, adapters in memory, adapter loads and their failures.
+//! requests per adapter, adapters in memory, adapter loads and their failures; and, under
+//! vLLM's names, the gauges the Gateway API Inference Extension's endpoint picker reads from a
+//! model server (queue, batch, KV-cache usage, adapters running and waiting), so an
+//! `InferencePool` of graft-server pods gets load- and adapter-aware routing.
 
-use std::time::Duration;
+use std::{collections::BTreeMap, fmt::Write as _, sync::Mutex, time::Duration};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -39,6 +42,29 @@ pub struct Metrics {
     adapter_loads: Counter,
     adapter_load_failures: Counter,
     adapter_load_seconds: Histogram,
+    router: Mutex<RouterState>,
+}
+
+/// What the scheduler reports after each step.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Load {
+    /// Sequences in the batch.
+    pub running: usize,
+    /// 0 to 1.
+    pub kv_cache_usage: f64,
+    /// Adapter names with a sequence in the batch.
+    pub running_adapters: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+struct RouterState {
+    model: String,
+    max_lora: usize,
+    load: Load,
+    /// Queued requests per adapter name (empty for the base model).
+    waiting: BTreeMap<String, usize>,
+    /// When the adapter sets last changed, in Unix seconds: `vllm:lora_requests_info`'s value.
+    changed: f64,
 }
 
 impl Default for Metrics {
@@ -59,6 +85,7 @@ impl Default for Metrics {
             adapter_load_failures: Counter::default(),
             adapter_load_seconds: seconds(),
             registry: Registry::default(),
+            router: Mutex::default(),
         };
         registry.register(
             "requests",
@@ -169,10 +196,153 @@ impl Metrics {
         self.adapter_load_failures.inc();
     }
 
+    /// The served model's name (the `model_name` label) and the adapters this server keeps
+    /// in memory at once (`max_lora`).
+    pub fn set_served_model(&self, model: &str, max_lora: usize) {
+        let mut router = self.router();
+        model.clone_into(&mut router.model);
+        router.max_lora = max_lora;
+    }
+
+    /// A request for `adapter` joined (`true`) or left (`false`) the queue.
+    pub fn queued(&self, adapter: &str, joined: bool) {
+        let mut router = self.router();
+        let before = router.waiting.keys().filter(|a| !a.is_empty()).count();
+        let count = router.waiting.entry(adapter.to_owned()).or_default();
+        if joined {
+            *count += 1;
+        } else {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                router.waiting.remove(adapter);
+            }
+        }
+        if router.waiting.keys().filter(|a| !a.is_empty()).count() != before {
+            router.changed = unix_seconds();
+        }
+    }
+
+    pub fn set_load(&self, load: &Load) {
+        let mut router = self.router();
+        if router.load.running_adapters != load.running_adapters {
+            router.changed = unix_seconds();
+        }
+        router.load.clone_from(load);
+    }
+
+    fn router(&self) -> std::sync::MutexGuard<'_, RouterState> {
+        self.router
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// The OpenMetrics text of every metric.
     pub fn render(&self) -> String {
         let mut text = String::new();
         encode(&mut text, &self.registry).expect("writing to a String cannot fail");
-        text
+        let router = self.router().render();
+        match text.strip_suffix("# EOF\n") {
+            Some(head) => format!("{head}{router}# EOF\n"),
+            None => text + &router,
+        }
+    }
+}
+
+impl RouterState {
+    /// vLLM's gauges, with its `model_name` label.
+    fn render(&self) -> String {
+        let label = format!("model_name=\"{}\"", escape(&self.model));
+        let waiting: usize = self.waiting.values().sum();
+        let mut out = String::new();
+        let mut gauge = |name: &str, help: &str, labels: &str, value: String| {
+            let _ = write!(
+                out,
+                "# TYPE {name} gauge\n# HELP {name} {help}\n{name}{{{labels}}} {value}\n"
+            );
+        };
+        gauge(
+            "vllm:num_requests_waiting",
+            "Requests waiting for a place in the batch.",
+            &label,
+            waiting.to_string(),
+        );
+        gauge(
+            "vllm:num_requests_running",
+            "Sequences in the batch.",
+            &label,
+            self.load.running.to_string(),
+        );
+        for name in ["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"] {
+            gauge(
+                name,
+                "KV-cache usage: 1 is full.",
+                &label,
+                self.load.kv_cache_usage.to_string(),
+            );
+        }
+        let waiting_adapters: Vec<&str> = self
+            .waiting
+            .keys()
+            .map(String::as_str)
+            .filter(|a| !a.is_empty())
+            .collect();
+        let lora = format!(
+            "max_lora=\"{}\",running_lora_adapters=\"{}\",waiting_lora_adapters=\"{}\"",
+            self.max_lora,
+            escape(&self.load.running_adapters.join(",")),
+            escape(&waiting_adapters.join(",")),
+        );
+        gauge(
+            "vllm:lora_requests_info",
+            "Adapters running and waiting; the value is when they last changed.",
+            &lora,
+            format!("{:.3}", self.changed),
+        );
+        out
+    }
+}
+
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn unix_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_router_gauges_carry_vllm_names_and_adapter_lists() {
+        let metrics = Metrics::default();
+        metrics.set_served_model("base", 8);
+        metrics.queued("support-bot", true);
+        metrics.queued("", true);
+        metrics.set_load(&Load {
+            running: 3,
+            kv_cache_usage: 0.25,
+            running_adapters: vec!["a".to_owned(), "b".to_owned()],
+        });
+        let text = metrics.render();
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        for line in [
+            "vllm:num_requests_waiting{model_name=\"base\"} 2",
+            "vllm:num_requests_running{model_name=\"base\"} 3",
+            "vllm:kv_cache_usage_perc{model_name=\"base\"} 0.25",
+            "vllm:gpu_cache_usage_perc{model_name=\"base\"} 0.25",
+            "vllm:lora_requests_info{max_lora=\"8\",running_lora_adapters=\"a,b\",waiting_lora_adapters=\"support-bot\"} ",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+        metrics.queued("support-bot", false);
+        assert!(metrics.render().contains("waiting_lora_adapters=\"\"}"));
     }
 }

@@ -11,6 +11,8 @@ use graft_engine::{
     text::tokenizer::Tokenizer,
 };
 
+use crate::{constrain::Grammars, tool_calls::ToolFormat};
+
 /// The context when `--max-model-len` is not given (or the model's, if shorter).
 pub const DEFAULT_MAX_MODEL_LEN: usize = 4096;
 
@@ -30,6 +32,8 @@ pub struct ModelOptions {
     pub max_lora_rank: usize,
     pub max_loaded_adapters: usize,
     pub max_model_len: Option<usize>,
+    /// `auto`, `none`, or a [`ToolFormat`] name.
+    pub tool_call_parser: String,
     pub device: DeviceChoice,
 }
 
@@ -42,6 +46,10 @@ pub struct BaseModel {
     pub max_model_len: usize,
     /// The ids that end a completion: the tokenizer's eos and the model's.
     pub eos_ids: Vec<u32>,
+    /// The compiler of structured-output grammars, or why this tokenizer has none.
+    pub grammars: Result<Grammars, String>,
+    /// How the model writes tool calls, if known.
+    pub tool_format: Option<ToolFormat>,
 }
 
 impl BaseModel {
@@ -88,6 +96,18 @@ impl BaseModel {
         eos_ids.extend(checkpoint.generation_eos());
         eos_ids.sort_unstable();
         eos_ids.dedup();
+        let grammars = tokenizer
+            .to_json()
+            .and_then(|json| Grammars::from_json(&json, config.vocab_size, &eos_ids));
+        if let Err(reason) = &grammars {
+            tracing::warn!(%reason, "structured output is unavailable for this tokenizer");
+        }
+        let tool_format = match options.tool_call_parser.as_str() {
+            "auto" => tokenizer
+                .chat_template_source()
+                .and_then(ToolFormat::detect),
+            name => ToolFormat::from_name(name),
+        };
         let info = ServerInfo {
             model: served,
             model_uri: options.uri.clone(),
@@ -109,6 +129,8 @@ impl BaseModel {
             info,
             max_model_len,
             eos_ids,
+            grammars,
+            tool_format,
         })
     }
 }

@@ -2,6 +2,10 @@
 //! sequence — new prompts (in chunks) and one new token of each decoding sequence — into one
 //! forward over the base model, each row through its own adapter; finished sequences leave
 //! and waiting ones join between steps, so no request waits for another to finish.
+//!
+//! A request for several choices computes its prompt once and forks the sequence when the
+//! first token is sampled. Constrained sequences get their grammar's mask computed on another
+//! thread while the forward pass runs, so neither they nor the other rows wait for it.
 
 use std::{
     sync::{Arc, mpsc},
@@ -13,7 +17,9 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{
     adapters::LoadedAdapter,
-    metrics::Metrics,
+    constrain::{Constraint, Mask},
+    detokenize::{Detokenizer, first_stop, held_back},
+    metrics::{Load, Metrics},
     model::BaseModel,
     sampling::{Choice, Sampler, Sampling},
 };
@@ -22,36 +28,60 @@ use crate::{
 /// sequences in the same batch keep a steady pace.
 const PREFILL_CHUNK: usize = 256;
 
-/// A generation request as the scheduler takes it.
-#[derive(Debug)]
+/// A generation request as the scheduler takes it: one prompt, one or more choices.
+#[derive(Clone, Debug)]
 pub struct Request {
     pub prompt: Vec<u32>,
-    pub max_tokens: usize,
-    pub stop: Vec<String>,
+    pub stopping: Stopping,
     pub sampling: Sampling,
+    /// Sequences generated from this prompt (`n`, or `best_of`); the prompt is computed once.
+    pub choices: usize,
+    /// The response index of the first choice; the others follow it.
+    pub first_index: usize,
+    /// The grammar every choice follows, if any.
+    pub constraint: Option<Constraint>,
+    /// Special tokens' text is left out of the completion (vLLM's `skip_special_tokens`).
+    pub skip_special_tokens: bool,
     /// `None` for the base model.
     pub adapter: Option<Arc<LoadedAdapter>>,
+    /// The name the client asked for (empty for the base model), for the router's metrics.
+    pub adapter_name: String,
     pub events: UnboundedSender<Event>,
 }
 
-/// What a request hears back, in order: tokens, then exactly one `Done` or `Failed`.
+/// When a sequence ends.
+#[derive(Clone, Debug, Default)]
+pub struct Stopping {
+    pub max_tokens: usize,
+    /// No stop of any kind (end of sequence, stop tokens, stop strings) before this many tokens.
+    pub min_tokens: usize,
+    pub stop: Vec<String>,
+    /// Tokens that end the sequence, their text kept (unless special), as vLLM's.
+    pub stop_token_ids: Vec<u32>,
+    /// The model's end of sequence is an ordinary token.
+    pub ignore_eos: bool,
+}
+
+/// What a request hears back: for each choice, tokens then one `Done`; or one `Failed`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// New text (possibly empty while a multi-byte character is incomplete) and the token.
     Token {
+        index: usize,
         text: String,
         choice: Choice,
     },
     Done {
+        index: usize,
         reason: FinishReason,
-        usage: Usage,
+        completion_tokens: usize,
     },
     Failed(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
-    /// End of sequence or a stop string.
+    /// End of sequence, a stop string or token, or a grammar complete.
     Stop,
     /// `max_tokens` or the context length.
     Length,
@@ -66,16 +96,11 @@ impl FinishReason {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Usage {
-    pub prompt_tokens: usize,
-    pub completion_tokens: usize,
-}
-
 /// The handle the HTTP side submits requests through.
 #[derive(Debug, Clone)]
 pub struct Scheduler {
     submit: mpsc::SyncSender<Request>,
+    metrics: Arc<Metrics>,
 }
 
 /// Why a request was not queued.
@@ -97,248 +122,369 @@ impl Scheduler {
         metrics: Arc<Metrics>,
     ) -> Self {
         let (submit, requests) = mpsc::sync_channel(max_waiting.max(1));
+        metrics.set_served_model(&model.info.model, model.info.max_loaded_adapters);
+        let worker = Worker {
+            model,
+            max_batch: max_batch.max(1),
+            metrics: metrics.clone(),
+        };
         std::thread::Builder::new()
             .name("graft-scheduler".to_owned())
-            .spawn(move || run(&model, max_batch.max(1), &metrics, &requests))
+            .spawn(move || worker.run(&requests))
             .expect("spawning the scheduler thread");
-        Self { submit }
+        Self { submit, metrics }
     }
 
     /// Queues `request`, or says why not.
     pub fn submit(&self, request: Request) -> Result<(), Refused> {
-        self.submit.try_send(request).map_err(|e| match e {
-            mpsc::TrySendError::Full(_) => Refused::Busy,
-            mpsc::TrySendError::Disconnected(_) => Refused::Stopped,
+        let adapter = request.adapter_name.clone();
+        self.metrics.queued(&adapter, true);
+        self.submit.try_send(request).map_err(|e| {
+            self.metrics.queued(&adapter, false);
+            match e {
+                mpsc::TrySendError::Full(_) => Refused::Busy,
+                mpsc::TrySendError::Disconnected(_) => Refused::Stopped,
+            }
         })
     }
 }
 
+struct Worker {
+    model: Arc<BaseModel>,
+    max_batch: usize,
+    metrics: Arc<Metrics>,
+}
+
+/// One sequence: a choice of a request.
 struct Running {
-    request: Request,
+    request: Arc<Request>,
+    index: usize,
+    /// Choices still to fork from this sequence once its prompt is computed.
+    forks: usize,
+    constraint: Option<Constraint>,
     cache: KvCache,
     /// Prompt tokens not yet fed.
     pending: usize,
     /// What this step feeds.
     feed: Vec<u32>,
     sampler: Sampler,
-    /// The last prompt tokens and their text: decoding the completion after them keeps what
-    /// a tokenizer drops at the start of a text (SentencePiece's leading space).
-    prefix: Vec<u32>,
-    prefix_text: String,
+    text: Detokenizer,
     generated: Vec<u32>,
-    /// Bytes of the decoded completion already sent.
-    sent: usize,
     started: Instant,
 }
 
-fn run(model: &BaseModel, max_batch: usize, metrics: &Metrics, requests: &mpsc::Receiver<Request>) {
-    let mut running: Vec<Running> = Vec::new();
-    loop {
-        if running.is_empty() {
-            match requests.recv() {
-                Ok(request) => running.push(start(model, request)),
-                Err(mpsc::RecvError) => return,
-            }
-        }
-        while running.len() < max_batch {
-            match requests.try_recv() {
-                Ok(request) => running.push(start(model, request)),
-                Err(_) => break,
-            }
-        }
-        // A client that went away frees its row.
-        running.retain(|r| !r.request.events.is_closed());
-        if running.is_empty() {
-            continue;
-        }
-        metrics.step(running.len());
-        let logits = {
-            let mut segments: Vec<Segment<'_>> = running
-                .iter_mut()
-                .map(|r| Segment {
-                    tokens: &r.feed,
-                    cache: &mut r.cache,
-                    adapter: r.request.adapter.as_deref().map(|a| &a.serving),
-                })
-                .collect();
-            model
-                .llama
-                .forward_packed(&mut segments)
-                .and_then(|l| l.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>())
-        };
-        let logits = match logits {
-            Ok(logits) => logits,
-            Err(e) => {
-                tracing::error!(error = %e, sequences = running.len(), "forward pass failed");
-                for r in running.drain(..) {
-                    let _ = r
-                        .request
-                        .events
-                        .send(Event::Failed(format!("forward pass failed: {e}")));
+/// A new choice's copy of a sequence's keys and values. Today a deep copy; shared blocks
+/// once the KV cache is paged.
+fn fork_cache(cache: &KvCache) -> KvCache {
+    cache.clone()
+}
+
+/// The share of the server's KV capacity in use: cached tokens over what `max_batch`
+/// sequences of the full context hold.
+fn kv_cache_usage(running: &[Running], max_batch: usize, max_model_len: usize) -> f64 {
+    let used: usize = running.iter().map(|r| r.cache.len()).sum();
+    #[allow(clippy::cast_precision_loss)]
+    let usage = used as f64 / (max_batch * max_model_len).max(1) as f64;
+    usage.min(1.0)
+}
+
+impl Worker {
+    fn run(&self, requests: &mpsc::Receiver<Request>) {
+        let mut running: Vec<Running> = Vec::new();
+        loop {
+            if running.is_empty() {
+                self.publish(&running);
+                match requests.recv() {
+                    Ok(request) => running.push(self.start(request)),
+                    Err(mpsc::RecvError) => return,
                 }
+            }
+            // Each sequence, and each choice still to fork, takes a row.
+            while running.iter().map(|r| 1 + r.forks).sum::<usize>() < self.max_batch {
+                match requests.try_recv() {
+                    Ok(request) => running.push(self.start(request)),
+                    Err(_) => break,
+                }
+            }
+            // A client that went away frees its rows.
+            running.retain(|r| !r.request.events.is_closed());
+            if running.is_empty() {
                 continue;
             }
-        };
-        let mut index = 0;
-        running.retain_mut(|r| {
-            let row = &logits[index];
-            index += 1;
-            advance(model, metrics, r, row)
-        });
-    }
-}
-
-fn start(model: &BaseModel, request: Request) -> Running {
-    let first = request.prompt.len().min(PREFILL_CHUNK);
-    let prefix = request.prompt[request.prompt.len().saturating_sub(4)..].to_vec();
-    let prefix_text = model.tokenizer.decode(&prefix, true).unwrap_or_default();
-    Running {
-        prefix,
-        prefix_text,
-        cache: KvCache::new(model.llama.num_layers()),
-        pending: request.prompt.len() - first,
-        feed: request.prompt[..first].to_vec(),
-        sampler: Sampler::new(request.sampling.clone()),
-        generated: Vec::new(),
-        sent: 0,
-        started: Instant::now(),
-        request,
-    }
-}
-
-/// Takes one step's logits; false when the sequence is finished.
-fn advance(model: &BaseModel, metrics: &Metrics, r: &mut Running, logits: &[f32]) -> bool {
-    if r.pending > 0 {
-        let from = r.request.prompt.len() - r.pending;
-        let len = r.pending.min(PREFILL_CHUNK);
-        r.feed = r.request.prompt[from..from + len].to_vec();
-        r.pending -= len;
-        return true;
-    }
-    let choice = r.sampler.sample(logits);
-    if r.generated.is_empty() {
-        metrics.first_token(r.started.elapsed());
-    }
-    let token = choice.token;
-    let eos = model.eos_ids.contains(&token);
-    if !eos {
-        r.generated.push(token);
-    }
-    let text = completion_text(model, r);
-    let mut finish = None;
-    let mut end = text.len();
-    if let Some(at) = first_stop(&text, &r.request.stop, r.sent) {
-        end = at;
-        finish = Some(FinishReason::Stop);
-    } else if eos {
-        finish = Some(FinishReason::Stop);
-    } else if r.generated.len() >= r.request.max_tokens || r.cache.len() + 1 >= model.max_model_len
-    {
-        finish = Some(FinishReason::Length);
-    }
-    // Hold back an incomplete character (decoded as U+FFFD) and a possible stop-string
-    // prefix until the next token settles them.
-    let settled = if finish.is_some() {
-        end
-    } else {
-        held_back(&text, &r.request.stop).max(r.sent)
-    };
-    let delta = text.get(r.sent..settled).unwrap_or_default().to_owned();
-    r.sent = settled.max(r.sent);
-    if !eos {
-        let _ = r.request.events.send(Event::Token {
-            text: delta,
-            choice,
-        });
-    } else if !delta.is_empty() {
-        let _ = r.request.events.send(Event::Token {
-            text: delta,
-            choice: Choice {
-                token,
-                logprob: None,
-                top: Vec::new(),
-            },
-        });
-    }
-    if let Some(reason) = finish {
-        let usage = Usage {
-            prompt_tokens: r.request.prompt.len(),
-            completion_tokens: r.generated.len() + usize::from(eos),
-        };
-        metrics.finished(
-            usage.prompt_tokens,
-            usage.completion_tokens,
-            r.started.elapsed(),
-        );
-        let _ = r.request.events.send(Event::Done { reason, usage });
-        return false;
-    }
-    r.feed = vec![token];
-    true
-}
-
-/// The completion so far as text, decoded after the prompt's last tokens (then cut off).
-fn completion_text(model: &BaseModel, r: &Running) -> String {
-    let decode = |ids: &[u32]| model.tokenizer.decode(ids, true).unwrap_or_default();
-    let with_prefix = decode(&[r.prefix.as_slice(), &r.generated].concat());
-    match with_prefix.strip_prefix(r.prefix_text.as_str()) {
-        Some(text) => text.to_owned(),
-        // The prefix decodes differently next to the completion (a character split across
-        // them): decode the completion alone.
-        None => decode(&r.generated),
-    }
-}
-
-/// The earliest stop string in `text` that ends after byte `from` (earlier text was already
-/// checked), as a byte offset.
-fn first_stop(text: &str, stops: &[String], from: usize) -> Option<usize> {
-    stops
-        .iter()
-        .filter_map(|stop| {
-            let start = floor_char_boundary(text, from.saturating_sub(stop.len()));
-            text[start..].find(stop.as_str()).map(|i| start + i)
-        })
-        .min()
-}
-
-/// How much of `text` can be sent: not a trailing U+FFFD, nor a tail that could begin a stop
-/// string.
-fn held_back(text: &str, stops: &[String]) -> usize {
-    let mut end = text.trim_end_matches('\u{FFFD}').len();
-    for stop in stops {
-        for (i, _) in stop.char_indices().skip(1) {
-            if text[..end].ends_with(&stop[..i]) {
-                end = end.min(text[..end].len() - i);
-            }
+            self.metrics.step(running.len());
+            self.publish(&running);
+            let (logits, mut masks) = forward(&self.model, &mut running);
+            let logits = match logits {
+                Ok(logits) => logits,
+                Err(e) => {
+                    tracing::error!(error = %e, sequences = running.len(), "forward pass failed");
+                    for r in running.drain(..) {
+                        let _ = r
+                            .request
+                            .events
+                            .send(Event::Failed(format!("forward pass failed: {e}")));
+                    }
+                    continue;
+                }
+            };
+            let mut forks = Vec::new();
+            let mut row = 0;
+            running.retain_mut(|r| {
+                let mask = masks[row].take();
+                let keep = self.advance(r, &logits[row], mask, &mut forks);
+                row += 1;
+                keep
+            });
+            running.extend(forks);
         }
     }
-    end
+
+    /// What a router reads: queue, batch, KV usage and the adapters running.
+    fn publish(&self, running: &[Running]) {
+        let mut adapters: Vec<&str> = running
+            .iter()
+            .map(|r| r.request.adapter_name.as_str())
+            .filter(|a| !a.is_empty())
+            .collect();
+        adapters.sort_unstable();
+        adapters.dedup();
+        self.metrics.set_load(&Load {
+            running: running.iter().map(|r| 1 + r.forks).sum(),
+            kv_cache_usage: kv_cache_usage(running, self.max_batch, self.model.max_model_len),
+            running_adapters: adapters.iter().map(|a| (*a).to_owned()).collect(),
+        });
+    }
+
+    fn start(&self, mut request: Request) -> Running {
+        self.metrics.queued(&request.adapter_name, false);
+        let model = &self.model;
+        let first = request.prompt.len().min(PREFILL_CHUNK);
+        let constraint = request.constraint.take();
+        let request = Arc::new(request);
+        Running {
+            text: Detokenizer::new(
+                &model.tokenizer,
+                &request.prompt,
+                request.skip_special_tokens,
+            ),
+            cache: KvCache::new(model.llama.num_layers()),
+            pending: request.prompt.len() - first,
+            feed: request.prompt[..first].to_vec(),
+            sampler: Sampler::new(request.sampling.clone(), &request.prompt),
+            index: request.first_index,
+            forks: request.choices.saturating_sub(1),
+            constraint,
+            generated: Vec::new(),
+            started: Instant::now(),
+            request,
+        }
+    }
+
+    /// Takes one step's logits; false when the sequence is finished. A sequence whose prompt
+    /// is done forks its other choices first, each sampling from the same logits.
+    fn advance(
+        &self,
+        r: &mut Running,
+        logits: &[f32],
+        mask: Option<Result<Mask, String>>,
+        forks: &mut Vec<Running>,
+    ) -> bool {
+        if r.pending > 0 {
+            let from = r.request.prompt.len() - r.pending;
+            let len = r.pending.min(PREFILL_CHUNK);
+            r.feed = r.request.prompt[from..from + len].to_vec();
+            r.pending -= len;
+            return true;
+        }
+        let mask = match mask.transpose() {
+            Ok(mask) => mask,
+            Err(e) => {
+                let _ = r
+                    .request
+                    .events
+                    .send(Event::Failed(format!("structured output: {e}")));
+                return false;
+            }
+        };
+        if r.forks > 0 {
+            self.metrics.first_token(r.started.elapsed());
+            for choice in 1..=r.forks {
+                let mut fork = Running {
+                    request: r.request.clone(),
+                    index: r.index + choice,
+                    forks: 0,
+                    constraint: r.constraint.clone(),
+                    cache: fork_cache(&r.cache),
+                    pending: 0,
+                    feed: Vec::new(),
+                    sampler: r.sampler.fork(choice),
+                    text: r.text.clone(),
+                    generated: Vec::new(),
+                    started: r.started,
+                };
+                if self.decode(&mut fork, logits, mask.as_ref()) {
+                    forks.push(fork);
+                }
+            }
+            r.forks = 0;
+        } else if r.generated.is_empty() {
+            self.metrics.first_token(r.started.elapsed());
+        }
+        self.decode(r, logits, mask.as_ref())
+    }
+
+    /// Samples one token and sends its text; false when the sequence is finished.
+    fn decode(&self, r: &mut Running, logits: &[f32], mask: Option<&Mask>) -> bool {
+        let model = &self.model;
+        let stopping = &r.request.stopping;
+        let early = r.generated.len() < stopping.min_tokens;
+        let banned: Vec<u32> = if early {
+            let eos = (!stopping.ignore_eos).then_some(model.eos_ids.as_slice());
+            stopping
+                .stop_token_ids
+                .iter()
+                .chain(eos.into_iter().flatten())
+                .copied()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let choice = r.sampler.sample(logits, mask, &banned);
+        let token = choice.token;
+        let eos = !stopping.ignore_eos && model.eos_ids.contains(&token);
+        let mut grammar_done = false;
+        if let Some(constraint) = r.constraint.as_mut().filter(|_| !eos) {
+            if let Err(e) = constraint.commit(token) {
+                let _ = r
+                    .request
+                    .events
+                    .send(Event::Failed(format!("structured output: {e}")));
+                return false;
+            }
+            grammar_done = constraint.is_finished();
+        }
+        if !eos {
+            r.generated.push(token);
+        }
+        let text = r.text.text(&model.tokenizer, &r.generated);
+        let stops: &[String] = if early { &[] } else { &stopping.stop };
+        let mut finish = None;
+        let mut end = text.len();
+        if let Some(at) = first_stop(&text, stops, r.text.sent) {
+            end = at;
+            finish = Some(FinishReason::Stop);
+        } else if eos || grammar_done || stopping.stop_token_ids.contains(&token) {
+            finish = Some(FinishReason::Stop);
+        } else if r.generated.len() >= stopping.max_tokens
+            || r.cache.len() + 1 >= model.max_model_len
+        {
+            finish = Some(FinishReason::Length);
+        }
+        // Hold back an incomplete character (decoded as U+FFFD) and a possible stop-string
+        // prefix until the next token settles them.
+        let sent = r.text.sent;
+        let settled = if finish.is_some() {
+            end
+        } else {
+            held_back(&text, stops).max(sent)
+        };
+        let delta = text.get(sent..settled).unwrap_or_default().to_owned();
+        r.text.sent = settled.max(sent);
+        let index = r.index;
+        if !eos {
+            let _ = r.request.events.send(Event::Token {
+                index,
+                text: delta,
+                choice,
+            });
+        } else if !delta.is_empty() {
+            let _ = r.request.events.send(Event::Token {
+                index,
+                text: delta,
+                choice: Choice {
+                    token,
+                    logprob: None,
+                    top: Vec::new(),
+                },
+            });
+        }
+        if let Some(reason) = finish {
+            let completion_tokens = r.generated.len() + usize::from(eos);
+            self.metrics.finished(
+                if r.index == r.request.first_index {
+                    r.request.prompt.len()
+                } else {
+                    0
+                },
+                completion_tokens,
+                r.started.elapsed(),
+            );
+            let _ = r.request.events.send(Event::Done {
+                index,
+                reason,
+                completion_tokens,
+            });
+            return false;
+        }
+        r.feed = vec![token];
+        true
+    }
 }
 
-fn floor_char_boundary(text: &str, mut at: usize) -> usize {
-    while at > 0 && !text.is_char_boundary(at) {
-        at -= 1;
-    }
-    at
-}
+type Logits = candle_core::Result<Vec<Vec<f32>>>;
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stop_strings_are_found_across_token_boundaries() {
-        let stops = vec!["END".to_owned()];
-        assert_eq!(first_stop("abc EN", &stops, 4), None);
-        assert_eq!(first_stop("abc END more", &stops, 6), Some(4));
+/// One forward pass over every running sequence and, meanwhile on another thread, the
+/// grammar masks of the constrained sequences that sample this step.
+fn forward(
+    model: &BaseModel,
+    running: &mut [Running],
+) -> (Logits, Vec<Option<Result<Mask, String>>>) {
+    let rows = running.len();
+    let mut segments = Vec::with_capacity(rows);
+    let mut constrained = Vec::new();
+    for (row, r) in running.iter_mut().enumerate() {
+        let Running {
+            request,
+            feed,
+            cache,
+            constraint,
+            pending,
+            ..
+        } = r;
+        segments.push(Segment {
+            tokens: feed,
+            cache,
+            adapter: request.adapter.as_deref().map(|a| &a.serving),
+        });
+        if *pending == 0
+            && let Some(constraint) = constraint.as_mut()
+        {
+            constrained.push((row, constraint));
+        }
     }
-
-    #[test]
-    fn a_possible_stop_prefix_and_a_broken_character_are_held_back() {
-        let stops = vec!["END".to_owned()];
-        assert_eq!(held_back("hello EN", &stops), 6);
-        assert_eq!(held_back("hello E", &stops), 6);
-        assert_eq!(held_back("hello", &stops), 5);
-        assert_eq!(held_back("h\u{FFFD}", &[]), 1);
-    }
+    std::thread::scope(|scope| {
+        let masker = (!constrained.is_empty()).then(|| {
+            scope.spawn(move || {
+                use rayon::prelude::*;
+                constrained
+                    .into_par_iter()
+                    .map(|(row, constraint)| (row, constraint.mask()))
+                    .collect::<Vec<_>>()
+            })
+        });
+        let logits = model
+            .llama
+            .forward_packed(&mut segments)
+            .and_then(|l| l.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>());
+        let mut masks: Vec<Option<Result<Mask, String>>> = vec![None; rows];
+        if let Some(masker) = masker {
+            let computed = masker
+                .join()
+                .unwrap_or_else(|_| vec![(0, Err("the mask thread panicked".to_owned()))]);
+            for (row, mask) in computed {
+                masks[row] = Some(mask);
+            }
+        }
+        (logits, masks)
+    })
 }

@@ -67,7 +67,7 @@ fn bad_requests() -> Vec<(&'static str, Value, u16, Option<&'static str>)> {
         ),
         (
             "/v1/completions",
-            json!({"model": BASE, "prompt": "hi", "n": 2}),
+            json!({"model": BASE, "prompt": "hi", "n": 0}),
             400,
             Some("n"),
         ),
@@ -85,7 +85,7 @@ fn bad_requests() -> Vec<(&'static str, Value, u16, Option<&'static str>)> {
         ),
         (
             "/v1/completions",
-            json!({"model": BASE, "prompt": ["a", "b"]}),
+            json!({"model": BASE, "prompt": []}),
             400,
             Some("prompt"),
         ),
@@ -117,10 +117,77 @@ fn bad_requests() -> Vec<(&'static str, Value, u16, Option<&'static str>)> {
     ]
 }
 
+/// Fields the server does not implement, or values it cannot honour, each named.
+fn unsupported_requests() -> Vec<(&'static str, Value, u16, Option<&'static str>)> {
+    vec![
+        (
+            "/v1/completions",
+            json!({"model": BASE, "prompt": "hi", "n": 2, "best_of": 3, "stream": true}),
+            400,
+            Some("best_of"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": BASE, "prompt": "hi", "frobnicate": true}),
+            400,
+            Some("frobnicate"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": BASE, "prompt": "hi", "suffix": "there"}),
+            400,
+            Some("suffix"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": BASE, "prompt": [1, 99999]}),
+            400,
+            Some("prompt"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": BASE, "prompt": "hi", "logit_bias": {"7": 500}}),
+            400,
+            Some("logit_bias"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": BASE, "prompt": "hi", "echo": true, "logprobs": 1}),
+            400,
+            Some("echo"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": BASE, "prompt": "hi", "response_format": {"type": "json_object"}, "guided_regex": "a+"}),
+            400,
+            Some("guided_regex"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": BASE, "prompt": "hi", "guided_regex": "(unclosed"}),
+            400,
+            Some("guided_regex"),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}),
+            400,
+            Some("tool_choice"),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}]}),
+            400,
+            Some("tools"),
+        ),
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     let server = Server::start(&[]).await;
-    let cases = bad_requests();
+    let mut cases = bad_requests();
+    cases.extend(unsupported_requests());
     let healthy = server.complete(BASE, "colour red", 4).await;
     for (path, body, status, param) in cases {
         let (got, answer) = server.post(path, body.clone()).await;
@@ -609,4 +676,153 @@ async fn concurrent_requests_for_an_evicted_adapter_are_served_after_one_reload(
         (reloads - 1.0).abs() < 0.5,
         "{reloads} reloads for 8 concurrent requests"
     );
+}
+
+/// Token ids of a completion, read back through vLLM's `return_tokens_as_token_ids`.
+fn token_ids(choice: &Value) -> Vec<u32> {
+    choice["logprobs"]["tokens"]
+        .as_array()
+        .expect("logprobs.tokens")
+        .iter()
+        .map(|t| {
+            t.as_str()
+                .and_then(|t| t.strip_prefix("token_id:"))
+                .and_then(|t| t.parse().ok())
+                .expect("token_id:<id>")
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prompts_choices_and_the_sampling_options_vllm_clients_send() {
+    let server = Server::start(&[]).await;
+    let post = async |body: Value| {
+        let (status, answer) = server.post("/v1/completions", body.clone()).await;
+        assert_eq!(status, 200, "{body} → {answer}");
+        answer
+    };
+    let greedy = json!({"model": BASE, "max_tokens": 8, "temperature": 0, "logprobs": 0, "return_tokens_as_token_ids": true});
+    let with = |extra: Value| {
+        let mut body = greedy.clone();
+        body.as_object_mut()
+            .expect("object")
+            .extend(extra.as_object().expect("object").clone());
+        body
+    };
+    let alone = post(with(json!({"prompt": "colour blue"}))).await;
+    let ids = token_ids(&alone["choices"][0]);
+
+    // Several prompts, as text and as token ids, each answered as if alone.
+    let tokenizer = graft_engine::text::tokenizer::Tokenizer::from_dir(&common::model_dir())
+        .expect("tokenizer");
+    let prompt_ids = tokenizer.encode("colour blue", true).expect("encode");
+    let several = post(with(json!({"prompt": ["colour red", "colour blue"]}))).await;
+    let by_ids = post(with(json!({"prompt": [prompt_ids.clone(), prompt_ids]}))).await;
+    for answer in [
+        &several["choices"][1],
+        &by_ids["choices"][0],
+        &by_ids["choices"][1],
+    ] {
+        assert_eq!(answer["text"], alone["choices"][0]["text"], "{answer}");
+    }
+    assert_eq!(
+        by_ids["usage"]["prompt_tokens"].as_u64(),
+        alone["usage"]["prompt_tokens"].as_u64().map(|n| n * 2),
+        "two prompts: {by_ids}"
+    );
+    assert_eq!(several["choices"][1]["index"], 1);
+
+    // echo repeats the prompt; stop_token_ids stop on (and keep) a token.
+    let echoed = post(json!({"model": BASE, "prompt": "colour blue", "max_tokens": 8, "temperature": 0, "echo": true})).await;
+    assert_eq!(
+        text(&echoed),
+        format!("colour blue{}", text(&alone)),
+        "{echoed}"
+    );
+    let stopped = post(with(
+        json!({"prompt": "colour blue", "stop_token_ids": [ids[2]]}),
+    ))
+    .await;
+    let first_stop = ids.iter().position(|&t| t == ids[2]).expect("in it") + 1;
+    assert_eq!(token_ids(&stopped["choices"][0]), ids[..first_stop]);
+    assert_eq!(stopped["choices"][0]["finish_reason"], "stop");
+
+    // min_tokens holds back every stop; ignore_eos makes the length the only one.
+    let cut = post(with(
+        json!({"prompt": "colour blue", "stop_token_ids": [ids[0]], "min_tokens": 4}),
+    ))
+    .await;
+    assert!(
+        token_ids(&cut["choices"][0]).len() >= 4,
+        "min_tokens: {cut}"
+    );
+    let long = post(json!({"model": BASE, "prompt": "colour", "max_tokens": 40, "temperature": 1, "seed": 3, "ignore_eos": true})).await;
+    assert_eq!(long["usage"]["completion_tokens"], 40, "{long}");
+
+    // A penalty changes a greedy answer that repeats itself.
+    let repeats =
+        |ids: &[u32]| ids.len() - ids.iter().collect::<std::collections::HashSet<_>>().len();
+    let plain = post(with(json!({"prompt": "colour", "max_tokens": 24}))).await;
+    let penalised = post(with(
+        json!({"prompt": "colour", "max_tokens": 24, "frequency_penalty": 2.0}),
+    ))
+    .await;
+    assert!(
+        repeats(&token_ids(&penalised["choices"][0])) < repeats(&token_ids(&plain["choices"][0])),
+        "{plain} vs {penalised}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn best_of_returns_the_likeliest_sample_and_the_router_gauges_are_served() {
+    let server = Server::start(&[]).await;
+    let post = async |body: Value| {
+        let (status, answer) = server.post("/v1/completions", body.clone()).await;
+        assert_eq!(status, 200, "{body} → {answer}");
+        answer
+    };
+    // best_of returns the most likely of its samples: the same seed draws the same three.
+    let three = post(json!({"model": BASE, "prompt": "colour", "max_tokens": 6, "temperature": 1, "seed": 11, "n": 3, "logprobs": 0})).await;
+    let best = post(json!({"model": BASE, "prompt": "colour", "max_tokens": 6, "temperature": 1, "seed": 11, "best_of": 3})).await;
+    let choices = three["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 3);
+    let likeliest = choices
+        .iter()
+        .max_by(|a, b| {
+            let sum = |c: &Value| -> f64 {
+                c["logprobs"]["token_logprobs"]
+                    .as_array()
+                    .expect("logprobs")
+                    .iter()
+                    .filter_map(Value::as_f64)
+                    .sum()
+            };
+            sum(a).total_cmp(&sum(b))
+        })
+        .expect("one");
+    assert_eq!(best["choices"].as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        best["choices"][0]["text"], likeliest["text"],
+        "{three} vs {best}"
+    );
+    assert!(best["choices"][0]["logprobs"].is_null(), "not asked for");
+
+    // The router's gauges, under vLLM's names.
+    for name in [
+        "vllm:num_requests_waiting",
+        "vllm:num_requests_running",
+        "vllm:kv_cache_usage_perc",
+        "vllm:lora_requests_info",
+    ] {
+        let text = server
+            .client()
+            .get(format!("{}/metrics", server.url))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        assert!(text.contains(&format!("\n{name}{{")), "{name} in\n{text}");
+    }
 }

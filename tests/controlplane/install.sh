@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Builds (or finds cached) the real binaries the integration tests run:
-# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, helm and an
-# S3-protocol server. Everything is built from the registries (Go module proxy, crates.io),
+# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, helm, an
+# S3-protocol server, and argocd-lua (Argo CD's Lua runtime, for the shipped health checks). Everything is built from the registries (Go module proxy, crates.io),
 # never downloaded as a prebuilt binary, and cached by version outside the work tree:
 #   ${GRAFT_TOOLS_DIR:-$HOME/.cache/graft/tools}/<tool>-<version>/
 # A second run with the same versions rebuilds nothing.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-# shellcheck source=versions.env
+# shellcheck source=tests/controlplane/versions.env
 source "$here/versions.env"
 tools=${GRAFT_TOOLS_DIR:-$HOME/.cache/graft/tools}
 mkdir -p "$tools"
@@ -103,9 +103,48 @@ build_s3() {
   rm -rf "$work"
 }
 
+# promtool checks the chart's alerting rules in CI (tests/monitoring/check.sh). Only the rule
+# checker is built, without Prometheus' service-discovery plugins (`remove_all_sd`), which are
+# most of its dependencies.
+build_promtool() {
+  local v=$PROMETHEUS_VERSION dest="$tools/prometheus-$PROMETHEUS_VERSION"
+  if have "$dest" promtool; then log "promtool $v cached"; return; fi
+  log "building promtool $v"
+  local work; work=$(mktemp -d)
+  # Prometheus' go.mod carries a replace directive, so `go install pkg@v` refuses it; a
+  # wrapper module builds it unchanged, as for etcd.
+  printf 'module graft.dev/tools/promtool\n\ngo 1.25\n\nrequire github.com/prometheus/prometheus %s\n' "$v" >"$work/go.mod"
+  (cd "$work" && go get "github.com/prometheus/prometheus/cmd/promtool@$v" >/dev/null)
+  mkdir -p "$work/bin"
+  (cd "$work" && go build -p "$jobs" -trimpath -tags remove_all_sd -ldflags "-s -w" \
+    -o "$work/bin/promtool" github.com/prometheus/prometheus/cmd/promtool)
+  finish "$work/bin" "$dest"
+  rm -rf "$work"
+}
+
+build_argocd_lua() {
+  local v=$GOPHER_LUA_VERSION dest="$tools/argocd-lua-$GOPHER_LUA_VERSION-r$ARGOCD_LUA_REVISION"
+  if have "$dest" argocd-lua; then log "argocd-lua $v cached"; return; fi
+  log "building argocd-lua (gopher-lua $v)"
+  local work; work=$(mktemp -d)
+  cp "$here/argocd-lua/main.go" "$work/"
+  printf 'module graft.dev/tools/argocd-lua\n\ngo 1.22\n' >"$work/go.mod"
+  (cd "$work" && go get "github.com/yuin/gopher-lua@$v" >/dev/null)
+  mkdir -p "$work/bin"
+  (cd "$work" && go build -trimpath -ldflags "-s -w" -o "$work/bin/argocd-lua" .)
+  finish "$work/bin" "$dest"
+  rm -rf "$work"
+}
+
 t0=$SECONDS
-build_etcd
-build_kubernetes
-build_helm
-build_s3
+# `install.sh promtool` builds only promtool; without arguments, the test harness's tools.
+if [[ ${1:-} == promtool ]]; then
+  build_promtool
+else
+  build_argocd_lua
+  build_etcd
+  build_kubernetes
+  build_helm
+  build_s3
+fi
 log "tools ready in $tools ($((SECONDS - t0)) s)"

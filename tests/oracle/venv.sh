@@ -59,6 +59,8 @@ if ! ready; then
     for lock in "$cache"/oracle-venv-*.lock; do
       other=${lock%.lock}
       [[ $other == "$venv" ]] && continue
+      # The lock file is removed while held, on purpose: whoever held it is gone.
+      # shellcheck disable=SC2094
       (flock -n 9 && rm -rf "$other" "$other".tmp.* "$lock") 9>>"$lock" || true
     done
   fi
@@ -91,6 +93,7 @@ if [[ -s $extra ]]; then
       for lock in "$cache"/oracle-extra-*.lock; do
         other=${lock%.lock}
         [[ $other == "$venv" ]] && continue
+        # shellcheck disable=SC2094 # the lock is held while its own file is removed
         (flock -n 9 && rm -rf "$other" "$other".tmp.* "$lock") 9>>"$lock" || true
       done
     fi

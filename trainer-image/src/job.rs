@@ -207,6 +207,7 @@ pub fn run(
         fine_tune_job: config.status_target.clone(),
     };
     rt.block_on(publish(&output, adapter_config, weights, &graft_json))?;
+    progress.record_adapter(&artifact);
     progress.finish();
     Ok(TrainerResult { adapter: artifact })
 }

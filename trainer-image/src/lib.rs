@@ -4,6 +4,7 @@ pub mod adapters;
 pub mod backward;
 pub mod checkpoint;
 pub mod dataset;
+pub mod history;
 pub mod job;
 pub mod loss;
 pub mod memory;

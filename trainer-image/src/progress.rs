@@ -1,10 +1,11 @@
 //! Where training progress goes: a JSON line per step on stdout (a progress bar instead when
 //! stdout is a terminal), the FineTuneJob's `status.progress` through server-side apply with
-//! the trainer's own field manager, and checkpoints to the output store.
+//! the trainer's own field manager (with a short loss history, see `history`), and checkpoints
+//! to the output store.
 
 use std::time::{Duration, Instant};
 
-use graft_api::{FineTuneJob, Metrics, StatusTarget};
+use graft_api::{AdapterArtifact, FineTuneJob, Metrics, StatusTarget};
 use graft_engine::storage::Location;
 use indicatif::{ProgressBar, ProgressStyle};
 use kube::{
@@ -15,6 +16,7 @@ use tokio::runtime::Runtime;
 
 use crate::{
     checkpoint::Checkpoint,
+    history::LossHistory,
     job::save_checkpoint,
     train::{HookError, Hooks, StepReport},
 };
@@ -32,6 +34,7 @@ pub struct Progress<'rt> {
     bar: Option<ProgressBar>,
     last: Option<StepReport>,
     eval_loss: Option<f64>,
+    history: LossHistory,
 }
 
 struct Status {
@@ -40,6 +43,11 @@ struct Status {
     /// Set after the first failure to build a client: progress then stays local.
     unavailable: bool,
     last_patch: Option<Instant>,
+    /// The progress last applied: every apply as `graft-trainer` carries it, since server-side
+    /// apply drops the fields a manager's new apply leaves out.
+    progress: Option<graft_api::Progress>,
+    /// Whether an earlier attempt's loss history has been read (once, before the first patch).
+    seeded: bool,
 }
 
 impl std::fmt::Debug for Status {
@@ -66,6 +74,8 @@ impl<'rt> Progress<'rt> {
                 client: None,
                 unavailable: false,
                 last_patch: None,
+                progress: None,
+                seeded: false,
             }),
             bar: terminal.then(|| {
                 let bar = ProgressBar::new(0);
@@ -79,6 +89,7 @@ impl<'rt> Progress<'rt> {
             }),
             last: None,
             eval_loss: None,
+            history: LossHistory::default(),
         }
     }
 
@@ -90,6 +101,95 @@ impl<'rt> Progress<'rt> {
             tokens_per_second: self.last.as_ref().map(|r| r.tokens_per_second),
             ..Metrics::default()
         }
+    }
+
+    /// Records the published adapter in the FineTuneJob's `status.adapter` before the trainer
+    /// exits, so the outcome survives the pod and its termination message (garbage-collected,
+    /// or the Job deleted before the operator saw it). A few attempts; the termination message
+    /// stays the fallback.
+    pub fn record_adapter(&mut self, adapter: &AdapterArtifact) {
+        let Some(status) = &self.status else {
+            return;
+        };
+        let mut fields = serde_json::json!({"adapter": adapter});
+        if let Some(progress) = &status.progress {
+            fields["progress"] = serde_json::json!(progress);
+        }
+        let patch = serde_json::json!({
+            "apiVersion": "graft.dev/v1alpha1",
+            "kind": "FineTuneJob",
+            "status": fields,
+        });
+        for attempt in 1..=3 {
+            match self.apply_status(&patch) {
+                Ok(()) => return,
+                Err(reason) => {
+                    eprintln!("graft-trainer: recording the adapter in the FineTuneJob: {reason}");
+                    let no_cluster = self.status.as_ref().is_some_and(|s| s.unavailable);
+                    if no_cluster || attempt == 3 {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// Server-side apply of `patch` to the FineTuneJob's status as `graft-trainer`; `Ok` when
+    /// there is no FineTuneJob to report to, or no cluster to reach (found once, then kept).
+    fn apply_status(&mut self, patch: &serde_json::Value) -> Result<(), String> {
+        let Some(status) = &mut self.status else {
+            return Ok(());
+        };
+        if status.unavailable {
+            return Ok(());
+        }
+        let result = self.rt.block_on(async {
+            if status.client.is_none() {
+                status.client = Some(
+                    Client::try_default()
+                        .await
+                        .map_err(|e| (true, e.to_string()))?,
+                );
+            }
+            let client = status.client.clone().expect("set above");
+            let api: Api<FineTuneJob> = Api::namespaced(client, &status.target.namespace);
+            api.patch_status(
+                &status.target.name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(patch),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| (false, e.to_string()))
+        });
+        result.map_err(|(no_client, reason)| {
+            status.unavailable |= no_client;
+            reason
+        })
+    }
+
+    /// The loss history an earlier attempt of this job recorded in its status.
+    fn earlier_history(&mut self) -> Result<Vec<graft_api::LossPoint>, String> {
+        let Some(status) = &mut self.status else {
+            return Ok(Vec::new());
+        };
+        self.rt.block_on(async {
+            if status.client.is_none() {
+                status.client = Some(Client::try_default().await.map_err(|e| e.to_string())?);
+            }
+            let client = status.client.clone().expect("set above");
+            let api: Api<FineTuneJob> = Api::namespaced(client, &status.target.namespace);
+            let job = api
+                .get_status(&status.target.name)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(job
+                .status
+                .and_then(|s| s.progress)
+                .map(|p| p.history)
+                .unwrap_or_default())
+        })
     }
 
     pub fn finish(&self) {
@@ -144,6 +244,19 @@ impl<'rt> Progress<'rt> {
             return;
         }
         status.last_patch = Some(Instant::now());
+        if !status.seeded {
+            status.seeded = true;
+            // A retried pod resumes after a checkpoint: keep the curve its predecessors drew.
+            match self.earlier_history() {
+                Ok(earlier) => self.history.seed(&earlier),
+                Err(reason) => {
+                    eprintln!("graft-trainer: reading the earlier loss history: {reason}");
+                }
+            }
+        }
+        let Some(status) = &mut self.status else {
+            return;
+        };
         let progress = graft_api::Progress {
             step: report.step,
             total_steps: report.total_steps,
@@ -155,34 +268,16 @@ impl<'rt> Progress<'rt> {
             updated_at: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
                 k8s_openapi::jiff::Timestamp::now(),
             )),
+            history: self.history.points().to_vec(),
         };
         let patch = serde_json::json!({
             "apiVersion": "graft.dev/v1alpha1",
             "kind": "FineTuneJob",
             "status": {"progress": progress},
         });
-        let result = self.rt.block_on(async {
-            if status.client.is_none() {
-                status.client = Some(
-                    Client::try_default()
-                        .await
-                        .map_err(|e| (true, e.to_string()))?,
-                );
-            }
-            let client = status.client.clone().expect("set above");
-            let api: Api<FineTuneJob> = Api::namespaced(client, &status.target.namespace);
-            api.patch_status(
-                &status.target.name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await
-            .map(|_| ())
-            .map_err(|e| (false, e.to_string()))
-        });
+        status.progress = Some(progress);
         // Progress is informative: a failed report never stops training.
-        if let Err((no_client, reason)) = result {
-            status.unavailable |= no_client;
+        if let Err(reason) = self.apply_status(&patch) {
             eprintln!("graft-trainer: reporting progress to the FineTuneJob: {reason}");
         }
     }
@@ -193,6 +288,12 @@ impl Hooks for Progress<'_> {
         if report.eval_loss.is_some() {
             self.eval_loss = report.eval_loss;
         }
+        self.history.record(
+            report.step,
+            report.total_steps,
+            report.loss,
+            report.eval_loss,
+        );
         self.print(report);
         self.patch_status(report);
         self.last = Some(report.clone());

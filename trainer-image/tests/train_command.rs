@@ -377,6 +377,35 @@ async fn bad_input_exits_2_with_a_one_line_reason() {
     );
 }
 
+/// The rights the operator gives a job's ServiceAccount: its own status, nothing else.
+async fn grant_status_rights(admin: &kube::Client, ns: &str) {
+    use kube::{Api, api::PostParams};
+    let rbac = serde_json::json!([
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+         "metadata": {"name": "trainer", "namespace": ns},
+         "rules": [{"apiGroups": ["graft.dev"], "resources": ["finetunejobs/status"],
+                    "resourceNames": ["colours"], "verbs": ["get", "patch"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": {"name": "trainer", "namespace": ns},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "trainer"},
+         "subjects": [{"kind": "ServiceAccount", "name": "trainer", "namespace": ns}]},
+    ]);
+    for object in rbac.as_array().expect("list") {
+        let kind = object["kind"].as_str().expect("kind");
+        let resource = kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+            "rbac.authorization.k8s.io",
+            "v1",
+            kind,
+        ));
+        let api: Api<kube::api::DynamicObject> = Api::namespaced_with(admin.clone(), ns, &resource);
+        let object: kube::api::DynamicObject =
+            serde_json::from_value(object.clone()).expect("object");
+        api.create(&PostParams::default(), &object)
+            .await
+            .expect("create RBAC");
+    }
+}
+
 #[tokio::test]
 async fn progress_reaches_the_finetunejobs_status_under_the_trainers_own_rights() {
     use graft_api::{FineTuneJob, all_crds};
@@ -401,32 +430,7 @@ async fn progress_reaches_the_finetunejobs_status_under_the_trainers_own_rights(
     jobs.create(&PostParams::default(), &job)
         .await
         .expect("create");
-    // The rights the operator gives a job's ServiceAccount: its own status, nothing else.
-    let rbac = serde_json::json!([
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-         "metadata": {"name": "trainer", "namespace": ns},
-         "rules": [{"apiGroups": ["graft.dev"], "resources": ["finetunejobs/status"],
-                    "resourceNames": ["colours"], "verbs": ["get", "patch"]}]},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-         "metadata": {"name": "trainer", "namespace": ns},
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "trainer"},
-         "subjects": [{"kind": "ServiceAccount", "name": "trainer", "namespace": ns}]},
-    ]);
-    for object in rbac.as_array().expect("list") {
-        let kind = object["kind"].as_str().expect("kind");
-        let resource = kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
-            "rbac.authorization.k8s.io",
-            "v1",
-            kind,
-        ));
-        let api: Api<kube::api::DynamicObject> =
-            Api::namespaced_with(admin.clone(), &ns, &resource);
-        let object: kube::api::DynamicObject =
-            serde_json::from_value(object.clone()).expect("object");
-        api.create(&PostParams::default(), &object)
-            .await
-            .expect("create RBAC");
-    }
+    grant_status_rights(&admin, &ns).await;
 
     let s3 = S3Server::shared().await;
     let bucket = s3.bucket("status");
@@ -451,6 +455,7 @@ async fn progress_reaches_the_finetunejobs_status_under_the_trainers_own_rights(
     let job = jobs.get_status("colours").await.expect("get");
     let progress = job
         .status
+        .clone()
         .and_then(|s| s.progress)
         .expect("progress written");
     assert_eq!(
@@ -460,6 +465,28 @@ async fn progress_reaches_the_finetunejobs_status_under_the_trainers_own_rights(
     );
     assert!(progress.loss.is_some() && progress.eval_loss.is_some());
     assert!(progress.updated_at.is_some());
+    // The loss curve `kubectl graft loss` draws: every step of this short run, the last one
+    // being the step reported, with the validation loss at each epoch's end.
+    let steps: Vec<u64> = progress.history.iter().map(|p| p.step).collect();
+    assert_eq!(steps, (1..=24).collect::<Vec<_>>());
+    assert_eq!(progress.history.last().map(|p| p.loss), progress.loss);
+    let evals: Vec<u64> = progress
+        .history
+        .iter()
+        .filter(|p| p.eval_loss.is_some())
+        .map(|p| p.step)
+        .collect();
+    assert_eq!(evals, [3, 6, 9, 12, 15, 18, 21, 24], "3 steps per epoch");
+    // The outcome is on the job before the trainer exits, whatever becomes of its pod.
+    let adapter = job
+        .status
+        .as_ref()
+        .and_then(|s| s.adapter.clone())
+        .expect("the trainer records its adapter");
+    assert_eq!(adapter.uri, format!("s3://{bucket}/out/"));
+    let termination = std::fs::read_to_string(run.cache.with_file_name("termination-log"))
+        .expect("the termination message");
+    assert!(termination.contains(&adapter.sha256), "{termination}");
     let managers: Vec<_> = job
         .metadata
         .managed_fields

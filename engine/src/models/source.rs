@@ -48,8 +48,7 @@ impl ModelFiles {
 pub fn is_gguf(uri: &ObjectUri) -> bool {
     let path = match uri {
         ObjectUri::S3 { key, .. } => key,
-        ObjectUri::File { path } => path,
-        ObjectUri::Hf { path, .. } => path,
+        ObjectUri::File { path } | ObjectUri::Hf { path, .. } => path,
     };
     Path::new(path)
         .extension()

@@ -68,6 +68,24 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         special_tokens: &SpecialTokens,
     ) -> Result<String, Error> {
+        self.render_with_tools(
+            &Value::from_serialize(messages),
+            None,
+            add_generation_prompt,
+            special_tokens,
+        )
+    }
+
+    /// [`ChatTemplate::render`] for messages of any shape (OpenAI's, with `tool_calls`,
+    /// `tool_call_id`, `name`), and `tools` — a list of OpenAI function definitions — as
+    /// transformers passes `apply_chat_template(messages, tools=...)`.
+    pub fn render_with_tools(
+        &self,
+        messages: &Value,
+        tools: Option<&Value>,
+        add_generation_prompt: bool,
+        special_tokens: &SpecialTokens,
+    ) -> Result<String, Error> {
         let SpecialTokens {
             bos_token,
             eos_token,
@@ -77,7 +95,7 @@ impl ChatTemplate {
         self.env.get_template(NAME)?.render(context! {
             messages,
             add_generation_prompt,
-            tools => Value::from(()),
+            tools => tools.cloned().unwrap_or_else(|| Value::from(())),
             documents => Value::from(()),
             bos_token,
             eos_token,
@@ -452,6 +470,34 @@ mod tests {
         assert_eq!(
             template.render(&[], false, &tokens).expect("renders"),
             "<s></s>"
+        );
+    }
+
+    #[test]
+    fn tools_and_tool_call_messages_reach_the_template() {
+        let template = ChatTemplate::new(
+            "{% for t in tools %}[{{ t.function.name }}]{% endfor %}{% for m in messages %}{% for c in m.tool_calls %}{{ c.function.name }}({{ c.function.arguments | tojson }}){% endfor %}{{ m.tool_call_id }}{% endfor %}{{ tools is none }}",
+        )
+        .expect("compiles");
+        let messages = Value::from_serialize(serde_json::json!([
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "2"},
+        ]));
+        let tools = Value::from_serialize(
+            serde_json::json!([{"type": "function", "function": {"name": "f"}}]),
+        );
+        let special = SpecialTokens::default();
+        assert_eq!(
+            template
+                .render_with_tools(&messages, Some(&tools), false, &special)
+                .expect("renders"),
+            r#"[f]f({"x": 1})c1False"#
+        );
+        assert_eq!(
+            template
+                .render_with_tools(&messages, None, false, &special)
+                .expect("renders"),
+            r#"f({"x": 1})c1True"#
         );
     }
 

@@ -50,7 +50,7 @@ const SPLITS: [(&str, &str); 9] = [
 ];
 
 /// The tokenizer of the GGUF file at `path`, from its `metadata`.
-pub fn from_gguf(
+pub(crate) fn from_gguf(
     path: &Path,
     metadata: &HashMap<String, Value>,
 ) -> Result<Tokenizer, TokenizerError> {
@@ -66,18 +66,7 @@ pub fn from_gguf(
         ));
     }
     let tokens = meta.strings("tokenizer.ggml.tokens")?;
-    let merges = meta
-        .strings("tokenizer.ggml.merges")?
-        .into_iter()
-        .map(|merge| {
-            merge
-                .split_once(' ')
-                .map(|(a, b)| (a.to_owned(), b.to_owned()))
-                .ok_or_else(|| {
-                    meta.error("tokenizer.ggml.merges", format!("{merge:?} is not a pair"))
-                })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let merges = merges(&meta)?;
     let types = match metadata.get("tokenizer.ggml.token_type") {
         Some(_) => meta.integers("tokenizer.ggml.token_type")?,
         None => Vec::new(),
@@ -108,26 +97,7 @@ pub fn from_gguf(
         .map_err(|e| meta.error("tokenizer.ggml.merges", e.to_string()))?;
 
     let mut inner = tokenizers::Tokenizer::new(bpe);
-    let split = meta
-        .optional_string("tokenizer.ggml.pre")?
-        .and_then(|pre| SPLITS.iter().find(|(name, _)| *name == pre))
-        .map(|(_, pattern)| *pattern);
-    let pre_tokenizer: PreTokenizerWrapper = match split {
-        Some(pattern) => {
-            let split = Split::new(
-                SplitPattern::Regex(pattern.to_owned()),
-                SplitDelimiterBehavior::Isolated,
-                false,
-            )
-            .map_err(|e| meta.error("tokenizer.ggml.pre", e.to_string()))?;
-            Sequence::new(vec![
-                split.into(),
-                ByteLevel::new(false, true, false).into(),
-            ])
-            .into()
-        }
-        None => ByteLevel::new(false, true, true).into(),
-    };
+    let pre_tokenizer = pre_tokenizer(&meta)?;
     inner.with_pre_tokenizer(Some(pre_tokenizer));
     inner.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())));
 
@@ -153,23 +123,7 @@ pub fn from_gguf(
         .add_tokens(user_defined)
         .map_err(|e| meta.error("tokenizer.ggml.token_type", e.to_string()))?;
 
-    let token = |key: &str| -> Result<Option<String>, TokenizerError> {
-        meta.optional_integer(key)?
-            .map(|id| {
-                usize::try_from(id)
-                    .ok()
-                    .and_then(|id| tokens.get(id))
-                    .map(|t| (*t).to_owned())
-                    .ok_or_else(|| meta.error(key, format!("{id} is not a token id")))
-            })
-            .transpose()
-    };
-    let special = SpecialTokens {
-        bos_token: token("tokenizer.ggml.bos_token_id")?,
-        eos_token: token("tokenizer.ggml.eos_token_id")?,
-        unk_token: token("tokenizer.ggml.unknown_token_id")?,
-        pad_token: token("tokenizer.ggml.padding_token_id")?,
-    };
+    let special = special_tokens(&meta, &tokens)?;
     // The named special tokens are special whatever their type says.
     let named: Vec<AddedToken> = [
         &special.bos_token,
@@ -185,13 +139,13 @@ pub fn from_gguf(
         .add_special_tokens(named)
         .map_err(|e| meta.error("tokenizer.ggml.bos_token_id", e.to_string()))?;
 
-    let add_bos = meta
+    let prepend_bos = meta
         .optional_bool("tokenizer.ggml.add_bos_token")?
         .unwrap_or(false);
-    let add_eos = meta
+    let append_eos = meta
         .optional_bool("tokenizer.ggml.add_eos_token")?
         .unwrap_or(false);
-    let processor = post_processor(&meta, &inner, &special, add_bos, add_eos)?;
+    let processor = post_processor(&meta, &inner, &special, prepend_bos, append_eos)?;
     inner.with_post_processor(Some(processor));
 
     let template = meta
@@ -206,14 +160,75 @@ pub fn from_gguf(
     ))
 }
 
+/// `tokenizer.ggml.merges`: "a b" strings as pairs.
+fn merges(meta: &Metadata<'_>) -> Result<Vec<(String, String)>, TokenizerError> {
+    meta.strings("tokenizer.ggml.merges")?
+        .into_iter()
+        .map(|merge| {
+            merge
+                .split_once(' ')
+                .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                .ok_or_else(|| {
+                    meta.error("tokenizer.ggml.merges", format!("{merge:?} is not a pair"))
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()
+}
+
+/// llama.cpp's pre-tokenizer name (`tokenizer.ggml.pre`) as the split transformers uses,
+/// followed by the byte-level mapping; plain byte-level splitting for names it does not know.
+fn pre_tokenizer(meta: &Metadata<'_>) -> Result<PreTokenizerWrapper, TokenizerError> {
+    let split = meta
+        .optional_string("tokenizer.ggml.pre")?
+        .and_then(|pre| SPLITS.iter().find(|(name, _)| *name == pre))
+        .map(|(_, pattern)| *pattern);
+    Ok(match split {
+        Some(pattern) => {
+            let split = Split::new(
+                SplitPattern::Regex(pattern.to_owned()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| meta.error("tokenizer.ggml.pre", e.to_string()))?;
+            Sequence::new(vec![
+                split.into(),
+                ByteLevel::new(false, true, false).into(),
+            ])
+            .into()
+        }
+        None => ByteLevel::new(false, true, true).into(),
+    })
+}
+
+/// bos / eos / unk / pad, by their ids in the metadata.
+fn special_tokens(meta: &Metadata<'_>, tokens: &[&str]) -> Result<SpecialTokens, TokenizerError> {
+    let token = |key: &str| -> Result<Option<String>, TokenizerError> {
+        meta.optional_integer(key)?
+            .map(|id| {
+                usize::try_from(id)
+                    .ok()
+                    .and_then(|id| tokens.get(id))
+                    .map(|t| (*t).to_owned())
+                    .ok_or_else(|| meta.error(key, format!("{id} is not a token id")))
+            })
+            .transpose()
+    };
+    Ok(SpecialTokens {
+        bos_token: token("tokenizer.ggml.bos_token_id")?,
+        eos_token: token("tokenizer.ggml.eos_token_id")?,
+        unk_token: token("tokenizer.ggml.unknown_token_id")?,
+        pad_token: token("tokenizer.ggml.padding_token_id")?,
+    })
+}
+
 /// transformers' `update_post_processor`: bos before and eos after the text when the file
 /// asks for them.
 fn post_processor(
     meta: &Metadata<'_>,
     inner: &tokenizers::Tokenizer,
     special: &SpecialTokens,
-    add_bos: bool,
-    add_eos: bool,
+    prepend_bos: bool,
+    append_eos: bool,
 ) -> Result<PostProcessorWrapper, TokenizerError> {
     let mut single = Vec::new();
     let mut pair = Vec::new();
@@ -231,12 +246,12 @@ fn post_processor(
         special_ids.push((token.clone(), id));
         Ok(token)
     };
-    let bos = if add_bos {
+    let bos = if prepend_bos {
         Some(named(&special.bos_token, "tokenizer.ggml.bos_token_id")?)
     } else {
         None
     };
-    let eos = if add_eos {
+    let eos = if append_eos {
         Some(named(&special.eos_token, "tokenizer.ggml.eos_token_id")?)
     } else {
         None

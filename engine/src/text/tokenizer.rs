@@ -73,6 +73,7 @@ pub struct Encoded {
 #[derive(Debug)]
 struct Template {
     path: PathBuf,
+    source: String,
     compiled: std::result::Result<ChatTemplate, String>,
 }
 
@@ -152,6 +153,7 @@ impl Tokenizer {
         let template = template.map(|(path, source)| Template {
             path,
             compiled: ChatTemplate::new(&source).map_err(|e| e.to_string()),
+            source,
         });
         Self {
             origin: origin.to_owned(),
@@ -198,6 +200,21 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// The tokenizer as a `tokenizer.json` document (the directory's own, or the one built
+    /// from a GGUF file's metadata), for readers of that format such as structured output's.
+    ///
+    /// # Errors
+    /// When the tokenizer cannot be serialized (it always can, having been built).
+    pub fn to_json(&self) -> std::result::Result<serde_json::Value, String> {
+        let text = self.inner.to_string(false).map_err(|e| e.to_string())?;
+        serde_json::from_str(&text).map_err(|e| e.to_string())
+    }
+
+    /// The chat template's Jinja source, if the model has one.
+    pub fn chat_template_source(&self) -> Option<&str> {
+        self.template.as_ref().map(|t| t.source.as_str())
+    }
+
     /// The conversation as the model's chat template writes it, as transformers'
     /// `apply_chat_template(messages, tokenize=False, add_generation_prompt=...)` does.
     pub fn apply_chat_template(
@@ -205,6 +222,30 @@ impl Tokenizer {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<String> {
+        self.compiled_template()?
+            .render(messages, add_generation_prompt, &self.special)
+            .map_err(|source| TokenizerError::Render { source })
+    }
+
+    /// [`Tokenizer::apply_chat_template`] for OpenAI-shaped messages (with `tool_calls` and
+    /// `tool` turns) and a list of tools, as `apply_chat_template(messages, tools=tools)`.
+    pub fn apply_chat_template_with_tools(
+        &self,
+        messages: &[serde_json::Value],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        self.compiled_template()?
+            .render_with_tools(
+                &minijinja::Value::from_serialize(messages),
+                tools.map(minijinja::Value::from_serialize).as_ref(),
+                add_generation_prompt,
+                &self.special,
+            )
+            .map_err(|source| TokenizerError::Render { source })
+    }
+
+    fn compiled_template(&self) -> Result<&ChatTemplate> {
         let template = self
             .template
             .as_ref()
@@ -212,17 +253,13 @@ impl Tokenizer {
                 origin: self.origin.clone(),
                 looked_in: self.template_places,
             })?;
-        let compiled =
-            template
-                .compiled
-                .as_ref()
-                .map_err(|reason| TokenizerError::TemplateSyntax {
-                    path: template.path.clone(),
-                    reason: reason.clone(),
-                })?;
-        compiled
-            .render(messages, add_generation_prompt, &self.special)
-            .map_err(|source| TokenizerError::Render { source })
+        template
+            .compiled
+            .as_ref()
+            .map_err(|reason| TokenizerError::TemplateSyntax {
+                path: template.path.clone(),
+                reason: reason.clone(),
+            })
     }
 
     /// Plain text, every token a label: the tokenizer's special tokens, then eos.

@@ -3,7 +3,9 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{LocalObjectRef, NAME_PATTERN, SHA256_PATTERN, SOURCE_URI_PATTERN};
+use crate::common::{
+    DNS_LABEL_PATTERN, LocalObjectRef, NAME_PATTERN, SHA256_PATTERN, SOURCE_URI_PATTERN,
+};
 
 /// Puts an adapter into a running base-model server Deployment without restarting it; two
 /// versions with weights make a canary.
@@ -18,6 +20,7 @@ use crate::common::{LocalObjectRef, NAME_PATTERN, SHA256_PATTERN, SOURCE_URI_PAT
     namespaced,
     status = "AdapterDeploymentStatus",
     printcolumn = r#"{"name":"Server","type":"string","jsonPath":".spec.server.name"}"#,
+    printcolumn = r#"{"name":"Server-Namespace","type":"string","priority":1,"jsonPath":".spec.server.namespace"}"#,
     printcolumn = r#"{"name":"Adapter","type":"string","jsonPath":".spec.adapterName"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.replicas.ready"}"#,
@@ -68,9 +71,26 @@ pub struct AdapterDeploymentSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ServerRef {
-    /// Name of the Deployment, in the namespace of the AdapterDeployment.
+    /// Name of the Deployment.
     #[schemars(length(min = 1, max = 253), regex(pattern = NAME_PATTERN))]
     pub name: String,
+    /// Namespace of the Deployment; the AdapterDeployment's own when unset. A server in
+    /// another namespace serves this AdapterDeployment only once a ServerGrant there admits
+    /// this namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), regex(pattern = DNS_LABEL_PATTERN))]
+    pub namespace: Option<String>,
+}
+
+impl AdapterDeployment {
+    /// The namespace of the server Deployment this AdapterDeployment names.
+    pub fn server_namespace(&self) -> Option<&str> {
+        self.spec
+            .server
+            .namespace
+            .as_deref()
+            .or(self.metadata.namespace.as_deref())
+    }
 }
 
 /// One version of the adapter and its share of the traffic.
@@ -126,7 +146,7 @@ pub struct AdapterDeploymentStatus {
     /// Summary of the conditions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<AdapterDeploymentPhase>,
-    /// Ready, Progressing, Degraded and the reasons.
+    /// Ready, Reconciling and Stalled (kstatus), with the reasons.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,

@@ -50,6 +50,19 @@ pub struct StatusTarget {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AdapterAssignment {
     pub versions: Vec<AssignedVersion>,
+    /// The uid of the AdapterDeployment that assigns the name, and the generation of its spec
+    /// this assignment comes from. A server refuses (409) an assignment of an older generation
+    /// than the last it accepted from the same owner, so a deposed operator's late request
+    /// cannot undo a newer one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Owner>,
+}
+
+/// Who assigned an adapter name, at which generation of its spec.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub uid: String,
+    pub generation: i64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -13,6 +13,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::{NAME_PATTERN, OUTPUT_URI_PATTERN, SOURCE_URI_PATTERN, SecretRef};
 
+/// A positive Kubernetes quantity (CEL's quantity library; the field is an int-or-string).
+const QUANTITY_RULE: &str =
+    "isQuantity(string(self)) && quantity(string(self)).isGreaterThan(quantity('0'))";
+
+/// A domain-prefixed extended resource name (`vendor.example/resource`).
+const EXTENDED_RESOURCE_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)+/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$";
+
 /// Once the operator has started a job (`status.startTime` is set) its spec is frozen: a changed
 /// model, dataset, method, training or output would silently describe a run that never happened.
 /// `suspend`, `resources` and `image` stay mutable so Kueue-style admission and re-scheduling work.
@@ -76,6 +83,11 @@ pub struct FineTuneJobSpec {
     /// Suspends the job: no pod runs while true. Compatible with Kueue.
     #[serde(default)]
     pub suspend: bool,
+    /// Seconds the training may run in all, retries included, before the job fails with
+    /// reason DeadlineExceeded; no limit when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 31_536_000))]
+    pub active_deadline_seconds: Option<i64>,
 }
 
 /// The `model_type` values (of `config.json`, or a GGUF file's `general.architecture`) of the
@@ -389,15 +401,34 @@ pub struct Resources {
     #[serde(default = "one")]
     #[schemars(range(max = 16))]
     pub gpus: u32,
-    /// The extended resource that counts GPUs on the nodes.
+    /// The extended resource that counts GPUs on the nodes: a domain-prefixed name such as
+    /// `nvidia.com/gpu` or `amd.com/gpu`.
     #[serde(default = "default_gpu_resource_name")]
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(
+        length(min = 3, max = 253),
+        regex(pattern = EXTENDED_RESOURCE_PATTERN),
+        extend("x-kubernetes-validations" = [{
+            "rule": "!self.startsWith('kubernetes.io/') && !self.startsWith('requests.')",
+            "message": "gpuResourceName: an extended resource outside the kubernetes.io domain, such as nvidia.com/gpu",
+            "reason": "FieldValueInvalid",
+        }])
+    )]
     pub gpu_resource_name: String,
     /// Memory request and limit of the trainer container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": QUANTITY_RULE,
+        "message": "memory: a quantity such as 32Gi",
+        "reason": "FieldValueInvalid",
+    }]))]
     pub memory: Option<Quantity>,
     /// CPU request of the trainer container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": QUANTITY_RULE,
+        "message": "cpu: a quantity such as 8 or 500m",
+        "reason": "FieldValueInvalid",
+    }]))]
     pub cpu: Option<Quantity>,
     /// Node labels the training pod must match.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -498,6 +529,27 @@ pub struct Progress {
     /// When the trainer wrote this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated_at: Option<Time>,
+    /// The loss curve so far, for `kubectl graft loss`: at most about 250 points, evenly
+    /// spaced over the run's steps, plus the steps where the validation loss was measured.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_HISTORY_POINTS))]
+    pub history: Vec<LossPoint>,
+}
+
+/// How many points `status.progress.history` holds at most (the schema's `maxItems`).
+pub const MAX_HISTORY_POINTS: u32 = 256;
+
+/// One point of the loss curve.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LossPoint {
+    /// Optimiser steps done.
+    pub step: u64,
+    /// Training loss of that step.
+    pub loss: f64,
+    /// Loss on the validation split, where it was measured at that step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
 }
 
 /// A finished adapter in object storage.

@@ -10,6 +10,8 @@ mod artifact;
 mod common;
 mod crd;
 mod fine_tune_job;
+mod reference;
+mod server_grant;
 
 pub use adapter_deployment::{
     AdapterDeployment, AdapterDeploymentPhase, AdapterDeploymentSpec, AdapterDeploymentStatus,
@@ -17,16 +19,19 @@ pub use adapter_deployment::{
 };
 pub use artifact::{
     AdapterAssignment, AdapterListing, AdaptersFile, AssignedVersion, Digested, GraftJson,
-    LoadState, Metrics, ServerInfo, StatusTarget, VersionState,
+    LoadState, Metrics, Owner, ServerInfo, StatusTarget, VersionState,
 };
 pub use common::{LocalObjectRef, SecretRef};
 pub use crd::{all_crds, crds_yaml};
 pub use fine_tune_job::{
     AdapterArtifact, DatasetFormat, DatasetSource, FineTuneJob, FineTuneJobPhase, FineTuneJobSpec,
-    FineTuneJobStatus, LoraConfig, Method, ModelSource, OutputTarget, Progress, Quantization,
-    Resources, SUPPORTED_MODEL_TYPES, Scheduler, StorageConfig, TargetModule, TrainerResult,
-    Training,
+    FineTuneJobStatus, LoraConfig, LossPoint, MAX_HISTORY_POINTS, Method, ModelSource,
+    OutputTarget, Progress, Quantization, Resources, SUPPORTED_MODEL_TYPES, Scheduler,
+    StorageConfig, TargetModule, TrainerResult, Training,
 };
+pub use reference::api_reference;
+
+pub use server_grant::{GrantFrom, GrantTo, ServerGrant, ServerGrantSpec};
 
 /// The API group of every Graft resource.
 pub const GROUP: &str = "graft.dev";

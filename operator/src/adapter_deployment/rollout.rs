@@ -185,7 +185,10 @@ fn staged(serving: &[VersionState], desired: &AdapterAssignment) -> Option<Adapt
         weight: 0,
         ..want.clone()
     }));
-    Some(AdapterAssignment { versions })
+    Some(AdapterAssignment {
+        versions,
+        owner: desired.owner.clone(),
+    })
 }
 
 #[cfg(test)]
@@ -213,6 +216,7 @@ mod tests {
                     weight: *weight,
                 })
                 .collect(),
+            owner: None,
         }
     }
 

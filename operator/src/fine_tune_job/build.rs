@@ -21,6 +21,7 @@ use k8s_openapi::{
 };
 use kube::Resource;
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 /// The trainer exits with this code for a bad config or dataset: the Job fails at once
 /// instead of retrying what cannot succeed.
@@ -58,7 +59,9 @@ pub enum BuildError {
 #[derive(Clone, Debug)]
 pub struct Children {
     pub job: Job,
-    pub config: ConfigMap,
+    /// The rendered trainer config: immutable, named by its content's digest. `None` once the
+    /// Job exists: it keeps the config it was created with.
+    pub config: Option<ConfigMap>,
     pub service_account: ServiceAccount,
     pub role: Role,
     pub role_binding: RoleBinding,
@@ -81,6 +84,7 @@ impl Children {
             spec.suspend = Some(ftj.spec.suspend);
         }
         self.job.spec = Some(spec);
+        self.config = None;
         // Optimistic concurrency: if the Job changed since it was read (Kueue admitting it),
         // the apply fails with a conflict and the next reconcile starts from the new state
         // instead of writing back a stale `suspend`.
@@ -121,7 +125,12 @@ pub fn build(ftj: &FineTuneJob, defaults: &TrainerDefaults) -> Result<Children, 
     let owner = ftj
         .controller_owner_ref(&())
         .ok_or(BuildError::MissingMetadata("uid"))?;
-    let names = Names::new(name);
+    let config = TrainerConfig {
+        spec: &ftj.spec,
+        status_target: StatusTarget { namespace, name },
+    };
+    let rendered = serde_yaml::to_string(&config)?;
+    let names = Names::new(name, &rendered);
     let meta = |object_name: &str| ObjectMeta {
         name: Some(object_name.to_owned()),
         namespace: Some(namespace.to_owned()),
@@ -130,16 +139,12 @@ pub fn build(ftj: &FineTuneJob, defaults: &TrainerDefaults) -> Result<Children, 
         ..ObjectMeta::default()
     };
 
-    let config = TrainerConfig {
-        spec: &ftj.spec,
-        status_target: StatusTarget { namespace, name },
-    };
+    // Immutable, and named by its content: a pod always mounts exactly the config its Job was
+    // made for, and the kubelet need not watch it.
     let config_map = ConfigMap {
         metadata: meta(&names.config),
-        data: Some(BTreeMap::from([(
-            CONFIG_FILE.to_owned(),
-            serde_yaml::to_string(&config)?,
-        )])),
+        data: Some(BTreeMap::from([(CONFIG_FILE.to_owned(), rendered)])),
+        immutable: Some(true),
         ..ConfigMap::default()
     };
 
@@ -186,6 +191,7 @@ pub fn build(ftj: &FineTuneJob, defaults: &TrainerDefaults) -> Result<Children, 
         spec: Some(JobSpec {
             suspend: Some(ftj.spec.suspend || queue_of(ftj).is_some()),
             backoff_limit: Some(defaults.backoff_limit),
+            active_deadline_seconds: ftj.spec.active_deadline_seconds,
             pod_failure_policy: Some(pod_failure_policy()),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
@@ -201,14 +207,14 @@ pub fn build(ftj: &FineTuneJob, defaults: &TrainerDefaults) -> Result<Children, 
 
     Ok(Children {
         job,
-        config: config_map,
+        config: Some(config_map),
         service_account,
         role,
         role_binding,
     })
 }
 
-/// Names of the children, derived from the FineTuneJob's name.
+/// Names of the children, derived from the FineTuneJob's name (and the config's content).
 struct Names {
     job: String,
     config: String,
@@ -216,10 +222,16 @@ struct Names {
 }
 
 impl Names {
-    fn new(name: &str) -> Self {
+    fn new(name: &str, rendered_config: &str) -> Self {
+        let digest = Sha256::digest(rendered_config.as_bytes());
+        let short = digest[..5].iter().fold(String::new(), |mut hex, b| {
+            use std::fmt::Write;
+            let _ = write!(hex, "{b:02x}");
+            hex
+        });
         Self {
             job: name.to_owned(),
-            config: format!("{name}-config"),
+            config: format!("{name}-config-{short}"),
             identity: format!("{name}-trainer"),
         }
     }
@@ -447,9 +459,10 @@ mod tests {
     fn every_child_is_owned_by_the_finetunejob_and_labelled() {
         let ftj = job_from_yaml(FULL);
         let children = build(&ftj, &defaults()).expect("build");
+        let config = children.config.as_ref().expect("a new job's config");
         let metas = [
             &children.job.metadata,
-            &children.config.metadata,
+            &config.metadata,
             &children.service_account.metadata,
             &children.role.metadata,
             &children.role_binding.metadata,
@@ -719,8 +732,9 @@ mod tests {
     fn config_map_holds_the_spec_and_the_status_target() {
         let ftj = job_from_yaml(FULL);
         let children = build(&ftj, &defaults()).expect("build");
-        let text = children
-            .config
+        let config = children.config.as_ref().expect("config");
+        assert_eq!(config.immutable, Some(true));
+        let text = config
             .data
             .as_ref()
             .and_then(|d| d.get("config.yaml"))
@@ -731,6 +745,52 @@ mod tests {
         let spec: graft_api::FineTuneJobSpec =
             serde_yaml::from_str(text).expect("the trainer reads the spec back");
         assert_eq!(spec, ftj.spec);
+    }
+
+    #[test]
+    fn the_config_is_named_by_its_content_and_the_pod_mounts_that_name() {
+        let mut ftj = job_from_yaml(FULL);
+        let first = build(&ftj, &defaults()).expect("build");
+        let name = |c: &Children| {
+            c.config
+                .as_ref()
+                .and_then(|c| c.metadata.name.clone())
+                .expect("name")
+        };
+        let mounted = |c: &Children| {
+            pod(c)
+                .volumes
+                .iter()
+                .flatten()
+                .find_map(|v| v.config_map.as_ref().map(|c| c.name.clone()))
+                .expect("config volume")
+        };
+        assert!(name(&first).starts_with("support-bot-v3-config-"));
+        assert_eq!(mounted(&first), name(&first));
+        assert_eq!(
+            name(&build(&ftj, &defaults()).expect("build")),
+            name(&first)
+        );
+        ftj.spec.training.epochs += 1;
+        let changed = build(&ftj, &defaults()).expect("build");
+        assert_ne!(name(&changed), name(&first));
+        assert_eq!(mounted(&changed), name(&changed));
+
+        let mut kept = build(&ftj, &defaults()).expect("build");
+        kept.keep_job_spec_of(&first.job, &ftj);
+        assert!(
+            kept.config.is_none(),
+            "an existing Job keeps its own config"
+        );
+        assert_eq!(mounted(&kept), name(&first));
+    }
+
+    #[test]
+    fn the_active_deadline_bounds_the_job() {
+        let mut ftj = job_from_yaml(FULL);
+        ftj.spec.active_deadline_seconds = Some(3600);
+        let job = build(&ftj, &defaults()).expect("build").job;
+        assert_eq!(job.spec.and_then(|s| s.active_deadline_seconds), Some(3600));
     }
 
     #[test]

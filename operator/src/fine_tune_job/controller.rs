@@ -31,10 +31,10 @@ use serde_json::json;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::{
-    apply::{ApplyError, apply_children},
-    build::{BuildError, TrainerDefaults, build},
+    apply::{ApplyError, Taken, apply_children, controlled_by, taken_name},
+    build::{BuildError, Children, TrainerDefaults, build},
     status,
-    validate::{self, Lookups},
+    validate::{self, Lookups, Schemes},
 };
 use crate::{FIELD_MANAGER, conditions, metrics::Metrics, scoped};
 
@@ -76,8 +76,8 @@ impl Error {
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub trainer: TrainerDefaults,
-    /// Base-model URI schemes the trainers in this cluster can read (`s3`, `file`, `hf`).
-    pub model_schemes: Vec<String>,
+    /// URI schemes of base models (what the trainers in this cluster can read) and of outputs.
+    pub schemes: Schemes,
     /// How often a job waiting for its Secret looks again. Polling, not a watch, keeps the
     /// operator's Secret access to `get` on the one name a job references.
     pub blocked_retry: Duration,
@@ -151,33 +151,84 @@ async fn reconcile_in(
     name: &str,
 ) -> Result<Action, Error> {
     let client = &ctx.client;
+    let now = Timestamp::now();
+
+    // A finished job is final: its outcome was recorded when its Job ended, and pods or the
+    // Job disappearing later (pod GC, a node scaled down, a deleted Job) must not rewrite it,
+    // nor may a missing Job be recreated (that would train again). Only the generation its
+    // status describes moves, so tools waiting on observedGeneration see the edit observed.
+    if is_finished(ftj) {
+        let next = status::caught_up(ftj);
+        if ftj.status.as_ref().map(|s| s.observed_generation) != Some(next.observed_generation) {
+            write_status(client, namespace, name, &next).await?;
+        }
+        return Ok(Action::await_change());
+    }
+
+    // Someone else's objects under the names the children would take: nothing is written.
+    let mut children = build(ftj, &ctx.settings.trainer)?;
+    let owner = ftj.uid().unwrap_or_default();
+    let mut taken = taken_name(client, &children, &owner)
+        .await
+        .map_err(|source| Error::Read {
+            what: "the job's children",
+            source,
+        })?;
+
     let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
     let existing = jobs.get_opt(name).await.map_err(|source| Error::Read {
         what: "the Job",
         source,
     })?;
-    let finished = matches!(
-        ftj.status.as_ref().and_then(|s| s.phase),
-        Some(FineTuneJobPhase::Succeeded | FineTuneJobPhase::Failed)
-    );
-    let now = Timestamp::now();
-
-    // A finished job is final: its outcome was recorded when its Job ended, and pods or the
-    // Job disappearing later (pod GC, a node scaled down, a deleted Job) must not rewrite it,
-    // nor may a missing Job be recreated (that would train again).
-    if finished {
+    // The outcome is decided on the FineTuneJob as the apiserver has it, not as the watch's
+    // cache last saw it: when the Job is gone, or never was (once the job has started a
+    // missing Job is never made again: a GPU would train a second time), and when it ended
+    // (a stale copy would not show the Succeeded already recorded, or the adapter the trainer
+    // recorded, and a pod collected since would turn the outcome into a failure).
+    let fresh;
+    let ftj = if existing.as_ref().is_none_or(has_ended) {
+        fresh = Api::<FineTuneJob>::namespaced(client.clone(), namespace)
+            .get(name)
+            .await
+            .map_err(|source| Error::Read {
+                what: "the FineTuneJob",
+                source,
+            })?;
+        if is_finished(&fresh) {
+            return Ok(Action::await_change());
+        }
+        &fresh
+    } else {
+        ftj
+    };
+    if existing.is_none() && started(ftj) {
+        let next = status::vanished(ftj, now);
+        warn!("the training Job is gone before the outcome was recorded; not training again");
+        write_status(client, namespace, name, &next).await?;
+        publish_transition(ctx, ftj, ftj.status.as_ref(), &next).await;
         return Ok(Action::await_change());
     }
 
-    let (next, action) = match existing {
-        Some(job) if !is_owned_by(&job, ftj) => {
+    if let Some(job) = &existing {
+        if !controlled_by(&job.metadata, &owner) {
+            taken.get_or_insert(Taken {
+                kind: "Job".to_owned(),
+                name: name.to_owned(),
+            });
+        }
+        children.keep_job_spec_of(job, ftj);
+    }
+    let (next, action) = match taken {
+        Some(taken) => {
             let blocked = validate::Blocked {
-                reason: conditions::JOB_NAME_TAKEN,
+                reason: conditions::NAME_TAKEN,
                 message: format!(
-                    "a Job named {name} exists and is not this FineTuneJob's; \
-                     delete or rename one of them"
+                    "a {} named {} exists and is not this FineTuneJob's; delete or rename one \
+                     of them (the job starts once the name is free)",
+                    taken.kind, taken.name
                 ),
             };
+            info!(reason = blocked.reason, "waiting: {}", blocked.message);
             (
                 status::blocked(ftj, &blocked, now),
                 Action::requeue(ctx.settings.blocked_retry),
@@ -185,11 +236,11 @@ async fn reconcile_in(
         }
         // Inputs are checked before the Job exists only: a Secret deleted mid-run doesn't
         // stop a pod that already read it.
-        None => {
+        None if existing.is_none() => {
             let lookups = Lookups {
                 secret_exists: secret_exists(client, namespace, ftj).await?,
             };
-            match validate::validate(ftj, &ctx.settings.model_schemes, lookups) {
+            match validate::validate(ftj, &ctx.settings.schemes, lookups) {
                 Err(blocked) => {
                     info!(reason = blocked.reason, "waiting: {}", blocked.message);
                     (
@@ -197,10 +248,10 @@ async fn reconcile_in(
                         Action::requeue(ctx.settings.blocked_retry),
                     )
                 }
-                Ok(()) => apply_and_observe(ctx, ftj, None, now).await?,
+                Ok(()) => apply_and_observe(ctx, ftj, &children, now).await?,
             }
         }
-        Some(job) => apply_and_observe(ctx, ftj, Some(&job), now).await?,
+        None => apply_and_observe(ctx, ftj, &children, now).await?,
     };
 
     let current = status::operator_part(ftj);
@@ -211,17 +262,35 @@ async fn reconcile_in(
     Ok(action)
 }
 
+fn is_finished(ftj: &FineTuneJob) -> bool {
+    matches!(
+        ftj.status.as_ref().and_then(|s| s.phase),
+        Some(FineTuneJobPhase::Succeeded | FineTuneJobPhase::Failed)
+    )
+}
+
+/// Whether the Job has finished, one way or the other.
+fn has_ended(job: &Job) -> bool {
+    job.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| {
+            c.iter()
+                .any(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")
+        })
+}
+
+fn started(ftj: &FineTuneJob) -> bool {
+    ftj.status.as_ref().is_some_and(|s| s.start_time.is_some())
+}
+
 async fn apply_and_observe(
     ctx: &Context,
     ftj: &FineTuneJob,
-    existing: Option<&Job>,
+    children: &Children,
     now: Timestamp,
 ) -> Result<(FineTuneJobStatus, Action), Error> {
-    let mut children = build(ftj, &ctx.settings.trainer)?;
-    if let Some(job) = existing {
-        children.keep_job_spec_of(job, ftj);
-    }
-    let job = match apply_children(&ctx.client, &children).await {
+    let job = match apply_children(&ctx.client, children).await {
         Ok(job) => job,
         // The apiserver refused an object (invalid, forbidden by quota or policy): retrying
         // soon won't help, and the user must see why.
@@ -263,27 +332,22 @@ async fn observe(
     Ok(status::observe(ftj, job, &pods.items, now))
 }
 
-fn is_owned_by(job: &Job, ftj: &FineTuneJob) -> bool {
-    let uid = ftj.uid();
-    job.owner_references()
-        .iter()
-        .any(|r| r.controller == Some(true) && Some(&r.uid) == uid.as_ref())
-}
-
 async fn secret_exists(client: &Client, namespace: &str, ftj: &FineTuneJob) -> Result<bool, Error> {
     let Some(name) = validate::secret_name(ftj) else {
         return Ok(true);
     };
     // Metadata only: the operator never needs the credentials themselves.
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let found = secrets
-        .get_metadata_opt(name)
-        .await
-        .map_err(|source| Error::Read {
+    match secrets.get_metadata_opt(name).await {
+        Ok(found) => Ok(found.is_some()),
+        // Installed without `get` on Secrets (the chart's default): the kubelet reports a
+        // missing Secret instead, once the pod is scheduled.
+        Err(kube::Error::Api(status)) if status.code == 403 => Ok(true),
+        Err(source) => Err(Error::Read {
             what: "the storage Secret",
             source,
-        })?;
-    Ok(found.is_some())
+        }),
+    }
 }
 
 /// Server-side apply of the operator's status fields. `progress` is absent from the patch,
@@ -359,13 +423,10 @@ fn event_for(
     match phase {
         FineTuneJobPhase::Pending => {
             let ready = message(conditions::READY);
-            match status
-                .conditions
-                .iter()
-                .find(|c| c.type_ == conditions::READY)
-            {
-                Some(c) if c.status == "False" => (EventType::Warning, "Waiting", ready),
-                _ => (EventType::Normal, "Pending", ready),
+            if conditions::is_true(&status.conditions, conditions::STALLED) {
+                (EventType::Warning, "Waiting", ready)
+            } else {
+                (EventType::Normal, "Pending", ready)
             }
         }
         FineTuneJobPhase::Running => (

@@ -10,8 +10,9 @@ mod fixtures;
 mod status;
 mod validate;
 
-pub use apply::{ApplyError, apply_children};
+pub use apply::{ApplyError, Taken, apply_children, taken_name};
 pub use build::{
     BuildError, CONFIG_ERROR_EXIT_CODE, Children, QUEUE_LABEL, TrainerDefaults, build,
 };
 pub use controller::{Context, Error, Settings, controller};
+pub use validate::Schemes;

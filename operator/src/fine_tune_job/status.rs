@@ -2,34 +2,33 @@
 //!
 //! Pure: the reconciler reads the objects, this decides. `progress` is the trainer's and is
 //! never part of what is computed here, so the operator's status apply can't overwrite it.
+//! `adapter` is written by the trainer itself as it publishes, and by the operator from the
+//! trainer's termination message: whichever lands first records the outcome.
 
-use graft_api::{FineTuneJob, FineTuneJobPhase, FineTuneJobStatus, TrainerResult};
+use graft_api::{AdapterArtifact, FineTuneJob, FineTuneJobPhase, FineTuneJobStatus, TrainerResult};
 use k8s_openapi::{
     api::{
         batch::v1::{Job, JobCondition},
-        core::v1::{ContainerStateTerminated, Pod},
+        core::v1::{ContainerState, ContainerStateTerminated, Pod},
     },
     apimachinery::pkg::apis::meta::v1::Time,
     jiff::Timestamp,
 };
 
 use super::{build::CONTAINER, validate::Blocked};
-use crate::conditions::{self, new};
+use crate::conditions::{self, Summary, new};
 
-/// The status of a job that cannot start yet: Pending, with the reason on Ready.
+/// The status of a job that cannot start yet: Pending and Stalled, with the reason.
 pub fn blocked(ftj: &FineTuneJob, why: &Blocked, now: Timestamp) -> FineTuneJobStatus {
     let mut status = operator_part(ftj);
     status.phase = Some(FineTuneJobPhase::Pending);
-    conditions::set(
+    conditions::summarize(
         &mut status.conditions,
-        new(
-            conditions::READY,
-            false,
-            why.reason,
-            why.message.clone(),
-            ftj.metadata.generation,
-            now,
-        ),
+        Summary::Stalled,
+        why.reason,
+        &why.message,
+        ftj.metadata.generation,
+        now,
     );
     status
 }
@@ -38,13 +37,6 @@ pub fn blocked(ftj: &FineTuneJob, why: &Blocked, now: Timestamp) -> FineTuneJobS
 pub fn observe(ftj: &FineTuneJob, job: &Job, pods: &[Pod], now: Timestamp) -> FineTuneJobStatus {
     let generation = ftj.metadata.generation;
     let mut status = operator_part(ftj);
-    let set = |status: &mut FineTuneJobStatus, type_, on, reason, message: String| {
-        conditions::set(
-            &mut status.conditions,
-            new(type_, on, reason, message, generation, now),
-        );
-    };
-    let job_name = job.metadata.name.as_deref().unwrap_or_default();
     let job_status = job.status.clone().unwrap_or_default();
     let job_conditions = job_status.conditions.as_deref().unwrap_or_default();
     let failed_pods = u32::try_from(job_status.failed.unwrap_or(0)).unwrap_or(0);
@@ -53,21 +45,14 @@ pub fn observe(ftj: &FineTuneJob, job: &Job, pods: &[Pod], now: Timestamp) -> Fi
         .start_time
         .or_else(|| Some(job.metadata.creation_timestamp.clone().unwrap_or(Time(now))));
     status.retries = Some(failed_pods);
-    set(
-        &mut status,
-        conditions::READY,
-        true,
-        conditions::JOB_CREATED,
-        format!("Job {job_name} created"),
-    );
 
     let outcome = outcome(ftj, job, pods);
-    if matches!(outcome, Outcome::Failed(_)) {
+    if matches!(outcome, Outcome::Failed { .. }) {
         // The last failure ended the Job; only the ones before it were retried.
         status.retries = Some(failed_pods.saturating_sub(1));
     }
 
-    let terminal = matches!(outcome, Outcome::Succeeded(_) | Outcome::Failed(_));
+    let terminal = matches!(outcome, Outcome::Succeeded(_) | Outcome::Failed { .. });
     if terminal {
         status.completion_time = status.completion_time.or_else(|| {
             job_status
@@ -77,7 +62,37 @@ pub fn observe(ftj: &FineTuneJob, job: &Job, pods: &[Pod], now: Timestamp) -> Fi
                 .or(Some(Time(now)))
         });
     }
-    record(&mut status, outcome, terminal, generation, now);
+    record(&mut status, outcome, generation, now);
+    status
+}
+
+/// The status of a started job whose Job is gone (deleted by a user, a TTL, a cleanup) before
+/// its outcome was recorded. The operator never trains again on its own: the adapter the
+/// trainer recorded is the outcome, and without one the job failed.
+pub fn vanished(ftj: &FineTuneJob, now: Timestamp) -> FineTuneJobStatus {
+    let mut status = operator_part(ftj);
+    let outcome = match status.adapter.clone() {
+        Some(adapter) => Outcome::Succeeded(Ok(TrainerResult { adapter })),
+        None => Outcome::Failed {
+            reason: conditions::JOB_DELETED,
+            message: format!(
+                "the training Job {} was deleted before the job finished; the operator does not \
+                 train again by itself: create a new FineTuneJob with the same output to resume \
+                 from its checkpoints",
+                ftj.metadata.name.as_deref().unwrap_or_default()
+            ),
+        },
+    };
+    status.completion_time = status.completion_time.or(Some(Time(now)));
+    record(&mut status, outcome, ftj.metadata.generation, now);
+    status
+}
+
+/// A finished job's status, unchanged but for the generation it describes: its outcome is
+/// final, and a later spec edit (an image for the record) must still read as observed.
+pub fn caught_up(ftj: &FineTuneJob) -> FineTuneJobStatus {
+    let mut status = operator_part(ftj);
+    conditions::observe_generation(&mut status.conditions, ftj.metadata.generation);
     status
 }
 
@@ -85,32 +100,35 @@ pub fn observe(ftj: &FineTuneJob, job: &Job, pods: &[Pod], now: Timestamp) -> Fi
 fn record(
     status: &mut FineTuneJobStatus,
     outcome: Outcome,
-    terminal: bool,
     generation: Option<i64>,
     now: Timestamp,
 ) {
+    let terminal = matches!(outcome, Outcome::Succeeded(_) | Outcome::Failed { .. });
     let set = |status: &mut FineTuneJobStatus, type_, on, reason, message: String| {
         conditions::set(
             &mut status.conditions,
             new(type_, on, reason, message, generation, now),
         );
     };
+    let stuck = matches!(outcome, Outcome::Stuck { .. });
     let (running_reason, running_message) = match &outcome {
         Outcome::Running => (conditions::POD_RUNNING, "the trainer pod is running"),
         Outcome::Suspended => (conditions::SUSPENDED_BY_SPEC, "spec.suspend is true"),
         Outcome::Pending => (conditions::POD_PENDING, "waiting for the trainer pod"),
+        Outcome::Stuck { reason, message } => (*reason, message.as_str()),
         Outcome::Queued => (
             conditions::QUEUED,
             "the Job waits for admission by its queue (kueue.x-k8s.io/queue-name)",
         ),
-        Outcome::Succeeded(_) | Outcome::Failed(_) => (conditions::FINISHED, "training ended"),
+        Outcome::Succeeded(_) | Outcome::Failed { .. } => (conditions::FINISHED, "training ended"),
     };
+    let running_message = running_message.to_owned();
     set(
         status,
         conditions::RUNNING,
         matches!(outcome, Outcome::Running),
         running_reason,
-        running_message.to_owned(),
+        running_message.clone(),
     );
     let suspended = matches!(outcome, Outcome::Suspended);
     set(
@@ -144,20 +162,28 @@ fn record(
             None,
             Some((conditions::ADAPTER_NOT_REPORTED, why)),
         ),
-        Outcome::Failed(message) => (
-            FineTuneJobPhase::Failed,
-            None,
-            Some((conditions::TRAINER_FAILED, message)),
-        ),
+        Outcome::Failed { reason, message } => {
+            (FineTuneJobPhase::Failed, None, Some((reason, message)))
+        }
         Outcome::Suspended => (FineTuneJobPhase::Suspended, None, None),
         Outcome::Running => (FineTuneJobPhase::Running, None, None),
-        Outcome::Pending | Outcome::Queued => (FineTuneJobPhase::Pending, None, None),
+        Outcome::Pending | Outcome::Queued | Outcome::Stuck { .. } => {
+            (FineTuneJobPhase::Pending, None, None)
+        }
     };
+
     status.phase = Some(phase);
     let not_yet = if terminal {
         conditions::FINISHED
     } else {
         conditions::IN_PROGRESS
+    };
+    let summary = match (&succeeded, &failed) {
+        (Some((reason, message)), _) => (Summary::Ready, *reason, message.clone()),
+        (_, Some((reason, message))) => (Summary::Stalled, *reason, message.clone()),
+        _ if suspended => (Summary::Idle, running_reason, running_message),
+        _ if stuck => (Summary::Stalled, running_reason, running_message),
+        _ => (Summary::Reconciling, running_reason, running_message),
     };
     for (type_, value) in [
         (conditions::SUCCEEDED, succeeded),
@@ -168,6 +194,15 @@ fn record(
             None => set(status, type_, false, not_yet, String::new()),
         }
     }
+    let (summary, reason, message) = summary;
+    conditions::summarize(
+        &mut status.conditions,
+        summary,
+        reason,
+        &message,
+        generation,
+        now,
+    );
 }
 
 /// The part of the current status the operator owns: everything but `progress`.
@@ -182,15 +217,24 @@ fn outcome(ftj: &FineTuneJob, job: &Job, pods: &[Pod]) -> Outcome {
     let job_status = job.status.clone().unwrap_or_default();
     let job_conditions = job_status.conditions.as_deref().unwrap_or_default();
     if job_condition(job_conditions, "Complete") {
-        Outcome::Succeeded(succeeded_pod_result(pods))
+        // What the trainer recorded itself first: its pod (and termination message) may be
+        // gone by now, garbage-collected or on a node that was scaled down.
+        let recorded = ftj.status.as_ref().and_then(|s| s.adapter.clone());
+        Outcome::Succeeded(recorded.map_or_else(
+            || succeeded_pod_result(pods),
+            |adapter: AdapterArtifact| Ok(TrainerResult { adapter }),
+        ))
     } else if job_condition(job_conditions, "Failed") {
-        Outcome::Failed(failure_message(pods).unwrap_or_else(|| {
-            job_conditions
-                .iter()
-                .find(|c| c.type_ == "Failed")
-                .and_then(|c| c.message.clone())
-                .unwrap_or_else(|| "the training Job failed".to_owned())
-        }))
+        Outcome::Failed {
+            reason: conditions::TRAINER_FAILED,
+            message: failure_message(pods).unwrap_or_else(|| {
+                job_conditions
+                    .iter()
+                    .find(|c| c.type_ == "Failed")
+                    .and_then(|c| c.message.clone())
+                    .unwrap_or_else(|| "the training Job failed".to_owned())
+            }),
+        }
     } else if job.spec.as_ref().and_then(|s| s.suspend) == Some(true) {
         // Suspended without the FineTuneJob asking: its queue hasn't admitted it yet.
         if ftj.spec.suspend {
@@ -200,21 +244,46 @@ fn outcome(ftj: &FineTuneJob, job: &Job, pods: &[Pod]) -> Outcome {
         }
     } else if job_status.ready.unwrap_or(0) > 0 || pods.iter().any(is_running) {
         Outcome::Running
+    } else if let Some(message) = pods.iter().find_map(config_error) {
+        // The kubelet cannot start the trainer: a Secret (or a key of it) it needs is missing.
+        // It retries by itself; the job waits, and says why.
+        let reason = if message.contains("secret") {
+            conditions::SECRET_NOT_FOUND
+        } else {
+            conditions::POD_CONFIG_ERROR
+        };
+        Outcome::Stuck { reason, message }
     } else {
         Outcome::Pending
     }
 }
 
+/// The kubelet's message when it cannot build the trainer container's configuration.
+fn config_error(pod: &Pod) -> Option<String> {
+    let waiting = trainer_state(pod)?.waiting.as_ref()?;
+    (waiting.reason.as_deref() == Some("CreateContainerConfigError"))
+        .then(|| waiting.message.clone().unwrap_or_default())
+}
+
 enum Outcome {
     Pending,
+    /// Waiting on something the spec references that the kubelet cannot find.
+    Stuck {
+        reason: &'static str,
+        message: String,
+    },
     Queued,
     Running,
     Suspended,
     Succeeded(Result<TrainerResult, String>),
-    Failed(String),
+    Failed {
+        reason: &'static str,
+        message: String,
+    },
 }
 
-fn trainer_terminated(pod: &Pod) -> Option<&ContainerStateTerminated> {
+/// The trainer container's state, as the kubelet last reported it.
+fn trainer_state(pod: &Pod) -> Option<&ContainerState> {
     pod.status
         .as_ref()?
         .container_statuses
@@ -222,9 +291,11 @@ fn trainer_terminated(pod: &Pod) -> Option<&ContainerStateTerminated> {
         .iter()
         .find(|c| c.name == CONTAINER)?
         .state
-        .as_ref()?
-        .terminated
         .as_ref()
+}
+
+fn trainer_terminated(pod: &Pod) -> Option<&ContainerStateTerminated> {
+    trainer_state(pod)?.terminated.as_ref()
 }
 
 fn is_running(pod: &Pod) -> bool {
@@ -341,7 +412,9 @@ mod tests {
         );
         assert_eq!(status.phase, Some(FineTuneJobPhase::Running));
         assert_eq!(condition(&status, conditions::RUNNING).status, "True");
-        assert_eq!(condition(&status, conditions::READY).status, "True");
+        assert_eq!(condition(&status, conditions::READY).status, "False");
+        assert_eq!(condition(&status, conditions::RECONCILING).status, "True");
+        assert_eq!(condition(&status, conditions::STALLED).status, "False");
         assert_eq!(
             status.start_time.map(|t| t.0.to_string()),
             Some("2026-11-23T10:00:00Z".to_owned())
@@ -390,10 +463,105 @@ mod tests {
                 .contains("ab12")
         );
         assert_eq!(condition(&status, conditions::RUNNING).status, "False");
+        assert_eq!(kstatus(&status), ("True", "False", "False"));
         assert_eq!(
             status.completion_time.map(|t| t.0.to_string()),
             Some("2026-11-23T11:00:00Z".to_owned())
         );
+    }
+
+    /// (Ready, Reconciling, Stalled).
+    fn kstatus(status: &FineTuneJobStatus) -> (&str, &str, &str) {
+        (
+            condition(status, conditions::READY).status.as_str(),
+            condition(status, conditions::RECONCILING).status.as_str(),
+            condition(status, conditions::STALLED).status.as_str(),
+        )
+    }
+
+    fn artifact() -> AdapterArtifact {
+        AdapterArtifact {
+            uri: "s3://adapters/tiny/".to_owned(),
+            sha256: "cd34".to_owned(),
+            size_bytes: 1,
+            trainable_parameters: 1,
+        }
+    }
+
+    #[test]
+    fn a_pod_the_kubelet_cannot_configure_stalls_the_job_with_its_message() {
+        let ftj = job_from_yaml(MINIMAL);
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "cpu-smoke-abcde"},
+            "status": {"phase": "Pending", "containerStatuses": [{
+                "name": "trainer", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"waiting": {"reason": "CreateContainerConfigError",
+                                      "message": "secret \"s3-credentials\" not found"}},
+            }]},
+        }))
+        .expect("a Pod");
+        let status = observe(&ftj, &job(json!({}), json!({"active": 1})), &[pod], now());
+        assert_eq!(status.phase, Some(FineTuneJobPhase::Pending));
+        assert_eq!(kstatus(&status), ("False", "False", "True"));
+        let stalled = condition(&status, conditions::STALLED);
+        assert_eq!(stalled.reason, conditions::SECRET_NOT_FOUND);
+        assert!(
+            stalled.message.contains("s3-credentials"),
+            "{}",
+            stalled.message
+        );
+    }
+
+    #[test]
+    fn the_adapter_the_trainer_recorded_survives_its_pod() {
+        let mut ftj = job_from_yaml(MINIMAL);
+        ftj.status = Some(FineTuneJobStatus {
+            adapter: Some(artifact()),
+            ..FineTuneJobStatus::default()
+        });
+        // Complete, and the pod with its termination message already collected.
+        let status = observe(&ftj, &job(json!({}), complete()), &[], now());
+        assert_eq!(status.phase, Some(FineTuneJobPhase::Succeeded));
+        assert_eq!(status.adapter, Some(artifact()));
+    }
+
+    #[test]
+    fn a_job_gone_before_its_outcome_fails_unless_the_trainer_recorded_one() {
+        let mut ftj = job_from_yaml(MINIMAL);
+        ftj.status = Some(FineTuneJobStatus {
+            start_time: Some(Time(now())),
+            ..FineTuneJobStatus::default()
+        });
+        let lost = vanished(&ftj, now());
+        assert_eq!(lost.phase, Some(FineTuneJobPhase::Failed));
+        assert_eq!(
+            condition(&lost, conditions::FAILED).reason,
+            conditions::JOB_DELETED
+        );
+        assert_eq!(kstatus(&lost), ("False", "False", "True"));
+
+        ftj.status.get_or_insert_default().adapter = Some(artifact());
+        let kept = vanished(&ftj, now());
+        assert_eq!(kept.phase, Some(FineTuneJobPhase::Succeeded));
+        assert_eq!(kstatus(&kept), ("True", "False", "False"));
+    }
+
+    #[test]
+    fn a_finished_jobs_status_catches_up_with_a_new_generation() {
+        let mut ftj = job_from_yaml(MINIMAL);
+        ftj.metadata.generation = Some(1);
+        let done = observe(&ftj, &job(json!({}), complete()), &[], now());
+        ftj.status = Some(done);
+        ftj.metadata.generation = Some(2);
+        let status = caught_up(&ftj);
+        assert_eq!(status.observed_generation, Some(2));
+        assert!(
+            status
+                .conditions
+                .iter()
+                .all(|c| c.observed_generation == Some(2))
+        );
+        assert_eq!(status.phase, Some(FineTuneJobPhase::Failed));
     }
 
     #[test]
@@ -435,6 +603,11 @@ mod tests {
         let failed = condition(&status, conditions::FAILED);
         assert_eq!(failed.status, "True");
         assert_eq!(failed.message, "dataset line 7: not JSON");
+        assert_eq!(kstatus(&status), ("False", "False", "True"));
+        assert_eq!(
+            condition(&status, conditions::STALLED).message,
+            "dataset line 7: not JSON"
+        );
         assert_eq!(status.retries, Some(1));
         assert_eq!(
             status.completion_time.map(|t| t.0.to_string()),
@@ -463,6 +636,7 @@ mod tests {
         let status = observe(&ftj, &job(json!({"suspend": true}), json!({})), &[], now());
         assert_eq!(status.phase, Some(FineTuneJobPhase::Suspended));
         assert_eq!(condition(&status, conditions::SUSPENDED).status, "True");
+        assert_eq!(kstatus(&status), ("False", "False", "False"));
         assert_eq!(condition(&status, conditions::RUNNING).status, "False");
     }
 
@@ -502,5 +676,6 @@ mod tests {
             condition(&status, conditions::READY).reason,
             conditions::SECRET_NOT_FOUND
         );
+        assert_eq!(kstatus(&status), ("False", "False", "True"));
     }
 }

@@ -1,6 +1,8 @@
-//! What the schema cannot check before a Job is created: that the referenced Secret exists and
-//! that this cluster's trainers can reach the base model's URI scheme. A job that fails here
-//! waits, with the reason in its Ready condition, and proceeds by itself once fixed.
+//! What the schema cannot check before a Job is created: that the referenced Secret exists,
+//! that this cluster's trainers can reach the base model's URI scheme, and that the output's
+//! scheme is one the operator allows (`file://` writes into the pod, or into a volume only a
+//! cluster admin should hand out). A job that fails here waits, Stalled with the reason, and
+//! proceeds by itself once fixed.
 
 use graft_api::FineTuneJob;
 use graft_engine::storage::ObjectUri;
@@ -31,12 +33,18 @@ pub fn secret_name(ftj: &FineTuneJob) -> Option<&str> {
         .map(|s| s.name.as_str())
 }
 
+/// The URI schemes the operator lets FineTuneJobs use.
+#[derive(Clone, Debug)]
+pub struct Schemes {
+    /// Base models (`s3`, `file`, `hf`): what the trainers can read.
+    pub model: Vec<String>,
+    /// Outputs (`s3`, `file`).
+    pub output: Vec<String>,
+}
+
 /// Checks `ftj` against what the cluster has and what the operator was configured to allow.
-pub fn validate(
-    ftj: &FineTuneJob,
-    model_schemes: &[String],
-    lookups: Lookups,
-) -> Result<(), Blocked> {
+pub fn validate(ftj: &FineTuneJob, schemes: &Schemes, lookups: Lookups) -> Result<(), Blocked> {
+    let model_schemes = &schemes.model;
     let uri = &ftj.spec.base_model.uri;
     let scheme = uri
         .parse::<ObjectUri>()
@@ -52,6 +60,24 @@ pub fn validate(
                 "base model {uri}: {scheme}:// is not enabled on this operator (enabled: {}); \
                  copy the model to one of those or ask the cluster admin to enable {scheme}",
                 model_schemes.join(", ")
+            ),
+        });
+    }
+    let output = &ftj.spec.output.uri;
+    let output_scheme = output
+        .parse::<ObjectUri>()
+        .map_err(|e| Blocked {
+            reason: conditions::UNSUPPORTED_OUTPUT,
+            message: e.to_string(),
+        })?
+        .scheme();
+    if !schemes.output.iter().any(|s| s == output_scheme) {
+        return Err(Blocked {
+            reason: conditions::UNSUPPORTED_OUTPUT,
+            message: format!(
+                "output {output}: {output_scheme}:// outputs are not allowed on this operator \
+                 (allowed: {}); write the adapter to object storage",
+                schemes.output.join(", ")
             ),
         });
     }
@@ -75,8 +101,11 @@ mod tests {
 
     const FULL: &str = include_str!("fixtures/full.yaml");
 
-    fn schemes(list: &[&str]) -> Vec<String> {
-        list.iter().map(|&s| s.to_owned()).collect()
+    fn schemes(list: &[&str]) -> Schemes {
+        Schemes {
+            model: list.iter().map(|&s| s.to_owned()).collect(),
+            output: vec!["s3".to_owned()],
+        }
     }
 
     #[test]
@@ -111,5 +140,19 @@ mod tests {
         assert_eq!(blocked.reason, conditions::UNSUPPORTED_MODEL_SOURCE);
         assert!(blocked.message.contains("hf://"), "{}", blocked.message);
         assert!(blocked.message.contains("s3, file"), "{}", blocked.message);
+    }
+
+    #[test]
+    fn a_file_output_waits_unless_the_operator_allows_it() {
+        let mut ftj = job_from_yaml(FULL);
+        ftj.spec.output.uri = "file:///adapters/support-bot/".to_owned();
+        let found = Lookups {
+            secret_exists: true,
+        };
+        let blocked = validate(&ftj, &schemes(&["s3"]), found).expect_err("blocked");
+        assert_eq!(blocked.reason, conditions::UNSUPPORTED_OUTPUT);
+        let mut allowed = schemes(&["s3"]);
+        allowed.output.push("file".to_owned());
+        assert_eq!(validate(&ftj, &allowed, found), Ok(()));
     }
 }

@@ -1,14 +1,21 @@
 //! AdapterDeployment against the local control plane, the S3 server and real graft-server
 //! processes standing in for a server Deployment's pods: rollout, promotion and canary under
 //! load with no failed request and no restart, recovery of a restarted pod and of drift,
-//! incompatible adapters refused while the servers keep serving, and unloading on delete.
+//! incompatible adapters refused while the servers keep serving, unloading on delete, and the
+//! status as `kubectl wait` and Argo CD read it.
 
+#[path = "../common/health.rs"]
+mod health;
+mod kubectl_graft;
 mod support;
+mod tenancy;
+mod unload;
 
 use std::time::Duration;
 
 use graft_api::AdapterDeployment;
 use graft_testenv::{S3Server, eventually, smollm2_first_layers};
+use health::{argocd_health, kubectl_wait};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
     Api,
@@ -17,8 +24,8 @@ use kube::{
 use serde_json::json;
 use support::{
     Fleet, Load, TOKEN, Version, WAIT, complete, complete_prompt, create_s3_secret, listing,
-    manifest, put_object, ready_reason, run_trainer_pod, setup, start_operator, store_adapter,
-    versions_json, wait_for_reason,
+    manifest, put_object, ready_reason, run_trainer_pod, setup, start_operator,
+    start_operator_with, store_adapter, versions_json, wait_for_reason,
 };
 
 async fn set_versions(api: &Api<AdapterDeployment>, name: &str, versions: &[(&Version, u32)]) {
@@ -52,6 +59,14 @@ async fn promotion_and_canary_under_load_fail_no_request_and_restart_no_server()
     .await
     .expect("create");
     let ad = wait_for_reason(&client, &ns, "bot", "RolledOut").await;
+    assert!(kubectl_wait(
+        cp,
+        &ns,
+        "adapterdeployment/bot",
+        "condition=Ready",
+        "5s"
+    ));
+    assert_eq!(argocd_health("AdapterDeployment", &ad).0, "Healthy");
     let status = ad.status.expect("status");
     assert_eq!(status.replicas.map(|r| (r.desired, r.ready)), Some((3, 3)));
     assert_eq!(status.versions[0].ready_replicas, 3);
@@ -178,6 +193,14 @@ async fn restarted_pods_and_drift_are_repaired_and_incompatible_adapters_refused
             ad.status.as_ref().and_then(|s| s.phase),
             Some(graft_api::AdapterDeploymentPhase::Failed)
         );
+        assert!(kubectl_wait(
+            cp,
+            &ns,
+            "adapterdeployment/bot",
+            "condition=Stalled",
+            "5s"
+        ));
+        assert_eq!(argocd_health("AdapterDeployment", &ad).0, "Degraded");
         for pod in &fleet.pods {
             let (code, body) = complete(&pod.url, "bot").await;
             assert_eq!(code, 200);
@@ -270,6 +293,23 @@ async fn a_fine_tune_jobs_adapter_reaches_every_server() {
     run_trainer_pod(&client, &ns, "colours-v1").await;
 
     let ready = wait_for_reason(&client, &ns, "colours", "RolledOut").await;
+    // The trainer recorded its adapter in the job's status itself, as it published it.
+    let trained = Api::<graft_api::FineTuneJob>::namespaced(client.clone(), &ns)
+        .get("colours-v1")
+        .await
+        .expect("the job");
+    assert!(
+        trained
+            .metadata
+            .managed_fields
+            .iter()
+            .flatten()
+            .any(|m| m.manager.as_deref() == Some("graft-trainer")
+                && m.fields_v1
+                    .as_ref()
+                    .is_some_and(|f| f.0.to_string().contains("f:adapter"))),
+        "status.adapter written by graft-trainer"
+    );
     let version = &ready.status.expect("status").versions[0];
     assert_eq!(version.uri, format!("s3://{bucket}/adapters/colours/v1/"));
     assert_eq!(version.ready_replicas, 2);
@@ -286,4 +326,101 @@ async fn a_fine_tune_jobs_adapter_reaches_every_server() {
         );
         assert_ne!(adapted, base, "the base model did not know it");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_credential_problems_are_on_the_status_and_a_rotated_token_is_picked_up() {
+    let (cp, client) = setup().await;
+    let ns = cp.namespace("ad-token").await;
+    let bucket = S3Server::shared().await.bucket("ad-token");
+    let v1 = store_adapter(&bucket, "bot/v1", 4, 61).await;
+    let fleet = Fleet::start(&client, &ns, "llama", 1, &[]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = dir.path().join("token");
+    let operator = start_operator_with(
+        cp,
+        &ns,
+        &["--admin-token-file", token.to_str().expect("utf-8")],
+    )
+    .await;
+    let api: Api<AdapterDeployment> = Api::namespaced(client.clone(), &ns);
+    api.create(
+        &PostParams::default(),
+        &manifest("bot", "llama", "bot", &[(&v1, 100)]),
+    )
+    .await
+    .expect("create");
+
+    // No token mounted (yet): the deployment says so, and keeps trying.
+    let missing = wait_for_reason(&client, &ns, "bot", "AdminCredentialsUnavailable").await;
+    assert_eq!(
+        missing.status.as_ref().and_then(|s| s.phase),
+        Some(graft_api::AdapterDeploymentPhase::Degraded)
+    );
+    assert!(kubectl_wait(
+        cp,
+        &ns,
+        "adapterdeployment/bot",
+        "condition=Reconciling",
+        "5s"
+    ));
+    // A token the servers refuse.
+    std::fs::write(&token, "not-the-token\n").expect("token");
+    let refused = wait_for_reason(&client, &ns, "bot", "LoadFailed").await;
+    assert!(
+        ready_reason(&refused).1.contains("bearer token"),
+        "{refused:?}"
+    );
+    assert_eq!(argocd_health("AdapterDeployment", &refused).0, "Degraded");
+    // The kubelet rotates the projected token: picked up without a restart.
+    std::fs::write(&token, format!("{TOKEN}\n")).expect("token");
+    wait_for_reason(&client, &ns, "bot", "RolledOut").await;
+    assert_eq!(complete(&fleet.pods[0].url, "bot").await.0, 200);
+    assert!(operator.is_running());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_with_a_tls_admin_port_is_reached_only_with_the_right_ca() {
+    let (cp, client) = setup().await;
+    let ns = cp.namespace("ad-tls").await;
+    let bucket = S3Server::shared().await.bucket("ad-tls");
+    let v1 = store_adapter(&bucket, "bot/v1", 4, 81).await;
+    let certs = support::certificates(&format!("llama.{ns}.svc"));
+    let (cert, key) = (certs.join("tls.crt"), certs.join("tls.key"));
+    let fleet = Fleet::start(
+        &client,
+        &ns,
+        "llama",
+        1,
+        &[
+            "--admin-listen",
+            "127.0.0.1:{port2}",
+            "--admin-tls-cert",
+            cert.to_str().expect("utf-8"),
+            "--admin-tls-key",
+            key.to_str().expect("utf-8"),
+        ],
+    )
+    .await;
+    // Without the CA that signed the server's certificate, the operator does not talk to it.
+    let untrusting = start_operator_with(cp, &ns, &[]).await;
+    let api: Api<AdapterDeployment> = Api::namespaced(client.clone(), &ns);
+    api.create(
+        &PostParams::default(),
+        &manifest("bot", "llama", "bot", &[(&v1, 100)]),
+    )
+    .await
+    .expect("create");
+    let refused = wait_for_reason(&client, &ns, "bot", "LoadFailed").await;
+    assert!(ready_reason(&refused).1.contains("llama-0"), "{refused:?}");
+    assert_eq!(complete(&fleet.pods[0].url, "bot").await.0, 404);
+    untrusting.kill();
+
+    let ca = certs.join("ca.crt");
+    let _operator =
+        start_operator_with(cp, &ns, &["--admin-ca-file", ca.to_str().expect("utf-8")]).await;
+    wait_for_reason(&client, &ns, "bot", "RolledOut").await;
+    let (code, body) = complete(&fleet.pods[0].url, "bot").await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["system_fingerprint"], v1.fingerprint());
 }

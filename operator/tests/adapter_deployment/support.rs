@@ -51,10 +51,24 @@ fn model_dir() -> PathBuf {
 
 /// `graft-operator run` for `namespace`, re-checking AdapterDeployments every 2 s.
 pub async fn start_operator(cp: &ControlPlane, namespace: &str) -> Daemon {
-    let s3 = S3Server::shared().await;
+    start_operator_with(cp, namespace, &[]).await
+}
+
+/// A file holding the servers' admin token, as the operator's projected token is mounted.
+pub fn token_file() -> PathBuf {
+    let dir = tempfile::tempdir().expect("tempdir").keep();
+    let path = dir.join("token");
+    std::fs::write(&path, format!("{TOKEN}\n")).expect("token file");
+    path
+}
+
+/// [`start_operator`] with `extra` arguments, which replace the defaults they name. The operator
+/// has no object-store credentials: the servers alone read adapters.
+pub async fn start_operator_with(cp: &ControlPlane, namespace: &str, extra: &[&str]) -> Daemon {
     let identity = unique_name("operator");
     let kubeconfig = cp.kubeconfig().display().to_string();
-    let args = [
+    let token = token_file().display().to_string();
+    let mut args = vec![
         "run",
         "--namespace",
         namespace,
@@ -62,28 +76,20 @@ pub async fn start_operator(cp: &ControlPlane, namespace: &str) -> Daemon {
         "ghcr.io/graft-dev/graft-trainer:test",
         "--metrics-port",
         "{port}",
-        "--leader-elect",
-        "false",
         "--identity",
         &identity,
-        "--adapter-recheck-seconds",
-        "2",
-        "--s3-endpoint",
-        s3.endpoint(),
-        "--s3-region",
-        s3.region(),
     ];
-    Daemon::start_with_env(
-        &identity,
-        OPERATOR,
-        &args,
-        &[
-            ("KUBECONFIG", &kubeconfig),
-            ("AWS_ACCESS_KEY_ID", s3.access_key_id()),
-            ("AWS_SECRET_ACCESS_KEY", s3.secret_access_key()),
-        ],
-    )
-    .await
+    for (flag, default) in [
+        ("--leader-elect", "false"),
+        ("--adapter-recheck-seconds", "2"),
+        ("--admin-token-file", token.as_str()),
+    ] {
+        if !extra.contains(&flag) {
+            args.extend([flag, default]);
+        }
+    }
+    args.extend_from_slice(extra);
+    Daemon::start_with_env(&identity, OPERATOR, &args, &[("KUBECONFIG", &kubeconfig)]).await
 }
 
 /// An adapter version in the test S3 server.
@@ -151,8 +157,7 @@ impl std::fmt::Debug for Fleet {
 }
 
 impl Fleet {
-    /// The Deployment, its admin-token Secret, and `replicas` ready server pods serving the
-    /// tiny model.
+    /// The Deployment and `replicas` ready server pods serving the tiny model.
     pub async fn start(
         client: &Client,
         namespace: &str,
@@ -172,19 +177,15 @@ impl Fleet {
         model: &str,
         extra: &[&str],
     ) -> Self {
-        let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
-        let secret: Secret = serde_json::from_value(json!({
-            "metadata": {"name": format!("{name}-admin-token")},
-            "stringData": {"token": TOKEN},
-        }))
-        .expect("secret");
-        secrets
-            .create(&PostParams::default(), &secret)
-            .await
-            .expect("admin token Secret");
         let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+        // A server whose admin API serves TLS says so on its Deployment, as the chart does.
+        let annotations = if extra.contains(&"--admin-tls-cert") {
+            json!({"graft.dev/admin-scheme": "https"})
+        } else {
+            json!({})
+        };
         let deployment: Deployment = serde_json::from_value(json!({
-            "metadata": {"name": name},
+            "metadata": {"name": name, "annotations": annotations},
             "spec": {
                 "replicas": replicas,
                 // The extra label keeps the ReplicaSet controller from adopting the pods the
@@ -278,7 +279,12 @@ impl Fleet {
                 .is_ok_and(|r| r.status().is_success())
         })
         .await;
-        self.register(pod, daemon.port()).await;
+        let admin_port = if self.extra.iter().any(|a| a == "--admin-listen") {
+            daemon.port2()
+        } else {
+            daemon.port()
+        };
+        self.register(pod, admin_port).await;
         ServerPod {
             name: pod.to_owned(),
             daemon,
@@ -287,7 +293,7 @@ impl Fleet {
     }
 
     /// Creates (or updates) the Pod object and writes the status a kubelet would.
-    async fn register(&self, pod: &str, port: u16) {
+    pub async fn register(&self, pod: &str, port: u16) {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
         let object = json!({
             "apiVersion": "v1", "kind": "Pod",
@@ -434,17 +440,9 @@ pub async fn run_trainer_pod(client: &Client, ns: &str, job: &str) {
         .expect("pod spec");
     let container = &template.containers[0];
     let dir = tempfile::tempdir().expect("tempdir").keep();
-    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let config = config_maps
-        .get(&format!("{job}-config"))
-        .await
-        .expect("the config ConfigMap");
     let mounted = dir.join("config");
-    std::fs::create_dir_all(&mounted).expect("mount dir");
-    for (key, value) in config.data.unwrap_or_default() {
-        std::fs::write(mounted.join(key), value).expect("mounted key");
-    }
+    mount_config(client, ns, &template, &mounted).await;
     let args: Vec<String> = container
         .args
         .clone()
@@ -507,7 +505,31 @@ pub async fn run_trainer_pod(client: &Client, ns: &str, job: &str) {
     set_pod_phase(client, ns, &pod_name, state, "Succeeded").await;
 }
 
-async fn set_pod_phase(client: &Client, ns: &str, pod: &str, state: Value, phase: &str) {
+/// Writes the keys of the ConfigMap the pod's config volume names into `dir`, as a kubelet
+/// mounts it.
+async fn mount_config(
+    client: &Client,
+    ns: &str,
+    template: &k8s_openapi::api::core::v1::PodSpec,
+    dir: &std::path::Path,
+) {
+    let name = template
+        .volumes
+        .iter()
+        .flatten()
+        .find_map(|v| v.config_map.as_ref().map(|c| c.name.clone()))
+        .expect("the config volume");
+    let config = Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .get(&name)
+        .await
+        .expect("the config ConfigMap");
+    std::fs::create_dir_all(dir).expect("mount dir");
+    for (key, value) in config.data.unwrap_or_default() {
+        std::fs::write(dir.join(key), value).expect("mounted key");
+    }
+}
+
+pub async fn set_pod_phase(client: &Client, ns: &str, pod: &str, state: Value, phase: &str) {
     let now = Timestamp::now().to_string();
     let running = phase == "Running";
     let status = json!({"status": {
@@ -606,4 +628,131 @@ pub async fn listing(url: &str) -> Value {
         .json()
         .await
         .expect("json")
+}
+
+/// `graft_reconciles_total` of the operator's AdapterDeployment controller.
+pub async fn reconciles(operator: &Daemon) -> u64 {
+    let metrics = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{}/metrics", operator.port()))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"graft_reconciles_total{controller="adapterdeployment"} "#))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The (type, reason) of every Event about `name`.
+pub async fn events_of(client: &Client, ns: &str, name: &str) -> Vec<(String, String)> {
+    use k8s_openapi::api::events::v1::Event;
+    Api::<Event>::namespaced(client.clone(), ns)
+        .list(&kube::api::ListParams::default())
+        .await
+        .expect("listing Events")
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .map(|e| (e.type_.unwrap_or_default(), e.reason.unwrap_or_default()))
+        .collect()
+}
+
+/// The adapter names `url`'s server lists.
+pub async fn loaded(url: &str) -> Vec<String> {
+    listing(url).await["adapters"]
+        .as_object()
+        .map(|a| a.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA (`ca.crt`) and a serving certificate it signed for `name` (`tls.crt`, `tls.key`), as
+/// cert-manager would issue for a server's Service, in a new directory.
+pub fn certificates(name: &str) -> PathBuf {
+    let dir = tempfile::tempdir().expect("tempdir").keep();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        &dir,
+        &[
+            &["req", "-x509"],
+            &ec[..],
+            &[
+                "-days",
+                "2",
+                "-subj",
+                "/CN=test-ca",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        &dir,
+        &[
+            &["req"],
+            &ec[..],
+            &[
+                "-subj",
+                &format!("/CN={name}"),
+                "-keyout",
+                "tls.key",
+                "-out",
+                "tls.csr",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(
+        dir.join("tls.ext"),
+        format!(
+            "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:{name}\n"
+        ),
+    )
+    .expect("extensions");
+    openssl(
+        &dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "tls.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "tls.ext",
+            "-out",
+            "tls.crt",
+        ],
+    );
+    dir
 }

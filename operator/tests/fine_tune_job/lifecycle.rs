@@ -29,8 +29,8 @@ async fn a_job_runs_reports_progress_and_succeeds_with_its_adapter() {
 
     let pending = wait_for_phase(&client, &ns, "tiny", Pending).await;
     assert_eq!(
-        condition(&pending, conditions::READY).map(|c| c.1),
-        Some(conditions::JOB_CREATED.to_owned())
+        condition(&pending, conditions::RECONCILING).map(|c| (c.0, c.1)),
+        Some(("True".to_owned(), conditions::POD_PENDING.to_owned()))
     );
     let started = pending.status.as_ref().and_then(|s| s.start_time.clone());
     assert!(started.is_some(), "startTime is set with the Job");

@@ -247,14 +247,18 @@ async fn set_pod_status(client: &Client, ns: &str, pod: &str, status: Value) {
 /// Writes `status.progress` as the trainer does: server-side apply under its own field
 /// manager, with the per-job identity the operator created for it.
 pub async fn report_progress(cp: &ControlPlane, ns: &str, name: &str, step: u64, loss: f64) {
+    let progress = json!({"step": step, "totalSteps": 100, "epoch": 0, "loss": loss});
+    apply_as_trainer(cp, ns, name, json!({"progress": progress})).await;
+}
+
+/// Server-side apply of `status` to FineTuneJob `name` as its trainer: field manager
+/// `graft-trainer`, with the job's own ServiceAccount.
+async fn apply_as_trainer(cp: &ControlPlane, ns: &str, name: &str, status: Value) {
     let trainer = cp
         .client_as(&format!("system:serviceaccount:{ns}:{name}-trainer"))
         .await;
-    let patch = json!({
-        "apiVersion": "graft.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "status": {"progress": {"step": step, "totalSteps": 100, "epoch": 0, "loss": loss}},
-    });
+    let patch =
+        json!({"apiVersion": "graft.dev/v1alpha1", "kind": "FineTuneJob", "status": status});
     Api::<FineTuneJob>::namespaced(trainer, ns)
         .patch_status(
             name,
@@ -262,7 +266,7 @@ pub async fn report_progress(cp: &ControlPlane, ns: &str, name: &str, step: u64,
             &Patch::Apply(&patch),
         )
         .await
-        .expect("the trainer's identity may write its job's progress");
+        .expect("the trainer's identity may write its job's status");
 }
 
 /// The (type, reason) of every Event about `name`.
@@ -331,19 +335,43 @@ pub async fn assert_children_removed(client: &Client, ns: &str, name: &str) {
     let roles: Api<Role> = Api::namespaced(client.clone(), ns);
     let bindings: Api<RoleBinding> = Api::namespaced(client.clone(), ns);
     let identity = format!("{name}-trainer");
+    let labelled = ListParams::default().labels(&format!("graft.dev/finetunejob={name}"));
     eventually(
         "the garbage collector to remove every child",
         WAIT,
         async || {
             jobs.get_opt(name).await.is_ok_and(|o| o.is_none())
                 && configs
-                    .get_opt(&format!("{name}-config"))
+                    .list(&labelled)
                     .await
-                    .is_ok_and(|o| o.is_none())
+                    .is_ok_and(|l| l.items.is_empty())
                 && accounts.get_opt(&identity).await.is_ok_and(|o| o.is_none())
                 && roles.get_opt(&identity).await.is_ok_and(|o| o.is_none())
                 && bindings.get_opt(&identity).await.is_ok_and(|o| o.is_none())
         },
+    )
+    .await;
+}
+
+/// Writes `status.adapter` as the trainer does when it has published its adapter.
+pub async fn record_adapter(cp: &ControlPlane, ns: &str, name: &str, sha256: &str) {
+    let adapter = json!({"uri": format!("s3://adapters/{name}/"), "sha256": sha256,
+                         "sizeBytes": 10, "trainableParameters": 5});
+    apply_as_trainer(cp, ns, name, json!({"adapter": adapter})).await;
+}
+
+/// What the kubelet writes when it cannot build the trainer container's configuration.
+pub async fn set_pod_config_error(client: &Client, ns: &str, pod: &str, message: &str) {
+    set_pod_status(
+        client,
+        ns,
+        pod,
+        json!({
+            "phase": "Pending",
+            "containerStatuses": [container_status(false, &json!({"waiting": {
+                "reason": "CreateContainerConfigError", "message": message,
+            }}))],
+        }),
     )
     .await;
 }

@@ -1,13 +1,17 @@
 //! Jobs the operator can't start yet: a missing Secret, a base-model scheme this cluster
-//! doesn't serve, a Job name someone else took. No Job is created; the reason is in the
-//! Ready condition and an Event; the job proceeds by itself once the cause is gone.
+//! doesn't serve, a name someone else's object holds. No Job is created and nobody's object is
+//! touched; the job is Stalled with the reason (on Ready too) and an Event; it proceeds by
+//! itself once the cause is gone.
 
 use std::time::Duration;
 
 use graft_api::FineTuneJobPhase::*;
 use graft_operator::conditions;
 use graft_testenv::eventually;
-use k8s_openapi::api::{batch::v1::Job, core::v1::ResourceQuota};
+use k8s_openapi::api::{
+    batch::v1::Job,
+    core::v1::{ConfigMap, ResourceQuota, ServiceAccount},
+};
 use kube::{
     Api,
     api::{DeleteParams, PostParams},
@@ -52,11 +56,17 @@ async fn a_missing_secret_waits_without_a_job_and_proceeds_once_it_appears() {
         !jobs_of(&client, &ns, "patient").await.is_empty()
     })
     .await;
-    eventually("Ready to turn True", WAIT, async || {
-        api.get("patient")
-            .await
-            .is_ok_and(|f| condition(&f, conditions::READY).is_some_and(|c| c.0 == "True"))
-    })
+    eventually(
+        "Stalled to clear and Reconciling to take over",
+        WAIT,
+        async || {
+            api.get("patient").await.is_ok_and(|f| {
+                condition(&f, conditions::STALLED).is_some_and(|c| c.0 == "False")
+                    && condition(&f, conditions::RECONCILING)
+                        .is_some_and(|c| c.0 == "True" && c.1 == conditions::POD_PENDING)
+            })
+        },
+    )
     .await;
 }
 
@@ -87,7 +97,7 @@ async fn a_disabled_model_scheme_or_a_taken_job_name_blocks_with_the_reason() {
     let api: Api<graft_api::FineTuneJob> = Api::namespaced(client.clone(), &ns);
     for (name, reason, says) in [
         ("from-hub", conditions::UNSUPPORTED_MODEL_SOURCE, "hf://"),
-        ("squatted", conditions::JOB_NAME_TAKEN, "squatted"),
+        ("squatted", conditions::NAME_TAKEN, "squatted"),
     ] {
         eventually(&format!("{name} to wait with {reason}"), WAIT, async || {
             api.get(name)
@@ -98,6 +108,8 @@ async fn a_disabled_model_scheme_or_a_taken_job_name_blocks_with_the_reason() {
         let ftj = get(&client, &ns, name).await;
         let message = condition(&ftj, conditions::READY).expect("Ready").2;
         assert!(message.contains(says), "{message}");
+        let stalled = condition(&ftj, conditions::STALLED).expect("Stalled");
+        assert_eq!((stalled.0.as_str(), stalled.1.as_str()), ("True", reason));
     }
     assert!(jobs_of(&client, &ns, "from-hub").await.is_empty());
     let squatted = jobs.get("squatted").await.expect("the foreign Job");
@@ -115,6 +127,128 @@ async fn a_disabled_model_scheme_or_a_taken_job_name_blocks_with_the_reason() {
         })
     })
     .await;
+}
+
+/// The name of `ftj`'s rendered config in `ns`, as the operator will build it.
+fn config_name(ftj: &graft_api::FineTuneJob, ns: &str) -> String {
+    let mut local = ftj.clone();
+    local.metadata.namespace = Some(ns.to_owned());
+    local.metadata.uid = Some("00000000-0000-0000-0000-000000000000".to_owned());
+    let defaults = graft_operator::fine_tune_job::TrainerDefaults {
+        image: "i".to_owned(),
+        model_cache_size: k8s_openapi::apimachinery::pkg::api::resource::Quantity("1Gi".into()),
+        backoff_limit: 1,
+    };
+    graft_operator::fine_tune_job::build(&local, &defaults)
+        .expect("build")
+        .config
+        .and_then(|c| c.metadata.name)
+        .expect("config name")
+}
+
+/// Every child's name, not only the Job's: a ServiceAccount, a ConfigMap someone made with the
+/// name the operator would use are never rewritten, owned or garbage-collected with the job.
+#[tokio::test]
+async fn no_child_takes_over_an_object_someone_else_made() {
+    let (cp, client) = setup().await;
+    let ns = cp.namespace("ftj-taken").await;
+    create_secret(&client, &ns, "s3-credentials").await;
+    let ftj = manifest("hijack", "s3-credentials");
+    let config_name = config_name(&ftj, &ns);
+
+    let theirs = json!({"team.example/owner": "someone-else"});
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
+    let account: ServiceAccount = serde_json::from_value(
+        json!({"metadata": {"name": "hijack-trainer", "annotations": theirs}}),
+    )
+    .expect("a ServiceAccount");
+    accounts
+        .create(&PostParams::default(), &account)
+        .await
+        .expect("their ServiceAccount");
+    let configs: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let config: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": config_name, "annotations": theirs},
+        "data": {"theirs": "yes"},
+    }))
+    .expect("a ConfigMap");
+    configs
+        .create(&PostParams::default(), &config)
+        .await
+        .expect("their ConfigMap");
+    let versions = (
+        accounts
+            .get("hijack-trainer")
+            .await
+            .expect("sa")
+            .metadata
+            .resource_version,
+        configs
+            .get(&config_name)
+            .await
+            .expect("cm")
+            .metadata
+            .resource_version,
+    );
+
+    let _operator = start_operator(cp, &ns, &[]).await;
+    create(&client, &ns, &ftj).await;
+    let api: Api<graft_api::FineTuneJob> = Api::namespaced(client.clone(), &ns);
+    let stalled_on = |kind: &'static str| {
+        let api = api.clone();
+        async move {
+            eventually(&format!("NameTaken for the {kind}"), WAIT, async || {
+                api.get("hijack").await.is_ok_and(|f| {
+                    condition(&f, conditions::STALLED).is_some_and(|c| {
+                        c.0 == "True" && c.1 == conditions::NAME_TAKEN && c.2.contains(kind)
+                    })
+                })
+            })
+            .await;
+        }
+    };
+    stalled_on("ServiceAccount").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(jobs_of(&client, &ns, "hijack").await.is_empty(), "no Job");
+    assert_eq!(
+        accounts
+            .get("hijack-trainer")
+            .await
+            .expect("sa")
+            .metadata
+            .resource_version,
+        versions.0,
+        "their ServiceAccount is untouched"
+    );
+
+    accounts
+        .delete("hijack-trainer", &DeleteParams::default())
+        .await
+        .expect("deleting their ServiceAccount");
+    stalled_on("ConfigMap").await;
+    let untouched = configs.get(&config_name).await.expect("cm");
+    assert_eq!(untouched.metadata.resource_version, versions.1);
+    assert!(untouched.metadata.owner_references.is_none());
+    assert!(jobs_of(&client, &ns, "hijack").await.is_empty(), "no Job");
+
+    configs
+        .delete(&config_name, &DeleteParams::default())
+        .await
+        .expect("deleting their ConfigMap");
+    eventually("the job's own Job", WAIT, async || {
+        !jobs_of(&client, &ns, "hijack").await.is_empty()
+    })
+    .await;
+    let ours = accounts
+        .get("hijack-trainer")
+        .await
+        .expect("the job's ServiceAccount");
+    assert!(
+        ours.metadata
+            .owner_references
+            .is_some_and(|o| o.iter().any(|r| r.kind == "FineTuneJob")),
+        "the name is the job's now"
+    );
 }
 
 #[tokio::test]

@@ -1,6 +1,8 @@
 //! Errors as OpenAI's API writes them: `{"error": {"message", "type", "param", "code"}}`
 //! with a 4xx (the caller's mistake) or 5xx status.
 
+use std::borrow::Cow;
+
 use axum::{
     Json,
     extract::rejection::JsonRejection,
@@ -14,7 +16,7 @@ pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
     pub kind: &'static str,
-    pub param: Option<&'static str>,
+    pub param: Option<Cow<'static, str>>,
     pub code: Option<&'static str>,
 }
 
@@ -25,8 +27,19 @@ impl ApiError {
             status: StatusCode::BAD_REQUEST,
             message: message.into(),
             kind: "invalid_request_error",
-            param: Some(param),
+            param: Some(Cow::Borrowed(param)),
             code: None,
+        }
+    }
+
+    /// 400 for a request field this server does not support, named in `param`.
+    pub fn unsupported(field: &str) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: format!("{field} is not supported by this server"),
+            kind: "invalid_request_error",
+            param: Some(Cow::Owned(field.to_owned())),
+            code: Some("unsupported_parameter"),
         }
     }
 
@@ -35,7 +48,7 @@ impl ApiError {
             status: StatusCode::NOT_FOUND,
             message: format!("The model `{model}` does not exist."),
             kind: "invalid_request_error",
-            param: Some("model"),
+            param: Some(Cow::Borrowed("model")),
             code: Some("model_not_found"),
         }
     }

@@ -1,14 +1,18 @@
 //! The HTTP surface: OpenAI endpoints, the admin API, health and metrics.
 
 mod admin;
+mod chat;
 mod error;
 mod openai;
+mod request;
+mod response;
 
 use std::sync::{
     Arc,
     atomic::{AtomicBool, AtomicU64, Ordering},
 };
 
+pub use admin::{AdminAuth, AssignError, Assignments, Reviewer, assign};
 use axum::{
     Router,
     extract::{MatchedPath, Request, State},
@@ -28,8 +32,10 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     pub scheduler: Scheduler,
     pub metrics: Arc<Metrics>,
-    /// `None` disables the admin API (every admin call is 401).
-    pub admin_token: Option<String>,
+    /// Who may call the admin API.
+    pub admin: AdminAuth,
+    /// Who assigned each adapter name, at which generation.
+    pub assignments: Assignments,
     pub ready: AtomicBool,
     pub started_at: u64,
     ids: AtomicU64,
@@ -41,14 +47,15 @@ impl AppState {
         registry: Arc<Registry>,
         scheduler: Scheduler,
         metrics: Arc<Metrics>,
-        admin_token: Option<String>,
+        admin: AdminAuth,
     ) -> Self {
         Self {
             model,
             registry,
             scheduler,
             metrics,
-            admin_token,
+            admin,
+            assignments: Assignments::starting(),
             ready: AtomicBool::new(false),
             started_at: unix_now(),
             ids: AtomicU64::new(0),
@@ -62,17 +69,37 @@ impl AppState {
     }
 }
 
-pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+/// The public API; with `with_admin`, the admin API too (when it has no port of its own).
+pub fn router(state: Arc<AppState>, with_admin: bool) -> Router {
+    let public = Router::new()
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
-        .route("/v1/models", get(openai::models))
+        .route("/v1/models", get(openai::models));
+    let routes = if with_admin {
+        public.merge(admin_routes())
+    } else {
+        public
+    };
+    with_common(routes, state)
+}
+
+/// The admin API alone, for a port of its own (health endpoints included, for probes).
+pub fn admin_router(state: Arc<AppState>) -> Router {
+    with_common(admin_routes(), state)
+}
+
+fn admin_routes() -> Router<Arc<AppState>> {
+    Router::new()
         .route(
             "/admin/adapters/{name}",
             put(admin::put_adapter).delete(admin::delete_adapter),
         )
         .route("/admin/adapters", get(admin::list_adapters))
         .route("/admin/info", get(admin::info))
+}
+
+fn with_common(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
+    routes
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

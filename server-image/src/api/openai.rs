@@ -2,210 +2,170 @@
 //! streaming) and `/v1/models`. `model` selects an adapter by name, or none by the base
 //! model's own name.
 
-use std::{convert::Infallible, sync::Arc};
+use std::sync::Arc;
 
 use axum::{
     Json,
     extract::{State, rejection::JsonRejection},
-    response::{
-        IntoResponse, Response,
-        sse::{Event as SseEvent, Sse},
-    },
+    response::{IntoResponse, Response},
 };
-use futures::{Stream, StreamExt, stream};
-use graft_engine::text::chat::Message;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use super::{AppState, error::ApiError, unix_now};
+use super::{
+    AppState,
+    chat::{ChatFields, ToolUse, template_messages, tool_use},
+    error::ApiError,
+    request::{CHAT_FIELDS, COMPLETION_FIELDS, Common, check_logprobs, parse},
+    response::{Kind, Meta, collect, sse},
+    unix_now,
+};
 use crate::{
     adapters::LoadedAdapter,
-    sampling::{Choice, Sampling, clock_seed},
-    scheduler::{Event, FinishReason, Refused, Request, Usage},
+    constrain::{Constraint, Grammar},
+    scheduler::{Refused, Request},
 };
-
-/// OpenAI caps `logprobs` at 5 for completions and `top_logprobs` at 20 for chat; vLLM allows
-/// 20 for both, and so do we.
-const MAX_LOGPROBS: usize = 20;
-const MAX_STOP: usize = 4;
-/// Stop strings are matched on every generated token; long ones would slow every sequence.
-const MAX_STOP_BYTES: usize = 256;
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum OneOrMany {
-    One(String),
-    Many(Vec<String>),
-}
-
-impl OneOrMany {
-    fn into_vec(self) -> Vec<String> {
-        match self {
-            Self::One(s) => vec![s],
-            Self::Many(v) => v,
-        }
-    }
-}
-
-/// The sampling fields both endpoints share.
-#[derive(Debug, Default, Deserialize)]
-struct SamplingFields {
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    top_k: Option<i64>,
-    seed: Option<u64>,
-    stop: Option<OneOrMany>,
-    n: Option<usize>,
-    frequency_penalty: Option<f32>,
-    presence_penalty: Option<f32>,
-    #[serde(default)]
-    stream: bool,
-    stream_options: Option<StreamOptions>,
-    /// vLLM's extension: logprobs name tokens `token_id:<id>` instead of by their text, which
-    /// several ids can share.
-    #[serde(default)]
-    return_tokens_as_token_ids: bool,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct StreamOptions {
-    #[serde(default)]
-    include_usage: bool,
-}
 
 #[derive(Debug, Deserialize)]
 pub struct CompletionRequest {
-    model: String,
-    prompt: OneOrMany,
+    prompt: Prompt,
     max_tokens: Option<usize>,
     logprobs: Option<usize>,
     echo: Option<bool>,
+    suffix: Option<String>,
     #[serde(flatten)]
-    sampling: SamplingFields,
+    common: Common,
+}
+
+/// A prompt, or several: text, or token ids.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Ids(Vec<u32>),
+    IdLists(Vec<Vec<u32>>),
 }
 
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
-    model: String,
-    messages: Vec<ChatMessage>,
-    max_tokens: Option<usize>,
-    max_completion_tokens: Option<usize>,
-    logprobs: Option<bool>,
-    top_logprobs: Option<usize>,
     #[serde(flatten)]
-    sampling: SamplingFields,
+    chat: ChatFields,
+    #[serde(flatten)]
+    common: Common,
 }
 
-#[derive(Debug, Deserialize)]
-struct ChatMessage {
-    role: String,
-    content: Option<Content>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Content {
-    Text(String),
-    Parts(Vec<ContentPart>),
-}
-
-#[derive(Debug, Deserialize)]
-struct ContentPart {
-    #[serde(rename = "type")]
-    kind: String,
-    text: Option<String>,
-}
-
-/// A validated request, ready for the scheduler.
-struct Generation {
-    model: String,
-    adapter: Option<Arc<LoadedAdapter>>,
-    request: Request,
-    stream: bool,
-    include_usage: bool,
-    token_ids: bool,
-    events: mpsc::UnboundedReceiver<Event>,
+/// A request, read: ready to be checked against the model and run.
+struct Plan {
+    kind: Kind,
+    common: Common,
+    /// Token ids, and the text `echo` repeats before the completion.
+    prompts: Vec<(Vec<u32>, String)>,
+    max_tokens: Option<usize>,
+    logprobs: Option<usize>,
+    tools: Option<ToolUse>,
+    skip_special_tokens: bool,
 }
 
 pub async fn completions(
     State(state): State<Arc<AppState>>,
-    body: Result<Json<CompletionRequest>, JsonRejection>,
+    body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(body) = body?;
-    if body.echo == Some(true) {
-        return Err(ApiError::invalid("echo", "echo is not supported"));
+    let body: CompletionRequest = parse(body, COMPLETION_FIELDS)?;
+    if body.suffix.is_some() {
+        return Err(ApiError::unsupported("suffix"));
     }
-    let prompts = body.prompt.into_vec();
-    let [prompt] = prompts.as_slice() else {
-        return Err(ApiError::invalid(
-            "prompt",
-            "give one prompt per request (a string or a list of one string)",
-        ));
-    };
-    let ids = state
-        .model
-        .tokenizer
-        .encode(prompt, true)
-        .map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
+    let echo = body.echo == Some(true);
     let logprobs = check_logprobs("logprobs", body.logprobs)?;
-    let generation = prepare(
-        &state,
-        body.model,
-        ids,
-        body.max_tokens.or(Some(16)),
-        logprobs,
-        body.sampling,
+    if echo && logprobs.is_some() {
+        return Err(ApiError::invalid(
+            "echo",
+            "echo with logprobs needs the prompt's log-probabilities, which this server does not compute",
+        ));
+    }
+    let tokenizer = &state.model.tokenizer;
+    let encode = |text: &str| {
+        tokenizer
+            .encode(text, true)
+            .map_err(|e| ApiError::invalid("prompt", e.to_string()))
+    };
+    let decode = |ids: &[u32]| {
+        let vocab = state.model.info.vocab_size;
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ApiError::invalid(
+                "prompt",
+                format!("token id {bad} is not below the vocabulary size {vocab}"),
+            ));
+        }
+        Ok(tokenizer.decode(ids, false).unwrap_or_default())
+    };
+    let prompts: Vec<(Vec<u32>, String)> = match body.prompt {
+        Prompt::Text(text) => vec![(encode(&text)?, text)],
+        Prompt::Texts(texts) => texts
+            .into_iter()
+            .map(|t| Ok((encode(&t)?, t)))
+            .collect::<Result<_, ApiError>>()?,
+        Prompt::Ids(ids) => vec![(ids.clone(), decode(&ids)?)],
+        Prompt::IdLists(lists) => lists
+            .into_iter()
+            .map(|ids| Ok((ids.clone(), decode(&ids)?)))
+            .collect::<Result<_, ApiError>>()?,
+    };
+    if prompts.is_empty() {
+        return Err(ApiError::invalid("prompt", "give at least one prompt"));
+    }
+    let prompts = prompts
+        .into_iter()
+        .map(|(ids, text)| (ids, if echo { text } else { String::new() }))
+        .collect();
+    let skip_special_tokens = body.common.skip_special_tokens != Some(false);
+    run(
+        state,
+        Plan {
+            kind: Kind::Completion,
+            common: body.common,
+            prompts,
+            max_tokens: body.max_tokens.or(Some(16)),
+            logprobs,
+            tools: None,
+            skip_special_tokens,
+        },
     )
-    .await?;
-    Ok(respond(state, generation, Kind::Completion).await)
+    .await
 }
 
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
-    body: Result<Json<ChatRequest>, JsonRejection>,
+    body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(body) = body?;
-    if body.messages.is_empty() {
-        return Err(ApiError::invalid("messages", "messages must not be empty"));
-    }
-    let messages = body
-        .messages
-        .into_iter()
-        .map(|m| {
-            let content = match m.content {
-                None => String::new(),
-                Some(Content::Text(text)) => text,
-                Some(Content::Parts(parts)) => parts
-                    .into_iter()
-                    .map(|p| match (p.kind.as_str(), p.text) {
-                        ("text", Some(text)) => Ok(text),
-                        (kind, _) => Err(ApiError::invalid(
-                            "messages",
-                            format!("content parts of type {kind:?} are not supported (text only)"),
-                        )),
-                    })
-                    .collect::<Result<Vec<_>, _>>()?
-                    .concat(),
-            };
-            Ok(Message::new(m.role, content))
-        })
-        .collect::<Result<Vec<_>, ApiError>>()?;
-    let text = state
-        .model
+    let ChatRequest { chat, common } = parse(body, CHAT_FIELDS)?;
+    let model = &state.model;
+    let literal = |marker: &str| match model.tokenizer.token_to_id(marker) {
+        Some(id) if model.grammars.as_ref().is_ok_and(|g| g.is_special(id)) => format!("<[{id}]>"),
+        _ => serde_json::to_string(marker).unwrap_or_default(),
+    };
+    let tools = tool_use(model, &chat, literal)?;
+    let messages = template_messages(chat.messages)?;
+    let text = model
         .tokenizer
-        .apply_chat_template(&messages, true)
+        .apply_chat_template_with_tools(
+            &messages,
+            chat.tools.as_deref().filter(|t| !t.is_empty()),
+            chat.add_generation_prompt != Some(false),
+        )
         .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
     // The template writes the special tokens itself.
-    let ids = state
-        .model
+    let ids = model
         .tokenizer
         .encode(&text, false)
         .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-    let logprobs = if body.logprobs == Some(true) {
-        Some(check_logprobs("top_logprobs", Some(body.top_logprobs.unwrap_or(0)))?.unwrap_or(0))
+    let logprobs = if chat.logprobs == Some(true) {
+        Some(check_logprobs("top_logprobs", Some(chat.top_logprobs.unwrap_or(0)))?.unwrap_or(0))
     } else {
-        if body.top_logprobs.is_some_and(|n| n > 0) {
+        if chat.top_logprobs.is_some_and(|n| n > 0) {
             return Err(ApiError::invalid(
                 "top_logprobs",
                 "top_logprobs needs logprobs: true",
@@ -213,16 +173,26 @@ pub async fn chat_completions(
         }
         None
     };
-    let generation = prepare(
-        &state,
-        body.model,
-        ids,
-        body.max_completion_tokens.or(body.max_tokens),
-        logprobs,
-        body.sampling,
+    // A call's opening marker must stay in the text to be found.
+    let keeps_marker = tools
+        .as_ref()
+        .and_then(|t| t.format.marker())
+        .and_then(|m| model.tokenizer.token_to_id(m))
+        .is_some_and(|id| model.grammars.as_ref().is_ok_and(|g| g.is_special(id)));
+    let skip_special_tokens = common.skip_special_tokens != Some(false) && !keeps_marker;
+    run(
+        state,
+        Plan {
+            kind: Kind::Chat,
+            common,
+            prompts: vec![(ids, String::new())],
+            max_tokens: chat.max_completion_tokens.or(chat.max_tokens),
+            logprobs,
+            tools,
+            skip_special_tokens,
+        },
     )
-    .await?;
-    Ok(respond(state, generation, Kind::Chat).await)
+    .await
 }
 
 pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
@@ -243,209 +213,196 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({"object": "list", "data": data}))
 }
 
-fn check_logprobs(param: &'static str, n: Option<usize>) -> Result<Option<usize>, ApiError> {
-    match n {
-        Some(n) if n > MAX_LOGPROBS => Err(ApiError::invalid(
-            param,
-            format!("{param} must be at most {MAX_LOGPROBS}"),
-        )),
-        n => Ok(n),
-    }
-}
-
-async fn prepare(
-    state: &AppState,
-    model: String,
-    prompt: Vec<u32>,
-    max_tokens: Option<usize>,
-    logprobs: Option<usize>,
-    fields: SamplingFields,
-) -> Result<Generation, ApiError> {
-    let sampling = sampling(&fields, logprobs)?;
-    let stop = fields.stop.map(OneOrMany::into_vec).unwrap_or_default();
-    if stop.len() > MAX_STOP
-        || stop
-            .iter()
-            .any(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
-    {
-        return Err(ApiError::invalid(
-            "stop",
-            format!(
-                "stop takes up to {MAX_STOP} non-empty strings of at most {MAX_STOP_BYTES} bytes"
-            ),
-        ));
-    }
-    let context = state.model.max_model_len;
-    if prompt.is_empty() {
-        return Err(ApiError::invalid("prompt", "the prompt is empty"));
-    }
-    if prompt.len() >= context {
-        return Err(ApiError::invalid(
-            "prompt",
-            format!(
-                "This model's maximum context length is {context} tokens. However, your prompt has {} tokens.",
-                prompt.len()
-            ),
-        ));
-    }
-    let max_tokens = match max_tokens {
-        Some(0) => {
-            return Err(ApiError::invalid(
-                "max_tokens",
-                "max_tokens must be at least 1",
-            ));
-        }
-        Some(n) if n > context - prompt.len() => {
-            return Err(ApiError::invalid(
-                "max_tokens",
-                format!(
-                    "This model's maximum context length is {context} tokens. However, you requested {} tokens ({} in the prompt, {n} for the completion).",
-                    prompt.len().saturating_add(n),
-                    prompt.len()
-                ),
-            ));
-        }
-        Some(n) => n,
-        None => context - prompt.len(),
-    };
-    let adapter = if model == state.model.info.model {
-        None
-    } else {
-        let picked = state
-            .registry
-            .pick(&model)
-            .await
-            .map_err(|e| ApiError::unavailable(e.to_string()))?;
-        Some(picked.ok_or_else(|| ApiError::model_not_found(&model))?)
-    };
-    state
-        .metrics
-        .adapter_request(if adapter.is_some() { &model } else { "" });
-    let (events_tx, events) = mpsc::unbounded_channel();
-    Ok(Generation {
-        model,
-        adapter: adapter.clone(),
-        request: Request {
-            prompt,
-            max_tokens,
-            stop,
-            sampling,
-            adapter,
-            events: events_tx,
-        },
-        stream: fields.stream,
-        include_usage: fields.stream_options.is_some_and(|o| o.include_usage),
-        token_ids: fields.return_tokens_as_token_ids,
-        events,
-    })
-}
-
-fn sampling(fields: &SamplingFields, logprobs: Option<usize>) -> Result<Sampling, ApiError> {
-    let temperature = fields.temperature.unwrap_or(1.0);
-    if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::invalid(
-            "temperature",
-            "temperature must be between 0 and 2",
-        ));
-    }
-    let top_p = fields.top_p.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::invalid("top_p", "top_p must be in (0, 1]"));
-    }
-    let top_k = match fields.top_k {
-        None | Some(-1 | 0) => 0,
-        Some(k) if k > 0 => usize::try_from(k).unwrap_or(usize::MAX),
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "top_k",
-                "top_k must be -1 (off) or at least 1",
-            ));
-        }
-    };
-    if fields.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::invalid("n", "only n = 1 is supported"));
-    }
-    for (param, value) in [
-        ("frequency_penalty", fields.frequency_penalty),
-        ("presence_penalty", fields.presence_penalty),
-    ] {
-        if value.is_some_and(|v| v != 0.0) {
+/// Checks `plan` against the model, queues one scheduler request per prompt, and answers.
+async fn run(state: Arc<AppState>, plan: Plan) -> Result<Response, ApiError> {
+    let model = &state.model;
+    let vocab = model.info.vocab_size;
+    let choices = plan.common.choices()?;
+    // best_of ranks choices by their log-probability, so it needs them even unasked.
+    let ranked = choices.best_of > choices.n;
+    let sampling = plan
+        .common
+        .sampling(plan.logprobs.or(ranked.then_some(0)), vocab)?;
+    let longest = plan.prompts.iter().map(|(p, _)| p.len()).max().unwrap_or(0);
+    let max_tokens = max_tokens(model.max_model_len, &plan.prompts, longest, plan.max_tokens)?;
+    let stopping = plan.common.stopping(max_tokens, vocab)?;
+    let grammar = match (
+        plan.common.grammar()?,
+        plan.tools.as_ref().and_then(|t| t.forced.clone()),
+    ) {
+        (Some((param, _)), Some(_)) => {
             return Err(ApiError::invalid(
                 param,
-                format!("{param} is not supported"),
+                "an output constraint cannot be combined with tool_choice required or a named function",
             ));
         }
-    }
-    let seed = fields.seed.unwrap_or_else(clock_seed);
-    Ok(Sampling {
-        temperature,
-        top_p,
-        top_k,
-        seed,
-        logprobs,
-    })
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    Completion,
-    Chat,
-}
-
-async fn respond(state: Arc<AppState>, generation: Generation, kind: Kind) -> Response {
-    let Generation {
-        model,
-        adapter,
-        request,
-        stream,
-        include_usage,
-        token_ids,
-        events,
-    } = generation;
-    let logprobs = request.sampling.logprobs.is_some();
-    let fingerprint = fingerprint(&state, adapter.as_deref());
+        (Some((param, grammar)), None) => Some((param, grammar)),
+        (None, Some(forced)) => Some(("tool_choice", forced)),
+        (None, None) => None,
+    };
+    let constraint = match grammar {
+        Some((param, grammar)) => Some(compile(&state, param, grammar).await?),
+        None => None,
+    };
+    let name = plan.common.model.clone();
+    let adapter = pick_adapter(&state, &name).await?;
+    state
+        .metrics
+        .adapter_request(if adapter.is_some() { &name } else { "" });
+    let (events_tx, events) = mpsc::unbounded_channel();
     let meta = Meta {
         id: format!(
             "{}-{:016x}",
-            if kind == Kind::Chat {
+            if plan.kind == Kind::Chat {
                 "chatcmpl"
             } else {
                 "cmpl"
             },
-            request.sampling.seed ^ state.next_id()
+            sampling.seed ^ state.next_id()
         ),
         created: unix_now(),
-        model,
-        fingerprint,
-        kind,
-        logprobs,
-        token_ids,
+        model: name.clone(),
+        fingerprint: fingerprint(&state, adapter.as_deref()),
+        kind: plan.kind,
+        logprobs: plan.logprobs.is_some(),
+        token_ids: plan.common.return_tokens_as_token_ids == Some(true),
+        prompts: plan
+            .prompts
+            .iter()
+            .map(|(ids, echo)| (ids.len(), echo.clone()))
+            .collect(),
+        n: choices.n,
+        best_of: choices.best_of,
+        tools: plan.tools.as_ref().map(|t| t.format),
+        call_seed: state.next_id(),
     };
-    match state.scheduler.submit(request) {
-        Ok(()) => {}
-        Err(Refused::Busy) => return ApiError::busy().into_response(),
-        Err(Refused::Stopped) => {
-            return ApiError::unavailable("the server is shutting down").into_response();
-        }
-    }
-    if stream {
-        let sse = sse_stream(state, meta, events, include_usage);
-        Sse::new(sse).into_response()
+    let request = Request {
+        prompt: Vec::new(),
+        stopping,
+        sampling,
+        choices: choices.best_of,
+        first_index: 0,
+        constraint,
+        skip_special_tokens: plan.skip_special_tokens,
+        adapter_name: if adapter.is_some() {
+            name.clone()
+        } else {
+            String::new()
+        },
+        adapter,
+        events: events_tx,
+    };
+    submit(&state, &request, plan.prompts)?;
+    drop(request);
+    if plan.common.stream() {
+        let include_usage = plan
+            .common
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage);
+        Ok(sse(state.clone(), meta, events, include_usage))
     } else {
-        collect(state, meta, events).await
+        Ok(collect(state.clone(), meta, events).await.into_response())
     }
 }
 
-/// The fields every response and chunk repeats.
-#[derive(Clone, Debug)]
-struct Meta {
-    id: String,
-    created: u64,
-    model: String,
-    fingerprint: String,
-    kind: Kind,
-    logprobs: bool,
-    token_ids: bool,
+/// Queues `request` once for each prompt, its choices numbered after the previous prompt's.
+fn submit(
+    state: &AppState,
+    request: &Request,
+    prompts: Vec<(Vec<u32>, String)>,
+) -> Result<(), ApiError> {
+    for (i, (prompt, _)) in prompts.into_iter().enumerate() {
+        let first_index = i * request.choices;
+        let mut sampling = request.sampling.clone();
+        sampling.seed = sampling
+            .seed
+            .wrapping_add((first_index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let request = Request {
+            prompt,
+            sampling,
+            first_index,
+            ..request.clone()
+        };
+        match state.scheduler.submit(request) {
+            Ok(()) => {}
+            Err(Refused::Busy) => return Err(ApiError::busy()),
+            Err(Refused::Stopped) => {
+                return Err(ApiError::unavailable("the server is shutting down"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `max_tokens`, checked against the context the longest prompt leaves; by default all of it.
+fn max_tokens(
+    context: usize,
+    prompts: &[(Vec<u32>, String)],
+    longest: usize,
+    asked: Option<usize>,
+) -> Result<usize, ApiError> {
+    if prompts.iter().any(|(p, _)| p.is_empty()) {
+        return Err(ApiError::invalid("prompt", "the prompt is empty"));
+    }
+    if longest >= context {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!(
+                "This model's maximum context length is {context} tokens. However, your prompt has {longest} tokens."
+            ),
+        ));
+    }
+    match asked {
+        Some(0) => Err(ApiError::invalid(
+            "max_tokens",
+            "max_tokens must be at least 1",
+        )),
+        Some(n) if n > context - longest => Err(ApiError::invalid(
+            "max_tokens",
+            format!(
+                "This model's maximum context length is {context} tokens. However, you requested {} tokens ({longest} in the prompt, {n} for the completion).",
+                longest.saturating_add(n),
+            ),
+        )),
+        Some(n) => Ok(n),
+        None => Ok(context - longest),
+    }
+}
+
+/// Compiles a grammar off the async threads (a large schema takes milliseconds).
+async fn compile(
+    state: &Arc<AppState>,
+    param: &'static str,
+    grammar: Grammar,
+) -> Result<Constraint, ApiError> {
+    let model = state.model.clone();
+    tokio::task::spawn_blocking(move || match &model.grammars {
+        Ok(grammars) => grammars.compile(&grammar),
+        Err(reason) => Err(format!(
+            "structured output is unavailable for this model: {reason}"
+        )),
+    })
+    .await
+    .map_err(|e| ApiError::unavailable(e.to_string()))?
+    .map_err(|e| ApiError::invalid(param, e))
+}
+
+async fn pick_adapter(
+    state: &AppState,
+    model: &str,
+) -> Result<Option<Arc<LoadedAdapter>>, ApiError> {
+    if model == state.model.info.model {
+        return Ok(None);
+    }
+    let picked = state
+        .registry
+        .pick(model)
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    Ok(Some(
+        picked.ok_or_else(|| ApiError::model_not_found(model))?,
+    ))
 }
 
 /// Identifies what produced a response: the adapter version's digest (or the base model's),
@@ -453,224 +410,4 @@ struct Meta {
 fn fingerprint(state: &AppState, adapter: Option<&LoadedAdapter>) -> String {
     let sha = adapter.map_or(&state.model.info.model_sha256, |a| &a.sha256);
     format!("graft-{}", &sha[..16.min(sha.len())])
-}
-
-async fn collect(
-    state: Arc<AppState>,
-    meta: Meta,
-    mut events: mpsc::UnboundedReceiver<Event>,
-) -> Response {
-    let mut text = String::new();
-    let mut tokens = Vec::new();
-    while let Some(event) = events.recv().await {
-        match event {
-            Event::Token {
-                text: delta,
-                choice,
-            } => {
-                text.push_str(&delta);
-                tokens.push(choice);
-            }
-            Event::Done { reason, usage } => {
-                let logprobs = meta.logprobs.then(|| logprobs_json(&state, &meta, &tokens));
-                return Json(full_response(
-                    &meta,
-                    &text,
-                    logprobs.as_ref(),
-                    reason,
-                    usage,
-                ))
-                .into_response();
-            }
-            Event::Failed(message) => {
-                return ApiError {
-                    status: axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                    message,
-                    kind: "server_error",
-                    param: None,
-                    code: None,
-                }
-                .into_response();
-            }
-        }
-    }
-    ApiError::unavailable("the generation was interrupted").into_response()
-}
-
-fn full_response(
-    meta: &Meta,
-    text: &str,
-    logprobs: Option<&Value>,
-    reason: FinishReason,
-    usage: Usage,
-) -> Value {
-    let choice = match meta.kind {
-        Kind::Completion => json!({
-            "index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason.as_str(),
-        }),
-        Kind::Chat => json!({
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": logprobs,
-            "finish_reason": reason.as_str(),
-        }),
-    };
-    json!({
-        "id": meta.id,
-        "object": if meta.kind == Kind::Chat { "chat.completion" } else { "text_completion" },
-        "created": meta.created,
-        "model": meta.model,
-        "system_fingerprint": meta.fingerprint,
-        "choices": [choice],
-        "usage": usage_json(usage),
-    })
-}
-
-fn usage_json(usage: Usage) -> Value {
-    json!({
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-    })
-}
-
-fn token_text(state: &AppState, meta: &Meta, token: u32) -> String {
-    if meta.token_ids {
-        format!("token_id:{token}")
-    } else {
-        state
-            .model
-            .tokenizer
-            .decode(&[token], false)
-            .unwrap_or_default()
-    }
-}
-
-/// Completions: `{tokens, token_logprobs, top_logprobs, text_offset}`; chat: `{content: [..]}`.
-fn logprobs_json(state: &AppState, meta: &Meta, tokens: &[Choice]) -> Value {
-    let tokens: Vec<&Choice> = tokens.iter().filter(|c| c.logprob.is_some()).collect();
-    match meta.kind {
-        Kind::Completion => {
-            let mut offset = 0;
-            let mut offsets = Vec::new();
-            for c in &tokens {
-                offsets.push(offset);
-                offset += token_text(state, meta, c.token).len();
-            }
-            json!({
-                "tokens": tokens.iter().map(|c| token_text(state, meta, c.token)).collect::<Vec<_>>(),
-                "token_logprobs": tokens.iter().map(|c| c.logprob).collect::<Vec<_>>(),
-                "top_logprobs": tokens.iter().map(|c| {
-                    c.top.iter().map(|(t, lp)| (token_text(state, meta, *t), json!(lp))).collect::<serde_json::Map<_, _>>()
-                }).collect::<Vec<_>>(),
-                "text_offset": offsets,
-            })
-        }
-        Kind::Chat => json!({
-            "content": tokens.iter().map(|c| {
-                let text = token_text(state, meta, c.token);
-                json!({
-                    "token": text, "logprob": c.logprob, "bytes": text.as_bytes(),
-                    "top_logprobs": c.top.iter().map(|(t, lp)| {
-                        let text = token_text(state, meta, *t);
-                        json!({"token": text, "logprob": lp, "bytes": text.as_bytes()})
-                    }).collect::<Vec<_>>(),
-                })
-            }).collect::<Vec<_>>(),
-        }),
-    }
-}
-
-fn sse_stream(
-    state: Arc<AppState>,
-    meta: Meta,
-    events: mpsc::UnboundedReceiver<Event>,
-    include_usage: bool,
-) -> impl Stream<Item = Result<SseEvent, Infallible>> {
-    let first = (meta.kind == Kind::Chat).then(|| {
-        chunk(
-            &meta,
-            &json!({"role": "assistant", "content": ""}),
-            None,
-            None,
-        )
-    });
-    let body = stream::unfold(Some(events), move |events| {
-        let (state, meta) = (state.clone(), meta.clone());
-        async move {
-            let mut events = events?;
-            let out = match events.recv().await {
-                Some(Event::Token { text, .. }) if text.is_empty() && !meta.logprobs => Vec::new(),
-                Some(Event::Token { text, choice }) => {
-                    let logprobs = meta.logprobs.then(|| logprobs_json(&state, &meta, std::slice::from_ref(&choice)));
-                    vec![chunk(&meta, &delta(&meta, &text), logprobs.as_ref(), None)]
-                }
-                Some(Event::Done { reason, usage }) => {
-                    let mut last = vec![chunk(&meta, &delta(&meta, ""), None, Some(reason))];
-                    if include_usage {
-                        last.push(json!({
-                            "id": meta.id, "object": chunk_object(&meta), "created": meta.created,
-                            "model": meta.model, "system_fingerprint": meta.fingerprint,
-                            "choices": [], "usage": usage_json(usage),
-                        }));
-                    }
-                    let events: Vec<SseEvent> = last.iter().map(data).chain([done()]).collect();
-                    return Some((stream::iter(events), None));
-                }
-                Some(Event::Failed(message)) => {
-                    let error = json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}});
-                    return Some((stream::iter(vec![data(&error), done()]), None));
-                }
-                None => return Some((stream::iter(vec![done()]), None)),
-            };
-            Some((stream::iter(out.iter().map(data).collect::<Vec<_>>()), Some(events)))
-        }
-    })
-    .flatten();
-    stream::iter(first.iter().map(data).collect::<Vec<_>>())
-        .chain(body)
-        .map(Ok)
-}
-
-fn chunk_object(meta: &Meta) -> &'static str {
-    match meta.kind {
-        Kind::Chat => "chat.completion.chunk",
-        Kind::Completion => "text_completion",
-    }
-}
-
-fn delta(meta: &Meta, text: &str) -> Value {
-    match meta.kind {
-        Kind::Chat if text.is_empty() => json!({}),
-        Kind::Chat => json!({"content": text}),
-        Kind::Completion => json!(text),
-    }
-}
-
-fn chunk(
-    meta: &Meta,
-    delta: &Value,
-    logprobs: Option<&Value>,
-    finish: Option<FinishReason>,
-) -> Value {
-    let choice = match meta.kind {
-        Kind::Chat => {
-            json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish.map(FinishReason::as_str)})
-        }
-        Kind::Completion => {
-            json!({"index": 0, "text": delta, "logprobs": logprobs, "finish_reason": finish.map(FinishReason::as_str)})
-        }
-    };
-    json!({
-        "id": meta.id, "object": chunk_object(meta), "created": meta.created, "model": meta.model,
-        "system_fingerprint": meta.fingerprint, "choices": [choice],
-    })
-}
-
-fn data(value: &Value) -> SseEvent {
-    SseEvent::default().data(value.to_string())
-}
-
-fn done() -> SseEvent {
-    SseEvent::default().data("[DONE]")
 }

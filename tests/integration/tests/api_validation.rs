@@ -201,6 +201,74 @@ async fn bad_uris_are_rejected_naming_the_field() {
 }
 
 #[tokio::test]
+async fn resources_must_be_quantities_and_gpus_a_domain_prefixed_resource() {
+    let (client, ns) = setup("ftj-resources").await;
+    let api = dynamic_api::<FineTuneJob>(&client, &ns);
+    let mut job = valid_job("bad-resources");
+    job["spec"]["resources"] = json!({"memory": "lots", "cpu": "-2", "gpuResourceName": "gpu"});
+    job["spec"]["activeDeadlineSeconds"] = json!(0);
+    let message = rejected(&api, job).await;
+    assert_names(
+        &message,
+        &[
+            "memory: a quantity such as 32Gi",
+            "cpu: a quantity such as 8 or 500m",
+            "spec.resources.gpuResourceName",
+            "spec.activeDeadlineSeconds",
+        ],
+    );
+    let mut job = valid_job("kubernetes-gpu");
+    job["spec"]["resources"] = json!({"gpuResourceName": "kubernetes.io/gpu"});
+    let message = rejected(&api, job).await;
+    assert_names(&message, &["outside the kubernetes.io domain"]);
+
+    let mut good = valid_job("good-resources");
+    good["spec"]["resources"] =
+        json!({"memory": "32Gi", "cpu": 8, "gpuResourceName": "amd.com/gpu", "gpus": 2});
+    good["spec"]["activeDeadlineSeconds"] = json!(86_400);
+    let object: DynamicObject = serde_json::from_value(good).expect("manifest");
+    api.create(&PostParams::default(), &object)
+        .await
+        .expect("quantities, an integer CPU count and a vendor's GPU resource are accepted");
+}
+
+#[tokio::test]
+async fn a_server_grant_names_namespaces_and_servers_of_the_kinds_it_admits() {
+    let (client, ns) = setup("grant").await;
+    let api = dynamic_api::<graft_api::ServerGrant>(&client, &ns);
+    let grant = |from: Value, to: Value| {
+        json!({"apiVersion": "graft.dev/v1alpha1", "kind": "ServerGrant",
+               "metadata": {"name": "team-a"}, "spec": {"from": from, "to": to}})
+    };
+    let message = rejected(
+        &api,
+        grant(
+            json!([{"kind": "Pod", "namespace": "team-a"}]),
+            json!([{"name": "Not_A_Name"}]),
+        ),
+    )
+    .await;
+    assert_names(
+        &message,
+        &[
+            "spec.from[0].kind: Unsupported value: \"Pod\"",
+            "spec.to[0].name",
+        ],
+    );
+    let message = rejected(&api, grant(json!([]), json!([{}]))).await;
+    assert_names(&message, &["spec.from"]);
+    let object: DynamicObject =
+        serde_json::from_value(grant(json!([{"namespace": "team-a"}]), json!([{}])))
+            .expect("manifest");
+    let stored = api
+        .create(&PostParams::default(), &object)
+        .await
+        .expect("a grant to every server here");
+    assert_eq!(stored.data["spec"]["from"][0]["kind"], "AdapterDeployment");
+    assert_eq!(stored.data["spec"]["to"][0]["group"], "apps");
+}
+
+#[tokio::test]
 async fn missing_required_fields_are_rejected() {
     let (client, ns) = setup("ftj-required").await;
     let mut job = valid_job("no-output");
@@ -338,8 +406,11 @@ async fn kubectl_shows_short_names_and_printer_columns_from_the_status_subresour
     let kinds: Vec<(ApiResource, ApiCapabilities)> = group.recommended_resources();
     let mut plurals: Vec<_> = kinds.iter().map(|(r, _)| r.plural.clone()).collect();
     plurals.sort();
-    assert_eq!(plurals, ["adapterdeployments", "finetunejobs"]);
-    for (resource, caps) in &kinds {
+    assert_eq!(
+        plurals,
+        ["adapterdeployments", "finetunejobs", "servergrants"]
+    );
+    for (resource, caps) in kinds.iter().filter(|(r, _)| r.plural != "servergrants") {
         assert!(
             caps.subresources.iter().any(|(s, _)| s.plural == "status"),
             "{} has /status",

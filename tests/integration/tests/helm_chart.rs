@@ -18,6 +18,7 @@ use k8s_openapi::{
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
 use kube::Api;
+use serde::Deserialize;
 
 fn chart() -> PathBuf {
     graft_testenv::repo_root().join("charts/graft")
@@ -79,10 +80,14 @@ async fn rendered_chart_passes_server_side_dry_run() {
             // One model server, so its Deployment and Service are validated too.
             "--set",
             "servers[0].name=llama,servers[0].model.uri=s3://models/llama/,servers[0].gpus=1,\
-             servers[0].storage.secretName=s3-credentials,networkPolicy.enabled=true",
+             servers[0].storage.secretName=s3-credentials,networkPolicy.enabled=true,\
+             dashboards.enabled=true",
+            "--set-json",
+            r#"networkPolicy.serverIngressFrom=[{"namespaceSelector":{"matchLabels":{"team":"a"}}}]"#,
         ],
     ))
     .stdout;
+    assert_the_operator_reaches_the_admin_port_only(&rendered);
 
     let stdout = cp.server_dry_run(&ns, &rendered);
     for object in [
@@ -97,6 +102,17 @@ async fn rendered_chart_passes_server_side_dry_run() {
         "service/llama",
         "networkpolicy.networking.k8s.io/graft-operator",
         "networkpolicy.networking.k8s.io/llama",
+        // The Grafana dashboards (the PrometheusRule needs the Prometheus Operator's CRD;
+        // tests/monitoring/check.sh checks it with promtool).
+        "configmap/graft-operator-dashboard",
+        "configmap/graft-training-dashboard",
+        "configmap/graft-serving-dashboard",
+        "customresourcedefinition.apiextensions.k8s.io/servergrants.graft.dev",
+        "clusterrole.rbac.authorization.k8s.io/graft-edit",
+        "clusterrole.rbac.authorization.k8s.io/graft-view",
+        "serviceaccount/graft-server",
+        "clusterrolebinding.rbac.authorization.k8s.io/graft-server-auth-delegator",
+        "validatingadmissionpolicy.admissionregistration.k8s.io/graft-finetunejob-output",
     ] {
         // "created", or "configured" for the cluster-scoped CRDs another test installed already.
         let accepted = stdout
@@ -104,6 +120,41 @@ async fn rendered_chart_passes_server_side_dry_run() {
             .any(|l| l.starts_with(&format!("{object} ")) && l.ends_with("(server dry run)"));
         assert!(accepted, "{object} missing in:\n{stdout}");
     }
+}
+
+/// With `serverIngressFrom` limiting who reaches the servers, the operator must still reach
+/// their admin port, and nobody else may.
+fn assert_the_operator_reaches_the_admin_port_only(rendered: &[u8]) {
+    let text = String::from_utf8_lossy(rendered);
+    let policy = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde_yaml::Value::deserialize(d).expect("YAML"))
+        .find(|o| o["kind"] == "NetworkPolicy" && o["metadata"]["name"] == "llama")
+        .expect("the server's NetworkPolicy");
+    let rules = policy["spec"]["ingress"]
+        .as_sequence()
+        .expect("ingress rules");
+    let admin = rules
+        .iter()
+        .find(|r| r["ports"][0]["port"] == 8001)
+        .expect("a rule for the admin port");
+    let from = admin["from"].as_sequence().expect("admin peers");
+    assert_eq!(from.len(), 1, "{from:?}");
+    assert_eq!(
+        from[0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
+        "graft-operator"
+    );
+    assert!(
+        from[0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"].is_string(),
+        "the operator's namespace only"
+    );
+    let public = rules
+        .iter()
+        .find(|r| r["ports"][0]["port"] == 8000)
+        .expect("a rule for the API port");
+    assert_eq!(
+        public["from"][0]["namespaceSelector"]["matchLabels"]["team"],
+        "a"
+    );
 }
 
 #[tokio::test]
@@ -119,6 +170,7 @@ async fn install_upgrade_and_uninstall_manage_exactly_the_charts_objects() {
     run(helm(cp, &["install", &release, chart, "--namespace", &ns]));
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     assert_installed_objects(&client, &ns, &operator).await;
+    assert_file_outputs_are_refused_at_apply(cp, &ns).await;
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
 
     run(helm(
@@ -190,6 +242,8 @@ async fn bad_values_are_rejected_by_the_schema() {
         ("operator.logLevel=loud", "logLevel"),
         ("operator.image.pullPolicy=Sometimes", "pullPolicy"),
         ("operator.replica=2", "replica"),
+        ("prometheusRule.degradedFor=soon", "degradedFor"),
+        ("dashboards.namespace=Not_A_Namespace", "namespace"),
     ] {
         let out = helm(cp, &["template", "graft", chart, "--set", value])
             .output()
@@ -202,6 +256,54 @@ async fn bad_values_are_rejected_by_the_schema() {
         );
         assert!(stderr.contains(needle), "{value}: {stderr}");
     }
+}
+
+/// The chart's admission policy refuses a FineTuneJob writing to `file://` at `kubectl apply`.
+async fn assert_file_outputs_are_refused_at_apply(cp: &ControlPlane, ns: &str) {
+    let manifest = |output: &str| {
+        format!(
+            "apiVersion: graft.dev/v1alpha1\nkind: FineTuneJob\nmetadata: {{name: local}}\n\
+             spec: {{baseModel: {{uri: 's3://models/'}}, dataset: {{uri: 's3://datasets/t.jsonl'}}, \
+             output: {{uri: '{output}'}}}}\n"
+        )
+    };
+    let apply = |manifest: String| {
+        use std::io::Write;
+        let mut child = cp
+            .command("kubectl")
+            .args(["apply", "--dry-run=server", "--namespace", ns, "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("kubectl");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(manifest.as_bytes())
+            .expect("write");
+        child.wait_with_output().expect("kubectl")
+    };
+    // The policy is enforced once the apiserver has loaded it.
+    graft_testenv::eventually(
+        "the admission policy",
+        std::time::Duration::from_secs(60),
+        async || !apply(manifest("file:///adapters/local/")).status.success(),
+    )
+    .await;
+    let refused = apply(manifest("file:///adapters/local/"));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("file:// outputs are not allowed"),
+        "{stderr}"
+    );
+    let accepted = apply(manifest("s3://adapters/local/"));
+    assert!(
+        accepted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&accepted.stderr)
+    );
 }
 
 /// What a default install creates: the operator Deployment with a restricted pod, its
@@ -236,14 +338,15 @@ async fn assert_installed_objects(client: &kube::Client, ns: &str, operator: &st
         .await
         .expect("ClusterRole");
     let rules = role.rules.unwrap_or_default();
-    let secrets = rules
-        .iter()
-        .find(|r| r.resources.iter().flatten().any(|res| res == "secrets"))
-        .expect("a rule for secrets");
-    assert_eq!(
-        secrets.verbs,
-        ["get"],
-        "the operator can check that a named Secret exists, never list them"
+    assert!(
+        !rules
+            .iter()
+            .any(|r| r.resources.iter().flatten().any(|res| res == "secrets")),
+        "the operator reads no Secret"
+    );
+    assert!(
+        !rules.iter().any(|r| r.verbs.iter().any(|v| v == "delete")),
+        "the garbage collector deletes, not the operator"
     );
     assert!(
         !rules.iter().any(|r| r.verbs.iter().any(|v| v == "*")

@@ -35,7 +35,9 @@ pub struct ControlPlane {
     server: String,
     pki: Pki,
     etcd: Process,
-    apiserver: Process,
+    /// Behind a lock: [`ControlPlane::restart_apiserver`] replaces it.
+    apiserver: std::sync::Mutex<Process>,
+    apiserver_args: Vec<String>,
     controllers: OnceCell<(Process, Process)>,
 }
 
@@ -77,8 +79,7 @@ impl ControlPlane {
         )
         .expect("writing the token file");
         let api_port = free_port();
-        let mut apiserver = Command::new(tool("kube-apiserver"));
-        apiserver.args([
+        let apiserver_args: Vec<String> = [
             &format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
             "--bind-address=127.0.0.1",
             "--advertise-address=127.0.0.1",
@@ -100,7 +101,11 @@ impl ControlPlane {
             "--allow-privileged=false",
             "--profiling=false",
             &format!("--cert-dir={}", dir.join("certs").display()),
-        ]);
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        let mut apiserver = Command::new(tool("kube-apiserver"));
+        apiserver.args(&apiserver_args);
         let apiserver = process::spawn("kube-apiserver", apiserver, &dir);
 
         let server = format!("https://127.0.0.1:{api_port}");
@@ -114,7 +119,8 @@ impl ControlPlane {
             server,
             pki,
             etcd,
-            apiserver,
+            apiserver: std::sync::Mutex::new(apiserver),
+            apiserver_args,
             controllers: OnceCell::new(),
         };
         cp.wait_ready().await;
@@ -126,16 +132,46 @@ impl ControlPlane {
         cp
     }
 
+    fn apiserver(&self) -> std::sync::MutexGuard<'_, Process> {
+        self.apiserver
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Stops kube-apiserver (SIGKILL, as a crashed control-plane node), leaves it down for
+    /// `down`, then starts it again on the same port with the same etcd and waits until it
+    /// is ready. Clients keep their address and reconnect.
+    pub async fn restart_apiserver(&self, down: Duration) {
+        {
+            let apiserver = self.apiserver();
+            apiserver.signal(libc::SIGKILL);
+            assert!(
+                apiserver.wait(Duration::from_secs(10)),
+                "kube-apiserver survived SIGKILL"
+            );
+        }
+        tokio::time::sleep(down).await;
+        let mut command = Command::new(tool("kube-apiserver"));
+        command.args(&self.apiserver_args);
+        *self.apiserver() = process::spawn("kube-apiserver", command, &self.dir);
+        self.wait_ready().await;
+    }
+
     async fn wait_ready(&self) {
         let deadline = Instant::now() + START_TIMEOUT;
         let mut last = String::new();
         while Instant::now() < deadline {
-            for p in [&self.etcd, &self.apiserver] {
+            assert!(
+                self.etcd.is_running(),
+                "etcd exited during start-up:\n{}",
+                self.etcd.log_tail()
+            );
+            {
+                let apiserver = self.apiserver();
                 assert!(
-                    p.is_running(),
-                    "{} exited during start-up:\n{}",
-                    p.name,
-                    p.log_tail()
+                    apiserver.is_running(),
+                    "kube-apiserver exited during start-up:\n{}",
+                    apiserver.log_tail()
                 );
             }
             match self.readyz().await {
@@ -146,7 +182,7 @@ impl ControlPlane {
         }
         panic!(
             "kube-apiserver not ready after {START_TIMEOUT:?} ({last}):\n{}",
-            self.apiserver.log_tail()
+            self.apiserver().log_tail()
         );
     }
 
@@ -205,6 +241,50 @@ impl ControlPlane {
         path
     }
 
+    /// A token of ServiceAccount `namespace/name` bound to `audience` (the TokenRequest API, as
+    /// the kubelet gets a projected token), valid for `seconds`.
+    pub async fn service_account_token(
+        &self,
+        namespace: &str,
+        name: &str,
+        audience: &str,
+        seconds: i64,
+    ) -> String {
+        use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+        let client = self.client().await;
+        let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
+        let account = serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}});
+        accounts
+            .patch(
+                name,
+                &PatchParams::apply(FIELD_MANAGER),
+                &Patch::Apply(account),
+            )
+            .await
+            .expect("creating the ServiceAccount");
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                audiences: vec![audience.to_owned()],
+                expiration_seconds: Some(seconds),
+                bound_object_ref: None,
+            },
+            ..TokenRequest::default()
+        };
+        let data = serde_json::to_vec(&request).expect("a TokenRequest");
+        let response: TokenRequest = client
+            .request(
+                http::Request::post(format!(
+                    "/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token"
+                ))
+                .header("content-type", "application/json")
+                .body(data)
+                .expect("a request"),
+            )
+            .await
+            .expect("the TokenRequest API");
+        response.status.expect("a token").token
+    }
+
     /// The apiserver's URL.
     pub fn server(&self) -> &str {
         &self.server
@@ -225,6 +305,22 @@ impl ControlPlane {
             .env("HELM_CONFIG_HOME", self.dir.join("helm/config"))
             .env("HELM_DATA_HOME", self.dir.join("helm/data"));
         command
+    }
+
+    /// Runs `program` with `args` against this control plane (its kubeconfig in `KUBECONFIG`,
+    /// as kubectl plugins read it): whether it succeeded, and its stdout then its stderr.
+    pub fn run(&self, program: &Path, args: &[&str]) -> (bool, String) {
+        let out = Command::new(program)
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", program.display()));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
     }
 
     /// `kubectl apply --dry-run=server` of `manifests` in `namespace`: the apiserver runs

@@ -17,12 +17,14 @@ use crate::{
 pub struct Daemon {
     process: Process,
     port: u16,
+    port2: u16,
 }
 
 impl Daemon {
     /// Starts `program` with `args` and `KUBECONFIG` set to `kubeconfig` (e.g.
     /// [`crate::ControlPlane::kubeconfig`]). `{port}` in an argument becomes a free port, which the
-    /// program must listen on before this returns.
+    /// program must listen on before this returns; `{port2}` another free port (a second
+    /// listener, e.g. an admin API), listened on too when used.
     ///
     /// # Panics
     /// When the program cannot start or never listens.
@@ -42,20 +44,35 @@ impl Daemon {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
-        let port = free_port();
+        let (port, port2) = (free_port(), free_port());
         let mut command = Command::new(program);
         command
-            .args(args.iter().map(|a| a.replace("{port}", &port.to_string())))
+            .args(args.iter().map(|a| {
+                a.replace("{port}", &port.to_string())
+                    .replace("{port2}", &port2.to_string())
+            }))
             .envs(env.iter().copied());
         let dir = process::scratch_dir("graft-daemon-");
         let process = process::spawn(name, command, &dir);
         wait_for_port(&process, port).await;
-        Self { process, port }
+        if args.iter().any(|a| a.contains("{port2}")) {
+            wait_for_port(&process, port2).await;
+        }
+        Self {
+            process,
+            port,
+            port2,
+        }
     }
 
     /// The port substituted for `{port}`.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The port substituted for `{port2}`.
+    pub fn port2(&self) -> u16 {
+        self.port2
     }
 
     pub fn pid(&self) -> u32 {

@@ -174,7 +174,12 @@ extern "C" fn stop_all() {
         return;
     };
     // Stop in reverse start order: controllers before the apiserver, the apiserver before etcd.
-    for child in children.iter().rev() {
+    // Children that already exited (killed by a test, restarted since) are skipped: their pid
+    // may belong to another process by now.
+    for child in children.iter_mut().rev() {
+        if !matches!(child.try_wait(), Ok(None)) {
+            continue;
+        }
         if let Ok(pid) = i32::try_from(child.id()) {
             // A SIGTERM lets etcd and the apiserver close cleanly.
             #[allow(unsafe_code)]

@@ -16,7 +16,10 @@ pub struct S3Server {
     access_key_id: String,
     secret_access_key: String,
     root: PathBuf,
-    process: Process,
+    dir: PathBuf,
+    port: u16,
+    /// `None` while stopped ([`S3Server::stop`]).
+    process: std::sync::Mutex<Option<Process>>,
 }
 
 static SHARED: OnceCell<S3Server> = OnceCell::const_new();
@@ -24,40 +27,68 @@ static SHARED: OnceCell<S3Server> = OnceCell::const_new();
 impl S3Server {
     /// The S3 server of this test binary, started on first use.
     pub async fn shared() -> &'static S3Server {
-        SHARED.get_or_init(Self::start).await
+        SHARED.get_or_init(Self::launch).await
     }
 
-    async fn start() -> Self {
+    async fn launch() -> Self {
         let started = Instant::now();
         let dir = process::scratch_dir("graft-s3-");
         let root = dir.join("data");
         std::fs::create_dir(&root).expect("creating the S3 root");
         let port = free_port();
-        let access_key_id = format!("graft{}", random_hex(6));
-        let secret_access_key = random_hex(20);
-        let mut command = Command::new(tool("s3s-fs"));
-        command
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args([
-                "--access-key",
-                &access_key_id,
-                "--secret-key",
-                &secret_access_key,
-            ])
-            .arg(&root);
-        let process = process::spawn("s3s-fs", command, &dir);
-        wait_for_port(&process, port).await;
+        let server = Self {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            access_key_id: format!("graft{}", random_hex(6)),
+            secret_access_key: random_hex(20),
+            root,
+            dir,
+            port,
+            process: std::sync::Mutex::new(None),
+        };
+        server.start().await;
         eprintln!(
             "graft-testenv: S3 server ready on 127.0.0.1:{port} in {:.1?}",
             started.elapsed()
         );
-        Self {
-            endpoint: format!("http://127.0.0.1:{port}"),
-            access_key_id,
-            secret_access_key,
-            root,
-            process,
+        server
+    }
+
+    fn spawn(&self) -> Process {
+        let mut command = Command::new(tool("s3s-fs"));
+        command
+            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args([
+                "--access-key",
+                &self.access_key_id,
+                "--secret-key",
+                &self.secret_access_key,
+            ])
+            .arg(&self.root);
+        process::spawn("s3s-fs", command, &self.dir)
+    }
+
+    /// Starts the server (again, after [`S3Server::stop`]) on its port, with its data.
+    ///
+    /// # Panics
+    /// When it does not listen.
+    pub async fn start(&self) {
+        let process = self.spawn();
+        wait_for_port(&process, self.port).await;
+        *self.process() = Some(process);
+    }
+
+    /// Kills the server (SIGKILL): requests fail until [`S3Server::start`].
+    pub fn stop(&self) {
+        if let Some(process) = self.process().take() {
+            process.signal(libc::SIGKILL);
+            process.wait(std::time::Duration::from_secs(10));
         }
+    }
+
+    fn process(&self) -> std::sync::MutexGuard<'_, Option<Process>> {
+        self.process
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// `http://127.0.0.1:<port>`: needs path-style requests.
@@ -100,11 +131,9 @@ impl S3Server {
 
     /// Creates an empty bucket with a name unique to this run and returns the name.
     pub fn bucket(&self, prefix: &str) -> String {
-        assert!(
-            self.process.is_running(),
-            "s3s-fs died:\n{}",
-            self.process.log_tail()
-        );
+        if let Some(process) = &*self.process() {
+            assert!(process.is_running(), "s3s-fs died:\n{}", process.log_tail());
+        }
         let name = unique_name(prefix);
         // s3s-fs keeps each bucket as a directory under its root.
         std::fs::create_dir(self.root.join(&name)).expect("creating a bucket");

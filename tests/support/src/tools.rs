@@ -26,6 +26,11 @@ pub fn tool(name: &str) -> PathBuf {
         }
         "helm" => format!("helm-{}", version("HELM_VERSION")),
         "s3s-fs" => format!("s3s-fs-{}", version("S3S_FS_VERSION")),
+        "argocd-lua" => format!(
+            "argocd-lua-{}-r{}",
+            version("GOPHER_LUA_VERSION"),
+            version("ARGOCD_LUA_REVISION")
+        ),
         other => panic!("unknown test tool {other}"),
     };
     let path = tools_dir().join(dir).join(name);

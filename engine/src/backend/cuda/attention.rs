@@ -84,22 +84,19 @@ pub fn cached_attention(
         head_dim: dim,
         ..
     } = heads;
+    // Every packed row rotated for its own position at once, then split by sequence.
+    let rows = q.dim(0)?;
+    let (cos, sin) = (rotary.cos.unsqueeze(1)?, rotary.sin.unsqueeze(1)?);
+    let q = rotate(&q.reshape((rows, n_heads, dim))?, &cos, &sin)?;
+    let k = rotate(&k.reshape((rows, kv_heads, dim))?, &cos, &sin)?;
+    let v = v.reshape((rows, kv_heads, dim))?;
     let mut outputs = Vec::with_capacity(sequences.len());
     for sequence in sequences.iter_mut() {
         let rows = &sequence.rows;
-        let (cos, sin) = (
-            rotary.cos.narrow(0, rows.start, rows.len())?.unsqueeze(1)?,
-            rotary.sin.narrow(0, rows.start, rows.len())?.unsqueeze(1)?,
-        );
-        let new = |t: &Tensor, n: usize| {
-            t.narrow(0, rows.start, rows.len())?
-                .reshape((rows.len(), n, dim))
-        };
-        let qh = query_heads(&rotate(&new(q, n_heads)?, &cos, &sin)?.unsqueeze(0)?, heads)?;
-        let kh = rotate(&new(k, kv_heads)?, &cos, &sin)?
-            .transpose(0, 1)?
-            .contiguous()?;
-        let vh = new(v, kv_heads)?.transpose(0, 1)?.contiguous()?;
+        let new = |t: &Tensor| t.narrow(0, rows.start, rows.len());
+        let qh = query_heads(&new(&q)?.unsqueeze(0)?, heads)?;
+        let kh = new(&k)?.transpose(0, 1)?.contiguous()?;
+        let vh = new(&v)?.transpose(0, 1)?.contiguous()?;
         let offset = sequence.cache.len();
         let slot = &mut sequence.cache.layers[layer].tensors;
         let (kh, vh) = match slot.take() {
@@ -187,6 +184,13 @@ fn bias(
     visible.to_dtype(DType::F32)?.affine(HIDDEN, -HIDDEN)
 }
 
+/// Whether every query at `queries` may see every key at `keys` (a decoding step's one new
+/// token sees its whole cache): then no mask is needed.
+fn all_visible(queries: &Range<usize>, keys: &Range<usize>, window: Option<usize>) -> bool {
+    let causal = keys.end <= queries.start + 1;
+    causal && window.is_none_or(|w| queries.end - keys.start <= w)
+}
+
 /// The keys the queries at `queries` (positions) may see.
 fn visible_keys(queries: &Range<usize>, window: Option<usize>) -> Range<usize> {
     let first = window.map_or(0, |w| (queries.start + 1).saturating_sub(w));
@@ -236,7 +240,9 @@ fn forward_blocks(
             scores = scores
                 .reshape((batch, kv_heads, group, len, keys.len()))?
                 .affine(heads.scale, 0.0)?;
-            scores = scores.broadcast_add(&bias(positions, &at, &keys, heads.window)?)?;
+            if !all_visible(&at, &keys, heads.window) {
+                scores = scores.broadcast_add(&bias(positions, &at, &keys, heads.window)?)?;
+            }
             let max = scores.max_keepdim(D::Minus1)?;
             scores = scores.broadcast_sub(&max)?;
             scores = scores.exp()?;
@@ -434,7 +440,10 @@ impl Attention {
             let mut probs = q.matmul(&k.t()?)?;
             probs = probs.to_dtype(DType::F32)?;
             probs = probs.reshape(shape)?.affine(heads.scale, 0.0)?;
-            probs = probs.broadcast_add(&bias(&self.rotary.positions, qs, ks, heads.window)?)?;
+            if !all_visible(qs, ks, heads.window) {
+                probs =
+                    probs.broadcast_add(&bias(&self.rotary.positions, qs, ks, heads.window)?)?;
+            }
             probs =
                 probs.broadcast_sub(&lse.narrow(3, qs.start, qs.len())?.unsqueeze(D::Minus1)?)?;
             probs = probs.exp()?;
