@@ -6,7 +6,7 @@
 # hot-loads the adapter through the admin API and asks base model and adapter the same
 # questions, none of them in the training data. Each stage prints its wall time.
 #
-#     bash quickstart.sh          # SmolLM2, about 7 minutes on 2 busy cores after the build
+#     bash quickstart.sh          # SmolLM2, 2 to 7 minutes on 2 cores after the build
 #     bash quickstart.sh --tiny   # a tiny random model made on the spot, in seconds
 #
 # Builds the release binaries first (GRAFT_BIN_DIR=<dir> uses binaries built already).
