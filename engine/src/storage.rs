@@ -282,6 +282,38 @@ impl Location {
     }
 }
 
+impl Location {
+    /// Copies the one object the location names (the URI's key itself, not a prefix) to
+    /// `target`, streamed, unless a file of its size is already there; the file appears under
+    /// its final name only once complete.
+    pub async fn download_object_to(&self, target: &std::path::Path) -> Result<(), DownloadError> {
+        use std::io::Write as _;
+
+        let size = self.store.head(&self.prefix).await?.size;
+        if std::fs::metadata(target).is_ok_and(|m| m.len() == size) {
+            return Ok(());
+        }
+        let write = |source| DownloadError::Write {
+            path: target.to_owned(),
+            source,
+        };
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(write)?;
+        }
+        let partial = target.with_extension("partial");
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&partial).map_err(write)?);
+        let mut chunks = self.store.get(&self.prefix).await?.into_stream();
+        while let Some(chunk) = chunks.try_next().await? {
+            file.write_all(&chunk).map_err(write)?;
+        }
+        file.into_inner()
+            .map_err(|e| write(e.into_error()))?
+            .sync_all()
+            .map_err(write)?;
+        std::fs::rename(&partial, target).map_err(write)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DownloadError {
     #[error(transparent)]

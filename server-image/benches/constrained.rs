@@ -97,7 +97,7 @@ fn mask_cost(dir: &std::path::Path) {
     let tokenizer = Tokenizer::from_dir(dir).expect("tokenizer");
     let vocab = tokenizer.vocab_size();
     let eos = tokenizer.eos_token_id().expect("eos");
-    let grammars = Grammars::load(&tokenizer.path(), vocab, &[eos]).expect("grammars");
+    let grammars = Grammars::load(&dir.join("tokenizer.json"), vocab, &[eos]).expect("grammars");
     let started = Instant::now();
     let compiled = grammars
         .compile(&Grammar::JsonSchema(schema()))

@@ -83,6 +83,15 @@ pub struct Args {
     /// cuda:<ordinal>.
     #[arg(long, env = "GRAFT_DEVICE", default_value = "auto")]
     pub device: DeviceChoice,
+    /// Where the kubelet reads the container's termination message (the pod's
+    /// `terminationMessagePath`): why the server stopped, in one line, e.g. a model it cannot
+    /// load. Absent or read-only outside a pod; the log has the same line.
+    #[arg(
+        long,
+        env = "GRAFT_TERMINATION_LOG",
+        default_value = "/dev/termination-log"
+    )]
+    pub termination_log: PathBuf,
     /// S3 endpoint (for MinIO and other S3-compatible stores); also `AWS_ENDPOINT_URL`.
     #[arg(long)]
     pub s3_endpoint: Option<String>,

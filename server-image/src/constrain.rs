@@ -50,8 +50,19 @@ impl Grammars {
             .map_err(|e| format!("{}: {e}", tokenizer_json.display()))?;
         let value: Value = serde_json::from_str(&text)
             .map_err(|e| format!("{}: {e}", tokenizer_json.display()))?;
-        let mut words = llguidance::token_bytes_from_tokenizer_json(&value)
-            .map_err(|e| format!("{}: {e}", tokenizer_json.display()))?;
+        Self::from_json(&value, vocab_size, eos_ids)
+            .map_err(|e| format!("{}: {e}", tokenizer_json.display()))
+    }
+
+    /// [`Grammars::load`] from the `tokenizer.json` document itself (a GGUF file's tokenizer
+    /// has no file).
+    pub fn from_json(
+        tokenizer_json: &Value,
+        vocab_size: usize,
+        eos_ids: &[u32],
+    ) -> Result<Self, String> {
+        let mut words = llguidance::token_bytes_from_tokenizer_json(tokenizer_json)
+            .map_err(|e| e.to_string())?;
         words.resize(vocab_size.max(words.len()), Vec::new());
         let size = u32::try_from(words.len()).map_err(|_| "the vocabulary is too large")?;
         let eos = *eos_ids

@@ -25,8 +25,12 @@ async fn main() -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => {}
         }
     };
+    let termination_log = args.termination_log.clone();
     if let Err(e) = serve(args, shutdown).await {
         tracing::error!(error = %e, "graft-server failed");
+        // One line, so `kubectl get pod -o yaml` (lastState.terminated.message) shows it whole.
+        let reason = e.to_string().replace('\n', " ");
+        let _ = std::fs::write(&termination_log, &reason);
         return Err(e.into());
     }
     Ok(())

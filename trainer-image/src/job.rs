@@ -16,7 +16,7 @@ use graft_engine::{
     adapters::{AdapterConfig, Site},
     device::compute_dtype,
     models::{
-        Config, Llama, Precision, load_weights,
+        self, Llama, Precision,
         source::{self, SourceError},
     },
     storage::{self, DownloadError, Location, ObjectUri, S3Options},
@@ -128,11 +128,13 @@ pub fn run(
     rt.block_on(check_writable(&output, &output_uri))?;
 
     let (model_uri, model_location) = open(&spec.base_model.uri)?;
-    let model_dir = rt
+    let model_files = rt
         .block_on(source::fetch(&model_uri, &model_location, cache_dir))
         .map_err(model_source_error)?;
-    let model_digest = source::digest(&model_dir).map_err(model_source_error)?;
-    let tokenizer = Tokenizer::from_dir(&model_dir).map_err(JobError::bad)?;
+    let base = models::Checkpoint::open(model_files)
+        .map_err(|e| JobError::bad(format!("base model: {e}")))?;
+    let model_digest = base.digest().map_err(model_source_error)?;
+    let tokenizer = base.tokenizer().map_err(JobError::bad)?;
 
     let (_, dataset_location) = open(&spec.dataset.uri)?;
     let dataset_bytes = rt
@@ -155,7 +157,7 @@ pub fn run(
         ));
     }
 
-    let (model, adapters) = load_model(&model_dir, spec, device)?;
+    let (model, adapters) = load_model(&base, spec, device)?;
     let trainable_parameters = adapters.trainable_parameters();
     let settings = settings(spec, tokenizer.eos_token_id().unwrap_or(0));
     let (train_examples, eval_examples) = (train.len(), eval.len());
@@ -262,20 +264,16 @@ fn encode(
 /// The base model on `device` in its compute dtype (NF4 weights quantized on the CPU as each
 /// is read, then kept packed on the device), with fresh adapters.
 fn load_model(
-    dir: &Path,
+    base: &models::Checkpoint,
     spec: &FineTuneJobSpec,
     device: &Device,
 ) -> Result<(Llama, Adapters), JobError> {
-    let text = std::fs::read_to_string(dir.join("config.json"))
-        .map_err(|e| JobError::bad(format!("the base model has no readable config.json: {e}")))?;
-    let config = Config::from_json(&text).map_err(|e| JobError::bad(format!("base model: {e}")))?;
-    let vb = load_weights(dir, compute_dtype(device), device)
-        .map_err(|e| JobError::bad(format!("base model weights: {e}")))?;
     let precision = match spec.method.quantization {
         Quantization::Nf4 => Precision::Nf4,
         Quantization::None => Precision::Dense,
     };
-    let mut model = Llama::load(&vb, &config, precision)
+    let mut model = base
+        .load(precision, compute_dtype(device), device)
         .map_err(|e| JobError::bad(format!("base model weights: {e}")))?;
     let lora = &spec.method.lora;
     let sites = lora
@@ -307,7 +305,7 @@ fn model_source_error(error: SourceError) -> JobError {
         SourceError::Download(DownloadError::Store(e)) => {
             JobError::store("downloading the base model", &e)
         }
-        e @ SourceError::NotAModel { .. } => JobError::bad(e),
+        e @ (SourceError::NotAModel { .. } | SourceError::NoGgufFile { .. }) => JobError::bad(e),
         e @ (SourceError::Download(DownloadError::Write { .. }) | SourceError::Read { .. }) => {
             JobError::transient(e)
         }

@@ -350,6 +350,19 @@ async fn bad_input_exits_2_with_a_one_line_reason() {
         "unsupported architecture named: {reason}"
     );
 
+    // Weights quantized by a method Graft does not read are refused, not served as noise.
+    let gptq = r#""quantization_config": {"quant_method": "gptq", "bits": 4}, "model_type""#;
+    std::fs::write(&config, text.replace("\"model_type\"", gptq)).expect("write");
+    let reason = refused(s3, Some(&good), None, model(other.path())).await;
+    assert!(
+        reason.contains("gptq checkpoints are not supported"),
+        "the quantization method named: {reason}"
+    );
+
+    let missing = other.path().join("missing.gguf");
+    let reason = refused(s3, Some(&good), None, model(&missing)).await;
+    assert!(reason.contains("no such GGUF file"), "{reason}");
+
     // A file where the output directory would have to be.
     let file = tempfile::NamedTempFile::new().expect("file");
     let blocked = format!("file://{}/out/", file.path().display());

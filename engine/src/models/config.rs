@@ -68,6 +68,9 @@ pub struct HfConfig {
     pub use_bidirectional_attention: Option<bool>,
     pub bos_token_id: Option<serde_json::Value>,
     pub eos_token_id: Option<serde_json::Value>,
+    /// How the weights are quantized, if they are (`models::quantization` reads it).
+    #[serde(default)]
+    pub quantization_config: Option<serde_json::Value>,
 }
 
 /// The MLP's gate activation.

@@ -551,7 +551,6 @@ fn load_block(vb: &VarBuilder<'_>, config: &Config, precision: Precision) -> Res
         config.num_heads * config.head_dim,
         config.num_kv_heads * config.head_dim,
     );
-    let device = vb.device().clone();
     let on_cpu = vb.clone().set_device(Device::Cpu);
     let projection = |site: Site, (out, input): (usize, usize), bias: bool| -> Result<Projection> {
         let path = site.path();
@@ -560,17 +559,13 @@ fn load_block(vb: &VarBuilder<'_>, config: &Config, precision: Precision) -> Res
         } else {
             None
         };
-        let base = match precision {
-            Precision::Nf4 => FrozenLinear::quantize_nf4(
-                &on_cpu.pp(&path).get((out, input), "weight")?,
-                bias,
-                &device,
-            )?,
-            Precision::Dense => FrozenLinear::new(
-                FrozenWeight::Dense(vb.pp(&path).get((out, input), "weight")?),
-                bias,
-            ),
-        };
+        let base = super::weights::frozen_linear(
+            &vb.pp(&path),
+            &on_cpu.pp(&path),
+            (out, input),
+            bias,
+            precision,
+        )?;
         Ok(Projection { base, lora: None })
     };
     let inter = config.intermediate_size;

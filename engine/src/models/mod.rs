@@ -1,12 +1,19 @@
 //! Model architectures and loading their weights.
 
+mod checkpoint;
 mod config;
+mod gguf;
 mod llama;
+mod quantization;
 mod rope;
 pub mod source;
 mod weights;
 
+pub use checkpoint::{Checkpoint, CheckpointError};
 pub use config::{Activation, AttentionKind, Config, ConfigError, HfConfig};
+pub use gguf::{GgufError, GgufFile};
 pub use llama::{Llama, Mode, Precision, Segment};
+pub use quantization::{Prequantized, QuantizationError};
 pub use rope::{Rope, RopeParameters, RopeParametersField, Yarn};
+pub use source::ModelFiles;
 pub use weights::{WeightsError, load_weights};

@@ -1,5 +1,6 @@
-//! Where a base model's files come from: a `file://` directory read in place, or an object
-//! store prefix mirrored into a local cache. Trainer and server load models the same way.
+//! Where a base model's files come from: a `file://` directory or GGUF file read in place, or
+//! an object store prefix (or `.gguf` object) mirrored into a local cache. Trainer and server
+//! load models the same way.
 
 use std::path::{Path, PathBuf};
 
@@ -11,13 +12,47 @@ use crate::storage::{DownloadError, Location, ObjectUri};
 pub enum SourceError {
     #[error("downloading the base model: {0}")]
     Download(#[from] DownloadError),
-    #[error("the base model {uri} has no config.json (expected a Hugging Face model directory)")]
+    #[error(
+        "the base model {uri} has no config.json (expected a Hugging Face model directory, or \
+         a URI ending in .gguf)"
+    )]
     NotAModel { uri: String },
-    #[error("reading the base model {}: {source}", dir.display())]
+    #[error("the base model {uri}: no such GGUF file")]
+    NoGgufFile { uri: String },
+    #[error("reading the base model {}: {source}", path.display())]
     Read {
-        dir: PathBuf,
+        path: PathBuf,
         source: std::io::Error,
     },
+}
+
+/// A base model's files on local disk, in one of the two layouts Graft reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelFiles {
+    /// A Hugging Face model directory: `config.json`, safetensors, tokenizer files.
+    Directory(PathBuf),
+    /// One GGUF file (llama.cpp's format): configuration, tokenizer and weights together.
+    Gguf(PathBuf),
+}
+
+impl ModelFiles {
+    /// The directory or the file.
+    pub fn path(&self) -> &Path {
+        match self {
+            Self::Directory(path) | Self::Gguf(path) => path,
+        }
+    }
+}
+
+/// Whether `uri` names a GGUF file rather than a model directory.
+pub fn is_gguf(uri: &ObjectUri) -> bool {
+    let path = match uri {
+        ObjectUri::S3 { key, .. } => key,
+        ObjectUri::File { path } | ObjectUri::Hf { path, .. } => path,
+    };
+    Path::new(path)
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
 /// The model's files on local disk. Downloads go to `<cache>/models/<hash of the URI>/`,
@@ -26,44 +61,88 @@ pub async fn fetch(
     uri: &ObjectUri,
     location: &Location,
     cache: &Path,
-) -> Result<PathBuf, SourceError> {
-    let dir = if let ObjectUri::File { path } = uri {
+) -> Result<ModelFiles, SourceError> {
+    let local = if let ObjectUri::File { path } = uri {
         PathBuf::from(path)
     } else {
         let dir = cache
             .join("models")
             .join(&format!("{:x}", Sha256::digest(uri.to_string()))[..16]);
-        location.download_to(&dir).await?;
-        dir
+        if is_gguf(uri) {
+            let name = location.prefix.filename().unwrap_or("model.gguf");
+            let file = dir.join(name);
+            match location.download_object_to(&file).await {
+                Err(DownloadError::Store(object_store::Error::NotFound { .. })) => {
+                    return Err(SourceError::NoGgufFile {
+                        uri: uri.to_string(),
+                    });
+                }
+                other => other?,
+            }
+            file
+        } else {
+            location.download_to(&dir).await?;
+            dir
+        }
     };
-    if !dir.join("config.json").is_file() {
+    if is_gguf(uri) {
+        if !local.is_file() {
+            return Err(SourceError::NoGgufFile {
+                uri: uri.to_string(),
+            });
+        }
+        return Ok(ModelFiles::Gguf(local));
+    }
+    if !local.join("config.json").is_file() {
         return Err(SourceError::NotAModel {
             uri: uri.to_string(),
         });
     }
-    Ok(dir)
+    Ok(ModelFiles::Directory(local))
 }
 
-/// The model's identity: SHA-256 over `name  sha256(file)` lines of its files in name order.
-/// `graft.json` records it, and the server refuses adapters trained on another digest.
-pub fn digest(dir: &Path) -> Result<String, SourceError> {
-    let read = |source| SourceError::Read {
-        dir: dir.to_owned(),
-        source,
+/// The model's identity: SHA-256 over `name  sha256(file)` lines of its files in name order
+/// (a GGUF model is its one file). `graft.json` records it, and the server refuses adapters
+/// trained on another digest.
+pub fn digest(files: &ModelFiles) -> Result<String, SourceError> {
+    let read = |path: &Path| {
+        let path = path.to_owned();
+        move |source| SourceError::Read { path, source }
     };
-    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(read)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file())
-        .collect();
+    let mut paths: Vec<PathBuf> = match files {
+        ModelFiles::Directory(dir) => std::fs::read_dir(dir)
+            .map_err(read(dir))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .collect(),
+        ModelFiles::Gguf(file) => vec![file.clone()],
+    };
     paths.sort();
     let mut all = Sha256::new();
     for path in paths {
-        let mut file = std::fs::File::open(&path).map_err(read)?;
+        let mut file = std::fs::File::open(&path).map_err(read(&path))?;
         let mut one = Sha256::new();
-        std::io::copy(&mut file, &mut one).map_err(read)?;
+        std::io::copy(&mut file, &mut one).map_err(read(&path))?;
         let name = path.file_name().unwrap_or_default().to_string_lossy();
         all.update(format!("{name}  {:x}\n", one.finalize()));
     }
     Ok(format!("{:x}", all.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_uri_ending_in_gguf_names_a_gguf_file() {
+        for (uri, gguf) in [
+            ("s3://models/smollm2/model.Q4_1.gguf", true),
+            ("file:///models/SmolLM2.GGUF", true),
+            ("s3://models/llama-3.1-8b/", false),
+            ("file:///models/tiny", false),
+        ] {
+            let parsed: ObjectUri = uri.parse().expect("a valid URI");
+            assert_eq!(is_gguf(&parsed), gguf, "{uri}");
+        }
+    }
 }

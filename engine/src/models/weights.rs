@@ -4,10 +4,17 @@
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+
+use super::llama::Precision;
+use crate::{
+    backend::{FrozenLinear, FrozenWeight},
+    quant::{Nf4Tensor, is_bnb_nf4, load_bnb_nf4},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
@@ -64,4 +71,31 @@ pub fn load_weights(
     // trainer's or server's own downloaded copy, which nothing else writes.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
     Ok(vb)
+}
+
+/// A projection's frozen weight: NF4 as stored when the checkpoint holds it in bitsandbytes'
+/// 4-bit form (whatever `precision` asks: expanding it would only cost memory); otherwise
+/// read dense, and quantized on the CPU (from `on_cpu`, the same weights read there) for
+/// [`Precision::Nf4`].
+pub(crate) fn frozen_linear(
+    vb: &VarBuilder<'_>,
+    on_cpu: &VarBuilder<'_>,
+    shape: (usize, usize),
+    bias: Option<Tensor>,
+    precision: Precision,
+) -> candle_core::Result<FrozenLinear> {
+    if is_bnb_nf4(on_cpu) {
+        let matrix = load_bnb_nf4(on_cpu, shape)?;
+        let tensor = Nf4Tensor::new(&matrix, vb.device())?;
+        return Ok(FrozenLinear::new(FrozenWeight::Nf4(Arc::new(tensor)), bias));
+    }
+    match precision {
+        Precision::Nf4 => {
+            FrozenLinear::quantize_nf4(&on_cpu.get(shape, "weight")?, bias, vb.device())
+        }
+        Precision::Dense => Ok(FrozenLinear::new(
+            FrozenWeight::Dense(vb.get(shape, "weight")?),
+            bias,
+        )),
+    }
 }

@@ -25,16 +25,23 @@ pub enum TokenizerError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    #[error("{}: GGUF metadata {key}: {reason}", path.display())]
+    Gguf {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
     #[error("{path}: {field}: {reason}")]
     Field {
         path: PathBuf,
         field: &'static str,
         reason: String,
     },
-    #[error(
-        "{dir}: no chat template (neither chat_template.jinja nor a chat_template in tokenizer_config.json)"
-    )]
-    NoChatTemplate { dir: PathBuf },
+    #[error("{}: no chat template ({looked_in})", origin.display())]
+    NoChatTemplate {
+        origin: PathBuf,
+        looked_in: &'static str,
+    },
     #[error("{path}: the chat template does not compile: {reason}")]
     TemplateSyntax { path: PathBuf, reason: String },
     #[error("rendering the chat template: {source}")]
@@ -72,7 +79,10 @@ struct Template {
 
 #[derive(Debug)]
 pub struct Tokenizer {
-    dir: PathBuf,
+    /// The model directory or file it was read from, for error messages.
+    origin: PathBuf,
+    /// Where a chat template would have been, for the error when there is none.
+    template_places: &'static str,
     inner: tokenizers::Tokenizer,
     special: SpecialTokens,
     eos_token_id: Option<u32>,
@@ -113,28 +123,46 @@ impl Tokenizer {
             unk_token: token("unk_token")?,
             pad_token: token("pad_token")?,
         };
-        let eos_token_id = special
-            .eos_token
-            .as_deref()
-            .and_then(|eos| inner.token_to_id(eos));
-
         let jinja_path = dir.join("chat_template.jinja");
         let source = match read_optional(&jinja_path)? {
             Some(source) => Some((jinja_path, source)),
             None => config_template(&config, &config_path)?.map(|s| (config_path.clone(), s)),
         };
-        let template = source.map(|(path, source)| Template {
+        Ok(Self::from_parts(
+            dir,
+            inner,
+            special,
+            source,
+            "neither chat_template.jinja nor a chat_template in tokenizer_config.json",
+        ))
+    }
+
+    /// A tokenizer built elsewhere (from a GGUF file's metadata), its named special tokens,
+    /// and its chat template with the path it came from (or where it was looked for).
+    pub(crate) fn from_parts(
+        origin: &Path,
+        inner: tokenizers::Tokenizer,
+        special: SpecialTokens,
+        template: Option<(PathBuf, String)>,
+        template_places: &'static str,
+    ) -> Self {
+        let eos_token_id = special
+            .eos_token
+            .as_deref()
+            .and_then(|eos| inner.token_to_id(eos));
+        let template = template.map(|(path, source)| Template {
             path,
             compiled: ChatTemplate::new(&source).map_err(|e| e.to_string()),
             source,
         });
-        Ok(Self {
-            dir: dir.to_owned(),
+        Self {
+            origin: origin.to_owned(),
+            template_places,
             inner,
             special,
             eos_token_id,
             template,
-        })
+        }
     }
 
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
@@ -172,9 +200,14 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
-    /// The model directory's `tokenizer.json`.
-    pub fn path(&self) -> PathBuf {
-        self.dir.join("tokenizer.json")
+    /// The tokenizer as a `tokenizer.json` document (the directory's own, or the one built
+    /// from a GGUF file's metadata), for readers of that format such as structured output's.
+    ///
+    /// # Errors
+    /// When the tokenizer cannot be serialized (it always can, having been built).
+    pub fn to_json(&self) -> std::result::Result<serde_json::Value, String> {
+        let text = self.inner.to_string(false).map_err(|e| e.to_string())?;
+        serde_json::from_str(&text).map_err(|e| e.to_string())
     }
 
     /// The chat template's Jinja source, if the model has one.
@@ -217,7 +250,8 @@ impl Tokenizer {
             .template
             .as_ref()
             .ok_or_else(|| TokenizerError::NoChatTemplate {
-                dir: self.dir.clone(),
+                origin: self.origin.clone(),
+                looked_in: self.template_places,
             })?;
         template
             .compiled

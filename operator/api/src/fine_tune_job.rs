@@ -56,7 +56,9 @@ const IMMUTABLE_AFTER_START: &str = "!has(oldSelf.status) || !has(oldSelf.status
 #[serde(rename_all = "camelCase")]
 pub struct FineTuneJobSpec {
     /// The base model to adapt: a Hugging Face model directory (`config.json`,
-    /// `*.safetensors`, `tokenizer.json`) at an `s3://`, `file://` or `hf://` URI.
+    /// `*.safetensors`, `tokenizer.json`) or a `.gguf` file, at an `s3://`, `file://` or
+    /// `hf://` URI. The architectures Graft runs are [`SUPPORTED_MODEL_TYPES`].
+    #[schemars(description = base_model_description())]
     pub base_model: ModelSource,
     /// The training data: one JSONL file.
     pub dataset: DatasetSource,
@@ -86,6 +88,30 @@ pub struct FineTuneJobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 31_536_000))]
     pub active_deadline_seconds: Option<i64>,
+}
+
+/// The `model_type` values (of `config.json`, or a GGUF file's `general.architecture`) of the
+/// architectures Graft trains and serves; anything else is refused by name.
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3_text",
+];
+
+/// `spec.baseModel`'s description in the CRD, which `kubectl explain` shows: written from
+/// [`SUPPORTED_MODEL_TYPES`] so the two cannot drift.
+fn base_model_description() -> String {
+    format!(
+        "The base model to adapt: a Hugging Face model directory (config.json, *.safetensors, \
+         tokenizer.json) or a .gguf file (llama.cpp's format, dequantized as it loads), at an \
+         s3://, file:// or hf:// URI. Supported model_type values: {}. A checkpoint's \
+         quantization_config is honoured: bitsandbytes 4-bit NF4 checkpoints (*-bnb-4bit) load \
+         as stored; GPTQ, AWQ, FP8 and other methods are refused.",
+        SUPPORTED_MODEL_TYPES.join(", ")
+    )
 }
 
 /// The base model to adapt.

@@ -26,8 +26,8 @@ pub use crd::{all_crds, crds_yaml};
 pub use fine_tune_job::{
     AdapterArtifact, DatasetFormat, DatasetSource, FineTuneJob, FineTuneJobPhase, FineTuneJobSpec,
     FineTuneJobStatus, LoraConfig, LossPoint, MAX_HISTORY_POINTS, Method, ModelSource,
-    OutputTarget, Progress, Quantization, Resources, Scheduler, StorageConfig, TargetModule,
-    TrainerResult, Training,
+    OutputTarget, Progress, Quantization, Resources, SUPPORTED_MODEL_TYPES, Scheduler,
+    StorageConfig, TargetModule, TrainerResult, Training,
 };
 pub use reference::api_reference;
 

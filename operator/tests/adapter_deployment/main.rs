@@ -14,7 +14,7 @@ mod unload;
 use std::time::Duration;
 
 use graft_api::AdapterDeployment;
-use graft_testenv::{S3Server, eventually};
+use graft_testenv::{S3Server, eventually, smollm2_first_layers};
 use health::{argocd_health, kubectl_wait};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
@@ -23,9 +23,9 @@ use kube::{
 };
 use serde_json::json;
 use support::{
-    Fleet, Load, TOKEN, Version, WAIT, complete, create_s3_secret, listing, manifest, model_uri,
-    put_object, ready_reason, run_trainer_pod, setup, start_operator, start_operator_with,
-    store_adapter, versions_json, wait_for_reason,
+    Fleet, Load, TOKEN, Version, WAIT, complete, complete_prompt, create_s3_secret, listing,
+    manifest, put_object, ready_reason, run_trainer_pod, setup, start_operator,
+    start_operator_with, store_adapter, versions_json, wait_for_reason,
 };
 
 async fn set_versions(api: &Api<AdapterDeployment>, name: &str, versions: &[(&Version, u32)]) {
@@ -244,7 +244,18 @@ async fn a_fine_tune_jobs_adapter_reaches_every_server() {
         })
         .collect();
     put_object(&format!("s3://{bucket}/data/train.jsonl"), &dataset).await;
-    let fleet = Fleet::start(&client, &ns, "tiny", 2, &[]).await;
+    // A real pretrained model (SmolLM2's vocabulary, embeddings and first two layers, from
+    // its GGUF file) rather than random weights: what it answers before training is its own.
+    let model = format!("file://{}", smollm2_first_layers(2).display());
+    let fleet = Fleet::start_with_model(
+        &client,
+        &ns,
+        "smollm2",
+        2,
+        &model,
+        &["--served-model-name", "smollm2"],
+    )
+    .await;
     let _operator = start_operator(cp, &ns).await;
 
     // The deployment comes first and waits for its job.
@@ -252,7 +263,7 @@ async fn a_fine_tune_jobs_adapter_reaches_every_server() {
     let ad: AdapterDeployment = serde_json::from_value(json!({
         "apiVersion": "graft.dev/v1alpha1", "kind": "AdapterDeployment",
         "metadata": {"name": "colours"},
-        "spec": {"server": {"name": "tiny"}, "adapterName": "colours",
+        "spec": {"server": {"name": "smollm2"}, "adapterName": "colours",
                  "versions": [{"source": {"fineTuneJobRef": {"name": "colours-v1"}}, "weight": 100}]},
     }))
     .expect("manifest");
@@ -265,10 +276,10 @@ async fn a_fine_tune_jobs_adapter_reaches_every_server() {
         "apiVersion": "graft.dev/v1alpha1", "kind": "FineTuneJob",
         "metadata": {"name": "colours-v1"},
         "spec": {
-            "baseModel": {"uri": model_uri()},
+            "baseModel": {"uri": model},
             "dataset": {"uri": format!("s3://{bucket}/data/train.jsonl")},
             "method": {"quantization": "nf4", "lora": {"rank": 8, "alpha": 16, "targetModules": ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]}},
-            "training": {"epochs": 4, "learningRate": 0.01, "batchSize": 2, "maxSequenceLength": 32, "seed": 3},
+            "training": {"epochs": 8, "learningRate": 0.01, "batchSize": 2, "maxSequenceLength": 32, "seed": 3},
             "output": {"uri": format!("s3://{bucket}/adapters/colours/v1/")},
             "storage": {"secretRef": {"name": "s3"}, "endpoint": s3.endpoint(), "region": s3.region()},
             "resources": {"gpus": 0},
@@ -304,14 +315,16 @@ async fn a_fine_tune_jobs_adapter_reaches_every_server() {
     assert_eq!(version.ready_replicas, 2);
     let fingerprint = format!("graft-{}", &version.sha256[..16]);
     for pod in &fleet.pods {
-        let (code, adapted) = complete(&pod.url, "colours").await;
+        let (code, adapted) = complete_prompt(&pod.url, "colours", "colour red ->").await;
         assert_eq!(code, 200, "{adapted}");
         assert_eq!(adapted["system_fingerprint"], fingerprint);
-        let (_, base) = complete(&pod.url, "made").await;
-        assert_ne!(
-            adapted["choices"][0]["text"], base["choices"][0]["text"],
-            "the adapter is applied"
+        let (_, base) = complete_prompt(&pod.url, "smollm2", "colour red ->").await;
+        let (adapted, base) = (&adapted["choices"][0]["text"], &base["choices"][0]["text"]);
+        assert!(
+            adapted.as_str().is_some_and(|t| t.starts_with(" fox")),
+            "the adapter answers as trained: {adapted} (the base model: {base})"
         );
+        assert_ne!(adapted, base, "the base model did not know it");
     }
 }
 

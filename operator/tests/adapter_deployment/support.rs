@@ -142,6 +142,8 @@ pub struct Fleet {
     pub name: String,
     pub pods: Vec<ServerPod>,
     dir: PathBuf,
+    /// The base model's URI.
+    model: String,
     extra: Vec<String>,
 }
 
@@ -155,12 +157,24 @@ impl std::fmt::Debug for Fleet {
 }
 
 impl Fleet {
-    /// The Deployment and `replicas` ready server pods.
+    /// The Deployment and `replicas` ready server pods serving the tiny model.
     pub async fn start(
         client: &Client,
         namespace: &str,
         name: &str,
         replicas: usize,
+        extra: &[&str],
+    ) -> Self {
+        Self::start_with_model(client, namespace, name, replicas, &model_uri(), extra).await
+    }
+
+    /// [`Fleet::start`] serving the model at `model` (a URI).
+    pub async fn start_with_model(
+        client: &Client,
+        namespace: &str,
+        name: &str,
+        replicas: usize,
+        model: &str,
         extra: &[&str],
     ) -> Self {
         let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
@@ -194,6 +208,7 @@ impl Fleet {
             name: name.to_owned(),
             pods: Vec::new(),
             dir: tempfile::tempdir().expect("tempdir").keep(),
+            model: model.to_owned(),
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
         };
         for i in 0..replicas {
@@ -221,7 +236,7 @@ impl Fleet {
             }
         }
         std::fs::write(dir.join("token"), TOKEN).expect("token");
-        let model = format!("file://{}", model_dir().display());
+        let model = self.model.clone();
         let (token, cache, adapters) = (
             dir.join("token").display().to_string(),
             dir.join("cache").display().to_string(),
@@ -324,11 +339,16 @@ impl Fleet {
     }
 }
 
-/// A greedy completion on `url`: `(status, body)`.
+/// A greedy completion of "colour red" on `url`: `(status, body)`.
 pub async fn complete(url: &str, model: &str) -> (u16, Value) {
+    complete_prompt(url, model, "colour red").await
+}
+
+/// A greedy completion of `prompt` on `url`: `(status, body)`.
+pub async fn complete_prompt(url: &str, model: &str, prompt: &str) -> (u16, Value) {
     let response = reqwest::Client::new()
         .post(format!("{url}/v1/completions"))
-        .json(&json!({"model": model, "prompt": "colour red", "max_tokens": 6, "temperature": 0}))
+        .json(&json!({"model": model, "prompt": prompt, "max_tokens": 6, "temperature": 0}))
         .send()
         .await
         .expect("the server answers");

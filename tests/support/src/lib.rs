@@ -8,6 +8,7 @@
 
 mod control_plane;
 mod daemon;
+mod models;
 mod pki;
 mod process;
 mod s3;
@@ -15,6 +16,7 @@ mod tools;
 
 pub use control_plane::{ControlPlane, install_crds};
 pub use daemon::{Daemon, eventually};
+pub use models::{smollm2_first_layers, smollm2_gguf};
 pub use s3::S3Server;
 pub use tools::tool;
 
