@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device, IndexOp, Result, Tensor, Var};
-use common::{max_abs_diff, model, model_on, reference, tiny};
+use common::{FAMILIES, max_abs_diff, model, model_on, reference, tiny};
 use graft_engine::{
     adapters::{Adapter, Lora, ServingAdapter, Site},
     backend::{Backend, KvCache, cpu::Cpu, cuda::Cuda},
@@ -17,16 +17,7 @@ const DEVICE: &dyn Backend = &Cuda;
 
 #[test]
 fn the_device_backend_gives_transformers_logits_for_every_family() {
-    for name in [
-        "llama",
-        "llama3",
-        "qwen2",
-        "mistral",
-        "qwen3",
-        "gemma3",
-        "llama-yarn",
-        "gemma2",
-    ] {
+    for name in FAMILIES {
         let llama = model(name, Precision::Dense).with_backend(DEVICE);
         assert_eq!(llama.backend().name(), "cuda");
         let (ids, expected) = reference(&tiny(name));

@@ -6,7 +6,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use common::{config, max_abs_diff, model, reference, tiny};
+use common::{FAMILIES, config, max_abs_diff, model, reference, tiny};
 use graft_engine::{
     models::{Llama, Precision},
     quant::Nf4Matrix,
@@ -14,16 +14,7 @@ use graft_engine::{
 
 #[test]
 fn base_logits_match_transformers_within_1e_4() {
-    for name in [
-        "llama",
-        "llama3",
-        "qwen2",
-        "mistral",
-        "qwen3",
-        "gemma3",
-        "llama-yarn",
-        "gemma2",
-    ] {
+    for name in FAMILIES {
         let (ids, expected) = reference(&tiny(name));
         let logits = model(name, Precision::Dense)
             .forward(&ids)

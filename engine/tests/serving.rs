@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::{Device, IndexOp, Tensor};
-use common::{max_abs_diff, model, reference, tiny};
+use common::{FAMILIES, max_abs_diff, model, reference, tiny};
 use graft_engine::{
     adapters::{Adapter, ServingAdapter},
     backend::KvCache,
@@ -92,16 +92,7 @@ fn decoding_with_a_cache_gives_pefts_logits_at_every_position() {
 
 #[test]
 fn every_family_decodes_as_its_full_forward() {
-    for name in [
-        "llama",
-        "llama3",
-        "mistral",
-        "qwen2",
-        "qwen3",
-        "gemma3",
-        "llama-yarn",
-        "gemma2",
-    ] {
+    for name in FAMILIES {
         let model = model(name, Precision::Dense);
         let (ids, _) = reference(&tiny(name));
         let row = ids_row(&ids, 0);

@@ -7,6 +7,19 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use graft_engine::models::{Config, Llama, Precision, load_weights};
 
+/// Every tiny checkpoint transformers made (`tests/oracle/tiny_models.py`), one per family
+/// or feature the engine must honour.
+pub const FAMILIES: [&str; 8] = [
+    "llama",
+    "llama3",
+    "qwen2",
+    "mistral",
+    "qwen3",
+    "gemma3",
+    "llama-yarn",
+    "gemma2",
+];
+
 /// `engine/tests/data/tiny/<name>`. The directory is read at run time, not baked in with `env!`:
 /// a shared, cached target directory may hold a binary compiled in another checkout.
 pub fn tiny(name: &str) -> PathBuf {
