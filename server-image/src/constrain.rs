@@ -12,6 +12,10 @@ use llguidance::{
 };
 use serde_json::{Value, json};
 
+mod structural;
+
+pub use structural::StructuralTag;
+
 /// What a request constrains its output to.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Grammar {
@@ -23,6 +27,8 @@ pub enum Grammar {
     Choice(Vec<String>),
     /// llguidance's Lark-like grammar (what vLLM's `grammar` takes with the guidance backend).
     Lark(String),
+    /// Free text with JSON structures after triggers (vLLM's structural tags).
+    StructuralTag(StructuralTag),
 }
 
 /// The model's vocabulary as llguidance sees it, and the compiler of grammars over it.
@@ -76,7 +82,13 @@ impl Grammars {
                 let alternatives: Vec<String> = choices.iter().map(|c| escape_regex(c)).collect();
                 TopLevelGrammar::from_regex(&alternatives.join("|"))
             }
-            Grammar::Lark(source) => TopLevelGrammar::from_lark(source.clone()),
+            Grammar::Lark(source) => {
+                if source.contains("::=") {
+                    return Err("GBNF grammars (rules written `::=`) are not supported; write the grammar in Lark syntax (`rule: ...`, the entry rule `start`)".to_owned());
+                }
+                TopLevelGrammar::from_lark(source.clone())
+            }
+            Grammar::StructuralTag(tag) => TopLevelGrammar::from_lark(tag.lark()),
         };
         let matcher = Matcher::new(self.factory.create_parser(top));
         match matcher.get_error() {
