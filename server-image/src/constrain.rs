@@ -12,6 +12,7 @@ use llguidance::{
 };
 use serde_json::{Value, json};
 
+mod gbnf;
 mod structural;
 
 pub use structural::StructuralTag;
@@ -25,7 +26,8 @@ pub enum Grammar {
     Regex(String),
     /// The output is exactly one of these strings.
     Choice(Vec<String>),
-    /// llguidance's Lark-like grammar (what vLLM's `grammar` takes with the guidance backend).
+    /// llguidance's Lark-like grammar (what vLLM's `grammar` takes with the guidance
+    /// backend), or GBNF (what it takes with xgrammar), told apart by GBNF's `::=`.
     Lark(String),
     /// Free text with JSON structures after triggers (vLLM's structural tags).
     StructuralTag(StructuralTag),
@@ -83,10 +85,11 @@ impl Grammars {
                 TopLevelGrammar::from_regex(&alternatives.join("|"))
             }
             Grammar::Lark(source) => {
-                if source.contains("::=") {
-                    return Err("GBNF grammars (rules written `::=`) are not supported; write the grammar in Lark syntax (`rule: ...`, the entry rule `start`)".to_owned());
+                if gbnf::is_gbnf(source) {
+                    TopLevelGrammar::from_lark(gbnf::to_lark(source)?)
+                } else {
+                    TopLevelGrammar::from_lark(source.clone())
                 }
-                TopLevelGrammar::from_lark(source.clone())
             }
             Grammar::StructuralTag(tag) => TopLevelGrammar::from_lark(tag.lark()),
         };

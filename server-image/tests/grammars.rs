@@ -1,5 +1,5 @@
 //! The grammars vLLM clients send, through a real server: `guided_regex`, `guided_choice`,
-//! `guided_grammar` (Lark), `structured_outputs` (`regex`, `choice`, `grammar`, `json`,
+//! `guided_grammar` (Lark or GBNF), `structured_outputs` (`regex`, `choice`, `grammar`, `json`,
 //! `structural_tag`) and `response_format: structural_tag`; what is not implemented is
 //! refused by name.
 
@@ -61,6 +61,23 @@ async fn regexes_choices_lark_grammars_and_structural_tags_constrain_the_output(
             );
         }
     }
+    // GBNF, as vLLM's xgrammar backend takes it.
+    let gbnf = "root ::= answer (\", \" answer)*\nanswer ::= \"yes\" | \"no\" | [0-9]{2}\n";
+    let answer = post(json!({"guided_grammar": gbnf, "max_tokens": 40})).await;
+    let out = text(&answer);
+    let parts: Vec<&str> = out.split(", ").collect();
+    let whole = |p: &str| {
+        p == "yes" || p == "no" || (p.len() == 2 && p.bytes().all(|b| b.is_ascii_digit()))
+    };
+    // All but a last one cut by max_tokens are whole answers.
+    assert!(parts[..parts.len() - 1].iter().all(|p| whole(p)), "{out:?}");
+    let last = parts[parts.len() - 1];
+    assert!(
+        whole(last)
+            || answer["choices"][0]["finish_reason"] == "length"
+                && ("yes".starts_with(last) || "no".starts_with(last) || last.len() < 2),
+        "{out:?}"
+    );
     let schema = json!({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": false});
     let answer = post(json!({"structured_outputs": {"json": schema}})).await;
     let value: Value = serde_json::from_str(text(&answer)).expect("JSON");
@@ -131,7 +148,7 @@ async fn grammar_options_this_server_does_not_implement_are_refused_by_name() {
         ),
         (json!({"response_format": tag_format}), "response_format"),
         (
-            json!({"guided_grammar": "root ::= \"yes\" | \"no\""}),
+            json!({"guided_grammar": "root ::= \"yes\" | undefined-rule"}),
             "guided_grammar",
         ),
         (

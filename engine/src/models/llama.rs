@@ -339,7 +339,8 @@ impl Llama {
                 r.end - 1
             };
             #[allow(clippy::cast_possible_truncation)]
-            picked.extend((from..r.end).map(|row| row as u32));
+            let new_rows = (from..r.end).map(|row| row as u32);
+            picked.extend(new_rows);
         }
         self.head(&h.index_select(&Tensor::new(picked.as_slice(), &device)?, 0)?)
     }
