@@ -110,8 +110,7 @@ async fn regexes_choices_lark_grammars_and_structural_tags_constrain_the_output(
             let inner = part
                 .strip_prefix("call>")
                 .and_then(|p| p.split_once("</call>"))
-                .map(|(json, _)| json)
-                .unwrap_or_else(|| panic!("{extra}: {part:?} in {out:?}"));
+                .map_or_else(|| panic!("{extra}: {part:?} in {out:?}"), |(json, _)| json);
             let value: Value = serde_json::from_str(inner).expect("the structure's JSON");
             assert!(
                 ["a", "b"].contains(&value["k"].as_str().unwrap_or("")),

@@ -158,7 +158,12 @@ async fn calls_in_both_formats(name: &str, template: &str) {
         other => panic!("{name}: called {other}"),
     }
 
-    // The round trip: the call and its result go back in the conversation.
+    round_trip(&server, name, call, &question).await;
+}
+
+/// The call and its result go back in the conversation, and the model answers.
+async fn round_trip(server: &Server, name: &str, call: &Value, question: &Value) {
+    let id = call["id"].as_str().expect("an id");
     let conversation = json!([
         {"role": "user", "content": "Weather in Paris for 3 days?"},
         {"role": "assistant", "content": null, "tool_calls": [call]},

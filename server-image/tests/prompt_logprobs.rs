@@ -124,8 +124,14 @@ async fn echo_with_logprobs_scores_the_prompt_as_decoding_would() {
             assert!((own - lp).abs() < 1e-4, "position {i}: {own} vs {lp}");
         }
     }
+}
 
-    // Streamed: the echo comes first, with the prompt's scores.
+/// Streamed, the echo comes first, with the prompt's scores.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_streamed_echo_carries_the_prompts_logprobs() {
+    let server = Server::start(&[]).await;
+    let tokenizer =
+        graft_engine::text::tokenizer::Tokenizer::from_dir(&model_dir()).expect("tokenizer");
     let response = server
         .client()
         .post(format!("{}/v1/completions", server.url))

@@ -3,7 +3,7 @@
 //! would make Lark terminals), character classes and `.` become regexes, strings are
 //! re-quoted as JSON, and `root` is the entry rule.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, fmt::Write};
 
 /// Whether `source` is GBNF rather than Lark.
 pub fn is_gbnf(source: &str) -> bool {
@@ -55,7 +55,7 @@ pub fn to_lark(source: &str) -> Result<String, String> {
             .collect();
         lark.insert_str(0, "g-");
         if names.values().any(|v| *v == lark) {
-            lark.push_str(&format!("-{n}"));
+            let _ = write!(lark, "-{n}");
         }
         names.entry(name.as_str()).or_insert(lark);
     }

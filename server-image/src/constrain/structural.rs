@@ -3,6 +3,8 @@
 //! the structures that begin with it — `begin`, JSON of its schema, `end` — and then free
 //! text again. Written as a Lark grammar for llguidance.
 
+use std::fmt::Write;
+
 use serde_json::{Value, json};
 
 /// One structure: its opening text (starting with a trigger), the schema of the JSON that
@@ -93,22 +95,24 @@ impl StructuralTag {
             for (j, s) in self.structures.iter().enumerate() {
                 if let Some(rest) = s.begin.strip_prefix(trigger.as_str()) {
                     rests.push(format!("s{i}_{j}"));
-                    rules.push_str(&format!(
-                        "s{i}_{j}: {} %json {} {}\n",
+                    let _ = writeln!(
+                        rules,
+                        "s{i}_{j}: {} %json {} {}",
                         quoted(rest),
                         compact(&s.schema),
                         quoted(&s.end)
-                    ));
+                    );
                 }
             }
             if rests.is_empty() {
                 continue;
             }
             // Text up to and including this trigger, with no trigger before it.
-            out.push_str(&format!(
-                "t{i}[lazy]: /(?s:.*){}/ & ~/(?s:.*)({any_trigger})(?s:.+)/\n",
+            let _ = writeln!(
+                out,
+                "t{i}[lazy]: /(?s:.*){}/ & ~/(?s:.*)({any_trigger})(?s:.+)/",
                 regex_literal(trigger)
-            ));
+            );
             alternatives.push(format!("t{i} ({})", rests.join(" | ")));
             out.push_str(&rules);
         }

@@ -2,6 +2,8 @@
 //! call is `[TOOL_CALLS]name[ARGS]{arguments}`, optionally with `[CALL_ID]id` before
 //! `[ARGS]`; the name is bare text, so it is read up to the next marker.
 
+use std::fmt::Write;
+
 use serde_json::json;
 
 use super::{Delta, Function, ToolCallParser, scan::ObjectScan};
@@ -22,7 +24,7 @@ pub(super) fn grammar(
     let (open, args) = (literal(OPEN), literal(ARGS));
     let mut out = format!("start: call{}\n", if parallel { "+" } else { "" });
     let names: Vec<String> = (0..functions.len()).map(|i| format!("f{i}")).collect();
-    out.push_str(&format!("call: {}\n", names.join(" | ")));
+    let _ = writeln!(out, "call: {}", names.join(" | "));
     for (rule, f) in names.iter().zip(functions) {
         let mut schema = f.parameters.clone();
         if let Some(object) = schema.as_object_mut() {
@@ -32,7 +34,7 @@ pub(super) fn grammar(
             );
         }
         let name = serde_json::to_string(&f.name).unwrap_or_default();
-        out.push_str(&format!("{rule}: {open} {name} {args} %json {schema}\n"));
+        let _ = writeln!(out, "{rule}: {open} {name} {args} %json {schema}");
     }
     out
 }
