@@ -187,6 +187,62 @@ fn mixed_batch(name: &str, peft: &str) {
     );
 }
 
+/// A prompt's every row (`echo` with `logprobs`), in chunks and beside a sequence that wants
+/// its last row only, gives PEFT's logits at each position; the other row is unchanged.
+#[test]
+fn every_row_of_a_prompt_gives_pefts_logits_in_a_mixed_batch() {
+    for (name, peft) in WITH_PEFT {
+        let adapter = peft_adapter(peft);
+        let serving = ServingAdapter::new(&adapter).expect("layout");
+        let model = model(name, Precision::Dense);
+        let (ids, expected) = reference(&tiny(peft));
+        let row = ids_row(&ids, 0);
+        let expected = expected.i(0).expect("row");
+        let (mut prompt, mut other) = (
+            KvCache::new(model.num_layers()),
+            KvCache::new(model.num_layers()),
+        );
+        let split = row.len() / 2;
+        let mut rows = Vec::new();
+        let mut others = Vec::new();
+        for chunk in [&row[..split], &row[split..]] {
+            let mut segments = [
+                Segment {
+                    tokens: &row[..3],
+                    cache: &mut other,
+                    adapter: None,
+                },
+                Segment {
+                    tokens: chunk,
+                    cache: &mut prompt,
+                    adapter: Some(&serving),
+                },
+            ];
+            let logits = model
+                .forward_packed_rows(&mut segments, &[false, true])
+                .expect("forward_packed_rows");
+            assert_eq!(logits.dims()[0], 1 + chunk.len(), "{name}: rows returned");
+            others.push(logits.i(0..1).expect("the other's row"));
+            rows.push(logits.i(1..).expect("the prompt's rows"));
+            other = KvCache::new(model.num_layers());
+        }
+        let ours = Tensor::cat(&rows, 0).expect("cat");
+        let diff = max_abs_diff(&ours, &expected);
+        assert!(
+            diff < 1e-4,
+            "{name}: a prompt's rows differ from PEFT's by {diff}"
+        );
+        let alone = stepwise(&model, None, &row[..3], 3);
+        for logits in others {
+            let diff = max_abs_diff(&logits, &alone);
+            assert!(
+                diff < 1e-4,
+                "{name}: the last-row segment changed by {diff}"
+            );
+        }
+    }
+}
+
 /// Off the CPU fast path (here: f64 weights) attention and LoRA run as tensor ops per
 /// segment, the path other devices take; it must give the same logits.
 #[test]

@@ -12,6 +12,11 @@ use llguidance::{
 };
 use serde_json::{Value, json};
 
+mod gbnf;
+mod structural;
+
+pub use structural::StructuralTag;
+
 /// What a request constrains its output to.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Grammar {
@@ -21,8 +26,11 @@ pub enum Grammar {
     Regex(String),
     /// The output is exactly one of these strings.
     Choice(Vec<String>),
-    /// llguidance's Lark-like grammar (what vLLM's `grammar` takes with the guidance backend).
+    /// llguidance's Lark-like grammar (what vLLM's `grammar` takes with the guidance
+    /// backend), or GBNF (what it takes with xgrammar), told apart by GBNF's `::=`.
     Lark(String),
+    /// Free text with JSON structures after triggers (vLLM's structural tags).
+    StructuralTag(StructuralTag),
 }
 
 /// The model's vocabulary as llguidance sees it, and the compiler of grammars over it.
@@ -87,7 +95,14 @@ impl Grammars {
                 let alternatives: Vec<String> = choices.iter().map(|c| escape_regex(c)).collect();
                 TopLevelGrammar::from_regex(&alternatives.join("|"))
             }
-            Grammar::Lark(source) => TopLevelGrammar::from_lark(source.clone()),
+            Grammar::Lark(source) => {
+                if gbnf::is_gbnf(source) {
+                    TopLevelGrammar::from_lark(gbnf::to_lark(source)?)
+                } else {
+                    TopLevelGrammar::from_lark(source.clone())
+                }
+            }
+            Grammar::StructuralTag(tag) => TopLevelGrammar::from_lark(tag.lark()),
         };
         let matcher = Matcher::new(self.factory.create_parser(top));
         match matcher.get_error() {

@@ -107,7 +107,8 @@ impl BaseModel {
                 .chat_template_source()
                 .and_then(ToolFormat::detect),
             name => ToolFormat::from_name(name),
-        };
+        }
+        .map(|format| format.for_tokenizer(|t| tokenizer.token_to_id(t).is_some()));
         let info = ServerInfo {
             model: served,
             model_uri: options.uri.clone(),

@@ -130,27 +130,13 @@ impl Sampler {
             self.draw(scores)
         };
         *self.counts.entry(token).or_default() += 1;
-        let (logprob, top) = match self.settings.logprobs {
-            Some(n) => {
-                let logprobs = log_softmax(logits);
-                let mut order: Vec<u32> =
-                    (0..u32::try_from(logits.len()).unwrap_or(u32::MAX)).collect();
-                order.sort_by(|&a, &b| logprobs[b as usize].total_cmp(&logprobs[a as usize]));
-                order.truncate(n);
-                (
-                    Some(logprobs[token as usize]),
-                    order
-                        .into_iter()
-                        .map(|t| (t, logprobs[t as usize]))
-                        .collect(),
-                )
-            }
-            None => (None, Vec::new()),
-        };
-        Choice {
-            token,
-            logprob,
-            top,
+        match self.settings.logprobs {
+            Some(n) => score(logits, token, n),
+            None => Choice {
+                token,
+                logprob: None,
+                top: Vec::new(),
+            },
         }
     }
 
@@ -282,6 +268,28 @@ fn argmax(values: &[f32]) -> u32 {
         .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
         .map_or(0, |(i, _)| i);
     u32::try_from(best).unwrap_or(u32::MAX)
+}
+
+/// `token` with its log-probability under `logits` and the `n` most likely tokens with theirs.
+pub fn score(logits: &[f32], token: u32, n: usize) -> Choice {
+    let logprobs = log_softmax(logits);
+    let mut order: Vec<u32> = (0..u32::try_from(logits.len()).unwrap_or(u32::MAX)).collect();
+    // Only the n best need ordering: a prompt's scoring asks for this at every position.
+    if n > 0 && n < order.len() {
+        order.select_nth_unstable_by(n - 1, |&a, &b| {
+            logprobs[b as usize].total_cmp(&logprobs[a as usize])
+        });
+    }
+    order.truncate(n);
+    order.sort_by(|&a, &b| logprobs[b as usize].total_cmp(&logprobs[a as usize]));
+    Choice {
+        token,
+        logprob: logprobs.get(token as usize).copied(),
+        top: order
+            .into_iter()
+            .map(|t| (t, logprobs[t as usize]))
+            .collect(),
+    }
 }
 
 fn log_softmax(logits: &[f32]) -> Vec<f32> {

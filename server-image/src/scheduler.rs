@@ -21,7 +21,7 @@ use crate::{
     detokenize::{Detokenizer, first_stop, held_back},
     metrics::{Load, Metrics},
     model::BaseModel,
-    sampling::{Choice, Sampler, Sampling},
+    sampling::{Choice, Sampler, Sampling, score},
 };
 
 /// Prompt tokens one sequence feeds per step: long prompts are split so that decoding
@@ -40,6 +40,9 @@ pub struct Request {
     pub first_index: usize,
     /// The grammar every choice follows, if any.
     pub constraint: Option<Constraint>,
+    /// `echo` with `logprobs`: the prompt's own log-probabilities, with this many of the most
+    /// likely alternatives at each position.
+    pub prompt_logprobs: Option<usize>,
     /// Special tokens' text is left out of the completion (vLLM's `skip_special_tokens`).
     pub skip_special_tokens: bool,
     /// `None` for the base model.
@@ -65,6 +68,12 @@ pub struct Stopping {
 /// What a request hears back: for each choice, tokens then one `Done`; or one `Failed`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// The prompt's tokens scored by the model (the first has no log-probability), before
+    /// the choice's first token; only when the request asked for them.
+    Prompt {
+        index: usize,
+        tokens: Vec<Choice>,
+    },
     /// New text (possibly empty while a multi-byte character is incomplete) and the token.
     Token {
         index: usize,
@@ -171,6 +180,8 @@ struct Running {
     text: Detokenizer,
     generated: Vec<u32>,
     started: Instant,
+    /// The prompt's log-probabilities so far, while they are asked for and being computed.
+    prompt_scores: Option<Vec<Choice>>,
 }
 
 /// A new choice's copy of a sequence's keys and values. Today a deep copy; shared blocks
@@ -228,11 +239,17 @@ impl Worker {
                 }
             };
             let mut forks = Vec::new();
-            let mut row = 0;
+            let (mut seq, mut row) = (0, 0);
             running.retain_mut(|r| {
-                let mask = masks[row].take();
-                let keep = self.advance(r, &logits[row], mask, &mut forks);
-                row += 1;
+                let mask = masks[seq].take();
+                let rows = if r.prompt_scores.is_some() {
+                    r.feed.len()
+                } else {
+                    1
+                };
+                let keep = self.advance(r, &logits[row..row + rows], mask, &mut forks);
+                seq += 1;
+                row += rows;
                 keep
             });
             running.extend(forks);
@@ -276,19 +293,40 @@ impl Worker {
             constraint,
             generated: Vec::new(),
             started: Instant::now(),
+            prompt_scores: request.prompt_logprobs.map(|_| {
+                vec![Choice {
+                    token: request.prompt[0],
+                    logprob: None,
+                    top: Vec::new(),
+                }]
+            }),
             request,
         }
     }
 
-    /// Takes one step's logits; false when the sequence is finished. A sequence whose prompt
-    /// is done forks its other choices first, each sampling from the same logits.
+    /// Takes one step's logits (a row per token fed while the prompt is scored, else the
+    /// last); false when the sequence is finished. A sequence whose prompt is done forks its
+    /// other choices first, each sampling from the same logits.
     fn advance(
         &self,
         r: &mut Running,
-        logits: &[f32],
+        rows: &[Vec<f32>],
         mask: Option<Result<Mask, String>>,
         forks: &mut Vec<Running>,
     ) -> bool {
+        if let (Some(scores), Some(top)) = (r.prompt_scores.as_mut(), r.request.prompt_logprobs) {
+            // Row i predicts the token after it; the last prompt row predicts the first
+            // generated one, which is sampled as usual.
+            let prompt = &r.request.prompt;
+            for logits in rows {
+                if let Some(&next) = prompt.get(scores.len()) {
+                    scores.push(score(logits, next, top));
+                }
+            }
+        }
+        let Some(logits) = rows.last() else {
+            return false;
+        };
         if r.pending > 0 {
             let from = r.request.prompt.len() - r.pending;
             let len = r.pending.min(PREFILL_CHUNK);
@@ -306,6 +344,14 @@ impl Worker {
                 return false;
             }
         };
+        if let Some(tokens) = r.prompt_scores.take() {
+            for index in r.index..=r.index + r.forks {
+                let _ = r.request.events.send(Event::Prompt {
+                    index,
+                    tokens: tokens.clone(),
+                });
+            }
+        }
         if r.forks > 0 {
             self.metrics.first_token(r.started.elapsed());
             for choice in 1..=r.forks {
@@ -321,6 +367,7 @@ impl Worker {
                     text: r.text.clone(),
                     generated: Vec::new(),
                     started: r.started,
+                    prompt_scores: None,
                 };
                 if self.decode(&mut fork, logits, mask.as_ref()) {
                     forks.push(fork);
@@ -441,6 +488,7 @@ fn forward(
 ) -> (Logits, Vec<Option<Result<Mask, String>>>) {
     let rows = running.len();
     let mut segments = Vec::with_capacity(rows);
+    let every_row: Vec<bool> = running.iter().map(|r| r.prompt_scores.is_some()).collect();
     let mut constrained = Vec::new();
     for (row, r) in running.iter_mut().enumerate() {
         let Running {
@@ -474,7 +522,7 @@ fn forward(
         });
         let logits = model
             .llama
-            .forward_packed(&mut segments)
+            .forward_packed_rows(&mut segments, &every_row)
             .and_then(|l| l.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>());
         let mut masks: Vec<Option<Result<Mask, String>>> = vec![None; rows];
         if let Some(masker) = masker {

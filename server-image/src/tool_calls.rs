@@ -1,11 +1,13 @@
 //! Tool calls in the formats of the model families served: Hermes / Qwen
 //! (`<tool_call>{json}</tool_call>`), Llama 3 (a bare `{"name", "parameters"}` object) and
-//! Mistral (`[TOOL_CALLS][{"name", "arguments"}, ...]`). Each format gives the grammar that
+//! Mistral (`[TOOL_CALLS][{"name", "arguments"}, ...]`, and since its v11 tokenizer
+//! `[TOOL_CALLS]name[ARGS]{arguments}`). Each format gives the grammar that
 //! forces a call when a request requires one, and a parser that turns the model's text into
 //! OpenAI's `tool_calls` as it streams.
 
 use serde_json::{Value, json};
 
+mod named;
 mod scan;
 
 use scan::ObjectScan;
@@ -15,7 +17,10 @@ use scan::ObjectScan;
 pub enum ToolFormat {
     Hermes,
     Llama3Json,
+    /// `[TOOL_CALLS]` and a JSON array of calls (Mistral's tokenizers up to v7).
     Mistral,
+    /// `[TOOL_CALLS]name[ARGS]{...}` per call (Mistral's v11+ tokenizers).
+    MistralNamed,
 }
 
 impl ToolFormat {
@@ -32,6 +37,8 @@ impl ToolFormat {
     pub fn detect(template: &str) -> Option<Self> {
         if template.contains("<tool_call>") {
             Some(Self::Hermes)
+        } else if template.contains("[TOOL_CALLS]") && template.contains("[ARGS]") {
+            Some(Self::MistralNamed)
         } else if template.contains("[TOOL_CALLS]") {
             Some(Self::Mistral)
         } else if template.contains("<|python_tag|>") || template.contains("ipython") {
@@ -41,11 +48,20 @@ impl ToolFormat {
         }
     }
 
+    /// Mistral's format is the tokenizer's: one with an `[ARGS]` token (v11+) names calls.
+    #[must_use]
+    pub fn for_tokenizer(self, has_token: impl Fn(&str) -> bool) -> Self {
+        match self {
+            Self::Mistral if has_token("[ARGS]") => Self::MistralNamed,
+            other => other,
+        }
+    }
+
     /// The special token that opens calls, which must stay in the decoded text.
     pub fn marker(self) -> Option<&'static str> {
         match self {
             Self::Hermes => Some("<tool_call>"),
-            Self::Mistral => Some("[TOOL_CALLS]"),
+            Self::Mistral | Self::MistralNamed => Some("[TOOL_CALLS]"),
             Self::Llama3Json => None,
         }
     }
@@ -53,7 +69,7 @@ impl ToolFormat {
     fn arguments_key(self) -> &'static str {
         match self {
             Self::Llama3Json => "parameters",
-            Self::Hermes | Self::Mistral => "arguments",
+            Self::Hermes | Self::Mistral | Self::MistralNamed => "arguments",
         }
     }
 
@@ -65,6 +81,9 @@ impl ToolFormat {
         parallel: bool,
         literal: impl Fn(&str) -> String,
     ) -> String {
+        if self == Self::MistralNamed {
+            return named::grammar(functions, parallel, literal);
+        }
         let compact =
             json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "});
         let mut call = json!({
@@ -97,6 +116,7 @@ impl ToolFormat {
                 array["x-guidance"] = compact;
                 format!("start: {} %json {array}\n", literal("[TOOL_CALLS]"))
             }
+            Self::MistralNamed => unreachable!("returned above"),
         }
     }
 }
@@ -146,6 +166,8 @@ pub struct ToolCallParser {
     done: usize,
     in_calls: bool,
     object: Option<ObjectScan>,
+    /// A named call's index and its arguments object (`MistralNamed`).
+    named: Option<(usize, ObjectScan)>,
     calls: usize,
     ids: Box<dyn FnMut() -> String + Send>,
 }
@@ -168,6 +190,7 @@ impl ToolCallParser {
             done: 0,
             in_calls: false,
             object: None,
+            named: None,
             calls: 0,
             ids: Box::new(ids),
         }
@@ -190,6 +213,10 @@ impl ToolCallParser {
     pub fn finish(&mut self) -> Vec<Delta> {
         let mut out = Vec::new();
         self.advance(&mut out, true);
+        if self.named.take().is_some() {
+            // Its arguments, cut short, were sent as they came.
+            self.done = self.text.len();
+        }
         if let Some(object) = self.object.take() {
             // An unfinished call without a name is not a call; one with a name keeps the
             // arguments it had (the output was cut short).
@@ -211,6 +238,13 @@ impl ToolCallParser {
                 if !self.find_calls(out, end) {
                     return;
                 }
+                continue;
+            }
+            if self.format == ToolFormat::MistralNamed {
+                if self.advance_named(out, end) {
+                    return;
+                }
+                self.in_calls = false;
                 continue;
             }
             if let Some(object) = self.object.as_mut() {
@@ -393,7 +427,7 @@ mod tests {
     }
 
     /// Parses `text` fed in pieces of `step` bytes (on character boundaries).
-    fn parse(
+    pub(super) fn parse(
         format: ToolFormat,
         text: &str,
         step: usize,

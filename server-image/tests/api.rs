@@ -152,12 +152,6 @@ fn unsupported_requests() -> Vec<(&'static str, Value, u16, Option<&'static str>
         ),
         (
             "/v1/completions",
-            json!({"model": BASE, "prompt": "hi", "echo": true, "logprobs": 1}),
-            400,
-            Some("echo"),
-        ),
-        (
-            "/v1/completions",
             json!({"model": BASE, "prompt": "hi", "response_format": {"type": "json_object"}, "guided_regex": "a+"}),
             400,
             Some("guided_regex"),

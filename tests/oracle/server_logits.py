@@ -4,7 +4,8 @@ For the base model, an adapter PEFT creates here (random, non-zero B), and an ad
 trained (--graft-adapter, a directory), it asks the server for greedy tokens with the top-20
 log-probabilities by token id (vLLM's `return_tokens_as_token_ids`) and checks each against
 log_softmax of PEFT's logits for the same ids, at every generated position (so the server's
-KV cache is exercised). Exits 1 above --tolerance (default 1e-4).
+KV cache is exercised), and the prompt's own log-probabilities that `echo` with `logprobs`
+returns against log_softmax of the prompt's logits. Exits 1 above --tolerance (default 1e-4).
 
     $GRAFT_ORACLE_PYTHON tests/oracle/server_logits.py --url URL --token T --model DIR \
         --graft-adapter DIR --work DIR
@@ -89,6 +90,34 @@ for name, directory in [(args.base_name, None), ("peft-created", peft_dir), ("gr
             if generated[step] != int(expected.argmax()):
                 print(f"{name} step {step}: greedy token {generated[step]}, transformers' argmax {int(expected.argmax())}")
                 sys.exit(1)
+    # echo with logprobs: the prompt's own log-probabilities, the first null, here over a
+    # prompt longer than one prefill chunk (256 tokens).
+    for prompt in ["colour red", "colour blue owl and red fox " * 30]:
+        ids = tokenizer(prompt)["input_ids"]
+        answer = client.completions.create(
+            model=name, prompt=prompt, max_tokens=1, temperature=0, logprobs=20, echo=True,
+            extra_body={"return_tokens_as_token_ids": True},
+        )
+        scored = answer.choices[0].logprobs
+        if [int(t.split(":")[1]) for t in scored.tokens[:len(ids)]] != ids:
+            print(f"{name}: echo's tokens are not the prompt's")
+            sys.exit(1)
+        if scored.token_logprobs[0] is not None or scored.top_logprobs[0] is not None:
+            print(f"{name}: the first prompt token has a log-probability")
+            sys.exit(1)
+        with torch.no_grad():
+            reference = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], dim=-1)
+        for position in range(1, len(ids)):
+            expected = reference[position - 1]
+            ours = {int(k.split(":")[1]): v for k, v in scored.top_logprobs[position].items()}
+            theirs = set(torch.topk(expected, 20).indices.tolist())
+            if len(ours.keys() & theirs) < 19:
+                print(f"{name} prompt position {position}: top-20 ids differ")
+                sys.exit(1)
+            diff = max(abs(v - expected[i].item()) for i, v in ours.items())
+            diff = max(diff, abs(scored.token_logprobs[position] - expected[ids[position]].item()))
+            worst = max(worst, diff)
+        print(f"{name}: {len(ids)} prompt tokens' log-probabilities checked (echo)")
     print(f"{name}: log-probabilities agree with transformers + PEFT (worst so far {worst:.2e})")
 print(f"largest |logprob difference| {worst:.2e} (tolerance {args.tolerance:g})")
 sys.exit(0 if worst <= args.tolerance else 1)

@@ -285,6 +285,19 @@ impl Llama {
     /// each cache grows by its segment's tokens. On error the caches are left inconsistent
     /// and must be dropped.
     pub fn forward_packed(&self, segments: &mut [Segment<'_>]) -> Result<Tensor> {
+        self.forward_packed_rows(segments, &[])
+    }
+
+    /// [`Self::forward_packed`], except that each segment `i` with `every_row[i]` gets logits
+    /// for every one of its new tokens, in order, where the others get their last: a prompt's
+    /// log-probabilities (`echo` with `logprobs`). The LM head, over the whole vocabulary,
+    /// runs only on the rows returned, so segments that do not ask pay nothing. Missing
+    /// entries of `every_row` are false.
+    pub fn forward_packed_rows(
+        &self,
+        segments: &mut [Segment<'_>],
+        every_row: &[bool],
+    ) -> Result<Tensor> {
         if segments.iter().any(|s| s.tokens.is_empty()) {
             candle_core::bail!("forward_packed: every segment needs at least one token");
         }
@@ -318,9 +331,18 @@ impl Llama {
         for segment in segments.iter_mut() {
             segment.cache.advance(segment.tokens.len());
         }
-        #[allow(clippy::cast_possible_truncation)]
-        let last: Vec<u32> = rows.iter().map(|r| (r.end - 1) as u32).collect();
-        self.head(&h.index_select(&Tensor::new(last.as_slice(), &device)?, 0)?)
+        let mut picked: Vec<u32> = Vec::with_capacity(rows.len());
+        for (i, r) in rows.iter().enumerate() {
+            let from = if every_row.get(i) == Some(&true) {
+                r.start
+            } else {
+                r.end - 1
+            };
+            #[allow(clippy::cast_possible_truncation)]
+            let new_rows = (from..r.end).map(|row| row as u32);
+            picked.extend(new_rows);
+        }
+        self.head(&h.index_select(&Tensor::new(picked.as_slice(), &device)?, 0)?)
     }
 
     fn heads(&self, layer: usize) -> Heads {

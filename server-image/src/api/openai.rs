@@ -64,6 +64,8 @@ struct Plan {
     prompts: Vec<(Vec<u32>, String)>,
     max_tokens: Option<usize>,
     logprobs: Option<usize>,
+    /// Score the prompt too (`echo` with `logprobs`).
+    prompt_logprobs: bool,
     tools: Option<ToolUse>,
     skip_special_tokens: bool,
 }
@@ -79,12 +81,6 @@ pub async fn completions(
     }
     let echo = body.echo == Some(true);
     let logprobs = check_logprobs("logprobs", body.logprobs)?;
-    if echo && logprobs.is_some() {
-        return Err(ApiError::invalid(
-            "echo",
-            "echo with logprobs needs the prompt's log-probabilities, which this server does not compute",
-        ));
-    }
     let tokenizer = &state.model.tokenizer;
     let encode = |text: &str| {
         tokenizer
@@ -129,6 +125,7 @@ pub async fn completions(
             prompts,
             max_tokens: body.max_tokens.or(Some(16)),
             logprobs,
+            prompt_logprobs: echo && logprobs.is_some(),
             tools: None,
             skip_special_tokens,
         },
@@ -188,6 +185,7 @@ pub async fn chat_completions(
             prompts: vec![(ids, String::new())],
             max_tokens: chat.max_completion_tokens.or(chat.max_tokens),
             logprobs,
+            prompt_logprobs: false,
             tools,
             skip_special_tokens,
         },
@@ -271,6 +269,7 @@ async fn run(state: Arc<AppState>, plan: Plan) -> Result<Response, ApiError> {
             .iter()
             .map(|(ids, echo)| (ids.len(), echo.clone()))
             .collect(),
+        prompt_logprobs: plan.prompt_logprobs,
         n: choices.n,
         best_of: choices.best_of,
         tools: plan.tools.as_ref().map(|t| t.format),
@@ -283,6 +282,7 @@ async fn run(state: Arc<AppState>, plan: Plan) -> Result<Response, ApiError> {
         choices: choices.best_of,
         first_index: 0,
         constraint,
+        prompt_logprobs: plan.logprobs.filter(|_| plan.prompt_logprobs),
         skip_special_tokens: plan.skip_special_tokens,
         adapter_name: if adapter.is_some() {
             name.clone()

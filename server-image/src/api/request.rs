@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::error::ApiError;
 use crate::{
-    constrain::Grammar,
+    constrain::{Grammar, StructuralTag},
     sampling::{Sampling, clock_seed},
     scheduler::Stopping,
 };
@@ -138,15 +138,28 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
-/// vLLM's `structured_outputs`: one of its constraints.
+/// vLLM's `structured_outputs`: one of its constraints, and its options.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct StructuredOutputs {
     json: Option<Value>,
     regex: Option<String>,
     choice: Option<Vec<String>>,
     grammar: Option<String>,
     json_object: Option<bool>,
+    /// A structural tag's JSON text.
+    structural_tag: Option<String>,
+    /// There is one backend, so nothing to fall back from.
+    #[allow(dead_code)]
+    disable_fallback: Option<bool>,
+    /// JSON is always written without free whitespace, so `true` is what happens and `false`
+    /// (whitespace allowed, not required) is met too.
+    #[allow(dead_code)]
+    disable_any_whitespace: Option<bool>,
+    disable_additional_properties: Option<bool>,
+    /// Fields this server does not implement (`whitespace_pattern`, vLLM's private ones),
+    /// refused by name.
+    #[serde(flatten)]
+    other: serde_json::Map<String, Value>,
 }
 
 /// How many sequences a request generates per prompt and how many it returns.
@@ -324,6 +337,23 @@ impl Common {
         }
         if let Some(outputs) = &self.structured_outputs {
             let param = "structured_outputs";
+            if let Some(field) = outputs.other.keys().next() {
+                return Err(ApiError::unsupported(&format!(
+                    "structured_outputs.{field}"
+                )));
+            }
+            if outputs.disable_additional_properties == Some(true) {
+                return Err(ApiError::unsupported(
+                    "structured_outputs.disable_additional_properties",
+                ));
+            }
+            if let Some(text) = &outputs.structural_tag {
+                let tag = serde_json::from_str(text)
+                    .map_err(|e| e.to_string())
+                    .and_then(|tag| StructuralTag::from_value(&tag))
+                    .map_err(|e| ApiError::invalid(param, format!("structural_tag: {e}")))?;
+                found.push((param, Grammar::StructuralTag(tag)));
+            }
             if let Some(schema) = &outputs.json {
                 found.push((param, Grammar::JsonSchema(schema_value(param, schema)?)));
             }
@@ -396,10 +426,13 @@ fn response_format(format: &Value) -> Result<Option<Grammar>, ApiError> {
                 None => Ok(Some(any_object())),
             }
         }
+        Some("structural_tag") => StructuralTag::from_value(format)
+            .map(|tag| Some(Grammar::StructuralTag(tag)))
+            .map_err(|e| ApiError::invalid(param, e)),
         Some(other) => Err(ApiError::invalid(
             param,
             format!(
-                "response_format type {other:?} is not supported (text, json_object, json_schema)"
+                "response_format type {other:?} is not supported (text, json_object, json_schema, structural_tag)"
             ),
         )),
         None => Err(ApiError::invalid(param, "response_format needs a type")),

@@ -40,6 +40,8 @@ pub struct Meta {
     pub token_ids: bool,
     /// Prompt lengths, and what each choice of that prompt starts with (`echo`).
     pub prompts: Vec<(usize, String)>,
+    /// The echoed prompt comes with its log-probabilities (`echo` with `logprobs`).
+    pub prompt_logprobs: bool,
     pub n: usize,
     pub best_of: usize,
     /// Tool calls are parsed out of the text in this format.
@@ -66,7 +68,7 @@ impl Meta {
             z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
             z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
             z ^= z >> 31;
-            if format == ToolFormat::Mistral {
+            if matches!(format, ToolFormat::Mistral | ToolFormat::MistralNamed) {
                 // Mistral's templates accept only nine letters or digits.
                 let alphabet = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
                 (0..9)
@@ -83,6 +85,8 @@ impl Meta {
 #[derive(Debug, Default)]
 struct Sequence {
     text: String,
+    /// The echoed prompt's tokens, scored.
+    prompt: Vec<Choice>,
     tokens: Vec<Choice>,
     reason: Option<FinishReason>,
     completion_tokens: usize,
@@ -103,6 +107,7 @@ pub async fn collect(
     let mut remaining = sequences.len();
     while remaining > 0 {
         match events.recv().await {
+            Some(Event::Prompt { index, tokens }) => sequences[index].prompt = tokens,
             Some(Event::Token {
                 index,
                 text,
@@ -174,7 +179,7 @@ fn full_choice(
 ) -> Value {
     let logprobs = meta
         .logprobs
-        .then(|| logprobs_json(state, meta, &sequence.tokens));
+        .then(|| logprobs_json(state, meta, &sequence.prompt, &sequence.tokens));
     let reason = sequence.reason.unwrap_or(FinishReason::Length);
     match meta.kind {
         Kind::Completion => json!({
@@ -237,22 +242,25 @@ fn token_text(state: &AppState, meta: &Meta, token: u32) -> String {
     }
 }
 
-/// Completions: `{tokens, token_logprobs, top_logprobs, text_offset}`; chat: `{content: [..]}`.
-fn logprobs_json(state: &AppState, meta: &Meta, tokens: &[Choice]) -> Value {
+/// Completions: `{tokens, token_logprobs, top_logprobs, text_offset}`, the echoed `prompt`'s
+/// tokens first (the very first with `null`s, as OpenAI and vLLM write it); chat:
+/// `{content: [..]}`.
+fn logprobs_json(state: &AppState, meta: &Meta, prompt: &[Choice], tokens: &[Choice]) -> Value {
     let tokens: Vec<&Choice> = tokens.iter().filter(|c| c.logprob.is_some()).collect();
     match meta.kind {
         Kind::Completion => {
+            let all: Vec<&Choice> = prompt.iter().chain(tokens.iter().copied()).collect();
             let mut offset = 0;
             let mut offsets = Vec::new();
-            for c in &tokens {
+            for c in &all {
                 offsets.push(offset);
                 offset += token_text(state, meta, c.token).len();
             }
             json!({
-                "tokens": tokens.iter().map(|c| token_text(state, meta, c.token)).collect::<Vec<_>>(),
-                "token_logprobs": tokens.iter().map(|c| c.logprob).collect::<Vec<_>>(),
-                "top_logprobs": tokens.iter().map(|c| {
-                    c.top.iter().map(|(t, lp)| (token_text(state, meta, *t), json!(lp))).collect::<serde_json::Map<_, _>>()
+                "tokens": all.iter().map(|c| token_text(state, meta, c.token)).collect::<Vec<_>>(),
+                "token_logprobs": all.iter().map(|c| c.logprob).collect::<Vec<_>>(),
+                "top_logprobs": all.iter().map(|c| {
+                    c.logprob.map(|_| c.top.iter().map(|(t, lp)| (token_text(state, meta, *t), json!(lp))).collect::<serde_json::Map<_, _>>())
                 }).collect::<Vec<_>>(),
                 "text_offset": offsets,
             })
@@ -300,6 +308,8 @@ pub fn sse(
                 None,
                 None,
             )),
+            // With its log-probabilities, the echo waits for the prompt to be scored.
+            Kind::Completion if meta.prompt_logprobs => None,
             Kind::Completion => {
                 let echo = &meta.prompts[index / meta.best_of].1;
                 (!echo.is_empty()).then(|| chunk(&meta, index, &json!(echo), None, None))
@@ -340,6 +350,14 @@ impl Streaming {
     async fn next(&mut self) -> (Vec<Value>, bool) {
         let meta = &self.meta;
         match self.events.recv().await {
+            Some(Event::Prompt { index, tokens }) => {
+                let echo = &meta.prompts[index / meta.best_of].1;
+                let logprobs = logprobs_json(&self.state, meta, &tokens, &[]);
+                (
+                    vec![chunk(meta, index, &json!(echo), Some(&logprobs), None)],
+                    true,
+                )
+            }
             Some(Event::Token {
                 index,
                 text,
@@ -347,7 +365,7 @@ impl Streaming {
             }) => {
                 let logprobs = meta
                     .logprobs
-                    .then(|| logprobs_json(&self.state, meta, std::slice::from_ref(&choice)));
+                    .then(|| logprobs_json(&self.state, meta, &[], std::slice::from_ref(&choice)));
                 let deltas = match self.parsers[index].as_mut() {
                     Some(parser) => parser.push(&text),
                     None if text.is_empty() => Vec::new(),
