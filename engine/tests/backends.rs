@@ -7,7 +7,7 @@ mod common;
 use candle_core::{DType, Device, IndexOp, Result, Tensor, Var};
 use common::{FAMILIES, max_abs_diff, model, model_on, reference, tiny};
 use graft_engine::{
-    adapters::{Adapter, Lora, ServingAdapter, Site},
+    adapters::{Adapter, Lora, ServingAdapter},
     backend::{Backend, KvCache, cpu::Cpu, cuda::Cuda},
     models::{Llama, Precision, Segment},
     rng::Rng,
@@ -31,8 +31,8 @@ fn attach(model: &mut Llama) -> Result<Vec<Var>> {
     let mut rng = Rng::seed(11);
     let mut vars = Vec::new();
     for layer in 0..model.num_layers() {
-        for site in Site::ALL {
-            let shape = model.site_shape(site);
+        for &site in model.sites() {
+            let shape = model.site_shape(site).expect("a site of the model");
             let fresh = Lora::init(4, shape, 2.0, &mut rng, &Device::Cpu)?;
             let b: Vec<f32> = (0..shape.0 * 4).map(|_| rng.uniform(-0.1, 0.1)).collect();
             let (a, b) = (
@@ -56,8 +56,9 @@ fn attach(model: &mut Llama) -> Result<Vec<Var>> {
 
 #[test]
 fn both_backends_give_the_same_adapter_gradients_dense_and_nf4() -> Result<()> {
-    // Mistral: a sliding window; Gemma 2: soft-capped scores, sandwich norms, gelu-tanh.
-    for name in ["mistral", "gemma2"] {
+    // Mistral: a sliding window; Gemma 2: soft-capped scores, sandwich norms, gelu-tanh;
+    // Phi-3: fused projections, partial rotary, LongRoPE.
+    for name in ["mistral", "gemma2", "phi3"] {
         same_gradients(name)?;
     }
     Ok(())

@@ -1,5 +1,5 @@
-//! Adapters in Hugging Face PEFT's format: those PEFT 0.21.2 made for the tiny Llama and Qwen3
-//! load in Graft and give PEFT's logits (written by `tests/oracle/peft_adapter.py`); what Graft
+//! Adapters in Hugging Face PEFT's format: those PEFT 0.21.2 made for the tiny Llama, Qwen3,
+//! Gemma 2/3 and Phi-3 (fused projections) load in Graft and give PEFT's logits (written by `tests/oracle/peft_adapter.py`); what Graft
 //! writes has PEFT's keys, dtype and metadata, and reads back to the same model.
 
 mod common;
@@ -21,11 +21,13 @@ fn peft_files(name: &str) -> (Vec<u8>, Vec<u8>) {
 
 #[test]
 fn a_peft_adapter_gives_pefts_logits_within_1e_4() {
-    for name in ["llama", "qwen3", "gemma3", "gemma2"] {
+    for name in ["llama", "qwen3", "gemma3", "gemma2", "phi3"] {
         let (config, weights) = peft_files(name);
         let adapter =
             Adapter::from_bytes(&config, &weights, &Device::Cpu).expect("PEFT's adapter loads");
-        assert_eq!(adapter.weights.len(), 2 * 7, "two layers, seven sites");
+        // Phi-3's four: qkv_proj, o_proj, gate_up_proj, down_proj.
+        let sites = if name == "phi3" { 4 } else { 7 };
+        assert_eq!(adapter.weights.len(), 2 * sites, "two layers, every site");
         let mut with_adapter = model(name, Precision::Dense);
         with_adapter
             .apply_adapter(&adapter)

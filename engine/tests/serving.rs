@@ -4,7 +4,9 @@
 mod common;
 
 use candle_core::{Device, IndexOp, Tensor};
-use common::{FAMILIES, max_abs_diff, model, reference, tiny};
+use common::{
+    FAMILIES, STEPWISE_PREFILL, max_abs_diff, model, reference, stepwise_reference, tiny,
+};
 use graft_engine::{
     adapters::{Adapter, ServingAdapter},
     backend::KvCache,
@@ -12,11 +14,12 @@ use graft_engine::{
 };
 
 /// The families with a PEFT-made adapter: the model and the adapter's directory.
-const WITH_PEFT: [(&str, &str); 4] = [
+const WITH_PEFT: [(&str, &str); 5] = [
     ("llama", "llama-peft"),
     ("qwen3", "qwen3-peft"),
     ("gemma3", "gemma3-peft"),
     ("gemma2", "gemma2-peft"),
+    ("phi3", "phi3-peft"),
 ];
 
 fn peft_adapter(name: &str) -> Adapter {
@@ -92,7 +95,10 @@ fn decoding_with_a_cache_gives_pefts_logits_at_every_position() {
 
 #[test]
 fn every_family_decodes_as_its_full_forward() {
-    for name in FAMILIES {
+    for name in FAMILIES
+        .into_iter()
+        .filter(|n| stepwise_reference(n).is_none())
+    {
         let model = model(name, Precision::Dense);
         let (ids, _) = reference(&tiny(name));
         let row = ids_row(&ids, 0);
@@ -101,6 +107,38 @@ fn every_family_decodes_as_its_full_forward() {
         let diff = max_abs_diff(&ours, &full);
         assert!(diff < 1e-4, "{name}: cached decoding differs by {diff}");
     }
+}
+
+/// Where the rotation depends on the sequence's length, decoding a sequence past the original
+/// context changes it mid-way: each step rotates with the length the sequence has then, as
+/// transformers' `generate` does, and the logits are its step by step.
+#[test]
+fn length_dependent_rope_decodes_as_transformers_generates() {
+    let mut checked = 0;
+    for name in FAMILIES {
+        let Some(expected) = stepwise_reference(name) else {
+            continue;
+        };
+        let model = model(name, Precision::Dense);
+        let (ids, _) = reference(&tiny(name));
+        let row = ids_row(&ids, 0);
+        let ours = stepwise(&model, None, &row, STEPWISE_PREFILL);
+        let expected = expected
+            .narrow(0, STEPWISE_PREFILL - 1, row.len() - STEPWISE_PREFILL + 1)
+            .expect("positions");
+        let diff = max_abs_diff(&ours, &expected);
+        assert!(diff < 1e-4, "{name}: stepwise logits differ by {diff}");
+        // The full forward rotates every position as the whole sequence: not what decoding saw.
+        let full = full_forward(&model, &row)
+            .narrow(0, STEPWISE_PREFILL - 1, row.len() - STEPWISE_PREFILL + 1)
+            .expect("positions");
+        assert!(
+            max_abs_diff(&full, &expected) > 1e-3,
+            "{name}: the test needs a sequence that crosses the original context"
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 2, "phi3 and llama-dynamic");
 }
 
 #[test]

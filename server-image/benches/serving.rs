@@ -120,7 +120,7 @@ async fn main() {
             s3,
             &bucket,
             &format!("hot/{i}"),
-            &random_adapter(RANK, 1000 + i, &Site::ALL),
+            &random_adapter(RANK, 1000 + i, &Site::SEPARATE),
         )
         .await;
         let started = Instant::now();
@@ -160,7 +160,7 @@ async fn main() {
             s3,
             &bucket,
             &format!("small/{i}"),
-            &random_adapter_for(&config, RANK, 2000 + i, &Site::ALL),
+            &random_adapter_for(&config, RANK, 2000 + i, &Site::SEPARATE),
         )
         .await;
         let name = format!("a{i}");

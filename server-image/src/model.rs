@@ -4,7 +4,6 @@ use std::path::Path;
 
 use graft_api::ServerInfo;
 use graft_engine::{
-    adapters::Site,
     device::{DeviceChoice, compute_dtype},
     models::{Checkpoint, Llama, Precision, source},
     storage::{self, ObjectUri, S3Options},
@@ -120,7 +119,7 @@ impl BaseModel {
             num_heads: config.num_heads,
             num_kv_heads: config.num_kv_heads,
             vocab_size: config.vocab_size,
-            target_modules: Site::ALL.iter().map(|s| s.name().to_owned()).collect(),
+            target_modules: config.sites().iter().map(|s| s.name().to_owned()).collect(),
             max_lora_rank: options.max_lora_rank,
             max_loaded_adapters: options.max_loaded_adapters,
         };

@@ -101,8 +101,8 @@ async fn the_admin_api_has_a_port_of_its_own_and_a_rotated_token_needs_no_restar
 async fn an_older_generation_of_the_same_owner_is_refused() {
     let s3 = S3Server::shared().await;
     let bucket = s3.bucket("fencing");
-    let v1 = store(s3, &bucket, "v1", &random_adapter(4, 71, &Site::ALL)).await;
-    let v2 = store(s3, &bucket, "v2", &random_adapter(4, 72, &Site::ALL)).await;
+    let v1 = store(s3, &bucket, "v1", &random_adapter(4, 71, &Site::SEPARATE)).await;
+    let v2 = store(s3, &bucket, "v2", &random_adapter(4, 72, &Site::SEPARATE)).await;
     let dir = tempfile::tempdir().expect("tempdir").keep();
     let token = dir.join("token");
     std::fs::write(&token, TOKEN).expect("token");

@@ -22,7 +22,7 @@ const TOKENS: usize = 10;
 async fn adapters(s3: &S3Server, bucket: &str, n: usize) -> Vec<TestAdapter> {
     let mut out = Vec::new();
     for i in 0..n {
-        let adapter = random_adapter(4, 100 + i as u64, &Site::ALL);
+        let adapter = random_adapter(4, 100 + i as u64, &Site::SEPARATE);
         out.push(store(s3, bucket, &format!("v{i}"), &adapter).await);
     }
     out

@@ -42,7 +42,7 @@ async fn the_official_openai_client_works_against_the_server() {
     let s3 = S3Server::shared().await;
     let bucket = s3.bucket("openai");
     let server = Server::start(&[]).await;
-    let adapter = store(s3, &bucket, "bot", &random_adapter(4, 7, &Site::ALL)).await;
+    let adapter = store(s3, &bucket, "bot", &random_adapter(4, 7, &Site::SEPARATE)).await;
     let (status, body) = server.put_adapter("support-bot", &[(&adapter, 100)]).await;
     assert_eq!(status, 200, "{body}");
     let url = server.url.clone();

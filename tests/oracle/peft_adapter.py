@@ -1,4 +1,4 @@
-"""Writes a LoRA adapter made by Hugging Face PEFT for the tiny Llama, Qwen3, Gemma 3 and Gemma 2, and
+"""Writes a LoRA adapter made by Hugging Face PEFT for the tiny Llama, Qwen3, Gemma 3, Gemma 2 and Phi-3, and
 the logits of each adapted model, for engine/tests/peft_adapter.rs and engine/tests/serving.rs:
 
     engine/tests/data/tiny/<model>-peft/adapter_config.json, adapter_model.safetensors
@@ -19,7 +19,12 @@ from transformers import AutoModelForCausalLM
 DATA = pathlib.Path(__file__).resolve().parents[2] / "engine/tests/data/tiny"
 
 
-def write(name, seed):
+SEPARATE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Phi-3 fuses q/k/v and gate/up; PEFT targets the fused modules.
+FUSED = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+
+def write(name, seed, targets=SEPARATE):
     torch.manual_seed(seed)
     out = DATA / f"{name}-peft"
     base = AutoModelForCausalLM.from_pretrained(DATA / name, torch_dtype=torch.float32).eval()
@@ -27,7 +32,7 @@ def write(name, seed):
         r=4,
         lora_alpha=8,
         lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        target_modules=targets,
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(base, config).eval()
@@ -52,3 +57,4 @@ write("llama", 1)
 write("qwen3", 2)
 write("gemma3", 3)
 write("gemma2", 4)
+write("phi3", 5, FUSED)

@@ -6,7 +6,13 @@ for them, for the engine's parity tests (engine/tests/llama_transformers.rs):
 
 One model per architecture feature the engine must honour: Llama with grouped-query
 attention and untied embeddings, Llama 3 rope scaling, Qwen2 (q/k/v bias, tied embeddings),
-Mistral.
+Mistral, Qwen3, Gemma 3, YaRN, Gemma 2, Phi-3 (fused projections, LongRoPE, partial rotary,
+a sliding window) and dynamic NTK rope.
+
+The rope schedules that depend on the sequence's length (Phi-3's LongRoPE, dynamic) also get
+`stepwise_logits`: row 0 fed as a prompt of STEPWISE_PREFILL tokens and then one token at a
+time with a cache, as `generate` feeds it; the rotation changes as the sequence grows past the
+original context, so these differ from the full forward's.
 
     .venv/bin/pip install torch transformers safetensors
     .venv/bin/python tests/oracle/tiny_models.py
@@ -17,7 +23,17 @@ import pathlib
 import torch
 import transformers
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Gemma2Config, Gemma3TextConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    DynamicCache,
+    Gemma2Config,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 OUT = pathlib.Path(__file__).resolve().parents[2] / "engine/tests/data/tiny"
 COMMON = dict(
@@ -86,7 +102,52 @@ MODELS = {
         final_logit_softcapping=5.0,
         tie_word_embeddings=True,
     ),
+    # Phi-4-mini's shape of Phi-3: a quarter of each head passes through unrotated, LongRoPE
+    # stretching an original context of 9 (the reference's 11 tokens use the long factors, the
+    # PEFT reference's 9 the short ones) to 36.
+    "phi3": Phi3Config(
+        **{**COMMON, "vocab_size": 384, "max_position_embeddings": 36},
+        original_max_position_embeddings=9,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.75,
+            "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+            "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0],
+        },
+        sliding_window=6,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    ),
+    "llama-dynamic": LlamaConfig(
+        **{**COMMON, "max_position_embeddings": 8},
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+    ),
 }
+LENGTH_DEPENDENT = {"phi3", "llama-dynamic"}
+STEPWISE_PREFILL = 3
+
+
+def stepwise_logits(directory, row):
+    """Logits at every position of `row`, fed as `generate` feeds it: a prompt, then one token
+    per step with the cache (a freshly loaded model: transformers' dynamic rope keeps state)."""
+    model = AutoModelForCausalLM.from_pretrained(directory, torch_dtype=torch.float32).eval()
+    cache = DynamicCache()
+    chunks = [row[:STEPWISE_PREFILL]] + [row[i : i + 1] for i in range(STEPWISE_PREFILL, len(row))]
+    out, seen = [], 0
+    with torch.no_grad():
+        for chunk in chunks:
+            positions = torch.arange(seen, seen + len(chunk)).unsqueeze(0)
+            result = model(
+                input_ids=chunk.unsqueeze(0), past_key_values=cache, position_ids=positions, use_cache=True
+            )
+            cache = result.past_key_values
+            out.append(result.logits[0])
+            seen += len(chunk)
+    return torch.cat(out, 0)
 
 torch.manual_seed(0)
 for name, config in MODELS.items():
@@ -102,8 +163,11 @@ for name, config in MODELS.items():
     input_ids = torch.randint(0, config.vocab_size, (2, 11))
     with torch.no_grad():
         logits = model(input_ids=input_ids).logits
+    tensors = {"input_ids": input_ids.to(torch.int64), "logits": logits.contiguous()}
+    if name in LENGTH_DEPENDENT:
+        tensors["stepwise_logits"] = stepwise_logits(directory, input_ids[0]).contiguous()
     save_file(
-        {"input_ids": input_ids.to(torch.int64), "logits": logits.contiguous()},
+        tensors,
         directory / "reference.safetensors",
         metadata={"transformers": transformers.__version__, "torch": torch.__version__},
     )

@@ -37,10 +37,18 @@ impl Adapters {
         // On the model's device, in f32 whatever the model computes in: these are the master
         // weights the optimizer updates.
         let device = model.device().clone();
+        if let Some(missing) = sites.iter().find(|s| !model.sites().contains(s)) {
+            candle_core::bail!(
+                "target module {} is not a projection of this model (it has {})",
+                missing.name(),
+                Site::names(model.sites())
+            );
+        }
         let mut pairs = Vec::new();
         for layer in 0..model.num_layers() {
-            for &site in Site::ALL.iter().filter(|s| sites.contains(s)) {
-                let lora = Lora::init(config.r, model.site_shape(site), scale, &mut rng, &device)?;
+            for &site in model.sites().iter().filter(|s| sites.contains(s)) {
+                let shape = model.site_shape(site).unwrap_or_default();
+                let lora = Lora::init(config.r, shape, scale, &mut rng, &device)?;
                 pairs.push(Pair {
                     layer,
                     site,

@@ -291,6 +291,14 @@ fn load_model(
                 })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    if let Some(missing) = sites.iter().find(|s| !model.sites().contains(s)) {
+        return Err(JobError::bad(format!(
+            "target module {} is not a projection of this {} model; its projections are {}",
+            missing.name(),
+            model.config().model_type,
+            Site::names(model.sites())
+        )));
+    }
     let rank = usize::try_from(lora.rank).map_err(JobError::bad)?;
     let adapter_config = AdapterConfig {
         base_model_name_or_path: Some(spec.base_model.uri.clone()),

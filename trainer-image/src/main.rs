@@ -5,7 +5,6 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use graft_engine::{
-    adapters::Site,
     device::DeviceChoice,
     models::{Config, Precision},
 };
@@ -225,7 +224,7 @@ fn memory_model(
         batch,
         seq,
         rank,
-        sites: Site::ALL.to_vec(),
+        sites: config.sites().to_vec(),
         precision,
         compute_bytes: 2,
         dropout: true,

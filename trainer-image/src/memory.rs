@@ -110,17 +110,17 @@ pub fn training_step(config: &Config, shape: &StepShape) -> Estimate {
         config.intermediate_size as u64,
         config.vocab_size as u64,
     );
-    let layers = config.num_layers as u64;
-    let heads = config.num_heads as u64;
+    let (layers, heads) = (config.num_layers as u64, config.num_heads as u64);
     let (q_width, kv_width) = (
         (config.num_heads * config.head_dim) as u64,
         (config.num_kv_heads * config.head_dim) as u64,
     );
     let targeted = |site: Site| shape.sites.contains(&site);
+    let site_shape = |site: Site| config.site_shape(site).unwrap_or((0, 0));
 
     // Frozen weights: the embeddings and LM head stay dense, the projections as loaded.
     let frozen_projection = |site: Site| -> u64 {
-        let (out, input) = config.site_shape(site);
+        let (out, input) = site_shape(site);
         let count = (out * input) as u64;
         match shape.precision {
             Precision::Dense => count * e,
@@ -137,7 +137,13 @@ pub fn training_step(config: &Config, shape: &StepShape) -> Estimate {
     };
     let frozen = vocab * hidden * e
         + head
-        + layers * (Site::ALL.iter().map(|&s| frozen_projection(s)).sum::<u64>() + 2 * hidden * e)
+        + layers
+            * (config
+                .sites()
+                .iter()
+                .map(|&s| frozen_projection(s))
+                .sum::<u64>()
+                + 2 * hidden * e)
         + hidden * e;
 
     // Adapters: f32 master weights, the step's accumulated gradients, a micro-batch's
@@ -147,7 +153,7 @@ pub fn training_step(config: &Config, shape: &StepShape) -> Estimate {
             .sites
             .iter()
             .map(|&s| {
-                let (out, input) = config.site_shape(s);
+                let (out, input) = site_shape(s);
                 (shape.rank * (out + input)) as u64
             })
             .sum::<u64>();
@@ -161,7 +167,7 @@ pub fn training_step(config: &Config, shape: &StepShape) -> Estimate {
     // stays referenced by the graph until the layer's backward is done.
     let norm = 3 * n * hidden * f32 + 2 * n * hidden * e;
     let projection = |site: Site| -> u64 {
-        let (out, input) = config.site_shape(site);
+        let (out, input) = site_shape(site);
         let (out, input) = (out as u64, input as u64);
         if !targeted(site) {
             return n * out * e;
@@ -174,7 +180,7 @@ pub fn training_step(config: &Config, shape: &StepShape) -> Estimate {
         + n * heads * f32; // each query's log-sum-exp
     let graph = n * hidden * e // the layer's input as a Var
         + 2 * norm
-        + Site::ALL.iter().map(|&s| projection(s)).sum::<u64>()
+        + config.sites().iter().map(|&s| projection(s)).sum::<u64>()
         + attention
         + 2 * n * hidden * e // the residual sums
         + 2 * n * inter * e; // silu(gate), silu(gate)·up
@@ -186,9 +192,10 @@ pub fn training_step(config: &Config, shape: &StepShape) -> Estimate {
     // dP and dS, one more while each replaces the last, the probabilities cast for their
     // product, the output and its gradient by head, and dQ, dK, dV block by block and
     // concatenated.
-    let (widest_out, widest_in) = Site::ALL
+    let (widest_out, widest_in) = config
+        .sites()
         .iter()
-        .map(|&s| config.site_shape(s))
+        .map(|&s| site_shape(s))
         .max_by_key(|(o, i)| o * i)
         .unwrap_or((0, 0));
     let dequantized = (widest_out * widest_in) as u64 * e;

@@ -412,7 +412,9 @@ pub fn random_adapter(
     let mut weights = std::collections::BTreeMap::new();
     for layer in 0..config.num_layers {
         for &site in sites {
-            let (out, input) = config.site_shape(site);
+            let (out, input) = config.site_shape(site).ok_or_else(|| {
+                candle_core::Error::Msg(format!("the model has no {}", site.name()))
+            })?;
             let mut lora = Lora::init(rank, (out, input), 2.0, &mut rng, &device)?;
             let b: Vec<f32> = (0..out * rank).map(|_| rng.uniform(-0.8, 0.8)).collect();
             lora.b = candle_core::Tensor::from_vec(b, (out, rank), &device)?;

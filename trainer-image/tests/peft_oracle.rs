@@ -28,7 +28,7 @@ fn tiny_model() -> PathBuf {
     repo_root().join("engine/tests/data/tiny/made")
 }
 
-/// A tiny model transformers made (`engine/tests/data/tiny/<name>`: Qwen3, Gemma 2 and 3), with the
+/// A tiny model transformers made (`engine/tests/data/tiny/<name>`: Qwen3, Gemma 2 and 3, Phi-3), with the
 /// tiny model's tokenizer (the same 384-token vocabulary) beside it, as a checkpoint directory
 /// in `dir`.
 fn tiny_checkpoint(dir: &Path, name: &str) -> PathBuf {
@@ -70,6 +70,30 @@ fn dataset_jsonl() -> String {
 /// Trains `model` with `method` (the YAML of `spec.method`) and returns the published
 /// adapter's directory.
 fn train(dir: &Path, model: &Path, method: &str) -> PathBuf {
+    let (out, output) = run_trainer(dir, model, method);
+    assert!(
+        out.status.success(),
+        "graft-trainer train failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        output.join("graft.json").is_file(),
+        "the adapter is published"
+    );
+    output
+}
+
+/// Runs the trainer on a job it must refuse: its exit code and one-line reason.
+fn train_refused(dir: &Path, model: &Path, method: &str) -> (i32, String) {
+    let (out, output) = run_trainer(dir, model, method);
+    assert!(!output.join("graft.json").exists(), "nothing is published");
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    (out.status.code().unwrap_or(-1), stderr)
+}
+
+/// `graft-trainer train` on `model` with `method`; its output and the adapter's directory.
+fn run_trainer(dir: &Path, model: &Path, method: &str) -> (std::process::Output, PathBuf) {
     let dataset = dir.join("train.jsonl");
     std::fs::write(&dataset, dataset_jsonl()).expect("dataset");
     let output = dir.join("adapter");
@@ -98,16 +122,7 @@ resources: {{gpus: 0}}
         .stdin(Stdio::null())
         .output()
         .expect("the trainer runs");
-    assert!(
-        out.status.success(),
-        "graft-trainer train failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        output.join("graft.json").is_file(),
-        "the adapter is published"
-    );
-    output
+    (out, output)
 }
 
 fn read_adapter(dir: &Path) -> Adapter {
@@ -229,16 +244,43 @@ fn a_qlora_adapter_trained_on_nf4_gives_graft_logits_in_peft_on_the_dense_base()
 }
 
 #[test]
-fn qlora_adapters_trained_on_qwen3_and_gemmas_give_graft_logits_in_peft() {
-    for name in ["qwen3", "gemma3", "gemma2"] {
+fn qlora_adapters_trained_on_qwen3_gemmas_and_phi3_give_graft_logits_in_peft() {
+    let separate = "[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]";
+    let fused = "[qkv_proj, o_proj, gate_up_proj, down_proj]";
+    for (name, targets) in [
+        ("qwen3", separate),
+        ("gemma3", separate),
+        ("gemma2", separate),
+        ("phi3", fused),
+    ] {
         let dir = tempfile::tempdir().expect("tempdir");
         let model = tiny_checkpoint(dir.path(), name);
         agree_on(
             &format!("QLoRA on {name}, applied to the f32 base"),
             dir.path(),
             &model,
-            "{quantization: nf4, lora: {rank: 4, alpha: 8, dropout: 0.05, targetModules: \
-             [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]}}",
+            &format!(
+                "{{quantization: nf4, lora: {{rank: 4, alpha: 8, dropout: 0.05, targetModules: \
+                 {targets}}}}}"
+            ),
         );
     }
+}
+
+/// A Phi-3 model has no separate q/k/v (PEFT would find no such module either): targeting
+/// them is refused by name, listing the projections it has.
+#[test]
+fn separate_targets_on_a_fused_model_are_refused_by_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = tiny_checkpoint(dir.path(), "phi3");
+    let (code, message) = train_refused(
+        dir.path(),
+        &model,
+        "{quantization: none, lora: {rank: 4, alpha: 8, targetModules: [q_proj, v_proj]}}",
+    );
+    assert_eq!(code, 2, "{message}");
+    assert!(
+        message.contains("q_proj") && message.contains("qkv_proj"),
+        "{message}"
+    );
 }

@@ -275,7 +275,7 @@ impl Adapter {
     pub fn check_fits(
         &self,
         layers: usize,
-        shape: impl Fn(Site) -> (usize, usize),
+        shape: impl Fn(Site) -> Option<(usize, usize)>,
     ) -> Result<(), PeftError> {
         if self.weights.is_empty() {
             return Err(PeftError::Mismatch(
@@ -288,7 +288,12 @@ impl Adapter {
                     "layer {layer} does not exist (the model has {layers})"
                 )));
             }
-            let (out, input) = shape(site);
+            let (out, input) = shape(site).ok_or_else(|| {
+                PeftError::Mismatch(format!(
+                    "the model has no {} (its projections are fused differently)",
+                    site.name()
+                ))
+            })?;
             let expected = [
                 (lora.a.dims(), [self.config.r, input]),
                 (lora.b.dims(), [out, self.config.r]),

@@ -11,10 +11,28 @@ pub enum Site {
     GateProj,
     UpProj,
     DownProj,
+    /// Phi-3's fused `q_proj`, `k_proj` and `v_proj`, in that order of output rows.
+    QkvProj,
+    /// Phi-3's fused `gate_proj` and `up_proj`, in that order of output rows.
+    GateUpProj,
 }
 
 impl Site {
-    pub const ALL: [Self; 7] = [
+    /// Every site any architecture has.
+    pub const ALL: [Self; 9] = [
+        Self::QProj,
+        Self::KProj,
+        Self::VProj,
+        Self::OProj,
+        Self::GateProj,
+        Self::UpProj,
+        Self::DownProj,
+        Self::QkvProj,
+        Self::GateUpProj,
+    ];
+
+    /// A decoder layer's projections where each is its own linear (Llama, Qwen, Gemma).
+    pub const SEPARATE: [Self; 7] = [
         Self::QProj,
         Self::KProj,
         Self::VProj,
@@ -24,7 +42,10 @@ impl Site {
         Self::DownProj,
     ];
 
-    /// `q_proj` … `down_proj`.
+    /// A decoder layer's projections where q/k/v and gate/up are fused (Phi-3).
+    pub const FUSED: [Self; 4] = [Self::QkvProj, Self::OProj, Self::GateUpProj, Self::DownProj];
+
+    /// `q_proj` … `down_proj`, `qkv_proj`, `gate_up_proj`.
     pub fn name(self) -> &'static str {
         match self {
             Self::QProj => "q_proj",
@@ -34,16 +55,27 @@ impl Site {
             Self::GateProj => "gate_proj",
             Self::UpProj => "up_proj",
             Self::DownProj => "down_proj",
+            Self::QkvProj => "qkv_proj",
+            Self::GateUpProj => "gate_up_proj",
         }
     }
 
     /// The module path inside a decoder layer: `self_attn.q_proj`, `mlp.gate_proj`.
     pub fn path(self) -> String {
         let parent = match self {
-            Self::QProj | Self::KProj | Self::VProj | Self::OProj => "self_attn",
-            Self::GateProj | Self::UpProj | Self::DownProj => "mlp",
+            Self::QProj | Self::KProj | Self::VProj | Self::OProj | Self::QkvProj => "self_attn",
+            Self::GateProj | Self::UpProj | Self::DownProj | Self::GateUpProj => "mlp",
         };
         format!("{parent}.{}", self.name())
+    }
+
+    /// `q_proj, k_proj, …`: for messages.
+    pub fn names(sites: &[Self]) -> String {
+        sites
+            .iter()
+            .map(|s| s.name())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     pub fn from_name(name: &str) -> Option<Self> {

@@ -69,9 +69,18 @@ pub fn reference_causal_softmax(x: &Tensor, scale: f64, window: Option<usize>) -
 }
 
 /// Rotary embedding in transformers' (non-interleaved) layout, from candle's ops:
-/// `x·cos + rotate_half(x)·sin`, `cos`, `sin` broadcast against `x`.
+/// `x·cos + rotate_half(x)·sin`, `cos`, `sin` broadcast against `x`; where the tables are
+/// narrower than `x`, only that many leading dimensions rotate (transformers' Phi-3).
 pub fn reference_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
+    let (dim, rotary) = (x.dim(D::Minus1)?, cos.dim(D::Minus1)?);
+    if rotary < dim {
+        let rotated = reference_rotary(&x.narrow(D::Minus1, 0, rotary)?, cos, sin)?;
+        return Tensor::cat(
+            &[&rotated, &x.narrow(D::Minus1, rotary, dim - rotary)?],
+            D::Minus1,
+        );
+    }
+    let half = dim / 2;
     let x1 = x.narrow(D::Minus1, 0, half)?;
     let x2 = x.narrow(D::Minus1, half, half)?;
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;

@@ -11,10 +11,12 @@ pub enum ConfigError {
     #[error("config.json: {0}")]
     Parse(#[from] serde_json::Error),
     #[error(
-        "unsupported architecture {0:?}: Graft runs model_type llama (Llama 2/3), mistral, qwen2, qwen3, gemma2 and gemma3_text"
+        "unsupported architecture {0:?}: Graft runs model_type llama (Llama 2/3), mistral, qwen2, qwen3, gemma2, gemma3_text and phi3 (Phi-3, Phi-4-mini)"
     )]
     Architecture(String),
-    #[error("unsupported rope_type {0:?}: Graft supports default, linear, llama3 and yarn")]
+    #[error(
+        "unsupported rope_type {0:?}: Graft supports default, linear, dynamic, llama3, yarn and longrope"
+    )]
     RopeType(String),
     #[error("config.json: {0}")]
     Invalid(String),
@@ -43,6 +45,11 @@ pub struct HfConfig {
     #[serde(default)]
     pub use_sliding_window: Option<bool>,
     pub max_position_embeddings: Option<usize>,
+    /// Phi-3: the context the model was pretrained for, before `longrope` stretched it.
+    pub original_max_position_embeddings: Option<usize>,
+    /// Phi-3 / Phi-4-mini: the fraction of each head that rotates (transformers 4 spelling; 5
+    /// also writes it inside `rope_parameters`).
+    pub partial_rotary_factor: Option<f64>,
     /// transformers 4.
     pub rope_theta: Option<f64>,
     /// transformers 4.
@@ -95,7 +102,7 @@ pub enum AttentionKind {
 #[allow(clippy::struct_excessive_bools)]
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
-    /// `llama`, `mistral`, `qwen2`, `qwen3`, `gemma2` or `gemma3_text`.
+    /// `llama`, `mistral`, `qwen2`, `qwen3`, `gemma2`, `gemma3_text` or `phi3`.
     pub model_type: String,
     /// The longest sequence the model was trained for, when `config.json` says.
     pub max_position_embeddings: Option<usize>,
@@ -106,12 +113,18 @@ pub struct Config {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    /// How many leading dimensions of each head rotate (Phi-4-mini: ¾ of them); the rest pass
+    /// through.
+    pub rotary_dim: usize,
     pub rms_norm_eps: f64,
     pub tie_word_embeddings: bool,
     /// q/k/v projections carry a bias (Qwen2, and Qwen3 with `attention_bias`).
     pub qkv_bias: bool,
     /// Each head's queries and keys are RMS-normalised before rotation (Qwen3).
     pub qk_norm: bool,
+    /// q/k/v are one `qkv_proj` and gate/up one `gate_up_proj` (Phi-3), and adapters target
+    /// them so.
+    pub fused_projections: bool,
     /// Norms scale by `1 + weight` (Gemma); the loader adds the 1 to the weights.
     pub norm_weight_offset: bool,
     /// Attention's and the MLP's outputs are normed too, before each residual add (Gemma 2/3).
@@ -152,19 +165,31 @@ impl Config {
         self.local_rope.is_some() && self.layer_types.get(layer) == Some(&AttentionKind::Sliding)
     }
 
-    /// `(out, in)` of a projection.
-    pub fn site_shape(&self, site: Site) -> (usize, usize) {
+    /// The projections of a decoder layer, which adapters can target.
+    pub fn sites(&self) -> &'static [Site] {
+        if self.fused_projections {
+            &Site::FUSED
+        } else {
+            &Site::SEPARATE
+        }
+    }
+
+    /// `(out, in)` of a projection, if the model has it.
+    pub fn site_shape(&self, site: Site) -> Option<(usize, usize)> {
         let (q, kv) = (
             self.num_heads * self.head_dim,
             self.num_kv_heads * self.head_dim,
         );
-        match site {
-            Site::QProj => (q, self.hidden_size),
-            Site::KProj | Site::VProj => (kv, self.hidden_size),
-            Site::OProj => (self.hidden_size, q),
-            Site::GateProj | Site::UpProj => (self.intermediate_size, self.hidden_size),
-            Site::DownProj => (self.hidden_size, self.intermediate_size),
-        }
+        let (hidden, inter) = (self.hidden_size, self.intermediate_size);
+        self.sites().contains(&site).then_some(match site {
+            Site::QProj => (q, hidden),
+            Site::KProj | Site::VProj => (kv, hidden),
+            Site::QkvProj => (q + 2 * kv, hidden),
+            Site::OProj => (hidden, q),
+            Site::GateProj | Site::UpProj => (inter, hidden),
+            Site::GateUpProj => (2 * inter, hidden),
+            Site::DownProj => (hidden, inter),
+        })
     }
 }
 
@@ -218,6 +243,13 @@ impl TryFrom<HfConfig> for Config {
             )));
         }
         let (rope, local_rope) = ropes(&hf)?;
+        let rotary_dim = rotary_dim(&hf, head_dim)?;
+        for (name, rope) in std::iter::once(("rope_parameters", &rope))
+            .chain(local_rope.as_ref().map(|r| ("sliding layers' rope", r)))
+        {
+            rope.check_rotary_dim(rotary_dim)
+                .map_err(|e| ConfigError::Invalid(format!("{name}: {e}")))?;
+        }
         let layer_types = layer_types(&hf, &family)?;
         // Qwen writes a window but only uses it with `use_sliding_window` (refused above).
         let sliding_window = if family.qwen { None } else { hf.sliding_window };
@@ -235,10 +267,12 @@ impl TryFrom<HfConfig> for Config {
             num_heads: hf.num_attention_heads,
             num_kv_heads,
             head_dim,
+            rotary_dim,
             rms_norm_eps: hf.rms_norm_eps,
             tie_word_embeddings: hf.tie_word_embeddings,
             qkv_bias: family.qkv_bias || (family.qwen && hf.attention_bias == Some(true)),
             qk_norm: family.qk_norm,
+            fused_projections: family.fused,
             norm_weight_offset: family.gemma,
             sandwich_norms: family.gemma,
             embed_scale,
@@ -264,6 +298,8 @@ struct Family {
     /// Always, whatever `attention_bias` says (Qwen2).
     qkv_bias: bool,
     qk_norm: bool,
+    /// `qkv_proj` and `gate_up_proj` (Phi-3).
+    fused: bool,
     /// Gemma 2 soft-caps attention scores; transformers' Gemma 3 reads no such field.
     reads_attention_softcap: bool,
 }
@@ -275,6 +311,7 @@ impl Family {
             gemma,
             qkv_bias,
             qk_norm,
+            fused: false,
             reads_attention_softcap: false,
         };
         Ok(match hf.model_type.as_str() {
@@ -287,6 +324,12 @@ impl Family {
                 ..family(false, true, false, false)
             },
             "gemma3_text" => family(false, true, false, true),
+            // Phi-3 and Phi-4-mini (both `phi3`): fused projections, every layer slides when
+            // there is a window.
+            "phi3" => Self {
+                fused: true,
+                ..family(false, false, false, false)
+            },
             other => return Err(ConfigError::Architecture(other.to_owned())),
         })
     }
@@ -295,6 +338,10 @@ impl Family {
 /// The global rotary schedule, and the sliding layers' own where they have one.
 fn ropes(hf: &HfConfig) -> Result<(Rope, Option<Rope>), ConfigError> {
     let theta = hf.rope_theta.unwrap_or(10_000.0);
+    let context = super::rope::Context {
+        max_position_embeddings: hf.max_position_embeddings,
+        original_max_position_embeddings: hf.original_max_position_embeddings,
+    };
     match (&hf.rope_parameters, &hf.rope_scaling) {
         (Some(RopeParametersField::PerLayerType(by_type)), _) => {
             let full = by_type.get("full_attention").ok_or_else(|| {
@@ -302,15 +349,12 @@ fn ropes(hf: &HfConfig) -> Result<(Rope, Option<Rope>), ConfigError> {
             })?;
             let local = by_type
                 .get("sliding_attention")
-                .map(|p| Rope::from_parameters(p, theta, hf.max_position_embeddings))
+                .map(|p| Rope::from_parameters(p, theta, context))
                 .transpose()?;
-            Ok((
-                Rope::from_parameters(full, theta, hf.max_position_embeddings)?,
-                local,
-            ))
+            Ok((Rope::from_parameters(full, theta, context)?, local))
         }
         (Some(RopeParametersField::One(params)), _) | (None, Some(params)) => Ok((
-            Rope::from_parameters(params, theta, hf.max_position_embeddings)?,
+            Rope::from_parameters(params, theta, context)?,
             hf.rope_local_base_freq.map(|theta| Rope::Default { theta }),
         )),
         (None, None) => Ok((
@@ -374,6 +418,29 @@ fn layer_types(hf: &HfConfig, family: &Family) -> Result<Vec<AttentionKind>, Con
         .collect()
 }
 
+/// The leading dimensions of each head that rotate: `head_dim × partial_rotary_factor`, from
+/// `rope_parameters` (transformers 5) or the top level (4).
+fn rotary_dim(hf: &HfConfig, head_dim: usize) -> Result<usize, ConfigError> {
+    let in_parameters = match (&hf.rope_parameters, &hf.rope_scaling) {
+        (Some(RopeParametersField::One(p)), _) | (None, Some(p)) => p.partial_rotary_factor,
+        _ => None,
+    };
+    let factor = in_parameters.or(hf.partial_rotary_factor).unwrap_or(1.0);
+    // transformers truncates: `int(head_dim * partial_rotary_factor)`.
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )]
+    let dim = (head_dim as f64 * factor) as usize;
+    if !(0.0..=1.0).contains(&factor) || dim < 2 || !dim.is_multiple_of(2) {
+        return Err(ConfigError::Invalid(format!(
+            "partial_rotary_factor {factor} of head_dim {head_dim} leaves {dim} rotary dimensions (an even number ≥ 2 is needed)"
+        )));
+    }
+    Ok(dim)
+}
+
 fn activation(hf: &HfConfig) -> Result<Activation, ConfigError> {
     match hf
         .hidden_activation
@@ -397,6 +464,7 @@ mod tests {
     const QWEN2: &str = include_str!("../../tests/data/tiny/qwen2/config.json");
     const QWEN3: &str = include_str!("../../tests/data/tiny/qwen3/config.json");
     const GEMMA3: &str = include_str!("../../tests/data/tiny/gemma3/config.json");
+    const PHI3: &str = include_str!("../../tests/data/tiny/phi3/config.json");
 
     #[test]
     fn transformers_5_rope_parameters_are_read() {
@@ -523,6 +591,45 @@ mod tests {
         ))
         .expect("config");
         assert_eq!(gemma3.attention_softcap, None);
+    }
+
+    #[test]
+    fn phi3_fuses_its_projections_and_rotates_part_of_each_head() {
+        let config = Config::from_json(PHI3).expect("config");
+        assert!(config.fused_projections);
+        assert_eq!(config.sites(), Site::FUSED);
+        assert_eq!(config.site_shape(Site::QkvProj), Some((64 + 2 * 32, 64)));
+        assert_eq!(config.site_shape(Site::GateUpProj), Some((256, 64)));
+        assert_eq!(config.site_shape(Site::QProj), None, "no separate q_proj");
+        assert_eq!((config.head_dim, config.rotary_dim), (16, 12));
+        assert_eq!(config.window(1), Some(6), "every layer slides");
+        let Rope::LongRope(long) = &config.rope else {
+            panic!("longrope, got {:?}", config.rope);
+        };
+        assert_eq!(long.original_max_position_embeddings, 9);
+        assert!((long.attention_factor - (1.0 + 4f64.ln() / 9f64.ln()).sqrt()).abs() < 1e-12);
+    }
+
+    /// Phi-3.5-mini's config.json as transformers 4 wrote it: the fraction and the original
+    /// context at the top level, `rope_scaling` of type `longrope`.
+    #[test]
+    fn phi3_in_transformers_4_spelling_reads_the_same() {
+        let factors = |n: usize| format!("[{}]", vec!["1.5"; n].join(","));
+        let json = format!(
+            r#"{{"model_type":"phi3","vocab_size":8,"hidden_size":32,"intermediate_size":16,
+            "num_hidden_layers":1,"num_attention_heads":2,"rms_norm_eps":1e-5,
+            "max_position_embeddings":131072,"original_max_position_embeddings":4096,
+            "partial_rotary_factor":0.75,"rope_theta":10000.0,"sliding_window":262144,
+            "rope_scaling":{{"type":"longrope","short_factor":{s},"long_factor":{s}}}}}"#,
+            s = factors(6)
+        );
+        let config = Config::from_json(&json).expect("config");
+        assert_eq!(config.rotary_dim, 12);
+        let expected = (1.0 + 32f64.ln() / 4096f64.ln()).sqrt();
+        assert!((config.rope.attention_factor() - expected).abs() < 1e-12);
+        let error = Config::from_json(&json.replace(&factors(6), &factors(8)))
+            .expect_err("eight factors for six rotated pairs");
+        assert!(error.to_string().contains("short_factor"), "{error}");
     }
 
     #[test]

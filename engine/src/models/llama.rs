@@ -1,4 +1,4 @@
-//! The Llama-family causal LM (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 3), written once over a
+//! The Llama-family causal LM (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 2/3, Phi-3), written once over a
 //! [`Backend`]: a decoder layer is the same code in training (whole sequences, one adapter,
 //! a backward pass through layer-wise recomputation), in evaluation (the same, with no graph
 //! recorded) and in serving (packed rows of many sequences, each with its own KV cache and
@@ -6,12 +6,15 @@
 //! ([`FrozenLinear`], dense or NF4); weight names mirror Hugging Face
 //! (`model.layers.N.self_attn.q_proj.weight`).
 
-use std::ops::Range;
+use std::{borrow::Cow, ops::Range};
 
 use candle_core::{D, DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::config::{Activation, Config};
+use super::{
+    config::{Activation, Config},
+    rope::Rope,
+};
 use crate::{
     adapters::{Adapter, Lora, PeftError, SegmentLora, ServingAdapter, Site},
     backend::{
@@ -55,8 +58,16 @@ struct Block {
     sandwich: Option<[Tensor; 2]>,
     /// Per-head query and key norms, `[head_dim]` each (Qwen3).
     qk_norm: Option<[Tensor; 2]>,
-    /// Indexed by `Site as usize`.
-    projections: Vec<Projection>,
+    /// Indexed by `Site as usize`; the sites the architecture has (`Config::sites`).
+    projections: Vec<Option<Projection>>,
+}
+
+impl Block {
+    fn projection(&self, site: Site) -> &Projection {
+        self.projections[site as usize]
+            .as_ref()
+            .expect("the model's own sites only (adapters are checked against them)")
+    }
 }
 
 /// A loaded model.
@@ -73,20 +84,41 @@ pub struct Llama {
     local_inv_freq: Option<Frequencies>,
 }
 
-/// A rotary schedule's `inv_freq`, and the factor cos and sin are scaled by (YaRN's).
+/// A rotary schedule over the rotated dimensions, with its `inv_freq` computed once where it
+/// does not depend on the sequence's length.
 #[derive(Clone, Debug)]
 struct Frequencies {
-    inv_freq: Vec<f32>,
+    rope: Rope,
+    dim: usize,
+    fixed: Option<Vec<f32>>,
+    /// What cos and sin are scaled by (YaRN's, LongRoPE's).
     scale: f64,
 }
 
 impl Frequencies {
-    fn of(rope: &super::rope::Rope, head_dim: usize) -> Self {
+    fn of(rope: &Rope, dim: usize) -> Self {
         Self {
-            inv_freq: rope.inverse_frequencies(head_dim),
+            rope: rope.clone(),
+            dim,
+            fixed: (!rope.depends_on_length()).then(|| rope.inverse_frequencies(dim, 0)),
             scale: rope.attention_factor(),
         }
     }
+
+    /// `inv_freq` for a sequence `seq_len` tokens long.
+    fn at(&self, seq_len: usize) -> Cow<'_, [f32]> {
+        match &self.fixed {
+            Some(fixed) => Cow::Borrowed(fixed),
+            None => Cow::Owned(self.rope.inverse_frequencies(self.dim, seq_len)),
+        }
+    }
+}
+
+/// Positions to rotate, all of one sequence that is `seq_len` tokens long once they are in.
+#[derive(Clone, Debug)]
+struct Span {
+    positions: Range<usize>,
+    seq_len: usize,
 }
 
 /// The rotary tables of a pass, shared by every layer: the global schedule's, and the
@@ -131,11 +163,11 @@ impl Llama {
             layers,
             norm,
             lm_head: FrozenLinear::new(FrozenWeight::Dense(lm_head), None),
-            inv_freq: Frequencies::of(&config.rope, config.head_dim),
+            inv_freq: Frequencies::of(&config.rope, config.rotary_dim),
             local_inv_freq: config
                 .local_rope
                 .as_ref()
-                .map(|rope| Frequencies::of(rope, config.head_dim)),
+                .map(|rope| Frequencies::of(rope, config.rotary_dim)),
         })
     }
 
@@ -169,18 +201,32 @@ impl Llama {
         self.layers.len()
     }
 
-    /// `(out, in)` of a projection.
-    pub fn site_shape(&self, site: Site) -> (usize, usize) {
+    /// `(out, in)` of a projection, if the model has it.
+    pub fn site_shape(&self, site: Site) -> Option<(usize, usize)> {
         self.config.site_shape(site)
     }
 
+    /// The projections adapters can target.
+    pub fn sites(&self) -> &'static [Site] {
+        self.config.sites()
+    }
+
     /// Puts `lora` on `site` of `layer` (or removes it with `None`).
+    ///
+    /// # Panics
+    /// If the model has no `site` (see [`Self::sites`]).
     pub fn set_lora(&mut self, layer: usize, site: Site, lora: Option<Lora>) {
-        self.layers[layer].projections[site as usize].lora = lora;
+        self.layers[layer].projections[site as usize]
+            .as_mut()
+            .expect("a site of this model")
+            .lora = lora;
     }
 
     pub fn lora(&self, layer: usize, site: Site) -> Option<&Lora> {
-        self.layers[layer].projections[site as usize].lora.as_ref()
+        self.layers[layer].projections[site as usize]
+            .as_ref()?
+            .lora
+            .as_ref()
     }
 
     /// Puts every pair of `adapter` on this model, after checking each fits.
@@ -210,6 +256,7 @@ impl Llama {
                     + b.qk_norm.iter().flatten().map(tensor).sum::<usize>()
                     + b.projections
                         .iter()
+                        .flatten()
                         .map(|p| p.base.weight().size_bytes())
                         .sum::<usize>()
             })
@@ -252,8 +299,11 @@ impl Llama {
     /// The rotary tables and position ids for sequences of `seq` tokens, shared by every
     /// layer of a pass.
     pub fn positions(&self, seq: usize, device: &Device) -> Result<Positions> {
-        let positions: Vec<usize> = (0..seq).collect();
-        self.rotary(&positions, seq, device)
+        let whole = Span {
+            positions: 0..seq,
+            seq_len: seq,
+        };
+        self.rotary(&[whole], seq, device)
     }
 
     /// Decoder layer `index` of a training or evaluation pass over whole sequences. The
@@ -307,18 +357,23 @@ impl Llama {
             .flat_map(|s| s.tokens.iter().copied())
             .collect();
         let mut rows = Vec::with_capacity(segments.len());
-        let mut positions = Vec::with_capacity(ids.len());
+        let mut spans = Vec::with_capacity(segments.len());
+        let mut start = 0;
         for segment in segments.iter() {
-            let (start, offset) = (positions.len(), segment.cache.len());
-            positions.extend(offset..offset + segment.tokens.len());
-            rows.push(start..positions.len());
+            let (offset, new) = (segment.cache.len(), segment.tokens.len());
+            spans.push(Span {
+                positions: offset..offset + new,
+                seq_len: offset + new,
+            });
+            rows.push(start..start + new);
+            start += new;
         }
         let keys = segments
             .iter()
             .map(|s| s.cache.len() + s.tokens.len())
             .max()
             .unwrap_or(0);
-        let rotary = self.rotary(&positions, keys, &device)?;
+        let rotary = self.rotary(&spans, keys, &device)?;
         let mut h = self.embed_rows(&Tensor::new(ids.as_slice(), &device)?)?;
         for layer in 0..self.layers.len() {
             let mut pass = Batch {
@@ -362,32 +417,52 @@ impl Llama {
         let backend = self.backend;
         let block = &self.layers[index];
         let eps = self.config.rms_norm_eps;
-        let mut project = |site: Site, x: &Tensor| {
-            pass.project(backend, index, site, &block.projections[site as usize], x)
-        };
+        let mut project =
+            |site: Site, x: &Tensor| pass.project(backend, index, site, block.projection(site), x);
         let normed = backend.rms_norm(h, &block.input_norm, eps)?;
-        let (mut q, mut k, v) = (
-            project(Site::QProj, &normed)?,
-            project(Site::KProj, &normed)?,
-            project(Site::VProj, &normed)?,
-        );
+        let (mut q, mut k, v) = if self.config.fused_projections {
+            let qkv = project(Site::QkvProj, &normed)?;
+            let cfg = &self.config;
+            let (q, kv) = (
+                cfg.num_heads * cfg.head_dim,
+                cfg.num_kv_heads * cfg.head_dim,
+            );
+            let part = |from: usize, len: usize| qkv.narrow(D::Minus1, from, len)?.contiguous();
+            (part(0, q)?, part(q, kv)?, part(q + kv, kv)?)
+        } else {
+            (
+                project(Site::QProj, &normed)?,
+                project(Site::KProj, &normed)?,
+                project(Site::VProj, &normed)?,
+            )
+        };
         if let Some([q_norm, k_norm]) = &block.qk_norm {
             q = self.per_head_norm(&q, q_norm)?;
             k = self.per_head_norm(&k, k_norm)?;
         }
         let local = self.config.local_rope_at(index);
         let attended = pass.attend(backend, index, [&q, &k, &v], self.heads(index), local)?;
-        let mut project = |site: Site, x: &Tensor| {
-            pass.project(backend, index, site, &block.projections[site as usize], x)
-        };
+        let mut project =
+            |site: Site, x: &Tensor| pass.project(backend, index, site, block.projection(site), x);
         let sandwiched = |x: Tensor, at: usize| match &block.sandwich {
             Some(norms) => backend.rms_norm(&x, &norms[at], eps),
             None => Ok(x),
         };
         let h = (h + sandwiched(project(Site::OProj, &attended)?, 0)?)?;
         let normed = backend.rms_norm(&h, &block.mlp_norm, eps)?;
-        let gate = project(Site::GateProj, &normed)?;
-        let up = project(Site::UpProj, &normed)?;
+        let (gate, up) = if self.config.fused_projections {
+            let gate_up = project(Site::GateUpProj, &normed)?;
+            let inter = self.config.intermediate_size;
+            (
+                gate_up.narrow(D::Minus1, 0, inter)?.contiguous()?,
+                gate_up.narrow(D::Minus1, inter, inter)?.contiguous()?,
+            )
+        } else {
+            (
+                project(Site::GateProj, &normed)?,
+                project(Site::UpProj, &normed)?,
+            )
+        };
         let gated = match self.config.activation {
             Activation::Silu => backend.swiglu(&gate, &up)?,
             Activation::GeluTanh => backend.gelu_tanh_gated(&gate, &up)?,
@@ -404,34 +479,44 @@ impl Llama {
             .reshape(x.shape())
     }
 
-    /// Rotary tables `[positions, head_dim]` for each of `positions`, and position ids
-    /// `0..keys`, on `device`, for each schedule the layers use.
-    fn rotary(&self, positions: &[usize], keys: usize, device: &Device) -> Result<Positions> {
+    /// Rotary tables `[positions, rotary_dim]` for the positions of each of `spans`, in order,
+    /// and position ids `0..keys`, on `device`, for each schedule the layers use.
+    fn rotary(&self, spans: &[Span], keys: usize, device: &Device) -> Result<Positions> {
         Ok(Positions {
-            global: rotary_tables(&self.inv_freq, positions, keys, device)?,
+            global: rotary_tables(&self.inv_freq, spans, keys, device)?,
             local: self
                 .local_inv_freq
                 .as_ref()
-                .map(|inv_freq| rotary_tables(inv_freq, positions, keys, device))
+                .map(|inv_freq| rotary_tables(inv_freq, spans, keys, device))
                 .transpose()?,
         })
     }
 }
 
-/// Rotary tables `[positions, head_dim]` of `frequencies` for each of `positions`, and
-/// position ids `0..keys`, on `device`.
+/// Rotary tables `[positions, rotary_dim]` of `frequencies` for the positions of `spans`, and
+/// position ids `0..keys`, on `device`. The angles (position × frequency, in f32 as
+/// transformers multiplies them) are made on the host: one small upload per pass, and each
+/// span gets the frequencies of its sequence's length.
 fn rotary_tables(
     frequencies: &Frequencies,
-    positions: &[usize],
+    spans: &[Span],
     keys: usize,
     device: &Device,
 ) -> Result<Rotary> {
-    let inv_freq = Tensor::new(frequencies.inv_freq.as_slice(), device)?;
-    #[allow(clippy::cast_precision_loss)]
-    let at: Vec<f32> = positions.iter().map(|&p| p as f32).collect();
-    let freqs = Tensor::new(at.as_slice(), device)?
-        .unsqueeze(1)?
-        .broadcast_mul(&inv_freq.unsqueeze(0)?)?;
+    let (rows, pairs) = (
+        spans.iter().map(|s| s.positions.len()).sum::<usize>(),
+        frequencies.dim / 2,
+    );
+    let mut angles = Vec::with_capacity(rows * pairs);
+    for span in spans {
+        let inv_freq = frequencies.at(span.seq_len);
+        for position in span.positions.clone() {
+            #[allow(clippy::cast_precision_loss)]
+            let position = position as f32;
+            angles.extend(inv_freq.iter().map(|f| position * f));
+        }
+    }
+    let freqs = Tensor::from_vec(angles, (rows, pairs), device)?;
     let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
     #[allow(clippy::cast_precision_loss)]
     let ids: Vec<f32> = (0..keys).map(|p| p as f32).collect();
@@ -569,13 +654,12 @@ impl Pass for Batch<'_, '_, '_> {
 
 fn load_block(vb: &VarBuilder<'_>, config: &Config, precision: Precision) -> Result<Block> {
     let hidden = config.hidden_size;
-    let (q, kv) = (
-        config.num_heads * config.head_dim,
-        config.num_kv_heads * config.head_dim,
-    );
     let on_cpu = vb.clone().set_device(Device::Cpu);
-    let projection = |site: Site, (out, input): (usize, usize), bias: bool| -> Result<Projection> {
+    let projection = |site: Site, bias: bool| -> Result<Projection> {
         let path = site.path();
+        let (out, input) = config
+            .site_shape(site)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no {} here", site.name())))?;
         let bias = if bias {
             Some(vb.pp(&path).get(out, "bias")?)
         } else {
@@ -590,7 +674,6 @@ fn load_block(vb: &VarBuilder<'_>, config: &Config, precision: Precision) -> Res
         )?;
         Ok(Projection { base, lora: None })
     };
-    let inter = config.intermediate_size;
     let bias = config.qkv_bias;
     let norm = |name: &str, size: usize| load_norm(&vb.pp(name), size, config);
     let (mlp_norm, sandwich) = if config.sandwich_norms {
@@ -616,15 +699,14 @@ fn load_block(vb: &VarBuilder<'_>, config: &Config, precision: Precision) -> Res
         } else {
             None
         },
-        projections: vec![
-            projection(Site::QProj, (q, hidden), bias)?,
-            projection(Site::KProj, (kv, hidden), bias)?,
-            projection(Site::VProj, (kv, hidden), bias)?,
-            projection(Site::OProj, (hidden, q), false)?,
-            projection(Site::GateProj, (inter, hidden), false)?,
-            projection(Site::UpProj, (inter, hidden), false)?,
-            projection(Site::DownProj, (hidden, inter), false)?,
-        ],
+        projections: {
+            let mut projections = vec![None; Site::ALL.len()];
+            for &site in config.sites() {
+                let biased = bias && matches!(site, Site::QProj | Site::KProj | Site::VProj);
+                projections[site as usize] = Some(projection(site, biased)?);
+            }
+            projections
+        },
     })
 }
 

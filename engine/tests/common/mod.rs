@@ -9,7 +9,7 @@ use graft_engine::models::{Config, Llama, Precision, load_weights};
 
 /// Every tiny checkpoint transformers made (`tests/oracle/tiny_models.py`), one per family
 /// or feature the engine must honour.
-pub const FAMILIES: [&str; 8] = [
+pub const FAMILIES: [&str; 10] = [
     "llama",
     "llama3",
     "qwen2",
@@ -18,6 +18,8 @@ pub const FAMILIES: [&str; 8] = [
     "gemma3",
     "llama-yarn",
     "gemma2",
+    "phi3",
+    "llama-dynamic",
 ];
 
 /// `engine/tests/data/tiny/<name>`. The directory is read at run time, not baked in with `env!`:
@@ -51,6 +53,19 @@ pub fn reference(dir: &Path) -> (Tensor, Tensor) {
     let ids = tensors["input_ids"].to_dtype(DType::U32).expect("ids");
     (ids, tensors["logits"].clone())
 }
+
+/// For the families whose rotation depends on the sequence's length (`phi3`'s LongRoPE,
+/// `llama-dynamic`): transformers' logits for row 0 of the reference fed as a prompt of
+/// [`STEPWISE_PREFILL`] tokens and then one token at a time with a cache, `[seq, vocab]`.
+pub fn stepwise_reference(name: &str) -> Option<Tensor> {
+    let mut tensors =
+        candle_core::safetensors::load(tiny(name).join("reference.safetensors"), &Device::Cpu)
+            .expect("reference");
+    tensors.remove("stepwise_logits")
+}
+
+/// The prompt length of [`stepwise_reference`] (`STEPWISE_PREFILL` in tiny_models.py).
+pub const STEPWISE_PREFILL: usize = 3;
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)

@@ -99,6 +99,7 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "qwen3",
     "gemma2",
     "gemma3_text",
+    "phi3",
 ];
 
 /// `spec.baseModel`'s description in the CRD, which `kubectl explain` shows: written from
@@ -231,7 +232,9 @@ fn default_target_modules() -> Vec<TargetModule> {
     vec![TargetModule::QProj, TargetModule::VProj]
 }
 
-/// A linear layer of a Llama-family decoder block, named as in Hugging Face `transformers`.
+/// A linear layer of a decoder block, named as in Hugging Face `transformers`: `q_proj` …
+/// `down_proj`, or Phi-3's fused `qkv_proj` and `gate_up_proj` (a Phi-3 model has no separate
+/// q/k/v or gate/up to target).
 #[derive(
     Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema,
 )]
@@ -244,6 +247,8 @@ pub enum TargetModule {
     GateProj,
     UpProj,
     DownProj,
+    QkvProj,
+    GateUpProj,
 }
 
 impl TargetModule {
@@ -257,6 +262,8 @@ impl TargetModule {
             Self::GateProj => "gate_proj",
             Self::UpProj => "up_proj",
             Self::DownProj => "down_proj",
+            Self::QkvProj => "qkv_proj",
+            Self::GateUpProj => "gate_up_proj",
         }
     }
 }

@@ -111,7 +111,7 @@ pub async fn store_adapter(bucket: &str, prefix: &str, rank: usize, seed: u64) -
     let s3 = S3Server::shared().await;
     let text = std::fs::read_to_string(model_dir().join("config.json")).expect("config.json");
     let config = Config::from_json(&text).expect("config");
-    let adapter = random_adapter(&config, rank, seed, &Site::ALL).expect("adapter");
+    let adapter = random_adapter(&config, rank, seed, &Site::SEPARATE).expect("adapter");
     let (config, weights) = adapter.to_bytes().expect("bytes");
     let uri = format!("s3://{bucket}/{prefix}/");
     let location = s3.location(&uri);

@@ -54,8 +54,8 @@ pub fn tiny_llama_on(precision: Precision, device: &Device, dtype: DType) -> Lla
 }
 
 pub fn attach(model: &mut Llama, seed: u64) -> Adapters {
-    let config = AdapterConfig::new(4, 8.0, 0.1, false, &Site::ALL);
-    Adapters::attach(model, config, &Site::ALL, seed).expect("adapters")
+    let config = AdapterConfig::new(4, 8.0, 0.1, false, &Site::SEPARATE);
+    Adapters::attach(model, config, &Site::SEPARATE, seed).expect("adapters")
 }
 
 /// Prompts `[1, k, k+1]` answered by `[(3k) mod 90 + 3, 2]`: learned on the answer only.

@@ -59,6 +59,8 @@ struct Layout3 {
     batch: usize,
     seq: usize,
     dim: usize,
+    /// The rotated dimensions at the start of each head (the tables' width).
+    rotary: usize,
 }
 
 impl Layout3 {
@@ -93,7 +95,12 @@ impl Layout3 {
         to_heads: bool,
         rotation: Option<(&[f32], &[f32], Rotation)>,
     ) -> Vec<f32> {
-        let Self { batch, seq, dim } = self;
+        let Self {
+            batch,
+            seq,
+            dim,
+            rotary,
+        } = self;
         let mut out = vec![0f32; x.len()];
         for b in 0..batch {
             for i in 0..seq {
@@ -108,7 +115,7 @@ impl Layout3 {
                     let (from, to) = (&x[from..][..dim], &mut out[to..][..dim]);
                     match rotation {
                         Some((cos, sin, rotation)) => {
-                            let at = i * dim..(i + 1) * dim;
+                            let at = i * rotary..(i + 1) * rotary;
                             rotation(from, &cos[at.clone()], &sin[at], to);
                         }
                         None => to.copy_from_slice(from),
@@ -166,7 +173,9 @@ impl Attention {
             || k.shape().dims3()? != kv
             || v.shape().dims3()? != kv
             || heads % kv_heads != 0
-            || self.cos.dims() != [seq, head_dim]
+            || self.cos.dim(0)? != seq
+            || self.cos.dim(1)? > head_dim
+            || self.cos.dim(1)? % 2 != 0
         {
             candle_core::bail!(
                 "{NAME}: q {:?}, k {:?}, v {:?} and tables {:?} do not fit {heads} heads of \
@@ -181,6 +190,7 @@ impl Attention {
             batch,
             seq,
             dim: head_dim,
+            rotary: self.cos.dim(1)?,
         })
     }
 

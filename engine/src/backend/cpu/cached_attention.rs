@@ -34,7 +34,12 @@ pub fn cached_attention(
     let (q, k) = with_f32s(
         [q, k, &rotary.cos, &rotary.sin],
         "cached-attention",
-        |[q, k, cos, sin]| Ok((rotated(q, cos, sin, dim), rotated(k, cos, sin, dim))),
+        |[q, k, cos, sin]| {
+            Ok((
+                rotated(q, cos, sin, rows, dim),
+                rotated(k, cos, sin, rows, dim),
+            ))
+        },
     )?;
     let v = v.flatten_all()?.to_vec1::<f32>()?;
     for sequence in sequences.iter_mut() {
@@ -101,16 +106,16 @@ pub fn cached_attention(
     Tensor::from_vec(out, (rows, n_heads * dim), rotary.cos.device())
 }
 
-/// Every `dim`-wide head of every row rotated with its row's tables.
-fn rotated(x: &[f32], cos: &[f32], sin: &[f32], dim: usize) -> Vec<f32> {
+/// Every head of each of `rows` rows rotated with its row's tables (`[rows, rotary]`).
+fn rotated(x: &[f32], cos: &[f32], sin: &[f32], rows: usize, dim: usize) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
-    let per_row = x.len() / (cos.len() / dim).max(1);
+    let (per_row, rotary) = ((x.len() / rows.max(1)).max(1), cos.len() / rows.max(1));
     for (row, (x_row, out_row)) in x
         .chunks_exact(per_row)
         .zip(out.chunks_exact_mut(per_row))
         .enumerate()
     {
-        let table = row * dim..(row + 1) * dim;
+        let table = row * rotary..(row + 1) * rotary;
         for (head, out_head) in x_row.chunks_exact(dim).zip(out_row.chunks_exact_mut(dim)) {
             rotate(head, &cos[table.clone()], &sin[table.clone()], out_head);
         }

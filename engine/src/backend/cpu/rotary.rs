@@ -2,22 +2,25 @@
 //! inside the CPU attention op.
 
 /// One head's row `x` rotated into `out`, with its position's `cos` and `sin` rows:
-/// transformers' arithmetic, term for term, `x·cos + (−x₂, x₁)·sin`.
+/// transformers' arithmetic, term for term, `x·cos + (−x₂, x₁)·sin`. Only the first
+/// `cos.len()` dimensions rotate (Phi-4-mini's partial rotary); the rest pass through.
 pub(super) fn rotate(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
-    let half = x.len() / 2;
+    let half = cos.len() / 2;
     for i in 0..half {
         out[i] = x[i] * cos[i] + -x[i + half] * sin[i];
         out[i + half] = x[i + half] * cos[i + half] + x[i] * sin[i + half];
     }
+    out[2 * half..].copy_from_slice(&x[2 * half..]);
 }
 
 /// The gradient of [`rotate`]'s input from its output's `g`: `g·cos + rotate_halfᵀ(g·sin)`.
 pub(super) fn rotate_back(g: &[f32], cos: &[f32], sin: &[f32], dx: &mut [f32]) {
-    let half = g.len() / 2;
+    let half = cos.len() / 2;
     for i in 0..half {
         dx[i] = g[i] * cos[i] + g[i + half] * sin[i + half];
         dx[i + half] = g[i + half] * cos[i + half] - g[i] * sin[i];
     }
+    dx[2 * half..].copy_from_slice(&g[2 * half..]);
 }
 
 #[cfg(test)]

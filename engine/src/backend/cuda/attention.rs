@@ -138,9 +138,26 @@ fn query_block(batch: usize, heads: usize, queries: usize, keys: usize) -> usize
 }
 
 /// `x·cos + rotate_half(x)·sin` for `x` `[.., positions, n, dim]` and tables
-/// `[positions, 1, dim]` (or broadcastable), the tables cast to `x`'s dtype as transformers
-/// casts them.
+/// `[positions, 1, rotary]` (or broadcastable), the tables cast to `x`'s dtype as transformers
+/// casts them. Only the first `rotary` dimensions rotate; the rest pass through.
 fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    partially(x, cos.dim(D::Minus1)?, |x| rotate_all(x, cos, sin))
+}
+
+/// `f` applied to the first `rotary` dimensions of `x`, the rest appended unchanged.
+fn partially(x: &Tensor, rotary: usize, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    let dim = x.dim(D::Minus1)?;
+    if rotary == dim {
+        return f(x);
+    }
+    let rotated = f(&x.narrow(D::Minus1, 0, rotary)?)?;
+    Tensor::cat(
+        &[&rotated, &x.narrow(D::Minus1, rotary, dim - rotary)?],
+        D::Minus1,
+    )
+}
+
+fn rotate_all(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let half = x.dim(D::Minus1)? / 2;
     let (x1, x2) = (
         x.narrow(D::Minus1, 0, half)?,
@@ -154,6 +171,10 @@ fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// The gradient of [`rotate`]'s input from its output's `g`: `g·cos + rotate_halfᵀ(g·sin)`,
 /// `rotate_halfᵀ(z) = (z₂, −z₁)`.
 fn rotate_back(g: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    partially(g, cos.dim(D::Minus1)?, |g| rotate_all_back(g, cos, sin))
+}
+
+fn rotate_all_back(g: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (cos, sin) = (cos.to_dtype(g.dtype())?, sin.to_dtype(g.dtype())?);
     let gs = g.broadcast_mul(&sin)?;
     let half = g.dim(D::Minus1)? / 2;
