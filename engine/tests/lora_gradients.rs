@@ -77,10 +77,7 @@ fn the_gradient_is_the_derivative() -> Result<()> {
         let vars = attach(&mut model)?;
         let grads = loss(&model)?.backward()?;
         // The first layer's B on `site`, entry [row, 0].
-        let (_, _, b) = vars
-            .iter()
-            .find(|(s, _, _)| *s == site)
-            .expect("the site");
+        let (_, _, b) = vars.iter().find(|(s, _, _)| *s == site).expect("the site");
         let analytic: f32 = grads
             .get(b.as_tensor())
             .expect("grad")

@@ -8,7 +8,10 @@ use std::collections::BTreeSet;
 
 use candle_core::Device;
 use common::{max_abs_diff, model, reference, tiny};
-use graft_engine::{adapters::Adapter, models::Precision};
+use graft_engine::{
+    adapters::{Adapter, Site},
+    models::Precision,
+};
 use safetensors::SafeTensors;
 
 fn peft_files(name: &str) -> (Vec<u8>, Vec<u8>) {
@@ -44,6 +47,40 @@ fn a_peft_adapter_gives_pefts_logits_within_1e_4() {
             "{name}: the adapter matters"
         );
     }
+}
+
+/// PEFT's `rank_pattern` / `alpha_pattern`: each pair gets the rank and alpha of the first key
+/// matching its module (regular expressions), the others `r` and `lora_alpha`.
+#[test]
+fn an_adapter_with_rank_and_alpha_patterns_gives_pefts_logits() {
+    let dir = tiny("llama-peft-patterns");
+    let adapter = Adapter::from_bytes(
+        &std::fs::read(dir.join("adapter_config.json")).expect("config"),
+        &std::fs::read(dir.join("adapter_model.safetensors")).expect("weights"),
+        &Device::Cpu,
+    )
+    .expect("PEFT's adapter loads");
+    let rank = |layer, site| adapter.weights[&(layer, site)].rank().expect("rank");
+    assert_eq!(rank(0, Site::QProj), 8);
+    assert_eq!(rank(1, Site::QProj), 8);
+    assert_eq!(rank(0, Site::UpProj), 6);
+    assert_eq!(rank(1, Site::UpProj), 4, "layer 1 is not matched");
+    assert_eq!(rank(1, Site::DownProj), 2);
+    assert_eq!(rank(0, Site::DownProj), 4);
+    let scale = |layer, site| adapter.weights[&(layer, site)].scale;
+    assert!((scale(0, Site::VProj) - 32.0 / 4.0).abs() < 1e-12);
+    assert!((scale(1, Site::QProj) - 8.0 / 8.0).abs() < 1e-12);
+
+    let mut with_adapter = model("llama", Precision::Dense);
+    with_adapter.apply_adapter(&adapter).expect("fits");
+    let (ids, expected) = reference(&dir);
+    let diff = max_abs_diff(&with_adapter.forward(&ids).expect("forward"), &expected);
+    assert!(diff < 1e-4, "logits differ by {diff}");
+
+    // Written back with its patterns in the same order, and read back the same.
+    let (config, weights) = adapter.to_bytes().expect("writes");
+    let again = Adapter::from_bytes(&config, &weights, &Device::Cpu).expect("reads back");
+    assert_eq!(again.config, adapter.config);
 }
 
 #[test]

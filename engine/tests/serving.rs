@@ -14,8 +14,9 @@ use graft_engine::{
 };
 
 /// The families with a PEFT-made adapter: the model and the adapter's directory.
-const WITH_PEFT: [(&str, &str); 5] = [
+const WITH_PEFT: [(&str, &str); 6] = [
     ("llama", "llama-peft"),
+    ("llama", "llama-peft-patterns"),
     ("qwen3", "qwen3-peft"),
     ("gemma3", "gemma3-peft"),
     ("gemma2", "gemma2-peft"),
@@ -144,17 +145,28 @@ fn length_dependent_rope_decodes_as_transformers_generates() {
 #[test]
 fn a_mixed_batch_gives_each_sequence_what_it_gets_alone() {
     for (name, peft) in WITH_PEFT {
-        mixed_batch(name, peft);
+        let first = peft_adapter(peft);
+        let second = doubled(&first);
+        mixed_batch(name, peft, &first, &second);
     }
 }
 
-fn mixed_batch(name: &str, peft: &str) {
+/// Adapters of different ranks per projection (rank 4 everywhere beside `rank_pattern`'s 8, 6
+/// and 2) in one batch.
+#[test]
+fn adapters_of_different_ranks_share_a_batch() {
+    let (plain, patterned) = (
+        peft_adapter("llama-peft"),
+        peft_adapter("llama-peft-patterns"),
+    );
+    mixed_batch("llama", "llama-peft", &plain, &patterned);
+}
+
+fn mixed_batch(name: &str, peft: &str, first: &Adapter, second: &Adapter) {
     let model = model(name, Precision::Dense);
-    let first = peft_adapter(peft);
-    let second = doubled(&first);
     let (first_s, second_s) = (
-        ServingAdapter::new(&first).expect("layout"),
-        ServingAdapter::new(&second).expect("layout"),
+        ServingAdapter::new(first).expect("layout"),
+        ServingAdapter::new(second).expect("layout"),
     );
     let (ids, _) = reference(&tiny(peft));
     let row = ids_row(&ids, 0);

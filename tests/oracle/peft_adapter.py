@@ -24,9 +24,9 @@ SEPARATE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "dow
 FUSED = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 
-def write(name, seed, targets=SEPARATE):
+def write(name, seed, targets=SEPARATE, suffix="peft", **patterns):
     torch.manual_seed(seed)
-    out = DATA / f"{name}-peft"
+    out = DATA / f"{name}-{suffix}"
     base = AutoModelForCausalLM.from_pretrained(DATA / name, torch_dtype=torch.float32).eval()
     config = LoraConfig(
         r=4,
@@ -34,6 +34,7 @@ def write(name, seed, targets=SEPARATE):
         lora_dropout=0.0,
         target_modules=targets,
         task_type="CAUSAL_LM",
+        **patterns,
     )
     model = get_peft_model(base, config).eval()
     # A trained-looking adapter: B is zero at init, which would make the test vacuous.
@@ -58,3 +59,11 @@ write("qwen3", 2)
 write("gemma3", 3)
 write("gemma2", 4)
 write("phi3", 5, FUSED)
+# Per-module ranks and alphas: regular expressions over module names, the first match winning.
+write(
+    "llama",
+    6,
+    suffix="peft-patterns",
+    rank_pattern={"layers.1.mlp.down_proj": 2, "q_proj": 8, r"layers\.0\..*\.up_proj": 6},
+    alpha_pattern={"v_proj": 32, "o_proj": 2},
+)

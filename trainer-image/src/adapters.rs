@@ -3,7 +3,7 @@
 
 use candle_core::{Result, Tensor, Var};
 use graft_engine::{
-    adapters::{Adapter, AdapterConfig, Lora, Site, scaling},
+    adapters::{Adapter, AdapterConfig, Lora, Site},
     models::Llama,
     rng::Rng,
 };
@@ -15,6 +15,8 @@ pub struct Pair {
     pub site: Site,
     pub a: Var,
     pub b: Var,
+    /// `alpha / rank` of this pair (`rank_pattern` / `alpha_pattern` may set its own).
+    pub scale: f64,
 }
 
 #[derive(Debug)]
@@ -33,7 +35,6 @@ impl Adapters {
         seed: u64,
     ) -> Result<Self> {
         let mut rng = Rng::seed(seed);
-        let scale = scaling(config.lora_alpha, config.r, config.use_rslora);
         // On the model's device, in f32 whatever the model computes in: these are the master
         // weights the optimizer updates.
         let device = model.device().clone();
@@ -48,26 +49,28 @@ impl Adapters {
         for layer in 0..model.num_layers() {
             for &site in model.sites().iter().filter(|s| sites.contains(s)) {
                 let shape = model.site_shape(site).unwrap_or_default();
-                let lora = Lora::init(config.r, shape, scale, &mut rng, &device)?;
+                let (rank, scale) = config.pair(layer, site);
+                let lora = Lora::init(rank, shape, scale, &mut rng, &device)?;
                 pairs.push(Pair {
                     layer,
                     site,
                     a: Var::from_tensor(&lora.a)?,
                     b: Var::from_tensor(&lora.b)?,
+                    scale,
                 });
             }
         }
         let adapters = Self { pairs, config };
-        adapters.install(model, scale);
+        adapters.install(model);
         Ok(adapters)
     }
 
-    fn install(&self, model: &mut Llama, scale: f64) {
+    fn install(&self, model: &mut Llama) {
         for pair in &self.pairs {
             let lora = Lora {
                 a: pair.a.as_tensor().clone(),
                 b: pair.b.as_tensor().clone(),
-                scale,
+                scale: pair.scale,
             };
             model.set_lora(pair.layer, pair.site, Some(lora));
         }
@@ -106,7 +109,6 @@ impl Adapters {
 
     /// A snapshot in PEFT's form (detached copies, so later steps do not change it).
     pub fn snapshot(&self) -> Result<Adapter> {
-        let scale = self.config.scale();
         let copy = |v: &Var| -> Result<Tensor> { v.as_tensor().detach().copy() };
         let weights = self
             .pairs
@@ -117,7 +119,7 @@ impl Adapters {
                     Lora {
                         a: copy(&p.a)?,
                         b: copy(&p.b)?,
-                        scale,
+                        scale: p.scale,
                     },
                 ))
             })

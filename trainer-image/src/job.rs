@@ -13,7 +13,7 @@ use graft_api::{
     TrainerResult,
 };
 use graft_engine::{
-    adapters::{AdapterConfig, Site},
+    adapters::{AdapterConfig, Patterns, Site},
     device::compute_dtype,
     models::{
         self, Llama, Precision,
@@ -302,8 +302,23 @@ fn load_model(
     let rank = usize::try_from(lora.rank).map_err(JobError::bad)?;
     let adapter_config = AdapterConfig {
         base_model_name_or_path: Some(spec.base_model.uri.clone()),
+        rank_pattern: Patterns::new(
+            lora.rank_pattern
+                .iter()
+                .map(|(key, &rank)| (key.clone(), rank as usize))
+                .collect(),
+        ),
+        alpha_pattern: Patterns::new(
+            lora.alpha_pattern
+                .iter()
+                .map(|(key, &alpha)| (key.clone(), alpha))
+                .collect(),
+        ),
         ..AdapterConfig::new(rank, lora.alpha, lora.dropout, lora.use_rslora, &sites)
     };
+    adapter_config
+        .check()
+        .map_err(|e| JobError::bad(format!("method.lora: {e}")))?;
     let adapters = Adapters::attach(&mut model, adapter_config, &sites, spec.training.seed)?;
     Ok((model, adapters))
 }

@@ -16,7 +16,7 @@ use std::{
 
 use candle_core::{DType, Device, Tensor};
 use graft_engine::{
-    adapters::Adapter,
+    adapters::{Adapter, Site},
     models::{Config, Llama, Precision, load_weights},
 };
 
@@ -241,6 +241,35 @@ fn a_qlora_adapter_trained_on_nf4_gives_graft_logits_in_peft_on_the_dense_base()
         "{quantization: nf4, lora: {rank: 8, alpha: 16, dropout: 0.05, useRslora: true, \
          targetModules: [q_proj, v_proj, o_proj, up_proj, down_proj]}}",
     );
+}
+
+/// `rankPattern` / `alphaPattern`: the published adapter has each module's own rank, its
+/// adapter_config.json PEFT's patterns, and PEFT computes Graft's logits from it.
+#[test]
+fn an_adapter_trained_with_rank_and_alpha_patterns_gives_graft_logits_in_peft() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let method = "{quantization: none, lora: {rank: 4, alpha: 8, dropout: 0.0, targetModules: \
+                  [q_proj, v_proj, down_proj], rankPattern: {q_proj: 8, 'layers\\.1\\..*down_proj': 2}, \
+                  alphaPattern: {v_proj: 2}}}";
+    agree_on(
+        "LoRA with rank and alpha patterns",
+        dir.path(),
+        &tiny_model(),
+        method,
+    );
+    let adapter = read_adapter(&dir.path().join("adapter"));
+    let rank = |layer, site| adapter.weights[&(layer, site)].rank().expect("rank");
+    assert_eq!(
+        (rank(0, Site::QProj), rank(0, Site::VProj)),
+        (8, 4),
+        "q_proj's pattern"
+    );
+    assert_eq!(
+        (rank(0, Site::DownProj), rank(1, Site::DownProj)),
+        (4, 2),
+        "layer 1's pattern"
+    );
+    assert!((adapter.weights[&(0, Site::VProj)].scale - 0.5).abs() < 1e-12);
 }
 
 #[test]

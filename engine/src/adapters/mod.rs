@@ -3,10 +3,12 @@
 
 mod batch;
 mod lora;
+mod patterns;
 mod peft;
 mod site;
 
 pub use batch::{SegmentLora, ServingAdapter, ServingLora, per_segment_delta};
 pub use lora::{Lora, scaling};
+pub use patterns::Patterns;
 pub use peft::{Adapter, AdapterConfig, PeftError, TargetModules};
 pub use site::Site;

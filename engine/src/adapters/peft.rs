@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::{Lora, Site, scaling};
+use super::{Lora, Patterns, Site, scaling};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PeftError {
@@ -55,10 +55,12 @@ pub struct AdapterConfig {
     pub fan_in_fan_out: bool,
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
+    /// Per-module ranks (see [`Patterns`]).
     #[serde(default)]
-    pub rank_pattern: BTreeMap<String, serde_json::Value>,
+    pub rank_pattern: Patterns<usize>,
+    /// Per-module alphas.
     #[serde(default)]
-    pub alpha_pattern: BTreeMap<String, serde_json::Value>,
+    pub alpha_pattern: Patterns<f64>,
     #[serde(default)]
     pub layers_to_transform: Option<serde_json::Value>,
     pub base_model_name_or_path: Option<String>,
@@ -109,8 +111,8 @@ impl AdapterConfig {
             bias: none(),
             fan_in_fan_out: false,
             modules_to_save: None,
-            rank_pattern: BTreeMap::new(),
-            alpha_pattern: BTreeMap::new(),
+            rank_pattern: Patterns::default(),
+            alpha_pattern: Patterns::default(),
             layers_to_transform: None,
             base_model_name_or_path: None,
             inference_mode: true,
@@ -139,8 +141,8 @@ impl AdapterConfig {
         if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
             return unsupported("modules_to_save (fully trained extra modules)");
         }
-        if !self.rank_pattern.is_empty() || !self.alpha_pattern.is_empty() {
-            return unsupported("rank_pattern / alpha_pattern (per-module ranks)");
+        if let Err(reason) = self.rank_pattern.check().and(self.alpha_pattern.check()) {
+            return unsupported(&format!("rank_pattern / alpha_pattern {reason}"));
         }
         if self
             .layers_to_transform
@@ -173,14 +175,28 @@ impl AdapterConfig {
         {
             return unsupported(&format!("init_lora_weights {scheme:?}"));
         }
-        if self.r == 0 {
+        if self.r == 0 || self.rank_pattern.values().any(|&r| r == 0) {
             return unsupported("r = 0");
         }
         Ok(())
     }
 
-    pub fn scale(&self) -> f64 {
-        scaling(self.lora_alpha, self.r, self.use_rslora)
+    /// The rank and scale of the pair on `site` of `layer`: `r` and `lora_alpha`, unless
+    /// `rank_pattern` / `alpha_pattern` name that module.
+    pub fn pair(&self, layer: usize, site: Site) -> (usize, f64) {
+        let module = format!("model.layers.{layer}.{}", site.path());
+        let rank = self.rank_pattern.lookup(&module).copied().unwrap_or(self.r);
+        let alpha = self
+            .alpha_pattern
+            .lookup(&module)
+            .copied()
+            .unwrap_or(self.lora_alpha);
+        (rank, scaling(alpha, rank, self.use_rslora))
+    }
+
+    /// The largest rank of any pair.
+    pub fn max_rank(&self) -> usize {
+        self.rank_pattern.values().copied().fold(self.r, usize::max)
     }
 }
 
@@ -235,11 +251,13 @@ impl Adapter {
                 _ => return Err(PeftError::UnexpectedKey(name)),
             }
         }
-        let scale = config.scale();
         let weights = halves
             .into_iter()
             .map(|((layer, site), pair)| match pair {
-                (Some(a), Some(b)) => Ok(((layer, site), Lora { a, b, scale })),
+                (Some(a), Some(b)) => {
+                    let (_, scale) = config.pair(layer, site);
+                    Ok(((layer, site), Lora { a, b, scale }))
+                }
                 (a, _) => Err(PeftError::HalfPair {
                     layer,
                     site: site.name(),
@@ -294,10 +312,8 @@ impl Adapter {
                     site.name()
                 ))
             })?;
-            let expected = [
-                (lora.a.dims(), [self.config.r, input]),
-                (lora.b.dims(), [out, self.config.r]),
-            ];
+            let (rank, _) = self.config.pair(layer, site);
+            let expected = [(lora.a.dims(), [rank, input]), (lora.b.dims(), [out, rank])];
             for (actual, want) in expected {
                 if actual != want {
                     return Err(PeftError::Mismatch(format!(
@@ -347,9 +363,7 @@ mod tests {
             ),
             (
                 "rank_pattern",
-                Box::new(|c| {
-                    c.rank_pattern.insert("q_proj".to_owned(), 4.into());
-                }),
+                Box::new(|c| c.rank_pattern = Patterns::new(vec![("q_(?=p)".to_owned(), 4)])),
             ),
         ];
         for (name, change) in cases {
@@ -359,5 +373,22 @@ mod tests {
             assert!(error.to_string().contains(name), "{error}");
         }
         assert!(base.check().is_ok());
+    }
+
+    #[test]
+    fn rank_and_alpha_patterns_give_each_pair_its_own_rank_and_scale() {
+        let config = AdapterConfig {
+            rank_pattern: Patterns::new(vec![
+                ("layers.1.self_attn.q_proj".to_owned(), 2),
+                ("q_proj".to_owned(), 16),
+            ]),
+            alpha_pattern: Patterns::new(vec![("v_proj".to_owned(), 4.0)]),
+            ..AdapterConfig::new(8, 16.0, 0.0, false, &[Site::QProj, Site::VProj])
+        };
+        assert!(config.check().is_ok());
+        assert_eq!(config.pair(0, Site::QProj), (16, 1.0));
+        assert_eq!(config.pair(1, Site::QProj), (2, 8.0));
+        assert_eq!(config.pair(0, Site::VProj), (8, 0.5));
+        assert_eq!(config.max_rank(), 16);
     }
 }

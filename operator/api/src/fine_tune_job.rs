@@ -205,6 +205,24 @@ pub struct LoraConfig {
     #[serde(default = "default_target_modules")]
     #[schemars(length(min = 1, max = 7), extend("x-kubernetes-list-type" = "set"))]
     pub target_modules: Vec<TargetModule>,
+    /// Per-module ranks, as PEFT's `rank_pattern`: each key is a regular expression matched
+    /// against the end of a module's full name at a dot (`q_proj`, `layers\.[0-3]\..*_proj`,
+    /// against `model.layers.0.self_attn.q_proj`); a module no key matches gets `rank`. Keys
+    /// are tried in sorted order and the first match wins; the adapter file lists them in that
+    /// order, so PEFT and vLLM read the same ranks.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend(
+        "maxProperties" = 64,
+        "additionalProperties" = {"type": "integer", "minimum": 1, "maximum": 512}
+    ))]
+    pub rank_pattern: BTreeMap<String, u32>,
+    /// Per-module alphas, as PEFT's `alpha_pattern`, matched as `rankPattern` is.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend(
+        "maxProperties" = 64,
+        "additionalProperties" = {"type": "number", "minimum": 0, "exclusiveMinimum": true}
+    ))]
+    pub alpha_pattern: BTreeMap<String, f64>,
 }
 
 impl Default for LoraConfig {
@@ -215,6 +233,8 @@ impl Default for LoraConfig {
             dropout: default_dropout(),
             use_rslora: false,
             target_modules: default_target_modules(),
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
         }
     }
 }

@@ -147,10 +147,11 @@ pub fn read(
     let adapter = Adapter::from_bytes(&files.config, &files.weights, &Device::Cpu)
         .map_err(|e| LoadError::Invalid(format!("{uri}: {e}")))?;
     let info = &model.info;
-    if adapter.config.r > info.max_lora_rank {
+    if adapter.config.max_rank() > info.max_lora_rank {
         return Err(LoadError::Invalid(format!(
             "{uri}: rank {} is above this server's --max-lora-rank {}",
-            adapter.config.r, info.max_lora_rank
+            adapter.config.max_rank(),
+            info.max_lora_rank
         )));
     }
     if let Some(text) = &files.graft_json {

@@ -131,6 +131,48 @@ async fn rank_zero_is_rejected_naming_the_field() {
 }
 
 #[tokio::test]
+async fn rank_and_alpha_patterns_are_bounded_like_rank_and_alpha() {
+    let (client, ns) = setup("ftj-patterns").await;
+    let api = dynamic_api::<FineTuneJob>(&client, &ns);
+    let mut job = valid_job("pattern-rank-zero");
+    job["spec"]["method"]["lora"]["rankPattern"] = json!({"q_proj": 0});
+    let message = rejected(&api, job).await;
+    assert_names(
+        &message,
+        &[
+            "spec.method.lora.rankPattern.q_proj",
+            "greater than or equal to 1",
+        ],
+    );
+
+    let mut job = valid_job("pattern-rank-huge");
+    job["spec"]["method"]["lora"]["rankPattern"] = json!({"q_proj": 513});
+    let message = rejected(&api, job).await;
+    assert_names(
+        &message,
+        &["rankPattern.q_proj", "less than or equal to 512"],
+    );
+
+    let mut job = valid_job("pattern-alpha-zero");
+    job["spec"]["method"]["lora"]["alphaPattern"] = json!({"v_proj": 0});
+    let message = rejected(&api, job).await;
+    assert_names(&message, &["alphaPattern.v_proj", "greater than 0"]);
+
+    let mut job = valid_job("patterns-fit");
+    job["spec"]["method"]["lora"]["rankPattern"] = json!({"q_proj": 8, "layers\\.1\\..*": 2});
+    job["spec"]["method"]["lora"]["alphaPattern"] = json!({"v_proj": 4.5});
+    let object: DynamicObject = serde_json::from_value(job).expect("manifest");
+    let stored = api
+        .create(&PostParams::default(), &object)
+        .await
+        .expect("patterns within bounds are accepted");
+    assert_eq!(
+        stored.data["spec"]["method"]["lora"]["rankPattern"]["q_proj"],
+        json!(8)
+    );
+}
+
+#[tokio::test]
 async fn a_name_longer_than_a_job_name_may_be_is_rejected() {
     let (client, ns) = setup("ftj-name").await;
     let long = "a".repeat(64);
