@@ -137,12 +137,9 @@ pub fn run(
     let tokenizer = base.tokenizer().map_err(JobError::bad)?;
 
     let (_, dataset_location) = open(&spec.dataset.uri)?;
-    let dataset_bytes = rt
-        .block_on(dataset_location.get(""))
-        .map_err(|e| JobError::store(&format!("reading the dataset {}", spec.dataset.uri), &e))?;
-    let text = std::str::from_utf8(&dataset_bytes)
-        .map_err(|e| JobError::bad(format!("the dataset is not UTF-8: {e}")))?;
-    let records = dataset::parse(text, spec.dataset.format).map_err(JobError::bad)?;
+    let files = rt.block_on(read_dataset(&dataset_location, &spec.dataset.uri))?;
+    let records = dataset::parse_files(&files, spec.dataset.format).map_err(JobError::bad)?;
+    let dataset_digest = dataset::digest(&files);
     let (train, eval) = dataset::split(
         records,
         spec.dataset.validation_fraction,
@@ -195,7 +192,7 @@ pub fn run(
         },
         dataset: Digested {
             uri: spec.dataset.uri.clone(),
-            sha256: format!("{:x}", Sha256::digest(&dataset_bytes)),
+            sha256: dataset_digest,
         },
         adapter: artifact.clone(),
         metrics: Metrics {
@@ -224,6 +221,7 @@ fn settings(spec: &FineTuneJobSpec, pad_id: u32) -> Settings {
         warmup_steps: u64::from(t.warmup_steps),
         scheduler: t.scheduler,
         max_grad_norm: t.max_grad_norm,
+        weight_decay: t.weight_decay,
         seed: t.seed,
         dropout: spec.method.lora.dropout,
         recompute: t.gradient_checkpointing,
@@ -231,6 +229,46 @@ fn settings(spec: &FineTuneJobSpec, pad_id: u32) -> Settings {
         eval_every: t.eval_every_steps.map_or(0, u64::from),
         pad_id,
     }
+}
+
+/// The dataset's files: the one object `uri` names, or, for a URI ending in `/`, every
+/// `.jsonl` / `.json` / `.parquet` object under it, in name order.
+async fn read_dataset(
+    location: &Location,
+    uri: &str,
+) -> Result<Vec<(String, bytes::Bytes)>, JobError> {
+    let failed = |what: &str, e: &object_store::Error| JobError::store(&format!("{what} {uri}"), e);
+    if !uri.ends_with('/') {
+        let bytes = location
+            .get("")
+            .await
+            .map_err(|e| failed("reading the dataset", &e))?;
+        let name = uri.rsplit('/').next().unwrap_or(uri).to_owned();
+        return Ok(vec![(name, bytes)]);
+    }
+    let mut names: Vec<String> = location
+        .list_all()
+        .await
+        .map_err(|e| failed("listing the dataset", &e))?
+        .into_iter()
+        .map(|(name, _)| name)
+        .filter(|name| dataset::FileKind::of(name).is_some())
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        return Err(JobError::bad(format!(
+            "the dataset prefix {uri} holds no .jsonl, .json or .parquet files"
+        )));
+    }
+    let mut files = Vec::with_capacity(names.len());
+    for name in names {
+        let bytes = location
+            .get(&name)
+            .await
+            .map_err(|e| failed(&format!("reading {name} of"), &e))?;
+        files.push((name, bytes));
+    }
+    Ok(files)
 }
 
 /// Each record encoded as the model sees it, cut to `max_len` tokens. A record left with no
@@ -247,7 +285,9 @@ fn encode(
             Record::PromptCompletion { prompt, completion } => {
                 tokenizer.encode_prompt_completion(prompt, completion)
             }
-            Record::Messages(messages) => tokenizer.encode_chat(messages),
+            Record::Messages(c) => {
+                tokenizer.encode_conversation(&c.messages, c.tools.as_deref(), &c.learned)
+            }
         }
         .map_err(|e| JobError::bad(format!("dataset record {}: {e}", i + 1)))?;
         let mut ids = encoded.ids;

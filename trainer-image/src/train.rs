@@ -35,6 +35,8 @@ pub struct Settings {
     pub warmup_steps: u64,
     pub scheduler: Scheduler,
     pub max_grad_norm: f64,
+    /// AdamW's decoupled weight decay on the adapter weights.
+    pub weight_decay: f64,
     pub seed: u64,
     pub dropout: f64,
     /// Layer-wise recomputation in the backward pass.
@@ -126,7 +128,11 @@ impl Trainer {
         train: Vec<Example>,
         eval: Vec<Example>,
     ) -> TensorResult<Self> {
-        let optimizer = AdamW::new(adapters.vars(), AdamWParams::default())?;
+        let params = AdamWParams {
+            weight_decay: settings.weight_decay,
+            ..AdamWParams::default()
+        };
+        let optimizer = AdamW::new(adapters.vars(), params)?;
         let plan = Plan::new(train.len(), &settings);
         Ok(Self {
             model,
@@ -352,6 +358,7 @@ mod tests {
             seed: 1,
             dropout: 0.0,
             recompute: false,
+            weight_decay: 0.0,
             checkpoint_every: 0,
             eval_every: 0,
             pad_id: 0,

@@ -115,6 +115,53 @@ fn chat_labels_are_exactly_each_assistant_turn_and_its_end_token() {
     }
 }
 
+/// OpenAI's `weight: 0` keeps an assistant turn as context: the same ids, that turn's tokens
+/// no longer labels, the other turn's still.
+#[test]
+fn an_assistant_turn_of_weight_0_is_context_not_a_label() {
+    let dir = tokenizer_dir();
+    let tokenizer = Tokenizer::from_dir(dir.path()).expect("tokenizer");
+    let messages: Vec<serde_json::Value> = conversation()
+        .iter()
+        .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
+        .collect();
+    let all = tokenizer.encode_chat(&conversation()).expect("encode");
+    let weighted = tokenizer
+        .encode_conversation(&messages, None, &[false, false, false, false, true])
+        .expect("encode");
+    assert_eq!(weighted.ids, all.ids, "the same text");
+    assert_eq!(
+        labelled_runs(&tokenizer, &weighted),
+        [format!("The answer is 42.{IM_END}")]
+    );
+    assert!(unlabelled(&tokenizer, &weighted).contains("Hi! How can I help?"));
+}
+
+/// `tools` reach the template, as `apply_chat_template(messages, tools=...)` passes them.
+#[test]
+fn tools_are_rendered_by_the_template() {
+    let dir = tokenizer_dir();
+    std::fs::write(
+        dir.path().join("chat_template.jinja"),
+        "{% for t in tools %}[{{ t.function.name }}]{% endfor %}{% for m in messages %}\
+         {{ m.role }}:{{ m.content }}{% for c in m.tool_calls %}{{ c.function.name }}(){% endfor %}\
+         \n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}",
+    )
+    .expect("write");
+    let tokenizer = Tokenizer::from_dir(dir.path()).expect("tokenizer");
+    let messages = [
+        serde_json::json!({"role": "user", "content": "fox?"}),
+        serde_json::json!({"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "lookup", "arguments": "{}"}}]}),
+    ];
+    let tools = [serde_json::json!({"type": "function", "function": {"name": "lookup"}})];
+    let encoded = tokenizer
+        .encode_conversation(&messages, Some(&tools), &[false, true])
+        .expect("encode");
+    let text = tokenizer.decode(&encoded.ids, false).expect("decode");
+    assert!(text.starts_with("[lookup]"), "{text}");
+    assert_eq!(labelled_runs(&tokenizer, &encoded), ["lookup()"]);
+}
+
 #[test]
 fn a_template_that_is_not_prefix_stable_is_refused() {
     let dir = tokenizer_dir();

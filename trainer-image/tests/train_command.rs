@@ -136,6 +136,104 @@ async fn adapter(s3: &S3Server, output: &str) -> (Adapter, Vec<u8>) {
     (adapter, weights.to_vec())
 }
 
+/// A dataset prefix (`s3://bucket/prefix/`) of JSON Lines and Parquet files, as a hub dataset
+/// is downloaded: every record of every file is trained or held out, metadata columns and
+/// other files are ignored, and graft.json's digest covers each file.
+#[tokio::test]
+async fn a_prefix_of_jsonl_and_parquet_files_is_one_dataset() {
+    let s3 = S3Server::shared().await;
+    let bucket = s3.bucket("prefix");
+    let prefix = format!("s3://{bucket}/colours/");
+    let pairs = pairs();
+    let line = |(p, c): &(String, String)| {
+        serde_json::json!({"prompt": p, "completion": c, "id": p.len()}).to_string() + "\n"
+    };
+    put(
+        s3,
+        &format!("{prefix}a.jsonl"),
+        &pairs[..3].iter().map(line).collect::<String>(),
+    )
+    .await;
+    put(s3, &format!("{prefix}README.md"), "# not a dataset file\n").await;
+    // Parquet files written by pyarrow, Snappy- and Zstandard-compressed, with a metadata column.
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (name, rows, codec) in [
+        ("b.parquet", &pairs[3..6], "snappy"),
+        ("c.parquet", &pairs[6..], "zstd"),
+    ] {
+        let path = dir.path().join(name);
+        let (prompts, completions): (Vec<_>, Vec<_>) = rows.iter().cloned().unzip();
+        let script = format!(
+            "import pyarrow as pa, pyarrow.parquet as pq\n\
+             pq.write_table(pa.table({{'prompt': {prompts:?}, 'completion': {completions:?}, \
+             'source': ['hub'] * {n}}}), {path:?}, compression={codec:?})",
+            n = rows.len(),
+            path = path.display().to_string(),
+        );
+        let out = Command::new(graft_testenv::oracle_python())
+            .args(["-c", &script])
+            .output()
+            .expect("python runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        s3.location(&format!("{prefix}{name}"))
+            .put("", std::fs::read(&path).expect("parquet"))
+            .await
+            .expect("put");
+    }
+
+    let output = format!("s3://{bucket}/adapters/colours/");
+    let run = config(s3, &prefix, &output);
+    let out = train(s3, &run);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let graft: serde_json::Value = serde_json::from_slice(
+        &s3.location(&output)
+            .get("graft.json")
+            .await
+            .expect("graft.json"),
+    )
+    .expect("JSON");
+    let metrics = &graft["metrics"];
+    let examples = |k: &str| {
+        metrics[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{k}: {metrics}"))
+    };
+    assert_eq!(
+        examples("trainExamples") + examples("evalExamples"),
+        8,
+        "every record of the three files"
+    );
+    let mut all = Sha256::new();
+    for name in ["a.jsonl", "b.parquet", "c.parquet"] {
+        let bytes = s3
+            .location(&format!("{prefix}{name}"))
+            .get("")
+            .await
+            .expect("file");
+        all.update(format!("{name}  {:x}\n", Sha256::digest(&bytes)));
+    }
+    assert_eq!(graft["dataset"]["sha256"], format!("{:x}", all.finalize()));
+
+    let empty = format!("s3://{bucket}/nothing-here/");
+    put(s3, &format!("{empty}notes.txt"), "x").await;
+    let run = config(s3, &empty, &format!("s3://{bucket}/adapters/none/"));
+    let out = train(s3, &run);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("no .jsonl, .json or .parquet files"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test]
 async fn trains_publishes_a_complete_adapter_and_reports_each_step() {
     let s3 = S3Server::shared().await;

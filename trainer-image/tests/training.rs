@@ -30,6 +30,7 @@ fn settings(epochs: u32, checkpoint_every: u64) -> Settings {
         seed: 42,
         dropout: 0.1,
         recompute: false,
+        weight_decay: 0.0,
         checkpoint_every,
         eval_every: 0,
         pad_id: 0,
@@ -197,6 +198,28 @@ fn the_loss_falls_and_the_mapping_is_answered_greedily() {
             .expect("argmax");
         assert_eq!(next, example.ids[3], "answer to {:?}", &example.ids[..3]);
     }
+}
+
+/// `training.weightDecay` reaches AdamW: the same run with decay ends with smaller adapter
+/// weights (AdamW scales every weight by `1 − lr·decay` each step).
+#[test]
+fn weight_decay_shrinks_the_adapter_weights() {
+    let norm = |weight_decay: f64| -> f32 {
+        let mut model = tiny_llama(Precision::Dense);
+        let adapters = attach(&mut model, 1);
+        let mut s = settings(4, 0);
+        s.dropout = 0.0;
+        s.weight_decay = weight_decay;
+        let mut trainer =
+            Trainer::new(model, adapters, s, mapping(8), Vec::new()).expect("trainer");
+        trainer.run(&mut Recorder::default()).expect("training");
+        flat(trainer.adapters()).iter().map(|v| v * v).sum()
+    };
+    let (plain, decayed) = (norm(0.0), norm(0.5));
+    assert!(
+        decayed < plain * 0.99,
+        "squared norm {plain} without decay, {decayed} with"
+    );
 }
 
 /// The loss taken a few positions at a time equals the loss over the whole sequence, and so

@@ -76,6 +76,17 @@ pub struct AdapterConfig {
     pub layer_replication: Option<serde_json::Value>,
     #[serde(default)]
     pub use_qalora: bool,
+    // Newer PEFT fields, written only when set: older readers of what Graft writes do not
+    // know them.
+    /// A bias on `lora_B` (PEFT's `lora_bias`): refused, not yet computed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lora_bias: bool,
+    /// LoRA on parameters rather than modules (MoE experts): refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_parameters: Option<serde_json::Value>,
+    /// Trained rows of the embedding matrix: refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trainable_token_indices: Option<serde_json::Value>,
 }
 
 fn none() -> String {
@@ -120,6 +131,9 @@ impl AdapterConfig {
             alora_invocation_tokens: None,
             layer_replication: None,
             use_qalora: false,
+            lora_bias: false,
+            target_parameters: None,
+            trainable_token_indices: None,
         }
     }
 
@@ -167,6 +181,19 @@ impl AdapterConfig {
         }
         if self.use_qalora {
             return unsupported("use_qalora");
+        }
+        if self.lora_bias {
+            return unsupported("lora_bias (a bias on lora_B)");
+        }
+        let set = |v: &Option<serde_json::Value>| {
+            v.as_ref()
+                .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
+        };
+        if set(&self.target_parameters) {
+            return unsupported("target_parameters (LoRA on expert parameters)");
+        }
+        if set(&self.trainable_token_indices) {
+            return unsupported("trainable_token_indices (trained embedding rows)");
         }
         // Init schemes that rewrite the base weights (PiSSA, OLoRA, LoftQ, CorDA, EVA) make
         // the adapter meaningless on the unmodified base model.
@@ -354,12 +381,21 @@ mod tests {
     #[test]
     fn features_graft_cannot_honour_are_refused_by_name() {
         let base = AdapterConfig::new(8, 16.0, 0.0, false, &[Site::QProj]);
-        let cases: [(&str, Change); 4] = [
+        let cases: [(&str, Change); 7] = [
             ("DoRA", Box::new(|c| c.use_dora = true)),
             ("bias", Box::new(|c| c.bias = "all".to_owned())),
             (
                 "modules_to_save",
                 Box::new(|c| c.modules_to_save = Some(vec!["lm_head".to_owned()])),
+            ),
+            ("lora_bias", Box::new(|c| c.lora_bias = true)),
+            (
+                "target_parameters",
+                Box::new(|c| c.target_parameters = Some(serde_json::json!(["experts.w1"]))),
+            ),
+            (
+                "trainable_token_indices",
+                Box::new(|c| c.trainable_token_indices = Some(serde_json::json!([3, 4]))),
             ),
             (
                 "rank_pattern",

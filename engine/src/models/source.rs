@@ -118,15 +118,25 @@ pub fn digest(files: &ModelFiles) -> Result<String, SourceError> {
         ModelFiles::Gguf(file) => vec![file.clone()],
     };
     paths.sort();
-    let mut all = Sha256::new();
+    let mut named = Vec::with_capacity(paths.len());
     for path in paths {
         let mut file = std::fs::File::open(&path).map_err(read(&path))?;
         let mut one = Sha256::new();
         std::io::copy(&mut file, &mut one).map_err(read(&path))?;
         let name = path.file_name().unwrap_or_default().to_string_lossy();
-        all.update(format!("{name}  {:x}\n", one.finalize()));
+        named.push((name.into_owned(), format!("{:x}", one.finalize())));
     }
-    Ok(format!("{:x}", all.finalize()))
+    Ok(digest_named(&named))
+}
+
+/// The digest of several named files: the sha256 of their `name  sha256` lines in order, as
+/// `sha256sum` prints them (hex digests given).
+pub fn digest_named(files: &[(String, String)]) -> String {
+    let mut all = Sha256::new();
+    for (name, sha256) in files {
+        all.update(format!("{name}  {sha256}\n"));
+    }
+    format!("{:x}", all.finalize())
 }
 
 #[cfg(test)]

@@ -289,7 +289,26 @@ impl Tokenizer {
     /// and what the template closes the turn with (`<|im_end|>`, `<|eot_id|>`, ...), as TRL's
     /// assistant-only loss trains.
     pub fn encode_chat(&self, messages: &[Message]) -> Result<Encoded> {
-        let full = self.apply_chat_template(messages, false)?;
+        let values: Vec<serde_json::Value> = messages
+            .iter()
+            .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
+            .collect();
+        self.encode_conversation(&values, None, &vec![true; messages.len()])
+    }
+
+    /// [`Tokenizer::encode_chat`] for OpenAI-shaped messages (`tool_calls`, `tool` turns) with
+    /// the `tools` the template lists; `learned[i]` says whether assistant turn `i` is a label
+    /// (OpenAI's per-turn `weight`): a turn not learned is context, like a user's.
+    pub fn encode_conversation(
+        &self,
+        messages: &[serde_json::Value],
+        tools: Option<&[serde_json::Value]>,
+        learned: &[bool],
+    ) -> Result<Encoded> {
+        let render = |upto: &[serde_json::Value], prompt: bool| {
+            self.apply_chat_template_with_tools(upto, tools, prompt)
+        };
+        let full = render(messages, false)?;
         // The template adds bos itself; the post-processor would add a second.
         let encoding = self
             .inner
@@ -305,17 +324,17 @@ impl Tokenizer {
         // A token straddling a boundary is a label, as in transformers' assistant masks.
         let mut spans = Vec::new();
         for (index, message) in messages.iter().enumerate() {
-            if message.role != "assistant" {
+            if message["role"] != "assistant" || !learned.get(index).copied().unwrap_or(true) {
                 continue;
             }
-            let start = self.apply_chat_template(&messages[..index], true)?;
+            let start = render(&messages[..index], true)?;
             if !full.starts_with(&start) {
                 return Err(TokenizerError::NotPrefixStable {
                     index,
                     what: "with the generation prompt",
                 });
             }
-            let through = self.apply_chat_template(&messages[..=index], false)?;
+            let through = render(&messages[..=index], false)?;
             if !full.starts_with(&through) || through.len() < start.len() {
                 return Err(TokenizerError::NotPrefixStable {
                     index,

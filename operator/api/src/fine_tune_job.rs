@@ -330,6 +330,11 @@ pub struct Training {
     #[serde(default = "default_max_grad_norm")]
     #[schemars(extend("minimum" = 0, "exclusiveMinimum" = true))]
     pub max_grad_norm: f64,
+    /// AdamW's decoupled weight decay on the adapter weights (`weight_decay` of transformers'
+    /// `TrainingArguments`, whose default 0 this keeps).
+    #[serde(default)]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub weight_decay: f64,
     /// Recompute each layer's activations in the backward pass instead of keeping them.
     #[serde(default = "default_true")]
     pub gradient_checkpointing: bool,
@@ -353,6 +358,7 @@ impl Default for Training {
             seed: default_seed(),
             checkpoint_every_steps: default_checkpoint_every_steps(),
             max_grad_norm: default_max_grad_norm(),
+            weight_decay: 0.0,
             gradient_checkpointing: default_true(),
             eval_every_steps: None,
         }

@@ -173,6 +173,21 @@ async fn rank_and_alpha_patterns_are_bounded_like_rank_and_alpha() {
 }
 
 #[tokio::test]
+async fn weight_decay_is_between_0_and_1() {
+    let (client, ns) = setup("ftj-decay").await;
+    let api = dynamic_api::<FineTuneJob>(&client, &ns);
+    for (name, value, limit) in [
+        ("decay-negative", -0.1, "greater than or equal to 0"),
+        ("decay-huge", 1.5, "less than or equal to 1"),
+    ] {
+        let mut job = valid_job(name);
+        job["spec"]["training"]["weightDecay"] = json!(value);
+        let message = rejected(&api, job).await;
+        assert_names(&message, &["spec.training.weightDecay", limit]);
+    }
+}
+
+#[tokio::test]
 async fn a_name_longer_than_a_job_name_may_be_is_rejected() {
     let (client, ns) = setup("ftj-name").await;
     let long = "a".repeat(64);
