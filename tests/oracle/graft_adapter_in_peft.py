@@ -6,6 +6,8 @@ logits are the ones Graft computed for it (trainer-image/tests/peft_oracle.rs wr
                        adapter_model.safetensors)
     --reference FILE   safetensors: input_ids (int64 [batch, seq]) and logits (float32
                        [batch, seq, vocab]) from Graft's engine with the adapter applied
+    --merged DIR       optional: the merged model graft-trainer wrote (output.merged), which
+                       transformers alone must load to the same logits
 
 Prints the largest absolute difference; exits 1 above --tolerance (default 1e-4). The model is
 loaded as users load it: AutoModelForCausalLM.from_pretrained in float32 on CPU, then
@@ -29,6 +31,7 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--model", required=True)
 parser.add_argument("--adapter", required=True)
 parser.add_argument("--reference", required=True)
+parser.add_argument("--merged")
 parser.add_argument("--tolerance", type=float, default=1e-4)
 args = parser.parse_args()
 
@@ -56,3 +59,12 @@ print(
 if not diff <= args.tolerance:
     print(f"PEFT's logits differ from Graft's by {diff:.3e} > {args.tolerance:.0e}")
     sys.exit(1)
+if args.merged:
+    merged = AutoModelForCausalLM.from_pretrained(args.merged, dtype=torch.float32).eval()
+    with torch.no_grad():
+        merged_logits = merged(input_ids=input_ids).logits
+    merged_diff = (merged_logits - expected).abs().max().item()
+    print(f"merged model: max abs diff {merged_diff:.3e} from Graft's base + adapter logits")
+    if not merged_diff <= args.tolerance:
+        print(f"the merged model's logits differ by {merged_diff:.3e} > {args.tolerance:.0e}")
+        sys.exit(1)

@@ -90,6 +90,8 @@ impl From<candle_core::Error> for JobError {
 const ADAPTER_FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
 const GRAFT_JSON: &str = "graft.json";
 const STAGING: &str = ".staging";
+/// Where `output.merged` writes the merged model, under the output.
+const MERGED: &str = "merged";
 
 pub fn read_config(path: &Path) -> Result<TrainerConfig, JobError> {
     let text = std::fs::read_to_string(path)
@@ -134,6 +136,9 @@ pub fn run(
     let base = models::Checkpoint::open(model_files)
         .map_err(|e| JobError::bad(format!("base model: {e}")))?;
     let model_digest = base.digest().map_err(model_source_error)?;
+    if spec.output.merged {
+        models::check_mergeable(&base).map_err(|e| JobError::bad(format!("output.merged: {e}")))?;
+    }
     let tokenizer = base.tokenizer().map_err(JobError::bad)?;
 
     let (_, dataset_location) = open(&spec.dataset.uri)?;
@@ -203,6 +208,10 @@ pub fn run(
         },
         fine_tune_job: config.status_target.clone(),
     };
+    if spec.output.merged {
+        // Before graft.json: a reader that finds it finds the merged model whole too.
+        write_merged(&rt, &output, &base, &trainer.adapters().snapshot()?)?;
+    }
     rt.block_on(publish(&output, adapter_config, weights, &graft_json))?;
     progress.record_adapter(&artifact);
     progress.finish();
@@ -229,6 +238,23 @@ fn settings(spec: &FineTuneJobSpec, pad_id: u32) -> Settings {
         eval_every: t.eval_every_steps.map_or(0, u64::from),
         pad_id,
     }
+}
+
+/// Writes base + `adapter` merged under `<output>/merged/`, one file at a time.
+fn write_merged(
+    rt: &Runtime,
+    output: &Location,
+    base: &models::Checkpoint,
+    adapter: &graft_engine::adapters::Adapter,
+) -> Result<(), JobError> {
+    models::merged_files(base, adapter, |name, bytes| {
+        rt.block_on(output.put(&format!("{MERGED}/{name}"), bytes))
+            .map_err(|e| models::MergeError::Write {
+                name,
+                reason: e.to_string(),
+            })
+    })
+    .map_err(|e| JobError::transient(format!("writing the merged model: {e}")))
 }
 
 /// The dataset's files: the one object `uri` names, or, for a URI ending in `/`, every

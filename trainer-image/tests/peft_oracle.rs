@@ -94,6 +94,16 @@ fn train_refused(dir: &Path, model: &Path, method: &str) -> (i32, String) {
 
 /// `graft-trainer train` on `model` with `method`; its output and the adapter's directory.
 fn run_trainer(dir: &Path, model: &Path, method: &str) -> (std::process::Output, PathBuf) {
+    run_trainer_with(dir, model, method, "")
+}
+
+/// [`run_trainer`] with more fields of `spec.output` (`, merged: true`).
+fn run_trainer_with(
+    dir: &Path,
+    model: &Path,
+    method: &str,
+    output_fields: &str,
+) -> (std::process::Output, PathBuf) {
     let dataset = dir.join("train.jsonl");
     std::fs::write(&dataset, dataset_jsonl()).expect("dataset");
     let output = dir.join("adapter");
@@ -104,7 +114,7 @@ dataset: {{uri: 'file://{dataset}', validationFraction: 0.25}}
 method: {method}
 training: {{epochs: 12, learningRate: 0.01, batchSize: 2, gradientAccumulationSteps: 1,
            maxSequenceLength: 32, warmupSteps: 2, scheduler: cosine, seed: 5}}
-output: {{uri: 'file://{output}/'}}
+output: {{uri: 'file://{output}/'{output_fields}}}
 resources: {{gpus: 0}}
 ",
         model = model.display(),
@@ -218,6 +228,97 @@ fn agree_on(name: &str, dir: &Path, model_dir: &Path, method: &str) {
         out.status.success(),
         "PEFT disagrees with Graft (Graft's adapter moves the logits by {effect}):\n\
          {stdout}\n{stderr}"
+    );
+}
+
+/// `output.merged`: the base with the adapter merged in, as a standalone model, gives the
+/// base + adapter logits in Graft and, loaded by transformers alone, in transformers.
+#[test]
+fn a_merged_model_gives_base_plus_adapter_logits_in_graft_and_transformers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let method = "{quantization: nf4, lora: {rank: 4, alpha: 8, dropout: 0.0, targetModules: \
+                  [q_proj, v_proj, o_proj, up_proj, down_proj]}}";
+    let (out, adapter_dir) = run_trainer_with(dir.path(), &tiny_model(), method, ", merged: true");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let merged_dir = adapter_dir.join("merged");
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(merged_dir.join(file).is_file(), "merged/{file}");
+    }
+    let adapter = read_adapter(&adapter_dir);
+    let ids = input_ids();
+    let mut with_adapter = dense_model(&tiny_model());
+    with_adapter.apply_adapter(&adapter).expect("fits");
+    let logits = with_adapter.forward(&ids).expect("forward");
+    let merged = dense_model(&merged_dir).forward(&ids).expect("forward");
+    let base = dense_model(&tiny_model()).forward(&ids).expect("forward");
+    let (diff, effect) = (
+        max_abs(&(&merged - &logits).expect("diff")),
+        max_abs(&(&logits - &base).expect("diff")),
+    );
+    assert!(
+        effect > 1e-3,
+        "the adapter moves the logits by only {effect}"
+    );
+    assert!(
+        diff < 1e-4,
+        "merged logits differ from base + adapter by {diff}"
+    );
+
+    let reference = dir.path().join("graft-logits.safetensors");
+    let tensors = HashMap::from([
+        (
+            "input_ids".to_owned(),
+            ids.to_dtype(DType::I64).expect("i64"),
+        ),
+        ("logits".to_owned(), logits),
+    ]);
+    candle_core::safetensors::save(&tensors, &reference).expect("write the reference");
+    let out = Command::new(oracle_python())
+        .arg(repo_root().join("tests/oracle/graft_adapter_in_peft.py"))
+        .arg("--model")
+        .arg(tiny_model())
+        .arg("--adapter")
+        .arg(&adapter_dir)
+        .arg("--reference")
+        .arg(&reference)
+        .arg("--merged")
+        .arg(&merged_dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("merged: {}", stdout.trim());
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A pre-quantized base has no dense weights to merge into: refused before training.
+#[test]
+fn a_merged_model_of_a_prequantized_base_is_refused_before_training() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = tiny_checkpoint(dir.path(), "qwen2-bnb-4bit");
+    let (out, adapter_dir) = run_trainer_with(
+        dir.path(),
+        &model,
+        "{quantization: nf4, lora: {rank: 4, alpha: 8}}",
+        ", merged: true",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("output.merged") && stderr.contains("pre-quantized"),
+        "{stderr}"
+    );
+    assert!(
+        !adapter_dir.join("graft.json").exists(),
+        "nothing published"
     );
 }
 

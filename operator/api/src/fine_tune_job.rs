@@ -413,6 +413,11 @@ pub struct OutputTarget {
     /// `s3://bucket/prefix/` or `file:///path/`; the adapter's files go directly under it.
     #[schemars(length(max = 2048), regex(pattern = OUTPUT_URI_PATTERN))]
     pub uri: String,
+    /// Also write the base model with the adapter merged into it, a standalone Hugging Face
+    /// model (same files, names and dtype as the base), under `<uri>merged/`: for serving
+    /// elsewhere. Needs a safetensors base (not GGUF, not pre-quantized).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub merged: bool,
 }
 
 /// Object-storage endpoint and credentials.
