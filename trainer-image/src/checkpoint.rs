@@ -10,9 +10,20 @@ use serde::{Deserialize, Serialize};
 
 pub const STATE_FILE: &str = "state.json";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const BEST_CONFIG: &str = "best/adapter_config.json";
+const BEST_WEIGHTS: &str = "best/adapter_model.safetensors";
+/// Every file a checkpoint may hold, the state file first (a reader stops without it).
+pub const FILES: [&str; 6] = [
+    STATE_FILE,
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    OPTIMIZER_FILE,
+    BEST_CONFIG,
+    BEST_WEIGHTS,
+];
 
 /// Where the run stands. The data cursor and dropout streams follow from `step` and `seed`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct State {
     pub step: u64,
@@ -21,11 +32,26 @@ pub struct State {
     pub epoch: u32,
     /// First micro-batch (in the epoch's seeded order) the next step reads.
     pub next_micro_batch: usize,
+    /// The evaluation with the lowest loss so far (`training.keepBest`, early stopping).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best: Option<BestEval>,
+    /// Evaluations since the best one (early stopping's count).
+    #[serde(default)]
+    pub evals_since_best: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BestEval {
+    pub step: u64,
+    pub eval_loss: f64,
 }
 
 #[derive(Debug)]
 pub struct Checkpoint {
     pub adapter: Adapter,
+    /// The adapter at [`State::best`], when the run keeps it.
+    pub best_adapter: Option<Adapter>,
     pub optimizer_steps: u64,
     /// `(first, second)` moments, in the optimizer's var order.
     pub moments: Vec<(Tensor, Tensor)>,
@@ -56,12 +82,18 @@ impl Checkpoint {
         let metadata = HashMap::from([("steps".to_owned(), self.optimizer_steps.to_string())]);
         let optimizer = safetensors::serialize(tensors, Some(metadata))
             .map_err(|e| CheckpointError::Optimizer(candle_core::Error::wrap(e)))?;
-        Ok(vec![
+        let mut files = vec![
             ("adapter_config.json", config),
             ("adapter_model.safetensors", weights),
             (OPTIMIZER_FILE, optimizer),
-            (STATE_FILE, serde_json::to_vec_pretty(&self.state)?),
-        ])
+        ];
+        if let Some(best) = &self.best_adapter {
+            let (config, weights) = best.to_bytes()?;
+            files.push((BEST_CONFIG, config));
+            files.push((BEST_WEIGHTS, weights));
+        }
+        files.push((STATE_FILE, serde_json::to_vec_pretty(&self.state)?));
+        Ok(files)
     }
 
     /// Reads what [`Checkpoint::to_files`] wrote; `file(name)` returns a file's bytes.
@@ -75,6 +107,13 @@ impl Checkpoint {
             &read("adapter_model.safetensors")?,
             &Device::Cpu,
         )?;
+        let best_adapter = match (file(BEST_CONFIG), file(BEST_WEIGHTS)) {
+            (Some(config), Some(weights)) if state.best.is_some() => {
+                Some(Adapter::from_bytes(&config, &weights, &Device::Cpu)?)
+            }
+            _ => None,
+        };
+        let mut read = |name| file(name).ok_or(CheckpointError::Missing(name));
         let optimizer = read(OPTIMIZER_FILE)?;
         let steps = safetensors::SafeTensors::read_metadata(&optimizer)
             .ok()
@@ -94,6 +133,7 @@ impl Checkpoint {
             .collect::<Result<_, CheckpointError>>()?;
         Ok(Self {
             adapter,
+            best_adapter,
             optimizer_steps: steps,
             moments,
             state,

@@ -179,11 +179,8 @@ pub fn run(
         .run(&mut progress)
         .map_err(|e| JobError::transient(format!("training: {e}")))?;
 
-    let (adapter_config, weights) = trainer
-        .adapters()
-        .snapshot()?
-        .to_bytes()
-        .map_err(JobError::transient)?;
+    let result = trainer.result()?;
+    let (adapter_config, weights) = result.to_bytes().map_err(JobError::transient)?;
     let artifact = AdapterArtifact {
         uri: spec.output.uri.clone(),
         sha256: format!("{:x}", Sha256::digest(&weights)),
@@ -200,17 +197,12 @@ pub fn run(
             sha256: dataset_digest,
         },
         adapter: artifact.clone(),
-        metrics: Metrics {
-            steps: trainer.plan().total_steps,
-            train_examples,
-            eval_examples,
-            ..progress.metrics()
-        },
+        metrics: metrics(&trainer, &progress, train_examples, eval_examples),
         fine_tune_job: config.status_target.clone(),
     };
     if spec.output.merged {
         // Before graft.json: a reader that finds it finds the merged model whole too.
-        write_merged(&rt, &output, &base, &trainer.adapters().snapshot()?)?;
+        write_merged(&rt, &output, &base, &result)?;
     }
     rt.block_on(publish(&output, adapter_config, weights, &graft_json))?;
     progress.record_adapter(&artifact);
@@ -237,6 +229,27 @@ fn settings(spec: &FineTuneJobSpec, pad_id: u32) -> Settings {
         checkpoint_every: u64::from(t.checkpoint_every_steps),
         eval_every: t.eval_every_steps.map_or(0, u64::from),
         pad_id,
+        group_by_length: t.group_by_length,
+        keep_best: t.keep_best,
+        early_stopping_patience: t.early_stopping_patience.unwrap_or(0),
+    }
+}
+
+/// What graft.json records of the run: the published adapter's evaluation loss is the best
+/// one's when the run keeps it.
+fn metrics(trainer: &Trainer, progress: &Progress<'_>, train: usize, eval: usize) -> Metrics {
+    let best = trainer.best().filter(|_| trainer.settings().keep_best);
+    let run = progress.metrics();
+    Metrics {
+        steps: trainer
+            .stopped_early()
+            .unwrap_or(trainer.plan().total_steps),
+        train_examples: train,
+        eval_examples: eval,
+        eval_loss: best.map(|b| b.eval_loss).or(run.eval_loss),
+        best_step: best.map(|b| b.step),
+        stopped_early_at: trainer.stopped_early(),
+        ..run
     }
 }
 
@@ -432,12 +445,7 @@ async fn newest_checkpoint(output: &Location) -> Result<Option<Checkpoint>, JobE
     for step in steps.into_iter().rev() {
         let dir = checkpoint::directory(step);
         let mut files = Vec::new();
-        for name in [
-            checkpoint::STATE_FILE,
-            "adapter_config.json",
-            "adapter_model.safetensors",
-            "optimizer.safetensors",
-        ] {
+        for name in checkpoint::FILES {
             let bytes = output
                 .get_opt(&format!("{dir}/{name}"))
                 .await

@@ -9,12 +9,12 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Result as TensorResult, Tensor};
 use graft_api::Scheduler;
-use graft_engine::{backend::Dropout, models::Llama, rng::Rng};
+use graft_engine::{adapters::Adapter, backend::Dropout, models::Llama, rng::Rng};
 
 use crate::{
     adapters::Adapters,
     backward::{Batch, accumulate, eval_loss_sum, micro_step},
-    checkpoint::Checkpoint,
+    checkpoint::{BestEval, Checkpoint},
     optim::{AdamW, AdamWParams, clip_grad_norm},
     schedule::learning_rate,
 };
@@ -47,6 +47,12 @@ pub struct Settings {
     pub eval_every: u64,
     /// Id used to pad micro-batches (never learned).
     pub pad_id: u32,
+    /// Batches of examples of similar length (transformers' `group_by_length`).
+    pub group_by_length: bool,
+    /// The adapter of the evaluation with the lowest loss is the one the run ends with.
+    pub keep_best: bool,
+    /// Stop after this many evaluations without a lower loss; 0: never.
+    pub early_stopping_patience: u32,
 }
 
 /// What one optimizer step did.
@@ -118,6 +124,11 @@ pub struct Trainer {
     plan: Plan,
     /// Optimizer steps done.
     step: u64,
+    best: Option<BestEval>,
+    best_adapter: Option<Adapter>,
+    evals_since_best: u32,
+    /// The step after which early stopping ended the run.
+    stopped_early: Option<u64>,
 }
 
 impl Trainer {
@@ -143,11 +154,56 @@ impl Trainer {
             eval,
             plan,
             step: 0,
+            best: None,
+            best_adapter: None,
+            evals_since_best: 0,
+            stopped_early: None,
         })
+    }
+
+    /// The evaluation with the lowest loss so far.
+    pub fn best(&self) -> Option<BestEval> {
+        self.best
+    }
+
+    /// The step after which early stopping ended the run, if it did.
+    pub fn stopped_early(&self) -> Option<u64> {
+        self.stopped_early
+    }
+
+    /// What the run publishes: the best evaluation's adapter with `keep_best`, else the last.
+    pub fn result(&self) -> TensorResult<Adapter> {
+        match (&self.best_adapter, self.settings.keep_best) {
+            (Some(best), true) => Ok(best.clone()),
+            _ => self.adapters.snapshot(),
+        }
+    }
+
+    /// Notes an evaluation's loss: a new best (kept when asked), or one more without; whether
+    /// early stopping ends the run here.
+    fn record_eval(&mut self, eval_loss: f64) -> TensorResult<bool> {
+        if self.best.is_none_or(|b| eval_loss < b.eval_loss) {
+            self.best = Some(BestEval {
+                step: self.step,
+                eval_loss,
+            });
+            self.evals_since_best = 0;
+            if self.settings.keep_best {
+                self.best_adapter = Some(self.adapters.snapshot()?);
+            }
+        } else {
+            self.evals_since_best += 1;
+        }
+        let patience = self.settings.early_stopping_patience;
+        Ok(patience > 0 && self.evals_since_best >= patience)
     }
 
     pub fn plan(&self) -> Plan {
         self.plan
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
     pub fn adapters(&self) -> &Adapters {
@@ -171,6 +227,9 @@ impl Trainer {
         self.optimizer
             .restore(checkpoint.optimizer_steps, checkpoint.moments)?;
         self.step = state.step;
+        self.best = state.best;
+        self.evals_since_best = state.evals_since_best;
+        self.best_adapter = checkpoint.best_adapter;
         Ok(())
     }
 
@@ -190,6 +249,10 @@ impl Trainer {
                 Some(self.eval_loss()?)
             } else {
                 None
+            };
+            let stop = match eval_loss {
+                Some(loss) => self.record_eval(loss)?,
+                None => false,
             };
             let elapsed = started.elapsed().as_secs_f64().max(1e-9);
             #[allow(
@@ -212,6 +275,10 @@ impl Trainer {
                     .round() as u64,
             };
             hooks.step(&report).map_err(TrainError::Hook)?;
+            if stop {
+                self.stopped_early = Some(self.step);
+                break;
+            }
             let every = self.settings.checkpoint_every;
             if every > 0 && self.step.is_multiple_of(every) && self.step < self.plan.total_steps {
                 hooks
@@ -227,6 +294,7 @@ impl Trainer {
         let (optimizer_steps, moments) = self.optimizer.state();
         Ok(Checkpoint {
             adapter: self.adapters.snapshot()?,
+            best_adapter: self.best_adapter.clone(),
             optimizer_steps,
             moments: moments
                 .iter()
@@ -239,6 +307,8 @@ impl Trainer {
                 epoch: u32::try_from(self.step / self.plan.steps_per_epoch.max(1))
                     .unwrap_or(u32::MAX),
                 next_micro_batch: self.micro_batches_of(self.step).start,
+                best: self.best,
+                evals_since_best: self.evals_since_best,
             },
         })
     }
@@ -254,7 +324,10 @@ impl Trainer {
     fn optimizer_step(&mut self) -> TensorResult<(f64, f64, f64, usize)> {
         let s = &self.settings;
         let epoch = self.step / self.plan.steps_per_epoch;
-        let order = shuffled(self.train.len(), s.seed, epoch);
+        let mut order = shuffled(self.train.len(), s.seed, epoch);
+        if s.group_by_length {
+            group_by_length(&mut order, s.batch_size, |i| self.train[i].ids.len());
+        }
         let device = self.model.device().clone();
         let batches: Vec<(usize, Batch)> = self
             .micro_batches_of(self.step)
@@ -311,6 +384,23 @@ impl Trainer {
     }
 }
 
+/// Reorders a shuffled `order` so that batches hold examples of similar length, as
+/// transformers' `LengthGroupedSampler` does: chunks of 50 batches, each sorted longest first,
+/// and the longest example of all swapped to the very front (a run that will run out of
+/// memory does so at its first step).
+fn group_by_length(order: &mut [usize], batch_size: usize, len: impl Fn(usize) -> usize) {
+    let chunk = (batch_size * 50).max(1);
+    for part in order.chunks_mut(chunk) {
+        part.sort_by_key(|&i| std::cmp::Reverse(len(i)));
+    }
+    let longest = (0..order.len())
+        .step_by(chunk)
+        .max_by_key(|&head| (len(order[head]), std::cmp::Reverse(head)));
+    if let Some(head) = longest {
+        order.swap(0, head);
+    }
+}
+
 /// The epoch's order of example indices, from the seed and the epoch alone.
 fn shuffled(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     Rng::seed(seed ^ epoch.wrapping_mul(0xA076_1D64_78BD_642F)).permutation(n)
@@ -362,6 +452,9 @@ mod tests {
             checkpoint_every: 0,
             eval_every: 0,
             pad_id: 0,
+            group_by_length: false,
+            keep_best: false,
+            early_stopping_patience: 0,
         };
         // 10 examples → 3 micro-batches (4, 4, 2) → 2 steps (2 + 1 micro-batches) per epoch.
         assert_eq!(
@@ -372,6 +465,33 @@ mod tests {
                 total_steps: 6
             }
         );
+    }
+
+    #[test]
+    fn length_grouping_sorts_chunks_of_fifty_batches_longest_first() {
+        // 230 examples, batch 2: chunks of 100; lengths from a fixed shuffle.
+        let lengths: Vec<usize> = shuffled(230, 3, 0)
+            .iter()
+            .map(|&i| (i * 37) % 101)
+            .collect();
+        let mut order = shuffled(230, 9, 0);
+        let before = order.clone();
+        group_by_length(&mut order, 2, |i| lengths[i]);
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..230).collect::<Vec<_>>(), "a permutation still");
+        let longest = (0..230).map(|i| lengths[i]).max().unwrap_or(0);
+        assert_eq!(lengths[order[0]], longest, "the longest example first");
+        // Past the head of each chunk (one of which may have been swapped to the front).
+        for part in [&order[1..100], &order[101..200], &order[201..]] {
+            for pair in part.windows(2) {
+                assert!(
+                    lengths[pair[0]] >= lengths[pair[1]],
+                    "each chunk longest first"
+                );
+            }
+        }
+        assert_ne!(order, before);
     }
 
     #[test]

@@ -34,6 +34,9 @@ fn settings(epochs: u32, checkpoint_every: u64) -> Settings {
         checkpoint_every,
         eval_every: 0,
         pad_id: 0,
+        group_by_length: false,
+        keep_best: false,
+        early_stopping_patience: 0,
     }
 }
 
@@ -198,6 +201,107 @@ fn the_loss_falls_and_the_mapping_is_answered_greedily() {
             .expect("argmax");
         assert_eq!(next, example.ids[3], "answer to {:?}", &example.ids[..3]);
     }
+}
+
+/// Held-out examples whose answers contradict the training mapping: the evaluation loss
+/// falls while the model learns the format, then rises as it learns the training answers.
+fn contradicting(n: u32) -> Vec<graft_trainer::train::Example> {
+    mapping(n)
+        .into_iter()
+        .map(|mut e| {
+            e.ids[3] = (e.ids[3] + 41) % 90 + 3;
+            e
+        })
+        .collect()
+}
+
+/// `keepBest` publishes the adapter of the lowest evaluation loss, and early stopping ends the
+/// run once `patience` evaluations in a row have not lowered it.
+#[test]
+fn the_best_evaluation_is_kept_and_early_stopping_stops() {
+    let run = |keep_best: bool, patience: u32| {
+        let mut model = tiny_llama(Precision::Dense);
+        let adapters = attach(&mut model, 1);
+        let mut s = settings(30, 0);
+        s.learning_rate = 3e-2;
+        s.accumulation = 1;
+        s.dropout = 0.0;
+        s.eval_every = 1;
+        s.keep_best = keep_best;
+        s.early_stopping_patience = patience;
+        let mut trainer =
+            Trainer::new(model, adapters, s, mapping(8), contradicting(8)).expect("trainer");
+        let mut recorder = Recorder::default();
+        trainer.run(&mut recorder).expect("training");
+        (trainer, recorder.reports)
+    };
+    let (trainer, reports) = run(true, 0);
+    let evals: Vec<(u64, f64)> = reports
+        .iter()
+        .filter_map(|r| Some((r.step, r.eval_loss?)))
+        .collect();
+    let &(best_step, best_loss) = evals
+        .iter()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .expect("evaluations");
+    let last = evals.last().expect("evaluations");
+    assert!(
+        last.1 > best_loss * 1.05,
+        "the test needs the eval loss to rise: {evals:?}"
+    );
+    let best = trainer.best().expect("a best evaluation");
+    assert_eq!((best.step, best.eval_loss), (best_step, best_loss));
+    let (kept, last_adapter) = (
+        trainer.result().expect("result"),
+        trainer.adapters().snapshot().expect("snapshot"),
+    );
+    let differs = kept.weights.iter().any(|(key, lora)| {
+        let other = &last_adapter.weights[key].b;
+        (&lora.b - other)
+            .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+            .expect("diff")
+            > 1e-6
+    });
+    assert!(
+        differs,
+        "the kept adapter is the best step's, not the last's"
+    );
+    // A checkpoint carries the best evaluation and its adapter to a resumed run.
+    let files = trainer
+        .checkpoint()
+        .expect("checkpoint")
+        .to_files()
+        .expect("files");
+    let read = Checkpoint::from_files(|name| {
+        files
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, b)| b.clone())
+    })
+    .expect("reads back");
+    assert_eq!(read.state.best, Some(best));
+    let saved = read.best_adapter.expect("the best adapter");
+    for (key, lora) in &kept.weights {
+        let diff = (&lora.b - &saved.weights[key].b)
+            .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+            .expect("diff");
+        assert!(diff < f32::EPSILON, "{key:?} differs by {diff}");
+    }
+
+    let (stopped, reports) = run(false, 2);
+    let at = stopped.stopped_early().expect("stopped early");
+    assert_eq!(reports.last().expect("steps").step, at);
+    assert!(at < stopped.plan().total_steps);
+    let evals: Vec<f64> = reports.iter().filter_map(|r| r.eval_loss).collect();
+    let best = evals.iter().copied().fold(f64::INFINITY, f64::min);
+    assert!(
+        evals[evals.len() - 2..].iter().all(|&l| l > best),
+        "the last two evaluations did not improve: {evals:?}"
+    );
+    assert!(
+        evals[..evals.len() - 2].iter().any(|&l| l <= best),
+        "the best came before them"
+    );
 }
 
 /// `training.weightDecay` reaches AdamW: the same run with decay ends with smaller adapter

@@ -36,6 +36,12 @@ pub struct Metrics {
     pub final_loss: Option<f64>,
     pub eval_loss: Option<f64>,
     pub tokens_per_second: Option<f64>,
+    /// The step whose adapter was published (`training.keepBest`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_step: Option<u64>,
+    /// The step after which early stopping ended the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_early_at: Option<u64>,
 }
 
 /// The FineTuneJob a trainer reports to.

@@ -20,6 +20,12 @@ const QUANTITY_RULE: &str =
 /// A domain-prefixed extended resource name (`vendor.example/resource`).
 const EXTENDED_RESOURCE_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)+/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$";
 
+/// Keeping the best adapter and stopping early both read evaluation losses.
+const NEEDS_VALIDATION_SPLIT: &str = "!has(self.spec.training) || \
+     ((!has(self.spec.training.keepBest) || !self.spec.training.keepBest) \
+     && !has(self.spec.training.earlyStoppingPatience)) || \
+     !has(self.spec.dataset.validationFraction) || self.spec.dataset.validationFraction > 0.0";
+
 /// Once the operator has started a job (`status.startTime` is set) its spec is frozen: a changed
 /// model, dataset, method, training or output would silently describe a run that never happened.
 /// `suspend`, `resources` and `image` stay mutable so Kueue-style admission and re-scheduling work.
@@ -48,6 +54,9 @@ const IMMUTABLE_AFTER_START: &str = "!has(oldSelf.status) || !has(oldSelf.status
         .message("spec.baseModel, spec.dataset, spec.method, spec.training and spec.output are immutable once the job has started")
         .field_path(".spec")
         .reason(Reason::FieldValueForbidden),
+    validation = Rule::new(NEEDS_VALIDATION_SPLIT)
+        .message("spec.training.keepBest and spec.training.earlyStoppingPatience need evaluations: set spec.dataset.validationFraction above 0")
+        .reason(Reason::FieldValueInvalid),
     // The name becomes the Job's name and a label value, both at most 63 characters.
     validation = Rule::new("self.metadata.name.size() <= 63")
         .message("metadata.name is at most 63 characters: it names the training Job and labels its pods")
@@ -343,6 +352,19 @@ pub struct Training {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1_000_000))]
     pub eval_every_steps: Option<u32>,
+    /// Batch examples of similar length together (transformers' `group_by_length`): less
+    /// padding, so fewer wasted tokens, on datasets of mixed lengths.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub group_by_length: bool,
+    /// Publish the adapter of the evaluation with the lowest loss rather than the last step's
+    /// (transformers' `load_best_model_at_end`). Needs a validation split.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_best: bool,
+    /// Stop once this many evaluations in a row have not lowered the evaluation loss
+    /// (transformers' `EarlyStoppingCallback`). Unset: never. Needs a validation split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub early_stopping_patience: Option<u32>,
 }
 
 impl Default for Training {
@@ -361,6 +383,9 @@ impl Default for Training {
             weight_decay: 0.0,
             gradient_checkpointing: default_true(),
             eval_every_steps: None,
+            group_by_length: false,
+            keep_best: false,
+            early_stopping_patience: None,
         }
     }
 }

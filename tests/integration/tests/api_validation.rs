@@ -173,6 +173,43 @@ async fn rank_and_alpha_patterns_are_bounded_like_rank_and_alpha() {
 }
 
 #[tokio::test]
+async fn keeping_the_best_and_stopping_early_need_a_validation_split() {
+    let (client, ns) = setup("ftj-best").await;
+    let api = dynamic_api::<FineTuneJob>(&client, &ns);
+    for (name, field, value) in [
+        ("best-no-split", "keepBest", json!(true)),
+        ("early-no-split", "earlyStoppingPatience", json!(3)),
+    ] {
+        let mut job = valid_job(name);
+        job["spec"]["training"][field] = value.clone();
+        job["spec"]["dataset"]["validationFraction"] = json!(0);
+        let message = rejected(&api, job).await;
+        assert_names(
+            &message,
+            &["keepBest", "earlyStoppingPatience", "validationFraction"],
+        );
+
+        let mut job = valid_job(&format!("{name}-ok"));
+        job["spec"]["training"][field] = value;
+        job["spec"]["dataset"]["validationFraction"] = json!(0.1);
+        let object: DynamicObject = serde_json::from_value(job).expect("manifest");
+        api.create(&PostParams::default(), &object)
+            .await
+            .expect("with a validation split it is accepted");
+    }
+    let mut job = valid_job("early-zero");
+    job["spec"]["training"]["earlyStoppingPatience"] = json!(0);
+    let message = rejected(&api, job).await;
+    assert_names(
+        &message,
+        &[
+            "spec.training.earlyStoppingPatience",
+            "greater than or equal to 1",
+        ],
+    );
+}
+
+#[tokio::test]
 async fn weight_decay_is_between_0_and_1() {
     let (client, ns) = setup("ftj-decay").await;
     let api = dynamic_api::<FineTuneJob>(&client, &ns);
