@@ -35,6 +35,13 @@ impl Rng {
         low + (high - low) * self.next_f32()
     }
 
+    /// Normal with mean 0 and standard deviation `std` (Box–Muller; two uniforms per draw).
+    pub fn normal(&mut self, std: f32) -> f32 {
+        // 1 − u keeps the logarithm's argument in (0, 1].
+        let (u, v) = (1.0 - self.next_f32(), self.next_f32());
+        std * (-2.0 * u.ln()).sqrt() * (2.0 * std::f32::consts::PI * v).cos()
+    }
+
     /// `0..n` in a Fisher–Yates shuffled order.
     pub fn permutation(&mut self, n: usize) -> Vec<usize> {
         let mut order: Vec<usize> = (0..n).collect();
@@ -66,6 +73,16 @@ mod tests {
         assert_eq!(sorted, (0..100).collect::<Vec<_>>());
         assert_eq!(order, Rng::seed(3).permutation(100));
         assert_ne!(order, Rng::seed(4).permutation(100));
+    }
+
+    #[test]
+    fn normal_values_have_the_asked_spread() {
+        let mut rng = Rng::seed(5);
+        let values: Vec<f32> = (0..20_000).map(|_| rng.normal(0.25)).collect();
+        let mean = values.iter().sum::<f32>() / 20_000.0;
+        let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / 20_000.0;
+        assert!(mean.abs() < 0.01, "mean {mean}");
+        assert!((var.sqrt() - 0.25).abs() < 0.01, "std {}", var.sqrt());
     }
 
     #[test]

@@ -50,7 +50,7 @@ impl Adapters {
             for &site in model.sites().iter().filter(|s| sites.contains(s)) {
                 let shape = model.site_shape(site).unwrap_or_default();
                 let (rank, scale) = config.pair(layer, site);
-                let lora = Lora::init(rank, shape, scale, &mut rng, &device)?;
+                let lora = Lora::init_with(config.init(), rank, shape, scale, &mut rng, &device)?;
                 pairs.push(Pair {
                     layer,
                     site,

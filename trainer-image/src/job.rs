@@ -9,8 +9,8 @@ use std::{io::IsTerminal, path::Path};
 
 use candle_core::Device;
 use graft_api::{
-    AdapterArtifact, Digested, FineTuneJobSpec, GraftJson, Metrics, Quantization, StatusTarget,
-    TrainerResult,
+    AdapterArtifact, Digested, FineTuneJobSpec, GraftJson, LoraInit, Metrics, Quantization,
+    StatusTarget, TrainerResult,
 };
 use graft_engine::{
     adapters::{AdapterConfig, Patterns, Site},
@@ -393,6 +393,15 @@ fn load_model(
                 .map(|(key, &alpha)| (key.clone(), alpha))
                 .collect(),
         ),
+        init_lora_weights: match lora.init {
+            LoraInit::Kaiming => serde_json::Value::Bool(true),
+            LoraInit::Gaussian => serde_json::Value::from("gaussian"),
+            LoraInit::Loftq => {
+                return Err(JobError::bad(
+                    "method.lora.init: loftq is not supported (it replaces the base weights)",
+                ));
+            }
+        },
         ..AdapterConfig::new(rank, lora.alpha, lora.dropout, lora.use_rslora, &sites)
     };
     adapter_config

@@ -28,7 +28,41 @@ pub struct Lora {
     pub scale: f64,
 }
 
+/// How a fresh pair's `A` is drawn (PEFT's `init_lora_weights`); `B` starts at zero either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Init {
+    /// `true`: `kaiming_uniform_(a=√5)`, uniform in `±1/√in`.
+    #[default]
+    Kaiming,
+    /// `"gaussian"`: normal with standard deviation `1/rank`.
+    Gaussian,
+}
+
 impl Lora {
+    /// A fresh pair initialised as `init` says.
+    pub fn init_with(
+        init: Init,
+        rank: usize,
+        (out, input): (usize, usize),
+        scale: f64,
+        rng: &mut Rng,
+        device: &Device,
+    ) -> Result<Self> {
+        match init {
+            Init::Kaiming => Self::init(rank, (out, input), scale, rng, device),
+            Init::Gaussian => {
+                #[allow(clippy::cast_precision_loss)]
+                let std = 1.0 / rank as f32;
+                let a: Vec<f32> = (0..rank * input).map(|_| rng.normal(std)).collect();
+                Ok(Self {
+                    a: Tensor::from_vec(a, (rank, input), device)?,
+                    b: Tensor::zeros((out, rank), DType::F32, device)?,
+                    scale,
+                })
+            }
+        }
+    }
+
     /// A fresh adapter as PEFT initialises one: `A` from `kaiming_uniform_(a=√5)`, i.e.
     /// uniform in `±1/√in`, and `B` zero, so the adapted layer starts equal to the base.
     pub fn init(
@@ -79,6 +113,33 @@ impl Lora {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// PEFT's two plain inits: kaiming draws A uniform in ±1/√in (std 1/√(3·in)), gaussian
+    /// normal with std 1/r; B starts at zero in both.
+    #[test]
+    fn kaiming_and_gaussian_draw_a_with_pefts_spread() -> Result<()> {
+        let std = |lora: &Lora| -> Result<f32> {
+            let a = lora.a.flatten_all()?.to_vec1::<f32>()?;
+            #[allow(clippy::cast_precision_loss)]
+            let n = a.len() as f32;
+            Ok((a.iter().map(|v| v * v).sum::<f32>() / n).sqrt())
+        };
+        let mut rng = Rng::seed(1);
+        let (rank, input) = (8, 256);
+        for (init, expected) in [
+            (Init::Kaiming, 1.0 / (3.0 * 256f32).sqrt()),
+            (Init::Gaussian, 1.0 / 8.0),
+        ] {
+            let lora = Lora::init_with(init, rank, (32, input), 2.0, &mut rng, &Device::Cpu)?;
+            let spread = std(&lora)?;
+            assert!(
+                (spread / expected - 1.0).abs() < 0.05,
+                "{init:?}: std {spread}, PEFT's {expected}"
+            );
+            assert!(lora.b.abs()?.max_all()?.to_scalar::<f32>()? < f32::MIN_POSITIVE);
+        }
+        Ok(())
+    }
 
     #[test]
     fn scaling_is_alpha_over_rank_or_over_its_root() {

@@ -8,7 +8,7 @@ mod peft;
 mod site;
 
 pub use batch::{SegmentLora, ServingAdapter, ServingLora, per_segment_delta};
-pub use lora::{Lora, scaling};
+pub use lora::{Init, Lora, scaling};
 pub use patterns::Patterns;
 pub use peft::{Adapter, AdapterConfig, PeftError, TargetModules};
 pub use site::Site;

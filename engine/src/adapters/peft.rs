@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::{Lora, Patterns, Site, scaling};
+use super::{Init, Lora, Patterns, Site, scaling};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PeftError {
@@ -219,6 +219,15 @@ impl AdapterConfig {
             .copied()
             .unwrap_or(self.lora_alpha);
         (rank, scaling(alpha, rank, self.use_rslora))
+    }
+
+    /// How a fresh pair's `A` is drawn for this config's `init_lora_weights`.
+    pub fn init(&self) -> Init {
+        if self.init_lora_weights.as_str() == Some("gaussian") {
+            Init::Gaussian
+        } else {
+            Init::Kaiming
+        }
     }
 
     /// The largest rank of any pair.

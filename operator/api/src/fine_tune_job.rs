@@ -214,6 +214,17 @@ pub struct LoraConfig {
     #[serde(default = "default_target_modules")]
     #[schemars(length(min = 1, max = 7), extend("x-kubernetes-list-type" = "set"))]
     pub target_modules: Vec<TargetModule>,
+    /// How A starts (PEFT's `init_lora_weights`; B starts at zero): `kaiming` (PEFT's default,
+    /// uniform in ±1/√in) or `gaussian` (normal, standard deviation 1/r). `loftq` is refused:
+    /// it replaces the base weights with a re-quantized copy, and Graft trains on the base as
+    /// given.
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self != 'loftq'",
+        "message": "init: loftq is not supported: it replaces the base weights with a re-quantized copy; use kaiming or gaussian (with quantization: nf4 for QLoRA)",
+        "reason": "FieldValueForbidden",
+    }]))]
+    pub init: LoraInit,
     /// Per-module ranks, as PEFT's `rank_pattern`: each key is a regular expression matched
     /// against the end of a module's full name at a dot (`q_proj`, `layers\.[0-3]\..*_proj`,
     /// against `model.layers.0.self_attn.q_proj`); a module no key matches gets `rank`. Keys
@@ -244,8 +255,20 @@ impl Default for LoraConfig {
             target_modules: default_target_modules(),
             rank_pattern: BTreeMap::new(),
             alpha_pattern: BTreeMap::new(),
+            init: LoraInit::default(),
         }
     }
+}
+
+/// PEFT's `init_lora_weights` values Graft knows.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LoraInit {
+    #[default]
+    Kaiming,
+    Gaussian,
+    /// Refused by the schema's rule, with its reason.
+    Loftq,
 }
 
 fn default_rank() -> u32 {

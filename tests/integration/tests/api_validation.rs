@@ -158,6 +158,11 @@ async fn rank_and_alpha_patterns_are_bounded_like_rank_and_alpha() {
     let message = rejected(&api, job).await;
     assert_names(&message, &["alphaPattern.v_proj", "greater than 0"]);
 
+    let mut job = valid_job("init-loftq");
+    job["spec"]["method"]["lora"]["init"] = json!("loftq");
+    let message = rejected(&api, job).await;
+    assert_names(&message, &["init: loftq is not supported", "re-quantized"]);
+
     let mut job = valid_job("patterns-fit");
     job["spec"]["method"]["lora"]["rankPattern"] = json!({"q_proj": 8, "layers\\.1\\..*": 2});
     job["spec"]["method"]["lora"]["alphaPattern"] = json!({"v_proj": 4.5});
