@@ -5,9 +5,9 @@
 mod common;
 
 use candle_core::{DType, Device, IndexOp, Result, Tensor, Var};
-use common::{FAMILIES, max_abs_diff, model, model_on, reference, tiny};
+use common::{FAMILIES, max_abs_diff, model, model_on, peft_adapter, reference, tiny};
 use graft_engine::{
-    adapters::{Adapter, Lora, ServingAdapter},
+    adapters::{Lora, ServingAdapter},
     backend::{Backend, KvCache, cpu::Cpu, cuda::Cuda},
     models::{Llama, Precision, Segment},
     rng::Rng,
@@ -94,12 +94,7 @@ fn same_gradients(name: &str) -> Result<()> {
 #[test]
 fn the_device_backend_decodes_a_mixed_batch_as_the_cpu_backend_does() {
     let dir = tiny("llama-peft");
-    let adapter = Adapter::from_bytes(
-        &std::fs::read(dir.join("adapter_config.json")).expect("config"),
-        &std::fs::read(dir.join("adapter_model.safetensors")).expect("weights"),
-        &Device::Cpu,
-    )
-    .expect("PEFT's adapter");
+    let adapter = peft_adapter("llama-peft");
     let serving = ServingAdapter::new(&adapter).expect("serving layout");
     let (ids, _) = reference(&dir);
     let row: Vec<u32> = ids.i(0).and_then(|r| r.to_vec1()).expect("ids");

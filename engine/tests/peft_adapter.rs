@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeSet;
 
 use candle_core::Device;
-use common::{max_abs_diff, model, reference, tiny};
+use common::{max_abs_diff, model, peft_adapter, reference, tiny};
 use graft_engine::{
     adapters::{Adapter, Site},
     models::Precision,
@@ -54,12 +54,7 @@ fn a_peft_adapter_gives_pefts_logits_within_1e_4() {
 #[test]
 fn an_adapter_with_rank_and_alpha_patterns_gives_pefts_logits() {
     let dir = tiny("llama-peft-patterns");
-    let adapter = Adapter::from_bytes(
-        &std::fs::read(dir.join("adapter_config.json")).expect("config"),
-        &std::fs::read(dir.join("adapter_model.safetensors")).expect("weights"),
-        &Device::Cpu,
-    )
-    .expect("PEFT's adapter loads");
+    let adapter = peft_adapter("llama-peft-patterns");
     let rank = |layer, site| adapter.weights[&(layer, site)].rank().expect("rank");
     assert_eq!(rank(0, Site::QProj), 8);
     assert_eq!(rank(1, Site::QProj), 8);

@@ -5,7 +5,8 @@ mod common;
 
 use candle_core::{Device, IndexOp, Tensor};
 use common::{
-    FAMILIES, STEPWISE_PREFILL, max_abs_diff, model, reference, stepwise_reference, tiny,
+    FAMILIES, STEPWISE_PREFILL, max_abs_diff, model, peft_adapter, reference, stepwise_reference,
+    tiny,
 };
 use graft_engine::{
     adapters::{Adapter, ServingAdapter},
@@ -22,13 +23,6 @@ const WITH_PEFT: [(&str, &str); 6] = [
     ("gemma2", "gemma2-peft"),
     ("phi3", "phi3-peft"),
 ];
-
-fn peft_adapter(name: &str) -> Adapter {
-    let dir = tiny(name);
-    let config = std::fs::read(dir.join("adapter_config.json")).expect("config");
-    let weights = std::fs::read(dir.join("adapter_model.safetensors")).expect("weights");
-    Adapter::from_bytes(&config, &weights, &Device::Cpu).expect("PEFT's adapter loads")
-}
 
 /// The same adapter with every B doubled: a second, different adapter of the same shape.
 fn doubled(adapter: &Adapter) -> Adapter {

@@ -242,7 +242,7 @@ mod tests {
                 batch,
                 seq,
                 rank: 16,
-                sites: Site::ALL.to_vec(),
+                sites: config.sites().to_vec(),
                 precision: Precision::Nf4,
                 compute_bytes: 2,
                 dropout: true,

@@ -48,40 +48,36 @@ impl Lora {
         rng: &mut Rng,
         device: &Device,
     ) -> Result<Self> {
-        match init {
-            Init::Kaiming => Self::init(rank, (out, input), scale, rng, device),
-            Init::Gaussian => {
-                #[allow(clippy::cast_precision_loss)]
-                let std = 1.0 / rank as f32;
-                let a: Vec<f32> = (0..rank * input).map(|_| rng.normal(std)).collect();
-                Ok(Self {
-                    a: Tensor::from_vec(a, (rank, input), device)?,
-                    b: Tensor::zeros((out, rank), DType::F32, device)?,
-                    scale,
-                })
+        #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation)]
+        let a: Vec<f32> = match init {
+            Init::Kaiming => {
+                let bound = (1.0 / (input as f64).sqrt()) as f32;
+                (0..rank * input)
+                    .map(|_| rng.uniform(-bound, bound))
+                    .collect()
             }
-        }
+            Init::Gaussian => {
+                let std = 1.0 / rank as f32;
+                (0..rank * input).map(|_| rng.normal(std)).collect()
+            }
+        };
+        Ok(Self {
+            a: Tensor::from_vec(a, (rank, input), device)?,
+            b: Tensor::zeros((out, rank), DType::F32, device)?,
+            scale,
+        })
     }
 
     /// A fresh adapter as PEFT initialises one: `A` from `kaiming_uniform_(a=√5)`, i.e.
     /// uniform in `±1/√in`, and `B` zero, so the adapted layer starts equal to the base.
     pub fn init(
         rank: usize,
-        (out, input): (usize, usize),
+        shape: (usize, usize),
         scale: f64,
         rng: &mut Rng,
         device: &Device,
     ) -> Result<Self> {
-        #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation)]
-        let bound = (1.0 / (input as f64).sqrt()) as f32;
-        let a: Vec<f32> = (0..rank * input)
-            .map(|_| rng.uniform(-bound, bound))
-            .collect();
-        Ok(Self {
-            a: Tensor::from_vec(a, (rank, input), device)?,
-            b: Tensor::zeros((out, rank), DType::F32, device)?,
-            scale,
-        })
+        Self::init_with(Init::Kaiming, rank, shape, scale, rng, device)
     }
 
     pub fn rank(&self) -> Result<usize> {

@@ -18,18 +18,8 @@ pub enum Site {
 }
 
 impl Site {
-    /// Every site any architecture has.
-    pub const ALL: [Self; 9] = [
-        Self::QProj,
-        Self::KProj,
-        Self::VProj,
-        Self::OProj,
-        Self::GateProj,
-        Self::UpProj,
-        Self::DownProj,
-        Self::QkvProj,
-        Self::GateUpProj,
-    ];
+    /// How many sites there are, any architecture's: `site as usize` is below it.
+    pub const COUNT: usize = Self::GateUpProj as usize + 1;
 
     /// A decoder layer's projections where each is its own linear (Llama, Qwen, Gemma).
     pub const SEPARATE: [Self; 7] = [
@@ -79,6 +69,9 @@ impl Site {
     }
 
     pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|s| s.name() == name)
+        Self::SEPARATE
+            .into_iter()
+            .chain(Self::FUSED)
+            .find(|s| s.name() == name)
     }
 }

@@ -700,7 +700,7 @@ fn load_block(vb: &VarBuilder<'_>, config: &Config, precision: Precision) -> Res
             None
         },
         projections: {
-            let mut projections = vec![None; Site::ALL.len()];
+            let mut projections = vec![None; Site::COUNT];
             for &site in config.sites() {
                 let biased = bias && matches!(site, Site::QProj | Site::KProj | Site::VProj);
                 projections[site as usize] = Some(projection(site, biased)?);

@@ -54,6 +54,16 @@ pub fn reference(dir: &Path) -> (Tensor, Tensor) {
     (ids, tensors["logits"].clone())
 }
 
+/// The PEFT adapter in `engine/tests/data/tiny/<name>` (`llama-peft`, …), as the server reads
+/// one.
+pub fn peft_adapter(name: &str) -> graft_engine::adapters::Adapter {
+    let dir = tiny(name);
+    let config = std::fs::read(dir.join("adapter_config.json")).expect("config");
+    let weights = std::fs::read(dir.join("adapter_model.safetensors")).expect("weights");
+    graft_engine::adapters::Adapter::from_bytes(&config, &weights, &Device::Cpu)
+        .expect("PEFT's adapter loads")
+}
+
 /// For the families whose rotation depends on the sequence's length (`phi3`'s LongRoPE,
 /// `llama-dynamic`): transformers' logits for row 0 of the reference fed as a prompt of
 /// [`STEPWISE_PREFILL`] tokens and then one token at a time with a cache, `[seq, vocab]`.
