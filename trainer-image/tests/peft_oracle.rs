@@ -14,7 +14,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use graft_engine::{
     adapters::{Adapter, Site},
     models::{Config, Llama, Precision, load_weights},
@@ -320,6 +320,89 @@ fn a_merged_model_of_a_prequantized_base_is_refused_before_training() {
         !adapter_dir.join("graft.json").exists(),
         "nothing published"
     );
+}
+
+/// One step's gradients: Graft's backward pass through PEFT-made adapters (per-module ranks and
+/// alphas on Llama; Phi-3's fused projections and partial rotary) gives PEFT's gradients for
+/// every lora_A and lora_B, within 1e-4 of each tensor's largest entry.
+#[test]
+fn one_steps_gradients_equal_pefts() {
+    for (model_name, adapter_name) in [("llama", "llama-peft-patterns"), ("phi3", "phi3-peft")] {
+        let data = repo_root().join("engine/tests/data/tiny");
+        let (model_dir, adapter_dir) = (data.join(model_name), data.join(adapter_name));
+        let adapter = read_adapter(&adapter_dir);
+        let mut model = dense_model(&model_dir);
+        let mut vars = Vec::new();
+        for (&(layer, site), lora) in &adapter.weights {
+            let (a, b) = (
+                Var::from_tensor(&lora.a).expect("var"),
+                Var::from_tensor(&lora.b).expect("var"),
+            );
+            let pair = graft_engine::adapters::Lora {
+                a: a.as_tensor().clone(),
+                b: b.as_tensor().clone(),
+                scale: lora.scale,
+            };
+            model.set_lora(layer, site, Some(pair));
+            vars.push((layer, site, a, b));
+        }
+        let ids = Tensor::new(
+            &[
+                [5u32, 17, 40, 3, 77, 21, 9, 60],
+                [8, 8, 30, 2, 91, 44, 12, 6],
+            ],
+            &Device::Cpu,
+        )
+        .expect("ids");
+        let logits = model.forward(&ids).expect("forward");
+        let (batch, seq, vocab) = logits.dims3().expect("dims");
+        let predicted = logits
+            .narrow(1, 0, seq - 1)
+            .and_then(|l| l.reshape((batch * (seq - 1), vocab)));
+        let targets = ids.narrow(1, 1, seq - 1).and_then(|t| t.flatten_all());
+        let loss =
+            candle_nn::loss::cross_entropy(&predicted.expect("logits"), &targets.expect("targets"))
+                .expect("loss");
+        let grads = loss.backward().expect("backward");
+        let mut tensors = HashMap::from([
+            (
+                "input_ids".to_owned(),
+                ids.to_dtype(DType::I64).expect("i64"),
+            ),
+            ("loss".to_owned(), loss.reshape(1).expect("loss")),
+        ]);
+        for (layer, site, a, b) in &vars {
+            for (half, var) in [("A", a), ("B", b)] {
+                let key = format!(
+                    "base_model.model.model.layers.{layer}.{}.lora_{half}.weight",
+                    site.path()
+                );
+                let grad = grads.get(var.as_tensor()).expect("a gradient").clone();
+                tensors.insert(key, grad);
+            }
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reference = dir.path().join("graft-gradients.safetensors");
+        candle_core::safetensors::save(&tensors, &reference).expect("write");
+        let out = Command::new(oracle_python())
+            .arg(repo_root().join("tests/oracle/peft_gradients.py"))
+            .arg("--model")
+            .arg(&model_dir)
+            .arg("--adapter")
+            .arg(&adapter_dir)
+            .arg("--reference")
+            .arg(&reference)
+            .stdin(Stdio::null())
+            .output()
+            .expect("python runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        eprintln!("{adapter_name}: {}", stdout.trim());
+        assert!(
+            out.status.success(),
+            "{adapter_name}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 #[test]
