@@ -173,6 +173,7 @@ pub fn run(
     trainer
         .run(&mut progress)
         .map_err(|e| JobError::transient(format!("training: {e}")))?;
+    progress.write_events();
 
     let (adapter_config, weights) = trainer
         .adapters()
