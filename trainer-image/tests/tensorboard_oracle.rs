@@ -15,26 +15,9 @@ use std::{
 use graft_testenv::{oracle_python, repo_root};
 use serde_json::Value;
 
-const TRAINER: &str = env!("CARGO_BIN_EXE_graft-trainer");
+mod common;
 
-/// Questions naming a colour answered by a fixed animal, as in `peft_oracle.rs`.
-fn dataset_jsonl() -> String {
-    let colours = [
-        "red", "blue", "green", "gold", "pink", "grey", "teal", "plum",
-    ];
-    let animals = ["fox", "owl", "cat", "yak", "emu", "eel", "ant", "bee"];
-    colours
-        .iter()
-        .zip(animals)
-        .map(|(c, a)| {
-            let record = serde_json::json!({
-                "prompt": format!("Which animal is {c}?"),
-                "completion": format!(" The {a}."),
-            });
-            record.to_string() + "\n"
-        })
-        .collect()
-}
+const TRAINER: &str = env!("CARGO_BIN_EXE_graft-trainer");
 
 /// Runs the job of `config` as a pod named `host`; its JSON step lines.
 fn train(dir: &Path, config: &Path, host: &str) -> Vec<Value> {
@@ -66,7 +49,7 @@ fn tensorboard_reads_the_printed_curves_across_a_resumed_attempt() {
     let dir = tempfile::tempdir().expect("temp dir");
     let dir = dir.path();
     let dataset = dir.join("train.jsonl");
-    std::fs::write(&dataset, dataset_jsonl()).expect("dataset");
+    std::fs::write(&dataset, common::colour_questions_jsonl()).expect("dataset");
     let output = dir.join("adapter");
     // 8 records, a quarter held out: 6 to train on, 3 steps an epoch, 36 steps.
     let config = dir.join("config.yaml");
@@ -80,7 +63,7 @@ training: {{epochs: 12, learningRate: 0.01, batchSize: 2, maxSequenceLength: 32,
 output: {{uri: 'file://{output}/'}}
 resources: {{gpus: 0}}
 ",
-        model = repo_root().join("engine/tests/data/tiny/made").display(),
+        model = common::tiny("made").display(),
         dataset = dataset.display(),
         output = output.display(),
     );
