@@ -178,6 +178,7 @@ pub fn run(
     trainer
         .run(&mut progress)
         .map_err(|e| JobError::transient(format!("training: {e}")))?;
+    progress.write_events();
 
     let result = trainer.result()?;
     let (adapter_config, weights) = result.to_bytes().map_err(JobError::transient)?;

@@ -11,5 +11,6 @@ pub mod memory;
 pub mod optim;
 pub mod progress;
 pub mod schedule;
+pub mod tensorboard;
 pub mod tiny;
 pub mod train;

@@ -1,9 +1,9 @@
 //! Where training progress goes: a JSON line per step on stdout (a progress bar instead when
 //! stdout is a terminal), the FineTuneJob's `status.progress` through server-side apply with
-//! the trainer's own field manager (with a short loss history, see `history`), and checkpoints
-//! to the output store.
+//! the trainer's own field manager (with a short loss history, see `history`), checkpoints
+//! to the output store, and TensorBoard event files beside them (see `tensorboard`).
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use graft_api::{AdapterArtifact, FineTuneJob, Metrics, StatusTarget};
 use graft_engine::storage::Location;
@@ -18,6 +18,7 @@ use crate::{
     checkpoint::Checkpoint,
     history::LossHistory,
     job::save_checkpoint,
+    tensorboard::{self, EventLog},
     train::{HookError, Hooks, StepReport},
 };
 
@@ -35,6 +36,9 @@ pub struct Progress<'rt> {
     last: Option<StepReport>,
     eval_loss: Option<f64>,
     history: LossHistory,
+    /// Where the event files go: `<output>/runs/`.
+    runs: Location,
+    events: EventLog,
 }
 
 struct Status {
@@ -66,9 +70,24 @@ impl<'rt> Progress<'rt> {
         target: Option<StatusTarget>,
         terminal: bool,
     ) -> Self {
+        let runs = Location {
+            store: output.store.clone(),
+            prefix: output.child(tensorboard::DIRECTORY),
+        };
+        // An earlier attempt's files, so this attempt's sorts after them.
+        let existing = match rt.block_on(runs.list_all()) {
+            Ok(files) => files.into_iter().map(|(name, _)| name).collect(),
+            Err(e) => {
+                eprintln!("graft-trainer: listing the earlier TensorBoard event files: {e}");
+                Vec::new()
+            }
+        };
+        let events = EventLog::new(&tensorboard::hostname(), unix_now(), &existing);
         Self {
             rt,
             output,
+            runs,
+            events,
             status: target.map(|target| Status {
                 target,
                 client: None,
@@ -192,10 +211,37 @@ impl<'rt> Progress<'rt> {
         })
     }
 
+    /// Writes the TensorBoard events recorded since the last write. They are informative: a
+    /// failed write never stops training, and the next one writes them again.
+    pub fn write_events(&mut self) {
+        let Some((name, bytes)) = self.events.unwritten() else {
+            return;
+        };
+        match self.rt.block_on(self.runs.put(&name, bytes.to_vec())) {
+            Ok(()) => self.events.written(unix_now()),
+            Err(e) => eprintln!("graft-trainer: writing the TensorBoard events {name}: {e}"),
+        }
+    }
+
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish();
         }
+    }
+
+    /// The step's scalars under the tags transformers' `TensorBoardCallback` uses.
+    #[allow(clippy::cast_possible_truncation)]
+    fn record_events(&mut self, report: &StepReport) {
+        let mut scalars = vec![
+            ("train/loss", report.loss as f32),
+            ("train/learning_rate", report.learning_rate as f32),
+            ("train/grad_norm", report.grad_norm as f32),
+            ("train/tokens_per_second", report.tokens_per_second as f32),
+        ];
+        if let Some(eval_loss) = report.eval_loss {
+            scalars.push(("eval/loss", eval_loss as f32));
+        }
+        self.events.record(unix_now(), report.step, &scalars);
     }
 
     fn print(&self, report: &StepReport) {
@@ -294,6 +340,7 @@ impl Hooks for Progress<'_> {
             report.loss,
             report.eval_loss,
         );
+        self.record_events(report);
         self.print(report);
         self.patch_status(report);
         self.last = Some(report.clone());
@@ -303,6 +350,16 @@ impl Hooks for Progress<'_> {
     fn checkpoint(&mut self, checkpoint: &Checkpoint) -> Result<(), HookError> {
         self.rt
             .block_on(save_checkpoint(&self.output, checkpoint))
-            .map_err(|e| Box::new(e) as HookError)
+            .map_err(|e| Box::new(e) as HookError)?;
+        // After the checkpoint, which a retried attempt resumes from: the events written at
+        // checkpoints never run past the steps a retry keeps.
+        self.write_events();
+        Ok(())
     }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }

@@ -22,6 +22,8 @@ use graft_engine::{
 
 use graft_testenv::{oracle_python, repo_root};
 
+mod common;
+
 const TRAINER: &str = env!("CARGO_BIN_EXE_graft-trainer");
 
 fn tiny_model() -> PathBuf {
@@ -45,26 +47,6 @@ fn tiny_checkpoint(dir: &Path, name: &str) -> PathBuf {
         std::fs::copy(from.join(name), model.join(name)).expect("copy the checkpoint");
     }
     model
-}
-
-/// Questions naming a colour answered by a fixed animal: something a tiny model can learn, so
-/// the adapter moves far from its zero-B start.
-fn dataset_jsonl() -> String {
-    let colours = [
-        "red", "blue", "green", "gold", "pink", "grey", "teal", "plum",
-    ];
-    let animals = ["fox", "owl", "cat", "yak", "emu", "eel", "ant", "bee"];
-    colours
-        .iter()
-        .zip(animals)
-        .map(|(c, a)| {
-            let record = serde_json::json!({
-                "prompt": format!("Which animal is {c}?"),
-                "completion": format!(" The {a}."),
-            });
-            record.to_string() + "\n"
-        })
-        .collect()
 }
 
 /// Trains `model` with `method` (the YAML of `spec.method`) and returns the published
@@ -105,7 +87,7 @@ fn run_trainer_with(
     output_fields: &str,
 ) -> (std::process::Output, PathBuf) {
     let dataset = dir.join("train.jsonl");
-    std::fs::write(&dataset, dataset_jsonl()).expect("dataset");
+    std::fs::write(&dataset, common::colour_questions_jsonl()).expect("dataset");
     let output = dir.join("adapter");
     let yaml = format!(
         r"

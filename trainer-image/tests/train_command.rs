@@ -294,6 +294,13 @@ async fn trains_publishes_a_complete_adapter_and_reports_each_step() {
         names.contains(&"checkpoints/step-20/state.json".to_owned()),
         "{names:?}"
     );
+    // TensorBoard's event file is beside them (tensorboard_oracle.rs reads one).
+    assert!(
+        names
+            .iter()
+            .any(|n| n.starts_with("runs/events.out.tfevents.")),
+        "{names:?}"
+    );
 }
 
 #[tokio::test]

@@ -26,6 +26,26 @@ pub fn tiny(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// `{"prompt","completion"}` lines of questions naming a colour answered by a fixed animal:
+/// something a tiny model can learn, so an adapter moves far from its zero-B start.
+pub fn colour_questions_jsonl() -> String {
+    let colours = [
+        "red", "blue", "green", "gold", "pink", "grey", "teal", "plum",
+    ];
+    let animals = ["fox", "owl", "cat", "yak", "emu", "eel", "ant", "bee"];
+    colours
+        .iter()
+        .zip(animals)
+        .map(|(c, a)| {
+            let record = serde_json::json!({
+                "prompt": format!("Which animal is {c}?"),
+                "completion": format!(" The {a}."),
+            });
+            record.to_string() + "\n"
+        })
+        .collect()
+}
+
 /// Input ids (u32) and logits from `<dir>/reference.safetensors`.
 pub fn reference(dir: &Path) -> (Tensor, Tensor) {
     let tensors = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
