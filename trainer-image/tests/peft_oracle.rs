@@ -148,6 +148,26 @@ fn input_ids() -> Tensor {
     Tensor::new(&rows, &Device::Cpu).expect("ids")
 }
 
+/// Runs `tests/oracle/<script>` with `args`; its line goes to stderr, and it must succeed.
+fn run_oracle(label: &str, script: &str, args: &[(&str, &Path)]) {
+    let mut command = Command::new(oracle_python());
+    command.arg(repo_root().join("tests/oracle").join(script));
+    for (flag, path) in args {
+        command.arg(flag).arg(path);
+    }
+    let out = command
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {script}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{label}: {}", stdout.trim());
+    assert!(
+        out.status.success(),
+        "{label}: the oracle disagrees with Graft:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Trains with `method`, computes Graft's logits with the adapter on the dense base, and has
 /// PEFT compare its own (the oracle's line, with the largest difference, goes to stderr).
 fn graft_and_peft_agree(name: &str, method: &str) {
@@ -156,7 +176,6 @@ fn graft_and_peft_agree(name: &str, method: &str) {
 }
 
 fn agree_on(name: &str, dir: &Path, model_dir: &Path, method: &str) {
-    let python = oracle_python();
     let adapter_dir = train(dir, model_dir, method);
     let adapter = read_adapter(&adapter_dir);
     for ((layer, site), lora) in &adapter.weights {
@@ -191,25 +210,14 @@ fn agree_on(name: &str, dir: &Path, model_dir: &Path, method: &str) {
     ]);
     candle_core::safetensors::save(&tensors, &reference).expect("write the reference");
 
-    let script = repo_root().join("tests/oracle/graft_adapter_in_peft.py");
-    let out = Command::new(&python)
-        .arg(&script)
-        .arg("--model")
-        .arg(model_dir)
-        .arg("--adapter")
-        .arg(&adapter_dir)
-        .arg("--reference")
-        .arg(&reference)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", python.display()));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!("{name}: {}", stdout.trim());
-    assert!(
-        out.status.success(),
-        "PEFT disagrees with Graft (Graft's adapter moves the logits by {effect}):\n\
-         {stdout}\n{stderr}"
+    run_oracle(
+        name,
+        "graft_adapter_in_peft.py",
+        &[
+            ("--model", model_dir),
+            ("--adapter", &adapter_dir),
+            ("--reference", &reference),
+        ],
     );
 }
 
@@ -259,25 +267,15 @@ fn a_merged_model_gives_base_plus_adapter_logits_in_graft_and_transformers() {
         ("logits".to_owned(), logits),
     ]);
     candle_core::safetensors::save(&tensors, &reference).expect("write the reference");
-    let out = Command::new(oracle_python())
-        .arg(repo_root().join("tests/oracle/graft_adapter_in_peft.py"))
-        .arg("--model")
-        .arg(tiny_model())
-        .arg("--adapter")
-        .arg(&adapter_dir)
-        .arg("--reference")
-        .arg(&reference)
-        .arg("--merged")
-        .arg(&merged_dir)
-        .stdin(Stdio::null())
-        .output()
-        .expect("python runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!("merged: {}", stdout.trim());
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_oracle(
+        "merged",
+        "graft_adapter_in_peft.py",
+        &[
+            ("--model", &tiny_model()),
+            ("--adapter", &adapter_dir),
+            ("--reference", &reference),
+            ("--merged", &merged_dir),
+        ],
     );
 }
 
@@ -366,23 +364,14 @@ fn one_steps_gradients_equal_pefts() {
         let dir = tempfile::tempdir().expect("tempdir");
         let reference = dir.path().join("graft-gradients.safetensors");
         candle_core::safetensors::save(&tensors, &reference).expect("write");
-        let out = Command::new(oracle_python())
-            .arg(repo_root().join("tests/oracle/peft_gradients.py"))
-            .arg("--model")
-            .arg(&model_dir)
-            .arg("--adapter")
-            .arg(&adapter_dir)
-            .arg("--reference")
-            .arg(&reference)
-            .stdin(Stdio::null())
-            .output()
-            .expect("python runs");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        eprintln!("{adapter_name}: {}", stdout.trim());
-        assert!(
-            out.status.success(),
-            "{adapter_name}: {stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
+        run_oracle(
+            adapter_name,
+            "peft_gradients.py",
+            &[
+                ("--model", &model_dir),
+                ("--adapter", &adapter_dir),
+                ("--reference", &reference),
+            ],
         );
     }
 }
