@@ -104,6 +104,7 @@ def main() -> None:
     if not os.access(args.trainer, os.X_OK):
         sys.exit(f"{args.trainer} is missing: cargo build --release -p graft-trainer")
 
+    load_before = os.getloadavg()[0]
     work = tempfile.mkdtemp(prefix="graft-bench-")
     rng = random.Random(7)
     model = os.path.join(work, "model")
@@ -181,6 +182,13 @@ def main() -> None:
     peft = json.loads(out.strip().splitlines()[-1])
 
     mib = 1024 * 1024
+    # Both sides use every core they are given: anything else running skews the ratio (torch's
+    # threads suffer more from sharing cores than graft's), so say how busy the machine was
+    # (after the runs the load is the benchmark's own).
+    print(f"machine load before the runs (1-minute average): {load_before:.2f} on "
+          f"{os.cpu_count()} cores")
+    if load_before > 0.5:
+        print("warning: the machine was busy; the figures below may not be a fair comparison")
     print(f"model: {params / 1e6:.2f}M parameters ({cfg['num_hidden_layers']} layers, hidden "
           f"{cfg['hidden_size']}, vocab {cfg['vocab_size']}); batch {args.batch} x {args.seq} tokens, "
           f"{args.steps} steps, rank {args.rank}, 7 targets, f32, {args.threads} threads")
