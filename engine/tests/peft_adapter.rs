@@ -63,7 +63,7 @@ fn an_adapter_with_rank_and_alpha_patterns_gives_pefts_logits() {
     assert_eq!(rank(1, Site::DownProj), 2);
     assert_eq!(rank(0, Site::DownProj), 4);
     let scale = |layer, site| adapter.weights[&(layer, site)].scale;
-    assert!((scale(0, Site::VProj) - 32.0 / 4.0).abs() < 1e-12);
+    assert!((scale(0, Site::VProj) - 16.0 / 4.0).abs() < 1e-12);
     assert!((scale(1, Site::QProj) - 8.0 / 8.0).abs() < 1e-12);
 
     let mut with_adapter = model("llama", Precision::Dense);

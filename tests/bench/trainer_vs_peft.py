@@ -10,7 +10,8 @@ weights, a BPE tokenizer trained on the benchmark text). Both sides train plain 
 with AdamW and no gradient checkpointing on `--steps` optimizer steps of `--batch` rows of
 exactly `--seq` tokens; each runs in its own process, and its peak RSS is that process's
 (`ru_maxrss` from wait4). Throughput counts training tokens over the training loop's wall time
-(model loading excluded on both sides: graft reports it per step, the PEFT side times its loop).
+(model loading excluded on both sides: graft reports it per step, the PEFT side times its loop),
+and again after the first step, whose allocations fault fresh memory in on both sides.
 """
 
 import argparse
@@ -69,6 +70,7 @@ PEFT_SIDE = textwrap.dedent(
     batch = args["batch"]
     tokens = 0
     start = time.perf_counter()
+    first = None
     for step in range(args["steps"]):
         chunk = rows[(step * batch) % len(rows):][:batch]
         ids = torch.tensor(chunk)
@@ -77,8 +79,12 @@ PEFT_SIDE = textwrap.dedent(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(); opt.zero_grad()
         tokens += ids.numel()
+        if first is None:
+            first = (tokens, time.perf_counter() - start)
     elapsed = time.perf_counter() - start
-    print(json.dumps({"tokens_per_second": tokens / elapsed, "loss": loss.item()}))
+    print(json.dumps({"tokens_per_second": tokens / elapsed,
+        "steady_tokens_per_second": (tokens - first[0]) / (elapsed - first[1]),
+        "loss": loss.item()}))
     """
 )
 
@@ -104,6 +110,7 @@ def main() -> None:
     if not os.access(args.trainer, os.X_OK):
         sys.exit(f"{args.trainer} is missing: cargo build --release -p graft-trainer")
 
+    load_before = os.getloadavg()[0]
     work = tempfile.mkdtemp(prefix="graft-bench-")
     rng = random.Random(7)
     model = os.path.join(work, "model")
@@ -159,6 +166,12 @@ def main() -> None:
     assert len(steps) == args.steps, f"graft ran {len(steps)} steps:\n{err}"
     # Tokens per second over the whole loop: graft's figure at the last step is cumulative.
     graft_tps = steps[-1]["tokensPerSecond"]
+    # After the first step (whose allocations fault fresh pages in, on both sides): every step
+    # trains batch · seq tokens, and graft's elapsed time at a step is its tokens so far over
+    # its cumulative rate.
+    per_step = args.batch * args.seq
+    elapsed = [(i + 1) * per_step / s["tokensPerSecond"] for i, s in enumerate(steps)]
+    graft_steady = (len(steps) - 1) * per_step / (elapsed[-1] - elapsed[0])
     validated_rss = None
     if args.validation > 0:
         validated = os.path.join(work, "validated.yaml")
@@ -181,13 +194,22 @@ def main() -> None:
     peft = json.loads(out.strip().splitlines()[-1])
 
     mib = 1024 * 1024
+    # Both sides use every core they are given: anything else running skews the ratio (torch's
+    # threads suffer more from sharing cores than graft's), so say how busy the machine was
+    # (after the runs the load is the benchmark's own).
+    print(f"machine load before the runs (1-minute average): {load_before:.2f} on "
+          f"{os.cpu_count()} cores")
+    if load_before > 0.5:
+        print("warning: the machine was busy; the figures below may not be a fair comparison")
     print(f"model: {params / 1e6:.2f}M parameters ({cfg['num_hidden_layers']} layers, hidden "
           f"{cfg['hidden_size']}, vocab {cfg['vocab_size']}); batch {args.batch} x {args.seq} tokens, "
           f"{args.steps} steps, rank {args.rank}, 7 targets, f32, {args.threads} threads")
-    print(f"{'':22}{'tokens/s':>12}{'peak RSS MiB':>15}")
-    print(f"{'graft-trainer':22}{graft_tps:12.0f}{graft_rss / mib:15.1f}")
-    print(f"{'transformers + peft':22}{peft['tokens_per_second']:12.0f}{peft_rss / mib:15.1f}")
-    print(f"ratio graft/peft: speed {graft_tps / peft['tokens_per_second']:.2f}x, "
+    print(f"{'':22}{'tokens/s':>12}{'after step 1':>14}{'peak RSS MiB':>15}")
+    print(f"{'graft-trainer':22}{graft_tps:12.0f}{graft_steady:14.0f}{graft_rss / mib:15.1f}")
+    print(f"{'transformers + peft':22}{peft['tokens_per_second']:12.0f}"
+          f"{peft['steady_tokens_per_second']:14.0f}{peft_rss / mib:15.1f}")
+    print(f"ratio graft/peft: speed {graft_tps / peft['tokens_per_second']:.2f}x "
+          f"(after step 1: {graft_steady / peft['steady_tokens_per_second']:.2f}x), "
           f"memory {graft_rss / peft_rss:.2f}x")
     if validated_rss is not None:
         print(f"graft peak RSS with validationFraction {args.validation} (evaluating every 10 steps): "

@@ -65,5 +65,5 @@ write(
     6,
     suffix="peft-patterns",
     rank_pattern={"layers.1.mlp.down_proj": 2, "q_proj": 8, r"layers\.0\..*\.up_proj": 6},
-    alpha_pattern={"v_proj": 32, "o_proj": 2},
+    alpha_pattern={"v_proj": 16, "o_proj": 2},
 )

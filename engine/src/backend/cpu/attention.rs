@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::{
     gemm::{Mat, f32_values, matmul_into, with_f32s},
-    math::dot,
+    math::{dot, vectorized},
     rotary::{rotate, rotate_back},
     softmax::{softmax_in_place, visible},
 };
@@ -50,9 +50,6 @@ struct Attention {
     scale: f32,
 }
 
-/// [`rotate`] or [`rotate_back`].
-type Rotation = fn(&[f32], &[f32], &[f32], &mut [f32]);
-
 /// `[batch, seq, n·dim]` as seen per head.
 #[derive(Clone, Copy)]
 struct Layout3 {
@@ -67,41 +64,49 @@ impl Layout3 {
     /// `[batch, seq, n·dim]` rows → head-major `[batch, n, seq, dim]`, each row rotated for
     /// its position when `rotation` gives the tables.
     fn split(self, x: &[f32], n: usize, rotation: Option<(&[f32], &[f32])>) -> Vec<f32> {
-        self.reorder(
-            x,
-            n,
-            true,
-            rotation.map(|(cos, sin)| (cos, sin, rotate as Rotation)),
-        )
+        self.reorder(x, n, true, rotation)
     }
 
     /// The inverse of [`Self::split`] for gradients: head-major → `[batch, seq, n·dim]`, each
     /// row rotated back when `rotation` gives the tables.
     fn merge(self, x: &[f32], n: usize, rotation: Option<(&[f32], &[f32])>) -> Vec<f32> {
-        self.reorder(
-            x,
-            n,
-            false,
-            rotation.map(|(cos, sin)| (cos, sin, rotate_back as Rotation)),
-        )
+        self.reorder(x, n, false, rotation)
     }
 
     /// Moves each `dim` row between token-major and head-major order (`to_heads` says which
-    /// way), passing it through `rotation` with its position's tables when given.
+    /// way), through [`rotate`] (to heads) or [`rotate_back`] with its position's tables
+    /// when `rotation` gives them.
     fn reorder(
         self,
         x: &[f32],
         n: usize,
         to_heads: bool,
-        rotation: Option<(&[f32], &[f32], Rotation)>,
+        rotation: Option<(&[f32], &[f32])>,
     ) -> Vec<f32> {
+        let mut out = vec![0f32; x.len()];
+        vectorized(
+            #[inline(always)]
+            || self.reorder_into(x, n, to_heads, rotation, &mut out),
+        );
+        out
+    }
+
+    /// [`Self::reorder`] into `out`.
+    #[inline(always)]
+    fn reorder_into(
+        self,
+        x: &[f32],
+        n: usize,
+        to_heads: bool,
+        rotation: Option<(&[f32], &[f32])>,
+        out: &mut [f32],
+    ) {
         let Self {
             batch,
             seq,
             dim,
             rotary,
         } = self;
-        let mut out = vec![0f32; x.len()];
         for b in 0..batch {
             for i in 0..seq {
                 for h in 0..n {
@@ -114,16 +119,20 @@ impl Layout3 {
                     };
                     let (from, to) = (&x[from..][..dim], &mut out[to..][..dim]);
                     match rotation {
-                        Some((cos, sin, rotation)) => {
+                        Some((cos, sin)) => {
                             let at = i * rotary..(i + 1) * rotary;
-                            rotation(from, &cos[at.clone()], &sin[at], to);
+                            let (cos, sin) = (&cos[at.clone()], &sin[at]);
+                            if to_heads {
+                                rotate(from, cos, sin, to);
+                            } else {
+                                rotate_back(from, cos, sin, to);
+                            }
                         }
                         None => to.copy_from_slice(from),
                     }
                 }
             }
         }
-        out
     }
 
     /// Rows `rows` of head `h` of batch row `b`, in a head-major buffer of `n` heads.
@@ -211,13 +220,18 @@ impl Attention {
     fn probabilities(&self, q: Mat<'_>, k: Mat<'_>, block: &Block, seq: usize, probs: &mut [f32]) {
         self.scores(q, k, probs);
         let offset = block.keys.start;
-        for (i, row) in probs.chunks_exact_mut(block.keys.len()).enumerate() {
-            let (first, last) = visible(self.heads.window, block.rows.start + i, seq, seq);
-            let (first, last) = (first - offset, last - offset);
-            row[..first].fill(0.0);
-            row[last + 1..].fill(0.0);
-            softmax_in_place(&mut row[first..=last]);
-        }
+        vectorized(
+            #[inline(always)]
+            || {
+                for (i, row) in probs.chunks_exact_mut(block.keys.len()).enumerate() {
+                    let (first, last) = visible(self.heads.window, block.rows.start + i, seq, seq);
+                    let (first, last) = (first - offset, last - offset);
+                    row[..first].fill(0.0);
+                    row[last + 1..].fill(0.0);
+                    softmax_in_place(&mut row[first..=last]);
+                }
+            },
+        );
     }
 
     /// The scaled (and soft-capped) scores of queries `q` over keys `k` into `scores`.
@@ -373,15 +387,20 @@ impl Attention {
                         let dp = &mut dp[..size];
                         let vm = shape.rows(vh, kv_heads, (b, g), keys.clone());
                         matmul_into(dp, grad_out, vm.t(), 1.0, false);
-                        for (dp, p) in dp
-                            .chunks_exact_mut(keys.len())
-                            .zip(probs.chunks_exact(keys.len()))
-                        {
-                            let dot = dot(dp, p);
-                            for (d, &p) in dp.iter_mut().zip(p) {
-                                *d = p * (*d - dot);
-                            }
-                        }
+                        vectorized(
+                            #[inline(always)]
+                            || {
+                                for (dp, p) in dp
+                                    .chunks_exact_mut(keys.len())
+                                    .zip(probs.chunks_exact(keys.len()))
+                                {
+                                    let dot = dot(dp, p);
+                                    for (d, &p) in dp.iter_mut().zip(p) {
+                                        *d = p * (*d - dot);
+                                    }
+                                }
+                            },
+                        );
                         if let Some(cap) = self.heads.softcap {
                             #[allow(clippy::cast_possible_truncation)]
                             let cap = cap as f32;

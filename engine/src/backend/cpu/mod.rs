@@ -4,6 +4,10 @@
 //! model those passes over activations cost more than the matmuls. Each op is tested against
 //! an independently composed form, values and gradients (`backend::check`).
 
+// The kernels a vectorised loop calls must be inlined into it to be compiled for the CPU's
+// vector instructions (`math::vectorized`): there `#[inline(always)]` is the point.
+#![allow(clippy::inline_always)]
+
 use candle_core::{Result, Tensor};
 
 use super::{Backend, CachedRows, DropoutMask, FrozenLinear, Heads, Rotary};

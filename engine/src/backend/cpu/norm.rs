@@ -2,7 +2,10 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-use super::gemm::{f32_values, with_f32, with_f32s};
+use super::{
+    gemm::{f32_values, with_f32, with_f32s},
+    math::{dot, vectorized},
+};
 
 /// RMSNorm as transformers computes it, as one op whose backward is
 /// `dx = (g⊙w − x̂ · mean(g⊙w⊙x̂)) / rms` with `x̂ = x / rms`.
@@ -19,10 +22,12 @@ struct RmsNorm {
 }
 
 impl RmsNorm {
-    /// `sqrt(mean(x²) + eps)` of one row, in f32 as the composed form computes it.
+    /// `sqrt(mean(x²) + eps)` of one row, in f32 as the composed form computes it (the sum
+    /// in eight lanes: one running sum is a chain of dependent adds the length of the row).
     #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation)]
+    #[inline(always)]
     fn rms(&self, row: &[f32]) -> f32 {
-        let mean = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+        let mean = dot(row, row) / row.len() as f32;
         (mean + self.eps as f32).sqrt()
     }
 }
@@ -44,12 +49,17 @@ impl CustomOp1 for RmsNorm {
                 );
             }
             let mut out = vec![0f32; x.len()];
-            for (row, o) in x.chunks_exact(w.len()).zip(out.chunks_exact_mut(w.len())) {
-                let rms = self.rms(row);
-                for ((o, &x), &w) in o.iter_mut().zip(row).zip(w) {
-                    *o = x / rms * w;
-                }
-            }
+            vectorized(
+                #[inline(always)]
+                || {
+                    for (row, o) in x.chunks_exact(w.len()).zip(out.chunks_exact_mut(w.len())) {
+                        let rms = self.rms(row);
+                        for ((o, &x), &w) in o.iter_mut().zip(row).zip(w) {
+                            *o = x / rms * w;
+                        }
+                    }
+                },
+            );
             Ok(out)
         })?;
         Ok((CpuStorage::F32(out), layout.shape().clone()))
@@ -60,23 +70,27 @@ impl CustomOp1 for RmsNorm {
         let dx = with_f32s([x, grad, &self.weight], self.name(), |[x, g, w]| {
             let n = w.len();
             let mut dx = vec![0f32; x.len()];
-            for ((row, g), dx) in x
-                .chunks_exact(n)
-                .zip(g.chunks_exact(n))
-                .zip(dx.chunks_exact_mut(n))
-            {
-                let inverse = 1.0 / self.rms(row);
-                let mean = row
-                    .iter()
-                    .zip(g)
-                    .zip(w)
-                    .map(|((x, g), w)| g * w * x * inverse)
-                    .sum::<f32>()
-                    / n as f32;
-                for (((dx, x), g), w) in dx.iter_mut().zip(row).zip(g).zip(w) {
-                    *dx = (g * w - x * inverse * mean) * inverse;
-                }
-            }
+            // `g ⊙ w` of a row, so its dot with the row vectorises like the norm's own sum.
+            let mut scaled = vec![0f32; n];
+            vectorized(
+                #[inline(always)]
+                || {
+                    for ((row, g), dx) in x
+                        .chunks_exact(n)
+                        .zip(g.chunks_exact(n))
+                        .zip(dx.chunks_exact_mut(n))
+                    {
+                        let inverse = 1.0 / self.rms(row);
+                        for ((s, g), w) in scaled.iter_mut().zip(g).zip(w) {
+                            *s = g * w;
+                        }
+                        let mean = dot(&scaled, row) * inverse / n as f32;
+                        for (((dx, x), g), w) in dx.iter_mut().zip(row).zip(g).zip(w) {
+                            *dx = (g * w - x * inverse * mean) * inverse;
+                        }
+                    }
+                },
+            );
             Ok(dx)
         })?;
         Tensor::from_vec(dx, x.shape(), x.device()).map(Some)

@@ -4,6 +4,7 @@
 /// One head's row `x` rotated into `out`, with its position's `cos` and `sin` rows:
 /// transformers' arithmetic, term for term, `x·cos + (−x₂, x₁)·sin`. Only the first
 /// `cos.len()` dimensions rotate (Phi-4-mini's partial rotary); the rest pass through.
+#[inline(always)]
 pub(super) fn rotate(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
     let half = cos.len() / 2;
     for i in 0..half {
@@ -14,6 +15,7 @@ pub(super) fn rotate(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
 }
 
 /// The gradient of [`rotate`]'s input from its output's `g`: `g·cos + rotate_halfᵀ(g·sin)`.
+#[inline(always)]
 pub(super) fn rotate_back(g: &[f32], cos: &[f32], sin: &[f32], dx: &mut [f32]) {
     let half = cos.len() / 2;
     for i in 0..half {

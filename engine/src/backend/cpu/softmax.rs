@@ -3,6 +3,7 @@
 use super::math::{exp, sum};
 
 /// Softmax of a row in place.
+#[inline(always)]
 pub(super) fn softmax_in_place(row: &mut [f32]) {
     // Eight running maxima, so the compiler vectorises the search.
     let mut maxima = [f32::NEG_INFINITY; 8];
@@ -32,6 +33,7 @@ pub(super) fn softmax_in_place(row: &mut [f32]) {
 }
 
 /// The keys query `q` (of `queries`) may see: `first..=last`.
+#[inline(always)]
 pub(super) fn visible(
     window: Option<usize>,
     q: usize,

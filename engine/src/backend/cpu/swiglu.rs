@@ -4,7 +4,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 use super::{
     gemm::{f32_values, with_f32s},
-    math::exp,
+    math::{exp, vectorized},
 };
 
 /// `silu(gate) · up`, `silu(x) = x · sigmoid(x)`, as one op whose backward is
@@ -13,6 +13,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
 }
 
+#[inline(always)]
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
 }
@@ -36,11 +37,15 @@ impl CustomOp2 for SwiGlu {
         if gate.len() != up.len() {
             candle_core::bail!("{}: gate and up differ in shape", self.name());
         }
-        let out = gate
-            .iter()
-            .zip(up)
-            .map(|(&g, &u)| g * sigmoid(g) * u)
-            .collect();
+        let mut out = vec![0f32; gate.len()];
+        vectorized(
+            #[inline(always)]
+            || {
+                for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+                    *o = g * sigmoid(g) * u;
+                }
+            },
+        );
         Ok((CpuStorage::F32(out), gate_layout.shape().clone()))
     }
 
@@ -54,11 +59,19 @@ impl CustomOp2 for SwiGlu {
         let (d_gate, d_up) = with_f32s([gate, up, grad], self.name(), |[gate, up, grad]| {
             let mut d_gate = vec![0f32; gate.len()];
             let mut d_up = vec![0f32; gate.len()];
-            for i in 0..gate.len() {
-                let (g, s) = (gate[i], sigmoid(gate[i]));
-                d_gate[i] = grad[i] * up[i] * s * (1.0 + g * (1.0 - s));
-                d_up[i] = grad[i] * g * s;
-            }
+            let (d_gate_values, d_up_values) = (d_gate.as_mut_slice(), d_up.as_mut_slice());
+            vectorized(
+                #[inline(always)]
+                || {
+                    let outputs = d_gate_values.iter_mut().zip(d_up_values.iter_mut());
+                    let inputs = gate.iter().zip(up).zip(grad);
+                    for ((d_gate, d_up), ((&g, &u), &grad)) in outputs.zip(inputs) {
+                        let s = sigmoid(g);
+                        *d_gate = grad * u * s * (1.0 + g * (1.0 - s));
+                        *d_up = grad * g * s;
+                    }
+                },
+            );
             Ok((d_gate, d_up))
         })?;
         Ok((
