@@ -120,7 +120,7 @@ fn a_packed_rows_adapter_gradients_are_the_examples_gradients_on_both_backends()
     let examples = examples();
     let ids = packed_ids(&examples)?;
     let alone: Vec<&Vec<u32>> = examples.iter().flatten().collect();
-    for name in ["llama", "gemma2", "phi3"] {
+    for name in ["llama", "gemma2", "phi3", "llama-dynamic"] {
         for backend in BACKENDS {
             let mut llama = model(name, Precision::Dense).with_backend(backend);
             let vars = attach(&mut llama)?;
