@@ -4,13 +4,12 @@
 
 mod common;
 
-use candle_core::{DType, Device, IndexOp, Result, Tensor, Var};
-use common::{FAMILIES, max_abs_diff, model, model_on, peft_adapter, reference, tiny};
+use candle_core::{DType, Device, IndexOp, Result, Tensor};
+use common::{FAMILIES, attach, max_abs_diff, model, model_on, peft_adapter, reference, tiny};
 use graft_engine::{
-    adapters::{Lora, ServingAdapter},
+    adapters::ServingAdapter,
     backend::{Backend, KvCache, cpu::Cpu, cuda::Cuda},
-    models::{Llama, Precision, Segment},
-    rng::Rng,
+    models::{Precision, Segment},
 };
 
 const DEVICE: &dyn Backend = &Cuda;
@@ -24,34 +23,6 @@ fn the_device_backend_gives_transformers_logits_for_every_family() {
         let diff = max_abs_diff(&llama.forward(&ids).expect("forward"), &expected);
         assert!(diff < 1e-4, "{name}: logits differ by {diff}");
     }
-}
-
-/// Random A and non-zero B on every site of every layer, as `Var`s.
-fn attach(model: &mut Llama) -> Result<Vec<Var>> {
-    let mut rng = Rng::seed(11);
-    let mut vars = Vec::new();
-    for layer in 0..model.num_layers() {
-        for &site in model.sites() {
-            let shape = model.site_shape(site).expect("a site of the model");
-            let fresh = Lora::init(4, shape, 2.0, &mut rng, &Device::Cpu)?;
-            let b: Vec<f32> = (0..shape.0 * 4).map(|_| rng.uniform(-0.1, 0.1)).collect();
-            let (a, b) = (
-                Var::from_tensor(&fresh.a)?,
-                Var::from_tensor(&Tensor::from_vec(b, (shape.0, 4), &Device::Cpu)?)?,
-            );
-            model.set_lora(
-                layer,
-                site,
-                Some(Lora {
-                    a: a.as_tensor().clone(),
-                    b: b.as_tensor().clone(),
-                    scale: 2.0,
-                }),
-            );
-            vars.extend([a, b]);
-        }
-    }
-    Ok(vars)
 }
 
 #[test]

@@ -11,10 +11,10 @@
 
 use std::ops::Range;
 
-use candle_core::{Result, Tensor, Var, backprop::GradStore};
+use candle_core::{Device, Result, Tensor, Var, backprop::GradStore};
 use graft_engine::{
     backend::Dropout,
-    models::{Llama, Mode},
+    models::{Llama, Mode, Positions},
 };
 
 use crate::loss::nll_sum;
@@ -30,6 +30,19 @@ pub struct Batch {
     pub label_tokens: usize,
     /// Non-padding tokens, for throughput figures.
     pub tokens: usize,
+    /// Packed rows: the lengths of each row's examples, in order (the rest is padding).
+    pub lengths: Option<Vec<Vec<usize>>>,
+}
+
+impl Batch {
+    /// The rotary tables and masks of the batch's rows: whole sequences, or packed examples.
+    fn positions(&self, model: &Llama, device: &Device) -> Result<Positions> {
+        let seq = self.ids.dim(1)?;
+        match &self.lengths {
+            Some(lengths) => model.packed_positions(lengths, seq, device),
+            None => model.positions(seq, device),
+        }
+    }
 }
 
 /// Loss of a micro-batch divided by `denominator`, and its gradient for each of `vars`
@@ -91,6 +104,10 @@ pub fn sharded_step(
                 labels: batch.labels.narrow(0, start, len)?,
                 label_tokens: 0,
                 tokens: 0,
+                lengths: batch
+                    .lengths
+                    .as_ref()
+                    .map(|l| l[start..start + len].to_vec()),
             };
             // A shard's rows draw the masks they have in the whole micro-batch, so the
             // result does not depend on the number of shards.
@@ -152,7 +169,7 @@ fn whole_graph(
     dropout: Option<Dropout>,
 ) -> Result<MicroStep> {
     let mut h = model.embed(&batch.ids)?;
-    let positions = model.positions(batch.ids.dim(1)?, h.device())?;
+    let positions = batch.positions(model, h.device())?;
     for layer in 0..model.num_layers() {
         h = model.layer(layer, &h, &positions, Mode::Train(dropout))?;
     }
@@ -172,7 +189,7 @@ fn recomputed(
     dropout: Option<Dropout>,
 ) -> Result<MicroStep> {
     let h0 = model.embed(&batch.ids)?.detach();
-    let positions = model.positions(batch.ids.dim(1)?, h0.device())?;
+    let positions = batch.positions(model, h0.device())?;
     // Each layer's input; the graph built while computing the next one is dropped at once.
     let mut inputs = vec![h0];
     for layer in 0..model.num_layers() {
@@ -278,7 +295,7 @@ pub fn head_loss(
 /// So evaluation never holds more than a training step does.
 pub fn eval_loss_sum(model: &Llama, batch: &Batch) -> Result<f32> {
     let mut h = model.embed(&batch.ids)?.detach();
-    let positions = model.positions(batch.ids.dim(1)?, h.device())?;
+    let positions = batch.positions(model, h.device())?;
     for layer in 0..model.num_layers() {
         h = model.layer(layer, &h, &positions, Mode::Eval)?;
     }

@@ -164,6 +164,12 @@ pub fn run(
     let settings = settings(spec, tokenizer.eos_token_id().unwrap_or(0));
     let (train_examples, eval_examples) = (train.len(), eval.len());
     let mut trainer = Trainer::new(model, adapters, settings, train, eval)?;
+    if spec.training.packing {
+        eprintln!(
+            "graft-trainer: packed {train_examples} examples into {} rows of at most {max_len} tokens",
+            trainer.rows()
+        );
+    }
     if let Some(checkpoint) = rt.block_on(newest_checkpoint(&output))? {
         let step = checkpoint.state.step;
         trainer.resume(checkpoint).map_err(JobError::bad)?;
@@ -231,6 +237,9 @@ fn settings(spec: &FineTuneJobSpec, pad_id: u32) -> Settings {
         eval_every: t.eval_every_steps.map_or(0, u64::from),
         pad_id,
         group_by_length: t.group_by_length,
+        packing: t
+            .packing
+            .then(|| usize::try_from(t.max_sequence_length).unwrap_or(usize::MAX)),
         keep_best: t.keep_best,
         early_stopping_patience: t.early_stopping_patience.unwrap_or(0),
     }

@@ -9,6 +9,7 @@ pub mod job;
 pub mod loss;
 pub mod memory;
 pub mod optim;
+pub mod packing;
 pub mod progress;
 pub mod schedule;
 pub mod tensorboard;

@@ -1,4 +1,5 @@
-//! The training loop: epochs of seeded shuffles cut into micro-batches, gradient accumulation
+//! The training loop: epochs of seeded shuffles of rows (an example each, or several packed:
+//! [`crate::packing`]) cut into micro-batches, gradient accumulation
 //! over `gradientAccumulationSteps` of them, clipping, AdamW on the schedule, evaluation at
 //! each epoch's end, and checkpoints that make a resumed run equal an uninterrupted one.
 //!
@@ -7,7 +8,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Result as TensorResult, Tensor};
+use candle_core::{Device, Result as TensorResult, Tensor};
 use graft_api::Scheduler;
 use graft_engine::{adapters::Adapter, backend::Dropout, models::Llama, rng::Rng};
 
@@ -16,6 +17,7 @@ use crate::{
     backward::{Batch, accumulate, eval_loss_sum, micro_step},
     checkpoint::{BestEval, Checkpoint},
     optim::{AdamW, AdamWParams, clip_grad_norm},
+    packing::{collate_rows, pack},
     schedule::learning_rate,
 };
 
@@ -49,6 +51,9 @@ pub struct Settings {
     pub pad_id: u32,
     /// Batches of examples of similar length (transformers' `group_by_length`).
     pub group_by_length: bool,
+    /// Several examples per row of at most this many tokens ([`crate::packing`]); `None`:
+    /// one example per row.
+    pub packing: Option<usize>,
     /// The adapter of the evaluation with the lowest loss is the one the run ends with.
     pub keep_best: bool,
     /// Stop after this many evaluations without a lower loss; 0: never.
@@ -120,6 +125,8 @@ pub struct Trainer {
     optimizer: AdamW,
     settings: Settings,
     train: Vec<Example>,
+    /// The training examples' indices in each row a micro-batch takes.
+    rows: Vec<Vec<usize>>,
     eval: Vec<Example>,
     plan: Plan,
     /// Optimizer steps done.
@@ -144,13 +151,21 @@ impl Trainer {
             ..AdamWParams::default()
         };
         let optimizer = AdamW::new(adapters.vars(), params)?;
-        let plan = Plan::new(train.len(), &settings);
+        let rows = match settings.packing {
+            Some(capacity) => {
+                let lengths: Vec<usize> = train.iter().map(|e| e.ids.len()).collect();
+                pack(&lengths, capacity)
+            }
+            None => (0..train.len()).map(|i| vec![i]).collect(),
+        };
+        let plan = Plan::new(rows.len(), &settings);
         Ok(Self {
             model,
             adapters,
             optimizer,
             settings,
             train,
+            rows,
             eval,
             plan,
             step: 0,
@@ -200,6 +215,11 @@ impl Trainer {
 
     pub fn plan(&self) -> Plan {
         self.plan
+    }
+
+    /// Rows a training epoch has: the examples, or fewer when packed.
+    pub fn rows(&self) -> usize {
+        self.rows.len()
     }
 
     pub fn settings(&self) -> &Settings {
@@ -324,17 +344,22 @@ impl Trainer {
     fn optimizer_step(&mut self) -> TensorResult<(f64, f64, f64, usize)> {
         let s = &self.settings;
         let epoch = self.step / self.plan.steps_per_epoch;
-        let mut order = shuffled(self.train.len(), s.seed, epoch);
+        let mut order = shuffled(self.rows.len(), s.seed, epoch);
+        let row_len = |i: usize| self.rows[i].iter().map(|&e| self.train[e].ids.len()).sum();
         if s.group_by_length {
-            group_by_length(&mut order, s.batch_size, |i| self.train[i].ids.len());
+            group_by_length(&mut order, s.batch_size, row_len);
         }
         let device = self.model.device().clone();
         let batches: Vec<(usize, Batch)> = self
             .micro_batches_of(self.step)
             .map(|m| {
-                let rows = order.iter().skip(m * s.batch_size).take(s.batch_size);
-                let examples: Vec<&Example> = rows.map(|&i| &self.train[i]).collect();
-                Ok((m, collate(&examples, s.pad_id, &device)?))
+                let rows: Vec<Vec<&Example>> = order
+                    .iter()
+                    .skip(m * s.batch_size)
+                    .take(s.batch_size)
+                    .map(|&r| self.rows[r].iter().map(|&i| &self.train[i]).collect())
+                    .collect();
+                Ok((m, collate_rows(&rows, s.pad_id, &device)?))
             })
             .collect::<TensorResult<_>>()?;
         let label_tokens: usize = batches.iter().map(|(_, b)| b.label_tokens).sum();
@@ -406,29 +431,12 @@ fn shuffled(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     Rng::seed(seed ^ epoch.wrapping_mul(0xA076_1D64_78BD_642F)).permutation(n)
 }
 
-/// Right-pads `examples` into one micro-batch. Under a causal mask, padding after a row's last
-/// token changes nothing before it, so no attention mask is needed; padding is never learned.
+/// Right-pads `examples` into one micro-batch, a row each. Under a causal mask, padding after a
+/// row's last token changes nothing before it, so no attention mask is needed; padding is never
+/// learned.
 pub fn collate(examples: &[&Example], pad_id: u32, device: &Device) -> TensorResult<Batch> {
-    let len = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
-    let mut ids = Vec::with_capacity(examples.len() * len);
-    let mut labels = Vec::with_capacity(examples.len() * len);
-    let mut label_tokens = 0;
-    let mut tokens = 0;
-    for example in examples {
-        tokens += example.ids.len();
-        label_tokens += example.labels.iter().skip(1).filter(|&&l| l).count();
-        ids.extend(&example.ids);
-        ids.extend(std::iter::repeat_n(pad_id, len - example.ids.len()));
-        labels.extend(example.labels.iter().map(|&l| if l { 1f32 } else { 0.0 }));
-        labels.extend(std::iter::repeat_n(0f32, len - example.ids.len()));
-    }
-    let shape = (examples.len(), len);
-    Ok(Batch {
-        ids: Tensor::from_vec(ids, shape, device)?,
-        labels: Tensor::from_vec(labels, shape, device)?.to_dtype(DType::F32)?,
-        label_tokens,
-        tokens,
-    })
+    let rows: Vec<Vec<&Example>> = examples.iter().map(|&e| vec![e]).collect();
+    collate_rows(&rows, pad_id, device)
 }
 
 #[cfg(test)]
@@ -453,6 +461,7 @@ mod tests {
             eval_every: 0,
             pad_id: 0,
             group_by_length: false,
+            packing: None,
             keep_best: false,
             early_stopping_patience: 0,
         };
@@ -519,7 +528,7 @@ mod tests {
         assert_eq!(batch.ids.to_vec2::<u32>()?, [[1, 2, 3], [4, 9, 9]]);
         assert_eq!(
             batch.labels.to_vec2::<f32>()?,
-            [[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]]
+            [[0.0, 1.0, 1.0], [0.0, 0.0, 0.0]]
         );
         assert_eq!(
             batch.label_tokens, 2,

@@ -602,3 +602,80 @@ async fn progress_reaches_the_finetunejobs_status_under_the_trainers_own_rights(
         .collect();
     assert_eq!(managers, ["graft-trainer"]);
 }
+
+/// Colour questions answered one to four times over: records of mixed lengths.
+fn mixed_lengths_jsonl() -> String {
+    pairs()
+        .iter()
+        .chain(&pairs()[..4])
+        .enumerate()
+        .map(|(i, (p, c))| {
+            let completion = c.repeat(i % 4 + 1);
+            serde_json::json!({"prompt": p, "completion": completion}).to_string() + "\n"
+        })
+        .collect()
+}
+
+/// The steps `train` printed, one JSON object each.
+fn steps_of(out: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+#[tokio::test]
+async fn packing_trains_the_same_examples_in_fewer_rows_and_steps() {
+    let s3 = S3Server::shared().await;
+    let bucket = s3.bucket("packing");
+    let dataset = format!("s3://{bucket}/mixed.jsonl");
+    put(s3, &dataset, &mixed_lengths_jsonl()).await;
+
+    let unpacked = train(
+        s3,
+        &config(s3, &dataset, &format!("s3://{bucket}/unpacked/")),
+    );
+    assert!(
+        unpacked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&unpacked.stderr)
+    );
+    // 12 records, a quarter held out: 9 rows of batch 2, 5 steps an epoch, 8 epochs.
+    assert_eq!(steps_of(&unpacked).len(), 40);
+
+    let output = format!("s3://{bucket}/packed/");
+    let run = config(s3, &dataset, &output);
+    let text = std::fs::read_to_string(&run.config).expect("config");
+    let packed_text = text.replace(
+        "gradientCheckpointing: true}",
+        "gradientCheckpointing: true, packing: true}",
+    );
+    assert_ne!(packed_text, text);
+    std::fs::write(&run.config, packed_text).expect("config");
+    let packed = train(s3, &run);
+    let stderr = String::from_utf8_lossy(&packed.stderr);
+    assert!(packed.status.success(), "{stderr}");
+    let rows: usize = stderr
+        .split("packed 9 examples into ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the packing line: {stderr}"));
+    assert!((1..9).contains(&rows), "{rows} rows for 9 examples");
+    let steps = steps_of(&packed);
+    assert_eq!(
+        steps.len(),
+        rows.div_ceil(2) * 8,
+        "batches of 2 rows, 8 epochs"
+    );
+    assert!(steps.len() < 40);
+    let loss = |i: usize| steps[i]["loss"].as_f64().expect("loss");
+    assert!(
+        loss(steps.len() - 1) < loss(0) * 0.5,
+        "loss {} → {}",
+        loss(0),
+        loss(steps.len() - 1)
+    );
+    let (adapter, _) = adapter(s3, &output).await;
+    assert_eq!(adapter.weights.len(), 2 * 5, "published");
+}

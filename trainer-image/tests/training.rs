@@ -35,6 +35,7 @@ fn settings(epochs: u32, checkpoint_every: u64) -> Settings {
         eval_every: 0,
         pad_id: 0,
         group_by_length: false,
+        packing: None,
         keep_best: false,
         early_stopping_patience: 0,
     }

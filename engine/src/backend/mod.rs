@@ -44,12 +44,36 @@ pub struct Heads {
 #[derive(Clone, Debug)]
 pub struct Rotary {
     /// `cos` and `sin` `[rows, head_dim]` in f32, one row per position computed (training:
-    /// positions `0..seq`; serving: each packed row at its own position).
+    /// positions `0..seq`, or with [`Self::documents`] `[batch·seq, head_dim]`, each batch
+    /// row's tokens at the positions they have in their own example; serving: each packed row
+    /// at its own position).
     pub cos: Tensor,
     pub sin: Tensor,
     /// `0, 1, 2, …` up to the last position any key has, f32 on the model's device: attention
     /// masks are comparisons of these, made on the device.
     pub positions: Tensor,
+    /// Packed training rows: several examples per row, each attending only to itself.
+    pub documents: Option<Documents>,
+}
+
+/// Where the examples of packed training rows lie, so that attention stays within each
+/// (block-diagonal causal attention, as flash-attn's variable-length kernels compute it).
+#[derive(Clone, Debug)]
+pub struct Documents {
+    /// Per batch row, the first position of each of its examples, ascending from 0; the
+    /// row's padding is one more example (no real token can see it, being after them all).
+    pub starts: Vec<Vec<usize>>,
+    /// `[batch, seq]` f32 on the model's device: each token's example, numbered within its
+    /// row. Masks compare these on the device.
+    pub ids: Tensor,
+}
+
+impl Documents {
+    /// The first position of the example that position `q` of batch row `row` is in.
+    pub fn start(&self, row: usize, q: usize) -> usize {
+        let starts = &self.starts[row];
+        starts[starts.partition_point(|&s| s <= q).saturating_sub(1)]
+    }
 }
 
 /// One sequence's share of a serving step's attention: its rows in the packed batch, and its
@@ -100,9 +124,11 @@ pub trait Backend: std::fmt::Debug + Send + Sync {
     }
 
     /// Causal self-attention of whole sequences: `q` `[batch, seq, heads·head_dim]`, `k` and
-    /// `v` `[batch, seq, kv_heads·head_dim]`, rotated by `rotary` (`[seq, head_dim]`), to
-    /// `[batch, seq, heads·head_dim]`. No `[batch, heads, seq, seq]` tensor outlives the call;
-    /// the backward recomputes what it needs.
+    /// `v` `[batch, seq, kv_heads·head_dim]`, rotated by `rotary` (`[seq, head_dim]`, or per
+    /// row `[batch·seq, head_dim]` with its `documents`), to `[batch, seq, heads·head_dim]`.
+    /// With `documents`, a query sees only the keys of its own example. No
+    /// `[batch, heads, seq, seq]` tensor outlives the call; the backward recomputes what it
+    /// needs.
     fn attention(
         &self,
         q: &Tensor,

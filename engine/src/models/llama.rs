@@ -18,7 +18,8 @@ use super::{
 use crate::{
     adapters::{Adapter, Lora, PeftError, SegmentLora, ServingAdapter, Site},
     backend::{
-        self, Backend, CachedRows, Dropout, FrozenLinear, FrozenWeight, Heads, KvCache, Rotary,
+        self, Backend, CachedRows, Documents, Dropout, FrozenLinear, FrozenWeight, Heads, KvCache,
+        Rotary,
     },
 };
 
@@ -306,6 +307,52 @@ impl Llama {
         self.rotary(&[whole], seq, device)
     }
 
+    /// The rotary tables and position ids of packed rows `seq` tokens long: row `b` holds
+    /// examples of the lengths `lengths[b]`, one after another, then padding. Each example's
+    /// positions restart at 0, rotated with the frequencies of its own length (as it would be
+    /// alone), and attention keeps to each example.
+    pub fn packed_positions(
+        &self,
+        lengths: &[Vec<usize>],
+        seq: usize,
+        device: &Device,
+    ) -> Result<Positions> {
+        let (mut spans, mut starts, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+        for row in lengths {
+            let used: usize = row.iter().sum();
+            if used > seq || row.contains(&0) {
+                candle_core::bail!("packed row of examples {row:?} does not fit {seq} tokens");
+            }
+            let mut examples = row.clone();
+            if used < seq {
+                examples.push(seq - used);
+            }
+            let mut start = 0;
+            let mut row_starts = Vec::with_capacity(examples.len());
+            for (index, &len) in examples.iter().enumerate() {
+                spans.push(Span {
+                    positions: 0..len,
+                    seq_len: len,
+                });
+                row_starts.push(start);
+                #[allow(clippy::cast_precision_loss)]
+                ids.extend(std::iter::repeat_n(index as f32, len));
+                start += len;
+            }
+            starts.push(row_starts);
+        }
+        let mut positions = self.rotary(&spans, seq, device)?;
+        let documents = Documents {
+            starts,
+            ids: Tensor::from_vec(ids, (lengths.len(), seq), device)?,
+        };
+        positions.global.documents = Some(documents.clone());
+        if let Some(local) = &mut positions.local {
+            local.documents = Some(documents);
+        }
+        Ok(positions)
+    }
+
     /// Decoder layer `index` of a training or evaluation pass over whole sequences. The
     /// trainer calls it one layer at a time, to recompute layers in the backward pass instead
     /// of keeping every layer's activations, and to evaluate with no graph at all.
@@ -531,6 +578,7 @@ fn rotary_tables(
         cos: scaled(emb.cos()?)?,
         sin: scaled(emb.sin()?)?,
         positions: Tensor::new(ids.as_slice(), device)?,
+        documents: None,
     })
 }
 

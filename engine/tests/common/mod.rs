@@ -4,8 +4,12 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
-use graft_engine::models::{Config, Llama, Precision, load_weights};
+use candle_core::{DType, Device, Result, Tensor, Var};
+use graft_engine::{
+    adapters::Lora,
+    models::{Config, Llama, Precision, load_weights},
+    rng::Rng,
+};
 
 /// Every tiny checkpoint transformers made (`tests/oracle/tiny_models.py`), one per family
 /// or feature the engine must honour.
@@ -81,4 +85,32 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)
         .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
         .expect("comparable tensors")
+}
+
+/// Random A and non-zero B on every site of every layer, as `Var`s.
+pub fn attach(model: &mut Llama) -> Result<Vec<Var>> {
+    let mut rng = Rng::seed(11);
+    let mut vars = Vec::new();
+    for layer in 0..model.num_layers() {
+        for &site in model.sites() {
+            let shape = model.site_shape(site).expect("a site of the model");
+            let fresh = Lora::init(4, shape, 2.0, &mut rng, &Device::Cpu)?;
+            let b: Vec<f32> = (0..shape.0 * 4).map(|_| rng.uniform(-0.1, 0.1)).collect();
+            let (a, b) = (
+                Var::from_tensor(&fresh.a)?,
+                Var::from_tensor(&Tensor::from_vec(b, (shape.0, 4), &Device::Cpu)?)?,
+            );
+            model.set_lora(
+                layer,
+                site,
+                Some(Lora {
+                    a: a.as_tensor().clone(),
+                    b: b.as_tensor().clone(),
+                    scale: 2.0,
+                }),
+            );
+            vars.extend([a, b]);
+        }
+    }
+    Ok(vars)
 }

@@ -26,6 +26,11 @@ const NEEDS_VALIDATION_SPLIT: &str = "!has(self.spec.training) || \
      && !has(self.spec.training.earlyStoppingPatience)) || \
      !has(self.spec.dataset.validationFraction) || self.spec.dataset.validationFraction > 0.0";
 
+/// Packed rows are already full: grouping them by length would only undo the shuffle.
+const PACKING_OR_LENGTH_GROUPS: &str = "!has(self.spec.training) || \
+     !has(self.spec.training.packing) || !self.spec.training.packing || \
+     !has(self.spec.training.groupByLength) || !self.spec.training.groupByLength";
+
 /// Once the operator has started a job (`status.startTime` is set) its spec is frozen: a changed
 /// model, dataset, method, training or output would silently describe a run that never happened.
 /// `suspend`, `resources` and `image` stay mutable so Kueue-style admission and re-scheduling work.
@@ -57,6 +62,9 @@ const IMMUTABLE_AFTER_START: &str = "!has(oldSelf.status) || !has(oldSelf.status
     validation = Rule::new(NEEDS_VALIDATION_SPLIT)
         .message("spec.training.keepBest and spec.training.earlyStoppingPatience need evaluations: set spec.dataset.validationFraction above 0")
         .reason(Reason::FieldValueInvalid),
+    validation = Rule::new(PACKING_OR_LENGTH_GROUPS)
+        .message("spec.training.packing and spec.training.groupByLength do not go together: packed rows are already of one length")
+        .reason(Reason::FieldValueForbidden),
     // The name becomes the Job's name and a label value, both at most 63 characters.
     validation = Rule::new("self.metadata.name.size() <= 63")
         .message("metadata.name is at most 63 characters: it names the training Job and labels its pods")
@@ -323,6 +331,8 @@ impl TargetModule {
 /// Optimiser (AdamW) and schedule.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+// Independent switches, spelled as users write them in YAML (and as TRL names them).
+#[allow(clippy::struct_excessive_bools)]
 pub struct Training {
     /// Passes over the training split.
     #[serde(default = "default_epochs")]
@@ -379,6 +389,14 @@ pub struct Training {
     /// padding, so fewer wasted tokens, on datasets of mixed lengths.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub group_by_length: bool,
+    /// Pack several examples into each row of up to `maxSequenceLength` tokens (TRL's
+    /// `padding_free` packing): examples are placed longest first, each into the row it fills
+    /// most tightly; positions restart and attention stays inside each example, so the loss and
+    /// gradients are those of the examples trained unpacked, with far fewer padding tokens on
+    /// datasets of mixed lengths. A batch is then `batchSize` packed rows. Not with
+    /// `groupByLength`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub packing: bool,
     /// Publish the adapter of the evaluation with the lowest loss rather than the last step's
     /// (transformers' `load_best_model_at_end`). Needs a validation split.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -407,6 +425,7 @@ impl Default for Training {
             gradient_checkpointing: default_true(),
             eval_every_steps: None,
             group_by_length: false,
+            packing: false,
             keep_best: false,
             early_stopping_patience: None,
         }

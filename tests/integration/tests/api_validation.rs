@@ -215,6 +215,37 @@ async fn keeping_the_best_and_stopping_early_need_a_validation_split() {
 }
 
 #[tokio::test]
+async fn packing_is_accepted_alone_and_refused_with_length_grouping() {
+    let (client, ns) = setup("ftj-packing").await;
+    let api = dynamic_api::<FineTuneJob>(&client, &ns);
+    let mut job = valid_job("packed-grouped");
+    job["spec"]["training"] = json!({"packing": true, "groupByLength": true});
+    let message = rejected(&api, job).await;
+    assert_names(&message, &["spec.training.packing", "groupByLength"]);
+
+    for (name, training) in [
+        ("packed", json!({"packing": true})),
+        (
+            "packed-ungrouped",
+            json!({"packing": true, "groupByLength": false}),
+        ),
+        ("grouped", json!({"groupByLength": true, "packing": false})),
+    ] {
+        let mut job = valid_job(name);
+        job["spec"]["training"] = training.clone();
+        let object: DynamicObject = serde_json::from_value(job).expect("manifest");
+        let stored = api
+            .create(&PostParams::default(), &object)
+            .await
+            .unwrap_or_else(|e| panic!("{training} is accepted: {e}"));
+        assert_eq!(
+            stored.data["spec"]["training"]["packing"],
+            training["packing"]
+        );
+    }
+}
+
+#[tokio::test]
 async fn weight_decay_is_between_0_and_1() {
     let (client, ns) = setup("ftj-decay").await;
     let api = dynamic_api::<FineTuneJob>(&client, &ns);

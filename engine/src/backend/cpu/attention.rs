@@ -7,6 +7,10 @@
 //! copies and gradient buffers. Here the forward keeps nothing but its inputs, and the backward
 //! recomputes each head's probabilities (as FlashAttention does) instead of holding
 //! `[batch, heads, seq, seq]` of them per layer.
+//!
+//! Packed rows (several examples per row, [`Documents`]) are rotated with per-row tables and
+//! each query's keys start at its example's first token, so neither pass computes anything
+//! across examples.
 
 use std::ops::Range;
 
@@ -18,17 +22,18 @@ use super::{
     rotary::{rotate, rotate_back},
     softmax::{softmax_in_place, visible},
 };
-use crate::backend::Heads;
+use crate::backend::{Documents, Heads};
 
 /// Attention output `[batch, seq, heads·head_dim]` from the projections `q`
 /// `[batch, seq, heads·head_dim]`, `k` and `v` `[batch, seq, kv_heads·head_dim]` (f32 on the
-/// CPU), rotated with `cos` and `sin` `[seq, head_dim]`.
+/// CPU), rotated with `cos` and `sin` `[seq, head_dim]` — or, for packed rows with their
+/// `documents`, `[batch·seq, head_dim]`.
 pub fn causal_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    documents: Option<&Documents>,
     heads: Heads,
 ) -> Result<Tensor> {
     let tables = |t: &Tensor| t.detach().contiguous();
@@ -36,6 +41,7 @@ pub fn causal_attention(
     let op = Attention {
         cos: tables(cos)?,
         sin: tables(sin)?,
+        documents: documents.cloned(),
         heads,
         scale: heads.scale as f32,
     };
@@ -46,6 +52,7 @@ pub fn causal_attention(
 struct Attention {
     cos: Tensor,
     sin: Tensor,
+    documents: Option<Documents>,
     heads: Heads,
     scale: f32,
 }
@@ -58,6 +65,8 @@ struct Layout3 {
     dim: usize,
     /// The rotated dimensions at the start of each head (the tables' width).
     rotary: usize,
+    /// The tables have a row per token of each batch row (packed rows), not per position.
+    per_row: bool,
 }
 
 impl Layout3 {
@@ -106,6 +115,7 @@ impl Layout3 {
             seq,
             dim,
             rotary,
+            per_row,
         } = self;
         for b in 0..batch {
             for i in 0..seq {
@@ -120,7 +130,8 @@ impl Layout3 {
                     let (from, to) = (&x[from..][..dim], &mut out[to..][..dim]);
                     match rotation {
                         Some((cos, sin)) => {
-                            let at = i * rotary..(i + 1) * rotary;
+                            let row = if per_row { b * seq + i } else { i };
+                            let at = row * rotary..(row + 1) * rotary;
                             let (cos, sin) = (&cos[at.clone()], &sin[at]);
                             if to_heads {
                                 rotate(from, cos, sin, to);
@@ -178,11 +189,16 @@ impl Attention {
         } = self.heads;
         let (batch, seq, width) = q.shape().dims3()?;
         let kv = (batch, seq, kv_heads * head_dim);
+        let tables = match &self.documents {
+            Some(documents) if documents.starts.len() == batch => batch * seq,
+            Some(_) => usize::MAX,
+            None => seq,
+        };
         if width != heads * head_dim
             || k.shape().dims3()? != kv
             || v.shape().dims3()? != kv
             || heads % kv_heads != 0
-            || self.cos.dim(0)? != seq
+            || self.cos.dim(0)? != tables
             || self.cos.dim(1)? > head_dim
             || self.cos.dim(1)? % 2 != 0
         {
@@ -200,31 +216,50 @@ impl Attention {
             seq,
             dim: head_dim,
             rotary: self.cos.dim(1)?,
+            per_row: self.documents.is_some(),
         })
     }
 
-    /// The query blocks of a sequence of `seq`.
-    fn blocks(&self, seq: usize) -> impl Iterator<Item = Block> + '_ {
+    /// The first key query `q` of batch row `b` may see: within the window, and within its
+    /// example when the row is packed.
+    fn first_key(&self, b: usize, q: usize, seq: usize) -> usize {
+        let first = visible(self.heads.window, q, seq, seq).0;
+        self.documents
+            .as_ref()
+            .map_or(first, |d| first.max(d.start(b, q)))
+    }
+
+    /// The query blocks of batch row `b`, a sequence of `seq`. The first key of a block is its
+    /// first query's: later queries' never come before it.
+    fn blocks(&self, b: usize, seq: usize) -> impl Iterator<Item = Block> + '_ {
         (0..seq).step_by(BLOCK).map(move |start| {
             let end = (start + BLOCK).min(seq);
-            let first = visible(self.heads.window, start, seq, seq).0;
             Block {
                 rows: start..end,
-                keys: first..end,
+                keys: self.first_key(b, start, seq)..end,
             }
         })
     }
 
-    /// A block's probabilities `[rows, keys]` into `probs` from its queries `q` and keys `k`:
-    /// the scaled scores, each row's softmax over the keys it may see, 0 elsewhere.
-    fn probabilities(&self, q: Mat<'_>, k: Mat<'_>, block: &Block, seq: usize, probs: &mut [f32]) {
+    /// A block's probabilities `[rows, keys]` into `probs` from its queries `q` and keys `k`
+    /// of batch row `b`: the scaled scores, each row's softmax over the keys it may see, 0
+    /// elsewhere.
+    fn probabilities(
+        &self,
+        (q, k): (Mat<'_>, Mat<'_>),
+        (b, block): (usize, &Block),
+        seq: usize,
+        probs: &mut [f32],
+    ) {
         self.scores(q, k, probs);
         let offset = block.keys.start;
         vectorized(
             #[inline(always)]
             || {
                 for (i, row) in probs.chunks_exact_mut(block.keys.len()).enumerate() {
-                    let (first, last) = visible(self.heads.window, block.rows.start + i, seq, seq);
+                    let query = block.rows.start + i;
+                    let first = self.first_key(b, query, seq);
+                    let last = visible(self.heads.window, query, seq, seq).1;
                     let (first, last) = (first - offset, last - offset);
                     row[..first].fill(0.0);
                     row[last + 1..].fill(0.0);
@@ -295,13 +330,15 @@ impl CustomOp3 for Attention {
             for b in 0..shape.batch {
                 for h in 0..heads {
                     let g = h / (heads / kv_heads);
-                    for block in self.blocks(seq) {
+                    for block in self.blocks(b, seq) {
                         let (rows, keys) = (&block.rows, &block.keys);
                         let probs = &mut probs[..rows.len() * keys.len()];
                         self.probabilities(
-                            shape.rows(qh, heads, (b, h), rows.clone()),
-                            shape.rows(kh, kv_heads, (b, g), keys.clone()),
-                            &block,
+                            (
+                                shape.rows(qh, heads, (b, h), rows.clone()),
+                                shape.rows(kh, kv_heads, (b, g), keys.clone()),
+                            ),
+                            (b, &block),
                             seq,
                             probs,
                         );
@@ -371,7 +408,7 @@ impl Attention {
             for b in 0..shape.batch {
                 for h in 0..heads {
                     let g = h / (heads / kv_heads);
-                    for block in self.blocks(seq) {
+                    for block in self.blocks(b, seq) {
                         let (rows, keys) = (&block.rows, &block.keys);
                         let (qm, km) = (
                             shape.rows(qh, heads, (b, h), rows.clone()),
@@ -380,7 +417,7 @@ impl Attention {
                         let grad_out = shape.rows(&grad_heads, heads, (b, h), rows.clone());
                         let size = rows.len() * keys.len();
                         let probs = &mut probs[..size];
-                        self.probabilities(qm, km, &block, seq, probs);
+                        self.probabilities((qm, km), (b, &block), seq, probs);
                         let p = Mat::new(probs, rows.len(), keys.len());
                         let dv = shape.rows_mut(&mut dvh, kv_heads, (b, g), keys);
                         matmul_into(dv, p.t(), grad_out, 1.0, true);
@@ -459,7 +496,7 @@ mod tests {
             ];
             same_values_and_gradients(
                 &inputs,
-                |t| causal_attention(&t[0], &t[1], &t[2], &cos, &sin, geometry),
+                |t| causal_attention(&t[0], &t[1], &t[2], (&cos, &sin), None, geometry),
                 |t| reference_attention([&t[0], &t[1], &t[2]], &cos, &sin, geometry),
                 1e-5,
             )?;

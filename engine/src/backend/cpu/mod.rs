@@ -73,7 +73,14 @@ impl Backend for Cpu {
         rotary: &Rotary,
         heads: Heads,
     ) -> Result<Tensor> {
-        attention::causal_attention(q, k, v, &rotary.cos, &rotary.sin, heads)
+        attention::causal_attention(
+            q,
+            k,
+            v,
+            (&rotary.cos, &rotary.sin),
+            rotary.documents.as_ref(),
+            heads,
+        )
     }
 
     fn cached_attention(

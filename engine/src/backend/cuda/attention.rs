@@ -7,7 +7,9 @@
 //! scores stay within [`SCORES_BUDGET`]. The scores of a block live only while it is computed:
 //! no `[batch, heads, seq, seq]` tensor exists, not even for one layer. Grouped-query heads
 //! are never repeated: the queries of a key/value head's group are stacked as rows of one
-//! product with that head's keys. Masks are a comparison of position ids on the device.
+//! product with that head's keys. Masks are a comparison of position ids on the device; for
+//! packed rows (several examples per row) also of each token's example, so a query sees only
+//! its own example's keys, and the rotary tables are per row.
 //!
 //! Training attaches [`Attention`], whose backward recomputes each block's probabilities from
 //! the log-sum-exp the forward kept (as FlashAttention-2 does), in two passes: one over
@@ -53,8 +55,12 @@ pub(crate) fn attention_in_blocks(
 ) -> Result<Tensor> {
     let (batch, seq, _) = q.dims3()?;
     let split = |t: &Tensor, n: usize| t.detach().reshape((batch, seq, n, heads.head_dim));
-    let cos = rotary.cos.unsqueeze(1)?;
-    let sin = rotary.sin.unsqueeze(1)?;
+    // `[.., seq, 1, rotary]`: one table row per position, shared by the heads.
+    let per_position = |t: &Tensor| match rotary.documents {
+        Some(_) => t.reshape((batch, seq, 1, t.dim(1)?)),
+        None => t.unsqueeze(1),
+    };
+    let (cos, sin) = (per_position(&rotary.cos)?, per_position(&rotary.sin)?);
     let op = Attention {
         qh: query_heads(&rotate(&split(q, heads.heads)?, &cos, &sin)?, heads)?,
         kh: rotate(&split(k, heads.kv_heads)?, &cos, &sin)?
@@ -107,7 +113,7 @@ pub fn cached_attention(
         let (kh, vh) = (kh.unsqueeze(0)?, vh.unsqueeze(0)?);
         let keys = kh.dim(2)?;
         let block = query_block(1, n_heads, rows.len(), keys);
-        let blocks = forward_blocks(&qh, &kh, &vh, offset, &rotary.positions, heads, block)?;
+        let blocks = forward_blocks(&qh, &kh, &vh, offset, &rotary.positions, None, heads, block)?;
         let out = Tensor::cat(&blocks.iter().map(|b| &b.out).collect::<Vec<_>>(), 3)?;
         // [1, kv, group, rows, dim] → [rows, heads·dim]
         outputs.push(
@@ -196,10 +202,13 @@ fn query_heads(q: &Tensor, heads: Heads) -> Result<Tensor> {
 }
 
 /// 0 where the query at a position of `queries` may see the key at a position of `keys`
-/// (at or before it, and within the window), −[`HIDDEN`] elsewhere: `[queries, keys]` f32,
-/// from the position ids `positions` (f32 `0, 1, 2, …`) on the device.
+/// (at or before it, within the window, and in the same example of a packed row), −[`HIDDEN`]
+/// elsewhere: `[queries, keys]` f32 — `[batch, 1, 1, queries, keys]` with `documents` — from
+/// the position ids `positions` (f32 `0, 1, 2, …`) and the examples' ids `documents`
+/// (`[batch, seq]` f32) on the device.
 fn bias(
     positions: &Tensor,
+    documents: Option<&Tensor>,
     queries: &Range<usize>,
     keys: &Range<usize>,
     window: Option<usize>,
@@ -214,14 +223,27 @@ fn bias(
         let within = (k + window as f64)?.broadcast_gt(&q)?;
         visible = (visible * within)?;
     }
+    if let Some(documents) = documents {
+        let of = |r: &Range<usize>| documents.narrow(1, r.start, r.len());
+        let same = of(queries)?
+            .unsqueeze(2)?
+            .broadcast_eq(&of(keys)?.unsqueeze(1)?)?;
+        visible = same.broadcast_mul(&visible.unsqueeze(0)?)?;
+        visible = visible.unsqueeze(1)?.unsqueeze(1)?;
+    }
     visible.to_dtype(DType::F32)?.affine(HIDDEN, -HIDDEN)
 }
 
 /// Whether every query at `queries` may see every key at `keys` (a decoding step's one new
-/// token sees its whole cache): then no mask is needed.
-fn all_visible(queries: &Range<usize>, keys: &Range<usize>, window: Option<usize>) -> bool {
+/// token sees its whole cache) with no example boundary between them: then no mask is needed.
+fn all_visible(
+    queries: &Range<usize>,
+    keys: &Range<usize>,
+    window: Option<usize>,
+    packed: bool,
+) -> bool {
     let causal = keys.end <= queries.start + 1;
-    causal && window.is_none_or(|w| queries.end - keys.start <= w)
+    !packed && causal && window.is_none_or(|w| queries.end - keys.start <= w)
 }
 
 /// The keys the queries at `queries` (positions) may see.
@@ -241,13 +263,16 @@ struct BlockOut {
 
 /// Attention of the queries `qh` `[batch, kv_heads, group, n, dim]`, at positions
 /// `offset..offset + n`, over the keys and values `kh`, `vh` `[batch, kv_heads, keys, dim]`
-/// at positions `0..keys`, in blocks of `block` queries.
+/// at positions `0..keys` (of packed rows' `documents`, if given), in blocks of `block`
+/// queries.
+#[allow(clippy::too_many_arguments)]
 fn forward_blocks(
     qh: &Tensor,
     kh: &Tensor,
     vh: &Tensor,
     offset: usize,
     positions: &Tensor,
+    documents: Option<&Tensor>,
     heads: Heads,
     block: usize,
 ) -> Result<Vec<BlockOut>> {
@@ -274,8 +299,9 @@ fn forward_blocks(
                 .reshape((batch, kv_heads, group, len, keys.len()))?
                 .affine(heads.scale, 0.0)?;
             scores = soft_cap(scores, heads.softcap)?.0;
-            if !all_visible(&at, &keys, heads.window) {
-                scores = scores.broadcast_add(&bias(positions, &at, &keys, heads.window)?)?;
+            if !all_visible(&at, &keys, heads.window, documents.is_some()) {
+                let bias = bias(positions, documents, &at, &keys, heads.window)?;
+                scores = scores.broadcast_add(&bias)?;
             }
             let max = scores.max_keepdim(D::Minus1)?;
             scores = scores.broadcast_sub(&max)?;
@@ -331,6 +357,7 @@ impl Attention {
             &self.vh,
             0,
             &self.rotary.positions,
+            self.documents(),
             self.heads,
             self.block,
         )?;
@@ -354,6 +381,25 @@ impl Attention {
             .lock()
             .map_err(|_| candle_core::Error::Msg(format!("{NAME}: poisoned")))? = Some(lse);
         Ok(())
+    }
+
+    /// The rotary tables to broadcast over `[batch, .., seq, rotary]` with `middle` axes
+    /// between: per row for packed rows, else shared.
+    fn tables(&self, middle: usize) -> Result<(Tensor, Tensor)> {
+        let (cos, sin) = (&self.rotary.cos, &self.rotary.sin);
+        if self.rotary.documents.is_none() {
+            return Ok((cos.clone(), sin.clone()));
+        }
+        let (batch, _, _, seq, _) = self.qh.dims5()?;
+        let mut shape = vec![batch];
+        shape.extend(std::iter::repeat_n(1, middle));
+        shape.extend([seq, cos.dim(1)?]);
+        Ok((cos.reshape(shape.as_slice())?, sin.reshape(shape)?))
+    }
+
+    /// Packed rows' example ids, `[batch, seq]`.
+    fn documents(&self) -> Option<&Tensor> {
+        self.rotary.documents.as_ref().map(|d| &d.ids)
     }
 
     fn output_shape(&self) -> Result<Shape> {
@@ -476,9 +522,15 @@ impl Attention {
             probs = probs.reshape(shape)?.affine(heads.scale, 0.0)?;
             let tanh;
             (probs, tanh) = soft_cap(probs, heads.softcap)?;
-            if !all_visible(qs, ks, heads.window) {
-                probs =
-                    probs.broadcast_add(&bias(&self.rotary.positions, qs, ks, heads.window)?)?;
+            if !all_visible(qs, ks, heads.window, self.documents().is_some()) {
+                let bias = bias(
+                    &self.rotary.positions,
+                    self.documents(),
+                    qs,
+                    ks,
+                    heads.window,
+                )?;
+                probs = probs.broadcast_add(&bias)?;
             }
             probs =
                 probs.broadcast_sub(&lse.narrow(3, qs.start, qs.len())?.unsqueeze(D::Minus1)?)?;
@@ -524,11 +576,12 @@ impl Attention {
                     .affine(heads.scale, 0.0)?,
             );
         }
-        let (cos, sin) = (&self.rotary.cos, &self.rotary.sin);
-        let dq = rotate_back(&Tensor::cat(&dq, 3)?, cos, sin)?
+        let (cos, sin) = self.tables(2)?;
+        let dq = rotate_back(&Tensor::cat(&dq, 3)?, &cos, &sin)?
             .permute((0, 3, 1, 2, 4))?
             .reshape((batch, seq, heads.heads * dim))?;
-        let dk = rotate_back(&Tensor::cat(&dk, 2)?, cos, sin)?
+        let (cos, sin) = self.tables(1)?;
+        let dk = rotate_back(&Tensor::cat(&dk, 2)?, &cos, &sin)?
             .transpose(1, 2)?
             .reshape((batch, seq, kv_heads * dim))?;
         let dv = Tensor::cat(&dv, 2)?
@@ -554,6 +607,7 @@ mod tests {
             cos: angles.cos()?,
             sin: angles.sin()?,
             positions: Tensor::new(ids.as_slice(), &device)?,
+            documents: None,
         })
     }
 
