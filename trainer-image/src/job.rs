@@ -139,6 +139,11 @@ pub fn run(
     if spec.output.merged {
         models::check_mergeable(&base).map_err(|e| JobError::bad(format!("output.merged: {e}")))?;
     }
+    if spec.method.lora.use_dora && matches!(base.files(), models::ModelFiles::Gguf(_)) {
+        return Err(JobError::bad(
+            "method.lora.useDora needs a Hugging Face safetensors base model, not a GGUF file",
+        ));
+    }
     let tokenizer = base.tokenizer().map_err(JobError::bad)?;
 
     let (_, dataset_location) = open(&spec.dataset.uri)?;
@@ -403,6 +408,7 @@ fn load_model(
                 ));
             }
         },
+        use_dora: lora.use_dora,
         ..AdapterConfig::new(rank, lora.alpha, lora.dropout, lora.use_rslora, &sites)
     };
     adapter_config

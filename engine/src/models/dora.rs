@@ -1,0 +1,84 @@
+//! DoRA on a frozen projection of the model (the math is in [`crate::adapters::dora`]): the
+//! norm of the adapted weight from the base rows' norms (computed once per projection) and the
+//! frozen projection of `A`'s rows, then the adapted projection rescaled, through the
+//! [`Backend`], so it runs wherever the model does.
+
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use crate::{
+    adapters::{Lora, dora},
+    backend::{Backend, DropoutMask, FrozenLinear},
+};
+
+/// A frozen projection's row norms squared, `‖Wᵢ‖²` `[out]` in f32, computed on first use
+/// (from the dequantized weight where it is NF4, as PEFT computes them).
+#[derive(Clone, Debug, Default)]
+pub(super) struct RowNorms(OnceLock<Tensor>);
+
+impl RowNorms {
+    pub(super) fn squared(&self, base: &FrozenLinear, device: &Device) -> Result<Tensor> {
+        if let Some(norms) = self.0.get() {
+            return Ok(norms.clone());
+        }
+        let norms = base
+            .weight()
+            .to_dense(device, DType::F32)?
+            .sqr()?
+            .sum(1)?
+            .detach();
+        Ok(self.0.get_or_init(|| norms).clone())
+    }
+}
+
+/// DoRA's `r = m / ‖W + s·B·A‖` `[out]` in f32 for `lora` on `base`, differentiable in the
+/// magnitude alone. `dtype` is the model's compute dtype.
+pub(super) fn scale(
+    backend: &dyn Backend,
+    base: &FrozenLinear,
+    norms: &RowNorms,
+    lora: &Lora,
+    dtype: DType,
+) -> Result<Tensor> {
+    let Some(magnitude) = &lora.magnitude else {
+        candle_core::bail!("DoRA's scale of a pair without a magnitude");
+    };
+    let device = magnitude.device();
+    let a_w = backend.frozen(&lora.a.detach().to_dtype(dtype)?, base)?;
+    let a_w = without_bias(&a_w, base)?;
+    let norm = dora::weight_norm(&norms.squared(base, device)?, &a_w, lora)?;
+    dora::scale(magnitude, &norm)
+}
+
+/// The DoRA projection of training and evaluation: PEFT's
+/// `W·x + b + (r − 1) ⊙ W·drop(x) + r ⊙ s·B·A·drop(x)`, differentiable in `x`, `A`, `B` and
+/// the magnitude. Without dropout that is `r ⊙ (adapted(x) − b) + b`; with it,
+/// `adapted(x, mask) + (r − 1) ⊙ (adapted(drop(x)) − b)`, which costs a second adapted
+/// projection (PEFT, too, runs the base layer twice then).
+pub(super) fn adapted(
+    backend: &dyn Backend,
+    base: &FrozenLinear,
+    norms: &RowNorms,
+    x: &Tensor,
+    lora: &Lora,
+    mask: Option<DropoutMask>,
+) -> Result<Tensor> {
+    let r = scale(backend, base, norms, lora, x.dtype())?;
+    match mask {
+        None => dora::rescale(&backend.adapted(x, base, lora, None)?, &r, base.bias()),
+        Some(mask) => {
+            let dropped = (x * mask.tensor(x.dims(), x.device(), x.dtype())?)?;
+            let again = without_bias(&backend.adapted(&dropped, base, lora, None)?, base)?;
+            let extra = again.broadcast_mul(&r.affine(1.0, -1.0)?.to_dtype(again.dtype())?)?;
+            backend.adapted(x, base, lora, Some(mask))? + extra
+        }
+    }
+}
+
+fn without_bias(y: &Tensor, base: &FrozenLinear) -> Result<Tensor> {
+    match base.bias() {
+        Some(b) => y.broadcast_sub(&b.to_dtype(y.dtype())?),
+        None => Ok(y.clone()),
+    }
+}
