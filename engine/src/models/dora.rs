@@ -82,3 +82,96 @@ fn without_bias(y: &Tensor, base: &FrozenLinear) -> Result<Tensor> {
         None => Ok(y.clone()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+    use crate::{
+        adapters::Site,
+        backend::{Dropout, FrozenWeight, check, cpu::Cpu, cuda::Cuda},
+    };
+
+    /// PEFT's DoRA forward for a linear (`DoraLinearVariant.forward` with dropout, peft 0.21),
+    /// written out with candle's ops on a dense weight: `W·x + b + (r − 1) ⊙ W·drop(x) +
+    /// r ⊙ s·B·A·drop(x)`, `r = m / ‖W + s·B·A‖` with the norm detached.
+    fn pefts(
+        w: &Tensor,
+        bias: &Tensor,
+        [x, a, b, m]: [&Tensor; 4],
+        scale: f64,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let dense = (w + (b.matmul(a)? * scale)?)?;
+        let norm = dense.sqr()?.sum(1)?.sqrt()?.detach();
+        let r = (m / norm)?;
+        let dropped = match mask {
+            Some(mask) => (x * mask)?,
+            None => x.clone(),
+        };
+        let base = x.broadcast_matmul(&w.t()?)?.broadcast_add(bias)?;
+        let base_dropped = dropped.broadcast_matmul(&w.t()?)?;
+        let lora = (dropped
+            .broadcast_matmul(&a.t()?)?
+            .broadcast_matmul(&b.t()?)?
+            * scale)?;
+        (base + base_dropped.broadcast_mul(&r.affine(1.0, -1.0)?)?)? + lora.broadcast_mul(&r)?
+    }
+
+    /// Both backends' DoRA projection, with and without dropout, against PEFT's form: the
+    /// same values and the same gradients for `x`, `A`, `B` and the magnitude.
+    #[test]
+    fn dora_with_and_without_dropout_is_pefts() -> Result<()> {
+        let device = Device::Cpu;
+        let (out, input, rank, scale) = (6, 8, 3, 1.5);
+        let w = Tensor::randn(0f32, 0.5, (out, input), &device)?;
+        let bias = Tensor::randn(0f32, 1.0, out, &device)?;
+        let base = FrozenLinear::new(FrozenWeight::Dense(w.clone()), Some(bias.clone()));
+        let inputs = [
+            Tensor::randn(0f32, 1.0, (2, 5, input), &device)?,
+            Tensor::randn(0f32, 0.4, (rank, input), &device)?,
+            Tensor::randn(0f32, 0.4, (out, rank), &device)?,
+            (w.sqr()?.sum(1)?.sqrt()? * 1.3)?,
+        ];
+        for backend in [&Cpu as &dyn Backend, &Cuda] {
+            for p in [0.0, 0.3] {
+                let mask = (p > 0.0).then(|| {
+                    Dropout {
+                        p,
+                        seed: 7,
+                        first_row: 0,
+                    }
+                    .at(1, Site::VProj)
+                });
+                let mask_tensor = mask
+                    .map(|m| m.tensor(&[2, 5, input], &device, DType::F32))
+                    .transpose()?;
+                let norms = RowNorms::default();
+                check::same_values_and_gradients(
+                    &inputs,
+                    |t| {
+                        let lora = Lora {
+                            a: t[1].clone(),
+                            b: t[2].clone(),
+                            scale,
+                            magnitude: Some(t[3].clone()),
+                        };
+                        adapted(backend, &base, &norms, &t[0], &lora, mask)
+                    },
+                    |t| {
+                        pefts(
+                            &w,
+                            &bias,
+                            [&t[0], &t[1], &t[2], &t[3]],
+                            scale,
+                            mask_tensor.as_ref(),
+                        )
+                    },
+                    1e-4,
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
