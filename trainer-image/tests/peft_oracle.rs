@@ -548,6 +548,25 @@ fn qlora_adapters_trained_on_qwen3_gemmas_and_phi3_give_graft_logits_in_peft() {
     }
 }
 
+/// DoRA on a GGUF base is refused by name before anything is read (the schema refuses a
+/// `.gguf` URI at apply; the trainer refuses a GGUF file however it got there).
+#[test]
+fn dora_on_a_gguf_base_is_refused_by_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("model.Q4_1.gguf");
+    std::fs::write(&model, b"GGUF").expect("a file");
+    let (code, message) = train_refused(
+        dir.path(),
+        &model,
+        "{quantization: nf4, lora: {rank: 4, alpha: 8, useDora: true}}",
+    );
+    assert_eq!(code, 2, "{message}");
+    assert!(
+        message.contains("useDora") && message.contains("GGUF"),
+        "{message}"
+    );
+}
+
 /// A Phi-3 model has no separate q/k/v (PEFT would find no such module either): targeting
 /// them is refused by name, listing the projections it has.
 #[test]
