@@ -97,26 +97,27 @@ mod tests {
     /// written out with candle's ops on a dense weight: `W·x + b + (r − 1) ⊙ W·drop(x) +
     /// r ⊙ s·B·A·drop(x)`, `r = m / ‖W + s·B·A‖` with the norm detached.
     fn pefts(
-        w: &Tensor,
+        weight: &Tensor,
         bias: &Tensor,
-        [x, a, b, m]: [&Tensor; 4],
+        [x, lora_a, lora_b, magnitude]: [&Tensor; 4],
         scale: f64,
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let dense = (w + (b.matmul(a)? * scale)?)?;
+        let dense = (weight + (lora_b.matmul(lora_a)? * scale)?)?;
         let norm = dense.sqr()?.sum(1)?.sqrt()?.detach();
-        let r = (m / norm)?;
+        let ratio = (magnitude / norm)?;
         let dropped = match mask {
             Some(mask) => (x * mask)?,
             None => x.clone(),
         };
-        let base = x.broadcast_matmul(&w.t()?)?.broadcast_add(bias)?;
-        let base_dropped = dropped.broadcast_matmul(&w.t()?)?;
+        let base = x.broadcast_matmul(&weight.t()?)?.broadcast_add(bias)?;
+        let base_dropped = dropped.broadcast_matmul(&weight.t()?)?;
         let lora = (dropped
-            .broadcast_matmul(&a.t()?)?
-            .broadcast_matmul(&b.t()?)?
+            .broadcast_matmul(&lora_a.t()?)?
+            .broadcast_matmul(&lora_b.t()?)?
             * scale)?;
-        (base + base_dropped.broadcast_mul(&r.affine(1.0, -1.0)?)?)? + lora.broadcast_mul(&r)?
+        (base + base_dropped.broadcast_mul(&ratio.affine(1.0, -1.0)?)?)?
+            + lora.broadcast_mul(&ratio)?
     }
 
     /// Both backends' DoRA projection, with and without dropout, against PEFT's form: the
