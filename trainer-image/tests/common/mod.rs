@@ -74,7 +74,15 @@ pub fn tiny_llama_on(precision: Precision, device: &Device, dtype: DType) -> Lla
 }
 
 pub fn attach(model: &mut Llama, seed: u64) -> Adapters {
-    let config = AdapterConfig::new(4, 8.0, 0.1, false, &Site::SEPARATE);
+    attach_with(model, seed, false)
+}
+
+/// [`attach`], with DoRA's magnitudes where `use_dora`.
+pub fn attach_with(model: &mut Llama, seed: u64, use_dora: bool) -> Adapters {
+    let config = AdapterConfig {
+        use_dora,
+        ..AdapterConfig::new(4, 8.0, 0.1, false, &Site::SEPARATE)
+    };
     Adapters::attach(model, config, &Site::SEPARATE, seed).expect("adapters")
 }
 
