@@ -79,31 +79,37 @@ fn an_adapter_with_rank_and_alpha_patterns_gives_pefts_logits() {
 }
 
 /// DoRA (PEFT's `use_dora`): a magnitude per output row of each projection, the adapted rows
-/// rescaled to it. Qwen2's q/k/v have a bias, which the rescaling leaves out.
+/// rescaled to it. Qwen2's q/k/v have a bias, which the rescaling leaves out; Phi-3's
+/// magnitudes are per row of its fused q/k/v and gate/up.
 #[test]
 fn a_peft_dora_adapter_gives_pefts_logits_within_1e_4() {
-    let adapter = peft_adapter("qwen2-peft-dora");
-    assert!(adapter.config.use_dora);
-    assert_eq!(adapter.weights.len(), 14, "two layers, every site");
-    assert!(adapter.weights.values().all(|l| l.magnitude.is_some()));
-    let (ids, expected) = reference(&tiny("qwen2-peft-dora"));
-    let mut with_adapter = model("qwen2", Precision::Dense);
-    with_adapter.apply_adapter(&adapter).expect("fits");
-    let diff = max_abs_diff(&with_adapter.forward(&ids).expect("forward"), &expected);
-    assert!(diff < 1e-4, "logits differ from PEFT's by {diff}");
+    for (name, sites) in [("qwen2", 7), ("phi3", 4)] {
+        let dir = format!("{name}-peft-dora");
+        let adapter = peft_adapter(&dir);
+        assert!(adapter.config.use_dora);
+        assert_eq!(adapter.weights.len(), 2 * sites, "two layers, every site");
+        assert!(adapter.weights.values().all(|l| l.magnitude.is_some()));
+        let (ids, expected) = reference(&tiny(&dir));
+        let mut with_adapter = model(name, Precision::Dense);
+        with_adapter.apply_adapter(&adapter).expect("fits");
+        let diff = max_abs_diff(&with_adapter.forward(&ids).expect("forward"), &expected);
+        assert!(diff < 1e-4, "{name}: logits differ from PEFT's by {diff}");
 
-    // The magnitudes matter: the same pairs as plain LoRA are far off.
-    let mut plain = model("qwen2", Precision::Dense);
-    for (&(layer, site), lora) in &adapter.weights {
-        let mut lora = lora.clone();
-        lora.magnitude = None;
-        plain.set_lora(layer, site, Some(lora));
+        // The magnitudes matter: the same pairs as plain LoRA are far off.
+        let mut plain = model(name, Precision::Dense);
+        for (&(layer, site), lora) in &adapter.weights {
+            let mut lora = lora.clone();
+            lora.magnitude = None;
+            plain.set_lora(layer, site, Some(lora));
+        }
+        let off = max_abs_diff(&plain.forward(&ids).expect("forward"), &expected);
+        assert!(
+            off > 1e-2,
+            "{name}: without magnitudes the logits differ by only {off}"
+        );
     }
-    let off = max_abs_diff(&plain.forward(&ids).expect("forward"), &expected);
-    assert!(
-        off > 1e-2,
-        "without magnitudes the logits differ by only {off}"
-    );
+    let adapter = peft_adapter("qwen2-peft-dora");
+    let (ids, expected) = reference(&tiny("qwen2-peft-dora"));
 
     // Written with PEFT's key for the magnitude, and read back the same.
     let (config, weights) = adapter.to_bytes().expect("writes");

@@ -15,15 +15,16 @@ use graft_engine::{
 };
 
 /// The families with a PEFT-made adapter: the model and the adapter's directory.
-const WITH_PEFT: [(&str, &str); 7] = [
+const WITH_PEFT: [(&str, &str); 8] = [
     ("llama", "llama-peft"),
     ("llama", "llama-peft-patterns"),
     ("qwen3", "qwen3-peft"),
     ("gemma3", "gemma3-peft"),
     ("gemma2", "gemma2-peft"),
     ("phi3", "phi3-peft"),
-    // DoRA, on a model whose q/k/v have a bias.
+    // DoRA, on a model whose q/k/v have a bias, and on fused projections.
     ("qwen2", "qwen2-peft-dora"),
+    ("phi3", "phi3-peft-dora"),
 ];
 
 /// The same adapter with every B doubled: a second, different adapter of the same shape.

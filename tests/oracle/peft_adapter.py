@@ -1,7 +1,7 @@
 """Writes a LoRA adapter made by Hugging Face PEFT for the tiny Llama, Qwen3, Gemma 3, Gemma 2 and Phi-3, and
 the logits of each adapted model, for engine/tests/peft_adapter.rs and engine/tests/serving.rs;
-also Llama's with rank and alpha patterns, and a DoRA adapter for Qwen2 (whose q/k/v have a bias,
-which DoRA's magnitude must leave out):
+also Llama's with rank and alpha patterns, and DoRA adapters for Qwen2 (whose q/k/v have a bias,
+which DoRA's magnitude must leave out) and Phi-3 (fused projections):
 
     engine/tests/data/tiny/<model>-peft/adapter_config.json, adapter_model.safetensors
     engine/tests/data/tiny/<model>-peft/reference.safetensors   (input_ids, logits)
@@ -72,5 +72,6 @@ write(
     rank_pattern={"layers.1.mlp.down_proj": 2, "q_proj": 8, r"layers\.0\..*\.up_proj": 6},
     alpha_pattern={"v_proj": 16, "o_proj": 2},
 )
-# DoRA: a magnitude per output row of every adapted projection.
+# DoRA: a magnitude per output row of every adapted projection (Phi-3's of the fused ones).
 write("qwen2", 7, suffix="peft-dora", use_dora=True)
+write("phi3", 8, FUSED, suffix="peft-dora", use_dora=True)

@@ -304,7 +304,7 @@ fn a_merged_model_of_a_prequantized_base_is_refused_before_training() {
 
 /// One step's gradients: Graft's backward pass through PEFT-made adapters (per-module ranks and
 /// alphas on Llama; Phi-3's fused projections and partial rotary; DoRA on Qwen2, whose q/k/v
-/// have a bias) gives PEFT's gradients for every lora_A, lora_B and DoRA magnitude, within
+/// have a bias, and on Phi-3) gives PEFT's gradients for every lora_A, lora_B and DoRA magnitude, within
 /// 1e-3 of each tensor's largest entry.
 #[test]
 fn one_steps_gradients_equal_pefts() {
@@ -312,6 +312,7 @@ fn one_steps_gradients_equal_pefts() {
         ("llama", "llama-peft-patterns"),
         ("phi3", "phi3-peft"),
         ("qwen2", "qwen2-peft-dora"),
+        ("phi3", "phi3-peft-dora"),
     ] {
         let data = repo_root().join("engine/tests/data/tiny");
         let (model_dir, adapter_dir) = (data.join(model_name), data.join(adapter_name));
