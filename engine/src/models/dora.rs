@@ -66,11 +66,11 @@ pub(super) fn adapted(
 ) -> Result<Tensor> {
     let r = scale(backend, base, norms, lora, x.dtype())?;
     match mask {
-        None => dora::rescale(&backend.adapted(x, base, lora, None)?, &r, base.bias()),
+        None => backend.rescale_rows(&backend.adapted(x, base, lora, None)?, &r, base.bias()),
         Some(mask) => {
             let dropped = (x * mask.tensor(x.dims(), x.device(), x.dtype())?)?;
             let again = without_bias(&backend.adapted(&dropped, base, lora, None)?, base)?;
-            let extra = again.broadcast_mul(&r.affine(1.0, -1.0)?.to_dtype(again.dtype())?)?;
+            let extra = backend.rescale_rows(&again, &r.affine(1.0, -1.0)?, None)?;
             backend.adapted(x, base, lora, Some(mask))? + extra
         }
     }
