@@ -264,13 +264,7 @@ impl Llama {
     pub fn serving_adapter(&self, adapter: &Adapter) -> Result<ServingAdapter> {
         let device = self.device();
         ServingAdapter::with_dora(adapter, |layer, site, lora| {
-            let Some(projection) = self
-                .layers
-                .get(layer)
-                .and_then(|b| b.projections[site as usize].as_ref())
-            else {
-                candle_core::bail!("the model has no {} in layer {layer}", site.name());
-            };
+            let projection = self.projection_at(layer, site)?;
             let on = |t: &Tensor| t.to_device(device);
             let lora = Lora {
                 a: on(&lora.a)?,
@@ -292,17 +286,23 @@ impl Llama {
     /// The norms of the rows of the base weight of `site` in `layer`, `[out]` in f32: where
     /// DoRA's magnitude starts (PEFT's, with `B` zero).
     pub fn row_norms(&self, layer: usize, site: Site) -> Result<Tensor> {
-        let Some(projection) = self
-            .layers
-            .get(layer)
-            .and_then(|b| b.projections[site as usize].as_ref())
-        else {
-            candle_core::bail!("the model has no {} in layer {layer}", site.name());
-        };
+        let projection = self.projection_at(layer, site)?;
         projection
             .norms
             .squared(&projection.base, self.device())?
             .sqrt()
+    }
+
+    fn projection_at(&self, layer: usize, site: Site) -> Result<&Projection> {
+        self.layers
+            .get(layer)
+            .and_then(|b| b.projections[site as usize].as_ref())
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "the model has no {} in layer {layer}",
+                    site.name()
+                ))
+            })
     }
 
     /// Whether every pair of `adapter` has a layer here and its projection's shape.
