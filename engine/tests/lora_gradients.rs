@@ -29,6 +29,7 @@ fn attach(model: &mut Llama) -> Result<Vec<(Site, Var, Var)>> {
                 a: a.as_tensor().clone(),
                 b: b.as_tensor().clone(),
                 scale: 2.0,
+                magnitude: None,
             };
             model.set_lora(layer, site, Some(lora));
             vars.push((site, a, b));

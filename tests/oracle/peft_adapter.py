@@ -1,5 +1,7 @@
 """Writes a LoRA adapter made by Hugging Face PEFT for the tiny Llama, Qwen3, Gemma 3, Gemma 2 and Phi-3, and
-the logits of each adapted model, for engine/tests/peft_adapter.rs and engine/tests/serving.rs:
+the logits of each adapted model, for engine/tests/peft_adapter.rs and engine/tests/serving.rs;
+also Llama's with rank and alpha patterns, and DoRA adapters for Qwen2 (whose q/k/v have a bias,
+which DoRA's magnitude must leave out) and Phi-3 (fused projections):
 
     engine/tests/data/tiny/<model>-peft/adapter_config.json, adapter_model.safetensors
     engine/tests/data/tiny/<model>-peft/reference.safetensors   (input_ids, logits)
@@ -38,9 +40,12 @@ def write(name, seed, targets=SEPARATE, suffix="peft", **patterns):
     )
     model = get_peft_model(base, config).eval()
     # A trained-looking adapter: B is zero at init, which would make the test vacuous.
+    # DoRA's magnitudes start at the base rows' norms; they are moved off them by up to 20%.
     with torch.no_grad():
         for param_name, param in model.named_parameters():
-            if "lora_" in param_name:
+            if "lora_magnitude_vector" in param_name:
+                param.mul_(1.0 + 0.2 * (2.0 * torch.rand_like(param) - 1.0))
+            elif "lora_" in param_name:
                 param.normal_(0.0, 0.3)
     model.save_pretrained(out)
     input_ids = torch.randint(0, base.config.vocab_size, (2, 9))
@@ -67,3 +72,6 @@ write(
     rank_pattern={"layers.1.mlp.down_proj": 2, "q_proj": 8, r"layers\.0\..*\.up_proj": 6},
     alpha_pattern={"v_proj": 16, "o_proj": 2},
 )
+# DoRA: a magnitude per output row of every adapted projection (Phi-3's of the fused ones).
+write("qwen2", 7, suffix="peft-dora", use_dora=True)
+write("phi3", 8, FUSED, suffix="peft-dora", use_dora=True)

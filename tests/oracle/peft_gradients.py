@@ -1,7 +1,8 @@
 """One training step's gradients, PEFT's against Graft's: loads a base model and a PEFT adapter
 (trainable, dropout off), computes the mean next-token cross-entropy over the given ids, runs
-backward, and compares the gradient of every lora_A / lora_B with Graft's
-(trainer-image/tests/peft_oracle.rs writes them under PEFT's tensor names):
+backward, and compares the gradient of every lora_A / lora_B (and DoRA's
+lora_magnitude_vector) with Graft's (trainer-image/tests/peft_oracle.rs writes them under the
+names of PEFT's parameters, less the adapter's name):
 
     --model DIR        the base model
     --adapter DIR      a PEFT adapter (adapter_config.json, adapter_model.safetensors)

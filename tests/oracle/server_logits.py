@@ -1,6 +1,7 @@
 """Compares graft-server's next-token distribution with Hugging Face transformers + PEFT.
 
-For the base model, an adapter PEFT creates here (random, non-zero B), and an adapter Graft
+For the base model, an adapter PEFT creates here (random, non-zero B), a DoRA adapter PEFT
+creates here (the same, with magnitudes moved off the adapted rows' norms), and an adapter Graft
 trained (--graft-adapter, a directory), it asks the server for greedy tokens with the top-20
 log-probabilities by token id (vLLM's `return_tokens_as_token_ids`) and checks each against
 log_softmax of PEFT's logits for the same ids, at every generated position (so the server's
@@ -44,6 +45,20 @@ config = LoraConfig(
 )
 get_peft_model(AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32), config).save_pretrained(peft_dir)
 
+# DoRA's magnitudes start at the adapted rows' norms, where DoRA computes what LoRA does: they
+# are moved off them by up to 20%.
+dora_dir = Path(args.work) / "peft-dora"
+dora_config = LoraConfig(
+    r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, use_dora=True,
+    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+)
+dora_model = get_peft_model(AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32), dora_config)
+with torch.no_grad():
+    for param_name, param in dora_model.named_parameters():
+        if "lora_magnitude_vector" in param_name:
+            param.mul_(1.0 + 0.2 * (2.0 * torch.rand_like(param) - 1.0))
+dora_model.save_pretrained(dora_dir)
+
 
 def put(name, directory):
     weights = (Path(directory) / "adapter_model.safetensors").read_bytes()
@@ -57,11 +72,13 @@ def put(name, directory):
 
 
 put("peft-created", peft_dir)
+put("peft-dora", dora_dir)
 put("graft-trained", args.graft_adapter)
 
 client = openai.OpenAI(base_url=args.url + "/v1", api_key="not-needed", max_retries=0)
 worst = 0.0
-for name, directory in [(args.base_name, None), ("peft-created", peft_dir), ("graft-trained", Path(args.graft_adapter))]:
+adapters = [(args.base_name, None), ("peft-created", peft_dir), ("peft-dora", dora_dir), ("graft-trained", Path(args.graft_adapter))]
+for name, directory in adapters:
     model = base if directory is None else PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32), directory
     ).eval()

@@ -1,5 +1,6 @@
-//! The trainable adapters: one LoRA A/B pair per (layer, target site), as candle `Var`s that
-//! the model's LoRA layers share storage with, so an optimizer step is seen by the next forward.
+//! The trainable adapters: one LoRA A/B pair per (layer, target site), and with DoRA its
+//! magnitude, as candle `Var`s that the model's LoRA layers share storage with, so an optimizer
+//! step is seen by the next forward.
 
 use candle_core::{Result, Tensor, Var};
 use graft_engine::{
@@ -17,6 +18,8 @@ pub struct Pair {
     pub b: Var,
     /// `alpha / rank` of this pair (`rank_pattern` / `alpha_pattern` may set its own).
     pub scale: f64,
+    /// DoRA's magnitude `[out]`, starting at the base rows' norms as PEFT's does.
+    pub magnitude: Option<Var>,
 }
 
 #[derive(Debug)]
@@ -51,12 +54,18 @@ impl Adapters {
                 let shape = model.site_shape(site).unwrap_or_default();
                 let (rank, scale) = config.pair(layer, site);
                 let lora = Lora::init_with(config.init(), rank, shape, scale, &mut rng, &device)?;
+                let magnitude = if config.use_dora {
+                    Some(Var::from_tensor(&model.row_norms(layer, site)?)?)
+                } else {
+                    None
+                };
                 pairs.push(Pair {
                     layer,
                     site,
                     a: Var::from_tensor(&lora.a)?,
                     b: Var::from_tensor(&lora.b)?,
                     scale,
+                    magnitude,
                 });
             }
         }
@@ -71,24 +80,27 @@ impl Adapters {
                 a: pair.a.as_tensor().clone(),
                 b: pair.b.as_tensor().clone(),
                 scale: pair.scale,
+                magnitude: pair.magnitude.as_ref().map(|m| m.as_tensor().clone()),
             };
             model.set_lora(pair.layer, pair.site, Some(lora));
         }
     }
 
-    /// Every trainable tensor, A then B for each pair, in a fixed order (the optimizer's).
+    /// Every trainable tensor, A then B (then DoRA's magnitude) for each pair, in a fixed
+    /// order (the optimizer's).
     pub fn vars(&self) -> Vec<Var> {
         self.pairs
             .iter()
-            .flat_map(|p| [p.a.clone(), p.b.clone()])
+            .flat_map(|p| {
+                [p.a.clone(), p.b.clone()]
+                    .into_iter()
+                    .chain(p.magnitude.clone())
+            })
             .collect()
     }
 
     pub fn trainable_parameters(&self) -> u64 {
-        self.pairs
-            .iter()
-            .map(|p| (p.a.elem_count() + p.b.elem_count()) as u64)
-            .sum()
+        self.vars().iter().map(|v| v.elem_count() as u64).sum()
     }
 
     /// Overwrites the weights with `adapter`'s (a checkpoint of this same run).
@@ -103,6 +115,15 @@ impl Adapters {
             };
             pair.a.set(&saved.a.to_device(pair.a.device())?)?;
             pair.b.set(&saved.b.to_device(pair.b.device())?)?;
+            match (&pair.magnitude, &saved.magnitude) {
+                (Some(var), Some(saved)) => var.set(&saved.to_device(var.device())?)?,
+                (None, None) => {}
+                _ => candle_core::bail!(
+                    "the checkpoint's {} of layer {} and this run's differ in DoRA (use_dora)",
+                    pair.site.name(),
+                    pair.layer,
+                ),
+            }
         }
         Ok(())
     }
@@ -120,6 +141,7 @@ impl Adapters {
                         a: copy(&p.a)?,
                         b: copy(&p.b)?,
                         scale: p.scale,
+                        magnitude: p.magnitude.as_ref().map(copy).transpose()?,
                     },
                 ))
             })

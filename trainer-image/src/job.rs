@@ -133,6 +133,12 @@ pub fn run(
     let model_files = rt
         .block_on(source::fetch(&model_uri, &model_location, cache_dir))
         .map_err(model_source_error)?;
+    // The schema refuses a `.gguf` URI; this catches any other way to a GGUF file.
+    if spec.method.lora.use_dora && matches!(model_files, models::ModelFiles::Gguf(_)) {
+        return Err(JobError::bad(
+            "method.lora.useDora needs a Hugging Face safetensors base model, not a GGUF file",
+        ));
+    }
     let base = models::Checkpoint::open(model_files)
         .map_err(|e| JobError::bad(format!("base model: {e}")))?;
     let model_digest = base.digest().map_err(model_source_error)?;
@@ -412,6 +418,7 @@ fn load_model(
                 ));
             }
         },
+        use_dora: lora.use_dora,
         ..AdapterConfig::new(rank, lora.alpha, lora.dropout, lora.use_rslora, &sites)
     };
     adapter_config

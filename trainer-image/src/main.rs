@@ -119,6 +119,9 @@ enum Command {
         /// nf4 (QLoRA) or none.
         #[arg(long, default_value = "nf4")]
         quantization: String,
+        /// DoRA (`method.lora.useDora`).
+        #[arg(long)]
+        dora: bool,
     },
 }
 
@@ -159,7 +162,8 @@ fn main() -> ExitCode {
             seq,
             rank,
             quantization,
-        } => memory_model(config.as_deref(), batch, seq, rank, &quantization)
+            dora,
+        } => memory_model(config.as_deref(), batch, seq, rank, &quantization, dora)
             .map_err(|e| JobError::BadInput(format!("{e:#}"))),
         Command::MakeTinyModel {
             out,
@@ -207,6 +211,7 @@ fn memory_model(
     seq: usize,
     rank: usize,
     quantization: &str,
+    dora: bool,
 ) -> anyhow::Result<()> {
     let text = match config {
         Some(path) => {
@@ -228,12 +233,14 @@ fn memory_model(
         precision,
         compute_bytes: 2,
         dropout: true,
+        dora,
         runtime_bytes: 1 << 30,
     };
     let estimate = memory::training_step(&config, &shape);
     #[allow(clippy::print_stdout)]
     {
-        println!("batch {batch} × {seq} tokens, rank {rank}, {quantization}, bf16:");
+        let dora = if dora { ", DoRA" } else { "" };
+        println!("batch {batch} × {seq} tokens, rank {rank}{dora}, {quantization}, bf16:");
         print!("{}", estimate.table());
     }
     Ok(())

@@ -124,12 +124,16 @@ fn evaluation_stays_within_a_training_step_and_the_model_accounts_for_a_step() {
         seed: 3,
         first_row: 0,
     });
-    for device_backend in [false, true] {
+    let cases = [(false, false), (true, false), (false, true), (true, true)];
+    for (device_backend, use_dora) in cases {
         let (mut model, config) = model();
         if device_backend {
             model = model.with_backend(&Cuda);
         }
-        let adapter_config = AdapterConfig::new(rank, 16.0, 0.1, false, &Site::SEPARATE);
+        let adapter_config = AdapterConfig {
+            use_dora,
+            ..AdapterConfig::new(rank, 16.0, 0.1, false, &Site::SEPARATE)
+        };
         let adapters =
             Adapters::attach(&mut model, adapter_config, &Site::SEPARATE, 1).expect("adapters");
         let vars = adapters.vars();
@@ -142,7 +146,7 @@ fn evaluation_stays_within_a_training_step_and_the_model_accounts_for_a_step() {
         let (loss, eval_peak) = peak_of(|| eval_loss_sum(&model, &batch));
         let loss = loss.expect("evaluation");
         assert!(loss.is_finite() && loss > 0.0, "{loss}");
-        let backend = model.backend().name();
+        let backend = format!("{}, DoRA {use_dora}", model.backend().name());
         eprintln!("{backend}: training step {train_peak} B, evaluation {eval_peak} B");
         assert!(
             eval_peak <= train_peak,
@@ -160,6 +164,7 @@ fn evaluation_stays_within_a_training_step_and_the_model_accounts_for_a_step() {
                     precision: Precision::Nf4,
                     compute_bytes: 4,
                     dropout: true,
+                    dora: use_dora,
                     runtime_bytes: 0,
                 },
             );

@@ -234,11 +234,18 @@ fn a_merged_model_gives_base_plus_adapter_logits_in_graft_and_transformers() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    merged_and_peft_agree("merged", dir.path(), &adapter_dir);
+}
+
+/// The merged model `output.merged` wrote beside the adapter in `adapter_dir` gives Graft's
+/// base + adapter logits, in Graft and (loaded by transformers alone) in transformers, and
+/// PEFT gives them from the adapter.
+fn merged_and_peft_agree(label: &str, dir: &Path, adapter_dir: &Path) {
     let merged_dir = adapter_dir.join("merged");
     for file in ["config.json", "model.safetensors", "tokenizer.json"] {
         assert!(merged_dir.join(file).is_file(), "merged/{file}");
     }
-    let adapter = read_adapter(&adapter_dir);
+    let adapter = read_adapter(adapter_dir);
     let ids = input_ids();
     let mut with_adapter = dense_model(&tiny_model());
     with_adapter.apply_adapter(&adapter).expect("fits");
@@ -258,7 +265,7 @@ fn a_merged_model_gives_base_plus_adapter_logits_in_graft_and_transformers() {
         "merged logits differ from base + adapter by {diff}"
     );
 
-    let reference = dir.path().join("graft-logits.safetensors");
+    let reference = dir.join("graft-logits.safetensors");
     let tensors = HashMap::from([
         (
             "input_ids".to_owned(),
@@ -268,11 +275,11 @@ fn a_merged_model_gives_base_plus_adapter_logits_in_graft_and_transformers() {
     ]);
     candle_core::safetensors::save(&tensors, &reference).expect("write the reference");
     run_oracle(
-        "merged",
+        label,
         "graft_adapter_in_peft.py",
         &[
             ("--model", &tiny_model()),
-            ("--adapter", &adapter_dir),
+            ("--adapter", adapter_dir),
             ("--reference", &reference),
             ("--merged", &merged_dir),
         ],
@@ -303,11 +310,17 @@ fn a_merged_model_of_a_prequantized_base_is_refused_before_training() {
 }
 
 /// One step's gradients: Graft's backward pass through PEFT-made adapters (per-module ranks and
-/// alphas on Llama; Phi-3's fused projections and partial rotary) gives PEFT's gradients for
-/// every lora_A and lora_B, within 1e-4 of each tensor's largest entry.
+/// alphas on Llama; Phi-3's fused projections and partial rotary; DoRA on Qwen2, whose q/k/v
+/// have a bias, and on Phi-3) gives PEFT's gradients for every lora_A, lora_B and DoRA magnitude, within
+/// 1e-3 of each tensor's largest entry.
 #[test]
 fn one_steps_gradients_equal_pefts() {
-    for (model_name, adapter_name) in [("llama", "llama-peft-patterns"), ("phi3", "phi3-peft")] {
+    for (model_name, adapter_name) in [
+        ("llama", "llama-peft-patterns"),
+        ("phi3", "phi3-peft"),
+        ("qwen2", "qwen2-peft-dora"),
+        ("phi3", "phi3-peft-dora"),
+    ] {
         let data = repo_root().join("engine/tests/data/tiny");
         let (model_dir, adapter_dir) = (data.join(model_name), data.join(adapter_name));
         let adapter = read_adapter(&adapter_dir);
@@ -318,13 +331,18 @@ fn one_steps_gradients_equal_pefts() {
                 Var::from_tensor(&lora.a).expect("var"),
                 Var::from_tensor(&lora.b).expect("var"),
             );
+            let magnitude = lora
+                .magnitude
+                .as_ref()
+                .map(|m| Var::from_tensor(m).expect("var"));
             let pair = graft_engine::adapters::Lora {
                 a: a.as_tensor().clone(),
                 b: b.as_tensor().clone(),
                 scale: lora.scale,
+                magnitude: magnitude.as_ref().map(|m| m.as_tensor().clone()),
             };
             model.set_lora(layer, site, Some(pair));
-            vars.push((layer, site, a, b));
+            vars.push((layer, site, a, b, magnitude));
         }
         let ids = Tensor::new(
             &[
@@ -351,8 +369,15 @@ fn one_steps_gradients_equal_pefts() {
             ),
             ("loss".to_owned(), loss.reshape(1).expect("loss")),
         ]);
-        for (layer, site, a, b) in &vars {
-            for (half, var) in [("A", a), ("B", b)] {
+        for (layer, site, a, b, magnitude) in &vars {
+            // Named as PEFT's parameters are (`oracle/peft_gradients.py` drops `.default`).
+            let halves = [
+                ("A", Some(a)),
+                ("B", Some(b)),
+                ("magnitude_vector", magnitude.as_ref()),
+            ];
+            for (half, var) in halves {
+                let Some(var) = var else { continue };
                 let key = format!(
                     "base_model.model.model.layers.{layer}.{}.lora_{half}.weight",
                     site.path()
@@ -374,6 +399,48 @@ fn one_steps_gradients_equal_pefts() {
             ],
         );
     }
+}
+
+/// `useDora`: trained on the NF4 base with dropout (the magnitudes from the dequantized
+/// weights' norms, as PEFT's), published with PEFT's `lora_magnitude_vector`s, and merged
+/// (`output.merged`). PEFT computes Graft's logits from the adapter on the dense base, and the
+/// merged model gives them too, in Graft and in transformers.
+#[test]
+fn a_dora_adapter_trained_by_graft_gives_graft_logits_in_peft_and_merged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let method = "{quantization: nf4, lora: {rank: 4, alpha: 8, dropout: 0.1, useDora: true, \
+                  targetModules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]}}";
+    let (out, adapter_dir) = run_trainer_with(dir.path(), &tiny_model(), method, ", merged: true");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let adapter = read_adapter(&adapter_dir);
+    assert!(adapter.config.use_dora);
+    // The magnitudes start at the norms of the NF4 base's rows, dequantized, and training
+    // moves them.
+    let nf4 = {
+        let text = std::fs::read_to_string(tiny_model().join("config.json")).expect("config");
+        let config = Config::from_json(&text).expect("config");
+        let vb = load_weights(&tiny_model(), DType::F32, &Device::Cpu).expect("weights");
+        Llama::load(&vb, &config, Precision::Nf4).expect("NF4 model")
+    };
+    for (&(layer, site), lora) in &adapter.weights {
+        let magnitude = lora.magnitude.as_ref().expect("a magnitude per module");
+        let start = nf4.row_norms(layer, site).expect("norms");
+        let moved = max_abs(&(magnitude - &start).expect("diff"));
+        assert!(
+            moved > 1e-3,
+            "the magnitude of layer {layer} {} did not move from the base norms ({moved})",
+            site.name()
+        );
+    }
+    merged_and_peft_agree(
+        "DoRA (NF4, dropout), applied to the f32 base",
+        dir.path(),
+        &adapter_dir,
+    );
 }
 
 #[test]
@@ -449,6 +516,25 @@ fn qlora_adapters_trained_on_qwen3_gemmas_and_phi3_give_graft_logits_in_peft() {
             ),
         );
     }
+}
+
+/// DoRA on a GGUF base is refused by name before anything is read (the schema refuses a
+/// `.gguf` URI at apply; the trainer refuses a GGUF file however it got there).
+#[test]
+fn dora_on_a_gguf_base_is_refused_by_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("model.Q4_1.gguf");
+    std::fs::write(&model, b"GGUF").expect("a file");
+    let (code, message) = train_refused(
+        dir.path(),
+        &model,
+        "{quantization: nf4, lora: {rank: 4, alpha: 8, useDora: true}}",
+    );
+    assert_eq!(code, 2, "{message}");
+    assert!(
+        message.contains("useDora") && message.contains("GGUF"),
+        "{message}"
+    );
 }
 
 /// A Phi-3 model has no separate q/k/v (PEFT would find no such module either): targeting

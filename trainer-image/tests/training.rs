@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use common::{assert_same_gradients, attach, mapping, move_b_off_zero, tiny_llama};
+use common::{assert_same_gradients, attach, attach_with, mapping, move_b_off_zero, tiny_llama};
 use graft_api::Scheduler;
 use graft_engine::{
     backend::Dropout,
@@ -127,11 +127,53 @@ fn a_micro_batch_split_across_threads_gives_the_same_loss_and_gradients() {
     }
 }
 
+/// DoRA's magnitudes (dropout on, NF4): recomputed layers and a micro-batch split across
+/// threads give the whole graph's loss and gradients, for A, B and the magnitudes.
+#[test]
+fn dora_gradients_are_the_same_recomputed_and_split_across_threads() {
+    let mut model = tiny_llama(Precision::Nf4);
+    let adapters = attach_with(&mut model, 5, true);
+    move_b_off_zero(&adapters);
+    let vars = adapters.vars();
+    let batch = collate(&mapping(5).iter().collect::<Vec<_>>(), 0, &Device::Cpu).expect("batch");
+    let dropout = Some(Dropout {
+        p: 0.1,
+        seed: 9,
+        first_row: 0,
+    });
+    let whole = sharded_step(1, &model, &vars, &batch, 6.0, dropout, false).expect("whole");
+    for (shards, recompute) in [(1, true), (3, true), (3, false)] {
+        let other =
+            sharded_step(shards, &model, &vars, &batch, 6.0, dropout, recompute).expect("step");
+        assert!((whole.loss_sum - other.loss_sum).abs() < 1e-4);
+        let compared = assert_same_gradients(
+            &whole.grads,
+            &other.grads,
+            &format!("{shards} shards, recompute {recompute}"),
+        );
+        assert_eq!(
+            compared,
+            3 * 7 * 2,
+            "A, B and the magnitude of 7 sites in 2 layers"
+        );
+    }
+}
+
 #[test]
 fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
+    resumed_run_ends_where_an_uninterrupted_one_does(false);
+}
+
+/// The magnitudes and their AdamW moments are in the checkpoint too.
+#[test]
+fn a_resumed_dora_run_ends_where_an_uninterrupted_one_does() {
+    resumed_run_ends_where_an_uninterrupted_one_does(true);
+}
+
+fn resumed_run_ends_where_an_uninterrupted_one_does(use_dora: bool) {
     let run = |interrupt_after: Option<usize>| -> Vec<f32> {
         let mut model = tiny_llama(Precision::Nf4);
-        let adapters = attach(&mut model, 7);
+        let adapters = attach_with(&mut model, 7, use_dora);
         let mut trainer = Trainer::new(model, adapters, settings(3, 2), mapping(10), mapping(2))
             .expect("trainer");
         let mut recorder = Recorder::default();
@@ -149,7 +191,7 @@ fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
         })
         .expect("checkpoint reads back");
         let mut model = tiny_llama(Precision::Nf4);
-        let adapters = attach(&mut model, 7);
+        let adapters = attach_with(&mut model, 7, use_dora);
         let mut resumed = Trainer::new(model, adapters, settings(3, 2), mapping(10), mapping(2))
             .expect("trainer");
         resumed.resume(checkpoint).expect("resume");

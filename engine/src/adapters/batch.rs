@@ -1,6 +1,7 @@
 //! A mixed serving batch's adapters: every sequence may use its own adapter (or none), and no
 //! adapter is ever merged into a copy of the base weights. The backends add each sequence's
-//! `B · A · x · scale` onto the base projection of its rows (`Backend::mixed`).
+//! `B · A · x · scale` onto the base projection of its rows (`Backend::mixed`); a DoRA
+//! adapter's rows are then rescaled by its `r` ([`super::dora::rescale_segments`]).
 
 use std::{collections::BTreeMap, ops::Range};
 
@@ -15,14 +16,31 @@ pub struct ServingLora {
     pub(crate) a: Tensor,
     pub(crate) b_t: Tensor,
     pub(crate) scale: f64,
+    /// DoRA's `r = m / ‖W + s·B·A‖` `[out]`, computed once against the base weights.
+    pub(crate) dora: Option<Tensor>,
 }
 
 impl ServingLora {
+    /// A plain LoRA pair; a DoRA pair needs its `r` ([`Self::with_dora`]).
     pub fn new(lora: &Lora) -> Result<Self> {
+        if lora.magnitude.is_some() {
+            candle_core::bail!(
+                "a DoRA pair is served with its scale against the base weights (Llama::serving_adapter)"
+            );
+        }
+        Self::with_dora(lora, None)
+    }
+
+    /// The pair, with DoRA's `r` `[out]` where it has a magnitude.
+    pub fn with_dora(lora: &Lora, dora: Option<Tensor>) -> Result<Self> {
+        if lora.magnitude.is_some() != dora.is_some() {
+            candle_core::bail!("a DoRA pair needs its scale, and only a DoRA pair has one");
+        }
         Ok(Self {
             a: lora.a.detach().contiguous()?,
             b_t: lora.b.detach().t()?.contiguous()?,
             scale: lora.scale,
+            dora: dora.map(|r| r.detach()),
         })
     }
 
@@ -33,6 +51,7 @@ impl ServingLora {
             a: place(&self.a)?,
             b_t: place(&self.b_t)?,
             scale: self.scale,
+            dora: self.dora.as_ref().map(place).transpose()?,
         })
     }
 
@@ -53,11 +72,31 @@ pub struct ServingAdapter {
 }
 
 impl ServingAdapter {
+    /// A plain LoRA adapter; a DoRA adapter is laid out by `Llama::serving_adapter`, which
+    /// has the base weights its scales need.
     pub fn new(adapter: &Adapter) -> Result<Self> {
+        Self::with_dora(adapter, |_, _, _| {
+            candle_core::bail!(
+                "a DoRA adapter is served with its scales against the base weights (Llama::serving_adapter)"
+            )
+        })
+    }
+
+    /// Every pair, each DoRA pair with the `r` that `dora` gives for it.
+    pub fn with_dora(
+        adapter: &Adapter,
+        mut dora: impl FnMut(usize, Site, &Lora) -> Result<Tensor>,
+    ) -> Result<Self> {
         let pairs = adapter
             .weights
             .iter()
-            .map(|(&key, lora)| Ok((key, ServingLora::new(lora)?)))
+            .map(|(&(layer, site), lora)| {
+                let r = match lora.magnitude {
+                    Some(_) => Some(dora(layer, site, lora)?),
+                    None => None,
+                };
+                Ok(((layer, site), ServingLora::with_dora(lora, r)?))
+            })
             .collect::<Result<_>>()?;
         Ok(Self { pairs })
     }

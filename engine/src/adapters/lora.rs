@@ -18,7 +18,7 @@ pub fn scaling(alpha: f64, rank: usize, use_rslora: bool) -> f64 {
     }
 }
 
-/// One adapter's A and B for one projection.
+/// One adapter's A and B for one projection, and DoRA's magnitude where it has one.
 #[derive(Clone, Debug)]
 pub struct Lora {
     /// `[rank, in]`.
@@ -26,6 +26,9 @@ pub struct Lora {
     /// `[out, rank]`.
     pub b: Tensor,
     pub scale: f64,
+    /// DoRA's magnitude `[out]` (PEFT's `lora_magnitude_vector`): the adapted weight's rows
+    /// are rescaled to these norms (see [`super::dora`]). `None`: plain LoRA.
+    pub magnitude: Option<Tensor>,
 }
 
 /// How a fresh pair's `A` is drawn (PEFT's `init_lora_weights`); `B` starts at zero either way.
@@ -65,6 +68,7 @@ impl Lora {
             a: Tensor::from_vec(a, (rank, input), device)?,
             b: Tensor::zeros((out, rank), DType::F32, device)?,
             scale,
+            magnitude: None,
         })
     }
 
@@ -92,6 +96,7 @@ impl Lora {
             a: self.a.detach(),
             b: self.b.detach(),
             scale: self.scale,
+            magnitude: self.magnitude.as_ref().map(Tensor::detach),
         }
     }
 
@@ -165,6 +170,7 @@ mod tests {
             a: Tensor::new(&[[1f32, 0.0], [0.0, 2.0]], &device)?,
             b: Tensor::new(&[[1f32, 1.0]], &device)?,
             scale: 0.5,
+            magnitude: None,
         };
         let delta = lora.delta(&Tensor::new(&[[3f32, 4.0]], &device)?)?;
         // A·x = [3, 8]; B·(A·x) = 11; × 0.5.

@@ -143,9 +143,6 @@ impl AdapterConfig {
         if self.peft_type != "LORA" {
             return unsupported(&format!("peft_type {:?} (only LORA)", self.peft_type));
         }
-        if self.use_dora {
-            return unsupported("use_dora (DoRA)");
-        }
         if self.bias != "none" {
             return unsupported(&format!("bias {:?} (only \"none\")", self.bias));
         }
@@ -250,13 +247,28 @@ fn key(layer: usize, site: Site, half: char) -> String {
     )
 }
 
-/// `(layer, site, 'A' | 'B')` of a PEFT key (with or without PEFT's adapter name).
+/// DoRA's magnitude of `site` of `layer`, as PEFT saves it.
+fn magnitude_key(layer: usize, site: Site) -> String {
+    format!(
+        "base_model.model.model.layers.{layer}.{}.lora_magnitude_vector",
+        site.path()
+    )
+}
+
+/// `(layer, site, 'A' | 'B' | 'M')` of a PEFT key (with or without PEFT's adapter name);
+/// `'M'` is DoRA's magnitude (`lora_magnitude_vector`, which PEFT saves without `.weight`).
 fn parse_key(key: &str) -> Option<(usize, Site, char)> {
     let rest = key.strip_prefix("base_model.model.model.layers.")?;
     let (layer, rest) = rest.split_once('.')?;
     let (module, rest) = rest.split_once(".lora_")?;
-    let half = rest.chars().next()?;
-    let tail = &rest[half.len_utf8()..];
+    let (half, tail) = match rest.strip_prefix("magnitude_vector") {
+        Some("") => ('M', ".weight"),
+        Some(tail) => ('M', tail),
+        None => {
+            let half = rest.chars().next()?;
+            (half, &rest[half.len_utf8()..])
+        }
+    };
     if !(tail == ".weight" || tail.ends_with(".weight") && tail.starts_with('.')) {
         return None;
     }
@@ -264,6 +276,9 @@ fn parse_key(key: &str) -> Option<(usize, Site, char)> {
     (site.path() == module).then_some(())?;
     Some((layer.parse().ok()?, site, half))
 }
+
+/// A pair's `A`, `B` and DoRA magnitude as they are read.
+type Parts = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
 
 impl Adapter {
     /// Reads PEFT's two files.
@@ -275,7 +290,7 @@ impl Adapter {
         let config: AdapterConfig = serde_json::from_slice(config_json)?;
         config.check()?;
         let tensors = candle_core::safetensors::load_buffer(safetensors, device)?;
-        let mut halves: BTreeMap<(usize, Site), (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+        let mut halves: BTreeMap<(usize, Site), Parts> = BTreeMap::new();
         for (name, tensor) in tensors {
             let (layer, site, half) =
                 parse_key(&name).ok_or_else(|| PeftError::UnexpectedKey(name.clone()))?;
@@ -284,17 +299,33 @@ impl Adapter {
             match half {
                 'A' => entry.0 = Some(tensor),
                 'B' => entry.1 = Some(tensor),
+                // A magnitude in an adapter that is not DoRA would be silently ignored.
+                'M' if config.use_dora => entry.2 = Some(tensor),
                 _ => return Err(PeftError::UnexpectedKey(name)),
             }
         }
         let weights = halves
             .into_iter()
             .map(|((layer, site), pair)| match pair {
-                (Some(a), Some(b)) => {
+                (Some(a), Some(b), magnitude) => {
+                    if config.use_dora && magnitude.is_none() {
+                        return Err(PeftError::Mismatch(format!(
+                            "use_dora is set but {} of layer {layer} has no lora_magnitude_vector",
+                            site.name()
+                        )));
+                    }
                     let (_, scale) = config.pair(layer, site);
-                    Ok(((layer, site), Lora { a, b, scale }))
+                    Ok((
+                        (layer, site),
+                        Lora {
+                            a,
+                            b,
+                            scale,
+                            magnitude,
+                        },
+                    ))
                 }
-                (a, _) => Err(PeftError::HalfPair {
+                (a, _, _) => Err(PeftError::HalfPair {
                     layer,
                     site: site.name(),
                     missing: if a.is_none() { 'A' } else { 'B' },
@@ -317,6 +348,12 @@ impl Adapter {
                 key(layer, site, 'B'),
                 lora.b.to_dtype(DType::F32)?.contiguous()?,
             ));
+            if let Some(magnitude) = &lora.magnitude {
+                tensors.push((
+                    magnitude_key(layer, site),
+                    magnitude.to_dtype(DType::F32)?.contiguous()?,
+                ));
+            }
         }
         let metadata = HashMap::from([("format".to_owned(), "pt".to_owned())]);
         let weights = safetensors::serialize(tensors, Some(metadata))
@@ -358,6 +395,15 @@ impl Adapter {
                     )));
                 }
             }
+            if let Some(magnitude) = &lora.magnitude
+                && magnitude.dims() != [out]
+            {
+                return Err(PeftError::Mismatch(format!(
+                    "the DoRA magnitude of {} of layer {layer} is {:?}, the model needs [{out}]",
+                    site.name(),
+                    magnitude.dims()
+                )));
+            }
         }
         Ok(())
     }
@@ -377,6 +423,16 @@ mod tests {
             parse_key("base_model.model.model.layers.0.mlp.down_proj.lora_B.default.weight"),
             Some((0, Site::DownProj, 'B'))
         );
+        assert_eq!(
+            parse_key("base_model.model.model.layers.1.self_attn.v_proj.lora_magnitude_vector"),
+            Some((1, Site::VProj, 'M'))
+        );
+        assert_eq!(
+            parse_key(
+                "base_model.model.model.layers.1.mlp.up_proj.lora_magnitude_vector.default.weight"
+            ),
+            Some((1, Site::UpProj, 'M'))
+        );
         assert_eq!(parse_key("base_model.model.lm_head.weight"), None);
         assert_eq!(
             parse_key("base_model.model.model.layers.0.self_attn.gate_proj.lora_A.weight"),
@@ -390,8 +446,7 @@ mod tests {
     #[test]
     fn features_graft_cannot_honour_are_refused_by_name() {
         let base = AdapterConfig::new(8, 16.0, 0.0, false, &[Site::QProj]);
-        let cases: [(&str, Change); 7] = [
-            ("DoRA", Box::new(|c| c.use_dora = true)),
+        let cases: [(&str, Change); 6] = [
             ("bias", Box::new(|c| c.bias = "all".to_owned())),
             (
                 "modules_to_save",

@@ -117,6 +117,12 @@ pub trait Backend: std::fmt::Debug + Send + Sync {
     /// `silu(gate) · up`.
     fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor>;
 
+    /// DoRA's `r ⊙ (z − b) + b` for `z` `[.., out]` and `r` `[out]` (`b` frozen),
+    /// differentiable in `z` and `r`. Composed of candle's ops unless a backend fuses it.
+    fn rescale_rows(&self, z: &Tensor, r: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        crate::adapters::dora::rescale(z, r, bias)
+    }
+
     /// `gelu_tanh(gate) · up` (Gemma's MLP), differentiable. Composed of candle's ops (the
     /// tanh approximation, with a backward) on every backend until one has a reason to fuse it.
     fn gelu_tanh_gated(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {

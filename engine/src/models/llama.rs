@@ -13,6 +13,7 @@ use candle_nn::VarBuilder;
 
 use super::{
     config::{Activation, Config},
+    dora::{self, RowNorms},
     rope::Rope,
 };
 use crate::{
@@ -46,6 +47,25 @@ pub enum Mode {
 struct Projection {
     base: FrozenLinear,
     lora: Option<Lora>,
+    /// The base rows' norms, for DoRA.
+    norms: RowNorms,
+}
+
+impl Projection {
+    /// `x` through the base and `lora`, DoRA's way where the pair has a magnitude.
+    fn adapted(
+        &self,
+        backend: &dyn Backend,
+        x: &Tensor,
+        lora: &Lora,
+        mask: Option<backend::DropoutMask>,
+    ) -> Result<Tensor> {
+        if lora.magnitude.is_some() {
+            dora::adapted(backend, &self.base, &self.norms, x, lora, mask)
+        } else {
+            backend.adapted(x, &self.base, lora, mask)
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -237,6 +257,53 @@ impl Llama {
             self.set_lora(layer, site, Some(lora.clone()));
         }
         Ok(())
+    }
+
+    /// `adapter` laid out for serving on this model's device in its dtype, each DoRA pair
+    /// with its `r` computed once against the base weights. Check it fits first
+    /// ([`Self::check_adapter`]).
+    pub fn serving_adapter(&self, adapter: &Adapter) -> Result<ServingAdapter> {
+        let device = self.device();
+        ServingAdapter::with_dora(adapter, |layer, site, lora| {
+            let projection = self.projection_at(layer, site)?;
+            let on = |t: &Tensor| t.to_device(device);
+            let lora = Lora {
+                a: on(&lora.a)?,
+                b: on(&lora.b)?,
+                scale: lora.scale,
+                magnitude: lora.magnitude.as_ref().map(on).transpose()?,
+            };
+            dora::scale(
+                self.backend,
+                &projection.base,
+                &projection.norms,
+                &lora,
+                self.dtype(),
+            )
+        })?
+        .to(device, self.dtype())
+    }
+
+    /// The norms of the rows of the base weight of `site` in `layer`, `[out]` in f32: where
+    /// DoRA's magnitude starts (PEFT's, with `B` zero).
+    pub fn row_norms(&self, layer: usize, site: Site) -> Result<Tensor> {
+        let projection = self.projection_at(layer, site)?;
+        projection
+            .norms
+            .squared(&projection.base, self.device())?
+            .sqrt()
+    }
+
+    fn projection_at(&self, layer: usize, site: Site) -> Result<&Projection> {
+        self.layers
+            .get(layer)
+            .and_then(|b| b.projections[site as usize].as_ref())
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "the model has no {} in layer {layer}",
+                    site.name()
+                ))
+            })
     }
 
     /// Whether every pair of `adapter` has a layer here and its projection's shape.
@@ -623,9 +690,9 @@ impl Pass for Sequences<'_> {
             (None, _) => backend.frozen(x, &projection.base),
             (Some(lora), Mode::Train(dropout)) => {
                 let mask = dropout.filter(|d| d.p > 0.0).map(|d| d.at(layer, site));
-                backend.adapted(x, &projection.base, lora, mask)
+                projection.adapted(backend, x, lora, mask)
             }
-            (Some(lora), Mode::Eval) => backend.adapted(x, &projection.base, &lora.detach(), None),
+            (Some(lora), Mode::Eval) => projection.adapted(backend, x, &lora.detach(), None),
         }
     }
 
@@ -675,7 +742,8 @@ impl Pass for Batch<'_, '_, '_> {
                 lora: s.adapter.and_then(|a| a.get(layer, site)),
             })
             .collect();
-        backend.mixed(x, &projection.base, &loras)
+        let y = backend.mixed(x, &projection.base, &loras)?;
+        crate::adapters::dora::rescale_segments(y, &loras, projection.base.bias())
     }
 
     fn attend(
@@ -720,7 +788,11 @@ fn load_block(vb: &VarBuilder<'_>, config: &Config, precision: Precision) -> Res
             bias,
             precision,
         )?;
-        Ok(Projection { base, lora: None })
+        Ok(Projection {
+            base,
+            lora: None,
+            norms: RowNorms::default(),
+        })
     };
     let bias = config.qkv_bias;
     let norm = |name: &str, size: usize| load_norm(&vb.pp(name), size, config);

@@ -1,6 +1,7 @@
 //! Base + adapter merged into a standalone Hugging Face model, for users who serve elsewhere:
 //! every adapted projection's weight becomes `W + scale · B · A` (computed in f32, stored in the
-//! checkpoint's own dtype), every other tensor and file is the base's unchanged, and the
+//! checkpoint's own dtype; a DoRA pair's rows are then rescaled, `r ⊙ (W + scale · B · A)` with
+//! `r = m / ‖W + scale · B · A‖`, as PEFT merges DoRA), every other tensor and file is the base's unchanged, and the
 //! safetensors files keep their names and grouping, so a shard index stays valid as it is.
 
 use std::{
@@ -129,7 +130,16 @@ fn merge_file(
                         .to_dtype(DType::F32)?
                         .matmul(&lora.a.to_dtype(DType::F32)?)?
                         * lora.scale)?;
-                    (tensor.to_dtype(DType::F32)? + delta)?.to_dtype(tensor.dtype())
+                    let merged = (tensor.to_dtype(DType::F32)? + delta)?;
+                    let merged = match &lora.magnitude {
+                        Some(magnitude) => {
+                            let norm = merged.sqr()?.sum_keepdim(1)?.sqrt()?;
+                            let r = (magnitude.to_dtype(DType::F32)?.unsqueeze(1)? / norm)?;
+                            merged.broadcast_mul(&r)?
+                        }
+                        None => merged,
+                    };
+                    merged.to_dtype(tensor.dtype())
                 };
                 merge().map_err(|source| MergeError::Tensor {
                     name: name.clone(),

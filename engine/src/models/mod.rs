@@ -2,6 +2,7 @@
 
 mod checkpoint;
 mod config;
+mod dora;
 mod gguf;
 mod llama;
 mod merge;

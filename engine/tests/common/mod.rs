@@ -107,6 +107,7 @@ pub fn attach(model: &mut Llama) -> Result<Vec<Var>> {
                     a: a.as_tensor().clone(),
                     b: b.as_tensor().clone(),
                     scale: 2.0,
+                    magnitude: None,
                 }),
             );
             vars.extend([a, b]);

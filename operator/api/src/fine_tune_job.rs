@@ -31,6 +31,12 @@ const PACKING_OR_LENGTH_GROUPS: &str = "!has(self.spec.training) || \
      !has(self.spec.training.packing) || !self.spec.training.packing || \
      !has(self.spec.training.groupByLength) || !self.spec.training.groupByLength";
 
+/// DoRA's magnitudes are the norms of the exact base weights it was trained on, and the
+/// runtimes that serve GGUF files (llama.cpp and its kin) have no DoRA.
+const DORA_NEEDS_SAFETENSORS: &str = "!has(self.spec.method) || !has(self.spec.method.lora) || \
+     !has(self.spec.method.lora.useDora) || !self.spec.method.lora.useDora || \
+     !self.spec.baseModel.uri.endsWith('.gguf')";
+
 /// Once the operator has started a job (`status.startTime` is set) its spec is frozen: a changed
 /// model, dataset, method, training or output would silently describe a run that never happened.
 /// `suspend`, `resources` and `image` stay mutable so Kueue-style admission and re-scheduling work.
@@ -58,6 +64,9 @@ const IMMUTABLE_AFTER_START: &str = "!has(oldSelf.status) || !has(oldSelf.status
     validation = Rule::new(IMMUTABLE_AFTER_START)
         .message("spec.baseModel, spec.dataset, spec.method, spec.training and spec.output are immutable once the job has started")
         .field_path(".spec")
+        .reason(Reason::FieldValueForbidden),
+    validation = Rule::new(DORA_NEEDS_SAFETENSORS)
+        .message("spec.method.lora.useDora needs a Hugging Face safetensors base model, not a .gguf file: DoRA's magnitudes are norms of the exact base weights, and GGUF runtimes have no DoRA")
         .reason(Reason::FieldValueForbidden),
     validation = Rule::new(NEEDS_VALIDATION_SPLIT)
         .message("spec.training.keepBest and spec.training.earlyStoppingPatience need evaluations: set spec.dataset.validationFraction above 0")
@@ -218,6 +227,12 @@ pub struct LoraConfig {
     /// Use rank-stabilised scaling alpha/sqrt(r).
     #[serde(default)]
     pub use_rslora: bool,
+    /// DoRA (PEFT's `use_dora`): besides A and B, train a magnitude per output row of each
+    /// target module, and rescale the adapted weight's rows to it. Published in PEFT's format
+    /// (`lora_magnitude_vector`), served by Graft in mixed batches without merging. Needs a
+    /// safetensors base model (not a `.gguf` file).
+    #[serde(default)]
+    pub use_dora: bool,
     /// Linear layers that get an adapter.
     #[serde(default = "default_target_modules")]
     #[schemars(length(min = 1, max = 7), extend("x-kubernetes-list-type" = "set"))]
@@ -260,6 +275,7 @@ impl Default for LoraConfig {
             alpha: default_alpha(),
             dropout: default_dropout(),
             use_rslora: false,
+            use_dora: false,
             target_modules: default_target_modules(),
             rank_pattern: BTreeMap::new(),
             alpha_pattern: BTreeMap::new(),

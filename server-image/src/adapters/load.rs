@@ -168,8 +168,10 @@ pub fn read(
         .llama
         .check_adapter(&adapter)
         .map_err(|e| LoadError::Invalid(format!("{uri}: {e}")))?;
-    let serving = ServingAdapter::new(&adapter)
-        .and_then(|s| s.to(model.llama.device(), model.llama.dtype()))
+    // DoRA's scales are computed here, once, against the base weights.
+    let serving = model
+        .llama
+        .serving_adapter(&adapter)
         .map_err(|e| LoadError::Invalid(format!("{uri}: {e}")))?;
     Ok(LoadedAdapter {
         uri: uri.to_owned(),

@@ -214,6 +214,38 @@ async fn keeping_the_best_and_stopping_early_need_a_validation_split() {
     );
 }
 
+/// DoRA's magnitudes are norms of the exact base weights, and GGUF runtimes have no DoRA:
+/// `useDora` with a `.gguf` base is refused at apply; with a safetensors base it is stored.
+#[tokio::test]
+async fn dora_needs_a_safetensors_base_model() {
+    let (client, ns) = setup("ftj-dora").await;
+    let api = dynamic_api::<FineTuneJob>(&client, &ns);
+    let mut job = valid_job("dora-gguf");
+    job["spec"]["baseModel"]["uri"] = json!("s3://models/llama-3.2-1b/model-q8_0.gguf");
+    job["spec"]["method"]["lora"]["useDora"] = json!(true);
+    let message = rejected(&api, job).await;
+    assert_names(&message, &["spec.method.lora.useDora", ".gguf"]);
+
+    let mut job = valid_job("lora-gguf");
+    job["spec"]["baseModel"]["uri"] = json!("s3://models/llama-3.2-1b/model-q8_0.gguf");
+    let object: DynamicObject = serde_json::from_value(job).expect("manifest");
+    api.create(&PostParams::default(), &object)
+        .await
+        .expect("plain LoRA on a GGUF base is accepted");
+
+    let mut job = valid_job("dora");
+    job["spec"]["method"]["lora"]["useDora"] = json!(true);
+    let object: DynamicObject = serde_json::from_value(job).expect("manifest");
+    let stored = api
+        .create(&PostParams::default(), &object)
+        .await
+        .expect("DoRA on a safetensors base is accepted");
+    assert_eq!(
+        stored.data["spec"]["method"]["lora"]["useDora"],
+        json!(true)
+    );
+}
+
 #[tokio::test]
 async fn packing_is_accepted_alone_and_refused_with_length_grouping() {
     let (client, ns) = setup("ftj-packing").await;

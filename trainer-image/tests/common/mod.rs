@@ -74,7 +74,15 @@ pub fn tiny_llama_on(precision: Precision, device: &Device, dtype: DType) -> Lla
 }
 
 pub fn attach(model: &mut Llama, seed: u64) -> Adapters {
-    let config = AdapterConfig::new(4, 8.0, 0.1, false, &Site::SEPARATE);
+    attach_with(model, seed, false)
+}
+
+/// [`attach`], with DoRA's magnitudes where `use_dora`.
+pub fn attach_with(model: &mut Llama, seed: u64, use_dora: bool) -> Adapters {
+    let config = AdapterConfig {
+        use_dora,
+        ..AdapterConfig::new(4, 8.0, 0.1, false, &Site::SEPARATE)
+    };
     Adapters::attach(model, config, &Site::SEPARATE, seed).expect("adapters")
 }
 
@@ -144,7 +152,8 @@ fn largest(t: &Tensor) -> f32 {
 /// mantissa, and a tiny model's few activations give no averaging to shrink its rounding.
 /// Measured with these fixed inputs: loss 0.17% (dense) and 1.0% (NF4), the worst gradient
 /// 8.7% (dense) and 37% (NF4, whose bf16 dequantized weights round once more); a wrong
-/// gradient (a missing term, a transposed weight) is off by 100% or more.
+/// gradient (a missing term, a transposed weight) is off by 100% or more. With DoRA too (A, B
+/// and the magnitudes).
 pub fn device_step_matches_the_cpu_backend(device: &Device) {
     let examples = mapping(4);
     let rows: Vec<_> = examples.iter().collect();
@@ -153,9 +162,12 @@ pub fn device_step_matches_the_cpu_backend(device: &Device) {
         seed: 21,
         first_row: 0,
     });
-    for precision in [Precision::Dense, Precision::Nf4] {
+    let cases = [false, true]
+        .into_iter()
+        .flat_map(|dora| [(dora, Precision::Dense), (dora, Precision::Nf4)]);
+    for (use_dora, precision) in cases {
         let mut cpu_model = tiny_llama(precision);
-        let cpu_adapters = attach(&mut cpu_model, 5);
+        let cpu_adapters = attach_with(&mut cpu_model, 5, use_dora);
         move_b_off_zero(&cpu_adapters);
         let batch = collate(&rows, 0, &Device::Cpu).expect("batch");
         let expected = micro_step(&cpu_model, &cpu_adapters.vars(), &batch, 8.0, dropout, true)
@@ -164,9 +176,9 @@ pub fn device_step_matches_the_cpu_backend(device: &Device) {
         for (dtype, loss_tolerance, grad_tolerance) in
             [(DType::F32, 1e-4, 1e-4), (DType::BF16, 2e-2, 0.5)]
         {
-            let what = format!("{precision:?} {dtype:?} on {device:?}");
+            let what = format!("{precision:?} {dtype:?} on {device:?}, DoRA {use_dora}");
             let mut model = tiny_llama_on(precision, device, dtype).with_backend(&Cuda);
-            let adapters = attach(&mut model, 5);
+            let adapters = attach_with(&mut model, 5, use_dora);
             adapters.load(&weights).expect("same adapter weights");
             let batch = collate(&rows, 0, device).expect("batch");
             let actual = micro_step(&model, &adapters.vars(), &batch, 8.0, dropout, true)
@@ -175,6 +187,12 @@ pub fn device_step_matches_the_cpu_backend(device: &Device) {
             assert!(
                 loss_error < loss_tolerance,
                 "{what}: loss off by {loss_error}"
+            );
+            let per_pair = if use_dora { 3 } else { 2 };
+            assert_eq!(
+                actual.grads.len(),
+                per_pair * 7 * 2,
+                "{what}: every tensor of 14 pairs"
             );
             for (device_grad, cpu_grad) in actual.grads.iter().zip(&expected.grads) {
                 let c = cpu_grad.as_ref().expect("a gradient");

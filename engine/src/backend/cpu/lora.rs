@@ -228,6 +228,7 @@ mod tests {
                 a: t[1].clone(),
                 b: t[2].clone(),
                 scale: 2.0,
+                magnitude: None,
             };
             // x, A and B (random, not zero as at init, so B's path matters too).
             let inputs = [

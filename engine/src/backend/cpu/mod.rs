@@ -21,6 +21,7 @@ mod linear;
 mod lora;
 mod math;
 mod norm;
+mod rescale;
 mod rotary;
 mod softmax;
 mod swiglu;
@@ -63,6 +64,14 @@ impl Backend for Cpu {
 
     fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         swiglu::swiglu(gate, up)
+    }
+
+    fn rescale_rows(&self, z: &Tensor, r: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        if gemm::is_cpu_f32(z) && gemm::is_cpu_f32(r) {
+            rescale::rescale(z, r, bias)
+        } else {
+            crate::adapters::dora::rescale(z, r, bias)
+        }
     }
 
     fn attention(
