@@ -214,14 +214,19 @@ pub struct LoraConfig {
     #[serde(default = "default_target_modules")]
     #[schemars(length(min = 1, max = 7), extend("x-kubernetes-list-type" = "set"))]
     pub target_modules: Vec<TargetModule>,
-    /// How A starts (PEFT's `init_lora_weights`; B starts at zero): `kaiming` (PEFT's default,
-    /// uniform in ±1/√in) or `gaussian` (normal, standard deviation 1/r). `loftq` is refused:
-    /// it replaces the base weights with a re-quantized copy, and Graft trains on the base as
-    /// given.
+    /// How the adapter starts (PEFT's `init_lora_weights`): `kaiming` (PEFT's default, A
+    /// uniform in ±1/√in, B zero), `gaussian` (A normal with standard deviation 1/r, B zero),
+    /// `olora` (B, A from a QR of each targeted base weight) or `pissa` (B, A from its top r
+    /// singular values and vectors). With `olora` and `pissa` the trainer takes scale·B·A out
+    /// of the base weight (before NF4 quantizes it, with QLoRA), recomputing it from the base
+    /// when a run resumes, and publishes a plain LoRA of rank 2r for the original base, as
+    /// PEFT's `path_initial_model_for_weight_conversion` does; they need a dense Hugging Face
+    /// checkpoint (not GGUF or pre-quantized). `loftq` is refused: it replaces the base
+    /// weights with a re-quantized copy, and Graft trains on the base as given.
     #[serde(default)]
     #[schemars(extend("x-kubernetes-validations" = [{
         "rule": "self != 'loftq'",
-        "message": "init: loftq is not supported: it replaces the base weights with a re-quantized copy; use kaiming or gaussian (with quantization: nf4 for QLoRA)",
+        "message": "init: loftq is not supported: it replaces the base weights with a re-quantized copy; use kaiming, gaussian, olora or pissa (with quantization: nf4 for QLoRA)",
         "reason": "FieldValueForbidden",
     }]))]
     pub init: LoraInit,
@@ -267,6 +272,8 @@ pub enum LoraInit {
     #[default]
     Kaiming,
     Gaussian,
+    Olora,
+    Pissa,
     /// Refused by the schema's rule, with its reason.
     Loftq,
 }
