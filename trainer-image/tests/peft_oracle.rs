@@ -489,6 +489,51 @@ fn olora_and_pissa_starts_residuals_and_one_steps_gradients_equal_pefts() {
     }
 }
 
+/// `init: olora` (f32 base, rank and alpha patterns) and `init: pissa` (QLoRA, rsLoRA): trained
+/// on the residual base, published as PEFT's weight conversion publishes (a plain LoRA of rank
+/// 2r, alphas doubled, ×√2 with rsLoRA), which PEFT loads on the unmodified base to Graft's
+/// logits.
+#[test]
+fn olora_and_pissa_adapters_trained_by_graft_give_graft_logits_in_peft_on_the_original_base() {
+    for (init, method, alpha) in [
+        (
+            "olora",
+            "{quantization: none, lora: {rank: 4, alpha: 8, dropout: 0.0, init: olora, \
+             targetModules: [q_proj, v_proj, down_proj], rankPattern: {q_proj: 2}, \
+             alphaPattern: {v_proj: 2}}}",
+            16.0,
+        ),
+        (
+            "pissa",
+            "{quantization: nf4, lora: {rank: 4, alpha: 8, dropout: 0.05, init: pissa, \
+             useRslora: true, targetModules: [q_proj, k_proj, v_proj, o_proj, gate_proj, \
+             up_proj, down_proj]}}",
+            8.0 * std::f64::consts::SQRT_2,
+        ),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        agree_on(
+            &format!("{init}, published for the original base"),
+            dir.path(),
+            &tiny_model(),
+            method,
+        );
+        let adapter = read_adapter(&dir.path().join("adapter"));
+        assert_eq!(adapter.config.r, 8, "{init}: rank 2r");
+        assert_eq!(adapter.config.init_lora_weights, serde_json::json!(true));
+        assert!((adapter.config.lora_alpha - alpha).abs() < 1e-9, "{init}");
+        for (&(layer, site), lora) in &adapter.weights {
+            let rank = lora.rank().expect("rank");
+            let expected = if init == "olora" && site == Site::QProj {
+                4
+            } else {
+                8
+            };
+            assert_eq!(rank, expected, "{init}: {} of layer {layer}", site.name());
+        }
+    }
+}
+
 #[test]
 fn a_lora_adapter_trained_by_graft_gives_graft_logits_in_peft() {
     graft_and_peft_agree(
