@@ -421,9 +421,9 @@ fn load_model(
     }
     let refuse = |why: &str| {
         JobError::bad(format!(
-            "method.lora.init: {init:?} takes the adapter's start out of the base weights, \
+            "method.lora.init: {init} takes the adapter's start out of the base weights, \
              so it needs a dense Hugging Face checkpoint; this base is {why}",
-            init = lora.init
+            init = init.peft_name().as_str().unwrap_or_default()
         ))
     };
     if matches!(base.files(), models::ModelFiles::Gguf(_)) {
@@ -437,9 +437,9 @@ fn load_model(
     let mut model = load(Some(&decomposer))?;
     let (starts, worst) = decomposer.into_starts();
     eprintln!(
-        "graft-trainer: {:?} init of {} projections in {:.1}s (largest relative residual of \
+        "graft-trainer: {} init of {} projections in {:.1}s (largest relative residual of \
          a kept singular triplet {worst:.1e})",
-        lora.init,
+        init.peft_name().as_str().unwrap_or_default(),
         starts.len(),
         started.elapsed().as_secs_f64()
     );
