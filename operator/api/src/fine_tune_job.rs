@@ -26,6 +26,13 @@ const NEEDS_VALIDATION_SPLIT: &str = "!has(self.spec.training) || \
      && !has(self.spec.training.earlyStoppingPatience)) || \
      !has(self.spec.dataset.validationFraction) || self.spec.dataset.validationFraction > 0.0";
 
+/// OLoRA and PiSSA take the adapter's start out of the dense base weights: a GGUF base (a URI
+/// ending in `.gguf`) has none to rewrite.
+const RESIDUAL_INIT_NEEDS_DENSE_BASE: &str = "!has(self.spec.method) || \
+     !has(self.spec.method.lora) || !has(self.spec.method.lora.init) || \
+     !(self.spec.method.lora.init in ['olora', 'pissa']) || \
+     !self.spec.baseModel.uri.matches('(?i)[.]gguf$')";
+
 /// Once the operator has started a job (`status.startTime` is set) its spec is frozen: a changed
 /// model, dataset, method, training or output would silently describe a run that never happened.
 /// `suspend`, `resources` and `image` stay mutable so Kueue-style admission and re-scheduling work.
@@ -57,6 +64,9 @@ const IMMUTABLE_AFTER_START: &str = "!has(oldSelf.status) || !has(oldSelf.status
     validation = Rule::new(NEEDS_VALIDATION_SPLIT)
         .message("spec.training.keepBest and spec.training.earlyStoppingPatience need evaluations: set spec.dataset.validationFraction above 0")
         .reason(Reason::FieldValueInvalid),
+    validation = Rule::new(RESIDUAL_INIT_NEEDS_DENSE_BASE)
+        .message("spec.method.lora.init: olora and pissa rewrite the base weights, which a GGUF base (spec.baseModel.uri ending in .gguf) does not hold densely: use a Hugging Face checkpoint, or init kaiming or gaussian")
+        .reason(Reason::FieldValueForbidden),
     // The name becomes the Job's name and a label value, both at most 63 characters.
     validation = Rule::new("self.metadata.name.size() <= 63")
         .message("metadata.name is at most 63 characters: it names the training Job and labels its pods")
