@@ -10,7 +10,8 @@
 //!   CPU, so the triplets come from a subspace iteration (two products with `W` per round, on
 //!   `W`'s device, in f64) on `r` + oversampling vectors, each round closed by a Rayleigh–Ritz
 //!   step (a one-sided Jacobi SVD of the small `W·Q`), until every kept triplet's residual
-//!   `‖Wᵀu − σv‖` is below [`TOLERANCE`]`·σ₁`. Singular vectors are defined up to sign; each
+//!   `‖Wᵀu − σv‖` is below [`TOLERANCE`]`·σ₁` (or, for a flat top spectrum, where the top r
+//!   are barely defined, for 200 rounds, keeping the best round's). Singular vectors are defined up to sign; each
 //!   `u` is turned so its largest entry is positive (`B₀·A₀` does not depend on it).
 
 // Linear algebra reads best in its own notation (W, Q, R, m × n).
@@ -27,7 +28,7 @@ use crate::rng::Rng;
 /// A PiSSA triplet is kept when `‖Wᵀu − σv‖ ≤ TOLERANCE·σ₁`.
 pub const TOLERANCE: f64 = 1e-9;
 /// Rounds of the subspace iteration before settling for the best estimate.
-const MAX_ROUNDS: usize = 500;
+const MAX_ROUNDS: usize = 200;
 
 /// An adapter's start taken out of a base weight, and the residual the base becomes.
 #[derive(Debug)]
@@ -40,6 +41,8 @@ pub struct Decomposed {
     pub residual: Tensor,
     /// PiSSA: the largest `‖Wᵀu − σv‖ / σ₁` of the kept triplets (0 for OLoRA).
     pub residual_norm: f64,
+    /// PiSSA: the round of the subspace iteration whose estimate was kept (0 for OLoRA).
+    pub rounds: usize,
 }
 
 /// OLoRA's start for `w` `[out, in]` (any dtype; the product stays on `w`'s device).
@@ -55,7 +58,7 @@ pub fn olora(w: &Tensor, rank: usize, scale: f64) -> Result<Decomposed> {
             a[i * n + j] = qr.cols[j * m + i];
         }
     }
-    finish(w, &a, &q, rank, scale, 0.0)
+    finish(w, &a, &q, rank, scale, (0.0, 0))
 }
 
 /// PiSSA's start for `w` `[out, in]` (any dtype; the products run on `w`'s device).
@@ -74,7 +77,7 @@ pub fn pissa(w: &Tensor, rank: usize, scale: f64) -> Result<Decomposed> {
             b_cols[i * m + j] = root * svd.u[i * m + j];
         }
     }
-    finish(w, &a, &b_cols, rank, scale, svd.residual)
+    finish(w, &a, &b_cols, rank, scale, (svd.residual, svd.rounds))
 }
 
 /// A trained OLoRA / PiSSA adapter as a plain LoRA on the original base, as PEFT's
@@ -135,7 +138,7 @@ fn finish(
     b_cols: &[f64],
     rank: usize,
     scale: f64,
-    residual_norm: f64,
+    (residual_norm, rounds): (f64, usize),
 ) -> Result<Decomposed> {
     let (m, n) = w.dims2()?;
     let device = w.device();
@@ -151,6 +154,7 @@ fn finish(
         b,
         residual,
         residual_norm,
+        rounds,
     })
 }
 
@@ -238,6 +242,7 @@ struct Singular {
     u: Vec<f64>,
     v: Vec<f64>,
     residual: f64,
+    rounds: usize,
 }
 
 fn top_singular(w: &Tensor, rank: usize) -> Result<Singular> {
@@ -249,7 +254,7 @@ fn top_singular(w: &Tensor, rank: usize) -> Result<Singular> {
     let start: Vec<f64> = (0..n * k).map(|_| f64::from(rng.normal(1.0))).collect();
     let mut q = orthonormal(start, n, k);
     let mut best: Option<Singular> = None;
-    for _ in 0..MAX_ROUNDS {
+    for round in 1..=MAX_ROUNDS {
         // C = W·Q, as Cᵀ = Qᵀ·Wᵀ: its rows are C's columns.
         let qt = Tensor::from_vec(q, (k, n), device)?;
         let c = to_host(&qt.matmul(&w.t()?)?)?;
@@ -290,6 +295,7 @@ fn top_singular(w: &Tensor, rank: usize) -> Result<Singular> {
                 u: u[..rank * m].to_vec(),
                 v: v[..rank * n].to_vec(),
                 residual,
+                rounds: round,
             });
         }
         if residual <= TOLERANCE {
