@@ -459,6 +459,28 @@ mod tests {
         assert!(base.check().is_ok());
     }
 
+    /// A PEFT file saved without the weight conversion (`init_lora_weights: "pissa"`) applies
+    /// to a rewritten base and is refused; the trainer's own checkpoints of such a run (read
+    /// with `check_checkpoint`) are not, though anything else wrong with them still is.
+    #[test]
+    fn olora_and_pissa_adapters_load_only_as_the_trainers_checkpoints() {
+        for init in ["olora", "pissa"] {
+            let config = AdapterConfig {
+                init_lora_weights: init.into(),
+                ..AdapterConfig::new(8, 16.0, 0.0, false, &[Site::QProj])
+            };
+            let error = config.check().expect_err(init);
+            assert!(error.to_string().contains(init), "{error}");
+            assert!(config.check_checkpoint().is_ok());
+            assert_eq!(config.init().peft_name(), serde_json::json!(init));
+            let dora = AdapterConfig {
+                use_dora: true,
+                ..config
+            };
+            assert!(dora.check_checkpoint().is_err());
+        }
+    }
+
     #[test]
     fn rank_and_alpha_patterns_give_each_pair_its_own_rank_and_scale() {
         let config = AdapterConfig {
