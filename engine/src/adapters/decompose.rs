@@ -3,8 +3,9 @@
 //! residual `W − scale·B₀·A₀`, and publishes `B·A − B₀·A₀` as a plain LoRA on `W`.
 //!
 //! - OLoRA: `W = Q·R` (reduced QR), `B₀ = Q[:, :r]`, `A₀ = R[:r]`. Only the first `r`
-//!   Householder steps decide those, so `r` steps are taken, `O(out·in·r)`, with LAPACK's sign
-//!   convention: `A₀` and `B₀` equal `torch.linalg.qr`'s, not only their product.
+//!   Householder steps decide those, and only `W`'s first `r` columns decide the steps; they
+//!   are taken with LAPACK's sign convention, so `A₀` and `B₀` equal `torch.linalg.qr`'s, not
+//!   only their product.
 //! - PiSSA: the top `r` singular triplets `(σ, u, v)`, `A₀ = diag(√(σ/scale))·Vᵀ`,
 //!   `B₀ = U·diag(√(σ/scale))`. A dense SVD of an 8B model's projections is out of reach on a
 //!   CPU, so the triplets come from a subspace iteration (two products with `W` per round, on
@@ -45,20 +46,52 @@ pub struct Decomposed {
     pub rounds: usize,
 }
 
-/// OLoRA's start for `w` `[out, in]` (any dtype; the product stays on `w`'s device).
+/// OLoRA's start for `w` `[out, in]` (any dtype). The reflectors come from `W`'s first `r`
+/// columns alone (on the host, `O(out·r²)`), and `R[:r] = Q[:, :r]ᵀ·W` (each `Hⱼ` with
+/// `j ≥ i` leaves row i alone, so row i of `R` is `qᵢᵀ·W`): one product on `w`'s device.
 pub fn olora(w: &Tensor, rank: usize, scale: f64) -> Result<Decomposed> {
     let (m, n) = w.dims2()?;
     check_rank(rank, m, n)?;
-    let qr = Householder::new(columns(w)?, m, n, rank);
+    let w64 = w.to_dtype(DType::F64)?;
+    let first = to_host(&w64.narrow(1, 0, rank)?.t()?.contiguous()?)?;
+    let qr = Householder::new(first, m, rank, rank);
     let q = qr.q(rank);
-    // A₀ = R[:r]: row i is column j's entry i for j ≥ i, zero left of the diagonal.
-    let mut a = vec![0f64; rank * n];
+    let qt = Tensor::from_vec(q.clone(), (rank, m), w.device())?;
+    let mut a = to_host(&qt.matmul(&w64)?)?;
+    // R is upper triangular with β on its diagonal, exactly, as `geqrf` leaves it.
     for i in 0..rank {
-        for j in i..n {
-            a[i * n + j] = qr.cols[j * m + i];
-        }
+        a[i * n..i * n + i].fill(0.0);
+        a[i * n + i] = qr.cols[i * m + i];
     }
     finish(w, &a, &q, rank, scale, (0.0, 0))
+}
+
+/// LAPACK's `dlarfg` for a column `x = [α, x₂]`: the reflector's `v` below its leading 1, `τ`
+/// and `β = −sign(α)·‖x‖`, the diagonal entry of `R` (no reflection, `τ = 0`, where `x₂` is
+/// zero).
+fn reflector(x: &[f64]) -> (Vec<f64>, f64, f64) {
+    let alpha = x[0];
+    let below = x[1..].iter().map(|v| v * v).sum::<f64>().sqrt();
+    if below == 0.0 {
+        return (vec![0.0; x.len() - 1], 0.0, alpha);
+    }
+    let beta = -alpha.hypot(below).copysign(alpha);
+    let inverse = 1.0 / (alpha - beta);
+    let tail = x[1..].iter().map(|v| v * inverse).collect();
+    (tail, (beta - alpha) / beta, beta)
+}
+
+/// The first `k` columns of `Q = H₀·H₁·…`, column-major `m × k`, from each reflector's `v`
+/// below its leading 1 (reflector i acting on rows i..) and `τ`.
+fn explicit_q(m: usize, k: usize, reflectors: &[(&[f64], f64)]) -> Vec<f64> {
+    let mut q = vec![0f64; m * k];
+    q.par_chunks_mut(m).enumerate().for_each(|(j, col)| {
+        col[j] = 1.0;
+        for (i, &(tail, tau)) in reflectors.iter().enumerate().rev() {
+            reflect(&mut col[i..], tail, tau);
+        }
+    });
+    q
 }
 
 /// PiSSA's start for `w` `[out, in]` (any dtype; the products run on `w`'s device).
@@ -158,19 +191,10 @@ fn finish(
     })
 }
 
-/// `w`'s columns, each contiguous (column-major), in f64.
-fn columns(w: &Tensor) -> Result<Vec<f64>> {
-    w.to_dtype(DType::F64)?
-        .t()?
-        .contiguous()?
-        .flatten_all()?
-        .to_device(&candle_core::Device::Cpu)?
-        .to_vec1::<f64>()
-}
-
-/// The first `steps` Householder steps of a QR of an `m × n` column-major matrix, as
-/// LAPACK's `geqrf` takes them: `cols` holds `R` on and above the diagonal and each
-/// reflector's `v` (with an implicit leading 1) below it.
+/// A Householder QR of an `m × n` column-major matrix on the host (`steps` columns), as
+/// LAPACK's `geqrf` takes it: `cols` holds `R` on and above the diagonal and each reflector's
+/// `v` (with an implicit leading 1) below it. OLoRA's reflectors, and PiSSA's orthonormal
+/// blocks.
 struct Householder {
     cols: Vec<f64>,
     m: usize,
@@ -183,21 +207,14 @@ impl Householder {
         for i in 0..steps {
             let (head, rest) = cols.split_at_mut((i + 1) * m);
             let x = &mut head[i * m + i..];
-            let alpha = x[0];
-            let below = x[1..].iter().map(|v| v * v).sum::<f64>().sqrt();
-            // `dlarfg`: no reflection where the column is already zero below the diagonal.
-            if below == 0.0 {
+            let (tail, t, beta) = reflector(x);
+            if t == 0.0 {
                 continue;
             }
-            let beta = -alpha.hypot(below).copysign(alpha);
-            tau[i] = (beta - alpha) / beta;
-            let inverse = 1.0 / (alpha - beta);
-            x[1..].iter_mut().for_each(|v| *v *= inverse);
+            tau[i] = t;
+            x[1..].copy_from_slice(&tail);
             x[0] = beta;
-            let (v, t) = (&x[1..], tau[i]);
-            if rest.is_empty() {
-                continue;
-            }
+            let v = &x[1..];
             rest.par_chunks_mut(m)
                 .take(n - i - 1)
                 .for_each(|col| reflect(&mut col[i..], v, t));
@@ -205,18 +222,16 @@ impl Householder {
         Self { cols, m, tau }
     }
 
-    /// The first `k` columns of `Q = H₀·H₁·…`, column-major `m × k`.
+    /// The first `k` columns of `Q`, column-major `m × k`.
     fn q(&self, k: usize) -> Vec<f64> {
         let m = self.m;
-        let mut q = vec![0f64; m * k];
-        q.par_chunks_mut(m).enumerate().for_each(|(j, col)| {
-            col[j] = 1.0;
-            for i in (0..self.tau.len()).rev() {
-                let v = &self.cols[i * m + i + 1..(i + 1) * m];
-                reflect(&mut col[i..], v, self.tau[i]);
-            }
-        });
-        q
+        let reflectors: Vec<(&[f64], f64)> = self
+            .tau
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| (&self.cols[i * m + i + 1..(i + 1) * m], t))
+            .collect();
+        explicit_q(m, k, &reflectors)
     }
 }
 
