@@ -2,10 +2,15 @@
 //! magnitude, as candle `Var`s that the model's LoRA layers share storage with, so an optimizer
 //! step is seen by the next forward.
 
+use std::{
+    collections::BTreeMap,
+    sync::{Mutex, PoisonError},
+};
+
 use candle_core::{Result, Tensor, Var};
 use graft_engine::{
-    adapters::{Adapter, AdapterConfig, Lora, Site},
-    models::Llama,
+    adapters::{Adapter, AdapterConfig, Init, Lora, Site, decompose},
+    models::{BaseRewrite, Llama},
     rng::Rng,
 };
 
@@ -26,6 +31,73 @@ pub struct Pair {
 pub struct Adapters {
     pub pairs: Vec<Pair>,
     pub config: AdapterConfig,
+    /// OLoRA / PiSSA: each pair's start, taken out of the base (see [`Decomposer`]); the
+    /// published adapter subtracts it so it applies to the original base.
+    pub initial: Option<BTreeMap<(usize, Site), Lora>>,
+}
+
+/// OLoRA's and PiSSA's starts, computed from each targeted projection as the base is loaded
+/// (before NF4 quantizes it), the base keeping the residual `W − scale·B₀·A₀`. Nothing of it is
+/// stored: a resumed run recomputes the same residual from the same base.
+#[derive(Debug)]
+pub struct Decomposer<'a> {
+    config: &'a AdapterConfig,
+    sites: &'a [Site],
+    starts: Mutex<BTreeMap<(usize, Site), Lora>>,
+    /// PiSSA's largest relative residual `‖Wᵀu − σv‖ / σ₁` over the kept triplets.
+    worst: Mutex<f64>,
+}
+
+impl<'a> Decomposer<'a> {
+    pub fn new(config: &'a AdapterConfig, sites: &'a [Site]) -> Self {
+        Self {
+            config,
+            sites,
+            starts: Mutex::default(),
+            worst: Mutex::new(0.0),
+        }
+    }
+
+    /// The starts, by (layer, site), and PiSSA's largest relative residual.
+    pub fn into_starts(self) -> (BTreeMap<(usize, Site), Lora>, f64) {
+        let worst = self
+            .worst
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner);
+        let starts = self
+            .starts
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner);
+        (starts, worst)
+    }
+}
+
+impl BaseRewrite for Decomposer<'_> {
+    fn applies(&self, _layer: usize, site: Site) -> bool {
+        self.sites.contains(&site)
+    }
+
+    fn rewrite(&self, layer: usize, site: Site, weight: &Tensor) -> Result<Tensor> {
+        let (rank, scale) = self.config.pair(layer, site);
+        let parts = match self.config.init() {
+            Init::Olora => decompose::olora(weight, rank, scale)?,
+            Init::Pissa => decompose::pissa(weight, rank, scale)?,
+            other => candle_core::bail!("{other:?} does not rewrite the base"),
+        };
+        let mut worst = self.worst.lock().unwrap_or_else(PoisonError::into_inner);
+        *worst = worst.max(parts.residual_norm);
+        let start = Lora {
+            a: parts.a,
+            b: parts.b,
+            scale,
+            magnitude: None,
+        };
+        self.starts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert((layer, site), start);
+        Ok(parts.residual)
+    }
 }
 
 impl Adapters {
@@ -69,9 +141,53 @@ impl Adapters {
                 });
             }
         }
-        let adapters = Self { pairs, config };
+        let adapters = Self {
+            pairs,
+            config,
+            initial: None,
+        };
         adapters.install(model);
         Ok(adapters)
+    }
+
+    /// Adapters starting from `starts` (a [`Decomposer`]'s), on a model loaded with it.
+    pub fn attach_decomposed(
+        model: &mut Llama,
+        config: AdapterConfig,
+        starts: BTreeMap<(usize, Site), Lora>,
+    ) -> Result<Self> {
+        let device = model.device().clone();
+        let pairs = starts
+            .iter()
+            .map(|(&(layer, site), start)| {
+                let var = |t: &Tensor| Var::from_tensor(&t.to_device(&device)?.copy()?);
+                Ok(Pair {
+                    layer,
+                    site,
+                    a: var(&start.a)?,
+                    b: var(&start.b)?,
+                    scale: start.scale,
+                    // The job refuses DoRA with a rewritten base.
+                    magnitude: None,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let adapters = Self {
+            pairs,
+            config,
+            initial: Some(starts),
+        };
+        adapters.install(model);
+        Ok(adapters)
+    }
+
+    /// `adapter` (a snapshot of these) as it is published: for OLoRA / PiSSA, converted to a
+    /// plain LoRA on the original base ([`decompose::on_original_base`]).
+    pub fn publishable(&self, adapter: &Adapter) -> Result<Adapter> {
+        match &self.initial {
+            Some(initial) => decompose::on_original_base(adapter, initial),
+            None => Ok(adapter.clone()),
+        }
     }
 
     fn install(&self, model: &mut Llama) {

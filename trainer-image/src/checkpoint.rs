@@ -102,15 +102,15 @@ impl Checkpoint {
     ) -> Result<Self, CheckpointError> {
         let mut read = |name| file(name).ok_or(CheckpointError::Missing(name));
         let state: State = serde_json::from_slice(&read(STATE_FILE)?)?;
-        let adapter = Adapter::from_bytes(
+        let adapter = Adapter::from_checkpoint_bytes(
             &read("adapter_config.json")?,
             &read("adapter_model.safetensors")?,
             &Device::Cpu,
         )?;
         let best_adapter = match (file(BEST_CONFIG), file(BEST_WEIGHTS)) {
-            (Some(config), Some(weights)) if state.best.is_some() => {
-                Some(Adapter::from_bytes(&config, &weights, &Device::Cpu)?)
-            }
+            (Some(config), Some(weights)) if state.best.is_some() => Some(
+                Adapter::from_checkpoint_bytes(&config, &weights, &Device::Cpu)?,
+            ),
             _ => None,
         };
         let mut read = |name| file(name).ok_or(CheckpointError::Missing(name));

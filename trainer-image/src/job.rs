@@ -13,10 +13,10 @@ use graft_api::{
     StatusTarget, TrainerResult,
 };
 use graft_engine::{
-    adapters::{AdapterConfig, Patterns, Site},
+    adapters::{AdapterConfig, Init, Patterns, Site},
     device::compute_dtype,
     models::{
-        self, Llama, Precision,
+        self, BaseRewrite, Llama, Precision,
         source::{self, SourceError},
     },
     storage::{self, DownloadError, Location, ObjectUri, S3Options},
@@ -27,7 +27,7 @@ use sha2::{Digest, Sha256};
 use tokio::runtime::Runtime;
 
 use crate::{
-    adapters::Adapters,
+    adapters::{Adapters, Decomposer},
     checkpoint::{self, Checkpoint},
     dataset::{self, Record},
     progress::Progress,
@@ -192,7 +192,8 @@ pub fn run(
         .map_err(|e| JobError::transient(format!("training: {e}")))?;
     progress.write_events();
 
-    let result = trainer.result()?;
+    // OLoRA / PiSSA: converted to a plain LoRA on the original base.
+    let result = trainer.adapters().publishable(&trainer.result()?)?;
     let (adapter_config, weights) = result.to_bytes().map_err(JobError::transient)?;
     let artifact = AdapterArtifact {
         uri: spec.output.uri.clone(),
@@ -358,6 +359,29 @@ fn encode(
 
 /// The base model on `device` in its compute dtype (NF4 weights quantized on the CPU as each
 /// is read, then kept packed on the device), with fresh adapters.
+/// How the job's adapters start: PEFT's `init_lora_weights`, and what does not combine.
+fn lora_init(lora: &graft_api::LoraConfig) -> Result<Init, JobError> {
+    let init = match lora.init {
+        LoraInit::Kaiming => Init::Kaiming,
+        LoraInit::Gaussian => Init::Gaussian,
+        LoraInit::Olora => Init::Olora,
+        LoraInit::Pissa => Init::Pissa,
+        LoraInit::Loftq => {
+            return Err(JobError::bad(
+                "method.lora.init: loftq is not supported (it replaces the base weights)",
+            ));
+        }
+    };
+    if lora.use_dora && init.rewrites_base() {
+        return Err(JobError::bad(format!(
+            "method.lora: useDora does not go with init {} (it rewrites the base weights DoRA's \
+             magnitudes are norms of)",
+            init.peft_name()
+        )));
+    }
+    Ok(init)
+}
+
 fn load_model(
     base: &models::Checkpoint,
     spec: &FineTuneJobSpec,
@@ -367,10 +391,13 @@ fn load_model(
         Quantization::Nf4 => Precision::Nf4,
         Quantization::None => Precision::Dense,
     };
-    let mut model = base
-        .load(precision, compute_dtype(device), device)
-        .map_err(|e| JobError::bad(format!("base model weights: {e}")))?;
+    let load = |rewrite: Option<&dyn BaseRewrite>| {
+        base.load_rewritten(precision, compute_dtype(device), device, rewrite)
+            .map_err(|e| JobError::bad(format!("base model weights: {e}")))
+    };
+    let config = base.config();
     let lora = &spec.method.lora;
+    let init = lora_init(lora)?;
     let sites = lora
         .target_modules
         .iter()
@@ -386,12 +413,12 @@ fn load_model(
                 })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    if let Some(missing) = sites.iter().find(|s| !model.sites().contains(s)) {
+    if let Some(missing) = sites.iter().find(|s| !config.sites().contains(s)) {
         return Err(JobError::bad(format!(
             "target module {} is not a projection of this {} model; its projections are {}",
             missing.name(),
-            model.config().model_type,
-            Site::names(model.sites())
+            config.model_type,
+            Site::names(config.sites())
         )));
     }
     let rank = usize::try_from(lora.rank).map_err(JobError::bad)?;
@@ -409,22 +436,43 @@ fn load_model(
                 .map(|(key, &alpha)| (key.clone(), alpha))
                 .collect(),
         ),
-        init_lora_weights: match lora.init {
-            LoraInit::Kaiming => serde_json::Value::Bool(true),
-            LoraInit::Gaussian => serde_json::Value::from("gaussian"),
-            LoraInit::Loftq => {
-                return Err(JobError::bad(
-                    "method.lora.init: loftq is not supported (it replaces the base weights)",
-                ));
-            }
-        },
+        init_lora_weights: init.peft_name(),
         use_dora: lora.use_dora,
         ..AdapterConfig::new(rank, lora.alpha, lora.dropout, lora.use_rslora, &sites)
     };
     adapter_config
-        .check()
+        .check_checkpoint()
         .map_err(|e| JobError::bad(format!("method.lora: {e}")))?;
-    let adapters = Adapters::attach(&mut model, adapter_config, &sites, spec.training.seed)?;
+    if !init.rewrites_base() {
+        let mut model = load(None)?;
+        let adapters = Adapters::attach(&mut model, adapter_config, &sites, spec.training.seed)?;
+        return Ok((model, adapters));
+    }
+    let refuse = |why: &str| {
+        JobError::bad(format!(
+            "method.lora.init: {init} takes the adapter's start out of the base weights, \
+             so it needs a dense Hugging Face checkpoint; this base is {why}",
+            init = init.peft_name().as_str().unwrap_or_default()
+        ))
+    };
+    if matches!(base.files(), models::ModelFiles::Gguf(_)) {
+        return Err(refuse("a GGUF file"));
+    }
+    if base.prequantized().is_some() {
+        return Err(refuse("pre-quantized"));
+    }
+    let started = std::time::Instant::now();
+    let decomposer = Decomposer::new(&adapter_config, &sites);
+    let mut model = load(Some(&decomposer))?;
+    let (starts, worst) = decomposer.into_starts();
+    eprintln!(
+        "graft-trainer: {} init of {} projections in {:.1}s (largest relative residual of \
+         a kept singular triplet {worst:.1e})",
+        init.peft_name().as_str().unwrap_or_default(),
+        starts.len(),
+        started.elapsed().as_secs_f64()
+    );
+    let adapters = Adapters::attach_decomposed(&mut model, adapter_config, starts)?;
     Ok((model, adapters))
 }
 

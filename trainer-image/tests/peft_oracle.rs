@@ -10,15 +10,17 @@
 
 use std::{
     collections::HashMap,
+    ffi::OsStr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
 };
 
 use candle_core::{DType, Device, Tensor, Var};
 use graft_engine::{
-    adapters::{Adapter, Site},
-    models::{Config, Llama, Precision, load_weights},
+    adapters::{Adapter, AdapterConfig, Site},
+    models::{Checkpoint, Config, Llama, ModelFiles, Precision, load_weights},
 };
+use graft_trainer::adapters::{Adapters, Decomposer};
 
 use graft_testenv::{oracle_python, repo_root};
 
@@ -150,10 +152,16 @@ fn input_ids() -> Tensor {
 
 /// Runs `tests/oracle/<script>` with `args`; its line goes to stderr, and it must succeed.
 fn run_oracle(label: &str, script: &str, args: &[(&str, &Path)]) {
+    let args: Vec<(&str, &OsStr)> = args.iter().map(|(f, p)| (*f, p.as_os_str())).collect();
+    run_oracle_with(label, script, &args);
+}
+
+/// [`run_oracle`] with any arguments.
+fn run_oracle_with(label: &str, script: &str, args: &[(&str, &OsStr)]) {
     let mut command = Command::new(oracle_python());
     command.arg(repo_root().join("tests/oracle").join(script));
-    for (flag, path) in args {
-        command.arg(flag).arg(path);
+    for (flag, value) in args {
+        command.arg(flag).arg(value);
     }
     let out = command
         .stdin(Stdio::null())
@@ -441,6 +449,156 @@ fn a_dora_adapter_trained_by_graft_gives_graft_logits_in_peft_and_merged() {
         dir.path(),
         &adapter_dir,
     );
+}
+
+/// OLoRA and PiSSA on every projection of the tiny Llama (rank 4, alpha 8: scale 2, which
+/// PiSSA divides into its singular values): Graft's start B₀·A₀ and the residual base weight
+/// it freezes equal PEFT's `init_lora_weights="olora"` / `"pissa"` within 1e-4 (OLoRA's A and
+/// B themselves too), and one step's loss and gradients from that start equal PEFT's
+/// (`tests/oracle/peft_init.py`; PiSSA's rank components matched by sign).
+#[test]
+fn olora_and_pissa_starts_residuals_and_one_steps_gradients_equal_pefts() {
+    let model_dir = tiny_model();
+    let targets = [
+        Site::QProj,
+        Site::KProj,
+        Site::VProj,
+        Site::OProj,
+        Site::GateProj,
+        Site::UpProj,
+        Site::DownProj,
+    ];
+    for init in ["olora", "pissa"] {
+        let config = AdapterConfig {
+            init_lora_weights: init.into(),
+            ..AdapterConfig::new(4, 8.0, 0.0, false, &targets)
+        };
+        let base = Checkpoint::open(ModelFiles::Directory(model_dir.clone())).expect("opens");
+        let decomposer = Decomposer::new(&config, &targets);
+        let mut model = base
+            .load_rewritten(
+                Precision::Dense,
+                DType::F32,
+                &Device::Cpu,
+                Some(&decomposer),
+            )
+            .expect("the base loads with its residual");
+        let (starts, worst) = decomposer.into_starts();
+        assert!(worst <= 1e-9, "{init}: the iteration converged ({worst})");
+        let adapters =
+            Adapters::attach_decomposed(&mut model, config, starts).expect("adapters attach");
+        assert_eq!(adapters.pairs.len(), 2 * targets.len());
+
+        let ids = Tensor::new(
+            &[
+                [5u32, 17, 40, 3, 77, 21, 9, 60],
+                [8, 8, 30, 2, 91, 44, 12, 6],
+            ],
+            &Device::Cpu,
+        )
+        .expect("ids");
+        let logits = model.forward(&ids).expect("forward");
+        let (batch, seq, vocab) = logits.dims3().expect("dims");
+        let predicted = logits
+            .narrow(1, 0, seq - 1)
+            .and_then(|l| l.reshape((batch * (seq - 1), vocab)));
+        let targets_ids = ids.narrow(1, 1, seq - 1).and_then(|t| t.flatten_all());
+        let loss = candle_nn::loss::cross_entropy(
+            &predicted.expect("logits"),
+            &targets_ids.expect("targets"),
+        )
+        .expect("loss");
+        let grads = loss.backward().expect("backward");
+        let mut tensors = HashMap::from([
+            (
+                "input_ids".to_owned(),
+                ids.to_dtype(DType::I64).expect("i64"),
+            ),
+            ("loss".to_owned(), loss.reshape(1).expect("loss")),
+        ]);
+        for pair in &adapters.pairs {
+            let module = format!(
+                "base_model.model.model.layers.{}.{}",
+                pair.layer,
+                pair.site.path()
+            );
+            let residual = model
+                .frozen_weight(pair.layer, pair.site)
+                .expect("a projection")
+                .to_dense(&Device::Cpu, DType::F32)
+                .expect("dense");
+            tensors.insert(format!("{module}.residual"), residual);
+            for (half, var) in [("A", &pair.a), ("B", &pair.b)] {
+                let grad = grads.get(var.as_tensor()).expect("a gradient").clone();
+                tensors.insert(
+                    format!("{module}.lora_{half}.weight"),
+                    var.as_tensor().clone(),
+                );
+                tensors.insert(format!("{module}.lora_{half}.grad"), grad);
+            }
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reference = dir.path().join("graft-init.safetensors");
+        candle_core::safetensors::save(&tensors, &reference).expect("write");
+        let names = targets.map(Site::name).join(",");
+        run_oracle_with(
+            init,
+            "peft_init.py",
+            &[
+                ("--model", model_dir.as_os_str()),
+                ("--init", OsStr::new(init)),
+                ("--rank", OsStr::new("4")),
+                ("--alpha", OsStr::new("8")),
+                ("--targets", OsStr::new(&names)),
+                ("--reference", reference.as_os_str()),
+            ],
+        );
+    }
+}
+
+/// `init: olora` (f32 base, rank and alpha patterns) and `init: pissa` (QLoRA, rsLoRA): trained
+/// on the residual base, published as PEFT's weight conversion publishes (a plain LoRA of rank
+/// 2r, alphas doubled, ×√2 with rsLoRA), which PEFT loads on the unmodified base to Graft's
+/// logits.
+#[test]
+fn olora_and_pissa_adapters_trained_by_graft_give_graft_logits_in_peft_on_the_original_base() {
+    for (init, method, alpha) in [
+        (
+            "olora",
+            "{quantization: none, lora: {rank: 4, alpha: 8, dropout: 0.0, init: olora, \
+             targetModules: [q_proj, v_proj, down_proj], rankPattern: {q_proj: 2}, \
+             alphaPattern: {v_proj: 2}}}",
+            16.0,
+        ),
+        (
+            "pissa",
+            "{quantization: nf4, lora: {rank: 4, alpha: 8, dropout: 0.05, init: pissa, \
+             useRslora: true, targetModules: [q_proj, k_proj, v_proj, o_proj, gate_proj, \
+             up_proj, down_proj]}}",
+            8.0 * std::f64::consts::SQRT_2,
+        ),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        agree_on(
+            &format!("{init}, published for the original base"),
+            dir.path(),
+            &tiny_model(),
+            method,
+        );
+        let adapter = read_adapter(&dir.path().join("adapter"));
+        assert_eq!(adapter.config.r, 8, "{init}: rank 2r");
+        assert_eq!(adapter.config.init_lora_weights, serde_json::json!(true));
+        assert!((adapter.config.lora_alpha - alpha).abs() < 1e-9, "{init}");
+        for (&(layer, site), lora) in &adapter.weights {
+            let rank = lora.rank().expect("rank");
+            let expected = if init == "olora" && site == Site::QProj {
+                4
+            } else {
+                8
+            };
+            assert_eq!(rank, expected, "{init}: {} of layer {layer}", site.name());
+        }
+    }
 }
 
 #[test]

@@ -39,6 +39,28 @@ pub enum Init {
     Kaiming,
     /// `"gaussian"`: normal with standard deviation `1/rank`.
     Gaussian,
+    /// `"olora"`: `B`, `A` from a QR of the base weight, taken out of it (see
+    /// [`decompose`](super::decompose)).
+    Olora,
+    /// `"pissa"`: `B`, `A` from the base weight's top singular triplets, taken out of it.
+    Pissa,
+}
+
+impl Init {
+    /// Whether the start comes from (and is taken out of) the base weight.
+    pub fn rewrites_base(self) -> bool {
+        matches!(self, Self::Olora | Self::Pissa)
+    }
+
+    /// PEFT's `init_lora_weights` value.
+    pub fn peft_name(self) -> serde_json::Value {
+        match self {
+            Self::Kaiming => serde_json::Value::Bool(true),
+            Self::Gaussian => "gaussian".into(),
+            Self::Olora => "olora".into(),
+            Self::Pissa => "pissa".into(),
+        }
+    }
 }
 
 impl Lora {
@@ -62,6 +84,9 @@ impl Lora {
             Init::Gaussian => {
                 let std = 1.0 / rank as f32;
                 (0..rank * input).map(|_| rng.normal(std)).collect()
+            }
+            Init::Olora | Init::Pissa => {
+                candle_core::bail!("{init:?} starts from the base weight (see `decompose`)")
             }
         };
         Ok(Self {

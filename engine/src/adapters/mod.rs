@@ -2,6 +2,7 @@
 //! LoRA pair and its math, PEFT's files, and a mixed serving batch's adapters.
 
 mod batch;
+pub mod decompose;
 pub mod dora;
 mod lora;
 mod patterns;

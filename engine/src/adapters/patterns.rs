@@ -31,6 +31,12 @@ impl<T> Patterns<T> {
         self.0.is_empty()
     }
 
+    /// The same keys, in the same order, with each value through `f`.
+    #[must_use]
+    pub fn map(&self, f: impl Fn(&T) -> T) -> Self {
+        Self(self.0.iter().map(|(k, v)| (k.clone(), f(v))).collect())
+    }
+
     pub fn values(&self) -> impl Iterator<Item = &T> {
         self.0.iter().map(|(_, v)| v)
     }

@@ -193,16 +193,34 @@ impl AdapterConfig {
             return unsupported("trainable_token_indices (trained embedding rows)");
         }
         // Init schemes that rewrite the base weights (PiSSA, OLoRA, LoftQ, CorDA, EVA) make
-        // the adapter meaningless on the unmodified base model.
+        // the adapter meaningless on the unmodified base model: PEFT converts such an adapter
+        // to a plain one to publish it, and so does Graft. Graft's own checkpoints of an
+        // OLoRA / PiSSA run are read with `check_checkpoint`.
         if let Some(scheme) = self.init_lora_weights.as_str()
             && scheme != "gaussian"
         {
-            return unsupported(&format!("init_lora_weights {scheme:?}"));
+            return unsupported(&format!(
+                "init_lora_weights {scheme:?} (an adapter on a rewritten base; save it with \
+                 path_initial_model_for_weight_conversion to get one for the original base)"
+            ));
         }
         if self.r == 0 || self.rank_pattern.values().any(|&r| r == 0) {
             return unsupported("r = 0");
         }
         Ok(())
+    }
+
+    /// [`check`](Self::check), allowing the inits Graft trains on a residual base (OLoRA,
+    /// PiSSA): a checkpoint of such a run resumes on the residual the trainer recomputes.
+    pub fn check_checkpoint(&self) -> Result<(), PeftError> {
+        if self.init().rewrites_base() {
+            let plain = Self {
+                init_lora_weights: init_true(),
+                ..self.clone()
+            };
+            return plain.check();
+        }
+        self.check()
     }
 
     /// The rank and scale of the pair on `site` of `layer`: `r` and `lora_alpha`, unless
@@ -220,10 +238,11 @@ impl AdapterConfig {
 
     /// How a fresh pair's `A` is drawn for this config's `init_lora_weights`.
     pub fn init(&self) -> Init {
-        if self.init_lora_weights.as_str() == Some("gaussian") {
-            Init::Gaussian
-        } else {
-            Init::Kaiming
+        match self.init_lora_weights.as_str() {
+            Some("gaussian") => Init::Gaussian,
+            Some("olora") => Init::Olora,
+            Some("pissa") => Init::Pissa,
+            _ => Init::Kaiming,
         }
     }
 
@@ -289,6 +308,26 @@ impl Adapter {
     ) -> Result<Self, PeftError> {
         let config: AdapterConfig = serde_json::from_slice(config_json)?;
         config.check()?;
+        Self::with_weights(config, safetensors, device)
+    }
+
+    /// Reads a trainer checkpoint's adapter: as [`from_bytes`](Self::from_bytes), but an
+    /// OLoRA / PiSSA adapter (relative to the residual base) is allowed.
+    pub fn from_checkpoint_bytes(
+        config_json: &[u8],
+        safetensors: &[u8],
+        device: &Device,
+    ) -> Result<Self, PeftError> {
+        let config: AdapterConfig = serde_json::from_slice(config_json)?;
+        config.check_checkpoint()?;
+        Self::with_weights(config, safetensors, device)
+    }
+
+    fn with_weights(
+        config: AdapterConfig,
+        safetensors: &[u8],
+        device: &Device,
+    ) -> Result<Self, PeftError> {
         let tensors = candle_core::safetensors::load_buffer(safetensors, device)?;
         let mut halves: BTreeMap<(usize, Site), Parts> = BTreeMap::new();
         for (name, tensor) in tensors {
@@ -473,6 +512,28 @@ mod tests {
             assert!(error.to_string().contains(name), "{error}");
         }
         assert!(base.check().is_ok());
+    }
+
+    /// A PEFT file saved without the weight conversion (`init_lora_weights: "pissa"`) applies
+    /// to a rewritten base and is refused; the trainer's own checkpoints of such a run (read
+    /// with `check_checkpoint`) are not, though anything else wrong with them still is.
+    #[test]
+    fn olora_and_pissa_adapters_load_only_as_the_trainers_checkpoints() {
+        for init in ["olora", "pissa"] {
+            let config = AdapterConfig {
+                init_lora_weights: init.into(),
+                ..AdapterConfig::new(8, 16.0, 0.0, false, &[Site::QProj])
+            };
+            let error = config.check().expect_err(init);
+            assert!(error.to_string().contains(init), "{error}");
+            assert!(config.check_checkpoint().is_ok());
+            assert_eq!(config.init().peft_name(), serde_json::json!(init));
+            let dora = AdapterConfig {
+                use_dora: true,
+                ..config
+            };
+            assert!(dora.check_checkpoint().is_err());
+        }
     }
 
     #[test]

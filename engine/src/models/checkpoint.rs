@@ -8,7 +8,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
 use super::{
-    Llama, Precision,
+    BaseRewrite, Llama, Precision,
     config::{Config, ConfigError, HfConfig},
     gguf::{GgufError, GgufFile},
     quantization::{self, Prequantized, QuantizationError},
@@ -140,10 +140,24 @@ impl Checkpoint {
         dtype: DType,
         device: &Device,
     ) -> Result<Llama, CheckpointError> {
+        self.load_rewritten(precision, dtype, device, None)
+    }
+
+    /// [`load`](Self::load) with some projections rewritten before they are frozen
+    /// ([`Llama::load_rewritten`]).
+    pub fn load_rewritten(
+        &self,
+        precision: Precision,
+        dtype: DType,
+        device: &Device,
+        rewrite: Option<&dyn BaseRewrite>,
+    ) -> Result<Llama, CheckpointError> {
         let vb = self.weights(dtype, device)?;
-        Llama::load(&vb, &self.config, precision).map_err(|source| CheckpointError::Load {
-            path: self.files.path().to_owned(),
-            source,
+        Llama::load_rewritten(&vb, &self.config, precision, rewrite).map_err(|source| {
+            CheckpointError::Load {
+                path: self.files.path().to_owned(),
+                source,
+            }
         })
     }
 

@@ -165,11 +165,22 @@ impl Llama {
     /// from the checkpoint on the CPU, quantized there on every core, and only their packed
     /// form goes to the device.
     pub fn load(vb: &VarBuilder<'_>, config: &Config, precision: Precision) -> Result<Self> {
+        Self::load_rewritten(vb, config, precision, None)
+    }
+
+    /// [`load`](Self::load), with the projections `rewrite` names replaced by what it makes
+    /// of them before they are frozen (OLoRA's and PiSSA's residual).
+    pub fn load_rewritten(
+        vb: &VarBuilder<'_>,
+        config: &Config,
+        precision: Precision,
+        rewrite: Option<&dyn BaseRewrite>,
+    ) -> Result<Self> {
         let model = vb.pp("model");
         let (hidden, vocab) = (config.hidden_size, config.vocab_size);
         let embed_tokens = model.pp("embed_tokens").get((vocab, hidden), "weight")?;
         let layers = (0..config.num_layers)
-            .map(|i| load_block(&model.pp("layers").pp(i), config, precision))
+            .map(|i| load_block(&model.pp("layers").pp(i), i, config, precision, rewrite))
             .collect::<Result<Vec<_>>>()?;
         let norm = load_norm(&model.pp("norm"), hidden, config)?;
         let lm_head = if config.tie_word_embeddings {
@@ -241,6 +252,16 @@ impl Llama {
             .as_mut()
             .expect("a site of this model")
             .lora = lora;
+    }
+
+    /// The frozen weight of the projection on `site` of `layer`.
+    pub fn frozen_weight(&self, layer: usize, site: Site) -> Option<&FrozenWeight> {
+        self.layers
+            .get(layer)?
+            .projections
+            .get(site as usize)?
+            .as_ref()
+            .map(|p| p.base.weight())
     }
 
     pub fn lora(&self, layer: usize, site: Site) -> Option<&Lora> {
@@ -768,7 +789,21 @@ impl Pass for Batch<'_, '_, '_> {
     }
 }
 
-fn load_block(vb: &VarBuilder<'_>, config: &Config, precision: Precision) -> Result<Block> {
+/// Replaces base projections before they are frozen.
+pub trait BaseRewrite {
+    /// Whether the projection on `site` of `layer` is rewritten.
+    fn applies(&self, layer: usize, site: Site) -> bool;
+    /// The weight to freeze in place of `weight` (`[out, in]`, f32, on the model's device).
+    fn rewrite(&self, layer: usize, site: Site, weight: &Tensor) -> Result<Tensor>;
+}
+
+fn load_block(
+    vb: &VarBuilder<'_>,
+    layer: usize,
+    config: &Config,
+    precision: Precision,
+    rewrite: Option<&dyn BaseRewrite>,
+) -> Result<Block> {
     let hidden = config.hidden_size;
     let on_cpu = vb.clone().set_device(Device::Cpu);
     let projection = |site: Site, bias: bool| -> Result<Projection> {
@@ -781,13 +816,20 @@ fn load_block(vb: &VarBuilder<'_>, config: &Config, precision: Precision) -> Res
         } else {
             None
         };
+        let rewrite = rewrite
+            .filter(|r| r.applies(layer, site))
+            .map(|r| move |w: &Tensor| r.rewrite(layer, site, w));
         let base = super::weights::frozen_linear(
             &vb.pp(&path),
             &on_cpu.pp(&path),
             (out, input),
             bias,
             precision,
-        )?;
+            rewrite
+                .as_ref()
+                .map(|f| f as &dyn Fn(&Tensor) -> Result<Tensor>),
+        )
+        .map_err(|e| candle_core::Error::Msg(format!("layer {layer} {}: {e}", site.name())))?;
         Ok(Projection {
             base,
             lora: None,

@@ -14,7 +14,7 @@ mod weights;
 pub use checkpoint::{Checkpoint, CheckpointError};
 pub use config::{Activation, AttentionKind, Config, ConfigError, HfConfig};
 pub use gguf::{GgufError, GgufFile};
-pub use llama::{Llama, Mode, Positions, Precision, Segment};
+pub use llama::{BaseRewrite, Llama, Mode, Positions, Precision, Segment};
 pub use merge::{MergeError, check_mergeable, merged_files};
 pub use quantization::{Prequantized, QuantizationError};
 pub use rope::{Rope, RopeParameters, RopeParametersField, Yarn};

@@ -73,17 +73,43 @@ pub fn load_weights(
     Ok(vb)
 }
 
+/// What replaces a projection's weight before it is frozen.
+pub(crate) type Rewrite<'a> = &'a dyn Fn(&Tensor) -> candle_core::Result<Tensor>;
+
 /// A projection's frozen weight: NF4 as stored when the checkpoint holds it in bitsandbytes'
 /// 4-bit form (whatever `precision` asks: expanding it would only cost memory); otherwise
 /// read dense, and quantized on the CPU (from `on_cpu`, the same weights read there) for
 /// [`Precision::Nf4`].
+///
+/// With `rewrite`, the weight is read in f32 on the model's device and what `rewrite` returns
+/// is frozen instead (stored as `precision` asks: PiSSA's and OLoRA's residual is what QLoRA
+/// quantizes, as PEFT requantizes it).
 pub(crate) fn frozen_linear(
     vb: &VarBuilder<'_>,
     on_cpu: &VarBuilder<'_>,
     shape: (usize, usize),
     bias: Option<Tensor>,
     precision: Precision,
+    rewrite: Option<Rewrite<'_>>,
 ) -> candle_core::Result<FrozenLinear> {
+    if let Some(rewrite) = rewrite {
+        if is_bnb_nf4(on_cpu) {
+            candle_core::bail!(
+                "the weight is stored pre-quantized (bitsandbytes NF4): an init that rewrites \
+                 the base (olora, pissa) needs a dense checkpoint"
+            );
+        }
+        let weight =
+            vb.get_with_hints_dtype(shape, "weight", candle_nn::Init::Const(0.0), DType::F32)?;
+        let rewritten = rewrite(&weight)?;
+        return match precision {
+            Precision::Nf4 => FrozenLinear::quantize_nf4(&rewritten, bias, vb.device()),
+            Precision::Dense => Ok(FrozenLinear::new(
+                FrozenWeight::Dense(rewritten.to_dtype(vb.dtype())?),
+                bias,
+            )),
+        };
+    }
     if is_bnb_nf4(on_cpu) {
         let matrix = load_bnb_nf4(on_cpu, shape)?;
         let tensor = Nf4Tensor::new(&matrix, vb.device())?;

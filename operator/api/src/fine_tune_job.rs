@@ -37,6 +37,19 @@ const DORA_NEEDS_SAFETENSORS: &str = "!has(self.spec.method) || !has(self.spec.m
      !has(self.spec.method.lora.useDora) || !self.spec.method.lora.useDora || \
      !self.spec.baseModel.uri.endsWith('.gguf')";
 
+/// OLoRA and PiSSA take the adapter's start out of the dense base weights: a GGUF base (a URI
+/// ending in `.gguf`) has none to rewrite.
+const RESIDUAL_INIT_NEEDS_DENSE_BASE: &str = "!has(self.spec.method) || \
+     !has(self.spec.method.lora) || !has(self.spec.method.lora.init) || \
+     !(self.spec.method.lora.init in ['olora', 'pissa']) || \
+     !self.spec.baseModel.uri.matches('(?i)[.]gguf$')";
+
+/// DoRA's magnitudes are norms of the base weights, which OLoRA and PiSSA rewrite; PEFT's
+/// conversion of such a start to a plain LoRA on the original base has no DoRA form.
+const DORA_OR_RESIDUAL_INIT: &str = "!has(self.spec.method) || !has(self.spec.method.lora) || \
+     !has(self.spec.method.lora.useDora) || !self.spec.method.lora.useDora || \
+     !has(self.spec.method.lora.init) || !(self.spec.method.lora.init in ['olora', 'pissa'])";
+
 /// Once the operator has started a job (`status.startTime` is set) its spec is frozen: a changed
 /// model, dataset, method, training or output would silently describe a run that never happened.
 /// `suspend`, `resources` and `image` stay mutable so Kueue-style admission and re-scheduling work.
@@ -73,6 +86,12 @@ const IMMUTABLE_AFTER_START: &str = "!has(oldSelf.status) || !has(oldSelf.status
         .reason(Reason::FieldValueInvalid),
     validation = Rule::new(PACKING_OR_LENGTH_GROUPS)
         .message("spec.training.packing and spec.training.groupByLength do not go together: packed rows are already of one length")
+        .reason(Reason::FieldValueForbidden),
+    validation = Rule::new(DORA_OR_RESIDUAL_INIT)
+        .message("spec.method.lora.useDora does not go with init olora or pissa: they rewrite the base weights DoRA's magnitudes are norms of")
+        .reason(Reason::FieldValueForbidden),
+    validation = Rule::new(RESIDUAL_INIT_NEEDS_DENSE_BASE)
+        .message("spec.method.lora.init: olora and pissa rewrite the base weights, which a GGUF base (spec.baseModel.uri ending in .gguf) does not hold densely: use a Hugging Face checkpoint, or init kaiming or gaussian")
         .reason(Reason::FieldValueForbidden),
     // The name becomes the Job's name and a label value, both at most 63 characters.
     validation = Rule::new("self.metadata.name.size() <= 63")
@@ -237,14 +256,19 @@ pub struct LoraConfig {
     #[serde(default = "default_target_modules")]
     #[schemars(length(min = 1, max = 7), extend("x-kubernetes-list-type" = "set"))]
     pub target_modules: Vec<TargetModule>,
-    /// How A starts (PEFT's `init_lora_weights`; B starts at zero): `kaiming` (PEFT's default,
-    /// uniform in ±1/√in) or `gaussian` (normal, standard deviation 1/r). `loftq` is refused:
-    /// it replaces the base weights with a re-quantized copy, and Graft trains on the base as
-    /// given.
+    /// How the adapter starts (PEFT's `init_lora_weights`): `kaiming` (PEFT's default, A
+    /// uniform in ±1/√in, B zero), `gaussian` (A normal with standard deviation 1/r, B zero),
+    /// `olora` (B, A from a QR of each targeted base weight) or `pissa` (B, A from its top r
+    /// singular values and vectors). With `olora` and `pissa` the trainer takes scale·B·A out
+    /// of the base weight (before NF4 quantizes it, with QLoRA), recomputing it from the base
+    /// when a run resumes, and publishes a plain LoRA of rank 2r for the original base, as
+    /// PEFT's `path_initial_model_for_weight_conversion` does; they need a dense Hugging Face
+    /// checkpoint (not GGUF or pre-quantized). `loftq` is refused: it replaces the base
+    /// weights with a re-quantized copy, and Graft trains on the base as given.
     #[serde(default)]
     #[schemars(extend("x-kubernetes-validations" = [{
         "rule": "self != 'loftq'",
-        "message": "init: loftq is not supported: it replaces the base weights with a re-quantized copy; use kaiming or gaussian (with quantization: nf4 for QLoRA)",
+        "message": "init: loftq is not supported: it replaces the base weights with a re-quantized copy; use kaiming, gaussian, olora or pissa (with quantization: nf4 for QLoRA)",
         "reason": "FieldValueForbidden",
     }]))]
     pub init: LoraInit,
@@ -291,6 +315,8 @@ pub enum LoraInit {
     #[default]
     Kaiming,
     Gaussian,
+    Olora,
+    Pissa,
     /// Refused by the schema's rule, with its reason.
     Loftq,
 }

@@ -130,6 +130,47 @@ async fn rank_zero_is_rejected_naming_the_field() {
     );
 }
 
+/// `init`: PEFT's `init_lora_weights` names Graft trains (`olora` and `pissa` among them) are
+/// accepted, others refused by the enum, `loftq` with its reason, and `olora` / `pissa` on a
+/// GGUF base (which holds no dense weights to rewrite) by name.
+#[tokio::test]
+async fn init_takes_olora_and_pissa_and_refuses_loftq_and_residual_inits_on_gguf() {
+    let (client, ns) = setup("ftj-init").await;
+    let api = dynamic_api::<FineTuneJob>(&client, &ns);
+    let mut job = valid_job("init-loftq");
+    job["spec"]["method"]["lora"]["init"] = json!("loftq");
+    let message = rejected(&api, job).await;
+    assert_names(&message, &["init: loftq is not supported", "re-quantized"]);
+
+    let mut job = valid_job("init-svd");
+    job["spec"]["method"]["lora"]["init"] = json!("svd");
+    let message = rejected(&api, job).await;
+    assert_names(
+        &message,
+        &["spec.method.lora.init", "\"olora\"", "\"pissa\""],
+    );
+
+    let mut job = valid_job("init-pissa-gguf");
+    job["spec"]["method"]["lora"]["init"] = json!("pissa");
+    job["spec"]["baseModel"]["uri"] = json!("s3://models/smollm2/model.Q4_1.GGUF");
+    let message = rejected(&api, job).await;
+    assert_names(
+        &message,
+        &["olora and pissa rewrite the base weights", "GGUF"],
+    );
+
+    for init in ["olora", "pissa"] {
+        let mut job = valid_job(&format!("init-{init}"));
+        job["spec"]["method"]["lora"]["init"] = json!(init);
+        let object: DynamicObject = serde_json::from_value(job).expect("manifest");
+        let stored = api
+            .create(&PostParams::default(), &object)
+            .await
+            .unwrap_or_else(|e| panic!("init {init} on a Hugging Face base is accepted: {e}"));
+        assert_eq!(stored.data["spec"]["method"]["lora"]["init"], json!(init));
+    }
+}
+
 #[tokio::test]
 async fn rank_and_alpha_patterns_are_bounded_like_rank_and_alpha() {
     let (client, ns) = setup("ftj-patterns").await;
@@ -157,11 +198,6 @@ async fn rank_and_alpha_patterns_are_bounded_like_rank_and_alpha() {
     job["spec"]["method"]["lora"]["alphaPattern"] = json!({"v_proj": 0});
     let message = rejected(&api, job).await;
     assert_names(&message, &["alphaPattern.v_proj", "greater than 0"]);
-
-    let mut job = valid_job("init-loftq");
-    job["spec"]["method"]["lora"]["init"] = json!("loftq");
-    let message = rejected(&api, job).await;
-    assert_names(&message, &["init: loftq is not supported", "re-quantized"]);
 
     let mut job = valid_job("patterns-fit");
     job["spec"]["method"]["lora"]["rankPattern"] = json!({"q_proj": 8, "layers\\.1\\..*": 2});
@@ -244,6 +280,14 @@ async fn dora_needs_a_safetensors_base_model() {
         stored.data["spec"]["method"]["lora"]["useDora"],
         json!(true)
     );
+
+    for init in ["olora", "pissa"] {
+        let mut job = valid_job(&format!("dora-{init}"));
+        job["spec"]["method"]["lora"]["useDora"] = json!(true);
+        job["spec"]["method"]["lora"]["init"] = json!(init);
+        let message = rejected(&api, job).await;
+        assert_names(&message, &["spec.method.lora.useDora", "olora or pissa"]);
+    }
 }
 
 #[tokio::test]
