@@ -184,6 +184,18 @@ struct Running {
     prompt_scores: Option<Vec<Choice>>,
 }
 
+impl Running {
+    /// The rows of logits a step gives this sequence: one per token fed while the prompt's
+    /// log-probabilities are computed, else the last.
+    fn logit_rows(&self) -> usize {
+        if self.prompt_scores.is_some() {
+            self.feed.len()
+        } else {
+            1
+        }
+    }
+}
+
 /// A new choice's copy of a sequence's keys and values. Today a deep copy; shared blocks
 /// once the KV cache is paged.
 fn fork_cache(cache: &KvCache) -> KvCache {
@@ -238,20 +250,36 @@ impl Worker {
                     continue;
                 }
             };
-            let mut forks = Vec::new();
-            let (mut seq, mut row) = (0, 0);
-            running.retain_mut(|r| {
-                let mask = masks[seq].take();
-                let rows = if r.prompt_scores.is_some() {
-                    r.feed.len()
-                } else {
-                    1
-                };
-                let keep = self.advance(r, &logits[row..row + rows], mask, &mut forks);
-                seq += 1;
-                row += rows;
-                keep
-            });
+            // Sampling, grammar commits and detokenising are per sequence: done in parallel,
+            // off the one thread that runs the forward passes' bookkeeping.
+            let mut starts = Vec::with_capacity(running.len());
+            let mut row = 0;
+            for r in &running {
+                starts.push(row);
+                row += r.logit_rows();
+            }
+            let outcomes: Vec<(bool, Vec<Running>)> = {
+                use rayon::prelude::*;
+                running
+                    .par_iter_mut()
+                    .zip(masks.par_iter_mut())
+                    .zip(starts)
+                    .map(|((r, mask), start)| {
+                        let rows = r.logit_rows();
+                        let mut forks = Vec::new();
+                        let keep =
+                            self.advance(r, &logits[start..start + rows], mask.take(), &mut forks);
+                        (keep, forks)
+                    })
+                    .collect()
+            };
+            let (mut kept, mut forks) = (Vec::with_capacity(outcomes.len()), Vec::new());
+            for (keep, mut more) in outcomes {
+                kept.push(keep);
+                forks.append(&mut more);
+            }
+            let mut kept = kept.into_iter();
+            running.retain(|_| kept.next().unwrap_or(false));
             running.extend(forks);
         }
     }
@@ -279,11 +307,7 @@ impl Worker {
         let constraint = request.constraint.take();
         let request = Arc::new(request);
         Running {
-            text: Detokenizer::new(
-                &model.tokenizer,
-                &request.prompt,
-                request.skip_special_tokens,
-            ),
+            text: Detokenizer::new(&request.prompt, request.skip_special_tokens),
             cache: KvCache::new(model.llama.num_layers()),
             pending: request.prompt.len() - first,
             feed: request.prompt[..first].to_vec(),
@@ -412,28 +436,35 @@ impl Worker {
         }
         if !eos {
             r.generated.push(token);
+            r.text.push(&model.tokenizer, token);
         }
-        let text = r.text.text(&model.tokenizer, &r.generated);
         let stops: &[String] = if early { &[] } else { &stopping.stop };
-        let mut finish = None;
-        let mut end = text.len();
-        if let Some(at) = first_stop(&text, stops, r.text.sent) {
-            end = at;
-            finish = Some(FinishReason::Stop);
-        } else if eos || grammar_done || stopping.stop_token_ids.contains(&token) {
-            finish = Some(FinishReason::Stop);
+        let ending = if eos || grammar_done || stopping.stop_token_ids.contains(&token) {
+            Some(FinishReason::Stop)
         } else if r.generated.len() >= stopping.max_tokens
             || r.cache.len() + 1 >= model.max_model_len
         {
-            finish = Some(FinishReason::Length);
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        if ending.is_some() {
+            r.text.finish(&model.tokenizer);
         }
+        let mut end = r.text.text().len();
+        let mut finish = ending;
+        if let Some(at) = first_stop(r.text.text(), stops, r.text.sent) {
+            end = at;
+            finish = Some(FinishReason::Stop);
+        }
+        let text = r.text.text();
         // Hold back an incomplete character (decoded as U+FFFD) and a possible stop-string
         // prefix until the next token settles them.
         let sent = r.text.sent;
         let settled = if finish.is_some() {
             end
         } else {
-            held_back(&text, stops).max(sent)
+            held_back(text, stops).max(sent)
         };
         let delta = text.get(sent..settled).unwrap_or_default().to_owned();
         r.text.sent = settled.max(sent);
