@@ -174,3 +174,52 @@ impl PagedRows<'_> {
         (&k[at * width..][..width], &v[at * width..][..width])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Appends rows `from..to` (each `width` values equal to its token index, keys positive,
+    /// values negative) to every layer, as a step does, and advances.
+    fn step(cache: &mut KvCache, from: usize, to: usize, width: usize) -> Result<()> {
+        #[allow(clippy::cast_precision_loss)]
+        for layer in &mut cache.tail {
+            for token in from..to {
+                layer.k.extend(std::iter::repeat_n(token as f32, width));
+                layer.v.extend(std::iter::repeat_n(-(token as f32), width));
+            }
+        }
+        cache.advance(to - from)
+    }
+
+    /// Token `j`'s rows are found wherever they were sealed: in a prefill that fills several
+    /// blocks at once, one token at a time, and in a copy that shares the first blocks.
+    #[test]
+    fn every_token_is_found_through_the_block_table() -> Result<()> {
+        let width = 3;
+        let mut cache = KvCache::new(2);
+        step(&mut cache, 0, 2 * BLOCK_TOKENS + 5, width)?;
+        assert_eq!(cache.blocks().len(), 2);
+        for token in 2 * BLOCK_TOKENS + 5..3 * BLOCK_TOKENS + 2 {
+            step(&mut cache, token, token + 1, width)?;
+        }
+        assert_eq!((cache.blocks().len(), cache.len()), (3, 3 * BLOCK_TOKENS + 2));
+        assert_eq!(cache.blocks_for(BLOCK_TOKENS - 2), 4);
+        assert_eq!(cache.blocks_for(BLOCK_TOKENS - 1), 5);
+        let mut shared = KvCache::with_prefix(2, cache.blocks()[..2].to_vec());
+        step(&mut shared, 2 * BLOCK_TOKENS, 2 * BLOCK_TOKENS + 1, width)?;
+        for (cache, len) in [(&cache, 3 * BLOCK_TOKENS + 2), (&shared, 2 * BLOCK_TOKENS + 1)] {
+            for layer in 0..2 {
+                let rows = cache.rows(layer);
+                for j in 0..len {
+                    #[allow(clippy::cast_precision_loss)]
+                    let expected = j as f32;
+                    let (k, v) = rows.get(j, width);
+                    assert!(k.iter().all(|&x| x == expected), "token {j}'s key {k:?}");
+                    assert!(v.iter().all(|&x| x == -expected), "token {j}'s value {v:?}");
+                }
+            }
+        }
+        Ok(())
+    }
+}
