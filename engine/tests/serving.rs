@@ -375,7 +375,10 @@ fn the_paged_cache_crosses_blocks_and_shares_them() {
         let rest = f32s(&feed(&model, &mut second, &ids[from..], &[len - from]));
         let expected = full.narrow(0, from, len - from).expect("positions");
         let diff = max_abs_diff(&rest, &expected);
-        assert!(diff < 1e-4, "{dtype:?}: after shared blocks, logits differ by {diff}");
+        assert!(
+            diff < 1e-4,
+            "{dtype:?}: after shared blocks, logits differ by {diff}"
+        );
         assert!(
             std::sync::Arc::ptr_eq(&second.blocks()[0], &whole.blocks()[0]),
             "the blocks are shared, not copied"

@@ -129,17 +129,14 @@ impl LayerCache {
             let block = (part(&k, 0, BLOCK_TOKENS)?, part(&v, 0, BLOCK_TOKENS)?);
             if tokens > BLOCK_TOKENS {
                 let rest = tokens - BLOCK_TOKENS;
-                self.tensors = Some((
-                    part(&k, BLOCK_TOKENS, rest)?,
-                    part(&v, BLOCK_TOKENS, rest)?,
-                ));
+                self.tensors = Some((part(&k, BLOCK_TOKENS, rest)?, part(&v, BLOCK_TOKENS, rest)?));
             }
             return Ok(Self {
                 tensors: Some(block),
                 ..Self::default()
             });
         }
-        if tokens < BLOCK_TOKENS || self.k.len() % tokens != 0 {
+        if tokens < BLOCK_TOKENS || !self.k.len().is_multiple_of(tokens) {
             candle_core::bail!(
                 "kv-cache: sealing a block from {tokens} tokens of {} values",
                 self.k.len()
@@ -195,6 +192,7 @@ mod tests {
     /// Token `j`'s rows are found wherever they were sealed: in a prefill that fills several
     /// blocks at once, one token at a time, and in a copy that shares the first blocks.
     #[test]
+    #[allow(clippy::float_cmp)] // small integers, exactly representable
     fn every_token_is_found_through_the_block_table() -> Result<()> {
         let width = 3;
         let mut cache = KvCache::new(2);
@@ -203,12 +201,18 @@ mod tests {
         for token in 2 * BLOCK_TOKENS + 5..3 * BLOCK_TOKENS + 2 {
             step(&mut cache, token, token + 1, width)?;
         }
-        assert_eq!((cache.blocks().len(), cache.len()), (3, 3 * BLOCK_TOKENS + 2));
+        assert_eq!(
+            (cache.blocks().len(), cache.len()),
+            (3, 3 * BLOCK_TOKENS + 2)
+        );
         assert_eq!(cache.blocks_for(BLOCK_TOKENS - 2), 4);
         assert_eq!(cache.blocks_for(BLOCK_TOKENS - 1), 5);
         let mut shared = KvCache::with_prefix(2, cache.blocks()[..2].to_vec());
         step(&mut shared, 2 * BLOCK_TOKENS, 2 * BLOCK_TOKENS + 1, width)?;
-        for (cache, len) in [(&cache, 3 * BLOCK_TOKENS + 2), (&shared, 2 * BLOCK_TOKENS + 1)] {
+        for (cache, len) in [
+            (&cache, 3 * BLOCK_TOKENS + 2),
+            (&shared, 2 * BLOCK_TOKENS + 1),
+        ] {
             for layer in 0..2 {
                 let rows = cache.rows(layer);
                 for j in 0..len {
