@@ -126,10 +126,21 @@ pub fn free_memory(device: &Device) -> Option<usize> {
             let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
             let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
             let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
-            kib.checked_mul(1024)
+            let system = kib.checked_mul(1024)?;
+            // In a container the node's memory is not ours: the cgroup's limit is.
+            Some(cgroup_headroom().map_or(system, |headroom| headroom.min(system)))
         }
         _ => None,
     }
+}
+
+/// What the process's cgroup (v2) may still use: its `memory.max` less `memory.current`;
+/// `None` without a limit.
+fn cgroup_headroom() -> Option<usize> {
+    let read = |file: &str| std::fs::read_to_string(format!("/sys/fs/cgroup/{file}")).ok();
+    let max: usize = read("memory.max")?.trim().parse().ok()?;
+    let current: usize = read("memory.current")?.trim().parse().ok()?;
+    Some(max.saturating_sub(current))
 }
 
 #[cfg(test)]
