@@ -110,3 +110,46 @@ mod tests {
         assert!(error.to_string().starts_with("GPU 0:"), "{error}");
     }
 }
+
+/// Bytes of memory `device` has free now: the GPU's free memory, or the system's available
+/// memory (`MemAvailable`) for the CPU. `None` where it cannot be read.
+pub fn free_memory(device: &Device) -> Option<usize> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => cuda
+            .cuda_stream()
+            .context()
+            .mem_get_info()
+            .ok()
+            .map(|(free, _)| free),
+        Device::Cpu => {
+            let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+            let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+            let system = kib.checked_mul(1024)?;
+            // In a container the node's memory is not ours: the cgroup's limit is.
+            Some(cgroup_headroom().map_or(system, |headroom| headroom.min(system)))
+        }
+        _ => None,
+    }
+}
+
+/// What the process's cgroup (v2) may still use: its `memory.max` less `memory.current`;
+/// `None` without a limit.
+fn cgroup_headroom() -> Option<usize> {
+    let read = |file: &str| std::fs::read_to_string(format!("/sys/fs/cgroup/{file}")).ok();
+    let max: usize = read("memory.max")?.trim().parse().ok()?;
+    let current: usize = read("memory.current")?.trim().parse().ok()?;
+    Some(max.saturating_sub(current))
+}
+
+#[cfg(test)]
+mod memory_tests {
+    use super::*;
+
+    #[test]
+    fn the_cpus_free_memory_is_read() {
+        let free = free_memory(&Device::Cpu).expect("/proc/meminfo on Linux");
+        assert!(free > 1 << 20, "{free} bytes");
+    }
+}

@@ -331,3 +331,75 @@ fn the_tensor_op_path_decodes_as_the_full_forward() {
         assert!(diff < 1e-6, "{peft}: the tensor-op path differs by {diff}");
     }
 }
+
+/// Feeds `ids` into `cache` in `chunks` (token counts), returning every fed position's logits.
+fn feed(model: &Llama, cache: &mut KvCache, ids: &[u32], chunks: &[usize]) -> Tensor {
+    let mut rows = Vec::new();
+    let mut at = 0;
+    for &len in chunks {
+        let mut segment = [Segment {
+            tokens: &ids[at..at + len],
+            cache: &mut *cache,
+            adapter: None,
+        }];
+        let every = [true];
+        rows.push(
+            model
+                .forward_packed_rows(&mut segment, &every)
+                .expect("forward_packed_rows"),
+        );
+        at += len;
+    }
+    Tensor::cat(&rows, 0).expect("cat")
+}
+
+/// A sequence longer than several blocks decodes as its full forward on both backends'
+/// serving paths (f32: the fused CPU ops; f64: the tensor ops other devices run), whether the
+/// blocks fill in one prefill or token by token; and a second sequence that starts from the
+/// first one's full blocks (a prefix-cache hit) gives the same logits after them.
+#[test]
+fn the_paged_cache_crosses_blocks_and_shares_them() {
+    use candle_core::DType;
+    use graft_engine::{
+        backend::BLOCK_TOKENS,
+        models::{Config, load_weights},
+    };
+    let dir = tiny("llama");
+    let config =
+        Config::from_json(&std::fs::read_to_string(dir.join("config.json")).expect("config"))
+            .expect("parses");
+    let len = 3 * BLOCK_TOKENS + 5;
+    let vocab = u32::try_from(config.vocab_size).expect("small");
+    let ids: Vec<u32> = (0..len)
+        .map(|i| u32::try_from(i * 7 + 3).expect("small") % vocab)
+        .collect();
+    for dtype in [DType::F32, DType::F64] {
+        let vb = load_weights(&dir, dtype, &Device::Cpu).expect("weights");
+        let model = Llama::load(&vb, &config, Precision::Dense).expect("model");
+        let f32s = |t: &Tensor| t.to_dtype(DType::F32).expect("f32");
+        let full = f32s(&full_forward(&model, &ids));
+        let mut whole = KvCache::new(model.num_layers());
+        // A prefill across two block boundaries, then single tokens across the third.
+        let mut chunks = vec![2 * BLOCK_TOKENS + 3];
+        chunks.extend(std::iter::repeat_n(1, len - chunks[0]));
+        let ours = f32s(&feed(&model, &mut whole, &ids, &chunks));
+        assert_eq!(whole.blocks().len(), 3, "{dtype:?}: three full blocks");
+        let diff = max_abs_diff(&ours, &full);
+        assert!(diff < 1e-4, "{dtype:?}: paged decoding differs by {diff}");
+        let shared = 2;
+        let mut second =
+            KvCache::with_prefix(model.num_layers(), whole.blocks()[..shared].to_vec());
+        let from = shared * BLOCK_TOKENS;
+        let rest = f32s(&feed(&model, &mut second, &ids[from..], &[len - from]));
+        let expected = full.narrow(0, from, len - from).expect("positions");
+        let diff = max_abs_diff(&rest, &expected);
+        assert!(
+            diff < 1e-4,
+            "{dtype:?}: after shared blocks, logits differ by {diff}"
+        );
+        assert!(
+            std::sync::Arc::ptr_eq(&second.blocks()[0], &whole.blocks()[0]),
+            "the blocks are shared, not copied"
+        );
+    }
+}

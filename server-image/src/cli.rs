@@ -67,6 +67,18 @@ pub struct Args {
     /// Sequences decoded together in one step.
     #[arg(long, env = "GRAFT_MAX_BATCH_SIZE", default_value_t = 32)]
     pub max_batch_size: usize,
+    /// Tokens the KV cache holds for all sequences together (keys and values of every
+    /// layer). Sequences are admitted while their blocks fit and the newest are preempted (and
+    /// computed again later) when decoding needs more. By default
+    /// `--kv-cache-memory-fraction` of the memory free after loading the model, less room for
+    /// `--max-loaded-adapters` adapters of `--max-lora-rank`.
+    #[arg(long, env = "GRAFT_KV_CACHE_TOKENS")]
+    pub kv_cache_tokens: Option<usize>,
+    /// The share of the device's free memory (the GPU's, or the system's on the CPU) the KV
+    /// cache may take when `--kv-cache-tokens` is not given.
+    #[arg(long, env = "GRAFT_KV_CACHE_MEMORY_FRACTION", default_value_t = 0.9,
+          value_parser = fraction)]
+    pub kv_cache_memory_fraction: f64,
     /// Requests waiting for a place in the batch; more are refused with 429.
     #[arg(long, env = "GRAFT_MAX_WAITING", default_value_t = 256)]
     pub max_waiting: usize,
@@ -119,5 +131,15 @@ impl Args {
     /// Credentials come from the environment only, never from flags (which `ps` shows).
     pub fn s3_options(&self) -> S3Options {
         S3Options::from_env(self.s3_endpoint.clone(), self.s3_region.clone())
+    }
+}
+
+/// A number in (0, 1].
+fn fraction(s: &str) -> Result<f64, String> {
+    let value: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if value > 0.0 && value <= 1.0 {
+        Ok(value)
+    } else {
+        Err(format!("{value} is not in (0, 1]"))
     }
 }

@@ -6,8 +6,10 @@ pub mod api;
 pub mod cli;
 pub mod constrain;
 pub mod detokenize;
+pub mod kv_budget;
 pub mod metrics;
 pub mod model;
+pub mod prefix_cache;
 pub mod sampling;
 pub mod scheduler;
 pub mod tool_calls;
@@ -26,7 +28,7 @@ use crate::{
     cli::Args,
     metrics::Metrics,
     model::BaseModel,
-    scheduler::Scheduler,
+    scheduler::{Limits, Scheduler},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +59,8 @@ pub enum ServeError {
     Kube(#[source] kube::Error),
     #[error("the admin API's TLS certificate: {0}")]
     Tls(String),
+    #[error("{0}")]
+    KvCache(String),
 }
 
 /// Loads the model, serves, loads the start-up adapters, turns ready, and drains in-flight
@@ -76,10 +80,25 @@ pub async fn serve(
     tracing::info!(model = %model.info.model, uri = %model.info.model_uri, sha256 = %model.info.model_sha256, "base model loaded");
     let metrics = Arc::new(Metrics::default());
     let registry = Arc::new(Registry::new(model.clone(), s3, cache, metrics.clone()));
+    let kv_cache_tokens = kv_budget::kv_cache_tokens(
+        &model,
+        args.kv_cache_tokens,
+        args.kv_cache_memory_fraction,
+        args.max_batch_size,
+    )
+    .map_err(ServeError::KvCache)?;
+    tracing::info!(
+        tokens = kv_cache_tokens,
+        mib = (kv_cache_tokens * kv_budget::bytes_per_token(&model)) >> 20,
+        "KV cache budget"
+    );
     let scheduler = Scheduler::spawn(
         model.clone(),
-        args.max_batch_size,
-        args.max_waiting,
+        Limits {
+            max_batch: args.max_batch_size,
+            max_waiting: args.max_waiting,
+            kv_cache_tokens,
+        },
         metrics.clone(),
     );
     let state = Arc::new(AppState::new(

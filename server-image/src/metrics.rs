@@ -38,6 +38,9 @@ pub struct Metrics {
     request_seconds: Histogram,
     first_token_seconds: Histogram,
     batch_rows: Histogram,
+    preemptions: Counter,
+    prefix_queried_tokens: Counter,
+    prefix_hit_tokens: Counter,
     loaded_adapters: Gauge,
     adapter_loads: Counter,
     adapter_load_failures: Counter,
@@ -80,6 +83,9 @@ impl Default for Metrics {
             request_seconds: seconds(),
             first_token_seconds: seconds(),
             batch_rows: Histogram::new(exponential_buckets(1.0, 2.0, 9)),
+            preemptions: Counter::default(),
+            prefix_queried_tokens: Counter::default(),
+            prefix_hit_tokens: Counter::default(),
             loaded_adapters: Gauge::default(),
             adapter_loads: Counter::default(),
             adapter_load_failures: Counter::default(),
@@ -121,6 +127,21 @@ impl Default for Metrics {
             "batch_sequences",
             "Sequences in each forward step",
             metrics.batch_rows.clone(),
+        );
+        registry.register(
+            "preemptions",
+            "Sequences that gave their KV blocks back to make room, to be computed again",
+            metrics.preemptions.clone(),
+        );
+        registry.register(
+            "prefix_cache_queried_tokens",
+            "Tokens of sequences looked up in the prefix cache",
+            metrics.prefix_queried_tokens.clone(),
+        );
+        registry.register(
+            "prefix_cache_hit_tokens",
+            "Tokens whose keys and values came from the prefix cache",
+            metrics.prefix_hit_tokens.clone(),
         );
         registry.register(
             "loaded_adapters",
@@ -180,6 +201,16 @@ impl Metrics {
     #[allow(clippy::cast_precision_loss)]
     pub fn step(&self, sequences: usize) {
         self.batch_rows.observe(sequences as f64);
+    }
+
+    pub fn preempted(&self) {
+        self.preemptions.inc();
+    }
+
+    /// A sequence of `queried` tokens found its first `hit` in the prefix cache.
+    pub fn prefix_lookup(&self, queried: usize, hit: usize) {
+        self.prefix_queried_tokens.inc_by(queried as u64);
+        self.prefix_hit_tokens.inc_by(hit as u64);
     }
 
     pub fn set_loaded_adapters(&self, count: usize) {

@@ -195,16 +195,9 @@ impl Sampler {
             .enumerate()
             .map(|(i, &l)| (u32::try_from(i).unwrap_or(u32::MAX), l / s.temperature))
             .collect();
-        let descending = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1);
         if s.top_k > 0 && s.top_k < candidates.len() {
             candidates.select_nth_unstable_by(s.top_k - 1, descending);
             candidates.truncate(s.top_k);
-        }
-        // Only top-p and min-p need the candidates in order; sorting a whole vocabulary for
-        // every token would cost more than the rest of sampling.
-        let ordered = s.top_p < 1.0 || s.min_p > 0.0;
-        if ordered {
-            candidates.sort_by(descending);
         }
         let max = candidates
             .iter()
@@ -213,26 +206,14 @@ impl Sampler {
         if !max.is_finite() {
             return argmax(logits);
         }
-        let mut weights: Vec<f32> = candidates.iter().map(|(_, l)| (l - max).exp()).collect();
-        if ordered {
-            if s.min_p > 0.0 {
-                // Weights are relative to the most likely token's, which is 1.
-                let kept = weights.iter().take_while(|&&w| w >= s.min_p).count();
-                weights.truncate(kept.max(1));
-            }
-            let total: f32 = weights.iter().sum();
-            // The smallest prefix whose probability reaches top_p (always at least one token).
-            let mut kept = 0;
-            let mut mass = 0.0;
-            for w in &weights {
-                kept += 1;
-                mass += w / total;
-                if mass >= s.top_p {
-                    break;
-                }
-            }
-            weights.truncate(kept);
+        if s.min_p > 0.0 {
+            // Weights are relative to the most likely token's, which is 1 and always stays.
+            candidates.retain(|&(_, l)| (l - max).exp() >= s.min_p);
         }
+        if s.top_p < 1.0 {
+            nucleus(&mut candidates, s.top_p, max);
+        }
+        let weights: Vec<f32> = candidates.iter().map(|(_, l)| (l - max).exp()).collect();
         let total: f32 = weights.iter().sum();
         let mut target = self.rng.next_f32() * total;
         for (i, w) in weights.iter().enumerate() {
@@ -244,6 +225,38 @@ impl Sampler {
         // Rounding: the last token with any weight.
         let last = weights.iter().rposition(|&w| w > 0.0).unwrap_or(0);
         candidates[last].0
+    }
+}
+
+/// Most likely first, ties by id: one order, whichever way it is reached.
+#[allow(clippy::trivially_copy_pass_by_ref)] // the signature sort_by asks for
+fn descending(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// Keeps the smallest most-likely-first prefix of `candidates` (scaled logits, the largest
+/// `max`) whose probability reaches `top_p`, in that order. The prefix is usually a few
+/// tokens of a vocabulary of tens of thousands, so it is found by selecting ever larger
+/// windows of the most likely rather than by sorting them all.
+fn nucleus(candidates: &mut Vec<(u32, f32)>, top_p: f32, max: f32) {
+    let total: f32 = candidates.iter().map(|&(_, l)| (l - max).exp()).sum();
+    let (mut ordered, mut window, mut mass) = (0, 64, 0.0);
+    while ordered < candidates.len() {
+        let end = (ordered + window).min(candidates.len());
+        let rest = &mut candidates[ordered..];
+        if end - ordered < rest.len() {
+            rest.select_nth_unstable_by(end - ordered - 1, descending);
+        }
+        candidates[ordered..end].sort_by(descending);
+        for i in ordered..end {
+            mass += (candidates[i].1 - max).exp() / total;
+            if mass >= top_p {
+                candidates.truncate(i + 1);
+                return;
+            }
+        }
+        ordered = end;
+        window *= 4;
     }
 }
 
@@ -437,6 +450,45 @@ mod tests {
             sampler.sample(&[f32::NEG_INFINITY, 5.0], None, &[1]).token,
             1
         );
+    }
+
+    /// The windowed selection keeps exactly what sorting the whole vocabulary would: the
+    /// same tokens in the same order, ties included.
+    #[test]
+    fn the_nucleus_equals_the_prefix_of_a_full_sort() {
+        let mut rng = Rng::seed(4);
+        for (vocab, top_p) in [(5000, 0.9), (5000, 0.999), (300, 0.5), (70, 0.99), (3, 0.2)] {
+            // Logits on a coarse grid, so many tie.
+            let candidates: Vec<(u32, f32)> = (0..vocab)
+                .map(|i| (i, (rng.normal(2.0) * 4.0).round() / 4.0))
+                .collect();
+            let max = candidates
+                .iter()
+                .map(|c| c.1)
+                .fold(f32::NEG_INFINITY, f32::max);
+            let total: f32 = candidates.iter().map(|&(_, l)| (l - max).exp()).sum();
+            let mut sorted = candidates.clone();
+            sorted.sort_by(descending);
+            let mut mass = 0.0;
+            let kept = sorted
+                .iter()
+                .position(|&(_, l)| {
+                    mass += (l - max).exp() / total;
+                    mass >= top_p
+                })
+                .map_or(sorted.len(), |i| i + 1);
+            sorted.truncate(kept);
+            let mut windowed = candidates;
+            nucleus(&mut windowed, top_p, max);
+            assert!(
+                windowed == sorted,
+                "vocab {vocab}, top_p {top_p}: {} tokens kept, {kept} expected",
+                windowed.len()
+            );
+            if vocab == 5000 && top_p > 0.99 {
+                assert!(kept > 64, "the nucleus spans several windows ({kept})");
+            }
+        }
     }
 
     #[test]

@@ -8,11 +8,15 @@
 //! thread while the forward pass runs, so neither they nor the other rows wait for it.
 
 use std::{
+    collections::{HashSet, VecDeque},
     sync::{Arc, mpsc},
     time::Instant,
 };
 
-use graft_engine::{backend::KvCache, models::Segment};
+use graft_engine::{
+    backend::{BLOCK_TOKENS, Block, KvCache},
+    models::Segment,
+};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{
@@ -21,6 +25,7 @@ use crate::{
     detokenize::{Detokenizer, first_stop, held_back},
     metrics::{Load, Metrics},
     model::BaseModel,
+    prefix_cache::{BlockHash, PrefixCache, block_hashes},
     sampling::{Choice, Sampler, Sampling, score},
 };
 
@@ -112,6 +117,17 @@ pub struct Scheduler {
     metrics: Arc<Metrics>,
 }
 
+/// How much the scheduler takes on.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Sequences decoded together in one step.
+    pub max_batch: usize,
+    /// Requests waiting for a place in the batch; more are refused.
+    pub max_waiting: usize,
+    /// Tokens the KV cache holds for all sequences together: at least one whole context.
+    pub kv_cache_tokens: usize,
+}
+
 /// Why a request was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {
@@ -123,18 +139,15 @@ pub enum Refused {
 
 impl Scheduler {
     /// Starts the batching thread; it ends when every handle is dropped and the batch drained.
-    /// At most `max_waiting` requests wait for a place in the batch.
-    pub fn spawn(
-        model: Arc<BaseModel>,
-        max_batch: usize,
-        max_waiting: usize,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        let (submit, requests) = mpsc::sync_channel(max_waiting.max(1));
+    /// At most `max_waiting` requests wait for a place in the batch; the sequences' keys and
+    /// values together hold at most `kv_cache_tokens` tokens.
+    pub fn spawn(model: Arc<BaseModel>, limits: Limits, metrics: Arc<Metrics>) -> Self {
+        let (submit, requests) = mpsc::sync_channel(limits.max_waiting.max(1));
         metrics.set_served_model(&model.info.model, model.info.max_loaded_adapters);
         let worker = Worker {
             model,
-            max_batch: max_batch.max(1),
+            max_batch: limits.max_batch.max(1),
+            kv_blocks: limits.kv_cache_tokens / BLOCK_TOKENS,
             metrics: metrics.clone(),
         };
         std::thread::Builder::new()
@@ -161,6 +174,8 @@ impl Scheduler {
 struct Worker {
     model: Arc<BaseModel>,
     max_batch: usize,
+    /// The KV cache's budget, in blocks.
+    kv_blocks: usize,
     metrics: Arc<Metrics>,
 }
 
@@ -172,8 +187,10 @@ struct Running {
     forks: usize,
     constraint: Option<Constraint>,
     cache: KvCache,
-    /// Prompt tokens not yet fed.
-    pending: usize,
+    /// The prefix-cache names of the cache's full blocks registered so far.
+    hashes: Vec<BlockHash>,
+    /// When the request arrived: the newest sequences are preempted first.
+    order: u64,
     /// What this step feeds.
     feed: Vec<u32>,
     sampler: Sampler,
@@ -184,47 +201,95 @@ struct Running {
     prompt_scores: Option<Vec<Choice>>,
 }
 
-/// A new choice's copy of a sequence's keys and values. Today a deep copy; shared blocks
-/// once the KV cache is paged.
-fn fork_cache(cache: &KvCache) -> KvCache {
-    cache.clone()
+impl Running {
+    /// The adapter version its keys and values are computed through (empty: the base).
+    fn adapter_key(&self) -> &str {
+        self.request
+            .adapter
+            .as_ref()
+            .map_or("", |a| a.sha256.as_str())
+    }
+
+    /// The prompt and the tokens generated so far: what the cache holds once every token is
+    /// fed.
+    fn context(&self) -> impl Iterator<Item = u32> + '_ {
+        self.request.prompt.iter().chain(&self.generated).copied()
+    }
+
+    fn context_len(&self) -> usize {
+        self.request.prompt.len() + self.generated.len()
+    }
+
+    /// The next tokens to feed: a chunk of what the cache lacks.
+    fn next_feed(&self) -> Vec<u32> {
+        let from = self.cache.len();
+        let len = (self.context_len() - from).min(PREFILL_CHUNK);
+        self.context().skip(from).take(len).collect()
+    }
+
+    /// Blocks it needs for this step's feed beyond the full ones it holds.
+    fn new_blocks(&self) -> usize {
+        self.cache.blocks_for(self.feed.len()) - self.cache.blocks().len()
+    }
+
+    /// The rows of logits a step gives this sequence: one per token fed while the prompt's
+    /// log-probabilities are computed, else the last.
+    fn logit_rows(&self) -> usize {
+        if self.prompt_scores.is_some() {
+            self.feed.len()
+        } else {
+            1
+        }
+    }
 }
 
-/// The share of the server's KV capacity in use: cached tokens over what `max_batch`
-/// sequences of the full context hold.
-fn kv_cache_usage(running: &[Running], max_batch: usize, max_model_len: usize) -> f64 {
-    let used: usize = running.iter().map(|r| r.cache.len()).sum();
-    #[allow(clippy::cast_precision_loss)]
-    let usage = used as f64 / (max_batch * max_model_len).max(1) as f64;
-    usage.min(1.0)
+/// Blocks in use: every block the running sequences and the prefix cache hold, each once,
+/// and the blocks this step's new tokens will fill.
+fn blocks_in_use(running: &[Running], prefix: &PrefixCache) -> usize {
+    let mut held: HashSet<*const Block> = prefix.blocks().map(Arc::as_ptr).collect();
+    let mut new = 0;
+    for r in running {
+        held.extend(r.cache.blocks().iter().map(Arc::as_ptr));
+        new += r.new_blocks();
+    }
+    held.len() + new
 }
 
 impl Worker {
     fn run(&self, requests: &mpsc::Receiver<Request>) {
         let mut running: Vec<Running> = Vec::new();
+        // Sequences waiting for room: preempted ones first, in the order they arrived, then
+        // at most one new request that did not fit.
+        let mut waiting: VecDeque<Running> = VecDeque::new();
+        let mut prefix = PrefixCache::default();
+        let mut arrivals = 0;
         loop {
-            if running.is_empty() {
-                self.publish(&running);
+            if running.is_empty() && waiting.is_empty() {
+                self.publish(&running, &prefix);
                 match requests.recv() {
-                    Ok(request) => running.push(self.start(request)),
+                    Ok(request) => {
+                        arrivals += 1;
+                        waiting.push_back(self.start(request, arrivals));
+                    }
                     Err(mpsc::RecvError) => return,
                 }
             }
-            // Each sequence, and each choice still to fork, takes a row.
-            while running.iter().map(|r| 1 + r.forks).sum::<usize>() < self.max_batch {
-                match requests.try_recv() {
-                    Ok(request) => running.push(self.start(request)),
-                    Err(_) => break,
-                }
-            }
-            // A client that went away frees its rows.
+            // A client that went away frees its rows and blocks.
             running.retain(|r| !r.request.events.is_closed());
+            waiting.retain(|r| !r.request.events.is_closed());
+            self.admit(&mut running, &mut waiting, &mut prefix, || {
+                let request = requests.try_recv().ok()?;
+                arrivals += 1;
+                Some(self.start(request, arrivals))
+            });
             if running.is_empty() {
                 continue;
             }
+            self.make_room(&mut running, &mut waiting, &mut prefix);
             self.metrics.step(running.len());
-            self.publish(&running);
+            self.publish(&running, &prefix);
             let (logits, mut masks) = forward(&self.model, &mut running);
+            register_blocks(&mut running, &mut prefix);
             let logits = match logits {
                 Ok(logits) => logits,
                 Err(e) => {
@@ -238,26 +303,42 @@ impl Worker {
                     continue;
                 }
             };
-            let mut forks = Vec::new();
-            let (mut seq, mut row) = (0, 0);
-            running.retain_mut(|r| {
-                let mask = masks[seq].take();
-                let rows = if r.prompt_scores.is_some() {
-                    r.feed.len()
-                } else {
-                    1
-                };
-                let keep = self.advance(r, &logits[row..row + rows], mask, &mut forks);
-                seq += 1;
-                row += rows;
-                keep
-            });
+            // Sampling, grammar commits and detokenising are per sequence: done in parallel,
+            // off the one thread that runs the forward passes' bookkeeping.
+            let mut starts = Vec::with_capacity(running.len());
+            let mut row = 0;
+            for r in &running {
+                starts.push(row);
+                row += r.logit_rows();
+            }
+            let outcomes: Vec<(bool, Vec<Running>)> = {
+                use rayon::prelude::*;
+                running
+                    .par_iter_mut()
+                    .zip(masks.par_iter_mut())
+                    .zip(starts)
+                    .map(|((r, mask), start)| {
+                        let rows = r.logit_rows();
+                        let mut forks = Vec::new();
+                        let keep =
+                            self.advance(r, &logits[start..start + rows], mask.take(), &mut forks);
+                        (keep, forks)
+                    })
+                    .collect()
+            };
+            let (mut kept, mut forks) = (Vec::with_capacity(outcomes.len()), Vec::new());
+            for (keep, mut more) in outcomes {
+                kept.push(keep);
+                forks.append(&mut more);
+            }
+            let mut kept = kept.into_iter();
+            running.retain(|_| kept.next().unwrap_or(false));
             running.extend(forks);
         }
     }
 
     /// What a router reads: queue, batch, KV usage and the adapters running.
-    fn publish(&self, running: &[Running]) {
+    fn publish(&self, running: &[Running], prefix: &PrefixCache) {
         let mut adapters: Vec<&str> = running
             .iter()
             .map(|r| r.request.adapter_name.as_str())
@@ -267,40 +348,133 @@ impl Worker {
         adapters.dedup();
         self.metrics.set_load(&Load {
             running: running.iter().map(|r| 1 + r.forks).sum(),
-            kv_cache_usage: kv_cache_usage(running, self.max_batch, self.model.max_model_len),
+            kv_cache_usage: usage(blocks_in_use(running, prefix), self.kv_blocks),
             running_adapters: adapters.iter().map(|a| (*a).to_owned()).collect(),
         });
     }
 
-    fn start(&self, mut request: Request) -> Running {
+    fn start(&self, mut request: Request, order: u64) -> Running {
         self.metrics.queued(&request.adapter_name, false);
         let model = &self.model;
-        let first = request.prompt.len().min(PREFILL_CHUNK);
         let constraint = request.constraint.take();
         let request = Arc::new(request);
         Running {
-            text: Detokenizer::new(
-                &model.tokenizer,
-                &request.prompt,
-                request.skip_special_tokens,
-            ),
+            text: Detokenizer::new(&request.prompt, request.skip_special_tokens),
             cache: KvCache::new(model.llama.num_layers()),
-            pending: request.prompt.len() - first,
-            feed: request.prompt[..first].to_vec(),
+            hashes: Vec::new(),
+            order,
+            feed: Vec::new(),
             sampler: Sampler::new(request.sampling.clone(), &request.prompt),
             index: request.first_index,
             forks: request.choices.saturating_sub(1),
             constraint,
             generated: Vec::new(),
             started: Instant::now(),
-            prompt_scores: request.prompt_logprobs.map(|_| {
-                vec![Choice {
-                    token: request.prompt[0],
-                    logprob: None,
-                    top: Vec::new(),
-                }]
-            }),
+            prompt_scores: initial_prompt_scores(&request),
             request,
+        }
+    }
+
+    /// Gives `r` a cache that starts with the longest run of its blocks the prefix cache
+    /// holds (leaving at least one token to feed, whose logits come next), and its first feed.
+    fn place(&self, r: &mut Running, prefix: &mut PrefixCache) {
+        let context: Vec<u32> = r.context().collect();
+        let hashes = block_hashes(r.adapter_key(), &context, &[]);
+        // Prompt log-probabilities need every prompt row computed.
+        let limit = if r.prompt_scores.is_some() {
+            0
+        } else {
+            (context.len() - 1) / BLOCK_TOKENS
+        };
+        let blocks = prefix.lookup(&hashes, limit);
+        self.metrics
+            .prefix_lookup(context.len(), blocks.len() * BLOCK_TOKENS);
+        r.hashes = hashes[..blocks.len()].to_vec();
+        r.cache = KvCache::with_prefix(self.model.llama.num_layers(), blocks);
+        r.feed = r.next_feed();
+    }
+
+    /// Moves waiting sequences, then new requests (from `next`), into the batch while rows
+    /// are free and the blocks for their whole context fit: a sequence admitted can finish its
+    /// prompt without preempting others.
+    fn admit(
+        &self,
+        running: &mut Vec<Running>,
+        waiting: &mut VecDeque<Running>,
+        prefix: &mut PrefixCache,
+        mut next: impl FnMut() -> Option<Running>,
+    ) {
+        loop {
+            // Each sequence, and each choice still to fork, takes a row.
+            if running.iter().map(|r| 1 + r.forks).sum::<usize>() >= self.max_batch {
+                return;
+            }
+            let Some(mut candidate) = waiting.pop_front().or_else(&mut next) else {
+                return;
+            };
+            self.place(&mut candidate, prefix);
+            let whole = candidate
+                .cache
+                .blocks_for(candidate.context_len() + 1 - candidate.cache.len())
+                - candidate.cache.blocks().len();
+            let fits = loop {
+                if blocks_in_use(running, prefix) + whole <= self.kv_blocks {
+                    break true;
+                }
+                if !prefix.evict_one() {
+                    break false;
+                }
+            };
+            if !fits && !running.is_empty() {
+                // Waiting, it pins no cached block.
+                candidate.cache = KvCache::new(self.model.llama.num_layers());
+                candidate.hashes.clear();
+                waiting.push_front(candidate);
+                return;
+            }
+            running.push(candidate);
+        }
+    }
+
+    /// Frees blocks until this step's fit: cached blocks no sequence uses first, then the
+    /// newest sequences, which give theirs back and are computed again when there is room.
+    fn make_room(
+        &self,
+        running: &mut Vec<Running>,
+        waiting: &mut VecDeque<Running>,
+        prefix: &mut PrefixCache,
+    ) {
+        while blocks_in_use(running, prefix) > self.kv_blocks {
+            if prefix.evict_one() {
+                continue;
+            }
+            if running.len() <= 1 {
+                // One sequence always fits: the budget holds a whole context (checked at
+                // start-up).
+                return;
+            }
+            let Some(newest) = running
+                .iter()
+                .enumerate()
+                .max_by_key(|(_, r)| r.order)
+                .map(|(i, _)| i)
+            else {
+                return;
+            };
+            let mut r = running.remove(newest);
+            r.cache = KvCache::new(self.model.llama.num_layers());
+            r.hashes.clear();
+            r.feed.clear();
+            if r.prompt_scores.is_some() {
+                r.prompt_scores = initial_prompt_scores(&r.request);
+            }
+            self.metrics.preempted();
+            // Ahead of the others waiting: it arrived before them.
+            let at = waiting
+                .iter()
+                .position(|w| w.order > r.order)
+                .unwrap_or(waiting.len());
+            waiting.insert(at, r);
         }
     }
 
@@ -327,11 +501,8 @@ impl Worker {
         let Some(logits) = rows.last() else {
             return false;
         };
-        if r.pending > 0 {
-            let from = r.request.prompt.len() - r.pending;
-            let len = r.pending.min(PREFILL_CHUNK);
-            r.feed = r.request.prompt[from..from + len].to_vec();
-            r.pending -= len;
+        if r.cache.len() < r.context_len() {
+            r.feed = r.next_feed();
             return true;
         }
         let mask = match mask.transpose() {
@@ -360,8 +531,9 @@ impl Worker {
                     index: r.index + choice,
                     forks: 0,
                     constraint: r.constraint.clone(),
-                    cache: fork_cache(&r.cache),
-                    pending: 0,
+                    cache: r.cache.clone(),
+                    hashes: r.hashes.clone(),
+                    order: r.order,
                     feed: Vec::new(),
                     sampler: r.sampler.fork(choice),
                     text: r.text.clone(),
@@ -412,28 +584,35 @@ impl Worker {
         }
         if !eos {
             r.generated.push(token);
+            r.text.push(&model.tokenizer, token);
         }
-        let text = r.text.text(&model.tokenizer, &r.generated);
         let stops: &[String] = if early { &[] } else { &stopping.stop };
-        let mut finish = None;
-        let mut end = text.len();
-        if let Some(at) = first_stop(&text, stops, r.text.sent) {
-            end = at;
-            finish = Some(FinishReason::Stop);
-        } else if eos || grammar_done || stopping.stop_token_ids.contains(&token) {
-            finish = Some(FinishReason::Stop);
+        let ending = if eos || grammar_done || stopping.stop_token_ids.contains(&token) {
+            Some(FinishReason::Stop)
         } else if r.generated.len() >= stopping.max_tokens
             || r.cache.len() + 1 >= model.max_model_len
         {
-            finish = Some(FinishReason::Length);
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        if ending.is_some() {
+            r.text.finish(&model.tokenizer);
         }
+        let mut end = r.text.text().len();
+        let mut finish = ending;
+        if let Some(at) = first_stop(r.text.text(), stops, r.text.sent) {
+            end = at;
+            finish = Some(FinishReason::Stop);
+        }
+        let text = r.text.text();
         // Hold back an incomplete character (decoded as U+FFFD) and a possible stop-string
         // prefix until the next token settles them.
         let sent = r.text.sent;
         let settled = if finish.is_some() {
             end
         } else {
-            held_back(&text, stops).max(sent)
+            held_back(text, stops).max(sent)
         };
         let delta = text.get(sent..settled).unwrap_or_default().to_owned();
         r.text.sent = settled.max(sent);
@@ -473,7 +652,7 @@ impl Worker {
             });
             return false;
         }
-        r.feed = vec![token];
+        r.feed = r.next_feed();
         true
     }
 }
@@ -491,12 +670,12 @@ fn forward(
     let every_row: Vec<bool> = running.iter().map(|r| r.prompt_scores.is_some()).collect();
     let mut constrained = Vec::new();
     for (row, r) in running.iter_mut().enumerate() {
+        let sampling = r.cache.len() + r.feed.len() == r.context_len();
         let Running {
             request,
             feed,
             cache,
             constraint,
-            pending,
             ..
         } = r;
         segments.push(Segment {
@@ -504,9 +683,7 @@ fn forward(
             cache,
             adapter: request.adapter.as_deref().map(|a| &a.serving),
         });
-        if *pending == 0
-            && let Some(constraint) = constraint.as_mut()
-        {
+        if sampling && let Some(constraint) = constraint.as_mut() {
             constrained.push((row, constraint));
         }
     }
@@ -535,4 +712,38 @@ fn forward(
         }
         (logits, masks)
     })
+}
+
+/// A request's prompt log-probabilities before any is computed: the first token has none.
+fn initial_prompt_scores(request: &Request) -> Option<Vec<Choice>> {
+    request.prompt_logprobs.map(|_| {
+        vec![Choice {
+            token: request.prompt[0],
+            logprob: None,
+            top: Vec::new(),
+        }]
+    })
+}
+
+/// Names the blocks each sequence filled in the last step and keeps them for reuse.
+fn register_blocks(running: &mut [Running], prefix: &mut PrefixCache) {
+    for r in running {
+        let full = r.cache.blocks().len();
+        if r.hashes.len() >= full {
+            continue;
+        }
+        let tokens: Vec<u32> = r.context().take(full * BLOCK_TOKENS).collect();
+        let known = r.hashes.len();
+        r.hashes = block_hashes(r.adapter_key(), &tokens, &r.hashes);
+        for (hash, block) in r.hashes[known..].iter().zip(&r.cache.blocks()[known..]) {
+            prefix.insert(*hash, block);
+        }
+    }
+}
+
+/// `used` of `capacity` blocks, 0 to 1.
+fn usage(used: usize, capacity: usize) -> f64 {
+    #[allow(clippy::cast_precision_loss)]
+    let usage = used as f64 / capacity.max(1) as f64;
+    usage.min(1.0)
 }

@@ -21,7 +21,7 @@ pub mod cuda;
 mod dropout;
 mod linear;
 
-pub use cache::KvCache;
+pub use cache::{BLOCK_TOKENS, Block, KvCache};
 pub use dropout::{Dropout, DropoutMask};
 pub(crate) use linear::rows_and_output;
 pub use linear::{FrozenLinear, FrozenWeight};

@@ -519,7 +519,7 @@ impl Llama {
             h = self.block(layer, &h, &mut pass)?;
         }
         for segment in segments.iter_mut() {
-            segment.cache.advance(segment.tokens.len());
+            segment.cache.advance(segment.tokens.len())?;
         }
         let mut picked: Vec<u32> = Vec::with_capacity(rows.len());
         for (i, r) in rows.iter().enumerate() {

@@ -7,7 +7,7 @@ use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
 use super::{gemm::with_f32s, math::dot, rotary::rotate};
-use crate::backend::{CachedRows, Heads, Rotary};
+use crate::backend::{CachedRows, Heads, Rotary, cache::PagedRows};
 
 /// See [`crate::backend::Backend::cached_attention`].
 pub fn cached_attention(
@@ -43,18 +43,19 @@ pub fn cached_attention(
     )?;
     let v = v.flatten_all()?.to_vec1::<f32>()?;
     for sequence in sequences.iter_mut() {
-        let cache = &mut sequence.cache.layers[layer];
+        let cache = &mut sequence.cache.tail[layer];
         let span = sequence.rows.start * kv_row..sequence.rows.end * kv_row;
         cache.k.extend_from_slice(&k[span.clone()]);
         cache.v.extend_from_slice(&v[span]);
     }
-    // Each query row: its sequence's keys and values, and its position.
+    // Each sequence's keys and values (its blocks, then the rows after them), and each query
+    // row's sequence and position.
+    let caches: Vec<PagedRows<'_>> = sequences.iter().map(|s| s.cache.rows(layer)).collect();
     let mut work = Vec::with_capacity(rows);
-    for sequence in sequences.iter() {
-        let cache = &sequence.cache.layers[layer];
+    for (sequence, cache) in sequences.iter().zip(&caches) {
         let offset = sequence.cache.len();
         for i in 0..sequence.rows.len() {
-            work.push((&cache.k, &cache.v, offset + i));
+            work.push((cache, offset + i));
         }
     }
     if work.len() != rows {
@@ -71,7 +72,7 @@ pub fn cached_attention(
     out.par_chunks_mut(n_heads * dim)
         .zip(q.par_chunks(n_heads * dim))
         .zip(work.par_iter())
-        .for_each(|((out_row, q_row), (keys, values, position))| {
+        .for_each(|((out_row, q_row), (cache, position))| {
             let first = window.map_or(0, |w| (position + 1).saturating_sub(w));
             let mut scores = Vec::with_capacity(position + 1 - first);
             for h in 0..n_heads {
@@ -80,7 +81,7 @@ pub fn cached_attention(
                 scores.clear();
                 scores.extend(
                     (first..=*position)
-                        .map(|j| dot(q_head, &keys[j * kv_row + kv..][..dim]) * scale),
+                        .map(|j| dot(q_head, &cache.get(j, kv_row).0[kv..][..dim]) * scale),
                 );
                 if let Some(cap) = softcap {
                     for s in &mut scores {
@@ -95,7 +96,7 @@ pub fn cached_attention(
                 }
                 let out_head = &mut out_row[h * dim..(h + 1) * dim];
                 for (j, weight) in (first..=*position).zip(&scores) {
-                    let value = &values[j * kv_row + kv..][..dim];
+                    let value = &cache.get(j, kv_row).1[kv..][..dim];
                     let weight = weight / total;
                     for (o, x) in out_head.iter_mut().zip(value) {
                         *o += weight * x;

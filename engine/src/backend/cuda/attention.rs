@@ -104,12 +104,15 @@ pub fn cached_attention(
         let kh = new(&k)?.transpose(0, 1)?.contiguous()?;
         let vh = new(&v)?.transpose(0, 1)?.contiguous()?;
         let offset = sequence.cache.len();
-        let slot = &mut sequence.cache.layers[layer].tensors;
-        let (kh, vh) = match slot.take() {
+        let slot = &mut sequence.cache.tail[layer].tensors;
+        *slot = Some(match slot.take() {
             Some((old_k, old_v)) => (Tensor::cat(&[old_k, kh], 1)?, Tensor::cat(&[old_v, vh], 1)?),
             None => (kh, vh),
-        };
-        *slot = Some((kh.clone(), vh.clone()));
+        });
+        let (kh, vh) = sequence
+            .cache
+            .tensors(layer)?
+            .ok_or_else(|| candle_core::Error::Msg("cached-attention: no keys".into()))?;
         let (kh, vh) = (kh.unsqueeze(0)?, vh.unsqueeze(0)?);
         let keys = kh.dim(2)?;
         let block = query_block(1, n_heads, rows.len(), keys);
