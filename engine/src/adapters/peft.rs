@@ -214,6 +214,13 @@ impl AdapterConfig {
     /// PiSSA): a checkpoint of such a run resumes on the residual the trainer recomputes.
     pub fn check_checkpoint(&self) -> Result<(), PeftError> {
         if self.init().rewrites_base() {
+            if self.use_dora {
+                // DoRA's magnitudes are norms of the base weights these inits rewrite.
+                return Err(PeftError::Unsupported(format!(
+                    "use_dora with init_lora_weights {}",
+                    self.init_lora_weights
+                )));
+            }
             let plain = Self {
                 init_lora_weights: init_true(),
                 ..self.clone()
