@@ -227,6 +227,14 @@ impl Running {
         self.context().skip(from).take(len).collect()
     }
 
+    /// Gives its keys and values back (an empty cache for a model of `layers` layers): it
+    /// is computed again from its context when it is placed.
+    fn release(&mut self, layers: usize) {
+        self.cache = KvCache::new(layers);
+        self.hashes.clear();
+        self.feed.clear();
+    }
+
     /// Blocks it needs for this step's feed beyond the full ones it holds.
     fn new_blocks(&self) -> usize {
         self.cache.blocks_for(self.feed.len()) - self.cache.blocks().len()
@@ -413,9 +421,8 @@ impl Worker {
                 return;
             };
             self.place(&mut candidate, prefix);
-            let whole = candidate
-                .cache
-                .blocks_for(candidate.context_len() + 1 - candidate.cache.len())
+            // Its whole context and the token after it, beyond the cached blocks it starts with.
+            let whole = (candidate.context_len() + 1).div_ceil(BLOCK_TOKENS)
                 - candidate.cache.blocks().len();
             let fits = loop {
                 if blocks_in_use(running, prefix) + whole <= self.kv_blocks {
@@ -427,8 +434,7 @@ impl Worker {
             };
             if !fits && !running.is_empty() {
                 // Waiting, it pins no cached block.
-                candidate.cache = KvCache::new(self.model.llama.num_layers());
-                candidate.hashes.clear();
+                candidate.release(self.model.llama.num_layers());
                 waiting.push_front(candidate);
                 return;
             }
@@ -462,9 +468,7 @@ impl Worker {
                 return;
             };
             let mut r = running.remove(newest);
-            r.cache = KvCache::new(self.model.llama.num_layers());
-            r.hashes.clear();
-            r.feed.clear();
+            r.release(self.model.llama.num_layers());
             if r.prompt_scores.is_some() {
                 r.prompt_scores = initial_prompt_scores(&r.request);
             }

@@ -99,13 +99,7 @@ mod kernel {
                 .map(|(_, lora)| (lora.a.storage_and_layout(), lora.b_t.storage_and_layout()))
                 .collect();
             let mut pairs = Vec::with_capacity(adapted.len());
-            for (((segment, lora), ((a, a_layout), (b_t, b_layout))), rank) in
-                adapted.iter().zip(&guards).zip(
-                    adapted
-                        .iter()
-                        .map(|(_, l)| l.a.dims().first().copied().unwrap_or(0)),
-                )
-            {
+            for ((segment, lora), ((a, a_layout), (b_t, b_layout))) in adapted.iter().zip(&guards) {
                 let (Storage::Cuda(a), Storage::Cuda(b_t)) = (&**a, &**b_t) else {
                     candle_core::bail!("grouped-lora: an adapter is not on the GPU");
                 };
@@ -114,7 +108,7 @@ mod kernel {
                     rows: (segment.rows.start, segment.rows.end),
                     a: (a, a_layout),
                     b_t: (b_t, b_layout),
-                    rank,
+                    rank: a_layout.dims().first().copied().unwrap_or(0),
                     scale: lora.scale as f32,
                 });
             }
