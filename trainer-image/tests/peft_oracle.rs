@@ -151,6 +151,37 @@ fn input_ids() -> Tensor {
 }
 
 /// Runs `tests/oracle/<script>` with `args`; its line goes to stderr, and it must succeed.
+/// One step on the oracle scripts' fixed batch: the next-token loss's gradients, and the
+/// reference file's `input_ids` and `loss` entries the scripts read.
+fn one_step(model: &Llama) -> (candle_core::backprop::GradStore, HashMap<String, Tensor>) {
+    let ids = Tensor::new(
+        &[
+            [5u32, 17, 40, 3, 77, 21, 9, 60],
+            [8, 8, 30, 2, 91, 44, 12, 6],
+        ],
+        &Device::Cpu,
+    )
+    .expect("ids");
+    let logits = model.forward(&ids).expect("forward");
+    let (batch, seq, vocab) = logits.dims3().expect("dims");
+    let predicted = logits
+        .narrow(1, 0, seq - 1)
+        .and_then(|l| l.reshape((batch * (seq - 1), vocab)));
+    let targets = ids.narrow(1, 1, seq - 1).and_then(|t| t.flatten_all());
+    let loss =
+        candle_nn::loss::cross_entropy(&predicted.expect("logits"), &targets.expect("targets"))
+            .expect("loss");
+    let grads = loss.backward().expect("backward");
+    let tensors = HashMap::from([
+        (
+            "input_ids".to_owned(),
+            ids.to_dtype(DType::I64).expect("i64"),
+        ),
+        ("loss".to_owned(), loss.reshape(1).expect("loss")),
+    ]);
+    (grads, tensors)
+}
+
 fn run_oracle(label: &str, script: &str, args: &[(&str, &Path)]) {
     let args: Vec<(&str, &OsStr)> = args.iter().map(|(f, p)| (*f, p.as_os_str())).collect();
     run_oracle_with(label, script, &args);
@@ -352,31 +383,7 @@ fn one_steps_gradients_equal_pefts() {
             model.set_lora(layer, site, Some(pair));
             vars.push((layer, site, a, b, magnitude));
         }
-        let ids = Tensor::new(
-            &[
-                [5u32, 17, 40, 3, 77, 21, 9, 60],
-                [8, 8, 30, 2, 91, 44, 12, 6],
-            ],
-            &Device::Cpu,
-        )
-        .expect("ids");
-        let logits = model.forward(&ids).expect("forward");
-        let (batch, seq, vocab) = logits.dims3().expect("dims");
-        let predicted = logits
-            .narrow(1, 0, seq - 1)
-            .and_then(|l| l.reshape((batch * (seq - 1), vocab)));
-        let targets = ids.narrow(1, 1, seq - 1).and_then(|t| t.flatten_all());
-        let loss =
-            candle_nn::loss::cross_entropy(&predicted.expect("logits"), &targets.expect("targets"))
-                .expect("loss");
-        let grads = loss.backward().expect("backward");
-        let mut tensors = HashMap::from([
-            (
-                "input_ids".to_owned(),
-                ids.to_dtype(DType::I64).expect("i64"),
-            ),
-            ("loss".to_owned(), loss.reshape(1).expect("loss")),
-        ]);
+        let (grads, mut tensors) = one_step(&model);
         for (layer, site, a, b, magnitude) in &vars {
             // Named as PEFT's parameters are (`oracle/peft_gradients.py` drops `.default`).
             let halves = [
@@ -489,33 +496,7 @@ fn olora_and_pissa_starts_residuals_and_one_steps_gradients_equal_pefts() {
             Adapters::attach_decomposed(&mut model, config, starts).expect("adapters attach");
         assert_eq!(adapters.pairs.len(), 2 * targets.len());
 
-        let ids = Tensor::new(
-            &[
-                [5u32, 17, 40, 3, 77, 21, 9, 60],
-                [8, 8, 30, 2, 91, 44, 12, 6],
-            ],
-            &Device::Cpu,
-        )
-        .expect("ids");
-        let logits = model.forward(&ids).expect("forward");
-        let (batch, seq, vocab) = logits.dims3().expect("dims");
-        let predicted = logits
-            .narrow(1, 0, seq - 1)
-            .and_then(|l| l.reshape((batch * (seq - 1), vocab)));
-        let targets_ids = ids.narrow(1, 1, seq - 1).and_then(|t| t.flatten_all());
-        let loss = candle_nn::loss::cross_entropy(
-            &predicted.expect("logits"),
-            &targets_ids.expect("targets"),
-        )
-        .expect("loss");
-        let grads = loss.backward().expect("backward");
-        let mut tensors = HashMap::from([
-            (
-                "input_ids".to_owned(),
-                ids.to_dtype(DType::I64).expect("i64"),
-            ),
-            ("loss".to_owned(), loss.reshape(1).expect("loss")),
-        ]);
+        let (grads, mut tensors) = one_step(&model);
         for pair in &adapters.pairs {
             let module = format!(
                 "base_model.model.model.layers.{}.{}",
