@@ -9,8 +9,8 @@ use std::{io::IsTerminal, path::Path};
 
 use candle_core::Device;
 use graft_api::{
-    AdapterArtifact, Digested, FineTuneJobSpec, GraftJson, LoraInit, Metrics, Quantization,
-    StatusTarget, TrainerResult,
+    AdapterArtifact, Digested, FineTuneJobSpec, GraftJson, LoraInit, MethodKind, Metrics,
+    Quantization, StatusTarget, TrainerResult,
 };
 use graft_engine::{
     adapters::{AdapterConfig, Init, Patterns, Site},
@@ -134,7 +134,8 @@ pub fn run(
         .block_on(source::fetch(&model_uri, &model_location, cache_dir))
         .map_err(model_source_error)?;
     // The schema refuses a `.gguf` URI; this catches any other way to a GGUF file.
-    if spec.method.lora.use_dora && matches!(model_files, models::ModelFiles::Gguf(_)) {
+    let use_dora = spec.method.lora().is_some_and(|lora| lora.use_dora);
+    if use_dora && matches!(model_files, models::ModelFiles::Gguf(_)) {
         return Err(JobError::bad(
             "method.lora.useDora needs a Hugging Face safetensors base model, not a GGUF file",
         ));
@@ -238,7 +239,7 @@ fn settings(spec: &FineTuneJobSpec, pad_id: u32) -> Settings {
         max_grad_norm: t.max_grad_norm,
         weight_decay: t.weight_decay,
         seed: t.seed,
-        dropout: spec.method.lora.dropout,
+        dropout: spec.method.lora().map_or(0.0, |lora| lora.dropout),
         recompute: t.gradient_checkpointing,
         checkpoint_every: u64::from(t.checkpoint_every_steps),
         eval_every: t.eval_every_steps.map_or(0, u64::from),
@@ -396,8 +397,8 @@ fn load_model(
             .map_err(|e| JobError::bad(format!("base model weights: {e}")))
     };
     let config = base.config();
-    let lora = &spec.method.lora;
-    let init = lora_init(lora)?;
+    let MethodKind::Lora(lora) = spec.method.kind();
+    let init = lora_init(&lora)?;
     let sites = lora
         .target_modules
         .iter()

@@ -107,7 +107,8 @@ pub struct FineTuneJobSpec {
     pub base_model: ModelSource,
     /// The training data: one JSONL file.
     pub dataset: DatasetSource,
-    /// How the adapter is trained: quantization of the frozen weights and the LoRA shape.
+    /// How the adapter is trained: quantization of the frozen weights and the method (a LoRA
+    /// with its defaults when none is named).
     #[serde(default)]
     pub method: Method,
     /// Optimiser and schedule.
@@ -204,16 +205,48 @@ pub enum DatasetFormat {
     Text,
 }
 
-/// How the adapter is trained.
+/// At most one method is named; naming none means LoRA with its defaults.
+const ONE_METHOD: &str = "(has(self.lora) ? 1 : 0) <= 1";
+
+/// How the adapter is trained: the storage of the frozen base weights, and one
+/// parameter-efficient method. Naming none trains a LoRA with its defaults.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": ONE_METHOD,
+    "message": "spec.method names at most one method",
+    "reason": "FieldValueForbidden",
+}]))]
 pub struct Method {
     /// Storage of the frozen base weights: `nf4` (QLoRA) or `none` (plain LoRA).
     #[serde(default)]
     pub quantization: Quantization,
-    /// Shape of the LoRA adapter.
-    #[serde(default)]
-    pub lora: LoraConfig,
+    /// A LoRA adapter (also what is trained when no method is named).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraConfig>,
+}
+
+/// The method a job trains.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MethodKind<'a> {
+    Lora(std::borrow::Cow<'a, LoraConfig>),
+}
+
+impl Method {
+    /// The method named, or LoRA with its defaults when none is.
+    pub fn kind(&self) -> MethodKind<'_> {
+        match &self.lora {
+            Some(lora) => MethodKind::Lora(std::borrow::Cow::Borrowed(lora)),
+            None => MethodKind::Lora(std::borrow::Cow::Owned(LoraConfig::default())),
+        }
+    }
+
+    /// The LoRA shape when the method is LoRA.
+    pub fn lora(&self) -> Option<std::borrow::Cow<'_, LoraConfig>> {
+        match self.kind() {
+            MethodKind::Lora(lora) => Some(lora),
+        }
+    }
 }
 
 /// Storage of the frozen base weights during training.

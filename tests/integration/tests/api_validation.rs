@@ -94,7 +94,12 @@ async fn valid_finetunejob_is_stored_with_schema_defaults() {
 
     let typed: Api<FineTuneJob> = Api::namespaced(client, &ns);
     let job = typed.get("support-bot-v3").await.expect("read back");
-    assert_eq!(job.spec.method.lora.rank, 16);
+    let lora = job.spec.method.lora().expect("a LoRA job");
+    assert_eq!(lora.rank, 16);
+    assert_eq!(
+        lora.dropout, 0.05,
+        "the schema's default for an unnamed field"
+    );
     // Defaults come from the schema, applied by the apiserver, not by our deserialiser.
     let stored = raw.get("support-bot-v3").await.expect("read back raw");
     let training = &stored.data["spec"]["training"];
@@ -108,6 +113,33 @@ async fn valid_finetunejob_is_stored_with_schema_defaults() {
         stored.data["spec"]["resources"]["gpuResourceName"],
         json!("nvidia.com/gpu")
     );
+}
+
+#[tokio::test]
+async fn a_job_naming_no_method_trains_a_default_lora() {
+    let (client, ns) = setup("ftj-no-method").await;
+    let raw = dynamic_api::<FineTuneJob>(&client, &ns);
+    let mut job = valid_job("no-method");
+    job["spec"].as_object_mut().expect("spec").remove("method");
+    let object: DynamicObject = serde_json::from_value(job).expect("manifest");
+    raw.create(&PostParams::default(), &object)
+        .await
+        .expect("a job naming no method is accepted");
+    let stored = raw.get("no-method").await.expect("read back raw");
+    // No LoRA is written into it: a default there would stop any other method being named.
+    assert_eq!(
+        stored.data["spec"]["method"],
+        json!({"quantization": "nf4"}),
+        "{stored:?}"
+    );
+    let typed: Api<FineTuneJob> = Api::namespaced(client, &ns);
+    let job = typed.get("no-method").await.expect("read back");
+    let lora = job
+        .spec
+        .method
+        .lora()
+        .expect("LoRA when no method is named");
+    assert_eq!((lora.rank, lora.alpha), (16, 32.0));
 }
 
 #[tokio::test]
