@@ -133,13 +133,7 @@ pub fn run(
     let model_files = rt
         .block_on(source::fetch(&model_uri, &model_location, cache_dir))
         .map_err(model_source_error)?;
-    // The schema refuses a `.gguf` URI; this catches any other way to a GGUF file.
-    let use_dora = spec.method.lora().is_some_and(|lora| lora.use_dora);
-    if use_dora && matches!(model_files, models::ModelFiles::Gguf(_)) {
-        return Err(JobError::bad(
-            "method.lora.useDora needs a Hugging Face safetensors base model, not a GGUF file",
-        ));
-    }
+    check_base_for_method(spec, &model_files)?;
     let base = models::Checkpoint::open(model_files)
         .map_err(|e| JobError::bad(format!("base model: {e}")))?;
     let model_digest = base.digest().map_err(model_source_error)?;
@@ -223,6 +217,22 @@ pub fn run(
     progress.record_adapter(&artifact);
     progress.finish();
     Ok(TrainerResult { adapter: artifact })
+}
+
+/// What the method needs of the base model's files. The schema refuses a `.gguf` URI for
+/// DoRA; this catches any other way to a GGUF file.
+fn check_base_for_method(
+    spec: &FineTuneJobSpec,
+    files: &models::ModelFiles,
+) -> Result<(), JobError> {
+    if spec.method.lora().is_some_and(|lora| lora.use_dora)
+        && matches!(files, models::ModelFiles::Gguf(_))
+    {
+        return Err(JobError::bad(
+            "method.lora.useDora needs a Hugging Face safetensors base model, not a GGUF file",
+        ));
+    }
+    Ok(())
 }
 
 fn settings(spec: &FineTuneJobSpec, pad_id: u32) -> Settings {
