@@ -49,7 +49,7 @@ fn a_peft_ia3_adapter_gives_pefts_logits_within_1e_4() {
             .expect("fits the model");
         let (ids, expected) = reference(&tiny(&dir));
         let diff = max_abs_diff(&with_adapter.forward(&ids).expect("forward"), &expected);
-        println!("{name}: (IA)³ logits within {diff:e} of PEFT's");
+        eprintln!("{name}: (IA)³ logits within {diff:e} of PEFT's");
         assert!(diff < 1e-4, "{name}: logits differ by {diff}");
         let plain = model(name, Precision::Dense)
             .forward(&ids)
@@ -73,12 +73,15 @@ fn what_graft_writes_has_pefts_keys_and_shapes_and_reads_back_the_same() {
         SafeTensors::deserialize(&theirs).expect("theirs"),
     );
     let mut names: Vec<_> = ours.names();
-    names.sort();
+    names.sort_unstable();
     let mut expected: Vec<_> = theirs.names();
-    expected.sort();
+    expected.sort_unstable();
     assert_eq!(names, expected);
     for name in names {
-        let (a, b) = (ours.tensor(name).expect("ours"), theirs.tensor(name).expect("theirs"));
+        let (a, b) = (
+            ours.tensor(name).expect("ours"),
+            theirs.tensor(name).expect("theirs"),
+        );
         assert_eq!((a.dtype(), a.shape()), (b.dtype(), b.shape()), "{name}");
         assert_eq!(a.data(), b.data(), "{name}: the same values");
     }
@@ -109,7 +112,9 @@ fn an_ia3_adapter_that_does_not_fit_is_refused_naming_what() {
         .check(&PeftAdapter::Ia3(short))
         .expect_err("a short vector");
     assert!(
-        error.to_string().contains("k_proj of layer 1 has 16 entries"),
+        error
+            .to_string()
+            .contains("k_proj of layer 1 has 16 entries"),
         "{error}"
     );
 
@@ -119,7 +124,10 @@ fn an_ia3_adapter_that_does_not_fit_is_refused_naming_what() {
     let error = model
         .check(&PeftAdapter::Ia3(deep))
         .expect_err("a layer the model lacks");
-    assert!(error.to_string().contains("layer 7 does not exist"), "{error}");
+    assert!(
+        error.to_string().contains("layer 7 does not exist"),
+        "{error}"
+    );
 
     let phi3 = common::model("phi3", Precision::Dense);
     let error = phi3
@@ -135,7 +143,9 @@ fn an_ia3_adapter_that_does_not_fit_is_refused_naming_what() {
     let weights = safetensors::serialize([(key, wrong)], None).expect("serialize");
     let error = PeftAdapter::from_bytes(&config, &weights, &Device::Cpu).expect_err("wrong side");
     assert!(
-        error.to_string().contains("non-feed-forward module's ia3_l is [out, 1]"),
+        error
+            .to_string()
+            .contains("non-feed-forward module's ia3_l is [out, 1]"),
         "{error}"
     );
 }
@@ -178,7 +188,7 @@ fn decoding_with_an_ia3_adapter_gives_pefts_logits_at_every_position() {
         // The prompt's step returns its last row only: positions 2.. of the reference.
         let want = expected.i((0, 2..)).expect("rows");
         let diff = max_abs_diff(&last, &want);
-        println!("{name}: served (IA)³ logits within {diff:e} of PEFT's");
+        eprintln!("{name}: served (IA)³ logits within {diff:e} of PEFT's");
         assert!(diff < 1e-4, "{name}: served logits differ by {diff}");
     }
 }

@@ -40,6 +40,8 @@ pub struct Vector {
 }
 
 /// The method's config, written into the published `adapter_config.json`.
+// One per run.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Config {
     Lora(AdapterConfig),
@@ -318,7 +320,9 @@ impl Adapters {
                     vector.layer
                 );
             }
-            vector.var.set(&saved.vector.to_device(vector.var.device())?)?;
+            vector
+                .var
+                .set(&saved.vector.to_device(vector.var.device())?)?;
         }
         Ok(())
     }

@@ -138,11 +138,6 @@ pub fn run(
         .map_err(|e| JobError::bad(format!("base model: {e}")))?;
     let model_digest = base.digest().map_err(model_source_error)?;
     if spec.output.merged {
-        if matches!(spec.method.kind(), MethodKind::Ia3(_)) {
-            return Err(JobError::bad(
-                "output.merged is not written for (IA)³ adapters yet; the adapter alone is",
-            ));
-        }
         models::check_mergeable(&base).map_err(|e| JobError::bad(format!("output.merged: {e}")))?;
     }
     let tokenizer = base.tokenizer().map_err(JobError::bad)?;
@@ -216,10 +211,7 @@ pub fn run(
     };
     if spec.output.merged {
         // Before graft.json: a reader that finds it finds the merged model whole too.
-        let lora = result.lora().ok_or_else(|| {
-            JobError::bad("output.merged is not written for (IA)³ adapters yet")
-        })?;
-        write_merged(&rt, &output, &base, lora)?;
+        write_merged(&rt, &output, &base, &result)?;
     }
     rt.block_on(publish(&output, adapter_config, weights, &graft_json))?;
     progress.record_adapter(&artifact);
@@ -227,12 +219,17 @@ pub fn run(
     Ok(TrainerResult { adapter: artifact })
 }
 
-/// What the method needs of the base model's files. The schema refuses a `.gguf` URI for
-/// DoRA; this catches any other way to a GGUF file.
+/// What the method needs of the base model's files, and what it cannot write yet. The schema
+/// refuses a `.gguf` URI for DoRA; this catches any other way to a GGUF file.
 fn check_base_for_method(
     spec: &FineTuneJobSpec,
     files: &models::ModelFiles,
 ) -> Result<(), JobError> {
+    if spec.output.merged && matches!(spec.method.kind(), MethodKind::Ia3(_)) {
+        return Err(JobError::bad(
+            "output.merged is not written for (IA)³ adapters yet; the adapter alone is",
+        ));
+    }
     if spec.method.lora().is_some_and(|lora| lora.use_dora)
         && matches!(files, models::ModelFiles::Gguf(_))
     {
@@ -294,8 +291,11 @@ fn write_merged(
     rt: &Runtime,
     output: &Location,
     base: &models::Checkpoint,
-    adapter: &graft_engine::adapters::Adapter,
+    adapter: &graft_engine::adapters::PeftAdapter,
 ) -> Result<(), JobError> {
+    let adapter = adapter
+        .lora()
+        .ok_or_else(|| JobError::bad("output.merged is not written for (IA)³ adapters yet"))?;
     models::merged_files(base, adapter, |name, bytes| {
         rt.block_on(output.put(&format!("{MERGED}/{name}"), bytes))
             .map_err(|e| models::MergeError::Write {

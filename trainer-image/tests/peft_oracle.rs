@@ -737,7 +737,10 @@ fn an_ia3_adapter_trained_by_graft_gives_graft_logits_in_peft() {
         model.apply_ia3(&adapter).expect("fits its base");
         let logits = model.forward(&ids).expect("forward");
         let effect = max_abs(&(&logits - &base).expect("diff"));
-        assert!(effect > 1e-3, "{label}: the adapter moves the logits by {effect}");
+        assert!(
+            effect > 1e-3,
+            "{label}: the adapter moves the logits by {effect}"
+        );
         let reference = dir.path().join("graft-logits.safetensors");
         let tensors = HashMap::from([
             (
@@ -785,7 +788,10 @@ fn one_steps_ia3_gradients_equal_pefts() {
             let len = grad.elem_count();
             // PEFT's parameter's own shape: `[1, in]` feed-forward, `[out, 1]` otherwise.
             let shape = if *feedforward { (1, len) } else { (len, 1) };
-            let key = format!("base_model.model.model.layers.{layer}.{}.ia3_l", site.path());
+            let key = format!(
+                "base_model.model.model.layers.{layer}.{}.ia3_l",
+                site.path()
+            );
             tensors.insert(key, grad.reshape(shape).expect("shape"));
         }
         let dir = tempfile::tempdir().expect("tempdir");

@@ -52,7 +52,11 @@ impl Ia3 {
     /// This vector on `device` in `dtype`.
     pub fn to(&self, device: &Device, dtype: DType) -> Result<Self> {
         Ok(Self {
-            vector: self.vector.to_device(device)?.to_dtype(dtype)?.contiguous()?,
+            vector: self
+                .vector
+                .to_device(device)?
+                .to_dtype(dtype)?
+                .contiguous()?,
             feedforward: self.feedforward,
         })
     }
@@ -151,7 +155,10 @@ pub struct Ia3Adapter {
 }
 
 fn key(layer: usize, site: Site) -> String {
-    format!("base_model.model.model.layers.{layer}.{}.ia3_l", site.path())
+    format!(
+        "base_model.model.model.layers.{layer}.{}.ia3_l",
+        site.path()
+    )
 }
 
 /// `(layer, site)` of a PEFT key, with or without PEFT's adapter name (`ia3_l.default`).
@@ -188,13 +195,23 @@ impl Ia3Adapter {
                 (dims, _) => {
                     return Err(PeftError::Mismatch(format!(
                         "{name} is {dims:?}; a {} module's ia3_l is {}",
-                        if feedforward { "feed-forward" } else { "non-feed-forward" },
+                        if feedforward {
+                            "feed-forward"
+                        } else {
+                            "non-feed-forward"
+                        },
                         if feedforward { "[1, in]" } else { "[out, 1]" }
                     )));
                 }
             };
             let vector = tensor.to_dtype(DType::F32)?.reshape(len)?;
-            vectors.insert((layer, site), Ia3 { vector, feedforward });
+            vectors.insert(
+                (layer, site),
+                Ia3 {
+                    vector,
+                    feedforward,
+                },
+            );
         }
         Ok(Self { config, vectors })
     }
@@ -338,7 +355,12 @@ mod tests {
             fan_in_fan_out: true,
             ..base.clone()
         };
-        assert!(conv.check().expect_err("conv").to_string().contains("fan_in_fan_out"));
+        assert!(
+            conv.check()
+                .expect_err("conv")
+                .to_string()
+                .contains("fan_in_fan_out")
+        );
         let saved = Ia3Config {
             modules_to_save: Some(vec!["lm_head".to_owned()]),
             ..base

@@ -7,6 +7,9 @@ use serde::Deserialize;
 use super::{Adapter, Ia3Adapter, PeftError, Site};
 
 /// An adapter of any method Graft computes.
+// One per adapter file read, moved a few times: LoRA's config being larger than (IA)³'s costs
+// nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum PeftAdapter {
     Lora(Adapter),

@@ -173,7 +173,10 @@ async fn ia3_is_one_method_with_its_feedforward_modules_among_its_targets() {
     let message = rejected(&raw, outside).await;
     assert_names(
         &message,
-        &["spec.method.ia3", "feedforwardModules must all be in targetModules"],
+        &[
+            "spec.method.ia3",
+            "feedforwardModules must all be in targetModules",
+        ],
     );
     // The default feed-forward module, down_proj, is not among these targets either.
     let mut defaulted = valid_job("ia3-defaulted");
@@ -760,6 +763,7 @@ async fn shipped_examples_pass_server_side_validation() {
     let stdout = ControlPlane::shared().await.server_dry_run(&ns, &manifests);
     for object in [
         "finetunejob.graft.dev/support-bot-v3",
+        "finetunejob.graft.dev/support-bot-ia3",
         "adapterdeployment.graft.dev/support-bot",
         "secret/s3-credentials",
     ] {
