@@ -9,7 +9,7 @@ use common::{
     tiny,
 };
 use graft_engine::{
-    adapters::Adapter,
+    adapters::{Adapter, Ia3Adapter, PeftAdapter},
     backend::KvCache,
     models::{Llama, Precision, Segment},
 };
@@ -144,7 +144,7 @@ fn a_mixed_batch_gives_each_sequence_what_it_gets_alone() {
     for (name, peft) in WITH_PEFT {
         let first = peft_adapter(peft);
         let second = doubled(&first);
-        mixed_batch(name, peft, &first, &second);
+        mixed_batch(name, peft, &lora(first), &lora(second));
     }
 }
 
@@ -156,7 +156,7 @@ fn adapters_of_different_ranks_share_a_batch() {
         peft_adapter("llama-peft"),
         peft_adapter("llama-peft-patterns"),
     );
-    mixed_batch("llama", "llama-peft", &plain, &patterned);
+    mixed_batch("llama", "llama-peft", &lora(plain), &lora(patterned));
 }
 
 /// DoRA rows, plain LoRA rows (the same pairs without their magnitudes) and base rows in one
@@ -169,14 +169,61 @@ fn dora_plain_lora_and_base_rows_share_a_batch() {
     for lora in plain.weights.values_mut() {
         lora.magnitude = None;
     }
-    mixed_batch("qwen2", "qwen2-peft-dora", &dora, &plain);
+    mixed_batch("qwen2", "qwen2-peft-dora", &lora(dora), &lora(plain));
 }
 
-fn mixed_batch(name: &str, peft: &str, first: &Adapter, second: &Adapter) {
+/// (IA)³ rows (PEFT's adapter for Llama: output vectors on k/v, an input vector on
+/// `down_proj`), LoRA rows and base rows in one batch; and on Qwen2 two (IA)³ adapters.
+#[test]
+fn ia3_lora_and_base_rows_share_a_batch() {
+    let ia3 = |name: &str| {
+        let dir = tiny(name);
+        let read = |file: &str| std::fs::read(dir.join(file)).expect("file");
+        PeftAdapter::from_bytes(
+            &read("adapter_config.json"),
+            &read("adapter_model.safetensors"),
+            &Device::Cpu,
+        )
+        .expect("PEFT's (IA)³ adapter loads")
+    };
+    mixed_batch(
+        "llama",
+        "llama-peft-ia3",
+        &ia3("llama-peft-ia3"),
+        &lora(peft_adapter("llama-peft")),
+    );
+    let PeftAdapter::Ia3(first) = ia3("qwen2-peft-ia3") else {
+        panic!("an (IA)³ adapter")
+    };
+    let squared = Ia3Adapter {
+        vectors: first
+            .vectors
+            .iter()
+            .map(|(&key, v)| {
+                let mut v = v.clone();
+                v.vector = v.vector.sqr().expect("squared");
+                (key, v)
+            })
+            .collect(),
+        ..first.clone()
+    };
+    mixed_batch(
+        "qwen2",
+        "qwen2-peft-ia3",
+        &PeftAdapter::Ia3(first),
+        &PeftAdapter::Ia3(squared),
+    );
+}
+
+fn lora(adapter: Adapter) -> PeftAdapter {
+    PeftAdapter::Lora(adapter)
+}
+
+fn mixed_batch(name: &str, peft: &str, first: &PeftAdapter, second: &PeftAdapter) {
     let model = model(name, Precision::Dense);
     let (first_s, second_s) = (
-        model.serving_adapter(first).expect("layout"),
-        model.serving_adapter(second).expect("layout"),
+        model.serving(first).expect("layout"),
+        model.serving(second).expect("layout"),
     );
     let (ids, _) = reference(&tiny(peft));
     let row = ids_row(&ids, 0);

@@ -10,9 +10,9 @@
 #                (reference.safetensors) within 1e-4, the parity tests' own tolerance:
 #                torch picks its CPU kernels by instruction set, and the same logits come out
 #                up to a few 1e-5 apart on different CPUs
-#   JSON         equal, floats as above; in adapter_config.json, target_modules compared as
-#                the set it is and base_model_name_or_path (the path the script ran from)
-#                left out
+#   JSON         equal, floats as above; in adapter_config.json, target_modules (and IA3's
+#                feedforward_modules) compared as the sets they are and base_model_name_or_path
+#                (the path the script ran from) left out
 #
 # Prints one line per file on stderr and ends with a `test result:` line tests/run.sh counts.
 # The Python is $GRAFT_ORACLE_PYTHON, or the one tests/oracle/venv.sh makes.
@@ -89,8 +89,9 @@ def normalise(value, name):
     if name == "adapter_config.json" and isinstance(value, dict):
         value = dict(value)
         value.pop("base_model_name_or_path", None)
-        if isinstance(value.get("target_modules"), list):
-            value["target_modules"] = sorted(value["target_modules"])
+        for key in ("target_modules", "feedforward_modules"):
+            if isinstance(value.get(key), list):
+                value[key] = sorted(value[key])
     return value
 
 

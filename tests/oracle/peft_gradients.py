@@ -1,7 +1,7 @@
 """One training step's gradients, PEFT's against Graft's: loads a base model and a PEFT adapter
 (trainable, dropout off), computes the mean next-token cross-entropy over the given ids, runs
 backward, and compares the gradient of every lora_A / lora_B (and DoRA's
-lora_magnitude_vector) with Graft's (trainer-image/tests/peft_oracle.rs writes them under the
+lora_magnitude_vector, and (IA)³'s ia3_l) with Graft's (trainer-image/tests/peft_oracle.rs writes them under the
 names of PEFT's parameters, less the adapter's name):
 
     --model DIR        the base model
@@ -50,7 +50,7 @@ loss.backward()
 
 worst, compared = 0.0, 0
 for name, param in model.named_parameters():
-    if "lora_" not in name:
+    if "lora_" not in name and "ia3_l" not in name:
         continue
     key = name.replace(".default", "")
     if key not in reference:

@@ -1,6 +1,6 @@
 //! The trainable adapters: one LoRA A/B pair per (layer, target site), and with DoRA its
-//! magnitude, as candle `Var`s that the model's LoRA layers share storage with, so an optimizer
-//! step is seen by the next forward.
+//! magnitude; or one (IA)³ vector per (layer, target site). They are candle `Var`s that the
+//! model's projections share storage with, so an optimizer step is seen by the next forward.
 
 use std::{
     collections::BTreeMap,
@@ -9,7 +9,10 @@ use std::{
 
 use candle_core::{Result, Tensor, Var};
 use graft_engine::{
-    adapters::{Adapter, AdapterConfig, Init, Lora, Site, decompose},
+    adapters::{
+        Adapter, AdapterConfig, Ia3, Ia3Adapter, Ia3Config, Init, Lora, PeftAdapter, Site,
+        decompose,
+    },
     models::{BaseRewrite, Llama},
     rng::Rng,
 };
@@ -27,10 +30,32 @@ pub struct Pair {
     pub magnitude: Option<Var>,
 }
 
+/// One (IA)³ vector: `[out]`, or `[in]` on a feed-forward projection.
+#[derive(Debug)]
+pub struct Vector {
+    pub layer: usize,
+    pub site: Site,
+    pub var: Var,
+    pub feedforward: bool,
+}
+
+/// The method's config, written into the published `adapter_config.json`.
+// One per run.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+enum Config {
+    Lora(AdapterConfig),
+    Ia3(Ia3Config),
+}
+
+/// A run's trainable adapters: LoRA pairs, or (IA)³ vectors.
 #[derive(Debug)]
 pub struct Adapters {
+    /// LoRA's pairs (none in an (IA)³ run).
     pub pairs: Vec<Pair>,
-    pub config: AdapterConfig,
+    /// (IA)³'s vectors (none in a LoRA run).
+    pub vectors: Vec<Vector>,
+    config: Config,
     /// OLoRA / PiSSA: each pair's start, taken out of the base (see [`Decomposer`]); the
     /// published adapter subtracts it so it applies to the original base.
     pub initial: Option<BTreeMap<(usize, Site), Lora>>,
@@ -143,7 +168,44 @@ impl Adapters {
         }
         let adapters = Self {
             pairs,
-            config,
+            vectors: Vec::new(),
+            config: Config::Lora(config),
+            initial: None,
+        };
+        adapters.install(model);
+        Ok(adapters)
+    }
+
+    /// Fresh (IA)³ vectors (ones, as PEFT's `init_ia3_weights`) on every layer's `sites`, those
+    /// on `config`'s feed-forward modules scaling the input.
+    pub fn attach_ia3(model: &mut Llama, config: Ia3Config, sites: &[Site]) -> Result<Self> {
+        let device = model.device().clone();
+        if let Some(missing) = sites.iter().find(|s| !model.sites().contains(s)) {
+            candle_core::bail!(
+                "target module {} is not a projection of this model (it has {})",
+                missing.name(),
+                Site::names(model.sites())
+            );
+        }
+        let mut vectors = Vec::new();
+        for layer in 0..model.num_layers() {
+            for &site in model.sites().iter().filter(|s| sites.contains(s)) {
+                let (out, input) = model.site_shape(site).unwrap_or_default();
+                let feedforward = config.is_feedforward(layer, site);
+                let len = if feedforward { input } else { out };
+                let ones = Ia3::ones(len, feedforward, &device)?;
+                vectors.push(Vector {
+                    layer,
+                    site,
+                    var: Var::from_tensor(&ones.vector)?,
+                    feedforward,
+                });
+            }
+        }
+        let adapters = Self {
+            pairs: Vec::new(),
+            vectors,
+            config: Config::Ia3(config),
             initial: None,
         };
         adapters.install(model);
@@ -174,7 +236,8 @@ impl Adapters {
             .collect::<Result<Vec<_>>>()?;
         let adapters = Self {
             pairs,
-            config,
+            vectors: Vec::new(),
+            config: Config::Lora(config),
             initial: Some(starts),
         };
         adapters.install(model);
@@ -183,10 +246,12 @@ impl Adapters {
 
     /// `adapter` (a snapshot of these) as it is published: for OLoRA / PiSSA, converted to a
     /// plain LoRA on the original base ([`decompose::on_original_base`]).
-    pub fn publishable(&self, adapter: &Adapter) -> Result<Adapter> {
-        match &self.initial {
-            Some(initial) => decompose::on_original_base(adapter, initial),
-            None => Ok(adapter.clone()),
+    pub fn publishable(&self, adapter: &PeftAdapter) -> Result<PeftAdapter> {
+        match (&self.initial, adapter) {
+            (Some(initial), PeftAdapter::Lora(adapter)) => Ok(PeftAdapter::Lora(
+                decompose::on_original_base(adapter, initial)?,
+            )),
+            _ => Ok(adapter.clone()),
         }
     }
 
@@ -200,10 +265,17 @@ impl Adapters {
             };
             model.set_lora(pair.layer, pair.site, Some(lora));
         }
+        for vector in &self.vectors {
+            let ia3 = Ia3 {
+                vector: vector.var.as_tensor().clone(),
+                feedforward: vector.feedforward,
+            };
+            model.set_ia3(vector.layer, vector.site, Some(ia3));
+        }
     }
 
-    /// Every trainable tensor, A then B (then DoRA's magnitude) for each pair, in a fixed
-    /// order (the optimizer's).
+    /// Every trainable tensor, A then B (then DoRA's magnitude) for each pair, then each
+    /// (IA)³ vector, in a fixed order (the optimizer's).
     pub fn vars(&self) -> Vec<Var> {
         self.pairs
             .iter()
@@ -212,6 +284,7 @@ impl Adapters {
                     .into_iter()
                     .chain(p.magnitude.clone())
             })
+            .chain(self.vectors.iter().map(|v| v.var.clone()))
             .collect()
     }
 
@@ -220,7 +293,41 @@ impl Adapters {
     }
 
     /// Overwrites the weights with `adapter`'s (a checkpoint of this same run).
-    pub fn load(&self, adapter: &Adapter) -> Result<()> {
+    pub fn load(&self, adapter: &PeftAdapter) -> Result<()> {
+        match (&self.config, adapter) {
+            (Config::Lora(_), PeftAdapter::Lora(adapter)) => self.load_lora(adapter),
+            (Config::Ia3(_), PeftAdapter::Ia3(adapter)) => self.load_ia3(adapter),
+            _ => candle_core::bail!(
+                "the checkpoint's adapter is {}, this run trains another method",
+                adapter.peft_type()
+            ),
+        }
+    }
+
+    fn load_ia3(&self, adapter: &Ia3Adapter) -> Result<()> {
+        for vector in &self.vectors {
+            let Some(saved) = adapter.vectors.get(&(vector.layer, vector.site)) else {
+                candle_core::bail!(
+                    "the checkpoint has no (IA)³ vector for {} of layer {}",
+                    vector.site.name(),
+                    vector.layer
+                );
+            };
+            if saved.feedforward != vector.feedforward {
+                candle_core::bail!(
+                    "the checkpoint's {} of layer {} and this run's differ in feedforward_modules",
+                    vector.site.name(),
+                    vector.layer
+                );
+            }
+            vector
+                .var
+                .set(&saved.vector.to_device(vector.var.device())?)?;
+        }
+        Ok(())
+    }
+
+    fn load_lora(&self, adapter: &Adapter) -> Result<()> {
         for pair in &self.pairs {
             let Some(saved) = adapter.weights.get(&(pair.layer, pair.site)) else {
                 candle_core::bail!(
@@ -245,8 +352,28 @@ impl Adapters {
     }
 
     /// A snapshot in PEFT's form (detached copies, so later steps do not change it).
-    pub fn snapshot(&self) -> Result<Adapter> {
+    pub fn snapshot(&self) -> Result<PeftAdapter> {
         let copy = |v: &Var| -> Result<Tensor> { v.as_tensor().detach().copy() };
+        let config = match &self.config {
+            Config::Lora(config) => config,
+            Config::Ia3(config) => {
+                let vectors = self
+                    .vectors
+                    .iter()
+                    .map(|v| {
+                        let ia3 = Ia3 {
+                            vector: copy(&v.var)?,
+                            feedforward: v.feedforward,
+                        };
+                        Ok(((v.layer, v.site), ia3))
+                    })
+                    .collect::<Result<_>>()?;
+                return Ok(PeftAdapter::Ia3(Ia3Adapter {
+                    config: config.clone(),
+                    vectors,
+                }));
+            }
+        };
         let weights = self
             .pairs
             .iter()
@@ -262,9 +389,9 @@ impl Adapters {
                 ))
             })
             .collect::<Result<_>>()?;
-        Ok(Adapter {
-            config: self.config.clone(),
+        Ok(PeftAdapter::Lora(Adapter {
+            config: config.clone(),
             weights,
-        })
+        }))
     }
 }

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use graft_engine::adapters::{Adapter, PeftError};
+use graft_engine::adapters::{PeftAdapter, PeftError};
 use serde::{Deserialize, Serialize};
 
 pub const STATE_FILE: &str = "state.json";
@@ -49,9 +49,9 @@ pub struct BestEval {
 
 #[derive(Debug)]
 pub struct Checkpoint {
-    pub adapter: Adapter,
+    pub adapter: PeftAdapter,
     /// The adapter at [`State::best`], when the run keeps it.
-    pub best_adapter: Option<Adapter>,
+    pub best_adapter: Option<PeftAdapter>,
     pub optimizer_steps: u64,
     /// `(first, second)` moments, in the optimizer's var order.
     pub moments: Vec<(Tensor, Tensor)>,
@@ -102,14 +102,14 @@ impl Checkpoint {
     ) -> Result<Self, CheckpointError> {
         let mut read = |name| file(name).ok_or(CheckpointError::Missing(name));
         let state: State = serde_json::from_slice(&read(STATE_FILE)?)?;
-        let adapter = Adapter::from_checkpoint_bytes(
+        let adapter = PeftAdapter::from_checkpoint_bytes(
             &read("adapter_config.json")?,
             &read("adapter_model.safetensors")?,
             &Device::Cpu,
         )?;
         let best_adapter = match (file(BEST_CONFIG), file(BEST_WEIGHTS)) {
             (Some(config), Some(weights)) if state.best.is_some() => Some(
-                Adapter::from_checkpoint_bytes(&config, &weights, &Device::Cpu)?,
+                PeftAdapter::from_checkpoint_bytes(&config, &weights, &Device::Cpu)?,
             ),
             _ => None,
         };

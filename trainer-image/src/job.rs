@@ -10,13 +10,13 @@ use std::{io::IsTerminal, path::Path};
 use candle_core::Device;
 use graft_api::{
     AdapterArtifact, Digested, FineTuneJobSpec, GraftJson, LoraInit, MethodKind, Metrics,
-    Quantization, StatusTarget, TrainerResult,
+    Quantization, StatusTarget, TargetModule, TrainerResult,
 };
 use graft_engine::{
-    adapters::{AdapterConfig, Init, Patterns, Site},
+    adapters::{AdapterConfig, Ia3Config, Init, Patterns, Site},
     device::compute_dtype,
     models::{
-        self, BaseRewrite, Llama, Precision,
+        self, BaseRewrite, Config, Llama, Precision,
         source::{self, SourceError},
     },
     storage::{self, DownloadError, Location, ObjectUri, S3Options},
@@ -219,12 +219,17 @@ pub fn run(
     Ok(TrainerResult { adapter: artifact })
 }
 
-/// What the method needs of the base model's files. The schema refuses a `.gguf` URI for
-/// DoRA; this catches any other way to a GGUF file.
+/// What the method needs of the base model's files, and what it cannot write yet. The schema
+/// refuses a `.gguf` URI for DoRA; this catches any other way to a GGUF file.
 fn check_base_for_method(
     spec: &FineTuneJobSpec,
     files: &models::ModelFiles,
 ) -> Result<(), JobError> {
+    if spec.output.merged && matches!(spec.method.kind(), MethodKind::Ia3(_)) {
+        return Err(JobError::bad(
+            "output.merged is not written for (IA)³ adapters yet; the adapter alone is",
+        ));
+    }
     if spec.method.lora().is_some_and(|lora| lora.use_dora)
         && matches!(files, models::ModelFiles::Gguf(_))
     {
@@ -286,8 +291,11 @@ fn write_merged(
     rt: &Runtime,
     output: &Location,
     base: &models::Checkpoint,
-    adapter: &graft_engine::adapters::Adapter,
+    adapter: &graft_engine::adapters::PeftAdapter,
 ) -> Result<(), JobError> {
+    let adapter = adapter
+        .lora()
+        .ok_or_else(|| JobError::bad("output.merged is not written for (IA)³ adapters yet"))?;
     models::merged_files(base, adapter, |name, bytes| {
         rt.block_on(output.put(&format!("{MERGED}/{name}"), bytes))
             .map_err(|e| models::MergeError::Write {
@@ -393,6 +401,30 @@ fn lora_init(lora: &graft_api::LoraConfig) -> Result<Init, JobError> {
     Ok(init)
 }
 
+/// The sites `modules` name, each a projection of this model.
+fn sites_of(modules: &[TargetModule], config: &Config) -> Result<Vec<Site>, JobError> {
+    let sites = modules
+        .iter()
+        .map(|m| {
+            Site::from_name(m.as_str()).ok_or_else(|| {
+                JobError::bad(format!(
+                    "target module {} is not a projection of a Llama-family model",
+                    m.as_str()
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(missing) = sites.iter().find(|s| !config.sites().contains(s)) {
+        return Err(JobError::bad(format!(
+            "target module {} is not a projection of this {} model; its projections are {}",
+            missing.name(),
+            config.model_type,
+            Site::names(config.sites())
+        )));
+    }
+    Ok(sites)
+}
+
 fn load_model(
     base: &models::Checkpoint,
     spec: &FineTuneJobSpec,
@@ -407,31 +439,28 @@ fn load_model(
             .map_err(|e| JobError::bad(format!("base model weights: {e}")))
     };
     let config = base.config();
-    let MethodKind::Lora(lora) = spec.method.kind();
+    let lora = match spec.method.kind() {
+        MethodKind::Lora(lora) => lora,
+        MethodKind::Ia3(ia3) => {
+            let sites = sites_of(&ia3.target_modules, config)?;
+            let feedforward = sites_of(&ia3.feedforward_modules, config)?;
+            if let Some(outside) = feedforward.iter().find(|s| !sites.contains(s)) {
+                return Err(JobError::bad(format!(
+                    "method.ia3.feedforwardModules: {} is not in targetModules",
+                    outside.name()
+                )));
+            }
+            let ia3_config = Ia3Config {
+                base_model_name_or_path: Some(spec.base_model.uri.clone()),
+                ..Ia3Config::new(&sites, &feedforward)
+            };
+            let mut model = load(None)?;
+            let adapters = Adapters::attach_ia3(&mut model, ia3_config, &sites)?;
+            return Ok((model, adapters));
+        }
+    };
     let init = lora_init(&lora)?;
-    let sites = lora
-        .target_modules
-        .iter()
-        .map(|m| {
-            let name = serde_json::to_value(m).ok();
-            name.as_ref()
-                .and_then(serde_json::Value::as_str)
-                .and_then(Site::from_name)
-                .ok_or_else(|| {
-                    JobError::bad(format!(
-                        "target module {name:?} is not a projection of a Llama-family model"
-                    ))
-                })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    if let Some(missing) = sites.iter().find(|s| !config.sites().contains(s)) {
-        return Err(JobError::bad(format!(
-            "target module {} is not a projection of this {} model; its projections are {}",
-            missing.name(),
-            config.model_type,
-            Site::names(config.sites())
-        )));
-    }
+    let sites = sites_of(&lora.target_modules, config)?;
     let rank = usize::try_from(lora.rank).map_err(JobError::bad)?;
     let adapter_config = AdapterConfig {
         base_model_name_or_path: Some(spec.base_model.uri.clone()),

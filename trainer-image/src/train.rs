@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Result as TensorResult, Tensor};
 use graft_api::Scheduler;
-use graft_engine::{adapters::Adapter, backend::Dropout, models::Llama, rng::Rng};
+use graft_engine::{adapters::PeftAdapter, backend::Dropout, models::Llama, rng::Rng};
 
 use crate::{
     adapters::Adapters,
@@ -132,7 +132,7 @@ pub struct Trainer {
     /// Optimizer steps done.
     step: u64,
     best: Option<BestEval>,
-    best_adapter: Option<Adapter>,
+    best_adapter: Option<PeftAdapter>,
     evals_since_best: u32,
     /// The step after which early stopping ended the run.
     stopped_early: Option<u64>,
@@ -187,7 +187,7 @@ impl Trainer {
     }
 
     /// What the run publishes: the best evaluation's adapter with `keep_best`, else the last.
-    pub fn result(&self) -> TensorResult<Adapter> {
+    pub fn result(&self) -> TensorResult<PeftAdapter> {
         match (&self.best_adapter, self.settings.keep_best) {
             (Some(best), true) => Ok(best.clone()),
             _ => self.adapters.snapshot(),

@@ -17,7 +17,7 @@ use std::{
 
 use candle_core::{DType, Device, Tensor, Var};
 use graft_engine::{
-    adapters::{Adapter, AdapterConfig, Site},
+    adapters::{Adapter, AdapterConfig, Ia3, Ia3Adapter, PeftAdapter, Site},
     models::{Checkpoint, Config, Llama, ModelFiles, Precision, load_weights},
 };
 use graft_trainer::adapters::{Adapters, Decomposer};
@@ -124,6 +124,16 @@ fn read_adapter(dir: &Path) -> Adapter {
     let weights =
         std::fs::read(dir.join("adapter_model.safetensors")).expect("adapter_model.safetensors");
     Adapter::from_bytes(&config, &weights, &Device::Cpu).expect("a PEFT adapter")
+}
+
+fn read_ia3(dir: &Path) -> Ia3Adapter {
+    let config = std::fs::read(dir.join("adapter_config.json")).expect("adapter_config.json");
+    let weights =
+        std::fs::read(dir.join("adapter_model.safetensors")).expect("adapter_model.safetensors");
+    match PeftAdapter::from_bytes(&config, &weights, &Device::Cpu).expect("a PEFT adapter") {
+        PeftAdapter::Ia3(adapter) => adapter,
+        PeftAdapter::Lora(_) => panic!("{} holds a LoRA, not (IA)³", dir.display()),
+    }
 }
 
 fn max_abs(t: &Tensor) -> f32 {
@@ -692,4 +702,109 @@ fn separate_targets_on_a_fused_model_are_refused_by_name() {
         message.contains("q_proj") && message.contains("qkv_proj"),
         "{message}"
     );
+}
+
+/// (IA)³ (`method.ia3`): trained on the NF4 base with PEFT's default modules for Llama (k/v
+/// scaled at the output, `down_proj` at the input), and on the dense base on all seven
+/// projections with `up_proj` and `down_proj` feed-forward; published in PEFT's format, PEFT
+/// computes Graft's logits from it on the dense base, within 1e-4.
+#[test]
+fn an_ia3_adapter_trained_by_graft_gives_graft_logits_in_peft() {
+    for (label, method, vectors) in [
+        ("ia3 nf4", "{quantization: nf4, ia3: {}}", 3),
+        (
+            "ia3 dense",
+            "{quantization: none, ia3: {targetModules: [q_proj, k_proj, v_proj, o_proj, \
+             gate_proj, up_proj, down_proj], feedforwardModules: [up_proj, down_proj]}}",
+            7,
+        ),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let adapter_dir = train(dir.path(), &tiny_model(), method);
+        let adapter = read_ia3(&adapter_dir);
+        assert_eq!(adapter.vectors.len(), 2 * vectors, "{label}: two layers");
+        for ((layer, site), ia3) in &adapter.vectors {
+            let moved = max_abs(&(ia3.vector.clone() - 1.0).expect("diff"));
+            assert!(
+                moved > 1e-3,
+                "{label}: the vector of layer {layer} {} is still ~1 ({moved})",
+                site.name()
+            );
+        }
+        let ids = input_ids();
+        let base = dense_model(&tiny_model()).forward(&ids).expect("forward");
+        let mut model = dense_model(&tiny_model());
+        model.apply_ia3(&adapter).expect("fits its base");
+        let logits = model.forward(&ids).expect("forward");
+        let effect = max_abs(&(&logits - &base).expect("diff"));
+        assert!(
+            effect > 1e-3,
+            "{label}: the adapter moves the logits by {effect}"
+        );
+        let reference = dir.path().join("graft-logits.safetensors");
+        let tensors = HashMap::from([
+            (
+                "input_ids".to_owned(),
+                ids.to_dtype(DType::I64).expect("i64"),
+            ),
+            ("logits".to_owned(), logits),
+        ]);
+        candle_core::safetensors::save(&tensors, &reference).expect("write the reference");
+        run_oracle(
+            label,
+            "graft_adapter_in_peft.py",
+            &[
+                ("--model", &tiny_model()),
+                ("--adapter", &adapter_dir),
+                ("--reference", &reference),
+            ],
+        );
+    }
+}
+
+/// One step's gradients of PEFT-made (IA)³ adapters (Llama's defaults; Qwen2 with biased
+/// q/k/v and two feed-forward modules) through Graft's backward pass equal PEFT's, within
+/// 1e-3 of each tensor's largest entry.
+#[test]
+fn one_steps_ia3_gradients_equal_pefts() {
+    for (model_name, adapter_name) in [("llama", "llama-peft-ia3"), ("qwen2", "qwen2-peft-ia3")] {
+        let data = repo_root().join("engine/tests/data/tiny");
+        let (model_dir, adapter_dir) = (data.join(model_name), data.join(adapter_name));
+        let adapter = read_ia3(&adapter_dir);
+        let mut model = dense_model(&model_dir);
+        let mut vars = Vec::new();
+        for (&(layer, site), ia3) in &adapter.vectors {
+            let var = Var::from_tensor(&ia3.vector).expect("var");
+            let vector = Ia3 {
+                vector: var.as_tensor().clone(),
+                feedforward: ia3.feedforward,
+            };
+            model.set_ia3(layer, site, Some(vector));
+            vars.push((layer, site, var, ia3.feedforward));
+        }
+        let (grads, mut tensors) = one_step(&model);
+        for (layer, site, var, feedforward) in &vars {
+            let grad = grads.get(var.as_tensor()).expect("a gradient");
+            let len = grad.elem_count();
+            // PEFT's parameter's own shape: `[1, in]` feed-forward, `[out, 1]` otherwise.
+            let shape = if *feedforward { (1, len) } else { (len, 1) };
+            let key = format!(
+                "base_model.model.model.layers.{layer}.{}.ia3_l",
+                site.path()
+            );
+            tensors.insert(key, grad.reshape(shape).expect("shape"));
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reference = dir.path().join("graft-gradients.safetensors");
+        candle_core::safetensors::save(&tensors, &reference).expect("write");
+        run_oracle(
+            adapter_name,
+            "peft_gradients.py",
+            &[
+                ("--model", &model_dir),
+                ("--adapter", &adapter_dir),
+                ("--reference", &reference),
+            ],
+        );
+    }
 }

@@ -67,7 +67,10 @@ fn trained_on_the_residual(config: AdapterConfig, sites: &[Site]) -> (Tensor, Ad
     );
     let published = adapters
         .publishable(&adapters.snapshot().expect("snapshot"))
-        .expect("converts");
+        .expect("converts")
+        .lora()
+        .expect("a LoRA")
+        .clone();
     (logits, published)
 }
 

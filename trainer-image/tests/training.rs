@@ -298,6 +298,10 @@ fn the_best_evaluation_is_kept_and_early_stopping_stops() {
         trainer.result().expect("result"),
         trainer.adapters().snapshot().expect("snapshot"),
     );
+    let (kept, last_adapter) = (
+        kept.lora().expect("a LoRA"),
+        last_adapter.lora().expect("a LoRA"),
+    );
     let differs = kept.weights.iter().any(|(key, lora)| {
         let other = &last_adapter.weights[key].b;
         (&lora.b - other)
@@ -324,6 +328,7 @@ fn the_best_evaluation_is_kept_and_early_stopping_stops() {
     .expect("reads back");
     assert_eq!(read.state.best, Some(best));
     let saved = read.best_adapter.expect("the best adapter");
+    let saved = saved.lora().expect("a LoRA");
     for (key, lora) in &kept.weights {
         let diff = (&lora.b - &saved.weights[key].b)
             .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())

@@ -1,13 +1,15 @@
 //! A mixed serving batch's adapters: every sequence may use its own adapter (or none), and no
 //! adapter is ever merged into a copy of the base weights. The backends add each sequence's
 //! `B · A · x · scale` onto the base projection of its rows (`Backend::mixed`); a DoRA
-//! adapter's rows are then rescaled by its `r` ([`super::dora::rescale_segments`]).
+//! adapter's rows are then rescaled by its `r` ([`super::dora::rescale_segments`]); an (IA)³
+//! adapter's rows are scaled by its vectors, before the projection or after it
+//! ([`super::scale_segments`]).
 
 use std::{collections::BTreeMap, ops::Range};
 
 use candle_core::{DType, Device, Result, Tensor};
 
-use super::{Adapter, Lora, Site};
+use super::{Adapter, Ia3, Ia3Adapter, Lora, Site};
 
 /// One pair laid out for serving: `A` `[rank, in]` and `Bᵀ` `[rank, out]`, contiguous, so
 /// both halves of the product read memory in order.
@@ -65,10 +67,12 @@ impl ServingLora {
     }
 }
 
-/// An adapter's pairs in serving layout, by layer and projection.
+/// An adapter's parts in serving layout, by layer and projection: LoRA pairs, or (IA)³
+/// vectors.
 #[derive(Clone, Debug)]
 pub struct ServingAdapter {
     pairs: BTreeMap<(usize, Site), ServingLora>,
+    vectors: BTreeMap<(usize, Site), Ia3>,
 }
 
 impl ServingAdapter {
@@ -98,7 +102,23 @@ impl ServingAdapter {
                 Ok(((layer, site), ServingLora::with_dora(lora, r)?))
             })
             .collect::<Result<_>>()?;
-        Ok(Self { pairs })
+        Ok(Self {
+            pairs,
+            vectors: BTreeMap::new(),
+        })
+    }
+
+    /// An (IA)³ adapter's vectors.
+    pub fn ia3(adapter: &Ia3Adapter) -> Self {
+        let vectors = adapter
+            .vectors
+            .iter()
+            .map(|(&key, ia3)| (key, ia3.detach()))
+            .collect();
+        Self {
+            pairs: BTreeMap::new(),
+            vectors,
+        }
     }
 
     /// This adapter on `device` in `dtype`: where the model is, in its compute dtype.
@@ -108,11 +128,21 @@ impl ServingAdapter {
             .iter()
             .map(|(&key, lora)| Ok((key, lora.to(device, dtype)?)))
             .collect::<Result<_>>()?;
-        Ok(Self { pairs })
+        let vectors = self
+            .vectors
+            .iter()
+            .map(|(&key, ia3)| Ok((key, ia3.to(device, dtype)?)))
+            .collect::<Result<_>>()?;
+        Ok(Self { pairs, vectors })
     }
 
     pub fn get(&self, layer: usize, site: Site) -> Option<&ServingLora> {
         self.pairs.get(&(layer, site))
+    }
+
+    /// The (IA)³ vector on `site` of `layer`, if the adapter has one there.
+    pub fn vector(&self, layer: usize, site: Site) -> Option<&Ia3> {
+        self.vectors.get(&(layer, site))
     }
 }
 

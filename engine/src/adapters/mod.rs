@@ -1,16 +1,21 @@
 //! What an adapter is, independent of where it is computed: the projections it targets, the
-//! LoRA pair and its math, PEFT's files, and a mixed serving batch's adapters.
+//! LoRA pair and its math, (IA)³'s vectors, PEFT's files, the registry of methods, and a mixed
+//! serving batch's adapters.
 
 mod batch;
 pub mod decompose;
 pub mod dora;
+mod ia3;
 mod lora;
+mod methods;
 mod patterns;
 mod peft;
 mod site;
 
 pub use batch::{SegmentLora, ServingAdapter, ServingLora, per_segment_delta};
+pub use ia3::{Ia3, Ia3Adapter, Ia3Config, scale_segments};
 pub use lora::{Init, Lora, scaling};
+pub use methods::PeftAdapter;
 pub use patterns::Patterns;
 pub use peft::{Adapter, AdapterConfig, PeftError, TargetModules};
 pub use site::Site;

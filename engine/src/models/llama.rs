@@ -17,7 +17,10 @@ use super::{
     rope::Rope,
 };
 use crate::{
-    adapters::{Adapter, Lora, PeftError, SegmentLora, ServingAdapter, Site},
+    adapters::{
+        Adapter, Ia3, Ia3Adapter, Lora, PeftAdapter, PeftError, SegmentLora, ServingAdapter, Site,
+        scale_segments,
+    },
     backend::{
         self, Backend, CachedRows, Documents, Dropout, FrozenLinear, FrozenWeight, Heads, KvCache,
         Rotary,
@@ -47,6 +50,8 @@ pub enum Mode {
 struct Projection {
     base: FrozenLinear,
     lora: Option<Lora>,
+    /// An (IA)³ vector scaling the input or the output.
+    ia3: Option<Ia3>,
     /// The base rows' norms, for DoRA.
     norms: RowNorms,
 }
@@ -269,6 +274,58 @@ impl Llama {
             .as_ref()?
             .lora
             .as_ref()
+    }
+
+    /// Puts `ia3` on `site` of `layer` (or removes it with `None`).
+    ///
+    /// # Panics
+    /// If the model has no `site` (see [`Self::sites`]).
+    pub fn set_ia3(&mut self, layer: usize, site: Site, ia3: Option<Ia3>) {
+        self.layers[layer].projections[site as usize]
+            .as_mut()
+            .expect("a site of this model")
+            .ia3 = ia3;
+    }
+
+    pub fn ia3(&self, layer: usize, site: Site) -> Option<&Ia3> {
+        self.layers[layer].projections[site as usize]
+            .as_ref()?
+            .ia3
+            .as_ref()
+    }
+
+    /// Puts every part of an adapter of any method on this model, after checking each fits.
+    pub fn apply(&mut self, adapter: &PeftAdapter) -> std::result::Result<(), PeftError> {
+        match adapter {
+            PeftAdapter::Lora(adapter) => self.apply_adapter(adapter),
+            PeftAdapter::Ia3(adapter) => self.apply_ia3(adapter),
+        }
+    }
+
+    /// Puts every vector of `adapter` on this model, after checking each fits.
+    pub fn apply_ia3(&mut self, adapter: &Ia3Adapter) -> std::result::Result<(), PeftError> {
+        adapter.check_fits(self.num_layers(), |site| self.site_shape(site))?;
+        for (&(layer, site), ia3) in &adapter.vectors {
+            self.set_ia3(layer, site, Some(ia3.clone()));
+        }
+        Ok(())
+    }
+
+    /// An adapter of any method laid out for serving on this model (see
+    /// [`Self::serving_adapter`]). Check it fits first ([`Self::check`]).
+    pub fn serving(&self, adapter: &PeftAdapter) -> Result<ServingAdapter> {
+        match adapter {
+            PeftAdapter::Lora(adapter) => self.serving_adapter(adapter),
+            PeftAdapter::Ia3(adapter) => {
+                ServingAdapter::ia3(adapter).to(self.device(), self.dtype())
+            }
+        }
+    }
+
+    /// Whether every part of an adapter of any method has a layer here and fits its
+    /// projection.
+    pub fn check(&self, adapter: &PeftAdapter) -> std::result::Result<(), PeftError> {
+        adapter.check_fits(self.num_layers(), |site| self.site_shape(site))
     }
 
     /// Puts every pair of `adapter` on this model, after checking each fits.
@@ -707,13 +764,29 @@ impl Pass for Sequences<'_> {
         projection: &Projection,
         x: &Tensor,
     ) -> Result<Tensor> {
-        match (&projection.lora, self.mode) {
+        let ia3 = match (&projection.ia3, self.mode) {
+            (Some(ia3), Mode::Eval) => Some(Cow::Owned(ia3.detach())),
+            (ia3, _) => ia3.as_ref().map(Cow::Borrowed),
+        };
+        let scaled;
+        let x = match &ia3 {
+            Some(ia3) if ia3.feedforward => {
+                scaled = ia3.scale(x)?;
+                &scaled
+            }
+            _ => x,
+        };
+        let y = match (&projection.lora, self.mode) {
             (None, _) => backend.frozen(x, &projection.base),
             (Some(lora), Mode::Train(dropout)) => {
                 let mask = dropout.filter(|d| d.p > 0.0).map(|d| d.at(layer, site));
                 projection.adapted(backend, x, lora, mask)
             }
             (Some(lora), Mode::Eval) => projection.adapted(backend, x, &lora.detach(), None),
+        }?;
+        match &ia3 {
+            Some(ia3) if !ia3.feedforward => ia3.scale(&y),
+            _ => Ok(y),
         }
     }
 
@@ -763,8 +836,21 @@ impl Pass for Batch<'_, '_, '_> {
                 lora: s.adapter.and_then(|a| a.get(layer, site)),
             })
             .collect();
-        let y = backend.mixed(x, &projection.base, &loras)?;
-        crate::adapters::dora::rescale_segments(y, &loras, projection.base.bias())
+        // (IA)³ rows: the feed-forward vectors scale the input, the others the output.
+        let vectors = |feedforward: bool| -> Vec<_> {
+            self.segments
+                .iter()
+                .zip(self.rows)
+                .map(|(s, rows)| {
+                    let ia3 = s.adapter.and_then(|a| a.vector(layer, site));
+                    (rows.clone(), ia3.filter(|v| v.feedforward == feedforward))
+                })
+                .collect()
+        };
+        let x = scale_segments(x.clone(), &vectors(true))?;
+        let y = backend.mixed(&x, &projection.base, &loras)?;
+        let y = crate::adapters::dora::rescale_segments(y, &loras, projection.base.bias())?;
+        scale_segments(y, &vectors(false))
     }
 
     fn attend(
@@ -833,6 +919,7 @@ fn load_block(
         Ok(Projection {
             base,
             lora: None,
+            ia3: None,
             norms: RowNorms::default(),
         })
     };

@@ -206,7 +206,7 @@ pub enum DatasetFormat {
 }
 
 /// At most one method is named; naming none means LoRA with its defaults.
-const ONE_METHOD: &str = "(has(self.lora) ? 1 : 0) <= 1";
+const ONE_METHOD: &str = "(has(self.lora) ? 1 : 0) + (has(self.ia3) ? 1 : 0) <= 1";
 
 /// How the adapter is trained: the storage of the frozen base weights, and one
 /// parameter-efficient method. Naming none trains a LoRA with its defaults.
@@ -224,20 +224,27 @@ pub struct Method {
     /// A LoRA adapter (also what is trained when no method is named).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraConfig>,
+    /// An (IA)³ adapter: a learned vector per targeted module that scales its output, or, for
+    /// feed-forward modules, its input (PEFT's `IA3Config`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ia3: Option<Ia3Config>,
 }
 
 /// The method a job trains.
 #[derive(Clone, Debug, PartialEq)]
 pub enum MethodKind<'a> {
     Lora(std::borrow::Cow<'a, LoraConfig>),
+    Ia3(&'a Ia3Config),
 }
 
 impl Method {
     /// The method named, or LoRA with its defaults when none is.
     pub fn kind(&self) -> MethodKind<'_> {
-        match &self.lora {
-            Some(lora) => MethodKind::Lora(std::borrow::Cow::Borrowed(lora)),
-            None => MethodKind::Lora(std::borrow::Cow::Owned(LoraConfig::default())),
+        // The schema admits one method at most; were two named, LoRA would win.
+        match (&self.lora, &self.ia3) {
+            (Some(lora), _) => MethodKind::Lora(std::borrow::Cow::Borrowed(lora)),
+            (None, Some(ia3)) => MethodKind::Ia3(ia3),
+            (None, None) => MethodKind::Lora(std::borrow::Cow::Owned(LoraConfig::default())),
         }
     }
 
@@ -245,6 +252,7 @@ impl Method {
     pub fn lora(&self) -> Option<std::borrow::Cow<'_, LoraConfig>> {
         match self.kind() {
             MethodKind::Lora(lora) => Some(lora),
+            MethodKind::Ia3(_) => None,
         }
     }
 }
@@ -339,6 +347,54 @@ impl Default for LoraConfig {
             init: LoraInit::default(),
         }
     }
+}
+
+/// Feed-forward modules must be targeted: PEFT refuses the config otherwise.
+const FEEDFORWARD_IN_TARGETS: &str =
+    "self.feedforwardModules.all(m, self.targetModules.exists(t, t == m))";
+
+/// Shape of an (IA)³ adapter (PEFT's `IA3Config`): one vector per targeted module, starting
+/// at ones, that multiplies the module's output (`[out]`), or its input (`[in]`) for the
+/// feed-forward modules.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": FEEDFORWARD_IN_TARGETS,
+    "message": "feedforwardModules must all be in targetModules (it defaults to [down_proj]; with targets that leave down_proj out, name the feed-forward ones, or [])",
+    "reason": "FieldValueInvalid",
+}]))]
+pub struct Ia3Config {
+    /// Linear layers that get a vector (PEFT's default for Llama: `k_proj`, `v_proj`,
+    /// `down_proj`).
+    #[serde(default = "default_ia3_targets")]
+    #[schemars(length(min = 1, max = 7), extend("x-kubernetes-list-type" = "set"))]
+    pub target_modules: Vec<TargetModule>,
+    /// The targeted layers whose input, not output, is scaled, as in the (IA)³ paper's
+    /// feed-forward rescaling (PEFT's default for Llama: `down_proj`).
+    #[serde(default = "default_ia3_feedforward")]
+    #[schemars(length(max = 7), extend("x-kubernetes-list-type" = "set"))]
+    pub feedforward_modules: Vec<TargetModule>,
+}
+
+impl Default for Ia3Config {
+    fn default() -> Self {
+        Self {
+            target_modules: default_ia3_targets(),
+            feedforward_modules: default_ia3_feedforward(),
+        }
+    }
+}
+
+fn default_ia3_targets() -> Vec<TargetModule> {
+    vec![
+        TargetModule::KProj,
+        TargetModule::VProj,
+        TargetModule::DownProj,
+    ]
+}
+
+fn default_ia3_feedforward() -> Vec<TargetModule> {
+    vec![TargetModule::DownProj]
 }
 
 /// PEFT's `init_lora_weights` values Graft knows.

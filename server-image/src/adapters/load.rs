@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use graft_api::GraftJson;
 use graft_engine::{
-    adapters::{Adapter, ServingAdapter},
+    adapters::{PeftAdapter, ServingAdapter},
     storage::{self, ObjectUri, S3Options},
 };
 use sha2::{Digest, Sha256};
@@ -144,13 +144,14 @@ pub fn read(
     sha256: &str,
     model: &BaseModel,
 ) -> Result<LoadedAdapter, LoadError> {
-    let adapter = Adapter::from_bytes(&files.config, &files.weights, &Device::Cpu)
+    // Any method Graft computes (LoRA, DoRA, (IA)³); others are refused by name.
+    let adapter = PeftAdapter::from_bytes(&files.config, &files.weights, &Device::Cpu)
         .map_err(|e| LoadError::Invalid(format!("{uri}: {e}")))?;
     let info = &model.info;
-    if adapter.config.max_rank() > info.max_lora_rank {
+    if adapter.max_rank() > info.max_lora_rank {
         return Err(LoadError::Invalid(format!(
             "{uri}: rank {} is above this server's --max-lora-rank {}",
-            adapter.config.max_rank(),
+            adapter.max_rank(),
             info.max_lora_rank
         )));
     }
@@ -166,12 +167,12 @@ pub fn read(
     }
     model
         .llama
-        .check_adapter(&adapter)
+        .check(&adapter)
         .map_err(|e| LoadError::Invalid(format!("{uri}: {e}")))?;
     // DoRA's scales are computed here, once, against the base weights.
     let serving = model
         .llama
-        .serving_adapter(&adapter)
+        .serving(&adapter)
         .map_err(|e| LoadError::Invalid(format!("{uri}: {e}")))?;
     Ok(LoadedAdapter {
         uri: uri.to_owned(),

@@ -143,6 +143,55 @@ async fn a_job_naming_no_method_trains_a_default_lora() {
     assert_eq!((lora.rank, lora.alpha), (16, 32.0));
 }
 
+/// `ia3` is a method of its own: stored with PEFT's defaults for Llama, refused beside another
+/// method, and refused when a feed-forward module is not targeted (PEFT's own check).
+#[tokio::test]
+async fn ia3_is_one_method_with_its_feedforward_modules_among_its_targets() {
+    let (client, ns) = setup("ftj-ia3").await;
+    let raw = dynamic_api::<FineTuneJob>(&client, &ns);
+    let mut job = valid_job("ia3");
+    job["spec"]["method"] = json!({"quantization": "nf4", "ia3": {}});
+    let object: DynamicObject = serde_json::from_value(job).expect("manifest");
+    raw.create(&PostParams::default(), &object)
+        .await
+        .expect("an ia3 job is accepted");
+    let stored = raw.get("ia3").await.expect("read back raw");
+    assert_eq!(
+        stored.data["spec"]["method"]["ia3"],
+        json!({"targetModules": ["k_proj", "v_proj", "down_proj"], "feedforwardModules": ["down_proj"]}),
+        "{stored:?}"
+    );
+
+    let mut both = valid_job("ia3-and-lora");
+    both["spec"]["method"]["ia3"] = json!({});
+    let message = rejected(&raw, both).await;
+    assert_names(&message, &["spec.method", "names at most one method"]);
+
+    let mut outside = valid_job("ia3-outside");
+    outside["spec"]["method"] = json!({"ia3": {
+        "targetModules": ["k_proj", "v_proj"], "feedforwardModules": ["down_proj"]}});
+    let message = rejected(&raw, outside).await;
+    assert_names(
+        &message,
+        &[
+            "spec.method.ia3",
+            "feedforwardModules must all be in targetModules",
+        ],
+    );
+    // The default feed-forward module, down_proj, is not among these targets either.
+    let mut defaulted = valid_job("ia3-defaulted");
+    defaulted["spec"]["method"] = json!({"ia3": {"targetModules": ["q_proj", "v_proj"]}});
+    let message = rejected(&raw, defaulted).await;
+    assert_names(&message, &["defaults to [down_proj]"]);
+    let mut none = valid_job("ia3-no-feedforward");
+    none["spec"]["method"] = json!({"ia3": {"targetModules": ["q_proj", "v_proj"],
+        "feedforwardModules": []}});
+    let object: DynamicObject = serde_json::from_value(none).expect("manifest");
+    raw.create(&PostParams::default(), &object)
+        .await
+        .expect("no feed-forward module is accepted");
+}
+
 #[tokio::test]
 async fn rank_zero_is_rejected_naming_the_field() {
     let (client, ns) = setup("ftj-rank").await;
@@ -714,6 +763,7 @@ async fn shipped_examples_pass_server_side_validation() {
     let stdout = ControlPlane::shared().await.server_dry_run(&ns, &manifests);
     for object in [
         "finetunejob.graft.dev/support-bot-v3",
+        "finetunejob.graft.dev/support-bot-ia3",
         "adapterdeployment.graft.dev/support-bot",
         "secret/s3-credentials",
     ] {

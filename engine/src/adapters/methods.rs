@@ -1,0 +1,102 @@
+//! The registry of methods: any adapter Graft reads, by the `peft_type` its
+//! `adapter_config.json` names. A method Graft does not compute is refused by name.
+
+use candle_core::Device;
+use serde::Deserialize;
+
+use super::{Adapter, Ia3Adapter, PeftError, Site};
+
+/// An adapter of any method Graft computes.
+// One per adapter file read, moved a few times: LoRA's config being larger than (IA)³'s costs
+// nothing worth a box.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug)]
+pub enum PeftAdapter {
+    Lora(Adapter),
+    Ia3(Ia3Adapter),
+}
+
+/// The one field every PEFT config has.
+#[derive(Deserialize)]
+struct PeftType {
+    peft_type: String,
+}
+
+impl PeftAdapter {
+    /// Reads PEFT's two files, whichever method they hold.
+    pub fn from_bytes(
+        config_json: &[u8],
+        safetensors: &[u8],
+        device: &Device,
+    ) -> Result<Self, PeftError> {
+        let PeftType { peft_type } = serde_json::from_slice(config_json)?;
+        match peft_type.as_str() {
+            "LORA" => Adapter::from_bytes(config_json, safetensors, device).map(Self::Lora),
+            "IA3" => Ia3Adapter::from_bytes(config_json, safetensors, device).map(Self::Ia3),
+            other => Err(PeftError::Unsupported(format!(
+                "peft_type {other:?} (Graft computes LORA and IA3)"
+            ))),
+        }
+    }
+
+    /// Reads a trainer checkpoint's adapter: as [`from_bytes`](Self::from_bytes), but a LoRA
+    /// relative to a residual base (OLoRA, PiSSA) is allowed.
+    pub fn from_checkpoint_bytes(
+        config_json: &[u8],
+        safetensors: &[u8],
+        device: &Device,
+    ) -> Result<Self, PeftError> {
+        let PeftType { peft_type } = serde_json::from_slice(config_json)?;
+        match peft_type.as_str() {
+            "LORA" => {
+                Adapter::from_checkpoint_bytes(config_json, safetensors, device).map(Self::Lora)
+            }
+            _ => Self::from_bytes(config_json, safetensors, device),
+        }
+    }
+
+    /// The LoRA adapter, when it is one.
+    pub fn lora(&self) -> Option<&Adapter> {
+        match self {
+            Self::Lora(adapter) => Some(adapter),
+            Self::Ia3(_) => None,
+        }
+    }
+
+    /// PEFT's two files: `adapter_config.json` and `adapter_model.safetensors`.
+    pub fn to_bytes(&self) -> Result<(Vec<u8>, Vec<u8>), PeftError> {
+        match self {
+            Self::Lora(adapter) => adapter.to_bytes(),
+            Self::Ia3(adapter) => adapter.to_bytes(),
+        }
+    }
+
+    /// PEFT's name of the method: `LORA`, `IA3`.
+    pub fn peft_type(&self) -> &str {
+        match self {
+            Self::Lora(adapter) => &adapter.config.peft_type,
+            Self::Ia3(adapter) => &adapter.config.peft_type,
+        }
+    }
+
+    /// The largest LoRA rank (0 for a method without one), which a server bounds.
+    pub fn max_rank(&self) -> usize {
+        match self {
+            Self::Lora(adapter) => adapter.config.max_rank(),
+            Self::Ia3(_) => 0,
+        }
+    }
+
+    /// Whether every part has a layer of a model of `layers` layers and fits the shape its
+    /// projection has there (`shape` gives a site's `(out, in)`).
+    pub fn check_fits(
+        &self,
+        layers: usize,
+        shape: impl Fn(Site) -> Option<(usize, usize)>,
+    ) -> Result<(), PeftError> {
+        match self {
+            Self::Lora(adapter) => adapter.check_fits(layers, shape),
+            Self::Ia3(adapter) => adapter.check_fits(layers, shape),
+        }
+    }
+}
