@@ -1,5 +1,5 @@
 //! What an adapter is, independent of where it is computed: the projections it targets, the
-//! LoRA pair and its math, PEFT's files, and a mixed serving batch's adapters.
+//! LoRA pair and its math, prompt learning's virtual tokens, PEFT's files, and a mixed serving batch's adapters.
 
 mod batch;
 pub mod decompose;
@@ -7,10 +7,15 @@ pub mod dora;
 mod lora;
 mod patterns;
 mod peft;
+mod prompt;
 mod site;
 
 pub use batch::{SegmentLora, ServingAdapter, ServingLora, per_segment_delta};
 pub use lora::{Init, Lora, scaling};
 pub use patterns::Patterns;
 pub use peft::{Adapter, AdapterConfig, PeftError, TargetModules};
+pub use prompt::{
+    PROMPT_EMBEDDINGS, PromptAdapter, PromptConfig, PromptMethod, is_prompt_learning, peft_type,
+    prepend,
+};
 pub use site::Site;
