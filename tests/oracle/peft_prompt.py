@@ -50,6 +50,8 @@ def write(name, method, config, seed):
     base = AutoModelForCausalLM.from_pretrained(DATA / name, dtype=torch.float32).eval()
     model = get_peft_model(base, config)
     model.save_pretrained(out)
+    # PEFT's model card names the path the script ran from; nothing reads it.
+    (out / "README.md").unlink(missing_ok=True)
     base = AutoModelForCausalLM.from_pretrained(DATA / name, dtype=torch.float32).eval()
     model = PeftModel.from_pretrained(base, out, is_trainable=False).eval()
     input_ids = torch.randint(0, base.config.vocab_size, (2, 9))
