@@ -4,7 +4,8 @@
 //! (written by `tests/oracle/peft_prompt.py`); what Graft writes PEFT reads to Graft's logits
 //! (`tests/oracle/graft_adapter_in_peft.py`, live, with `$GRAFT_ORACLE_PYTHON`); and one
 //! step's gradient of the virtual tokens' embeddings is PEFT's
-//! (`tests/oracle/peft_prompt_gradients.py`, live).
+//! (`tests/oracle/peft_prompt_gradients.py`, live); Graft's P-tuning encoders (MLP, LSTM) turn
+//! PEFT's encoder parameters into the embeddings PEFT saved.
 
 mod common;
 
@@ -13,7 +14,7 @@ use std::process::{Command, Stdio};
 use candle_core::{DType, Device, Tensor, Var};
 use common::{max_abs_diff, model, reference, tiny};
 use graft_engine::{
-    adapters::{PromptAdapter, PromptConfig, prepend},
+    adapters::{EncoderKind, PromptAdapter, PromptConfig, PromptEncoder, prepend},
     models::{Llama, Precision},
 };
 
@@ -221,4 +222,49 @@ fn one_prompt_tuning_steps_gradient_is_pefts() {
     assert!(loss_diff < 1e-5, "loss differs by {loss_diff}");
     assert!(scale > 1e-4, "a gradient worth comparing");
     assert!(grad_diff < 1e-5, "gradient differs by {grad_diff}");
+}
+
+/// PEFT's P-tuning encoders (their parameters, saved beside the adapter by
+/// `tests/oracle/peft_prompt.py`) give, through Graft's MLP and LSTM, the `prompt_embeddings`
+/// PEFT saved; every parameter gets a gradient.
+#[test]
+fn graft_p_tuning_encoders_give_pefts_saved_embeddings() {
+    for (kind, method) in [
+        (EncoderKind::Mlp, "ptuning-mlp"),
+        (EncoderKind::Lstm, "ptuning-lstm"),
+    ] {
+        let dir = tiny(&format!("llama-peft-{method}"));
+        let params = candle_core::safetensors::load(dir.join("encoder.safetensors"), &Device::Cpu)
+            .expect("PEFT's encoder");
+        let vars: std::collections::HashMap<String, Var> = params
+            .into_iter()
+            .map(|(name, t)| (name, Var::from_tensor(&t).expect("var")))
+            .collect();
+        let encoder = PromptEncoder::new(
+            kind,
+            vars.iter()
+                .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+                .collect(),
+        )
+        .expect("PEFT's parameter names");
+        let output = encoder.forward().expect("forward");
+        let (config, weights) = prompt_files(&format!("llama-peft-{method}"));
+        let saved = PromptAdapter::from_bytes(&config, &weights, &Device::Cpu).expect("adapter");
+        let diff = max_abs_diff(&output, &saved.embeddings);
+        eprintln!("{method}: encoder output differs from PEFT's saved by {diff:.3e}");
+        assert!(diff < 1e-5, "{method}: {diff}");
+        let grads = output
+            .sqr()
+            .expect("sqr")
+            .sum_all()
+            .expect("sum")
+            .backward()
+            .expect("backward");
+        for (name, var) in &vars {
+            assert!(
+                grads.get(var.as_tensor()).is_some(),
+                "{method}: no gradient for {name}"
+            );
+        }
+    }
 }

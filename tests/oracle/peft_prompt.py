@@ -6,7 +6,8 @@ engine/tests/peft_prompt.rs:
     engine/tests/data/tiny/<model>-peft-<method>/reference.safetensors   (input_ids, logits)
 
 <method> is `prompt` (PROMPT_TUNING, random init), `ptuning-mlp` and `ptuning-lstm` (P_TUNING; PEFT saves the encoder's output
-as `prompt_embeddings`). The logits are those of the input's positions (PEFT's output also has a
+as `prompt_embeddings`; encoder.safetensors beside it holds the encoder's parameters under
+PEFT's names, `embedding.weight`, `mlp_head.N.*`, `lstm_head.*`). The logits are those of the input's positions (PEFT's output also has a
 row per virtual token) from the saved adapter read back with PeftModel.from_pretrained, as users
 load it.
 
@@ -50,6 +51,14 @@ def write(name, method, config, seed):
     base = AutoModelForCausalLM.from_pretrained(DATA / name, dtype=torch.float32).eval()
     model = get_peft_model(base, config)
     model.save_pretrained(out)
+    if method.startswith("ptuning"):
+        # The encoder itself, which PEFT's file leaves out: what Graft's encoder must turn into
+        # the saved prompt_embeddings.
+        encoder = {
+            name: param.detach().contiguous()
+            for name, param in model.prompt_encoder["default"].named_parameters()
+        }
+        save_file(encoder, out / "encoder.safetensors")
     # PEFT's model card names the path the script ran from; nothing reads it.
     (out / "README.md").unlink(missing_ok=True)
     base = AutoModelForCausalLM.from_pretrained(DATA / name, dtype=torch.float32).eval()

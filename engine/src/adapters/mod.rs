@@ -8,6 +8,7 @@ mod lora;
 mod patterns;
 mod peft;
 mod prompt;
+mod prompt_encoder;
 mod site;
 
 pub use batch::{SegmentLora, ServingAdapter, ServingLora, per_segment_delta};
@@ -18,4 +19,5 @@ pub use prompt::{
     PROMPT_EMBEDDINGS, PromptAdapter, PromptConfig, PromptMethod, is_prompt_learning, peft_type,
     prepend,
 };
+pub use prompt_encoder::{EncoderKind, PromptEncoder};
 pub use site::Site;
