@@ -612,6 +612,37 @@ mod tests {
 
     use super::*;
 
+    /// Prompt tuning and P-tuning are in the API but not trained: the job fails at once as a
+    /// bad spec naming the method, and LoRA (named or not) passes.
+    #[test]
+    fn methods_the_trainer_does_not_train_are_refused_by_name() {
+        let spec = |method: &str| -> FineTuneJobSpec {
+            let yaml = format!(
+                "baseModel: {{uri: 's3://models/tiny/'}}\n\
+                 dataset: {{uri: 's3://data/train.jsonl'}}\n\
+                 output: {{uri: 's3://adapters/a/v1/'}}\n\
+                 method: {method}\n"
+            );
+            serde_yaml::from_str(&yaml).expect("parses")
+        };
+        for (method, name) in [
+            (
+                "{promptTuning: {numVirtualTokens: 8}}",
+                "method.promptTuning",
+            ),
+            (
+                "{pTuning: {numVirtualTokens: 8, encoder: lstm}}",
+                "method.pTuning",
+            ),
+        ] {
+            let error = check_method_trained(&spec(method)).expect_err(name);
+            assert_eq!(error.exit_code(), 2, "a bad spec");
+            assert!(error.to_string().contains(name), "{error}");
+        }
+        assert!(check_method_trained(&spec("{lora: {rank: 4}}")).is_ok());
+        assert!(check_method_trained(&spec("{quantization: nf4}")).is_ok());
+    }
+
     #[test]
     fn the_operators_rendering_reads_back_with_its_status_target() {
         let yaml = r"
