@@ -127,15 +127,15 @@ impl PromptEncoder {
         reverse: bool,
     ) -> Result<Tensor> {
         let name = |part: &str| format!("lstm_head.{part}_l{layer}{suffix}");
-        let w_ih = self.param(&name("weight_ih"))?;
-        let w_hh = self.param(&name("weight_hh"))?;
+        let input_weight = self.param(&name("weight_ih"))?;
+        let recurrent_weight = self.param(&name("weight_hh"))?;
         let bias = (self.param(&name("bias_ih"))? + self.param(&name("bias_hh"))?)?;
-        let hidden = w_hh.dim(1)?;
+        let hidden = recurrent_weight.dim(1)?;
         // Every step's input projection at once; only the recurrence is sequential.
-        let projected = x.matmul(&w_ih.t()?)?.broadcast_add(&bias)?;
+        let projected = x.matmul(&input_weight.t()?)?.broadcast_add(&bias)?;
         let steps = x.dim(0)?;
-        let mut h = Tensor::zeros((1, hidden), x.dtype(), x.device())?;
-        let mut c = h.clone();
+        let mut state = Tensor::zeros((1, hidden), x.dtype(), x.device())?;
+        let mut cell = state.clone();
         let mut outputs = vec![None; steps];
         let order: Vec<usize> = if reverse {
             (0..steps).rev().collect()
@@ -143,13 +143,13 @@ impl PromptEncoder {
             (0..steps).collect()
         };
         for t in order {
-            let gates = (projected.narrow(0, t, 1)? + h.matmul(&w_hh.t()?)?)?;
+            let gates = (projected.narrow(0, t, 1)? + state.matmul(&recurrent_weight.t()?)?)?;
             let gate = |k: usize| gates.narrow(1, k * hidden, hidden);
-            let (i, f) = (sigmoid(&gate(0)?)?, sigmoid(&gate(1)?)?);
-            let (g, o) = (gate(2)?.tanh()?, sigmoid(&gate(3)?)?);
-            c = ((f * &c)? + (i * g)?)?;
-            h = (o * c.tanh()?)?;
-            outputs[t] = Some(h.clone());
+            let (input, forget) = (sigmoid(&gate(0)?)?, sigmoid(&gate(1)?)?);
+            let (candidate, output) = (gate(2)?.tanh()?, sigmoid(&gate(3)?)?);
+            cell = ((forget * &cell)? + (input * candidate)?)?;
+            state = (output * cell.tanh()?)?;
+            outputs[t] = Some(state.clone());
         }
         let outputs: Vec<Tensor> = outputs.into_iter().flatten().collect();
         Tensor::cat(&outputs, 0)
