@@ -14,8 +14,9 @@ use std::process::{Command, Stdio};
 use candle_core::{DType, Device, Tensor, Var};
 use common::{max_abs_diff, model, reference, tiny};
 use graft_engine::{
-    adapters::{EncoderKind, PromptAdapter, PromptConfig, PromptEncoder, prepend},
+    adapters::{EncoderKind, PromptAdapter, PromptConfig, PromptEncoder, prepend, text_init_ids},
     models::{Llama, Precision},
+    text::tokenizer::Tokenizer,
 };
 
 fn prompt_files(dir: &str) -> (Vec<u8>, Vec<u8>) {
@@ -267,4 +268,31 @@ fn graft_p_tuning_encoders_give_pefts_saved_embeddings() {
             );
         }
     }
+}
+
+/// PEFT's `TEXT` init (an untrained adapter PEFT saved, `tests/oracle/peft_prompt.py`): the
+/// init text tokenized by Graft, repeated to the virtual tokens and embedded by Graft's model,
+/// is PEFT's starting table.
+#[test]
+fn text_init_gives_pefts_starting_embeddings() {
+    let (config, weights) = prompt_files("made-peft-prompt-text");
+    let adapter = PromptAdapter::from_bytes(&config, &weights, &Device::Cpu).expect("adapter");
+    let text = adapter
+        .config
+        .prompt_tuning_init_text
+        .clone()
+        .expect("the init text");
+    let tokenizer = Tokenizer::from_dir(&tiny("made")).expect("tokenizer");
+    let ids = tokenizer.encode(&text, true).expect("encode");
+    let virtual_tokens = adapter.num_virtual_tokens();
+    assert!(ids.len() < virtual_tokens, "the text is repeated");
+    let ids = text_init_ids(&ids, virtual_tokens).expect("a text");
+    let model = model("made", Precision::Dense);
+    let ids = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .and_then(|t| t.unsqueeze(0))
+        .expect("ids");
+    let table = model.embed(&ids).and_then(|t| t.squeeze(0)).expect("embed");
+    let diff = max_abs_diff(&table, &adapter.embeddings);
+    eprintln!("text init differs from PEFT's by {diff:.3e}");
+    assert!(diff == 0.0, "text init differs by {diff}");
 }

@@ -11,10 +11,14 @@ PEFT's names, `embedding.weight`, `mlp_head.N.*`, `lstm_head.*`). The logits are
 row per virtual token) from the saved adapter read back with PeftModel.from_pretrained, as users
 load it.
 
+    engine/tests/data/tiny/made-peft-prompt-text/   PROMPT_TUNING with TEXT init, untrained: the
+                                                    init text's embeddings, repeated
+
 Run tests/oracle/tiny_models.py first; then:
     .venv/bin/python tests/oracle/peft_prompt.py
 """
 
+import json
 import pathlib
 
 import peft
@@ -73,6 +77,32 @@ def write(name, method, config, seed):
     )
     print(out, tuple(logits.shape))
 
+
+def write_text_init():
+    """PEFT's TEXT init on the tiny model with a tokenizer (tiny/made): the saved, untrained
+    table is the embeddings of the init text's tokens, repeated to 20 virtual tokens."""
+    name = "made"
+    out = DATA / f"{name}-peft-prompt-text"
+    base = AutoModelForCausalLM.from_pretrained(DATA / name, dtype=torch.float32).eval()
+    config = PromptTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=20,
+        prompt_tuning_init="TEXT",
+        prompt_tuning_init_text=TEXT,
+        tokenizer_name_or_path=str(DATA / name),
+    )
+    model = get_peft_model(base, config)
+    model.save_pretrained(out)
+    (out / "README.md").unlink(missing_ok=True)
+    # The tokenizer's path is the one the script ran from: the test reads tiny/made itself.
+    saved = json.loads((out / "adapter_config.json").read_text())
+    saved["tokenizer_name_or_path"] = None
+    (out / "adapter_config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    print(out, "TEXT init", repr(TEXT))
+
+
+TEXT = "colour red is a colour"
+write_text_init()
 
 for seed, (name, method) in enumerate(
     [

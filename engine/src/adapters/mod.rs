@@ -17,7 +17,7 @@ pub use patterns::Patterns;
 pub use peft::{Adapter, AdapterConfig, PeftError, TargetModules};
 pub use prompt::{
     PROMPT_EMBEDDINGS, PromptAdapter, PromptConfig, PromptMethod, is_prompt_learning, peft_type,
-    prepend,
+    prepend, text_init_ids,
 };
 pub use prompt_encoder::{EncoderKind, PromptEncoder};
 pub use site::Site;

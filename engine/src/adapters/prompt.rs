@@ -212,6 +212,16 @@ pub fn prepend(prompt: &Tensor, embedded: &Tensor) -> candle_core::Result<Tensor
     Tensor::cat(&[&prompt, embedded], 1)
 }
 
+/// PEFT's `TEXT` init of prompt tuning: the init text's token ids (tokenized with the
+/// tokenizer's special tokens, as PEFT calls it) cut to `virtual_tokens`, or repeated and cut;
+/// the table starts as their embeddings. `None` for an empty text, which has nothing to repeat.
+pub fn text_init_ids(ids: &[u32], virtual_tokens: usize) -> Option<Vec<u32>> {
+    if ids.is_empty() {
+        return None;
+    }
+    Some(ids.iter().copied().cycle().take(virtual_tokens).collect())
+}
+
 /// The `peft_type` of an `adapter_config.json`, to pick the reader for the rest.
 pub fn peft_type(config_json: &[u8]) -> Result<String, PeftError> {
     #[derive(Deserialize)]
@@ -280,6 +290,16 @@ mod tests {
         let error = PromptAdapter::from_bytes(&json, &weights, &Device::Cpu).expect_err("shape");
         assert!(error.to_string().contains("prompt_embeddings"), "{error}");
         Ok(())
+    }
+
+    #[test]
+    fn text_init_cuts_or_repeats_the_texts_ids() {
+        assert_eq!(text_init_ids(&[5, 6, 7], 2), Some(vec![5, 6]));
+        assert_eq!(
+            text_init_ids(&[5, 6, 7], 7),
+            Some(vec![5, 6, 7, 5, 6, 7, 5])
+        );
+        assert_eq!(text_init_ids(&[], 4), None);
     }
 
     #[test]
