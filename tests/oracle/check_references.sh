@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Re-derives the reference data committed under engine/tests/data/ with the pinned Hugging Face
 # oracle and checks it is what is committed: the scripts nf4_reference.py, tiny_models.py,
-# bnb_reference.py, peft_adapter.py and tokenizer_reference.py run on a copy of the tree in a temporary
-# directory (they write beside themselves, at ../../engine/tests/data), and every file they
-# write that is committed is compared with the committed one:
+# bnb_reference.py, peft_adapter.py, peft_prompt.py and tokenizer_reference.py run on a copy of
+# the tree in a temporary directory (they write beside themselves, at ../../engine/tests/data),
+# and every file they write that is committed is compared with the committed one:
 #
 #   safetensors  same names, dtypes, shapes and metadata; integers equal, floats within
 #                1e-6 (relative above magnitude 1); a forward pass's outputs
@@ -25,7 +25,7 @@ python=${GRAFT_ORACLE_PYTHON:-$(bash "$here/venv.sh")}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/tests/oracle" "$work/engine/tests/data/tiny/made"
-scripts=(nf4_reference tiny_models bnb_reference peft_adapter tokenizer_reference)
+scripts=(nf4_reference tiny_models bnb_reference peft_adapter peft_prompt tokenizer_reference)
 for script in "${scripts[@]}"; do
   cp "$here/$script.py" "$work/tests/oracle/"
 done
@@ -38,7 +38,8 @@ done
 failed_scripts=0
 for script in "${scripts[@]}"; do
   echo "check_references: $script.py" >&2
-  # peft_adapter.py and bnb_reference.py read the models tiny_models.py writes: the order matters.
+  # peft_adapter.py, peft_prompt.py and bnb_reference.py read the models tiny_models.py
+  # writes: the order matters.
   if ! "$python" "$work/tests/oracle/$script.py" >&2; then
     echo "check_references: FAILED $script.py" >&2
     failed_scripts=$((failed_scripts + 1))

@@ -16,10 +16,14 @@ pub enum PeftAdapter {
     Ia3(Ia3Adapter),
 }
 
-/// The one field every PEFT config has.
-#[derive(Deserialize)]
-struct PeftType {
-    peft_type: String,
+/// The `peft_type` of an `adapter_config.json` (the one field every PEFT config has), to pick
+/// the reader for the rest.
+pub fn peft_type(config_json: &[u8]) -> Result<String, PeftError> {
+    #[derive(Deserialize)]
+    struct PeftType {
+        peft_type: String,
+    }
+    Ok(serde_json::from_slice::<PeftType>(config_json)?.peft_type)
 }
 
 impl PeftAdapter {
@@ -29,7 +33,7 @@ impl PeftAdapter {
         safetensors: &[u8],
         device: &Device,
     ) -> Result<Self, PeftError> {
-        let PeftType { peft_type } = serde_json::from_slice(config_json)?;
+        let peft_type = peft_type(config_json)?;
         match peft_type.as_str() {
             "LORA" => Adapter::from_bytes(config_json, safetensors, device).map(Self::Lora),
             "IA3" => Ia3Adapter::from_bytes(config_json, safetensors, device).map(Self::Ia3),
@@ -46,7 +50,7 @@ impl PeftAdapter {
         safetensors: &[u8],
         device: &Device,
     ) -> Result<Self, PeftError> {
-        let PeftType { peft_type } = serde_json::from_slice(config_json)?;
+        let peft_type = peft_type(config_json)?;
         match peft_type.as_str() {
             "LORA" => {
                 Adapter::from_checkpoint_bytes(config_json, safetensors, device).map(Self::Lora)

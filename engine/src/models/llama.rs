@@ -418,8 +418,14 @@ impl Llama {
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]` (u32), differentiable in
     /// the adapters: one graph through every layer.
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
-        let mut h = self.embed(input_ids)?;
-        let rotary = self.positions(input_ids.dim(1)?, h.device())?;
+        self.forward_embeddings(self.embed(input_ids)?)
+    }
+
+    /// Logits `[batch, seq, vocab]` for input embeddings `[batch, seq, hidden]` at positions
+    /// `0..seq` (a prompt-learning adapter's virtual tokens put before a text's), differentiable
+    /// in them and in the adapters.
+    pub fn forward_embeddings(&self, mut h: Tensor) -> Result<Tensor> {
+        let rotary = self.positions(h.dim(1)?, h.device())?;
         for layer in 0..self.layers.len() {
             h = self.layer(layer, &h, &rotary, Mode::Train(None))?;
         }

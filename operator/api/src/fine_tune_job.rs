@@ -206,7 +206,7 @@ pub enum DatasetFormat {
 }
 
 /// At most one method is named; naming none means LoRA with its defaults.
-const ONE_METHOD: &str = "(has(self.lora) ? 1 : 0) + (has(self.ia3) ? 1 : 0) <= 1";
+const ONE_METHOD: &str = "(has(self.lora) ? 1 : 0) + (has(self.ia3) ? 1 : 0) + (has(self.promptTuning) ? 1 : 0) + (has(self.pTuning) ? 1 : 0) <= 1";
 
 /// How the adapter is trained: the storage of the frozen base weights, and one
 /// parameter-efficient method. Naming none trains a LoRA with its defaults.
@@ -228,6 +228,14 @@ pub struct Method {
     /// feed-forward modules, its input (PEFT's `IA3Config`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ia3: Option<Ia3Config>,
+    /// Prompt tuning (PEFT's `PROMPT_TUNING`): trained embeddings of virtual tokens put
+    /// before every input; the base model is unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tuning: Option<PromptTuningConfig>,
+    /// P-tuning (PEFT's `P_TUNING`): virtual-token embeddings produced by a trained encoder
+    /// (an MLP or an LSTM); the published adapter holds the encoder's output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p_tuning: Option<PTuningConfig>,
 }
 
 /// The method a job trains.
@@ -235,11 +243,19 @@ pub struct Method {
 pub enum MethodKind<'a> {
     Lora(std::borrow::Cow<'a, LoraConfig>),
     Ia3(&'a Ia3Config),
+    PromptTuning(&'a PromptTuningConfig),
+    PTuning(&'a PTuningConfig),
 }
 
 impl Method {
     /// The method named, or LoRA with its defaults when none is.
     pub fn kind(&self) -> MethodKind<'_> {
+        if let Some(prompt) = &self.prompt_tuning {
+            return MethodKind::PromptTuning(prompt);
+        }
+        if let Some(p_tuning) = &self.p_tuning {
+            return MethodKind::PTuning(p_tuning);
+        }
         // The schema admits one method at most; were two named, LoRA would win.
         match (&self.lora, &self.ia3) {
             (Some(lora), _) => MethodKind::Lora(std::borrow::Cow::Borrowed(lora)),
@@ -252,9 +268,75 @@ impl Method {
     pub fn lora(&self) -> Option<std::borrow::Cow<'_, LoraConfig>> {
         match self.kind() {
             MethodKind::Lora(lora) => Some(lora),
-            MethodKind::Ia3(_) => None,
+            MethodKind::Ia3(_) | MethodKind::PromptTuning(_) | MethodKind::PTuning(_) => None,
         }
     }
+}
+
+/// Text init needs the text.
+const INIT_TEXT: &str = "self.init != 'text' || has(self.initText)";
+
+/// Shape of a prompt-tuning adapter (PEFT's `PromptTuningConfig`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": INIT_TEXT,
+    "message": "init: text needs initText",
+    "reason": "FieldValueRequired",
+}]))]
+pub struct PromptTuningConfig {
+    /// Virtual tokens put before every input; they take positions in the context.
+    #[schemars(range(min = 1, max = 512))]
+    pub num_virtual_tokens: u32,
+    /// How the embeddings start: `random` (PEFT's `RANDOM`: normal, standard deviation 1)
+    /// or `text` (the embeddings of `initText`'s tokens, repeated or cut to
+    /// `numVirtualTokens`, as PEFT's `TEXT`).
+    #[serde(default)]
+    pub init: PromptInit,
+    /// The text whose token embeddings start the virtual tokens, with `init: text`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub init_text: Option<String>,
+}
+
+/// PEFT's `prompt_tuning_init` values Graft trains.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptInit {
+    #[default]
+    Random,
+    Text,
+}
+
+/// Shape of a P-tuning adapter (PEFT's `PromptEncoderConfig`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PTuningConfig {
+    /// Virtual tokens put before every input; they take positions in the context.
+    #[schemars(range(min = 1, max = 512))]
+    pub num_virtual_tokens: u32,
+    /// The encoder that produces the virtual tokens' embeddings: `mlp` (three linear layers
+    /// with ReLU between) or `lstm` (a two-layer bidirectional LSTM and a two-layer MLP),
+    /// as PEFT defines them.
+    #[serde(default)]
+    pub encoder: PromptEncoder,
+    /// Hidden size of the encoder.
+    #[serde(default = "default_encoder_hidden_size")]
+    #[schemars(range(min = 1, max = 16384))]
+    pub encoder_hidden_size: u32,
+}
+
+/// PEFT's `encoder_reparameterization_type` values.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptEncoder {
+    #[default]
+    Mlp,
+    Lstm,
+}
+
+fn default_encoder_hidden_size() -> u32 {
+    128
 }
 
 /// Storage of the frozen base weights during training.

@@ -193,6 +193,72 @@ async fn ia3_is_one_method_with_its_feedforward_modules_among_its_targets() {
 }
 
 #[tokio::test]
+async fn prompt_tuning_and_p_tuning_are_methods_of_their_own() {
+    let (client, ns) = setup("ftj-prompt").await;
+    let raw = dynamic_api::<FineTuneJob>(&client, &ns);
+    let mut job = valid_job("prompt");
+    job["spec"]["method"] = json!({"promptTuning": {"numVirtualTokens": 20}});
+    let object: DynamicObject = serde_json::from_value(job.clone()).expect("manifest");
+    raw.create(&PostParams::default(), &object)
+        .await
+        .expect("a prompt-tuning job is accepted");
+    let typed: Api<FineTuneJob> = Api::namespaced(client.clone(), &ns);
+    let stored = typed.get("prompt").await.expect("read back");
+    assert!(stored.spec.method.lora().is_none(), "not a LoRA job");
+    assert_eq!(
+        stored.spec.method.kind(),
+        graft_api::MethodKind::PromptTuning(&graft_api::PromptTuningConfig {
+            num_virtual_tokens: 20,
+            init: graft_api::PromptInit::Random,
+            init_text: None,
+        })
+    );
+
+    job["metadata"]["name"] = json!("p-tuning");
+    job["spec"]["method"] = json!({"pTuning": {"numVirtualTokens": 8, "encoder": "lstm"}});
+    let object: DynamicObject = serde_json::from_value(job.clone()).expect("manifest");
+    raw.create(&PostParams::default(), &object)
+        .await
+        .expect("a P-tuning job is accepted");
+    let stored = raw.get("p-tuning").await.expect("read back raw");
+    assert_eq!(
+        stored.data["spec"]["method"]["pTuning"]["encoderHiddenSize"],
+        json!(128),
+        "the schema's default: {stored:?}"
+    );
+
+    job["metadata"]["name"] = json!("two-methods");
+    job["spec"]["method"] = json!({
+        "lora": {"rank": 8},
+        "promptTuning": {"numVirtualTokens": 20}
+    });
+    let message = rejected(&raw, job.clone()).await;
+    assert_names(&message, &["spec.method", "at most one method"]);
+    job["spec"]["method"] = json!({
+        "promptTuning": {"numVirtualTokens": 20},
+        "pTuning": {"numVirtualTokens": 20}
+    });
+    let message = rejected(&raw, job.clone()).await;
+    assert_names(&message, &["spec.method", "at most one method"]);
+
+    job["spec"]["method"] = json!({"promptTuning": {"numVirtualTokens": 20, "init": "text"}});
+    let message = rejected(&raw, job.clone()).await;
+    assert_names(
+        &message,
+        &["spec.method.promptTuning", "text needs initText"],
+    );
+    job["spec"]["method"] = json!({"promptTuning": {"numVirtualTokens": 0}});
+    let message = rejected(&raw, job.clone()).await;
+    assert_names(&message, &["spec.method.promptTuning.numVirtualTokens"]);
+    job["spec"]["method"] = json!({"pTuning": {"numVirtualTokens": 4, "encoder": "gru"}});
+    let message = rejected(&raw, job).await;
+    assert_names(
+        &message,
+        &["spec.method.pTuning.encoder", "Unsupported value"],
+    );
+}
+
+#[tokio::test]
 async fn rank_zero_is_rejected_naming_the_field() {
     let (client, ns) = setup("ftj-rank").await;
     let mut job = valid_job("rank-zero");
