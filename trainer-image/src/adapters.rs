@@ -138,13 +138,7 @@ impl Adapters {
         // On the model's device, in f32 whatever the model computes in: these are the master
         // weights the optimizer updates.
         let device = model.device().clone();
-        if let Some(missing) = sites.iter().find(|s| !model.sites().contains(s)) {
-            candle_core::bail!(
-                "target module {} is not a projection of this model (it has {})",
-                missing.name(),
-                Site::names(model.sites())
-            );
-        }
+        check_sites(model, sites)?;
         let mut pairs = Vec::new();
         for layer in 0..model.num_layers() {
             for &site in model.sites().iter().filter(|s| sites.contains(s)) {
@@ -180,13 +174,7 @@ impl Adapters {
     /// on `config`'s feed-forward modules scaling the input.
     pub fn attach_ia3(model: &mut Llama, config: Ia3Config, sites: &[Site]) -> Result<Self> {
         let device = model.device().clone();
-        if let Some(missing) = sites.iter().find(|s| !model.sites().contains(s)) {
-            candle_core::bail!(
-                "target module {} is not a projection of this model (it has {})",
-                missing.name(),
-                Site::names(model.sites())
-            );
-        }
+        check_sites(model, sites)?;
         let mut vectors = Vec::new();
         for layer in 0..model.num_layers() {
             for &site in model.sites().iter().filter(|s| sites.contains(s)) {
@@ -394,4 +382,15 @@ impl Adapters {
             weights,
         }))
     }
+}
+/// Every one of `sites` is a projection of `model`.
+fn check_sites(model: &Llama, sites: &[Site]) -> Result<()> {
+    if let Some(missing) = sites.iter().find(|s| !model.sites().contains(s)) {
+        candle_core::bail!(
+            "target module {} is not a projection of this model (it has {})",
+            missing.name(),
+            Site::names(model.sites())
+        );
+    }
+    Ok(())
 }

@@ -245,17 +245,7 @@ impl Ia3Adapter {
             ));
         }
         for (&(layer, site), ia3) in &self.vectors {
-            if layer >= layers {
-                return Err(PeftError::Mismatch(format!(
-                    "layer {layer} does not exist (the model has {layers})"
-                )));
-            }
-            let (out, input) = shape(site).ok_or_else(|| {
-                PeftError::Mismatch(format!(
-                    "the model has no {} (its projections are fused differently)",
-                    site.name()
-                ))
-            })?;
+            let (out, input) = super::peft::shape_at(layer, site, layers, &shape)?;
             let (want, side) = if ia3.feedforward {
                 (input, "input")
             } else {

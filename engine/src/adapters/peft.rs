@@ -420,17 +420,7 @@ impl Adapter {
             ));
         }
         for (&(layer, site), lora) in &self.weights {
-            if layer >= layers {
-                return Err(PeftError::Mismatch(format!(
-                    "layer {layer} does not exist (the model has {layers})"
-                )));
-            }
-            let (out, input) = shape(site).ok_or_else(|| {
-                PeftError::Mismatch(format!(
-                    "the model has no {} (its projections are fused differently)",
-                    site.name()
-                ))
-            })?;
+            let (out, input) = shape_at(layer, site, layers, &shape)?;
             let (rank, _) = self.config.pair(layer, site);
             let expected = [(lora.a.dims(), [rank, input]), (lora.b.dims(), [out, rank])];
             for (actual, want) in expected {
@@ -453,6 +443,27 @@ impl Adapter {
         }
         Ok(())
     }
+}
+
+/// The `(out, in)` of `site` in `layer` of a model of `layers` layers (`shape` gives a site's),
+/// or what is missing, for any method's check that it fits a model.
+pub(super) fn shape_at(
+    layer: usize,
+    site: Site,
+    layers: usize,
+    shape: impl Fn(Site) -> Option<(usize, usize)>,
+) -> Result<(usize, usize), PeftError> {
+    if layer >= layers {
+        return Err(PeftError::Mismatch(format!(
+            "layer {layer} does not exist (the model has {layers})"
+        )));
+    }
+    shape(site).ok_or_else(|| {
+        PeftError::Mismatch(format!(
+            "the model has no {} (its projections are fused differently)",
+            site.name()
+        ))
+    })
 }
 
 #[cfg(test)]
