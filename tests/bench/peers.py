@@ -109,9 +109,12 @@ def prepare(args) -> dict:
             torch.manual_seed(1000 + i)
             peft = get_peft_model(base, LoraConfig(r=args.rank, lora_alpha=2 * args.rank,
                                                    target_modules=TARGETS, lora_dropout=0.0))
+            # Large enough to change the greedy answer: the random tiny model's activations
+            # are smaller than SmolLM2's.
+            std = 0.02 if args.model == "smollm2" else 1.0
             for param_name, param in peft.named_parameters():
                 if "lora_B" in param_name:
-                    torch.nn.init.normal_(param, std=0.02)
+                    torch.nn.init.normal_(param, std=std)
             peft.save_pretrained(path)
             base = peft.unload()
         if not os.path.exists(path + ".gguf"):
