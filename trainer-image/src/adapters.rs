@@ -383,6 +383,7 @@ impl Adapters {
         }))
     }
 }
+
 /// Every one of `sites` is a projection of `model`.
 fn check_sites(model: &Llama, sites: &[Site]) -> Result<()> {
     if let Some(missing) = sites.iter().find(|s| !model.sites().contains(s)) {

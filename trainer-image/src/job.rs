@@ -220,10 +220,15 @@ pub fn run(
     Ok(TrainerResult { adapter: artifact })
 }
 
-/// Refuses, before anything is fetched, a method the API admits but this trainer does not
-/// train yet: the engine reads and writes prompt-tuning and P-tuning adapters, the trainer's
-/// step does not yet carry virtual tokens.
+/// Refuses, before anything is fetched, what the API admits but this trainer does not do yet:
+/// prompt tuning and P-tuning (the engine reads and writes their adapters, the trainer's step
+/// does not yet carry virtual tokens), and a merged model of an (IA)³ adapter.
 fn check_method_trained(spec: &FineTuneJobSpec) -> Result<(), JobError> {
+    if spec.output.merged && matches!(spec.method.kind(), MethodKind::Ia3(_)) {
+        return Err(JobError::bad(
+            "output.merged is not written for (IA)³ adapters yet; the adapter alone is",
+        ));
+    }
     let unfinished = match spec.method.kind() {
         MethodKind::Lora(_) | MethodKind::Ia3(_) => return Ok(()),
         MethodKind::PromptTuning(_) => "method.promptTuning",
@@ -234,17 +239,12 @@ fn check_method_trained(spec: &FineTuneJobSpec) -> Result<(), JobError> {
     )))
 }
 
-/// What the method needs of the base model's files, and what it cannot write yet. The schema
-/// refuses a `.gguf` URI for DoRA; this catches any other way to a GGUF file.
+/// What the method needs of the base model's files. The schema refuses a `.gguf` URI for
+/// DoRA; this catches any other way to a GGUF file.
 fn check_base_for_method(
     spec: &FineTuneJobSpec,
     files: &models::ModelFiles,
 ) -> Result<(), JobError> {
-    if spec.output.merged && matches!(spec.method.kind(), MethodKind::Ia3(_)) {
-        return Err(JobError::bad(
-            "output.merged is not written for (IA)³ adapters yet; the adapter alone is",
-        ));
-    }
     if spec.method.lora().is_some_and(|lora| lora.use_dora)
         && matches!(files, models::ModelFiles::Gguf(_))
     {
@@ -671,6 +671,13 @@ mod tests {
         }
         assert!(check_method_trained(&spec("{lora: {rank: 4}}")).is_ok());
         assert!(check_method_trained(&spec("{quantization: nf4}")).is_ok());
+        assert!(check_method_trained(&spec("{ia3: {}}")).is_ok());
+        // A merged (IA)³ model is refused before the base model is fetched.
+        let mut merged = spec("{ia3: {}}");
+        merged.output.merged = true;
+        let error = check_method_trained(&merged).expect_err("merged (IA)³");
+        assert_eq!(error.exit_code(), 2, "a bad spec");
+        assert!(error.to_string().contains("output.merged"), "{error}");
     }
 
     #[test]
