@@ -4,7 +4,7 @@
 use candle_core::Device;
 use serde::Deserialize;
 
-use super::{Adapter, Ia3Adapter, PeftError, Site};
+use super::{Adapter, Ia3Adapter, PeftError, Site, is_prompt_learning};
 
 /// An adapter of any method Graft computes.
 // One per adapter file read, moved a few times: LoRA's config being larger than (IA)³'s costs
@@ -37,6 +37,12 @@ impl PeftAdapter {
         match peft_type.as_str() {
             "LORA" => Adapter::from_bytes(config_json, safetensors, device).map(Self::Lora),
             "IA3" => Ia3Adapter::from_bytes(config_json, safetensors, device).map(Self::Ia3),
+            // Their files are read ([`super::PromptAdapter`]); training and serving them are
+            // not built.
+            other if is_prompt_learning(other) => Err(PeftError::Unsupported(format!(
+                "peft_type {other}: prompt-learning adapters are not trained or served yet \
+                 (method not implemented); Graft computes LORA and IA3"
+            ))),
             other => Err(PeftError::Unsupported(format!(
                 "peft_type {other:?} (Graft computes LORA and IA3)"
             ))),
@@ -102,5 +108,31 @@ impl PeftAdapter {
             Self::Lora(adapter) => adapter.check_fits(layers, shape),
             Self::Ia3(adapter) => adapter.check_fits(layers, shape),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_learning_adapters_are_refused_by_name_and_ia3_is_read() {
+        for peft_type in ["PROMPT_TUNING", "P_TUNING"] {
+            let config = format!(r#"{{"peft_type": "{peft_type}", "num_virtual_tokens": 4}}"#);
+            let error = PeftAdapter::from_bytes(config.as_bytes(), &[], &Device::Cpu)
+                .expect_err(peft_type)
+                .to_string();
+            assert!(
+                error.contains(peft_type) && error.contains("not implemented"),
+                "{error}"
+            );
+        }
+        let read = PeftAdapter::from_bytes(
+            include_bytes!("../../tests/data/tiny/llama-peft-ia3/adapter_config.json"),
+            include_bytes!("../../tests/data/tiny/llama-peft-ia3/adapter_model.safetensors"),
+            &Device::Cpu,
+        )
+        .expect("a PEFT-made (IA)³ adapter");
+        assert_eq!(read.peft_type(), "IA3");
     }
 }

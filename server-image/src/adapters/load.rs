@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use graft_api::GraftJson;
 use graft_engine::{
-    adapters::{PeftAdapter, ServingAdapter, is_prompt_learning, peft_type},
+    adapters::{PeftAdapter, ServingAdapter},
     storage::{self, ObjectUri, S3Options},
 };
 use sha2::{Digest, Sha256};
@@ -137,20 +137,6 @@ fn keep_on_disk(dir: &Path, files: &Files) -> Result<(), LoadError> {
     std::fs::rename(&partial, dir).map_err(write)
 }
 
-/// Refuses, by name, a method whose files the engine reads but this server does not serve
-/// yet: prompt tuning and P-tuning need each version's virtual-token keys and values computed
-/// once at load and shared by its sequences in the paged cache, which is not built.
-fn refuse_unserved_method(config: &[u8], uri: &str) -> Result<(), LoadError> {
-    let peft_type = peft_type(config).map_err(|e| LoadError::Invalid(format!("{uri}: {e}")))?;
-    if is_prompt_learning(&peft_type) {
-        return Err(LoadError::Invalid(format!(
-            "{uri}: peft_type {peft_type}: graft-server does not serve prompt-learning adapters \
-             yet (method not implemented); only LORA"
-        )));
-    }
-    Ok(())
-}
-
 /// Reads verified files and checks the adapter fits `model`.
 pub fn read(
     files: &Files,
@@ -158,8 +144,8 @@ pub fn read(
     sha256: &str,
     model: &BaseModel,
 ) -> Result<LoadedAdapter, LoadError> {
-    // Any method Graft computes (LoRA, DoRA, (IA)³); others are refused by name.
-    refuse_unserved_method(&files.config, uri)?;
+    // Any method Graft computes (LoRA, DoRA, (IA)³); others, prompt learning included, are
+    // refused by name.
     let adapter = PeftAdapter::from_bytes(&files.config, &files.weights, &Device::Cpu)
         .map_err(|e| LoadError::Invalid(format!("{uri}: {e}")))?;
     let info = &model.info;
@@ -194,24 +180,4 @@ pub fn read(
         sha256: sha256.to_owned(),
         serving,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn prompt_learning_adapters_are_refused_by_name_and_lora_passes() {
-        for peft_type in ["PROMPT_TUNING", "P_TUNING"] {
-            let config = format!(r#"{{"peft_type": "{peft_type}", "num_virtual_tokens": 4}}"#);
-            let error = refuse_unserved_method(config.as_bytes(), "file:///a/")
-                .expect_err(peft_type)
-                .to_string();
-            assert!(
-                error.contains(peft_type) && error.contains("not implemented"),
-                "{error}"
-            );
-        }
-        assert!(refuse_unserved_method(br#"{"peft_type": "LORA"}"#, "file:///a/").is_ok());
-    }
 }
