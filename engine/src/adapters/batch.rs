@@ -146,6 +146,42 @@ impl ServingAdapter {
     }
 }
 
+/// `t` `[rows, ..]` with each segment's rows passed through `f` where the segment has a part
+/// (`Some`); the other rows are returned as they are. The per-row steps of a mixed batch that
+/// are not LoRA's (DoRA's rescale, (IA)³'s scale) share it; `what` names the method in the
+/// error for segments out of order or outside the batch.
+pub(crate) fn map_segment_rows<T>(
+    t: Tensor,
+    segments: &[(Range<usize>, Option<T>)],
+    what: &str,
+    f: impl Fn(&Tensor, &T) -> Result<Tensor>,
+) -> Result<Tensor> {
+    if segments.iter().all(|(_, part)| part.is_none()) {
+        return Ok(t);
+    }
+    let rows = t.dim(0)?;
+    let mut parts = Vec::with_capacity(segments.len() + 1);
+    let mut at = 0;
+    for (range, part) in segments {
+        if range.start < at || range.end > rows {
+            candle_core::bail!("{what}: segments must be in order and within the batch");
+        }
+        if range.start > at {
+            parts.push(t.narrow(0, at, range.start - at)?);
+        }
+        let own = t.narrow(0, range.start, range.len())?;
+        parts.push(match part {
+            Some(part) => f(&own, part)?,
+            None => own,
+        });
+        at = range.end;
+    }
+    if at < rows {
+        parts.push(t.narrow(0, at, rows - at)?);
+    }
+    Tensor::cat(&parts, 0)
+}
+
 /// The rows of one sequence in the packed batch and the adapter pair they go through.
 #[derive(Clone, Debug)]
 pub struct SegmentLora<'a> {

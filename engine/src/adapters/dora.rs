@@ -64,27 +64,11 @@ pub fn rescale_segments(
     {
         return Ok(y);
     }
-    let rows = y.dim(0)?;
-    let mut parts = Vec::with_capacity(segments.len() + 1);
-    let mut at = 0;
-    for segment in segments {
-        if segment.rows.start < at || segment.rows.end > rows {
-            candle_core::bail!("DoRA: segments must be in order and within the batch");
-        }
-        if segment.rows.start > at {
-            parts.push(y.narrow(0, at, segment.rows.start - at)?);
-        }
-        let own = y.narrow(0, segment.rows.start, segment.rows.len())?;
-        parts.push(match segment.lora.and_then(|l| l.dora.as_ref()) {
-            Some(r) => rescale(&own, r, bias)?,
-            None => own,
-        });
-        at = segment.rows.end;
-    }
-    if at < rows {
-        parts.push(y.narrow(0, at, rows - at)?);
-    }
-    Tensor::cat(&parts, 0)
+    let parts: Vec<_> = segments
+        .iter()
+        .map(|s| (s.rows.clone(), s.lora.and_then(|l| l.dora.as_ref())))
+        .collect();
+    super::batch::map_segment_rows(y, &parts, "DoRA", |own, r| rescale(own, r, bias))
 }
 
 #[cfg(test)]

@@ -270,30 +270,7 @@ pub fn scale_segments(
     t: Tensor,
     segments: &[(std::ops::Range<usize>, Option<&Ia3>)],
 ) -> Result<Tensor> {
-    if segments.iter().all(|(_, v)| v.is_none()) {
-        return Ok(t);
-    }
-    let rows = t.dim(0)?;
-    let mut parts = Vec::with_capacity(segments.len() + 1);
-    let mut at = 0;
-    for (range, ia3) in segments {
-        if range.start < at || range.end > rows {
-            candle_core::bail!("(IA)³: segments must be in order and within the batch");
-        }
-        if range.start > at {
-            parts.push(t.narrow(0, at, range.start - at)?);
-        }
-        let own = t.narrow(0, range.start, range.len())?;
-        parts.push(match ia3 {
-            Some(ia3) => ia3.scale(&own)?,
-            None => own,
-        });
-        at = range.end;
-    }
-    if at < rows {
-        parts.push(t.narrow(0, at, rows - at)?);
-    }
-    Tensor::cat(&parts, 0)
+    super::batch::map_segment_rows(t, segments, "(IA)³", |own, ia3| ia3.scale(own))
 }
 
 #[cfg(test)]

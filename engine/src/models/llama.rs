@@ -842,21 +842,31 @@ impl Pass for Batch<'_, '_, '_> {
                 lora: s.adapter.and_then(|a| a.get(layer, site)),
             })
             .collect();
-        // (IA)³ rows: the feed-forward vectors scale the input, the others the output.
-        let vectors = |feedforward: bool| -> Vec<_> {
-            self.segments
+        // (IA)³ rows: the feed-forward vectors scale the input, the others the output. Most
+        // batches have none here, and this runs for every projection of every step.
+        let has_ia3 = self
+            .segments
+            .iter()
+            .any(|s| s.adapter.is_some_and(|a| a.vector(layer, site).is_some()));
+        let scale = |t: Tensor, feedforward: bool| -> Result<Tensor> {
+            if !has_ia3 {
+                return Ok(t);
+            }
+            let vectors: Vec<_> = self
+                .segments
                 .iter()
                 .zip(self.rows)
                 .map(|(s, rows)| {
                     let ia3 = s.adapter.and_then(|a| a.vector(layer, site));
                     (rows.clone(), ia3.filter(|v| v.feedforward == feedforward))
                 })
-                .collect()
+                .collect();
+            scale_segments(t, &vectors)
         };
-        let x = scale_segments(x.clone(), &vectors(true))?;
+        let x = scale(x.clone(), true)?;
         let y = backend.mixed(&x, &projection.base, &loras)?;
         let y = crate::adapters::dora::rescale_segments(y, &loras, projection.base.bias())?;
-        scale_segments(y, &vectors(false))
+        scale(y, false)
     }
 
     fn attend(
