@@ -131,7 +131,7 @@ impl Ia3Config {
     /// `_check_target_module_feedforward` over its full name (`model.layers.0.mlp.down_proj`),
     /// a plain suffix for names (no dot required), a full match for a pattern.
     pub fn is_feedforward(&self, layer: usize, site: Site) -> bool {
-        let module = format!("model.layers.{layer}.{}", site.path());
+        let module = site.module(layer);
         match &self.feedforward_modules {
             None => false,
             Some(TargetModules::Names(names)) => names.iter().any(|n| module.ends_with(n.as_str())),
@@ -155,10 +155,7 @@ pub struct Ia3Adapter {
 }
 
 fn key(layer: usize, site: Site) -> String {
-    format!(
-        "base_model.model.model.layers.{layer}.{}.ia3_l",
-        site.path()
-    )
+    format!("base_model.model.{}.ia3_l", site.module(layer))
 }
 
 /// `(layer, site)` of a PEFT key, with or without PEFT's adapter name (`ia3_l.default`).

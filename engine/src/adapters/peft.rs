@@ -233,7 +233,7 @@ impl AdapterConfig {
     /// The rank and scale of the pair on `site` of `layer`: `r` and `lora_alpha`, unless
     /// `rank_pattern` / `alpha_pattern` name that module.
     pub fn pair(&self, layer: usize, site: Site) -> (usize, f64) {
-        let module = format!("model.layers.{layer}.{}", site.path());
+        let module = site.module(layer);
         let rank = self.rank_pattern.lookup(&module).copied().unwrap_or(self.r);
         let alpha = self
             .alpha_pattern
@@ -267,17 +267,14 @@ pub struct Adapter {
 }
 
 fn key(layer: usize, site: Site, half: char) -> String {
-    format!(
-        "base_model.model.model.layers.{layer}.{}.lora_{half}.weight",
-        site.path()
-    )
+    format!("base_model.model.{}.lora_{half}.weight", site.module(layer))
 }
 
 /// DoRA's magnitude of `site` of `layer`, as PEFT saves it.
 fn magnitude_key(layer: usize, site: Site) -> String {
     format!(
-        "base_model.model.model.layers.{layer}.{}.lora_magnitude_vector",
-        site.path()
+        "base_model.model.{}.lora_magnitude_vector",
+        site.module(layer)
     )
 }
 

@@ -59,6 +59,12 @@ impl Site {
         format!("{parent}.{}", self.name())
     }
 
+    /// The module's full name in a Hugging Face model, `model.layers.{layer}.{path}`: what
+    /// PEFT's patterns match and its tensor names extend.
+    pub fn module(self, layer: usize) -> String {
+        format!("model.layers.{layer}.{}", self.path())
+    }
+
     /// `q_proj, k_proj, …`: for messages.
     pub fn names(sites: &[Self]) -> String {
         sites

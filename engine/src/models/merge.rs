@@ -74,9 +74,7 @@ pub fn merged_files(
     let mut pending: BTreeMap<String, &Lora> = adapter
         .weights
         .iter()
-        .map(|(&(layer, site), lora)| {
-            (format!("model.layers.{layer}.{}.weight", site.path()), lora)
-        })
+        .map(|(&(layer, site), lora)| (format!("{}.weight", site.module(layer)), lora))
         .collect();
     for name in names {
         let path = dir.join(&name);
