@@ -237,6 +237,17 @@ fn graft_p_tuning_encoders_give_pefts_saved_embeddings() {
         let dir = tiny(&format!("llama-peft-{method}"));
         let params = candle_core::safetensors::load(dir.join("encoder.safetensors"), &Device::Cpu)
             .expect("PEFT's encoder");
+        let (config, _) = prompt_files(&format!("llama-peft-{method}"));
+        let config: PromptConfig = serde_json::from_slice(&config).expect("config");
+        // The shapes a trainer draws a fresh encoder in are PEFT's modules'.
+        for (name, shape) in PromptEncoder::param_shapes(
+            kind,
+            config.num_virtual_tokens,
+            config.token_dim,
+            config.encoder_hidden_size.expect("hidden size"),
+        ) {
+            assert_eq!(params[&name].dims(), shape.as_slice(), "{method}: {name}");
+        }
         let vars: std::collections::HashMap<String, Var> = params
             .into_iter()
             .map(|(name, t)| (name, Var::from_tensor(&t).expect("var")))

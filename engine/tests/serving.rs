@@ -215,6 +215,67 @@ fn ia3_lora_and_base_rows_share_a_batch() {
     );
 }
 
+fn read_peft(name: &str) -> PeftAdapter {
+    let dir = tiny(name);
+    let read = |file: &str| std::fs::read(dir.join(file)).expect("file");
+    PeftAdapter::from_bytes(
+        &read("adapter_config.json"),
+        &read("adapter_model.safetensors"),
+        &Device::Cpu,
+    )
+    .expect("PEFT's adapter loads")
+}
+
+/// Prompt-learning adapters served: their virtual tokens' keys and values computed once when
+/// laid out, a sequence started from them and fed its prompt in chunks gives PEFT's logits at
+/// every position of the input (prompt tuning on Llama and Gemma 3, P-tuning's MLP and LSTM);
+/// the cache then holds the virtual tokens and the input.
+#[test]
+fn prompt_adapters_serve_from_their_virtual_prefix_as_peft() {
+    for (name, dir) in [
+        ("llama", "llama-peft-prompt"),
+        ("llama", "llama-peft-ptuning-mlp"),
+        ("llama", "llama-peft-ptuning-lstm"),
+        ("gemma3", "gemma3-peft-prompt"),
+    ] {
+        let model = model(name, Precision::Dense);
+        let adapter = read_peft(dir);
+        model.check(&adapter).expect("fits");
+        let serving = model.serving(&adapter).expect("layout");
+        let PeftAdapter::Prompt(prompt) = &adapter else {
+            panic!("{dir} holds virtual tokens")
+        };
+        assert_eq!(serving.virtual_len(), prompt.num_virtual_tokens());
+        let (ids, expected) = reference(&tiny(dir));
+        for row in 0..ids.dim(0).expect("rows") {
+            let tokens = ids_row(&ids, row);
+            let mut cache = serving.virtual_prefix().expect("a prefix").clone();
+            let mut chunks = vec![3];
+            chunks.extend(std::iter::repeat_n(1, tokens.len() - 3));
+            let logits = feed(&model, &mut cache, &tokens, &chunks);
+            let diff = max_abs_diff(&logits, &expected.i(row).expect("row"));
+            eprintln!("{dir} row {row}: max abs diff {diff:.3e}");
+            assert!(
+                diff < 1e-4,
+                "{dir} row {row}: served logits differ by {diff}"
+            );
+            assert_eq!(cache.len(), prompt.num_virtual_tokens() + tokens.len());
+        }
+    }
+}
+
+/// One batch mixes a prompt-tuning sequence, a LoRA one and the base: each gets what it gets
+/// alone.
+#[test]
+fn prompt_lora_and_base_rows_share_a_batch() {
+    mixed_batch(
+        "llama",
+        "llama-peft",
+        &read_peft("llama-peft-prompt"),
+        &lora(peft_adapter("llama-peft")),
+    );
+}
+
 fn lora(adapter: Adapter) -> PeftAdapter {
     PeftAdapter::Lora(adapter)
 }
@@ -235,7 +296,10 @@ fn mixed_batch(name: &str, peft: &str, first: &PeftAdapter, second: &PeftAdapter
         .iter()
         .zip(prefixes)
         .map(|(adapter, len)| {
-            let mut cache = KvCache::new(model.num_layers());
+            // A prompt-learning adapter's sequences start from its virtual tokens.
+            let mut cache = adapter
+                .and_then(|a| a.virtual_prefix().cloned())
+                .unwrap_or_else(|| KvCache::new(model.num_layers()));
             let mut segment = [Segment {
                 tokens: &row[..len],
                 cache: &mut cache,

@@ -1,20 +1,26 @@
-"""One training step's loss and gradient of a prompt-tuning adapter in Hugging Face PEFT, for
-engine/tests/peft_prompt.rs to compare with Graft's:
+"""One training step's loss and gradients of a prompt-learning adapter in Hugging Face PEFT, for
+Graft's tests to compare with theirs (engine/tests/peft_prompt.rs,
+trainer-image/tests/peft_oracle.rs):
 
     --model DIR      the base model
-    --adapter DIR    a PROMPT_TUNING adapter (adapter_config.json, adapter_model.safetensors)
+    --adapter DIR    a PROMPT_TUNING or P_TUNING adapter (adapter_config.json,
+                     adapter_model.safetensors); a P_TUNING one with its encoder's parameters
+                     beside it (encoder.safetensors, PEFT's names), since PEFT saves only the
+                     encoder's output
     --ids FILE       safetensors: input_ids (int64 [batch, seq])
-    --out FILE       written: loss (float32 []) and grad (float32 [num_virtual_tokens, token_dim])
+    --out FILE       written: loss (float32 []) and grad (float32 [num_virtual_tokens,
+                     token_dim]) for prompt tuning's table; for P-tuning, grad.<name> for each
+                     encoder parameter
 
 The loss is PEFT's causal-LM loss with labels = input_ids: PEFT puts -100 labels on the virtual
 tokens, so the last virtual token's logits score the first input token, and the mean is over
-every input token. The gradient is that of the trainable prompt embedding table.
+every input token.
 """
 
 import argparse
 
 import torch
-from peft import PromptTuningConfig, get_peft_model
+from peft import PeftConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -28,16 +34,28 @@ args = parser.parse_args()
 input_ids = load_file(args.ids)["input_ids"].to(torch.int64)
 base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
 # PEFT loads a saved prompt-learning adapter for inference only; a trainable one is made from
-# its config and given the saved table.
-config = PromptTuningConfig.from_pretrained(args.adapter)
+# its config and given the saved parameters.
+config = PeftConfig.from_pretrained(args.adapter)
 config.inference_mode = False
 model = get_peft_model(base, config)
+encoder = model.prompt_encoder["default"]
+p_tuning = config.peft_type == "P_TUNING"
 with torch.no_grad():
-    saved = load_file(f"{args.adapter}/adapter_model.safetensors")["prompt_embeddings"]
-    model.prompt_encoder["default"].embedding.weight.copy_(saved)
+    if p_tuning:
+        saved = load_file(f"{args.adapter}/encoder.safetensors")
+        missing, unexpected = encoder.load_state_dict(saved, strict=True)
+    else:
+        saved = load_file(f"{args.adapter}/adapter_model.safetensors")["prompt_embeddings"]
+        encoder.embedding.weight.copy_(saved)
 model.train()
 loss = model(input_ids=input_ids, labels=input_ids).loss
 loss.backward()
-table = model.prompt_encoder["default"].embedding.weight
-save_file({"loss": loss.detach().reshape(()), "grad": table.grad.contiguous()}, args.out)
-print(f"loss {loss.item():.6f}, grad norm {table.grad.norm().item():.6f}")
+out = {"loss": loss.detach().reshape(())}
+if p_tuning:
+    for name, param in encoder.named_parameters():
+        out[f"grad.{name}"] = param.grad.contiguous()
+else:
+    out["grad"] = encoder.embedding.weight.grad.contiguous()
+save_file(out, args.out)
+norm = torch.sqrt(sum((g.double() ** 2).sum() for k, g in out.items() if k != "loss"))
+print(f"loss {loss.item():.6f}, gradient norm {norm.item():.6f}")

@@ -1,17 +1,18 @@
 //! The trainable adapters: one LoRA A/B pair per (layer, target site), and with DoRA its
-//! magnitude; or one (IA)³ vector per (layer, target site). They are candle `Var`s that the
-//! model's projections share storage with, so an optimizer step is seen by the next forward.
+//! magnitude; or one (IA)³ vector per (layer, target site); or prompt learning's virtual
+//! tokens. They are candle `Var`s that the model's projections share storage with (the virtual
+//! tokens go before each input instead), so an optimizer step is seen by the next forward.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     sync::{Mutex, PoisonError},
 };
 
 use candle_core::{Result, Tensor, Var};
 use graft_engine::{
     adapters::{
-        Adapter, AdapterConfig, Ia3, Ia3Adapter, Ia3Config, Init, Lora, PeftAdapter, Site,
-        decompose,
+        Adapter, AdapterConfig, EncoderKind, Ia3, Ia3Adapter, Ia3Config, Init, Lora, PeftAdapter,
+        PromptAdapter, PromptConfig, PromptEncoder, Site, decompose,
     },
     models::{BaseRewrite, Llama},
     rng::Rng,
@@ -39,6 +40,62 @@ pub struct Vector {
     pub feedforward: bool,
 }
 
+/// Prompt learning's trainable parameters: prompt tuning's table of the virtual tokens'
+/// embeddings, or P-tuning's encoder, whose output the published adapter holds (as PEFT's).
+#[derive(Debug)]
+pub struct Prompt {
+    /// By PEFT's names: `embedding.weight` (prompt tuning's table, P-tuning's encoder input),
+    /// then the encoder's in [`PromptEncoder::param_names`] order.
+    pub params: Vec<(String, Var)>,
+    /// P-tuning's encoder; `None` for prompt tuning.
+    pub encoder: Option<EncoderKind>,
+}
+
+impl Prompt {
+    /// The virtual tokens' embeddings `[virtual, hidden]` in f32, differentiable in
+    /// [`Self::params`].
+    pub fn embeddings(&self) -> Result<Tensor> {
+        let Some(kind) = self.encoder else {
+            return Ok(self.params[0].1.as_tensor().clone());
+        };
+        let params = self
+            .params
+            .iter()
+            .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
+            .collect();
+        PromptEncoder::new(kind, params)?.forward()
+    }
+
+    /// The parameters by name, detached copies (P-tuning's checkpointed encoder).
+    pub fn snapshot(&self) -> Result<HashMap<String, Tensor>> {
+        self.params
+            .iter()
+            .map(|(name, var)| Ok((name.clone(), var.as_tensor().detach().copy()?)))
+            .collect()
+    }
+
+    /// Overwrites the parameters with `saved`'s, every one of them.
+    pub fn load(&self, saved: &HashMap<String, Tensor>) -> Result<()> {
+        for (name, var) in &self.params {
+            let Some(tensor) = saved.get(name) else {
+                candle_core::bail!("the checkpoint's prompt encoder has no {name}");
+            };
+            var.set(&tensor.to_device(var.device())?)?;
+        }
+        Ok(())
+    }
+}
+
+/// How a prompt-tuning table starts (PEFT's `prompt_tuning_init`).
+#[derive(Debug)]
+pub enum PromptStart {
+    /// `RANDOM`: normal, standard deviation 1 (a fresh `torch.nn.Embedding`).
+    Random,
+    /// `TEXT`: the embeddings of these token ids (the init text's, repeated or cut to the
+    /// virtual tokens).
+    Text(Vec<u32>),
+}
+
 /// The method's config, written into the published `adapter_config.json`.
 // One per run.
 #[allow(clippy::large_enum_variant)]
@@ -46,15 +103,18 @@ pub struct Vector {
 enum Config {
     Lora(AdapterConfig),
     Ia3(Ia3Config),
+    Prompt(PromptConfig),
 }
 
-/// A run's trainable adapters: LoRA pairs, or (IA)³ vectors.
+/// A run's trainable adapters: LoRA pairs, (IA)³ vectors, or virtual tokens.
 #[derive(Debug)]
 pub struct Adapters {
     /// LoRA's pairs (none in an (IA)³ run).
     pub pairs: Vec<Pair>,
     /// (IA)³'s vectors (none in a LoRA run).
     pub vectors: Vec<Vector>,
+    /// Prompt learning's parameters (in a prompt-tuning or P-tuning run only).
+    pub prompt: Option<Prompt>,
     config: Config,
     /// OLoRA / PiSSA: each pair's start, taken out of the base (see [`Decomposer`]); the
     /// published adapter subtracts it so it applies to the original base.
@@ -163,6 +223,7 @@ impl Adapters {
         let adapters = Self {
             pairs,
             vectors: Vec::new(),
+            prompt: None,
             config: Config::Lora(config),
             initial: None,
         };
@@ -193,11 +254,73 @@ impl Adapters {
         let adapters = Self {
             pairs: Vec::new(),
             vectors,
+            prompt: None,
             config: Config::Ia3(config),
             initial: None,
         };
         adapters.install(model);
         Ok(adapters)
+    }
+
+    /// Fresh virtual tokens for `config`'s method on `model` (which they leave unchanged):
+    /// prompt tuning's table from `start`; P-tuning's encoder of `encoder` kind and hidden
+    /// size drawn as PyTorch initialises its modules (embedding normal, linear and LSTM
+    /// weights and biases uniform in ±1/√fan-in, ±1/√hidden for the LSTM), from `seed`.
+    pub fn attach_prompt(
+        model: &Llama,
+        config: PromptConfig,
+        start: &PromptStart,
+        encoder: Option<(EncoderKind, usize)>,
+        seed: u64,
+    ) -> Result<Self> {
+        let mut rng = Rng::seed(seed);
+        let device = model.device().clone();
+        let (virtual_tokens, hidden) = (config.num_virtual_tokens, config.token_dim);
+        let mut draw = |shape: &[usize], sample: &mut dyn FnMut(&mut Rng) -> f32| {
+            let values: Vec<f32> = (0..shape.iter().product::<usize>())
+                .map(|_| sample(&mut rng))
+                .collect();
+            Var::from_tensor(&Tensor::from_vec(values, shape, &device)?)
+        };
+        let table = match (start, encoder) {
+            (PromptStart::Text(ids), None) => {
+                let ids = Tensor::new(ids.as_slice(), &device)?.unsqueeze(0)?;
+                let embedded = model.embed(&ids)?.squeeze(0)?;
+                Var::from_tensor(&embedded.to_dtype(candle_core::DType::F32)?.copy()?)?
+            }
+            _ => draw(&[virtual_tokens, hidden], &mut |rng| rng.normal(1.0))?,
+        };
+        let mut params = vec![("embedding.weight".to_owned(), table)];
+        if let Some((kind, size)) = encoder {
+            let shapes = PromptEncoder::param_shapes(kind, virtual_tokens, hidden, size);
+            for (name, shape) in shapes.iter().skip(1) {
+                // PyTorch's bound: 1/√ of an LSTM's hidden size, or of a linear layer's input
+                // width (for its bias too).
+                let fan_in = if name.starts_with("lstm_head.") {
+                    size
+                } else {
+                    let weight = name.replace(".bias", ".weight");
+                    shapes
+                        .iter()
+                        .find(|(n, _)| *n == weight)
+                        .map_or(1, |(_, s)| s[1])
+                };
+                #[allow(clippy::cast_precision_loss)]
+                let bound = 1.0 / (fan_in as f32).sqrt();
+                let var = draw(shape, &mut |rng| rng.uniform(-bound, bound))?;
+                params.push((name.clone(), var));
+            }
+        }
+        Ok(Self {
+            pairs: Vec::new(),
+            vectors: Vec::new(),
+            prompt: Some(Prompt {
+                params,
+                encoder: encoder.map(|(kind, _)| kind),
+            }),
+            config: Config::Prompt(config),
+            initial: None,
+        })
     }
 
     /// Adapters starting from `starts` (a [`Decomposer`]'s), on a model loaded with it.
@@ -225,6 +348,7 @@ impl Adapters {
         let adapters = Self {
             pairs,
             vectors: Vec::new(),
+            prompt: None,
             config: Config::Lora(config),
             initial: Some(starts),
         };
@@ -263,7 +387,7 @@ impl Adapters {
     }
 
     /// Every trainable tensor, A then B (then DoRA's magnitude) for each pair, then each
-    /// (IA)³ vector, in a fixed order (the optimizer's).
+    /// (IA)³ vector, then the prompt's parameters, in a fixed order (the optimizer's).
     pub fn vars(&self) -> Vec<Var> {
         self.pairs
             .iter()
@@ -273,6 +397,11 @@ impl Adapters {
                     .chain(p.magnitude.clone())
             })
             .chain(self.vectors.iter().map(|v| v.var.clone()))
+            .chain(
+                self.prompt
+                    .iter()
+                    .flat_map(|p| p.params.iter().map(|(_, v)| v.clone())),
+            )
             .collect()
     }
 
@@ -285,10 +414,55 @@ impl Adapters {
         match (&self.config, adapter) {
             (Config::Lora(_), PeftAdapter::Lora(adapter)) => self.load_lora(adapter),
             (Config::Ia3(_), PeftAdapter::Ia3(adapter)) => self.load_ia3(adapter),
+            (Config::Prompt(_), PeftAdapter::Prompt(adapter)) => self.load_prompt(adapter),
             _ => candle_core::bail!(
                 "the checkpoint's adapter is {}, this run trains another method",
                 adapter.peft_type()
             ),
+        }
+    }
+
+    /// Prompt tuning's table; a P-tuning run's encoder is not in the adapter (PEFT saves its
+    /// output) and comes from the checkpoint's own file ([`Prompt::load`]).
+    fn load_prompt(&self, adapter: &PromptAdapter) -> Result<()> {
+        let Some(prompt) = &self.prompt else {
+            candle_core::bail!("this run has no virtual tokens");
+        };
+        if adapter.config.peft_type != self.peft_type() {
+            candle_core::bail!(
+                "the checkpoint's adapter is {}, this run trains {}",
+                adapter.config.peft_type,
+                self.peft_type()
+            );
+        }
+        if prompt.encoder.is_none() {
+            let table = &prompt.params[0].1;
+            if adapter.embeddings.dims() != table.dims() {
+                candle_core::bail!(
+                    "the checkpoint's virtual tokens are {:?}, this run's {:?}",
+                    adapter.embeddings.dims(),
+                    table.dims()
+                );
+            }
+            table.set(&adapter.embeddings.to_device(table.device())?)?;
+        }
+        Ok(())
+    }
+
+    /// The virtual tokens put before each input (0 but for prompt learning).
+    pub fn virtual_tokens(&self) -> usize {
+        match &self.config {
+            Config::Prompt(config) => config.num_virtual_tokens,
+            Config::Lora(_) | Config::Ia3(_) => 0,
+        }
+    }
+
+    /// PEFT's name of the method trained.
+    pub fn peft_type(&self) -> &str {
+        match &self.config {
+            Config::Lora(config) => &config.peft_type,
+            Config::Ia3(config) => &config.peft_type,
+            Config::Prompt(config) => &config.peft_type,
         }
     }
 
@@ -344,6 +518,16 @@ impl Adapters {
         let copy = |v: &Var| -> Result<Tensor> { v.as_tensor().detach().copy() };
         let config = match &self.config {
             Config::Lora(config) => config,
+            Config::Prompt(config) => {
+                let prompt = self
+                    .prompt
+                    .as_ref()
+                    .expect("a prompt run has its parameters");
+                return Ok(PeftAdapter::Prompt(PromptAdapter {
+                    config: config.clone(),
+                    embeddings: prompt.embeddings()?.detach().copy()?,
+                }));
+            }
             Config::Ia3(config) => {
                 let vectors = self
                     .vectors

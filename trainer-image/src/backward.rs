@@ -8,11 +8,17 @@
 //! `sum(y · g)` (with `g` constant) gives the layer's parameter gradients and its input gradient.
 //!
 //! Evaluation runs the same layers with no graph at all ([`eval_loss_sum`]).
+//!
+//! A prompt-learning run puts its virtual tokens' embeddings before every row, as PEFT does:
+//! they take positions `0..n`, and the last of them scores the row's first token. Their
+//! gradient is the first layer's input gradient at those positions, summed over the rows,
+//! then taken back through whatever made the embeddings (P-tuning's encoder).
 
-use std::ops::Range;
+use std::{borrow::Cow, ops::Range};
 
-use candle_core::{Device, Result, Tensor, Var, backprop::GradStore};
+use candle_core::{Result, Tensor, Var, backprop::GradStore};
 use graft_engine::{
+    adapters::prepend,
     backend::Dropout,
     models::{Llama, Mode, Positions},
 };
@@ -35,13 +41,58 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// The rotary tables and masks of the batch's rows: whole sequences, or packed examples.
-    fn positions(&self, model: &Llama, device: &Device) -> Result<Positions> {
+    /// The first layer's input and the rotary tables and masks of the batch's rows: whole
+    /// sequences, or packed examples; with `prompt`'s virtual tokens `[n, hidden]` before each
+    /// row (differentiable in it).
+    fn inputs(&self, model: &Llama, prompt: Option<&Tensor>) -> Result<(Tensor, Positions)> {
+        let embedded = model.embed(&self.ids)?;
+        let device = embedded.device().clone();
         let seq = self.ids.dim(1)?;
-        match &self.lengths {
-            Some(lengths) => model.packed_positions(lengths, seq, device),
-            None => model.positions(seq, device),
+        match (prompt, &self.lengths) {
+            (None, Some(lengths)) => Ok((embedded, model.packed_positions(lengths, seq, &device)?)),
+            (None, None) => Ok((embedded, model.positions(seq, &device)?)),
+            (Some(_), Some(_)) => candle_core::bail!("packed rows take no virtual tokens"),
+            (Some(prompt), None) => {
+                let h = prepend(prompt, &embedded)?;
+                let positions = model.positions(h.dim(1)?, &device)?;
+                Ok((h, positions))
+            }
         }
+    }
+
+    /// Tokens the loss scores: [`Self::label_tokens`], and behind virtual tokens the first
+    /// column's learned ones too ([`Self::scored`]).
+    pub fn scored_tokens(&self, virtual_tokens: usize) -> Result<usize> {
+        if virtual_tokens == 0 {
+            return Ok(self.label_tokens);
+        }
+        let first = self.labels.narrow(1, 0, 1)?.sum_all()?.to_scalar::<f32>()?;
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        Ok(self.label_tokens + first.round() as usize)
+    }
+
+    /// The hidden states the loss scores and the batch they are scored against. Behind `n`
+    /// virtual tokens, PEFT scores the first token from the last virtual token's logits: the
+    /// states from position `n − 1` on, against the batch with one unlearned column before it.
+    fn scored<'a>(
+        &'a self,
+        last: &Tensor,
+        virtual_tokens: usize,
+    ) -> Result<(Tensor, Cow<'a, Self>)> {
+        if virtual_tokens == 0 {
+            return Ok((last.clone(), Cow::Borrowed(self)));
+        }
+        let seq = self.ids.dim(1)?;
+        let states = last.narrow(1, virtual_tokens - 1, seq + 1)?;
+        let column = |t: &Tensor| -> Result<Tensor> {
+            Tensor::cat(&[&t.narrow(1, 0, 1)?.zeros_like()?, t], 1)
+        };
+        let batch = Self {
+            ids: column(&self.ids)?,
+            labels: column(&self.labels)?,
+            ..self.clone()
+        };
+        Ok((states, Cow::Owned(batch)))
     }
 }
 
@@ -65,16 +116,36 @@ pub fn set_shards(shards: usize) {
     let _ = SHARDS.set(shards.max(1));
 }
 
+/// How a micro-batch is computed: its dropout, whether layers are recomputed in the backward
+/// pass, and a prompt-learning run's virtual tokens `[n, hidden]` (made from `vars`, so their
+/// gradient reaches them).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StepOptions<'a> {
+    pub dropout: Option<Dropout>,
+    pub recompute: bool,
+    pub prompt: Option<&'a Tensor>,
+}
+
+impl StepOptions<'_> {
+    /// A step with no virtual tokens.
+    pub fn new(dropout: Option<Dropout>, recompute: bool) -> Self {
+        Self {
+            dropout,
+            recompute,
+            prompt: None,
+        }
+    }
+}
+
 pub fn micro_step(
     model: &Llama,
     vars: &[Var],
     batch: &Batch,
     denominator: f64,
-    dropout: Option<Dropout>,
-    recompute: bool,
+    options: StepOptions<'_>,
 ) -> Result<MicroStep> {
     let shards = SHARDS.get().copied().unwrap_or(1);
-    sharded_step(shards, model, vars, batch, denominator, dropout, recompute)
+    sharded_step(shards, model, vars, batch, denominator, options)
 }
 
 /// [`micro_step`] with the rows split into `shards` run on threads of their own, gradients
@@ -85,13 +156,12 @@ pub fn sharded_step(
     vars: &[Var],
     batch: &Batch,
     denominator: f64,
-    dropout: Option<Dropout>,
-    recompute: bool,
+    options: StepOptions<'_>,
 ) -> Result<MicroStep> {
     let rows = batch.ids.dim(0)?;
     let shards = shards.min(rows);
     if shards <= 1 || !batch.ids.device().is_cpu() {
-        return shard_step(model, vars, batch, denominator, dropout, recompute);
+        return shard_step(model, vars, batch, denominator, options);
     }
     let per_shard = rows.div_ceil(shards);
     let seq = batch.ids.dim(1)?;
@@ -111,19 +181,19 @@ pub fn sharded_step(
             };
             // A shard's rows draw the masks they have in the whole micro-batch, so the
             // result does not depend on the number of shards.
-            let dropout = dropout.map(|d| Dropout {
+            let dropout = options.dropout.map(|d| Dropout {
                 first_row: d.first_row + (start * seq) as u64,
                 ..d
             });
-            Ok((part, dropout))
+            Ok((part, StepOptions { dropout, ..options }))
         })
         .collect::<Result<Vec<_>>>()?;
     let results: Vec<Result<MicroStep>> = std::thread::scope(|scope| {
         let handles: Vec<_> = parts
             .iter()
-            .map(|(part, dropout)| {
-                let dropout = *dropout;
-                scope.spawn(move || shard_step(model, vars, part, denominator, dropout, recompute))
+            .map(|(part, options)| {
+                let options = *options;
+                scope.spawn(move || shard_step(model, vars, part, denominator, options))
             })
             .collect();
         handles
@@ -151,14 +221,17 @@ fn shard_step(
     vars: &[Var],
     batch: &Batch,
     denominator: f64,
-    dropout: Option<Dropout>,
-    recompute: bool,
+    options: StepOptions<'_>,
 ) -> Result<MicroStep> {
-    if recompute {
-        recomputed(model, vars, batch, denominator, dropout)
+    if options.recompute {
+        recomputed(model, vars, batch, denominator, options)
     } else {
-        whole_graph(model, vars, batch, denominator, dropout)
+        whole_graph(model, vars, batch, denominator, options)
     }
+}
+
+fn virtual_tokens(prompt: Option<&Tensor>) -> Result<usize> {
+    prompt.map_or(Ok(0), |p| p.dim(0))
 }
 
 fn whole_graph(
@@ -166,14 +239,14 @@ fn whole_graph(
     vars: &[Var],
     batch: &Batch,
     denominator: f64,
-    dropout: Option<Dropout>,
+    options: StepOptions<'_>,
 ) -> Result<MicroStep> {
-    let mut h = model.embed(&batch.ids)?;
-    let positions = batch.positions(model, h.device())?;
+    let (mut h, positions) = batch.inputs(model, options.prompt)?;
     for layer in 0..model.num_layers() {
-        h = model.layer(layer, &h, &positions, Mode::Train(dropout))?;
+        h = model.layer(layer, &h, &positions, Mode::Train(options.dropout))?;
     }
-    let loss_sum = nll_sum(&model.head(&h)?, &batch.ids, &batch.labels)?;
+    let (h, scored) = batch.scored(&h, virtual_tokens(options.prompt)?)?;
+    let loss_sum = nll_sum(&model.head(&h)?, &scored.ids, &scored.labels)?;
     let grads = (&loss_sum / denominator)?.backward()?;
     Ok(MicroStep {
         loss_sum: loss_sum.to_scalar()?,
@@ -186,12 +259,13 @@ fn recomputed(
     vars: &[Var],
     batch: &Batch,
     denominator: f64,
-    dropout: Option<Dropout>,
+    options: StepOptions<'_>,
 ) -> Result<MicroStep> {
-    let h0 = model.embed(&batch.ids)?.detach();
-    let positions = batch.positions(model, h0.device())?;
+    let dropout = options.dropout;
+    let detached = options.prompt.map(Tensor::detach);
+    let (h0, positions) = batch.inputs(model, detached.as_ref())?;
     // Each layer's input; the graph built while computing the next one is dropped at once.
-    let mut inputs = vec![h0];
+    let mut inputs = vec![h0.detach()];
     for layer in 0..model.num_layers() {
         let next = model
             .layer(layer, &inputs[layer], &positions, Mode::Train(dropout))?
@@ -199,13 +273,28 @@ fn recomputed(
         inputs.push(next);
     }
     let last = inputs.pop().expect("the embeddings at least");
+    let virtual_tokens = virtual_tokens(options.prompt)?;
+    let (scored_states, scored) = batch.scored(&last, virtual_tokens)?;
     let chunk = loss_chunk(model, batch)?;
-    let (loss_sum, mut upstream) = head_loss(model, &last, batch, denominator, chunk)?;
+    let (loss_sum, scored_grad) = head_loss(model, &scored_states, &scored, denominator, chunk)?;
+    // The virtual tokens before the last one score nothing: no gradient from the head.
+    let mut upstream = if virtual_tokens > 1 {
+        let (rows, _, hidden) = last.dims3()?;
+        let unscored = Tensor::zeros(
+            (rows, virtual_tokens - 1, hidden),
+            last.dtype(),
+            last.device(),
+        )?;
+        Tensor::cat(&[&unscored, &scored_grad], 1)?
+    } else {
+        scored_grad
+    };
     let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
     for layer in (0..model.num_layers()).rev() {
         let input = inputs.pop().expect("one input per layer");
-        // The first layer's input gradient is never used: it stays a constant.
-        let tracked = if layer == 0 {
+        // The first layer's input gradient is used only by virtual tokens; without them it
+        // stays a constant.
+        let tracked = if layer == 0 && options.prompt.is_none() {
             None
         } else {
             Some(Var::from_tensor(&input)?)
@@ -220,6 +309,15 @@ fn recomputed(
                 .expect("a layer's output depends on its input")
                 .detach();
         }
+    }
+    if let Some(prompt) = options.prompt {
+        // Every row's gradient at the virtual positions flows into the one set of embeddings.
+        let at_prompt = upstream
+            .narrow(1, 0, virtual_tokens)?
+            .to_dtype(prompt.dtype())?
+            .sum(0)?;
+        let prompt_grads = (prompt * at_prompt)?.sum_all()?.backward()?;
+        accumulate(&mut grads, take(&prompt_grads, vars))?;
     }
     Ok(MicroStep { loss_sum, grads })
 }
@@ -292,20 +390,23 @@ pub fn head_loss(
 
 /// The loss sum of a batch with no graph recorded: layer by layer on detached tensors (each
 /// layer's activations dropped as the next is computed), the loss in chunks as in training.
-/// So evaluation never holds more than a training step does.
-pub fn eval_loss_sum(model: &Llama, batch: &Batch) -> Result<f32> {
-    let mut h = model.embed(&batch.ids)?.detach();
-    let positions = batch.positions(model, h.device())?;
+/// So evaluation never holds more than a training step does. `prompt`: a prompt-learning
+/// run's virtual tokens.
+pub fn eval_loss_sum(model: &Llama, batch: &Batch, prompt: Option<&Tensor>) -> Result<f32> {
+    let prompt = prompt.map(Tensor::detach);
+    let (h, positions) = batch.inputs(model, prompt.as_ref())?;
+    let mut h = h.detach();
     for layer in 0..model.num_layers() {
         h = model.layer(layer, &h, &positions, Mode::Eval)?;
     }
+    let (h, scored) = batch.scored(&h, virtual_tokens(prompt.as_ref())?)?;
     let mut loss_sum = 0f32;
     for range in chunks(h.dim(1)?, loss_chunk(model, batch)?) {
         let logits = model.head(&h.narrow(1, range.start, range.len())?)?;
         let loss = nll_sum(
             &logits,
-            &batch.ids.narrow(1, range.start, range.len())?,
-            &batch.labels.narrow(1, range.start, range.len())?,
+            &scored.ids.narrow(1, range.start, range.len())?,
+            &scored.labels.narrow(1, range.start, range.len())?,
         )?;
         loss_sum += loss.to_scalar::<f32>()?;
     }

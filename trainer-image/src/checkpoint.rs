@@ -10,14 +10,17 @@ use serde::{Deserialize, Serialize};
 
 pub const STATE_FILE: &str = "state.json";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// P-tuning's encoder: the published adapter holds only its output, as PEFT's does.
+const ENCODER_FILE: &str = "prompt_encoder.safetensors";
 const BEST_CONFIG: &str = "best/adapter_config.json";
 const BEST_WEIGHTS: &str = "best/adapter_model.safetensors";
 /// Every file a checkpoint may hold, the state file first (a reader stops without it).
-pub const FILES: [&str; 6] = [
+pub const FILES: [&str; 7] = [
     STATE_FILE,
     "adapter_config.json",
     "adapter_model.safetensors",
     OPTIMIZER_FILE,
+    ENCODER_FILE,
     BEST_CONFIG,
     BEST_WEIGHTS,
 ];
@@ -52,6 +55,8 @@ pub struct Checkpoint {
     pub adapter: PeftAdapter,
     /// The adapter at [`State::best`], when the run keeps it.
     pub best_adapter: Option<PeftAdapter>,
+    /// P-tuning's encoder parameters, by PEFT's names.
+    pub encoder: Option<HashMap<String, Tensor>>,
     pub optimizer_steps: u64,
     /// `(first, second)` moments, in the optimizer's var order.
     pub moments: Vec<(Tensor, Tensor)>,
@@ -87,6 +92,15 @@ impl Checkpoint {
             ("adapter_model.safetensors", weights),
             (OPTIMIZER_FILE, optimizer),
         ];
+        if let Some(encoder) = &self.encoder {
+            let tensors = encoder
+                .iter()
+                .map(|(name, t)| Ok((name.clone(), t.to_dtype(DType::F32)?.contiguous()?)))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let bytes = safetensors::serialize(tensors, None)
+                .map_err(|e| CheckpointError::Optimizer(candle_core::Error::wrap(e)))?;
+            files.push((ENCODER_FILE, bytes));
+        }
         if let Some(best) = &self.best_adapter {
             let (config, weights) = best.to_bytes()?;
             files.push((BEST_CONFIG, config));
@@ -113,6 +127,9 @@ impl Checkpoint {
             ),
             _ => None,
         };
+        let encoder = file(ENCODER_FILE)
+            .map(|bytes| candle_core::safetensors::load_buffer(&bytes, &Device::Cpu))
+            .transpose()?;
         let mut read = |name| file(name).ok_or(CheckpointError::Missing(name));
         let optimizer = read(OPTIMIZER_FILE)?;
         let steps = safetensors::SafeTensors::read_metadata(&optimizer)
@@ -134,6 +151,7 @@ impl Checkpoint {
         Ok(Self {
             adapter,
             best_adapter,
+            encoder,
             optimizer_steps: steps,
             moments,
             state,

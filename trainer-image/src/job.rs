@@ -10,10 +10,13 @@ use std::{io::IsTerminal, path::Path};
 use candle_core::Device;
 use graft_api::{
     AdapterArtifact, Digested, FineTuneJobSpec, GraftJson, LoraInit, MethodKind, Metrics,
-    Quantization, StatusTarget, TargetModule, TrainerResult,
+    PromptEncoder, PromptInit, Quantization, StatusTarget, TargetModule, TrainerResult,
 };
 use graft_engine::{
-    adapters::{AdapterConfig, Ia3Config, Init, Patterns, Site},
+    adapters::{
+        AdapterConfig, EncoderKind, Ia3Config, Init, Patterns, PromptConfig, PromptMethod, Site,
+        text_init_ids,
+    },
     device::compute_dtype,
     models::{
         self, BaseRewrite, Config, Llama, Precision,
@@ -27,7 +30,7 @@ use sha2::{Digest, Sha256};
 use tokio::runtime::Runtime;
 
 use crate::{
-    adapters::{Adapters, Decomposer},
+    adapters::{Adapters, Decomposer, PromptStart},
     checkpoint::{self, Checkpoint},
     dataset::{self, Record},
     progress::Progress,
@@ -161,7 +164,7 @@ pub fn run(
         ));
     }
 
-    let (model, adapters) = load_model(&base, spec, device)?;
+    let (model, adapters) = load_model(&base, spec, &tokenizer, device)?;
     let trainable_parameters = adapters.trainable_parameters();
     let settings = settings(spec, tokenizer.eos_token_id().unwrap_or(0));
     let (train_examples, eval_examples) = (train.len(), eval.len());
@@ -220,23 +223,35 @@ pub fn run(
     Ok(TrainerResult { adapter: artifact })
 }
 
-/// Refuses, before anything is fetched, what the API admits but this trainer does not do yet:
-/// prompt tuning and P-tuning (the engine reads and writes their adapters, the trainer's step
-/// does not yet carry virtual tokens), and a merged model of an (IA)³ adapter.
+/// Refuses, before anything is fetched, what the API admits but the method cannot do: a
+/// merged model of an (IA)³ adapter (not written yet) or of virtual tokens (they change the
+/// input, not the weights), and packed rows behind virtual tokens (PEFT puts them before each
+/// sequence, and a packed row holds several).
 fn check_method_trained(spec: &FineTuneJobSpec) -> Result<(), JobError> {
-    if spec.output.merged && matches!(spec.method.kind(), MethodKind::Ia3(_)) {
-        return Err(JobError::bad(
-            "output.merged is not written for (IA)³ adapters yet; the adapter alone is",
-        ));
-    }
-    let unfinished = match spec.method.kind() {
-        MethodKind::Lora(_) | MethodKind::Ia3(_) => return Ok(()),
+    let prompt = match spec.method.kind() {
+        MethodKind::Lora(_) => return Ok(()),
+        MethodKind::Ia3(_) if spec.output.merged => {
+            return Err(JobError::bad(
+                "output.merged is not written for (IA)³ adapters yet; the adapter alone is",
+            ));
+        }
+        MethodKind::Ia3(_) => return Ok(()),
         MethodKind::PromptTuning(_) => "method.promptTuning",
         MethodKind::PTuning(_) => "method.pTuning",
     };
-    Err(JobError::bad(format!(
-        "{unfinished}: this trainer does not train prompt-learning adapters yet (method not implemented)"
-    )))
+    if spec.output.merged {
+        return Err(JobError::bad(format!(
+            "output.merged: {prompt} trains virtual tokens put before the input, which no \
+             merged model can hold; publish the adapter alone"
+        )));
+    }
+    if spec.training.packing {
+        return Err(JobError::bad(format!(
+            "training.packing: {prompt} puts its virtual tokens before each sequence, and a \
+             packed row holds several; train without packing"
+        )));
+    }
+    Ok(())
 }
 
 /// What the method needs of the base model's files. The schema refuses a `.gguf` URI for
@@ -443,6 +458,7 @@ fn sites_of(modules: &[TargetModule], config: &Config) -> Result<Vec<Site>, JobE
 fn load_model(
     base: &models::Checkpoint,
     spec: &FineTuneJobSpec,
+    tokenizer: &Tokenizer,
     device: &Device,
 ) -> Result<(Llama, Adapters), JobError> {
     let precision = match spec.method.quantization {
@@ -474,7 +490,9 @@ fn load_model(
             return Ok((model, adapters));
         }
         MethodKind::PromptTuning(_) | MethodKind::PTuning(_) => {
-            return Err(JobError::bad("only LoRA and (IA)³ load here"));
+            let model = load(None)?;
+            let adapters = attach_prompt(&model, spec, tokenizer)?;
+            return Ok((model, adapters));
         }
     };
     let init = lora_init(&lora)?;
@@ -532,6 +550,76 @@ fn load_model(
     );
     let adapters = Adapters::attach_decomposed(&mut model, adapter_config, starts)?;
     Ok((model, adapters))
+}
+
+/// Fresh virtual tokens for a prompt-tuning or P-tuning job, their config as PEFT writes it.
+fn attach_prompt(
+    model: &Llama,
+    spec: &FineTuneJobSpec,
+    tokenizer: &Tokenizer,
+) -> Result<Adapters, JobError> {
+    let config = model.config();
+    let base_model = Some(spec.base_model.uri.clone());
+    let (prompt_config, start, encoder) = match spec.method.kind() {
+        MethodKind::PromptTuning(prompt) => {
+            let virtual_tokens = prompt.num_virtual_tokens as usize;
+            let (start, init, text) = match (prompt.init, &prompt.init_text) {
+                (PromptInit::Text, Some(text)) => {
+                    let ids = tokenizer.encode(text, true).map_err(JobError::bad)?;
+                    let ids = text_init_ids(&ids, virtual_tokens).ok_or_else(|| {
+                        JobError::bad("method.promptTuning.initText has no tokens")
+                    })?;
+                    (PromptStart::Text(ids), "TEXT", Some(text.clone()))
+                }
+                (PromptInit::Text, None) => {
+                    return Err(JobError::bad(
+                        "method.promptTuning: init text needs initText",
+                    ));
+                }
+                (PromptInit::Random, _) => (PromptStart::Random, "RANDOM", None),
+            };
+            let prompt_config = PromptConfig {
+                prompt_tuning_init: Some(init.to_owned()),
+                // PEFT requires the tokenizer's name with a text init (it is not read at
+                // inference): the base model's, whose tokenizer this is.
+                tokenizer_name_or_path: text.is_some().then(|| spec.base_model.uri.clone()),
+                prompt_tuning_init_text: text,
+                base_model_name_or_path: base_model,
+                ..PromptConfig::for_model(PromptMethod::PromptTuning, virtual_tokens, config)
+            };
+            (prompt_config, start, None)
+        }
+        MethodKind::PTuning(p_tuning) => {
+            let kind = match p_tuning.encoder {
+                PromptEncoder::Mlp => EncoderKind::Mlp,
+                PromptEncoder::Lstm => EncoderKind::Lstm,
+            };
+            let hidden = p_tuning.encoder_hidden_size as usize;
+            let virtual_tokens = p_tuning.num_virtual_tokens as usize;
+            let prompt_config = PromptConfig {
+                encoder_reparameterization_type: Some(kind.peft_name().to_owned()),
+                encoder_hidden_size: Some(hidden),
+                encoder_num_layers: Some(2),
+                encoder_dropout: Some(0.0),
+                base_model_name_or_path: base_model,
+                ..PromptConfig::for_model(PromptMethod::PTuning, virtual_tokens, config)
+            };
+            (prompt_config, PromptStart::Random, Some((kind, hidden)))
+        }
+        MethodKind::Lora(_) | MethodKind::Ia3(_) => {
+            return Err(JobError::bad("LoRA and (IA)³ train no virtual tokens"));
+        }
+    };
+    if let Some(context) = config.max_position_embeddings
+        && prompt_config.num_virtual_tokens >= context
+    {
+        return Err(JobError::bad(format!(
+            "{} virtual tokens leave no room in the model's context of {context} tokens",
+            prompt_config.num_virtual_tokens
+        )));
+    }
+    Adapters::attach_prompt(model, prompt_config, &start, encoder, spec.training.seed)
+        .map_err(JobError::bad)
 }
 
 fn model_source_error(error: SourceError) -> JobError {
@@ -642,42 +730,59 @@ mod tests {
 
     use super::*;
 
-    /// Prompt tuning and P-tuning are in the API but not trained: the job fails at once as a
-    /// bad spec naming the method, and LoRA (named or not) passes.
+    /// What a method cannot do is refused before anything is fetched, as a bad spec naming
+    /// the field: a merged model of (IA)³ or of virtual tokens, packing behind virtual tokens.
     #[test]
-    fn methods_the_trainer_does_not_train_are_refused_by_name() {
-        let spec = |method: &str| -> FineTuneJobSpec {
+    fn what_a_method_cannot_do_is_refused_by_name() {
+        let spec = |method: &str, merged: bool, packing: bool| -> FineTuneJobSpec {
             let yaml = format!(
                 "baseModel: {{uri: 's3://models/tiny/'}}\n\
                  dataset: {{uri: 's3://data/train.jsonl'}}\n\
-                 output: {{uri: 's3://adapters/a/v1/'}}\n\
+                 output: {{uri: 's3://adapters/a/v1/', merged: {merged}}}\n\
+                 training: {{packing: {packing}}}\n\
                  method: {method}\n"
             );
             serde_yaml::from_str(&yaml).expect("parses")
         };
-        for (method, name) in [
+        let prompt = "{promptTuning: {numVirtualTokens: 8}}";
+        let p_tuning = "{pTuning: {numVirtualTokens: 8, encoder: lstm}}";
+        for method in [
+            "{lora: {rank: 4}}",
+            "{quantization: nf4}",
+            "{ia3: {}}",
+            prompt,
+            p_tuning,
+        ] {
+            assert!(
+                check_method_trained(&spec(method, false, false)).is_ok(),
+                "{method}"
+            );
+        }
+        assert!(
+            check_method_trained(&spec("{}", true, true)).is_ok(),
+            "merged, packed LoRA"
+        );
+        for (method, merged, packing, names) in [
+            ("{ia3: {}}", true, false, ["output.merged", "(IA)³"]),
             (
-                "{promptTuning: {numVirtualTokens: 8}}",
-                "method.promptTuning",
+                prompt,
+                true,
+                false,
+                ["output.merged", "method.promptTuning"],
             ),
             (
-                "{pTuning: {numVirtualTokens: 8, encoder: lstm}}",
-                "method.pTuning",
+                p_tuning,
+                false,
+                true,
+                ["training.packing", "method.pTuning"],
             ),
         ] {
-            let error = check_method_trained(&spec(method)).expect_err(name);
+            let error = check_method_trained(&spec(method, merged, packing)).expect_err(method);
             assert_eq!(error.exit_code(), 2, "a bad spec");
-            assert!(error.to_string().contains(name), "{error}");
+            for name in names {
+                assert!(error.to_string().contains(name), "{error}");
+            }
         }
-        assert!(check_method_trained(&spec("{lora: {rank: 4}}")).is_ok());
-        assert!(check_method_trained(&spec("{quantization: nf4}")).is_ok());
-        assert!(check_method_trained(&spec("{ia3: {}}")).is_ok());
-        // A merged (IA)³ model is refused before the base model is fetched.
-        let mut merged = spec("{ia3: {}}");
-        merged.output.merged = true;
-        let error = check_method_trained(&merged).expect_err("merged (IA)³");
-        assert_eq!(error.exit_code(), 2, "a bad spec");
-        assert!(error.to_string().contains("output.merged"), "{error}");
     }
 
     #[test]

@@ -13,8 +13,8 @@ use graft_api::Scheduler;
 use graft_engine::{adapters::PeftAdapter, backend::Dropout, models::Llama, rng::Rng};
 
 use crate::{
-    adapters::Adapters,
-    backward::{Batch, accumulate, eval_loss_sum, micro_step},
+    adapters::{Adapters, Prompt},
+    backward::{Batch, StepOptions, accumulate, eval_loss_sum, micro_step},
     checkpoint::{BestEval, Checkpoint},
     optim::{AdamW, AdamWParams, clip_grad_norm},
     packing::{collate_rows, pack},
@@ -244,6 +244,19 @@ impl Trainer {
             )));
         }
         self.adapters.load(&checkpoint.adapter)?;
+        if let Some(prompt) = self
+            .adapters
+            .prompt
+            .as_ref()
+            .filter(|p| p.encoder.is_some())
+        {
+            let Some(encoder) = &checkpoint.encoder else {
+                return Err(TrainError::ForeignCheckpoint(
+                    "it holds no prompt encoder, and this run trains one (P-tuning)".to_owned(),
+                ));
+            };
+            prompt.load(encoder)?;
+        }
         self.optimizer
             .restore(checkpoint.optimizer_steps, checkpoint.moments)?;
         self.step = state.step;
@@ -309,11 +322,27 @@ impl Trainer {
         Ok(())
     }
 
+    /// A prompt-learning run's virtual tokens, made from its vars.
+    fn prompt_embeddings(&self) -> TensorResult<Option<Tensor>> {
+        self.adapters
+            .prompt
+            .as_ref()
+            .map(Prompt::embeddings)
+            .transpose()
+    }
+
     /// The state a resumed run needs.
     pub fn checkpoint(&self) -> TensorResult<Checkpoint> {
         let (optimizer_steps, moments) = self.optimizer.state();
         Ok(Checkpoint {
             adapter: self.adapters.snapshot()?,
+            encoder: self
+                .adapters
+                .prompt
+                .as_ref()
+                .filter(|p| p.encoder.is_some())
+                .map(Prompt::snapshot)
+                .transpose()?,
             best_adapter: self.best_adapter.clone(),
             optimizer_steps,
             moments: moments
@@ -362,10 +391,17 @@ impl Trainer {
                 Ok((m, collate_rows(&rows, s.pad_id, &device)?))
             })
             .collect::<TensorResult<_>>()?;
-        let label_tokens: usize = batches.iter().map(|(_, b)| b.label_tokens).sum();
+        let virtual_tokens = self.adapters.virtual_tokens();
+        let label_tokens = batches
+            .iter()
+            .map(|(_, b)| b.scored_tokens(virtual_tokens))
+            .sum::<TensorResult<usize>>()?;
         #[allow(clippy::cast_precision_loss)]
         let denominator = label_tokens.max(1) as f64;
         let vars = self.adapters.vars();
+        // Made once per step from the vars (P-tuning's encoder runs here), shared by every
+        // micro-batch.
+        let prompt = self.prompt_embeddings()?;
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut loss_sum = 0f64;
         let mut tokens = 0;
@@ -377,7 +413,12 @@ impl Trainer {
                     .next_u64(),
                 first_row: 0,
             });
-            let micro = micro_step(&self.model, &vars, batch, denominator, dropout, s.recompute)?;
+            let options = StepOptions {
+                dropout,
+                recompute: s.recompute,
+                prompt: prompt.as_ref(),
+            };
+            let micro = micro_step(&self.model, &vars, batch, denominator, options)?;
             loss_sum += f64::from(micro.loss_sum);
             tokens += batch.tokens;
             accumulate(&mut grads, micro.grads)?;
@@ -398,11 +439,13 @@ impl Trainer {
     /// graph ([`eval_loss_sum`]).
     pub fn eval_loss(&self) -> TensorResult<f64> {
         let (mut sum, mut count) = (0f64, 0usize);
+        let prompt = self.prompt_embeddings()?;
+        let virtual_tokens = self.adapters.virtual_tokens();
         for chunk in self.eval.chunks(self.settings.batch_size) {
             let examples: Vec<&Example> = chunk.iter().collect();
             let batch = collate(&examples, self.settings.pad_id, self.model.device())?;
-            sum += f64::from(eval_loss_sum(&self.model, &batch)?);
-            count += batch.label_tokens;
+            sum += f64::from(eval_loss_sum(&self.model, &batch, prompt.as_ref())?);
+            count += batch.scored_tokens(virtual_tokens)?;
         }
         #[allow(clippy::cast_precision_loss)]
         Ok(sum / count.max(1) as f64)

@@ -21,7 +21,7 @@ use graft_engine::{
 };
 use graft_trainer::{
     adapters::Adapters,
-    backward::{eval_loss_sum, head_loss, micro_step},
+    backward::{StepOptions, eval_loss_sum, head_loss, micro_step},
     memory::{StepShape, training_step},
     train::{Example, collate},
 };
@@ -140,10 +140,17 @@ fn evaluation_stays_within_a_training_step_and_the_model_accounts_for_a_step() {
         let batch = collate(&examples.iter().collect::<Vec<_>>(), 0, &Device::Cpu).expect("batch");
         let denominator = f64::from(u32::try_from(rows * (seq - 1)).expect("small"));
 
-        let (step, train_peak) =
-            peak_of(|| micro_step(&model, &vars, &batch, denominator, dropout, true));
+        let (step, train_peak) = peak_of(|| {
+            micro_step(
+                &model,
+                &vars,
+                &batch,
+                denominator,
+                StepOptions::new(dropout, true),
+            )
+        });
         drop(step.expect("a training step"));
-        let (loss, eval_peak) = peak_of(|| eval_loss_sum(&model, &batch));
+        let (loss, eval_peak) = peak_of(|| eval_loss_sum(&model, &batch, None));
         let loss = loss.expect("evaluation");
         assert!(loss.is_finite() && loss > 0.0, "{loss}");
         let backend = format!("{}, DoRA {use_dora}", model.backend().name());

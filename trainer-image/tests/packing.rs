@@ -13,7 +13,7 @@ use graft_engine::{
     rng::Rng,
 };
 use graft_trainer::{
-    backward::{eval_loss_sum, micro_step, sharded_step},
+    backward::{StepOptions, eval_loss_sum, micro_step, sharded_step},
     packing::{collate_rows, pack},
     train::{Example, collate},
 };
@@ -63,12 +63,31 @@ fn a_packed_batch_has_the_padded_batchs_loss_and_gradients_on_both_backends() {
         let vars = adapters.vars();
         for recompute in [false, true] {
             let what = format!("{} recompute={recompute}", backend.name());
-            let one = micro_step(&model, &vars, &padded, denominator, None, recompute)
-                .expect("padded step");
-            let other = micro_step(&model, &vars, &packed, denominator, None, recompute)
-                .expect("packed step");
-            let sharded = sharded_step(2, &model, &vars, &packed, denominator, None, recompute)
-                .expect("sharded step");
+            let one = micro_step(
+                &model,
+                &vars,
+                &padded,
+                denominator,
+                StepOptions::new(None, recompute),
+            )
+            .expect("padded step");
+            let other = micro_step(
+                &model,
+                &vars,
+                &packed,
+                denominator,
+                StepOptions::new(None, recompute),
+            )
+            .expect("packed step");
+            let sharded = sharded_step(
+                2,
+                &model,
+                &vars,
+                &packed,
+                denominator,
+                StepOptions::new(None, recompute),
+            )
+            .expect("sharded step");
             for (loss, of) in [(other.loss_sum, "packed"), (sharded.loss_sum, "sharded")] {
                 assert!(
                     (loss - one.loss_sum).abs() <= 1e-5 * one.loss_sum.abs(),
@@ -81,8 +100,8 @@ fn a_packed_batch_has_the_padded_batchs_loss_and_gradients_on_both_backends() {
             assert_same_gradients(&one.grads, &sharded.grads, &format!("{what} sharded"));
         }
         let (eval_packed, eval_padded) = (
-            eval_loss_sum(&model, &packed).expect("eval"),
-            eval_loss_sum(&model, &padded).expect("eval"),
+            eval_loss_sum(&model, &packed, None).expect("eval"),
+            eval_loss_sum(&model, &padded, None).expect("eval"),
         );
         assert!(
             (eval_packed - eval_padded).abs() <= 1e-5 * eval_padded.abs(),

@@ -17,10 +17,16 @@ use std::{
 
 use candle_core::{DType, Device, Tensor, Var};
 use graft_engine::{
-    adapters::{Adapter, AdapterConfig, Ia3, Ia3Adapter, PeftAdapter, Site},
+    adapters::{
+        Adapter, AdapterConfig, EncoderKind, Ia3, Ia3Adapter, PeftAdapter, PromptAdapter, Site,
+        prepend,
+    },
     models::{Checkpoint, Config, Llama, ModelFiles, Precision, load_weights},
 };
-use graft_trainer::adapters::{Adapters, Decomposer};
+use graft_trainer::{
+    adapters::{Adapters, Decomposer, PromptStart},
+    backward::{Batch, StepOptions, sharded_step},
+};
 
 use graft_testenv::{oracle_python, repo_root};
 
@@ -132,7 +138,7 @@ fn read_ia3(dir: &Path) -> Ia3Adapter {
         std::fs::read(dir.join("adapter_model.safetensors")).expect("adapter_model.safetensors");
     match PeftAdapter::from_bytes(&config, &weights, &Device::Cpu).expect("a PEFT adapter") {
         PeftAdapter::Ia3(adapter) => adapter,
-        PeftAdapter::Lora(_) => panic!("{} holds a LoRA, not (IA)³", dir.display()),
+        _ => panic!("{} holds no (IA)³ adapter", dir.display()),
     }
 }
 
@@ -806,5 +812,229 @@ fn one_steps_ia3_gradients_equal_pefts() {
                 ("--reference", &reference),
             ],
         );
+    }
+}
+
+fn read_prompt(dir: &Path) -> PromptAdapter {
+    let config = std::fs::read(dir.join("adapter_config.json")).expect("adapter_config.json");
+    let weights =
+        std::fs::read(dir.join("adapter_model.safetensors")).expect("adapter_model.safetensors");
+    PromptAdapter::from_bytes(&config, &weights, &Device::Cpu).expect("a PEFT adapter")
+}
+
+/// The logits of `ids`' positions with `prompt`'s virtual tokens before them.
+fn prompted_logits(model: &Llama, prompt: &Tensor, ids: &Tensor) -> Tensor {
+    let h = prepend(prompt, &model.embed(ids).expect("embed")).expect("prepend");
+    let logits = model.forward_embeddings(h).expect("forward");
+    let seq = ids.dim(1).expect("seq");
+    logits
+        .narrow(1, prompt.dim(0).expect("virtual"), seq)
+        .expect("the input's rows")
+}
+
+/// Prompt tuning (random and text starts) and P-tuning (MLP and LSTM encoders) trained by
+/// `graft-trainer train` publish adapters PEFT loads to Graft's logits; training moved a text
+/// start away from its text's embeddings, and the published table is the one the job's own
+/// evaluation used (its loss is recomputed here from the adapter).
+#[test]
+fn prompt_tuning_and_p_tuning_adapters_trained_by_graft_give_graft_logits_in_peft() {
+    let model_dir = tiny_model();
+    let model = dense_model(&model_dir);
+    let tokenizer = graft_engine::text::tokenizer::Tokenizer::from_dir(&model_dir).expect("tok");
+    let ids = input_ids();
+    let base = model.forward(&ids).expect("forward");
+    for (name, method, peft_type) in [
+        (
+            "random",
+            "{promptTuning: {numVirtualTokens: 6}}",
+            "PROMPT_TUNING",
+        ),
+        (
+            "text",
+            "{promptTuning: {numVirtualTokens: 5, init: text, initText: 'Name an animal'}}",
+            "PROMPT_TUNING",
+        ),
+        (
+            "mlp",
+            "{pTuning: {numVirtualTokens: 4, encoderHiddenSize: 16}}",
+            "P_TUNING",
+        ),
+        (
+            "lstm",
+            "{pTuning: {numVirtualTokens: 3, encoder: lstm, encoderHiddenSize: 8}}",
+            "P_TUNING",
+        ),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let adapter_dir = train(dir.path(), &model_dir, method);
+        let adapter = read_prompt(&adapter_dir);
+        assert_eq!(adapter.config.peft_type, peft_type, "{name}");
+        if name == "text" {
+            let text_ids = tokenizer.encode("Name an animal", true).expect("encode");
+            let start = graft_engine::adapters::text_init_ids(&text_ids, 5).expect("ids");
+            let start = Tensor::new(start.as_slice(), &Device::Cpu).expect("ids");
+            let start = model
+                .embed(&start.unsqueeze(0).expect("row"))
+                .and_then(|t| t.squeeze(0))
+                .expect("embed");
+            let moved = max_abs(&(&adapter.embeddings - &start).expect("diff"));
+            assert!(
+                moved > 1e-3,
+                "{name}: training moved the table by only {moved}"
+            );
+            assert_eq!(
+                adapter.config.prompt_tuning_init_text.as_deref(),
+                Some("Name an animal")
+            );
+        }
+        let logits = prompted_logits(&model, &adapter.embeddings, &ids);
+        let effect = max_abs(&(&logits - &base).expect("diff"));
+        assert!(
+            effect > 1e-3,
+            "{name}: the virtual tokens move the logits by only {effect}"
+        );
+        let reference = dir.path().join("graft-logits.safetensors");
+        let tensors = HashMap::from([
+            (
+                "input_ids".to_owned(),
+                ids.to_dtype(DType::I64).expect("i64"),
+            ),
+            ("logits".to_owned(), logits),
+        ]);
+        candle_core::safetensors::save(&tensors, &reference).expect("write the reference");
+        run_oracle(
+            name,
+            "graft_adapter_in_peft.py",
+            &[
+                ("--model", &model_dir),
+                ("--adapter", &adapter_dir),
+                ("--reference", &reference),
+            ],
+        );
+    }
+}
+
+/// One step of prompt tuning and of P-tuning (MLP, LSTM) on PEFT-made adapters through the
+/// trainer's micro-step, whole-graph and recomputed, one shard and two: the loss and every
+/// parameter's gradient are PEFT's (`tests/oracle/peft_prompt_gradients.py`), within 1e-3 of
+/// each tensor's largest entry.
+#[test]
+fn one_prompt_learning_steps_gradients_equal_pefts() {
+    let data = repo_root().join("engine/tests/data/tiny");
+    let model_dir = data.join("llama");
+    let model = dense_model(&model_dir);
+    let ids = Tensor::new(
+        &[
+            [5u32, 17, 40, 3, 77, 21, 9, 60],
+            [8, 8, 30, 2, 91, 44, 12, 6],
+        ],
+        &Device::Cpu,
+    )
+    .expect("ids");
+    let (rows, seq) = ids.dims2().expect("dims");
+    let batch = Batch {
+        ids: ids.clone(),
+        labels: Tensor::ones((rows, seq), DType::F32, &Device::Cpu).expect("labels"),
+        label_tokens: rows * (seq - 1),
+        tokens: rows * seq,
+        lengths: None,
+    };
+    let work = tempfile::tempdir().expect("tempdir");
+    let ids_file = work.path().join("ids.safetensors");
+    let saved = HashMap::from([(
+        "input_ids".to_owned(),
+        ids.to_dtype(DType::I64).expect("i64"),
+    )]);
+    candle_core::safetensors::save(&saved, &ids_file).expect("ids");
+    for (adapter_name, encoder) in [
+        ("llama-peft-prompt", None),
+        ("llama-peft-ptuning-mlp", Some(EncoderKind::Mlp)),
+        ("llama-peft-ptuning-lstm", Some(EncoderKind::Lstm)),
+    ] {
+        let adapter_dir = data.join(adapter_name);
+        let adapter = read_prompt(&adapter_dir);
+        let size = adapter.config.encoder_hidden_size.unwrap_or_default();
+        let adapters = Adapters::attach_prompt(
+            &model,
+            adapter.config.clone(),
+            &PromptStart::Random,
+            encoder.map(|kind| (kind, size)),
+            1,
+        )
+        .expect("attach");
+        let prompt = adapters.prompt.as_ref().expect("virtual tokens");
+        match encoder {
+            None => adapters
+                .load(&PeftAdapter::Prompt(adapter.clone()))
+                .expect("PEFT's table"),
+            Some(_) => {
+                let params = candle_core::safetensors::load(
+                    adapter_dir.join("encoder.safetensors"),
+                    &Device::Cpu,
+                )
+                .expect("PEFT's encoder");
+                prompt.load(&params).expect("PEFT's encoder");
+            }
+        }
+        let out_file = work.path().join(format!("{adapter_name}.safetensors"));
+        let mut command = Command::new(oracle_python());
+        let out = command
+            .arg(repo_root().join("tests/oracle/peft_prompt_gradients.py"))
+            .args(["--model".as_ref(), model_dir.as_os_str()])
+            .args(["--adapter".as_ref(), adapter_dir.as_os_str()])
+            .args(["--ids".as_ref(), ids_file.as_os_str()])
+            .args(["--out".as_ref(), out_file.as_os_str()])
+            .stdin(Stdio::null())
+            .output()
+            .expect("running the oracle");
+        assert!(
+            out.status.success(),
+            "{adapter_name}: the oracle failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let peft = candle_core::safetensors::load(&out_file, &Device::Cpu).expect("PEFT's step");
+        let vars = adapters.vars();
+        let embeddings = prompt.embeddings().expect("embeddings");
+        let denominator = batch
+            .scored_tokens(adapters.virtual_tokens())
+            .expect("tokens");
+        assert_eq!(denominator, rows * seq, "PEFT scores every input token");
+        for (recompute, shards) in [(false, 1), (true, 1), (true, 2)] {
+            let options = StepOptions {
+                dropout: None,
+                recompute,
+                prompt: Some(&embeddings),
+            };
+            #[allow(clippy::cast_precision_loss)]
+            let step = sharded_step(shards, &model, &vars, &batch, denominator as f64, options)
+                .expect("step");
+            let label = format!("{adapter_name} (recompute {recompute}, {shards} shards)");
+            #[allow(clippy::cast_precision_loss)]
+            let loss = step.loss_sum / denominator as f32;
+            let peft_loss = peft["loss"].to_scalar::<f32>().expect("loss");
+            assert!(
+                (loss - peft_loss).abs() < 1e-5,
+                "{label}: loss {loss} vs PEFT's {peft_loss}"
+            );
+            for ((name, _), grad) in prompt.params.iter().zip(&step.grads) {
+                let key = if encoder.is_some() {
+                    format!("grad.{name}")
+                } else {
+                    "grad".to_owned()
+                };
+                let expected = &peft[&key];
+                let grad = grad
+                    .as_ref()
+                    .unwrap_or_else(|| panic!("{label}: no gradient for {name}"));
+                let scale = max_abs(expected);
+                let diff = max_abs(&(grad - expected).expect("diff"));
+                eprintln!("{label}: {name} differs by {diff:.3e} (largest {scale:.3e})");
+                assert!(
+                    scale > 1e-6,
+                    "{label}: {name}'s gradient is worth comparing"
+                );
+                assert!(diff <= 1e-3 * scale, "{label}: {name} differs by {diff}");
+            }
+        }
     }
 }

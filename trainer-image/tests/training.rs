@@ -13,7 +13,7 @@ use graft_engine::{
 };
 use graft_trainer::{
     adapters::Adapters,
-    backward::{head_loss, micro_step, sharded_step},
+    backward::{StepOptions, head_loss, micro_step, sharded_step},
     checkpoint::Checkpoint,
     train::{HookError, Hooks, Settings, StepReport, Trainer, collate},
 };
@@ -85,8 +85,10 @@ fn recomputed_layers_give_the_whole_graphs_loss_and_gradients() {
             seed: 9,
             first_row: 0,
         });
-        let whole = micro_step(&model, &vars, &batch, 6.0, dropout, false).expect("whole");
-        let recomputed = micro_step(&model, &vars, &batch, 6.0, dropout, true).expect("recomputed");
+        let whole = micro_step(&model, &vars, &batch, 6.0, StepOptions::new(dropout, false))
+            .expect("whole");
+        let recomputed = micro_step(&model, &vars, &batch, 6.0, StepOptions::new(dropout, true))
+            .expect("recomputed");
         assert!((whole.loss_sum - recomputed.loss_sum).abs() < 1e-5);
         let compared =
             assert_same_gradients(&whole.grads, &recomputed.grads, &format!("{precision:?}"));
@@ -110,9 +112,24 @@ fn a_micro_batch_split_across_threads_gives_the_same_loss_and_gradients() {
         first_row: 0,
     };
     for (recompute, dropout) in [(false, None), (true, None), (true, Some(dropout))] {
-        let whole = sharded_step(1, &model, &vars, &batch, 10.0, dropout, recompute).expect("one");
-        let split =
-            sharded_step(3, &model, &vars, &batch, 10.0, dropout, recompute).expect("three");
+        let whole = sharded_step(
+            1,
+            &model,
+            &vars,
+            &batch,
+            10.0,
+            StepOptions::new(dropout, recompute),
+        )
+        .expect("one");
+        let split = sharded_step(
+            3,
+            &model,
+            &vars,
+            &batch,
+            10.0,
+            StepOptions::new(dropout, recompute),
+        )
+        .expect("three");
         assert!(
             (whole.loss_sum - split.loss_sum).abs() < 1e-4,
             "{} vs {}",
@@ -141,10 +158,25 @@ fn dora_gradients_are_the_same_recomputed_and_split_across_threads() {
         seed: 9,
         first_row: 0,
     });
-    let whole = sharded_step(1, &model, &vars, &batch, 6.0, dropout, false).expect("whole");
+    let whole = sharded_step(
+        1,
+        &model,
+        &vars,
+        &batch,
+        6.0,
+        StepOptions::new(dropout, false),
+    )
+    .expect("whole");
     for (shards, recompute) in [(1, true), (3, true), (3, false)] {
-        let other =
-            sharded_step(shards, &model, &vars, &batch, 6.0, dropout, recompute).expect("step");
+        let other = sharded_step(
+            shards,
+            &model,
+            &vars,
+            &batch,
+            6.0,
+            StepOptions::new(dropout, recompute),
+        )
+        .expect("step");
         assert!((whole.loss_sum - other.loss_sum).abs() < 1e-4);
         let compared = assert_same_gradients(
             &whole.grads,

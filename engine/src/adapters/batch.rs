@@ -3,13 +3,16 @@
 //! `B · A · x · scale` onto the base projection of its rows (`Backend::mixed`); a DoRA
 //! adapter's rows are then rescaled by its `r` ([`super::dora::rescale_segments`]); an (IA)³
 //! adapter's rows are scaled by its vectors, before the projection or after it
-//! ([`super::scale_segments`]).
+//! ([`super::scale_segments`]). A prompt-learning adapter changes no projection: its
+//! sequences start from its virtual tokens' keys and values, computed once when it is laid
+//! out ([`ServingAdapter::virtual_prefix`]).
 
 use std::{collections::BTreeMap, ops::Range};
 
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::{Adapter, Ia3, Ia3Adapter, Lora, Site};
+use crate::backend::KvCache;
 
 /// One pair laid out for serving: `A` `[rank, in]` and `Bᵀ` `[rank, out]`, contiguous, so
 /// both halves of the product read memory in order.
@@ -73,6 +76,8 @@ impl ServingLora {
 pub struct ServingAdapter {
     pairs: BTreeMap<(usize, Site), ServingLora>,
     vectors: BTreeMap<(usize, Site), Ia3>,
+    /// A prompt-learning adapter's virtual tokens, in a cache of their own.
+    prefix: Option<KvCache>,
 }
 
 impl ServingAdapter {
@@ -105,7 +110,29 @@ impl ServingAdapter {
         Ok(Self {
             pairs,
             vectors: BTreeMap::new(),
+            prefix: None,
         })
+    }
+
+    /// A prompt-learning adapter: `prefix`, its virtual tokens' keys and values on the
+    /// model's device (`Llama::prefill_embeddings`), which every sequence of it starts from.
+    pub fn virtual_tokens(prefix: KvCache) -> Self {
+        Self {
+            pairs: BTreeMap::new(),
+            vectors: BTreeMap::new(),
+            prefix: Some(prefix),
+        }
+    }
+
+    /// The cache a sequence through this adapter starts with, if the adapter has virtual
+    /// tokens: their full blocks shared, the tokens after them copied.
+    pub fn virtual_prefix(&self) -> Option<&KvCache> {
+        self.prefix.as_ref()
+    }
+
+    /// Virtual tokens before every sequence of this adapter (0 but for prompt learning).
+    pub fn virtual_len(&self) -> usize {
+        self.prefix.as_ref().map_or(0, KvCache::len)
     }
 
     /// An (IA)³ adapter's vectors.
@@ -118,6 +145,7 @@ impl ServingAdapter {
         Self {
             pairs: BTreeMap::new(),
             vectors,
+            prefix: None,
         }
     }
 
@@ -133,7 +161,12 @@ impl ServingAdapter {
             .iter()
             .map(|(&key, ia3)| Ok((key, ia3.to(device, dtype)?)))
             .collect::<Result<_>>()?;
-        Ok(Self { pairs, vectors })
+        Ok(Self {
+            pairs,
+            vectors,
+            // Computed on the model's device in its dtype already.
+            prefix: self.prefix.clone(),
+        })
     }
 
     pub fn get(&self, layer: usize, site: Site) -> Option<&ServingLora> {

@@ -4,7 +4,7 @@
 use candle_core::Device;
 use serde::Deserialize;
 
-use super::{Adapter, Ia3Adapter, PeftError, Site, is_prompt_learning};
+use super::{Adapter, Ia3Adapter, PeftError, PromptAdapter, Site, is_prompt_learning};
 
 /// An adapter of any method Graft computes.
 // One per adapter file read, moved a few times: LoRA's config being larger than (IA)³'s costs
@@ -14,6 +14,8 @@ use super::{Adapter, Ia3Adapter, PeftError, Site, is_prompt_learning};
 pub enum PeftAdapter {
     Lora(Adapter),
     Ia3(Ia3Adapter),
+    /// Prompt tuning or P-tuning: virtual tokens before the input.
+    Prompt(PromptAdapter),
 }
 
 /// The `peft_type` of an `adapter_config.json` (the one field every PEFT config has), to pick
@@ -37,14 +39,11 @@ impl PeftAdapter {
         match peft_type.as_str() {
             "LORA" => Adapter::from_bytes(config_json, safetensors, device).map(Self::Lora),
             "IA3" => Ia3Adapter::from_bytes(config_json, safetensors, device).map(Self::Ia3),
-            // Their files are read ([`super::PromptAdapter`]); training and serving them are
-            // not built.
-            other if is_prompt_learning(other) => Err(PeftError::Unsupported(format!(
-                "peft_type {other}: prompt-learning adapters are not trained or served yet \
-                 (method not implemented); Graft computes LORA and IA3"
-            ))),
+            other if is_prompt_learning(other) => {
+                PromptAdapter::from_bytes(config_json, safetensors, device).map(Self::Prompt)
+            }
             other => Err(PeftError::Unsupported(format!(
-                "peft_type {other:?} (Graft computes LORA and IA3)"
+                "peft_type {other:?} (Graft computes LORA, IA3, PROMPT_TUNING and P_TUNING)"
             ))),
         }
     }
@@ -69,7 +68,7 @@ impl PeftAdapter {
     pub fn lora(&self) -> Option<&Adapter> {
         match self {
             Self::Lora(adapter) => Some(adapter),
-            Self::Ia3(_) => None,
+            Self::Ia3(_) | Self::Prompt(_) => None,
         }
     }
 
@@ -78,14 +77,16 @@ impl PeftAdapter {
         match self {
             Self::Lora(adapter) => adapter.to_bytes(),
             Self::Ia3(adapter) => adapter.to_bytes(),
+            Self::Prompt(adapter) => adapter.to_bytes(),
         }
     }
 
-    /// PEFT's name of the method: `LORA`, `IA3`.
+    /// PEFT's name of the method: `LORA`, `IA3`, `PROMPT_TUNING`, `P_TUNING`.
     pub fn peft_type(&self) -> &str {
         match self {
             Self::Lora(adapter) => &adapter.config.peft_type,
             Self::Ia3(adapter) => &adapter.config.peft_type,
+            Self::Prompt(adapter) => &adapter.config.peft_type,
         }
     }
 
@@ -93,12 +94,14 @@ impl PeftAdapter {
     pub fn max_rank(&self) -> usize {
         match self {
             Self::Lora(adapter) => adapter.config.max_rank(),
-            Self::Ia3(_) => 0,
+            Self::Ia3(_) | Self::Prompt(_) => 0,
         }
     }
 
     /// Whether every part has a layer of a model of `layers` layers and fits the shape its
-    /// projection has there (`shape` gives a site's `(out, in)`).
+    /// projection has there (`shape` gives a site's `(out, in)`). A prompt-learning adapter
+    /// has no per-projection part: its fit is its width and length
+    /// ([`PromptAdapter::check_fits`]).
     pub fn check_fits(
         &self,
         layers: usize,
@@ -107,6 +110,7 @@ impl PeftAdapter {
         match self {
             Self::Lora(adapter) => adapter.check_fits(layers, shape),
             Self::Ia3(adapter) => adapter.check_fits(layers, shape),
+            Self::Prompt(_) => Ok(()),
         }
     }
 }
@@ -116,23 +120,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn prompt_learning_adapters_are_refused_by_name_and_ia3_is_read() {
-        for peft_type in ["PROMPT_TUNING", "P_TUNING"] {
-            let config = format!(r#"{{"peft_type": "{peft_type}", "num_virtual_tokens": 4}}"#);
-            let error = PeftAdapter::from_bytes(config.as_bytes(), &[], &Device::Cpu)
-                .expect_err(peft_type)
-                .to_string();
-            assert!(
-                error.contains(peft_type) && error.contains("not implemented"),
-                "{error}"
-            );
-        }
-        let read = PeftAdapter::from_bytes(
+    fn each_method_is_read_by_its_peft_type_and_others_are_refused_by_name() {
+        let read = |config: &[u8], weights: &[u8]| {
+            PeftAdapter::from_bytes(config, weights, &Device::Cpu).expect("a PEFT-made adapter")
+        };
+        let ia3 = read(
             include_bytes!("../../tests/data/tiny/llama-peft-ia3/adapter_config.json"),
             include_bytes!("../../tests/data/tiny/llama-peft-ia3/adapter_model.safetensors"),
-            &Device::Cpu,
-        )
-        .expect("a PEFT-made (IA)³ adapter");
-        assert_eq!(read.peft_type(), "IA3");
+        );
+        assert_eq!(ia3.peft_type(), "IA3");
+        let prompt = read(
+            include_bytes!("../../tests/data/tiny/llama-peft-ptuning-mlp/adapter_config.json"),
+            include_bytes!(
+                "../../tests/data/tiny/llama-peft-ptuning-mlp/adapter_model.safetensors"
+            ),
+        );
+        assert!(matches!(&prompt, PeftAdapter::Prompt(p) if p.config.peft_type == "P_TUNING"));
+        let config = br#"{"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4}"#;
+        let error = PeftAdapter::from_bytes(config, &[], &Device::Cpu).expect_err("prefix");
+        assert!(error.to_string().contains("PREFIX_TUNING"), "{error}");
     }
 }

@@ -100,6 +100,35 @@ impl PromptConfig {
         })
     }
 
+    /// The config PEFT saves for a `method` adapter of `virtual_tokens` virtual tokens on a
+    /// model of `config` (decoder-only, `CAUSAL_LM`, saved for inference); the method's init
+    /// or encoder fields are left for the caller.
+    pub fn for_model(
+        method: PromptMethod,
+        virtual_tokens: usize,
+        config: &crate::models::Config,
+    ) -> Self {
+        Self {
+            peft_type: method.peft_type().to_owned(),
+            task_type: Some("CAUSAL_LM".to_owned()),
+            num_virtual_tokens: virtual_tokens,
+            token_dim: config.hidden_size,
+            num_transformer_submodules: 1,
+            num_attention_heads: config.num_heads,
+            num_layers: config.num_layers,
+            modules_to_save: None,
+            base_model_name_or_path: None,
+            inference_mode: true,
+            prompt_tuning_init: None,
+            prompt_tuning_init_text: None,
+            tokenizer_name_or_path: None,
+            encoder_reparameterization_type: None,
+            encoder_hidden_size: None,
+            encoder_num_layers: None,
+            encoder_dropout: None,
+        }
+    }
+
     /// Refuses what would make Graft compute something other than PEFT does.
     pub fn check(&self) -> Result<(), PeftError> {
         let unsupported = |what: String| Err(PeftError::Unsupported(what));

@@ -68,6 +68,62 @@ impl PromptEncoder {
         names
     }
 
+    /// Each parameter's name and shape, in [`Self::param_names`] order, for `virtual_tokens`
+    /// embeddings `token_dim` wide and an encoder of hidden size `hidden`: PEFT's modules.
+    pub fn param_shapes(
+        kind: EncoderKind,
+        virtual_tokens: usize,
+        token_dim: usize,
+        hidden: usize,
+    ) -> Vec<(String, Vec<usize>)> {
+        // The MLP head's width: the LSTM's output is both directions.
+        let wide = match kind {
+            EncoderKind::Mlp => hidden,
+            EncoderKind::Lstm => 2 * hidden,
+        };
+        let last = kind.mlp_layers().last().copied().unwrap_or_default();
+        Self::param_names(kind)
+            .into_iter()
+            .map(|name| {
+                let shape = if name == "embedding.weight" {
+                    vec![virtual_tokens, token_dim]
+                } else if let Some(part) = name.strip_prefix("lstm_head.") {
+                    // Gates i, f, g, o stacked; the second layer reads both directions.
+                    let input = if part.contains("_l0") {
+                        token_dim
+                    } else {
+                        wide
+                    };
+                    if part.starts_with("weight_ih") {
+                        vec![4 * hidden, input]
+                    } else if part.starts_with("weight_hh") {
+                        vec![4 * hidden, hidden]
+                    } else {
+                        vec![4 * hidden]
+                    }
+                } else {
+                    let first = name.starts_with("mlp_head.0.");
+                    let input = if first && kind == EncoderKind::Mlp {
+                        token_dim
+                    } else {
+                        wide
+                    };
+                    let out = if name.starts_with(&format!("mlp_head.{last}.")) {
+                        token_dim
+                    } else {
+                        wide
+                    };
+                    if name.ends_with(".bias") {
+                        vec![out]
+                    } else {
+                        vec![out, input]
+                    }
+                };
+                (name, shape)
+            })
+            .collect()
+    }
+
     /// The encoder of `kind` with `params`, refusing a missing or extra name.
     pub fn new(kind: EncoderKind, params: HashMap<String, Tensor>) -> Result<Self> {
         let names = Self::param_names(kind);

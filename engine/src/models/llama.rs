@@ -299,6 +299,11 @@ impl Llama {
         match adapter {
             PeftAdapter::Lora(adapter) => self.apply_adapter(adapter),
             PeftAdapter::Ia3(adapter) => self.apply_ia3(adapter),
+            PeftAdapter::Prompt(adapter) => Err(PeftError::Unsupported(format!(
+                "{}: a prompt-learning adapter changes the input, not the model: put its \
+                 embeddings before the input's (adapters::prepend)",
+                adapter.config.peft_type
+            ))),
         }
     }
 
@@ -319,12 +324,22 @@ impl Llama {
             PeftAdapter::Ia3(adapter) => {
                 ServingAdapter::ia3(adapter).to(self.device(), self.dtype())
             }
+            PeftAdapter::Prompt(adapter) => {
+                let mut prefix = KvCache::new(self.num_layers());
+                self.prefill_embeddings(&adapter.embeddings, &mut prefix)?;
+                Ok(ServingAdapter::virtual_tokens(prefix))
+            }
         }
     }
 
     /// Whether every part of an adapter of any method has a layer here and fits its
-    /// projection.
+    /// projection; a prompt-learning adapter, whether its embeddings are this model's width
+    /// and its virtual tokens leave room in the context.
     pub fn check(&self, adapter: &PeftAdapter) -> std::result::Result<(), PeftError> {
+        if let PeftAdapter::Prompt(prompt) = adapter {
+            let context = self.config.max_position_embeddings.unwrap_or(usize::MAX);
+            return prompt.check_fits(self.config.hidden_size, context);
+        }
         adapter.check_fits(self.num_layers(), |site| self.site_shape(site))
     }
 
@@ -546,14 +561,46 @@ impl Llama {
         segments: &mut [Segment<'_>],
         every_row: &[bool],
     ) -> Result<Tensor> {
-        if segments.iter().any(|s| s.tokens.is_empty()) {
-            candle_core::bail!("forward_packed: every segment needs at least one token");
-        }
-        let device = self.device().clone();
         let ids: Vec<u32> = segments
             .iter()
             .flat_map(|s| s.tokens.iter().copied())
             .collect();
+        let h = self.embed_rows(&Tensor::new(ids.as_slice(), self.device())?)?;
+        self.forward_hidden(h, segments, every_row)
+    }
+
+    /// Keys and values of virtual tokens `embeddings` `[n, hidden]` (a prompt-learning
+    /// adapter's) at positions `0..n`, into the empty `cache`: what every sequence of that
+    /// adapter starts from, computed once.
+    pub fn prefill_embeddings(&self, embeddings: &Tensor, cache: &mut KvCache) -> Result<()> {
+        if !cache.is_empty() {
+            candle_core::bail!("virtual tokens take the first positions: the cache must be empty");
+        }
+        // Past the embedding, a segment's tokens are only counted.
+        let rows = vec![0u32; embeddings.dim(0)?];
+        let mut segments = [Segment {
+            tokens: &rows,
+            cache,
+            adapter: None,
+        }];
+        let h = embeddings
+            .to_device(self.device())?
+            .to_dtype(self.dtype())?;
+        self.forward_hidden(h, &mut segments, &[])?;
+        Ok(())
+    }
+
+    /// [`Self::forward_packed_rows`] from the segments' input rows `h` `[rows, hidden]`.
+    fn forward_hidden(
+        &self,
+        mut h: Tensor,
+        segments: &mut [Segment<'_>],
+        every_row: &[bool],
+    ) -> Result<Tensor> {
+        if segments.iter().any(|s| s.tokens.is_empty()) {
+            candle_core::bail!("forward_packed: every segment needs at least one token");
+        }
+        let device = self.device().clone();
         let mut rows = Vec::with_capacity(segments.len());
         let mut spans = Vec::with_capacity(segments.len());
         let mut start = 0;
@@ -572,7 +619,6 @@ impl Llama {
             .max()
             .unwrap_or(0);
         let rotary = self.rotary(&spans, keys, &device)?;
-        let mut h = self.embed_rows(&Tensor::new(ids.as_slice(), &device)?)?;
         for layer in 0..self.layers.len() {
             let mut pass = Batch {
                 positions: &rotary,

@@ -31,6 +31,16 @@ const PACKING_OR_LENGTH_GROUPS: &str = "!has(self.spec.training) || \
      !has(self.spec.training.packing) || !self.spec.training.packing || \
      !has(self.spec.training.groupByLength) || !self.spec.training.groupByLength";
 
+/// Virtual tokens go before each sequence, and a packed row holds several.
+const VIRTUAL_TOKENS_UNPACKED: &str = "!has(self.spec.method) || \
+     !(has(self.spec.method.promptTuning) || has(self.spec.method.pTuning)) || \
+     !has(self.spec.training) || !has(self.spec.training.packing) || !self.spec.training.packing";
+
+/// Virtual tokens change the input, not the weights: no merged model holds them.
+const VIRTUAL_TOKENS_UNMERGED: &str = "!has(self.spec.method) || \
+     !(has(self.spec.method.promptTuning) || has(self.spec.method.pTuning)) || \
+     !has(self.spec.output.merged) || !self.spec.output.merged";
+
 /// DoRA's magnitudes are the norms of the exact base weights it was trained on, and the
 /// runtimes that serve GGUF files (llama.cpp and its kin) have no DoRA.
 const DORA_NEEDS_SAFETENSORS: &str = "!has(self.spec.method) || !has(self.spec.method.lora) || \
@@ -86,6 +96,12 @@ const IMMUTABLE_AFTER_START: &str = "!has(oldSelf.status) || !has(oldSelf.status
         .reason(Reason::FieldValueInvalid),
     validation = Rule::new(PACKING_OR_LENGTH_GROUPS)
         .message("spec.training.packing and spec.training.groupByLength do not go together: packed rows are already of one length")
+        .reason(Reason::FieldValueForbidden),
+    validation = Rule::new(VIRTUAL_TOKENS_UNPACKED)
+        .message("spec.training.packing does not go with promptTuning or pTuning: their virtual tokens go before each sequence, and a packed row holds several")
+        .reason(Reason::FieldValueForbidden),
+    validation = Rule::new(VIRTUAL_TOKENS_UNMERGED)
+        .message("spec.output.merged does not go with promptTuning or pTuning: their virtual tokens change the input, not the weights, so no merged model holds them")
         .reason(Reason::FieldValueForbidden),
     validation = Rule::new(DORA_OR_RESIDUAL_INIT)
         .message("spec.method.lora.useDora does not go with init olora or pissa: they rewrite the base weights DoRA's magnitudes are norms of")

@@ -251,11 +251,22 @@ async fn prompt_tuning_and_p_tuning_are_methods_of_their_own() {
     let message = rejected(&raw, job.clone()).await;
     assert_names(&message, &["spec.method.promptTuning.numVirtualTokens"]);
     job["spec"]["method"] = json!({"pTuning": {"numVirtualTokens": 4, "encoder": "gru"}});
-    let message = rejected(&raw, job).await;
+    let message = rejected(&raw, job.clone()).await;
     assert_names(
         &message,
         &["spec.method.pTuning.encoder", "Unsupported value"],
     );
+
+    // Virtual tokens go before each sequence (no packing) and change no weight (no merge).
+    job["spec"]["method"] = json!({"pTuning": {"numVirtualTokens": 4}});
+    job["spec"]["training"]["packing"] = json!(true);
+    let message = rejected(&raw, job.clone()).await;
+    assert_names(&message, &["spec.training.packing", "pTuning"]);
+    job["spec"]["training"]["packing"] = json!(false);
+    job["spec"]["method"] = json!({"promptTuning": {"numVirtualTokens": 4}});
+    job["spec"]["output"]["merged"] = json!(true);
+    let message = rejected(&raw, job).await;
+    assert_names(&message, &["spec.output.merged", "promptTuning"]);
 }
 
 #[tokio::test]

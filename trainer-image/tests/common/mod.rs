@@ -13,7 +13,7 @@ use graft_engine::{
 };
 use graft_trainer::{
     adapters::Adapters,
-    backward::micro_step,
+    backward::{StepOptions, micro_step},
     train::{Example, collate},
 };
 
@@ -170,8 +170,14 @@ pub fn device_step_matches_the_cpu_backend(device: &Device) {
         let cpu_adapters = attach_with(&mut cpu_model, 5, use_dora);
         move_b_off_zero(&cpu_adapters);
         let batch = collate(&rows, 0, &Device::Cpu).expect("batch");
-        let expected = micro_step(&cpu_model, &cpu_adapters.vars(), &batch, 8.0, dropout, true)
-            .expect("cpu step");
+        let expected = micro_step(
+            &cpu_model,
+            &cpu_adapters.vars(),
+            &batch,
+            8.0,
+            StepOptions::new(dropout, true),
+        )
+        .expect("cpu step");
         let weights = cpu_adapters.snapshot().expect("snapshot");
         for (dtype, loss_tolerance, grad_tolerance) in
             [(DType::F32, 1e-4, 1e-4), (DType::BF16, 2e-2, 0.5)]
@@ -181,8 +187,14 @@ pub fn device_step_matches_the_cpu_backend(device: &Device) {
             let adapters = attach_with(&mut model, 5, use_dora);
             adapters.load(&weights).expect("same adapter weights");
             let batch = collate(&rows, 0, device).expect("batch");
-            let actual = micro_step(&model, &adapters.vars(), &batch, 8.0, dropout, true)
-                .expect("device step");
+            let actual = micro_step(
+                &model,
+                &adapters.vars(),
+                &batch,
+                8.0,
+                StepOptions::new(dropout, true),
+            )
+            .expect("device step");
             let loss_error = (actual.loss_sum - expected.loss_sum).abs() / expected.loss_sum;
             assert!(
                 loss_error < loss_tolerance,
