@@ -15,9 +15,10 @@ pub fn bytes_per_token(model: &BaseModel) -> usize {
         * model.llama.dtype().size_in_bytes()
 }
 
-/// Bytes `max_loaded_adapters` adapters of rank `max_lora_rank` on every projection take:
-/// the adapter cache at its fullest.
-pub fn adapter_cache_bytes(model: &BaseModel) -> usize {
+/// Bytes one adapter of rank `max_lora_rank` on every projection takes: an adapter's share of
+/// the adapter cache. A prompt-learning adapter's virtual tokens' keys and values are held in
+/// such a share too.
+pub fn adapter_slot_bytes(model: &BaseModel) -> usize {
     let llama = &model.llama;
     let per_layer: usize = llama
         .sites()
@@ -25,7 +26,12 @@ pub fn adapter_cache_bytes(model: &BaseModel) -> usize {
         .filter_map(|&site| llama.site_shape(site))
         .map(|(out, input)| (out + input) * model.info.max_lora_rank)
         .sum();
-    per_layer * llama.num_layers() * llama.dtype().size_in_bytes() * model.info.max_loaded_adapters
+    per_layer * llama.num_layers() * llama.dtype().size_in_bytes()
+}
+
+/// Bytes `max_loaded_adapters` adapter shares take: the adapter cache at its fullest.
+pub fn adapter_cache_bytes(model: &BaseModel) -> usize {
+    adapter_slot_bytes(model) * model.info.max_loaded_adapters
 }
 
 /// The budget in tokens: `requested`, or `fraction` of the free memory less the adapter

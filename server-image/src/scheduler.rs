@@ -210,8 +210,26 @@ impl Running {
             .map_or("", |a| a.sha256.as_str())
     }
 
+    /// A prompt-learning adapter's virtual tokens: the cache holds them before the context.
+    fn virtual_len(&self) -> usize {
+        self.request
+            .adapter
+            .as_ref()
+            .map_or(0, |a| a.serving.virtual_len())
+    }
+
+    /// Tokens of the context the cache holds.
+    fn cached(&self) -> usize {
+        self.cache.len() - self.virtual_len()
+    }
+
+    /// Whether the cache holds the whole context.
+    fn caught_up(&self) -> bool {
+        self.cached() >= self.context_len()
+    }
+
     /// The prompt and the tokens generated so far: what the cache holds once every token is
-    /// fed.
+    /// fed (after any virtual tokens).
     fn context(&self) -> impl Iterator<Item = u32> + '_ {
         self.request.prompt.iter().chain(&self.generated).copied()
     }
@@ -222,7 +240,7 @@ impl Running {
 
     /// The next tokens to feed: a chunk of what the cache lacks.
     fn next_feed(&self) -> Vec<u32> {
-        let from = self.cache.len();
+        let from = self.cached();
         let len = (self.context_len() - from).min(PREFILL_CHUNK);
         self.context().skip(from).take(len).collect()
     }
@@ -386,6 +404,19 @@ impl Worker {
     /// Gives `r` a cache that starts with the longest run of its blocks the prefix cache
     /// holds (leaving at least one token to feed, whose logits come next), and its first feed.
     fn place(&self, r: &mut Running, prefix: &mut PrefixCache) {
+        if let Some(start) = r
+            .request
+            .adapter
+            .as_ref()
+            .and_then(|a| a.serving.virtual_prefix())
+        {
+            // Its virtual tokens' keys and values were computed when the adapter was loaded;
+            // its own blocks sit after them, off the block grid the prefix cache names.
+            r.hashes.clear();
+            r.cache = start.clone();
+            r.feed = r.next_feed();
+            return;
+        }
         let context: Vec<u32> = r.context().collect();
         let hashes = block_hashes(r.adapter_key(), &context, &[]);
         // Prompt log-probabilities need every prompt row computed.
@@ -422,7 +453,8 @@ impl Worker {
             };
             self.place(&mut candidate, prefix);
             // Its whole context and the token after it, beyond the cached blocks it starts with.
-            let whole = (candidate.context_len() + 1).div_ceil(BLOCK_TOKENS)
+            let whole = (candidate.virtual_len() + candidate.context_len() + 1)
+                .div_ceil(BLOCK_TOKENS)
                 - candidate.cache.blocks().len();
             let fits = loop {
                 if blocks_in_use(running, prefix) + whole <= self.kv_blocks {
@@ -505,7 +537,7 @@ impl Worker {
         let Some(logits) = rows.last() else {
             return false;
         };
-        if r.cache.len() < r.context_len() {
+        if !r.caught_up() {
             r.feed = r.next_feed();
             return true;
         }
@@ -674,7 +706,7 @@ fn forward(
     let every_row: Vec<bool> = running.iter().map(|r| r.prompt_scores.is_some()).collect();
     let mut constrained = Vec::new();
     for (row, r) in running.iter_mut().enumerate() {
-        let sampling = r.cache.len() + r.feed.len() == r.context_len();
+        let sampling = r.cached() + r.feed.len() == r.context_len();
         let Running {
             request,
             feed,
@@ -731,7 +763,8 @@ fn initial_prompt_scores(request: &Request) -> Option<Vec<Choice>> {
 
 /// Names the blocks each sequence filled in the last step and keeps them for reuse.
 fn register_blocks(running: &mut [Running], prefix: &mut PrefixCache) {
-    for r in running {
+    // A sequence behind virtual tokens is off the grid (`Worker::place`).
+    for r in running.iter_mut().filter(|r| r.virtual_len() == 0) {
         let full = r.cache.blocks().len();
         if r.hashes.len() >= full {
             continue;

@@ -7,10 +7,9 @@ mod common;
 use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor};
-use common::{BASE, Server, model_config, random_adapter, text, upload};
+use common::{BASE, Server, model_config, random_adapter, store_peft as store, text};
 use graft_engine::adapters::{Ia3, Ia3Adapter, Ia3Config, PeftAdapter, Site};
 use graft_testenv::S3Server;
-use sha2::{Digest, Sha256};
 
 /// PEFT's default modules for Llama, with vectors drawn around ones (far enough to change the
 /// answers).
@@ -42,30 +41,14 @@ fn random_ia3(seed: u64) -> Ia3Adapter {
     }
 }
 
-async fn store(
-    s3: &S3Server,
-    bucket: &str,
-    prefix: &str,
-    adapter: PeftAdapter,
-) -> common::TestAdapter {
-    let (config, weights) = adapter.to_bytes().expect("serialise");
-    let sha256 = format!("{:x}", Sha256::digest(&weights));
-    let files = [
-        ("adapter_config.json", config),
-        ("adapter_model.safetensors", weights),
-    ];
-    let uri = upload(s3, bucket, prefix, &files).await;
-    common::TestAdapter { uri, sha256 }
-}
-
 #[tokio::test]
 async fn ia3_adapters_hot_load_and_share_batches_with_lora_and_the_base() {
     let s3 = S3Server::shared().await;
     let bucket = s3.bucket("ia3");
     let server = Server::start(&["--max-batch-size", "8"]).await;
-    let ia3 = store(s3, &bucket, "ia3", PeftAdapter::Ia3(random_ia3(3))).await;
+    let ia3 = store(s3, &bucket, "ia3", &PeftAdapter::Ia3(random_ia3(3))).await;
     let lora = random_adapter(4, 1, &[Site::QProj, Site::VProj]);
-    let lora = store(s3, &bucket, "lora", PeftAdapter::Lora(lora)).await;
+    let lora = store(s3, &bucket, "lora", &PeftAdapter::Lora(lora)).await;
     for (name, adapter) in [("scaled", &ia3), ("lora", &lora)] {
         let (status, body) = server.put_adapter(name, &[(adapter, 100)]).await;
         assert_eq!(status, 200, "{name}: {body}");
@@ -93,7 +76,7 @@ async fn ia3_adapters_hot_load_and_share_batches_with_lora_and_the_base() {
     let k = short.vectors.get_mut(&(0, Site::KProj)).expect("k_proj");
     let len = k.vector.elem_count();
     k.vector = k.vector.narrow(0, 0, len - 1).expect("shorter");
-    let short = store(s3, &bucket, "short", PeftAdapter::Ia3(short)).await;
+    let short = store(s3, &bucket, "short", &PeftAdapter::Ia3(short)).await;
     let (status, body) = server.put_adapter("scaled", &[(&short, 100)]).await;
     assert_eq!(status, 422, "{body}");
     let message = body["error"]["message"].as_str().expect("message");

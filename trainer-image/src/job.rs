@@ -229,13 +229,12 @@ pub fn run(
 /// sequence, and a packed row holds several).
 fn check_method_trained(spec: &FineTuneJobSpec) -> Result<(), JobError> {
     let prompt = match spec.method.kind() {
-        MethodKind::Lora(_) => return Ok(()),
         MethodKind::Ia3(_) if spec.output.merged => {
             return Err(JobError::bad(
                 "output.merged is not written for (IA)³ adapters yet; the adapter alone is",
             ));
         }
-        MethodKind::Ia3(_) => return Ok(()),
+        MethodKind::Lora(_) | MethodKind::Ia3(_) => return Ok(()),
         MethodKind::PromptTuning(_) => "method.promptTuning",
         MethodKind::PTuning(_) => "method.pTuning",
     };

@@ -914,6 +914,32 @@ fn prompt_tuning_and_p_tuning_adapters_trained_by_graft_give_graft_logits_in_pef
     }
 }
 
+/// A trainer's virtual tokens holding the PEFT-made adapter in `dir`: its table, or (with an
+/// `encoder`) the encoder parameters PEFT saved beside it.
+fn pefts_prompt_adapters(model: &Llama, dir: &Path, encoder: Option<EncoderKind>) -> Adapters {
+    let adapter = read_prompt(dir);
+    let size = adapter.config.encoder_hidden_size.unwrap_or_default();
+    let adapters = Adapters::attach_prompt(
+        model,
+        adapter.config.clone(),
+        &PromptStart::Random,
+        encoder.map(|kind| (kind, size)),
+        1,
+    )
+    .expect("attach");
+    if encoder.is_some() {
+        let params = candle_core::safetensors::load(dir.join("encoder.safetensors"), &Device::Cpu)
+            .expect("PEFT's encoder");
+        let prompt = adapters.prompt.as_ref().expect("virtual tokens");
+        prompt.load(&params).expect("PEFT's encoder");
+    } else {
+        adapters
+            .load(&PeftAdapter::Prompt(adapter))
+            .expect("PEFT's table");
+    }
+    adapters
+}
+
 /// One step of prompt tuning and of P-tuning (MLP, LSTM) on PEFT-made adapters through the
 /// trainer's micro-step, whole-graph and recomputed, one shard and two: the loss and every
 /// parameter's gradient are PEFT's (`tests/oracle/peft_prompt_gradients.py`), within 1e-3 of
@@ -952,45 +978,18 @@ fn one_prompt_learning_steps_gradients_equal_pefts() {
         ("llama-peft-ptuning-lstm", Some(EncoderKind::Lstm)),
     ] {
         let adapter_dir = data.join(adapter_name);
-        let adapter = read_prompt(&adapter_dir);
-        let size = adapter.config.encoder_hidden_size.unwrap_or_default();
-        let adapters = Adapters::attach_prompt(
-            &model,
-            adapter.config.clone(),
-            &PromptStart::Random,
-            encoder.map(|kind| (kind, size)),
-            1,
-        )
-        .expect("attach");
+        let adapters = pefts_prompt_adapters(&model, &adapter_dir, encoder);
         let prompt = adapters.prompt.as_ref().expect("virtual tokens");
-        match encoder {
-            None => adapters
-                .load(&PeftAdapter::Prompt(adapter.clone()))
-                .expect("PEFT's table"),
-            Some(_) => {
-                let params = candle_core::safetensors::load(
-                    adapter_dir.join("encoder.safetensors"),
-                    &Device::Cpu,
-                )
-                .expect("PEFT's encoder");
-                prompt.load(&params).expect("PEFT's encoder");
-            }
-        }
         let out_file = work.path().join(format!("{adapter_name}.safetensors"));
-        let mut command = Command::new(oracle_python());
-        let out = command
-            .arg(repo_root().join("tests/oracle/peft_prompt_gradients.py"))
-            .args(["--model".as_ref(), model_dir.as_os_str()])
-            .args(["--adapter".as_ref(), adapter_dir.as_os_str()])
-            .args(["--ids".as_ref(), ids_file.as_os_str()])
-            .args(["--out".as_ref(), out_file.as_os_str()])
-            .stdin(Stdio::null())
-            .output()
-            .expect("running the oracle");
-        assert!(
-            out.status.success(),
-            "{adapter_name}: the oracle failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
+        run_oracle_with(
+            adapter_name,
+            "peft_prompt_gradients.py",
+            &[
+                ("--model", model_dir.as_os_str()),
+                ("--adapter", adapter_dir.as_os_str()),
+                ("--ids", ids_file.as_os_str()),
+                ("--out", out_file.as_os_str()),
+            ],
         );
         let peft = candle_core::safetensors::load(&out_file, &Device::Cpu).expect("PEFT's step");
         let vars = adapters.vars();

@@ -113,7 +113,7 @@ impl PromptEncoder {
                     } else {
                         wide
                     };
-                    if name.ends_with(".bias") {
+                    if name.rsplit('.').next() == Some("bias") {
                         vec![out]
                     } else {
                         vec![out, input]

@@ -80,6 +80,7 @@ const IMMUTABLE_AFTER_START: &str = "!has(oldSelf.status) || !has(oldSelf.status
     namespaced,
     status = "FineTuneJobStatus",
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Method","type":"string","jsonPath":".status.method"}"#,
     printcolumn = r#"{"name":"Step","type":"integer","jsonPath":".status.progress.step"}"#,
     printcolumn = r#"{"name":"Total","type":"integer","jsonPath":".status.progress.totalSteps"}"#,
     printcolumn = r#"{"name":"Loss","type":"number","jsonPath":".status.progress.loss"}"#,
@@ -277,6 +278,16 @@ impl Method {
             (Some(lora), _) => MethodKind::Lora(std::borrow::Cow::Borrowed(lora)),
             (None, Some(ia3)) => MethodKind::Ia3(ia3),
             (None, None) => MethodKind::Lora(std::borrow::Cow::Owned(LoraConfig::default())),
+        }
+    }
+
+    /// The method's field name in `spec.method` (`lora` when none is named).
+    pub fn name(&self) -> &'static str {
+        match self.kind() {
+            MethodKind::Lora(_) => "lora",
+            MethodKind::Ia3(_) => "ia3",
+            MethodKind::PromptTuning(_) => "promptTuning",
+            MethodKind::PTuning(_) => "pTuning",
         }
     }
 
@@ -810,6 +821,10 @@ pub struct FineTuneJobStatus {
     /// Summary of the conditions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<FineTuneJobPhase>,
+    /// The method trained, `spec.method`'s name for it (`lora` when it names none): `lora`,
+    /// `ia3`, `promptTuning` or `pTuning`. For the printer column.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
     /// Ready, Running, Succeeded, Failed, Suspended.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]

@@ -210,6 +210,7 @@ pub fn operator_part(ftj: &FineTuneJob) -> FineTuneJobStatus {
     let mut status = ftj.status.clone().unwrap_or_default();
     status.progress = None;
     status.observed_generation = ftj.metadata.generation;
+    status.method = Some(ftj.spec.method.name().to_owned());
     status
 }
 
@@ -401,6 +402,25 @@ mod tests {
                "conditions": [{"type": "Complete", "status": "True"}]})
     }
 
+    /// The printer column's method: the named one, `lora` when none is.
+    #[test]
+    fn the_status_names_the_method_trained() {
+        for (method, name) in [
+            ("{}", "lora"),
+            ("{ia3: {}}", "ia3"),
+            ("{promptTuning: {numVirtualTokens: 4}}", "promptTuning"),
+            ("{pTuning: {numVirtualTokens: 4}}", "pTuning"),
+        ] {
+            let mut ftj = job_from_yaml(MINIMAL);
+            ftj.spec.method = serde_yaml::from_str(method).expect("a method");
+            assert_eq!(
+                operator_part(&ftj).method.as_deref(),
+                Some(name),
+                "{method}"
+            );
+        }
+    }
+
     #[test]
     fn a_running_pod_makes_the_job_running_from_the_jobs_creation() {
         let ftj = job_from_yaml(MINIMAL);
@@ -411,6 +431,11 @@ mod tests {
             now(),
         );
         assert_eq!(status.phase, Some(FineTuneJobPhase::Running));
+        assert_eq!(
+            status.method.as_deref(),
+            Some("lora"),
+            "no method named: LoRA"
+        );
         assert_eq!(condition(&status, conditions::RUNNING).status, "True");
         assert_eq!(condition(&status, conditions::READY).status, "False");
         assert_eq!(condition(&status, conditions::RECONCILING).status, "True");

@@ -12,7 +12,7 @@ use graft_engine::{
 };
 use sha2::{Digest, Sha256};
 
-use crate::model::BaseModel;
+use crate::{kv_budget, model::BaseModel};
 
 const CONFIG: &str = "adapter_config.json";
 const WEIGHTS: &str = "adapter_model.safetensors";
@@ -144,7 +144,7 @@ pub fn read(
     sha256: &str,
     model: &BaseModel,
 ) -> Result<LoadedAdapter, LoadError> {
-    // Any method Graft computes (LoRA, DoRA, (IA)³); others, prompt learning included, are
+    // Any method Graft computes (LoRA, DoRA, (IA)³, prompt tuning, P-tuning); others are
     // refused by name.
     let adapter = PeftAdapter::from_bytes(&files.config, &files.weights, &Device::Cpu)
         .map_err(|e| LoadError::Invalid(format!("{uri}: {e}")))?;
@@ -170,7 +170,24 @@ pub fn read(
         .llama
         .check(&adapter)
         .map_err(|e| LoadError::Invalid(format!("{uri}: {e}")))?;
-    // DoRA's scales are computed here, once, against the base weights.
+    if let PeftAdapter::Prompt(prompt) = &adapter {
+        // Its virtual tokens' keys and values stay with it, in its share of the adapter cache
+        // (which the KV cache's budget leaves room for).
+        let bytes = prompt.num_virtual_tokens() * kv_budget::bytes_per_token(model);
+        let share = kv_budget::adapter_slot_bytes(model);
+        if bytes > share {
+            return Err(LoadError::Invalid(format!(
+                "{uri}: its {} virtual tokens' keys and values take {} KiB, more than an \
+                 adapter's share of the adapter cache ({} KiB, a rank-{} LoRA's): use fewer \
+                 virtual tokens or raise --max-lora-rank",
+                prompt.num_virtual_tokens(),
+                bytes >> 10,
+                share >> 10,
+                info.max_lora_rank
+            )));
+        }
+    }
+    // DoRA's scales, and virtual tokens' keys and values, are computed here, once.
     let serving = model
         .llama
         .serving(&adapter)

@@ -221,8 +221,15 @@ async fn run(state: Arc<AppState>, plan: Plan) -> Result<Response, ApiError> {
     let sampling = plan
         .common
         .sampling(plan.logprobs.or(ranked.then_some(0)), vocab)?;
+    let name = plan.common.model.clone();
+    let adapter = pick_adapter(&state, &name).await?;
+    // A prompt-learning adapter's virtual tokens take the first positions of the context.
+    let context = model.max_model_len
+        - adapter
+            .as_ref()
+            .map_or(0, |a| a.serving.virtual_len().min(model.max_model_len));
     let longest = plan.prompts.iter().map(|(p, _)| p.len()).max().unwrap_or(0);
-    let max_tokens = max_tokens(model.max_model_len, &plan.prompts, longest, plan.max_tokens)?;
+    let max_tokens = max_tokens(context, &plan.prompts, longest, plan.max_tokens)?;
     let stopping = plan.common.stopping(max_tokens, vocab)?;
     let grammar = match (
         plan.common.grammar()?,
@@ -242,8 +249,6 @@ async fn run(state: Arc<AppState>, plan: Plan) -> Result<Response, ApiError> {
         Some((param, grammar)) => Some(compile(&state, param, grammar).await?),
         None => None,
     };
-    let name = plan.common.model.clone();
-    let adapter = pick_adapter(&state, &name).await?;
     state
         .metrics
         .adapter_request(if adapter.is_some() { &name } else { "" });

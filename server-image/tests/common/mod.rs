@@ -7,7 +7,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use graft_engine::{
-    adapters::{Adapter, Site},
+    adapters::{Adapter, PeftAdapter, Site},
     models::Config,
 };
 use graft_testenv::{Daemon, S3Server, eventually, repo_root};
@@ -212,6 +212,16 @@ pub async fn upload(
 
 /// Stores `adapter` in PEFT's format under `s3://<bucket>/<prefix>/`.
 pub async fn store(s3: &S3Server, bucket: &str, prefix: &str, adapter: &Adapter) -> TestAdapter {
+    store_peft(s3, bucket, prefix, &PeftAdapter::Lora(adapter.clone())).await
+}
+
+/// [`store`] for an adapter of any method.
+pub async fn store_peft(
+    s3: &S3Server,
+    bucket: &str,
+    prefix: &str,
+    adapter: &PeftAdapter,
+) -> TestAdapter {
     let (config, weights) = adapter.to_bytes().expect("serialise");
     let sha256 = format!("{:x}", Sha256::digest(&weights));
     let uri = upload(

@@ -788,7 +788,8 @@ async fn kubectl_shows_short_names_and_printer_columns_from_the_status_subresour
     api.create(&PostParams::default(), &object)
         .await
         .expect("create");
-    let progress = json!({"status": {"phase": "Running", "progress": {"step": 40, "totalSteps": 300, "loss": 1.25}}});
+    let progress = json!({"status": {"phase": "Running", "method": "lora",
+        "progress": {"step": 40, "totalSteps": 300, "loss": 1.25}}});
     api.patch_status("columns", &PatchParams::default(), &Patch::Merge(progress))
         .await
         .expect("status");
@@ -809,13 +810,13 @@ async fn kubectl_shows_short_names_and_printer_columns_from_the_status_subresour
     let header: Vec<_> = lines.next().expect("header").split_whitespace().collect();
     assert_eq!(
         header,
-        ["NAME", "PHASE", "STEP", "TOTAL", "LOSS", "AGE"],
+        ["NAME", "PHASE", "METHOD", "STEP", "TOTAL", "LOSS", "AGE"],
         "{table}"
     );
     let row: Vec<_> = lines.next().expect("row").split_whitespace().collect();
     assert_eq!(
-        row[..5],
-        ["columns", "Running", "40", "300", "1.25"],
+        row[..6],
+        ["columns", "Running", "lora", "40", "300", "1.25"],
         "{table}"
     );
 }
@@ -841,6 +842,7 @@ async fn shipped_examples_pass_server_side_validation() {
     for object in [
         "finetunejob.graft.dev/support-bot-v3",
         "finetunejob.graft.dev/support-bot-ia3",
+        "finetunejob.graft.dev/support-bot-prompt",
         "adapterdeployment.graft.dev/support-bot",
         "secret/s3-credentials",
     ] {

@@ -1,0 +1,161 @@
+//! Prompt-learning adapters through a running `graft-server`: hot-loaded with the admin API
+//! like LoRA adapters, their virtual tokens computed once at load; served in the same batches
+//! as LoRA and base requests (each answer what it is alone); the prompt counted as the client
+//! sent it; the context shortened by the virtual tokens; refused with the reason when they do
+//! not fit.
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use common::{BASE, Server, model_config, random_adapter, store_peft, text};
+use graft_engine::{
+    adapters::{PeftAdapter, PromptAdapter, PromptConfig, PromptMethod, Site},
+    rng::Rng,
+};
+use graft_testenv::S3Server;
+use serde_json::json;
+
+/// Virtual tokens drawn as a fresh prompt-tuning table is (standard normal), far from the
+/// model's own embeddings, so they change the answers.
+fn random_prompt(method: PromptMethod, virtual_tokens: usize, seed: u64) -> PeftAdapter {
+    let config = model_config();
+    let mut rng = Rng::seed(seed);
+    let values: Vec<f32> = (0..virtual_tokens * config.hidden_size)
+        .map(|_| rng.normal(1.0))
+        .collect();
+    let embeddings = Tensor::from_vec(values, (virtual_tokens, config.hidden_size), &Device::Cpu)
+        .expect("embeddings");
+    PeftAdapter::Prompt(PromptAdapter {
+        config: PromptConfig::for_model(method, virtual_tokens, &config),
+        embeddings,
+    })
+}
+
+#[tokio::test]
+async fn prompt_adapters_hot_load_and_share_batches_with_lora_and_the_base() {
+    let s3 = S3Server::shared().await;
+    let bucket = s3.bucket("prompt");
+    let server = Server::start(&["--max-batch-size", "8"]).await;
+    // 20 virtual tokens cross a KV block; P-tuning's published form is the same table.
+    let tuned = random_prompt(PromptMethod::PromptTuning, 20, 3);
+    let tuned = store_peft(s3, &bucket, "tuned", &tuned).await;
+    let p_tuned = random_prompt(PromptMethod::PTuning, 5, 4);
+    let p_tuned = store_peft(s3, &bucket, "p-tuned", &p_tuned).await;
+    let lora = random_adapter(4, 1, &[Site::QProj, Site::VProj]);
+    let lora = store_peft(s3, &bucket, "lora", &PeftAdapter::Lora(lora)).await;
+    for (name, adapter) in [("tuned", &tuned), ("p-tuned", &p_tuned), ("lora", &lora)] {
+        let (status, body) = server.put_adapter(name, &[(adapter, 100)]).await;
+        assert_eq!(status, 200, "{name}: {body}");
+    }
+
+    let prompt = "colour red";
+    let models = ["tuned", "p-tuned", "lora", BASE];
+    let mut alone = Vec::new();
+    for model in models {
+        let body = server.complete(model, prompt, 12).await;
+        // The prompt as the client sent it: the virtual tokens are not the client's.
+        let base = server.complete(BASE, prompt, 1).await;
+        assert_eq!(
+            body["usage"]["prompt_tokens"], base["usage"]["prompt_tokens"],
+            "{model}: {body}"
+        );
+        alone.push(text(&body).to_owned());
+    }
+    assert_ne!(alone[0], alone[3], "the virtual tokens change the answer");
+    assert_ne!(alone[1], alone[3], "so do P-tuning's");
+    assert_ne!(alone[0], alone[1], "and the two differ");
+    // All at once, twice over: they decode in the same steps.
+    let together = futures::future::join_all(
+        models
+            .iter()
+            .chain(&models)
+            .map(|model| server.complete(model, prompt, 12)),
+    )
+    .await;
+    for (i, body) in together.iter().enumerate() {
+        assert_eq!(text(body), alone[i % 4], "request {i} in a mixed batch");
+    }
+
+    // The virtual tokens take positions of the context: what fits the base does not fit.
+    let (_, models_list) = server
+        .request(reqwest::Method::GET, "/v1/models", None, None)
+        .await;
+    let context = models_list["data"][0]["max_model_len"]
+        .as_u64()
+        .expect("max_model_len");
+    let prompt_tokens = server.complete(BASE, prompt, 1).await["usage"]["prompt_tokens"]
+        .as_u64()
+        .expect("prompt tokens");
+    let whole = context - prompt_tokens;
+    let ask = |model: &str, max_tokens: u64| json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0});
+    let (status, body) = server.post("/v1/completions", ask(BASE, whole)).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = server.post("/v1/completions", ask("tuned", whole)).await;
+    assert_eq!(status, 400, "{body}");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(message.contains("maximum context length"), "{message}");
+    let (status, body) = server
+        .post("/v1/completions", ask("tuned", whole - 20))
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    // Too many virtual tokens for the context, or for an adapter's share of the cache:
+    // refused with the reason, and the adapter keeps serving.
+    let long = usize::try_from(context).expect("fits");
+    let long = store_peft(
+        s3,
+        &bucket,
+        "long",
+        &random_prompt(PromptMethod::PromptTuning, long, 5),
+    )
+    .await;
+    let (status, body) = server.put_adapter("tuned", &[(&long, 100)]).await;
+    assert_eq!(status, 422, "{body}");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(
+        message.contains("virtual tokens leave no room"),
+        "{message}"
+    );
+    assert_eq!(text(&server.complete("tuned", prompt, 12).await), alone[0]);
+}
+
+/// A server whose adapter shares are small (`--max-lora-rank 1`) refuses virtual tokens whose
+/// keys and values would not fit one, naming the flag.
+#[tokio::test]
+async fn virtual_tokens_beyond_an_adapter_share_are_refused() {
+    let s3 = S3Server::shared().await;
+    let bucket = s3.bucket("prompt-share");
+    let server = Server::start(&["--max-lora-rank", "1"]).await;
+    let config = model_config();
+    let per_layer: usize = config
+        .sites()
+        .iter()
+        .filter_map(|&s| config.site_shape(s))
+        .map(|(out, input)| out + input)
+        .sum();
+    // One rank-1 share over 2·kv_heads·head_dim values a token and layer, plus one.
+    let fits = per_layer / (2 * config.num_kv_heads * config.head_dim);
+    let too_many = store_peft(
+        s3,
+        &bucket,
+        "many",
+        &random_prompt(PromptMethod::PromptTuning, fits + 1, 6),
+    )
+    .await;
+    let (status, body) = server.put_adapter("many", &[(&too_many, 100)]).await;
+    assert_eq!(status, 422, "{body}");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(
+        message.contains("adapter's share") && message.contains("--max-lora-rank"),
+        "{message}"
+    );
+    let few = store_peft(
+        s3,
+        &bucket,
+        "few",
+        &random_prompt(PromptMethod::PromptTuning, fits, 6),
+    )
+    .await;
+    let (status, body) = server.put_adapter("few", &[(&few, 100)]).await;
+    assert_eq!(status, 200, "{body}");
+}
