@@ -26,7 +26,7 @@ pub fn adapter_slot_bytes(model: &BaseModel) -> usize {
         .filter_map(|&site| llama.site_shape(site))
         .map(|(out, input)| (out + input) * model.info.max_lora_rank)
         .sum();
-    per_layer * llama.num_layers() * llama.dtype().size_in_bytes()
+    per_layer * llama.num_layers() * model.lora_dtype.size_in_bytes()
 }
 
 /// Bytes `max_loaded_adapters` adapter shares take: the adapter cache at its fullest.

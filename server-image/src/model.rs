@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use candle_core::DType;
 use graft_api::ServerInfo;
 use graft_engine::{
     device::{DeviceChoice, compute_dtype},
@@ -29,6 +30,8 @@ pub struct ModelOptions {
     pub served_name: Option<String>,
     pub precision: Precision,
     pub max_lora_rank: usize,
+    /// LoRA's A and B kept in this dtype; `None`: the model's.
+    pub lora_dtype: Option<DType>,
     pub max_loaded_adapters: usize,
     pub max_model_len: Option<usize>,
     /// `auto`, `none`, or a [`ToolFormat`] name.
@@ -43,6 +46,8 @@ pub struct BaseModel {
     pub info: ServerInfo,
     /// Prompt plus completion, in tokens.
     pub max_model_len: usize,
+    /// What LoRA adapters' A and B are kept in.
+    pub lora_dtype: DType,
     /// The ids that end a completion: the tokenizer's eos and the model's.
     pub eos_ids: Vec<u32>,
     /// The compiler of structured-output grammars, or why this tokenizer has none.
@@ -74,6 +79,15 @@ impl BaseModel {
         let llama = checkpoint
             .load(options.precision, compute_dtype(&device), &device)
             .map_err(|e| fail(e.to_string()))?;
+        let lora_dtype = options.lora_dtype.unwrap_or(llama.dtype());
+        // The CPU's op widens bf16 pairs for an f32 model; the GPU's keeps one dtype.
+        if lora_dtype != llama.dtype() && !device.is_cpu() {
+            return Err(fail(format!(
+                "--lora-dtype {lora_dtype:?} on {device:?}: a GPU keeps adapters in the model's \
+                 dtype ({:?}); use --lora-dtype auto",
+                llama.dtype()
+            )));
+        }
         let served = options.served_name.clone().unwrap_or_else(|| {
             options
                 .uri
@@ -128,6 +142,7 @@ impl BaseModel {
             tokenizer,
             info,
             max_model_len,
+            lora_dtype,
             eos_ids,
             grammars,
             tool_format,

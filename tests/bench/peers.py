@@ -22,6 +22,10 @@ client's send to the first streamed text); transformers generates each round's p
 left-padded batch (its time to first token: a one-token `generate` of that batch). Tokens/s:
 completion tokens over the wall time of the whole load. Every peer gets `--threads` threads.
 
+`--peers` picks them; `graft-bf16` is graft-server with `--lora-dtype bfloat16` (LoRA adapters
+kept in bf16 beside the f32 model). The llama.cpp peer alone needs the `--llama-*` and
+`--convert-python` arguments.
+
 Before measuring, each peer answers one prompt with the base model and with adapter 0 (greedy,
 16 tokens), and the script prints whether the peers' answers agree, and that the adapter
 changes the answer — the same model and adapters, applied.
@@ -94,8 +98,10 @@ def prepare(args) -> dict:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, hf)
+    # llama.cpp's files, only when it is a peer.
+    gguf_too = "llama.cpp" in args.peers.split(",")
     convert = [args.convert_python]
-    if not os.path.exists(gguf):
+    if gguf_too and not os.path.exists(gguf):
         subprocess.run(convert + [os.path.join(args.llama_cpp_src, "convert_hf_to_gguf.py"), hf,
                                   "--outtype", "f32", "--outfile", gguf + ".tmp"],
                        check=True, capture_output=True)
@@ -117,7 +123,7 @@ def prepare(args) -> dict:
                     torch.nn.init.normal_(param, std=std)
             peft.save_pretrained(path)
             base = peft.unload()
-        if not os.path.exists(path + ".gguf"):
+        if gguf_too and not os.path.exists(path + ".gguf"):
             subprocess.run(convert + [os.path.join(args.llama_cpp_src, "convert_lora_to_gguf.py"),
                                       "--base", hf, "--outtype", "f32", "--outfile", path + ".gguf.tmp",
                                       path], check=True, capture_output=True)
@@ -230,7 +236,7 @@ class HttpPeer:
         return tokens[0] / wall, ttfts
 
 
-def graft_peer(args, files, env, stack):
+def graft_peer(args, files, env, stack, name="graft", extra=()):
     work = tempfile.mkdtemp(prefix="graft-peers-")
     stack.append(lambda: shutil.rmtree(work, ignore_errors=True))
     token = secrets.token_hex(16)
@@ -243,7 +249,7 @@ def graft_peer(args, files, env, stack):
         args.graft_server, "--model", f"file://{files['hf']}", "--listen", f"127.0.0.1:{args.port}",
         "--admin-token-file", token_file, "--cache-dir", os.path.join(work, "cache"),
         "--device", "cpu", "--max-batch-size", str(args.clients), "--max-lora-rank", str(args.rank),
-        "--max-loaded-adapters", str(len(files["adapters"])), "--max-model-len", "1024",
+        "--max-loaded-adapters", str(len(files["adapters"])), "--max-model-len", "1024", *extra,
     ], env=env, stdout=log, stderr=log)
     stack.append(lambda: (proc.terminate(), proc.wait()))
     wait_ready(f"{base}/readyz", proc, "graft-server")
@@ -256,7 +262,7 @@ def graft_peer(args, files, env, stack):
                 {"versions": [{"uri": f"file://{path}/", "sha256": digest, "weight": 100}]},
                 "PUT", token)
     names = [name for name, _ in files["adapters"]]
-    return HttpPeer("graft", f"{base}/v1/completions",
+    return HttpPeer(name, f"{base}/v1/completions",
                     lambda a: {"model": served if a is None else names[a]})
 
 
@@ -346,9 +352,9 @@ def main() -> None:
     parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
     parser.add_argument("--work", default=os.path.expanduser("~/.cache/graft/bench/peers"))
     parser.add_argument("--graft-server", default=os.path.join(ROOT, "target/release/graft-server"))
-    parser.add_argument("--llama-server", required=True)
-    parser.add_argument("--llama-cpp-src", required=True)
-    parser.add_argument("--convert-python", required=True)
+    parser.add_argument("--llama-server", help="needed with the llama.cpp peer")
+    parser.add_argument("--llama-cpp-src", help="needed with the llama.cpp peer")
+    parser.add_argument("--convert-python", help="needed with the llama.cpp peer")
     parser.add_argument("--peers", default="graft,llama.cpp,transformers")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
@@ -358,12 +364,18 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--port", type=int, default=8431)
     args = parser.parse_args()
+    if "llama.cpp" in args.peers.split(",") and not (
+            args.llama_server and args.llama_cpp_src and args.convert_python):
+        parser.error("the llama.cpp peer needs --llama-server, --llama-cpp-src and --convert-python")
     os.makedirs(args.work, exist_ok=True)
 
     files = prepare(args)
     texts = prompts(files["hf"], args.clients)
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
     makers = {"graft": lambda stack: graft_peer(args, files, env, stack),
+              # The same server with LoRA adapters kept in bf16 beside the f32 model.
+              "graft-bf16": lambda stack: graft_peer(args, files, env, stack, "graft-bf16",
+                                                     ["--lora-dtype", "bfloat16"]),
               "llama.cpp": lambda stack: llama_cpp_peer(args, files, env, stack),
               "transformers": lambda stack: TransformersPeer(args, files)}
     # Each peer's figures are kept as it finishes, so peers can be run one at a time
@@ -417,8 +429,11 @@ def main() -> None:
             if p != "graft":
                 print(f"graft / {p}: " + ", ".join(
                     f"{label} {graft[label][0] / results[p][label][0]:.2f}x" for label, _ in SETTINGS))
-        print(f"graft 32 adapters / graft base only: "
-              f"{graft['32 adapters'][0] / graft['base only'][0]:.2f} (target >= 0.8)")
+        for name in ("graft", "graft-bf16"):
+            if name in results:
+                own = results[name]
+                print(f"{name} 32 adapters / {name} base only: "
+                      f"{own['32 adapters'][0] / own['base only'][0]:.2f} (target >= 0.8)")
 
 
 if __name__ == "__main__":

@@ -49,14 +49,15 @@ impl ServingLora {
         })
     }
 
-    /// The pair on `device` in `dtype` (the model's), so serving never converts it per step.
-    fn to(&self, device: &Device, dtype: DType) -> Result<Self> {
-        let place = |t: &Tensor| t.to_device(device)?.to_dtype(dtype)?.contiguous();
+    /// The pair on `device`, `A` and `Bᵀ` in `lora_dtype` and DoRA's scale in `dtype` (the
+    /// model's), so serving never converts it per step.
+    fn to(&self, device: &Device, dtype: DType, lora_dtype: DType) -> Result<Self> {
+        let place = |t: &Tensor, dtype| t.to_device(device)?.to_dtype(dtype)?.contiguous();
         Ok(Self {
-            a: place(&self.a)?,
-            b_t: place(&self.b_t)?,
+            a: place(&self.a, lora_dtype)?,
+            b_t: place(&self.b_t, lora_dtype)?,
             scale: self.scale,
-            dora: self.dora.as_ref().map(place).transpose()?,
+            dora: self.dora.as_ref().map(|r| place(r, dtype)).transpose()?,
         })
     }
 
@@ -151,10 +152,17 @@ impl ServingAdapter {
 
     /// This adapter on `device` in `dtype`: where the model is, in its compute dtype.
     pub fn to(&self, device: &Device, dtype: DType) -> Result<Self> {
+        self.to_with(device, dtype, dtype)
+    }
+
+    /// [`Self::to`] with LoRA's `A` and `Bᵀ` in `lora_dtype` (vLLM's `--lora-dtype`): bf16
+    /// beside an f32 model halves what a step reads of them, at bf16's rounding of the
+    /// adapter's weights.
+    pub fn to_with(&self, device: &Device, dtype: DType, lora_dtype: DType) -> Result<Self> {
         let pairs = self
             .pairs
             .iter()
-            .map(|(&key, lora)| Ok((key, lora.to(device, dtype)?)))
+            .map(|(&key, lora)| Ok((key, lora.to(device, dtype, lora_dtype)?)))
             .collect::<Result<_>>()?;
         let vectors = self
             .vectors

@@ -319,8 +319,13 @@ impl Llama {
     /// An adapter of any method laid out for serving on this model (see
     /// [`Self::serving_adapter`]). Check it fits first ([`Self::check`]).
     pub fn serving(&self, adapter: &PeftAdapter) -> Result<ServingAdapter> {
+        self.serving_with(adapter, self.dtype())
+    }
+
+    /// [`Self::serving`] with LoRA's `A` and `B` kept in `lora_dtype`.
+    pub fn serving_with(&self, adapter: &PeftAdapter, lora_dtype: DType) -> Result<ServingAdapter> {
         match adapter {
-            PeftAdapter::Lora(adapter) => self.serving_adapter(adapter),
+            PeftAdapter::Lora(adapter) => self.lora_serving(adapter, lora_dtype),
             PeftAdapter::Ia3(adapter) => {
                 ServingAdapter::ia3(adapter).to(self.device(), self.dtype())
             }
@@ -356,6 +361,10 @@ impl Llama {
     /// with its `r` computed once against the base weights. Check it fits first
     /// ([`Self::check_adapter`]).
     pub fn serving_adapter(&self, adapter: &Adapter) -> Result<ServingAdapter> {
+        self.lora_serving(adapter, self.dtype())
+    }
+
+    fn lora_serving(&self, adapter: &Adapter, lora_dtype: DType) -> Result<ServingAdapter> {
         let device = self.device();
         ServingAdapter::with_dora(adapter, |layer, site, lora| {
             let projection = self.projection_at(layer, site)?;
@@ -374,7 +383,7 @@ impl Llama {
                 self.dtype(),
             )
         })?
-        .to(device, self.dtype())
+        .to_with(device, self.dtype(), lora_dtype)
     }
 
     /// The norms of the rows of the base weight of `site` in `layer`, `[out]` in f32: where

@@ -190,7 +190,7 @@ pub fn read(
     // DoRA's scales, and virtual tokens' keys and values, are computed here, once.
     let serving = model
         .llama
-        .serving(&adapter)
+        .serving_with(&adapter, model.lora_dtype)
         .map_err(|e| LoadError::Invalid(format!("{uri}: {e}")))?;
     Ok(LoadedAdapter {
         uri: uri.to_owned(),

@@ -2,11 +2,16 @@
 //! SGMV does on a GPU), adding each row's adapter product into the base output. A batch of 32
 //! sequences with 32 adapters costs one op per projection, not 32 × (slice, two matmuls,
 //! scale, add): at serving batch sizes those per-op costs, not the arithmetic, would dominate.
+//!
+//! A decode step reads every distinct adapter's A and B once, which with many adapters is as
+//! many bytes as the model; adapters kept in bf16 (the server's `--lora-dtype bfloat16`) halve
+//! them, widened to f32 in the loop.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
+use half::bf16;
 use rayon::prelude::*;
 
-use super::math::dot;
+use super::math::{Widen, dot};
 use crate::adapters::SegmentLora;
 
 /// `y + Σ` each segment's adapter applied to its rows of `x` (`[rows, in]` → `[rows, out]`).
@@ -91,11 +96,7 @@ impl CustomOp2 for BatchedLora<'_> {
                 );
             }
             #[allow(clippy::cast_possible_truncation)]
-            slices.push(Some((
-                f32_slice(a, a_layout)?,
-                f32_slice(b_t, b_layout)?,
-                *scale as f32,
-            )));
+            slices.push(Some((Pair::of(a, a_layout, b_t, b_layout)?, *scale as f32)));
         }
         let mut owner = vec![usize::MAX; rows];
         for (index, segment) in self.segments.iter().enumerate() {
@@ -107,24 +108,55 @@ impl CustomOp2 for BatchedLora<'_> {
             .zip(x.par_chunks(input))
             .zip(owner.par_iter())
             .for_each(|((out_row, x_row), &segment)| {
-                let Some(Some((a, b_t, scale))) = slices.get(segment) else {
+                let Some(Some((pair, scale))) = slices.get(segment) else {
                     return;
                 };
-                for (a_row, b_row) in a.chunks_exact(input).zip(b_t.chunks_exact(out)) {
-                    let h = dot(a_row, x_row) * scale;
-                    for (o, b) in out_row.iter_mut().zip(b_row) {
-                        *o += h * b;
-                    }
+                match pair {
+                    Pair::F32(a, b_t) => add_row(out_row, x_row, a, b_t, *scale),
+                    Pair::Bf16(a, b_t) => add_row(out_row, x_row, a, b_t, *scale),
                 }
             });
         Ok((CpuStorage::F32(result), Shape::from((rows, out))))
     }
 }
 
-fn f32_slice<'s>(storage: &'s Storage, layout: &Layout) -> Result<&'s [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) => Ok(&values[start..end]),
-        _ => candle_core::bail!("batched-lora: adapter weights must be contiguous f32 on CPU"),
+/// One adapter's `A` and `Bᵀ` as stored.
+enum Pair<'a> {
+    F32(&'a [f32], &'a [f32]),
+    Bf16(&'a [bf16], &'a [bf16]),
+}
+
+impl<'a> Pair<'a> {
+    fn of(a: &'a Storage, a_layout: &Layout, b_t: &'a Storage, b_layout: &Layout) -> Result<Self> {
+        let offsets = |layout: &Layout| {
+            layout.contiguous_offsets().ok_or_else(|| {
+                candle_core::Error::Msg("batched-lora: adapter weights must be contiguous".into())
+            })
+        };
+        let ((a_start, a_end), (b_start, b_end)) = (offsets(a_layout)?, offsets(b_layout)?);
+        match (a, b_t) {
+            (Storage::Cpu(CpuStorage::F32(a)), Storage::Cpu(CpuStorage::F32(b))) => {
+                Ok(Self::F32(&a[a_start..a_end], &b[b_start..b_end]))
+            }
+            (Storage::Cpu(CpuStorage::BF16(a)), Storage::Cpu(CpuStorage::BF16(b))) => {
+                Ok(Self::Bf16(&a[a_start..a_end], &b[b_start..b_end]))
+            }
+            _ => candle_core::bail!(
+                "batched-lora: adapter weights must be f32 or bf16 on the CPU, both alike"
+            ),
+        }
+    }
+}
+
+/// `out_row += scale · (x_row · Aᵀ) · Bᵀ`, a rank at a time.
+#[inline(always)]
+fn add_row<T: Widen>(out_row: &mut [f32], x_row: &[f32], a: &[T], b_t: &[T], scale: f32) {
+    let (input, out) = (x_row.len(), out_row.len());
+    for (a_row, b_row) in a.chunks_exact(input).zip(b_t.chunks_exact(out)) {
+        let h = dot(a_row, x_row) * scale;
+        for (o, b) in out_row.iter_mut().zip(b_row) {
+            *o += h * b.widen();
+        }
     }
 }
 
@@ -179,6 +211,54 @@ mod tests {
         );
         let alone = first.delta(&x.narrow(0, 8, 1)?)?;
         assert!(max_abs((fused.narrow(0, 8, 1)? - alone)?)? < 1e-5);
+        Ok(())
+    }
+
+    /// Pairs kept in bf16 give, through the same op, the product of their rounded weights; a
+    /// batch may mix them with f32 pairs.
+    #[test]
+    fn bf16_pairs_give_the_product_of_their_rounded_weights() -> Result<()> {
+        fn segments<'a>(kept: &'a ServingLora, other: &'a ServingLora) -> [SegmentLora<'a>; 2] {
+            [
+                SegmentLora {
+                    rows: 0..3,
+                    lora: Some(kept),
+                },
+                SegmentLora {
+                    rows: 3..5,
+                    lora: Some(other),
+                },
+            ]
+        }
+        let (input, out) = (40, 24);
+        let exact = ServingLora::new(&pair(8, (out, input), 3)?)?;
+        let cast = |lora: &ServingLora, dtype| -> Result<ServingLora> {
+            Ok(ServingLora {
+                a: lora.a.to_dtype(dtype)?,
+                b_t: lora.b_t.to_dtype(dtype)?,
+                scale: lora.scale,
+                dora: None,
+            })
+        };
+        let halved = cast(&exact, DType::BF16)?;
+        let rounded = cast(&halved, DType::F32)?;
+        let x = Tensor::randn(0f32, 1.0, (5, input), &Device::Cpu)?;
+        let base = Tensor::randn(0f32, 1.0, (5, out), &Device::Cpu)?;
+        let fused = (add_adapters(&x, &base, &segments(&halved, &exact))? - &base)?;
+        let reference = per_segment_delta(&x, &segments(&rounded, &exact), out)?;
+        let max_abs = |t: Tensor| -> Result<f32> { t.abs()?.max_all()?.to_scalar::<f32>() };
+        let diff = max_abs((&fused - &reference)?)?;
+        assert!(
+            diff < 1e-5,
+            "bf16 pairs differ from their rounded product by {diff}"
+        );
+        let exact_delta = per_segment_delta(&x, &segments(&exact, &exact), out)?;
+        let rounding = max_abs((&fused - &exact_delta)?)?;
+        let size = max_abs(exact_delta)?;
+        assert!(
+            rounding > 0.0 && rounding < 1e-2 * size,
+            "bf16's rounding moves the product by {rounding} of {size}"
+        );
         Ok(())
     }
 

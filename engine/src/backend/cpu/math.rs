@@ -57,21 +57,41 @@ pub fn sum(values: &[f32]) -> f32 {
     sums.iter().sum::<f32>() + tail
 }
 
+/// A stored value the inner loops widen to f32: f32 itself, or bf16 (serving adapters kept in
+/// half the bytes), whose bits are an f32's top half.
+pub trait Widen: Copy + Send + Sync {
+    fn widen(self) -> f32;
+}
+
+impl Widen for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl Widen for half::bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+}
+
 /// A dot product with eight running sums, so the compiler vectorises it without being asked
 /// to reassociate floats.
 #[inline(always)]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub fn dot<T: Widen>(a: &[T], b: &[f32]) -> f32 {
     let mut sums = [0f32; 8];
     let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = a_chunks
         .remainder()
         .iter()
         .zip(b_chunks.remainder())
-        .map(|(x, y)| x * y)
+        .map(|(x, y)| x.widen() * y)
         .sum();
     for (x, y) in a_chunks.zip(b_chunks) {
         for i in 0..8 {
-            sums[i] += x[i] * y[i];
+            sums[i] += x[i].widen() * y[i];
         }
     }
     sums.iter().sum::<f32>() + tail
