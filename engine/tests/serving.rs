@@ -227,41 +227,75 @@ fn read_peft(name: &str) -> PeftAdapter {
 }
 
 /// Prompt-learning adapters served: their virtual tokens' keys and values computed once when
-/// laid out, a sequence started from them and fed its prompt in chunks gives PEFT's logits at
-/// every position of the input (prompt tuning on Llama and Gemma 3, P-tuning's MLP and LSTM);
-/// the cache then holds the virtual tokens and the input.
+/// laid out (prompt tuning on Llama and Gemma 3, P-tuning's MLP and LSTM), or taken as they are
+/// (prefix tuning on Llama, and on Qwen3 with PEFT's reparameterisation MLP and grouped-query
+/// attention); a sequence started from them and fed its prompt in chunks gives PEFT's logits
+/// at every position of the input; the cache then holds the virtual tokens and the input. The
+/// prefixes also go through the tensor-op path other devices run (in f64 here).
 #[test]
 fn prompt_adapters_serve_from_their_virtual_prefix_as_peft() {
+    use candle_core::DType;
+    use graft_engine::models::{Config, load_weights};
     for (name, dir) in [
         ("llama", "llama-peft-prompt"),
         ("llama", "llama-peft-ptuning-mlp"),
         ("llama", "llama-peft-ptuning-lstm"),
         ("gemma3", "gemma3-peft-prompt"),
+        ("llama", "llama-peft-prefix"),
+        ("qwen3", "qwen3-peft-prefix-projection"),
     ] {
-        let model = model(name, Precision::Dense);
+        let f64_model = || {
+            let text = std::fs::read_to_string(tiny(name).join("config.json")).expect("config");
+            let config = Config::from_json(&text).expect("parses");
+            let vb = load_weights(&tiny(name), DType::F64, &Device::Cpu).expect("weights");
+            Llama::load(&vb, &config, Precision::Dense).expect("f64 model")
+        };
+        let prefix = dir.contains("prefix");
+        let models = if prefix {
+            vec![model(name, Precision::Dense), f64_model()]
+        } else {
+            vec![model(name, Precision::Dense)]
+        };
         let adapter = read_peft(dir);
-        model.check(&adapter).expect("fits");
-        let serving = model.serving(&adapter).expect("layout");
         let PeftAdapter::Prompt(prompt) = &adapter else {
             panic!("{dir} holds virtual tokens")
         };
-        assert_eq!(serving.virtual_len(), prompt.num_virtual_tokens());
         let (ids, expected) = reference(&tiny(dir));
-        for row in 0..ids.dim(0).expect("rows") {
-            let tokens = ids_row(&ids, row);
-            let mut cache = serving.virtual_prefix().expect("a prefix").clone();
-            let mut chunks = vec![3];
-            chunks.extend(std::iter::repeat_n(1, tokens.len() - 3));
-            let logits = feed(&model, &mut cache, &tokens, &chunks);
-            let diff = max_abs_diff(&logits, &expected.i(row).expect("row"));
-            eprintln!("{dir} row {row}: max abs diff {diff:.3e}");
-            assert!(
-                diff < 1e-4,
-                "{dir} row {row}: served logits differ by {diff}"
-            );
-            assert_eq!(cache.len(), prompt.num_virtual_tokens() + tokens.len());
+        for model in &models {
+            model.check(&adapter).expect("fits");
+            let serving = model.serving(&adapter).expect("layout");
+            assert_eq!(serving.virtual_len(), prompt.num_virtual_tokens());
+            for row in 0..ids.dim(0).expect("rows") {
+                let tokens = ids_row(&ids, row);
+                let mut cache = serving.virtual_prefix().expect("a prefix").clone();
+                let mut chunks = vec![3];
+                chunks.extend(std::iter::repeat_n(1, tokens.len() - 3));
+                let logits = feed(model, &mut cache, &tokens, &chunks)
+                    .to_dtype(DType::F32)
+                    .expect("f32");
+                let diff = max_abs_diff(&logits, &expected.i(row).expect("row"));
+                eprintln!(
+                    "{dir} ({:?}) row {row}: max abs diff {diff:.3e}",
+                    model.dtype()
+                );
+                assert!(
+                    diff < 1e-4,
+                    "{dir} row {row}: served logits differ by {diff}"
+                );
+                assert_eq!(cache.len(), prompt.num_virtual_tokens() + tokens.len());
+            }
         }
     }
+}
+
+/// A prefix for another model's layers or keys' width is refused, naming both.
+#[test]
+fn a_prefix_for_another_shape_is_refused() {
+    let adapter = read_peft("qwen3-peft-prefix-projection");
+    let error = model("llama", Precision::Dense)
+        .check(&adapter)
+        .expect_err("Qwen3's prefix on Llama");
+    assert!(error.to_string().contains("kv_heads × head_dim"), "{error}");
 }
 
 /// One batch mixes a prompt-tuning sequence, a LoRA one and the base: each gets what it gets

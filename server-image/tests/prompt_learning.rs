@@ -1,6 +1,7 @@
-//! Prompt-learning adapters through a running `graft-server`: hot-loaded with the admin API
-//! like LoRA adapters, their virtual tokens computed once at load; served in the same batches
-//! as LoRA and base requests (each answer what it is alone); the prompt counted as the client
+//! Prompt-learning adapters (prompt tuning, P-tuning, prefix tuning) through a running
+//! `graft-server`: hot-loaded with the admin API like LoRA adapters, their virtual tokens'
+//! keys and values computed once at load; served in the same batches as LoRA and base
+//! requests (each answer what it is alone); the prompt counted as the client
 //! sent it; the context shortened by the virtual tokens; refused with the reason when they do
 //! not fit.
 
@@ -16,19 +17,17 @@ use graft_testenv::S3Server;
 use serde_json::json;
 
 /// Virtual tokens drawn as a fresh prompt-tuning table is (standard normal), far from the
-/// model's own embeddings, so they change the answers.
+/// model's own embeddings (or, prefix tuning, keys and values), so they change the answers.
 fn random_prompt(method: PromptMethod, virtual_tokens: usize, seed: u64) -> PeftAdapter {
-    let config = model_config();
+    let config = PromptConfig::for_model(method, virtual_tokens, &model_config());
+    let width = config.row_width().expect("a prompt-learning method");
     let mut rng = Rng::seed(seed);
-    let values: Vec<f32> = (0..virtual_tokens * config.hidden_size)
+    let values: Vec<f32> = (0..virtual_tokens * width)
         .map(|_| rng.normal(1.0))
         .collect();
-    let embeddings = Tensor::from_vec(values, (virtual_tokens, config.hidden_size), &Device::Cpu)
-        .expect("embeddings");
-    PeftAdapter::Prompt(PromptAdapter {
-        config: PromptConfig::for_model(method, virtual_tokens, &config),
-        embeddings,
-    })
+    let embeddings =
+        Tensor::from_vec(values, (virtual_tokens, width), &Device::Cpu).expect("embeddings");
+    PeftAdapter::Prompt(PromptAdapter { config, embeddings })
 }
 
 #[tokio::test]
@@ -41,15 +40,22 @@ async fn prompt_adapters_hot_load_and_share_batches_with_lora_and_the_base() {
     let tuned = store_peft(s3, &bucket, "tuned", &tuned).await;
     let p_tuned = random_prompt(PromptMethod::PTuning, 5, 4);
     let p_tuned = store_peft(s3, &bucket, "p-tuned", &p_tuned).await;
+    let prefixed = random_prompt(PromptMethod::PrefixTuning, 7, 8);
+    let prefixed = store_peft(s3, &bucket, "prefixed", &prefixed).await;
     let lora = random_adapter(4, 1, &[Site::QProj, Site::VProj]);
     let lora = store_peft(s3, &bucket, "lora", &PeftAdapter::Lora(lora)).await;
-    for (name, adapter) in [("tuned", &tuned), ("p-tuned", &p_tuned), ("lora", &lora)] {
+    for (name, adapter) in [
+        ("tuned", &tuned),
+        ("p-tuned", &p_tuned),
+        ("prefixed", &prefixed),
+        ("lora", &lora),
+    ] {
         let (status, body) = server.put_adapter(name, &[(adapter, 100)]).await;
         assert_eq!(status, 200, "{name}: {body}");
     }
 
     let prompt = "colour red";
-    let models = ["tuned", "p-tuned", "lora", BASE];
+    let models = ["tuned", "p-tuned", "prefixed", "lora", BASE];
     let mut alone = Vec::new();
     for model in models {
         let body = server.complete(model, prompt, 12).await;
@@ -61,8 +67,9 @@ async fn prompt_adapters_hot_load_and_share_batches_with_lora_and_the_base() {
         );
         alone.push(text(&body).to_owned());
     }
-    assert_ne!(alone[0], alone[3], "the virtual tokens change the answer");
-    assert_ne!(alone[1], alone[3], "so do P-tuning's");
+    assert_ne!(alone[0], alone[4], "the virtual tokens change the answer");
+    assert_ne!(alone[1], alone[4], "so do P-tuning's");
+    assert_ne!(alone[2], alone[4], "and prefix tuning's keys and values");
     assert_ne!(alone[0], alone[1], "and the two differ");
     // All at once, twice over: they decode in the same steps.
     let together = futures::future::join_all(
@@ -73,7 +80,7 @@ async fn prompt_adapters_hot_load_and_share_batches_with_lora_and_the_base() {
     )
     .await;
     for (i, body) in together.iter().enumerate() {
-        assert_eq!(text(body), alone[i % 4], "request {i} in a mixed batch");
+        assert_eq!(text(body), alone[i % 5], "request {i} in a mixed batch");
     }
 
     // The virtual tokens take positions of the context: what fits the base does not fit.

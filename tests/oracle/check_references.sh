@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Re-derives the reference data committed under engine/tests/data/ with the pinned Hugging Face
 # oracle and checks it is what is committed: the scripts nf4_reference.py, tiny_models.py,
-# bnb_reference.py, peft_adapter.py, peft_prompt.py and tokenizer_reference.py run on a copy of
+# bnb_reference.py, peft_adapter.py, peft_prompt.py, peft_prefix.py and tokenizer_reference.py run on a copy of
 # the tree in a temporary directory (they write beside themselves, at ../../engine/tests/data),
 # and every file they write that is committed is compared with the committed one:
 #
@@ -25,7 +25,7 @@ python=${GRAFT_ORACLE_PYTHON:-$(bash "$here/venv.sh")}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/tests/oracle" "$work/engine/tests/data/tiny/made"
-scripts=(nf4_reference tiny_models bnb_reference peft_adapter peft_prompt tokenizer_reference)
+scripts=(nf4_reference tiny_models bnb_reference peft_adapter peft_prompt peft_prefix tokenizer_reference)
 for script in "${scripts[@]}"; do
   cp "$here/$script.py" "$work/tests/oracle/"
 done
@@ -38,7 +38,7 @@ done
 failed_scripts=0
 for script in "${scripts[@]}"; do
   echo "check_references: $script.py" >&2
-  # peft_adapter.py, peft_prompt.py and bnb_reference.py read the models tiny_models.py
+  # peft_adapter.py, peft_prompt.py, peft_prefix.py and bnb_reference.py read the models tiny_models.py
   # writes: the order matters.
   if ! "$python" "$work/tests/oracle/$script.py" >&2; then
     echo "check_references: FAILED $script.py" >&2

@@ -43,7 +43,7 @@ impl PeftAdapter {
                 PromptAdapter::from_bytes(config_json, safetensors, device).map(Self::Prompt)
             }
             other => Err(PeftError::Unsupported(format!(
-                "peft_type {other:?} (Graft computes LORA, IA3, PROMPT_TUNING and P_TUNING)"
+                "peft_type {other:?} (Graft computes LORA, IA3, PROMPT_TUNING, P_TUNING and PREFIX_TUNING)"
             ))),
         }
     }
@@ -136,8 +136,8 @@ mod tests {
             ),
         );
         assert!(matches!(&prompt, PeftAdapter::Prompt(p) if p.config.peft_type == "P_TUNING"));
-        let config = br#"{"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4}"#;
-        let error = PeftAdapter::from_bytes(config, &[], &Device::Cpu).expect_err("prefix");
-        assert!(error.to_string().contains("PREFIX_TUNING"), "{error}");
+        let config = br#"{"peft_type": "ADALORA", "r": 4}"#;
+        let error = PeftAdapter::from_bytes(config, &[], &Device::Cpu).expect_err("AdaLoRA");
+        assert!(error.to_string().contains("ADALORA"), "{error}");
     }
 }

@@ -8,6 +8,13 @@
 //! embeddings, taking positions `0..num_virtual_tokens` (PEFT drops caller position ids, so the
 //! input's tokens are rotated at `num_virtual_tokens..`), attended to by every token, their own
 //! logits not part of the output.
+//!
+//! Prefix tuning (`PREFIX_TUNING`) saves, under the same key, every layer's keys and values of
+//! its virtual tokens instead: `[num_virtual_tokens, num_layers · 2 · token_dim]`, per layer a
+//! key then a value, each `token_dim` = kv_heads × head_dim wide (PEFT follows grouped-query
+//! attention), put in the attention's cache as they are (not rotated) before the input, whose
+//! tokens then take positions `num_virtual_tokens..`. With PEFT's reparameterisation MLP
+//! (`prefix_projection`) the file holds the MLP's output.
 
 use std::collections::HashMap;
 
@@ -26,6 +33,8 @@ pub enum PromptMethod {
     PromptTuning,
     /// PEFT's `P_TUNING`: the embeddings are a trained encoder's output.
     PTuning,
+    /// PEFT's `PREFIX_TUNING`: every layer's keys and values of the virtual tokens.
+    PrefixTuning,
 }
 
 impl PromptMethod {
@@ -34,6 +43,7 @@ impl PromptMethod {
         match self {
             Self::PromptTuning => "PROMPT_TUNING",
             Self::PTuning => "P_TUNING",
+            Self::PrefixTuning => "PREFIX_TUNING",
         }
     }
 
@@ -41,6 +51,7 @@ impl PromptMethod {
         match peft_type {
             "PROMPT_TUNING" => Some(Self::PromptTuning),
             "P_TUNING" => Some(Self::PTuning),
+            "PREFIX_TUNING" => Some(Self::PrefixTuning),
             _ => None,
         }
     }
@@ -83,6 +94,9 @@ pub struct PromptConfig {
     pub encoder_num_layers: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoder_dropout: Option<f64>,
+    /// Prefix tuning: whether an MLP made the keys and values (the file holds its output).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_projection: Option<bool>,
 }
 
 fn one() -> usize {
@@ -94,7 +108,7 @@ impl PromptConfig {
     pub fn method(&self) -> Result<PromptMethod, PeftError> {
         PromptMethod::from_peft_type(&self.peft_type).ok_or_else(|| {
             PeftError::Unsupported(format!(
-                "peft_type {:?} (prompt learning: only PROMPT_TUNING and P_TUNING)",
+                "peft_type {:?} (prompt learning: only PROMPT_TUNING, P_TUNING and PREFIX_TUNING)",
                 self.peft_type
             ))
         })
@@ -102,19 +116,28 @@ impl PromptConfig {
 
     /// The config PEFT saves for a `method` adapter of `virtual_tokens` virtual tokens on a
     /// model of `config` (decoder-only, `CAUSAL_LM`, saved for inference); the method's init
-    /// or encoder fields are left for the caller.
+    /// or encoder fields are left for the caller. Prefix tuning's width is the keys' (PEFT's
+    /// for grouped-query attention).
     pub fn for_model(
         method: PromptMethod,
         virtual_tokens: usize,
         config: &crate::models::Config,
     ) -> Self {
+        let (token_dim, heads) = match method {
+            PromptMethod::PrefixTuning => {
+                (config.num_kv_heads * config.head_dim, config.num_kv_heads)
+            }
+            PromptMethod::PromptTuning | PromptMethod::PTuning => {
+                (config.hidden_size, config.num_heads)
+            }
+        };
         Self {
             peft_type: method.peft_type().to_owned(),
             task_type: Some("CAUSAL_LM".to_owned()),
             num_virtual_tokens: virtual_tokens,
-            token_dim: config.hidden_size,
+            token_dim,
             num_transformer_submodules: 1,
-            num_attention_heads: config.num_heads,
+            num_attention_heads: heads,
             num_layers: config.num_layers,
             modules_to_save: None,
             base_model_name_or_path: None,
@@ -126,7 +149,17 @@ impl PromptConfig {
             encoder_hidden_size: None,
             encoder_num_layers: None,
             encoder_dropout: None,
+            prefix_projection: (method == PromptMethod::PrefixTuning).then_some(false),
         }
+    }
+
+    /// The width of a virtual token's row in the file: the embeddings', or prefix tuning's
+    /// keys and values of every layer.
+    pub fn row_width(&self) -> Result<usize, PeftError> {
+        Ok(match self.method()? {
+            PromptMethod::PrefixTuning => self.num_layers * 2 * self.token_dim,
+            PromptMethod::PromptTuning | PromptMethod::PTuning => self.token_dim,
+        })
     }
 
     /// Refuses what would make Graft compute something other than PEFT does.
@@ -181,7 +214,7 @@ impl PromptAdapter {
                 PeftError::Mismatch(format!("the adapter holds no {PROMPT_EMBEDDINGS}"))
             })?
             .to_dtype(DType::F32)?;
-        let want = [config.num_virtual_tokens, config.token_dim];
+        let want = [config.num_virtual_tokens, config.row_width()?];
         if embeddings.dims() != want {
             return Err(PeftError::Mismatch(format!(
                 "{PROMPT_EMBEDDINGS} is {:?}, adapter_config.json says {want:?}",
@@ -206,6 +239,38 @@ impl PromptAdapter {
 
     pub fn num_virtual_tokens(&self) -> usize {
         self.config.num_virtual_tokens
+    }
+
+    /// Whether it fits a model of `config` with a context of `context` tokens: embeddings the
+    /// hidden size wide ([`Self::check_fits`]), or prefix tuning's keys and values for each of
+    /// the model's layers, kv_heads × head_dim wide.
+    pub fn check_model(
+        &self,
+        config: &crate::models::Config,
+        context: usize,
+    ) -> Result<(), PeftError> {
+        if self.config.method()? != PromptMethod::PrefixTuning {
+            return self.check_fits(config.hidden_size, context);
+        }
+        let width = config.num_kv_heads * config.head_dim;
+        if self.config.token_dim != width || self.config.num_layers != config.num_layers {
+            return Err(PeftError::Mismatch(format!(
+                "prefix keys and values of {} layers {} wide, the model has {} layers of {width} \
+                 (kv_heads × head_dim)",
+                self.config.num_layers, self.config.token_dim, config.num_layers
+            )));
+        }
+        self.check_fits(self.config.token_dim, context)
+    }
+
+    /// Prefix tuning's keys and values of `layer`, `[num_virtual_tokens, token_dim]` each.
+    pub fn layer_kv(&self, layer: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        let (n, dim) = (self.config.num_virtual_tokens, self.config.token_dim);
+        let all = self
+            .embeddings
+            .reshape((n, self.config.num_layers * 2, dim))?;
+        let part = |at: usize| all.narrow(1, at, 1)?.squeeze(1)?.contiguous();
+        Ok((part(2 * layer)?, part(2 * layer + 1)?))
     }
 
     /// Whether the embeddings fit a model of `hidden` hidden size, and its virtual tokens
@@ -279,6 +344,7 @@ mod tests {
             encoder_hidden_size: None,
             encoder_num_layers: None,
             encoder_dropout: None,
+            prefix_projection: None,
         }
     }
 
@@ -326,7 +392,7 @@ mod tests {
     fn what_graft_cannot_honour_is_refused_by_name() {
         assert!(config("P_TUNING").check().is_ok());
         let cases = [
-            (config("PREFIX_TUNING"), "PREFIX_TUNING"),
+            (config("MULTITASK_PROMPT_TUNING"), "MULTITASK_PROMPT_TUNING"),
             (
                 PromptConfig {
                     num_transformer_submodules: 2,

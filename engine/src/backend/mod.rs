@@ -156,6 +156,17 @@ pub trait Backend: std::fmt::Debug + Send + Sync {
         heads: Heads,
         sequences: &mut [CachedRows<'_>],
     ) -> Result<Tensor>;
+
+    /// Appends keys and values `[tokens, kv_heads·head_dim]` as they are (prefix tuning's,
+    /// which are not rotated) to layer `layer` of `cache`, in this backend's form;
+    /// `KvCache::advance` counts them once every layer holds them.
+    fn append_kv(
+        &self,
+        cache: &mut KvCache,
+        layer: usize,
+        kv: [&Tensor; 2],
+        kv_heads: usize,
+    ) -> Result<()>;
 }
 
 /// The backend for a model on `device` computing in `dtype`: the fused ops for f32 on the

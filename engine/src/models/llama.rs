@@ -18,8 +18,8 @@ use super::{
 };
 use crate::{
     adapters::{
-        Adapter, Ia3, Ia3Adapter, Lora, PeftAdapter, PeftError, SegmentLora, ServingAdapter, Site,
-        scale_segments,
+        Adapter, Ia3, Ia3Adapter, Lora, PeftAdapter, PeftError, PromptAdapter, PromptMethod,
+        SegmentLora, ServingAdapter, Site, scale_segments,
     },
     backend::{
         self, Backend, CachedRows, Documents, Dropout, FrozenLinear, FrozenWeight, Heads, KvCache,
@@ -300,7 +300,8 @@ impl Llama {
             PeftAdapter::Lora(adapter) => self.apply_adapter(adapter),
             PeftAdapter::Ia3(adapter) => self.apply_ia3(adapter),
             PeftAdapter::Prompt(adapter) => Err(PeftError::Unsupported(format!(
-                "{}: a prompt-learning adapter changes the input, not the model: put its \
+                "{}: a prompt-learning adapter changes the input (or, prefix tuning, the \
+                 attention's cache), not the model's weights: serve it (Llama::serving) or put its \
                  embeddings before the input's (adapters::prepend)",
                 adapter.config.peft_type
             ))),
@@ -331,7 +332,11 @@ impl Llama {
             }
             PeftAdapter::Prompt(adapter) => {
                 let mut prefix = KvCache::new(self.num_layers());
-                self.prefill_embeddings(&adapter.embeddings, &mut prefix)?;
+                if matches!(adapter.config.method(), Ok(PromptMethod::PrefixTuning)) {
+                    self.prefill_kv(adapter, &mut prefix)?;
+                } else {
+                    self.prefill_embeddings(&adapter.embeddings, &mut prefix)?;
+                }
                 Ok(ServingAdapter::virtual_tokens(prefix))
             }
         }
@@ -343,7 +348,7 @@ impl Llama {
     pub fn check(&self, adapter: &PeftAdapter) -> std::result::Result<(), PeftError> {
         if let PeftAdapter::Prompt(prompt) = adapter {
             let context = self.config.max_position_embeddings.unwrap_or(usize::MAX);
-            return prompt.check_fits(self.config.hidden_size, context);
+            return prompt.check_model(&self.config, context);
         }
         adapter.check_fits(self.num_layers(), |site| self.site_shape(site))
     }
@@ -597,6 +602,22 @@ impl Llama {
             .to_dtype(self.dtype())?;
         self.forward_hidden(h, &mut segments, &[])?;
         Ok(())
+    }
+
+    /// A prefix-tuning adapter's keys and values, every layer's, into the empty `cache`, as
+    /// they are: the input's tokens then take the positions after them.
+    fn prefill_kv(&self, adapter: &PromptAdapter, cache: &mut KvCache) -> Result<()> {
+        if !cache.is_empty() {
+            candle_core::bail!("a prefix takes the first positions: the cache must be empty");
+        }
+        let place = |t: Tensor| t.to_device(self.device())?.to_dtype(self.dtype());
+        for layer in 0..self.num_layers() {
+            let (k, v) = adapter.layer_kv(layer)?;
+            let kv = [&place(k)?, &place(v)?];
+            self.backend
+                .append_kv(cache, layer, kv, self.config.num_kv_heads)?;
+        }
+        cache.advance(adapter.num_virtual_tokens())
     }
 
     /// [`Self::forward_packed_rows`] from the segments' input rows `h` `[rows, hidden]`.

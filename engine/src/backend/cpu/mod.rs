@@ -8,9 +8,9 @@
 // vector instructions (`math::vectorized`): there `#[inline(always)]` is the point.
 #![allow(clippy::inline_always)]
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
-use super::{Backend, CachedRows, DropoutMask, FrozenLinear, Heads, Rotary};
+use super::{Backend, CachedRows, DropoutMask, FrozenLinear, Heads, KvCache, Rotary};
 use crate::adapters::{Lora, SegmentLora};
 
 mod attention;
@@ -101,5 +101,21 @@ impl Backend for Cpu {
         sequences: &mut [CachedRows<'_>],
     ) -> Result<Tensor> {
         cached_attention::cached_attention(layer, qkv, rotary, heads, sequences)
+    }
+
+    fn append_kv(
+        &self,
+        cache: &mut KvCache,
+        layer: usize,
+        [k, v]: [&Tensor; 2],
+        _: usize,
+    ) -> Result<()> {
+        // Rows of f32, as the cached attention appends its rotated keys.
+        let rows = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+        let (k, v) = (rows(k)?, rows(v)?);
+        let tail = &mut cache.tail[layer];
+        tail.k.extend(k);
+        tail.v.extend(v);
+        Ok(())
     }
 }

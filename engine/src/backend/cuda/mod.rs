@@ -8,7 +8,7 @@
 
 use candle_core::{D, DType, Result, Tensor};
 
-use super::{Backend, CachedRows, DropoutMask, FrozenLinear, Heads, Rotary};
+use super::{Backend, CachedRows, DropoutMask, FrozenLinear, Heads, KvCache, Rotary};
 use crate::adapters::{Lora, SegmentLora};
 
 mod attention;
@@ -100,6 +100,29 @@ impl Backend for Cuda {
         sequences: &mut [CachedRows<'_>],
     ) -> Result<Tensor> {
         attention::cached_attention(layer, qkv, rotary, heads, sequences)
+    }
+
+    fn append_kv(
+        &self,
+        cache: &mut KvCache,
+        layer: usize,
+        [k, v]: [&Tensor; 2],
+        kv_heads: usize,
+    ) -> Result<()> {
+        // `[kv_heads, tokens, head_dim]`, as the cached attention keeps its rotated keys.
+        let heads = |t: &Tensor| -> Result<Tensor> {
+            let (tokens, width) = t.dims2()?;
+            t.reshape((tokens, kv_heads, width / kv_heads))?
+                .transpose(0, 1)?
+                .contiguous()
+        };
+        let (kh, vh) = (heads(k)?, heads(v)?);
+        let slot = &mut cache.tail[layer].tensors;
+        *slot = Some(match slot.take() {
+            Some((old_k, old_v)) => (Tensor::cat(&[old_k, kh], 1)?, Tensor::cat(&[old_v, vh], 1)?),
+            None => (kh, vh),
+        });
+        Ok(())
     }
 }
 
