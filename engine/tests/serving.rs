@@ -176,16 +176,7 @@ fn dora_plain_lora_and_base_rows_share_a_batch() {
 /// `down_proj`), LoRA rows and base rows in one batch; and on Qwen2 two (IA)³ adapters.
 #[test]
 fn ia3_lora_and_base_rows_share_a_batch() {
-    let ia3 = |name: &str| {
-        let dir = tiny(name);
-        let read = |file: &str| std::fs::read(dir.join(file)).expect("file");
-        PeftAdapter::from_bytes(
-            &read("adapter_config.json"),
-            &read("adapter_model.safetensors"),
-            &Device::Cpu,
-        )
-        .expect("PEFT's (IA)³ adapter loads")
-    };
+    let ia3 = read_peft;
     mixed_batch(
         "llama",
         "llama-peft-ia3",

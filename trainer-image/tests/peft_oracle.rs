@@ -255,7 +255,33 @@ fn agree_on(name: &str, dir: &Path, model_dir: &Path, method: &str) {
         "the adapter moves the logits by only {effect}: the comparison would prove nothing"
     );
 
-    let reference = dir.join("graft-logits.safetensors");
+    peft_gives_graft_logits(name, dir, model_dir, &adapter_dir, &ids, logits);
+}
+
+/// Writes Graft's `logits` for `ids` into `work` and has PEFT load `adapter_dir` on
+/// `model_dir` and compare its own (the oracle's line, with the largest difference, goes to
+/// stderr).
+fn peft_gives_graft_logits(
+    label: &str,
+    work: &Path,
+    model_dir: &Path,
+    adapter_dir: &Path,
+    ids: &Tensor,
+    logits: Tensor,
+) {
+    peft_gives_graft_logits_with(label, work, [model_dir, adapter_dir], ids, logits, &[]);
+}
+
+/// [`peft_gives_graft_logits`] with more of the oracle's arguments (`--merged`).
+fn peft_gives_graft_logits_with(
+    label: &str,
+    work: &Path,
+    [model_dir, adapter_dir]: [&Path; 2],
+    ids: &Tensor,
+    logits: Tensor,
+    more: &[(&str, &Path)],
+) {
+    let reference = work.join("graft-logits.safetensors");
     let tensors = HashMap::from([
         (
             "input_ids".to_owned(),
@@ -264,16 +290,13 @@ fn agree_on(name: &str, dir: &Path, model_dir: &Path, method: &str) {
         ("logits".to_owned(), logits),
     ]);
     candle_core::safetensors::save(&tensors, &reference).expect("write the reference");
-
-    run_oracle(
-        name,
-        "graft_adapter_in_peft.py",
-        &[
-            ("--model", model_dir),
-            ("--adapter", &adapter_dir),
-            ("--reference", &reference),
-        ],
-    );
+    let mut args = vec![
+        ("--model", model_dir),
+        ("--adapter", adapter_dir),
+        ("--reference", reference.as_path()),
+    ];
+    args.extend_from_slice(more);
+    run_oracle(label, "graft_adapter_in_peft.py", &args);
 }
 
 /// `output.merged`: the base with the adapter merged in, as a standalone model, gives the
@@ -320,24 +343,14 @@ fn merged_and_peft_agree(label: &str, dir: &Path, adapter_dir: &Path) {
         "merged logits differ from base + adapter by {diff}"
     );
 
-    let reference = dir.join("graft-logits.safetensors");
-    let tensors = HashMap::from([
-        (
-            "input_ids".to_owned(),
-            ids.to_dtype(DType::I64).expect("i64"),
-        ),
-        ("logits".to_owned(), logits),
-    ]);
-    candle_core::safetensors::save(&tensors, &reference).expect("write the reference");
-    run_oracle(
+    let model_dir = tiny_model();
+    peft_gives_graft_logits_with(
         label,
-        "graft_adapter_in_peft.py",
-        &[
-            ("--model", &tiny_model()),
-            ("--adapter", adapter_dir),
-            ("--reference", &reference),
-            ("--merged", &merged_dir),
-        ],
+        dir,
+        [&model_dir, adapter_dir],
+        &ids,
+        logits,
+        &[("--merged", &merged_dir)],
     );
 }
 
@@ -747,24 +760,8 @@ fn an_ia3_adapter_trained_by_graft_gives_graft_logits_in_peft() {
             effect > 1e-3,
             "{label}: the adapter moves the logits by {effect}"
         );
-        let reference = dir.path().join("graft-logits.safetensors");
-        let tensors = HashMap::from([
-            (
-                "input_ids".to_owned(),
-                ids.to_dtype(DType::I64).expect("i64"),
-            ),
-            ("logits".to_owned(), logits),
-        ]);
-        candle_core::safetensors::save(&tensors, &reference).expect("write the reference");
-        run_oracle(
-            label,
-            "graft_adapter_in_peft.py",
-            &[
-                ("--model", &tiny_model()),
-                ("--adapter", &adapter_dir),
-                ("--reference", &reference),
-            ],
-        );
+        let model_dir = tiny_model();
+        peft_gives_graft_logits(label, dir.path(), &model_dir, &adapter_dir, &ids, logits);
     }
 }
 
@@ -893,24 +890,7 @@ fn prompt_tuning_and_p_tuning_adapters_trained_by_graft_give_graft_logits_in_pef
             effect > 1e-3,
             "{name}: the virtual tokens move the logits by only {effect}"
         );
-        let reference = dir.path().join("graft-logits.safetensors");
-        let tensors = HashMap::from([
-            (
-                "input_ids".to_owned(),
-                ids.to_dtype(DType::I64).expect("i64"),
-            ),
-            ("logits".to_owned(), logits),
-        ]);
-        candle_core::safetensors::save(&tensors, &reference).expect("write the reference");
-        run_oracle(
-            name,
-            "graft_adapter_in_peft.py",
-            &[
-                ("--model", &model_dir),
-                ("--adapter", &adapter_dir),
-                ("--reference", &reference),
-            ],
-        );
+        peft_gives_graft_logits(name, dir.path(), &model_dir, &adapter_dir, &ids, logits);
     }
 }
 
