@@ -55,7 +55,7 @@ impl Backend for Cpu {
         layer: &FrozenLinear,
         segments: &[SegmentLora<'_>],
     ) -> Result<Tensor> {
-        batch::add_adapters(x, &linear::frozen(x, layer)?, segments)
+        batch::add_adapters(x, linear::frozen(x, layer)?, segments)
     }
 
     fn rms_norm(&self, x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
