@@ -48,9 +48,10 @@ async fn a_job_runs_reports_progress_and_succeeds_with_its_adapter() {
     let table = String::from_utf8_lossy(&table.stdout);
     let row = table.lines().nth(1).unwrap_or_default();
     let cells: Vec<&str> = row.split_whitespace().collect();
+    // The method column: the operator writes `status.method` (the job names none: LoRA).
     assert_eq!(
-        &cells[..5],
-        ["tiny", "Running", "42", "100", "1.25"],
+        &cells[..6],
+        ["tiny", "Running", "lora", "42", "100", "1.25"],
         "{table}"
     );
 
