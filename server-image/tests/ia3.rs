@@ -4,42 +4,9 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-
-use candle_core::{Device, Tensor};
-use common::{BASE, Server, model_config, random_adapter, store_peft as store, text};
-use graft_engine::adapters::{Ia3, Ia3Adapter, Ia3Config, PeftAdapter, Site};
+use common::{BASE, Server, random_adapter, random_ia3, store_peft as store, text};
+use graft_engine::adapters::{PeftAdapter, Site};
 use graft_testenv::S3Server;
-
-/// PEFT's default modules for Llama, with vectors drawn around ones (far enough to change the
-/// answers).
-fn random_ia3(seed: u64) -> Ia3Adapter {
-    let config = model_config();
-    let sites = [Site::KProj, Site::VProj, Site::DownProj];
-    let ia3_config = Ia3Config::new(&sites, &[Site::DownProj]);
-    let mut rng = graft_engine::rng::Rng::seed(seed);
-    let mut vectors = BTreeMap::new();
-    for layer in 0..config.num_layers {
-        for site in sites {
-            let (out, input) = config.site_shape(site).expect("a site of the model");
-            let feedforward = ia3_config.is_feedforward(layer, site);
-            let len = if feedforward { input } else { out };
-            let values: Vec<f32> = (0..len).map(|_| rng.uniform(0.0, 3.0)).collect();
-            let vector = Tensor::from_vec(values, len, &Device::Cpu).expect("vector");
-            vectors.insert(
-                (layer, site),
-                Ia3 {
-                    vector,
-                    feedforward,
-                },
-            );
-        }
-    }
-    Ia3Adapter {
-        config: ia3_config,
-        vectors,
-    }
-}
 
 #[tokio::test]
 async fn ia3_adapters_hot_load_and_share_batches_with_lora_and_the_base() {

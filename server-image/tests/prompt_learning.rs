@@ -1,6 +1,6 @@
 //! Prompt-learning adapters (prompt tuning, P-tuning, prefix tuning) through a running
 //! `graft-server`: hot-loaded with the admin API like LoRA adapters, their virtual tokens'
-//! keys and values computed once at load; served in the same batches as LoRA and base
+//! keys and values computed once at load; served in the same batches as LoRA, (IA)³ and base
 //! requests (each answer what it is alone); the prompt counted as the client
 //! sent it; the context shortened by the virtual tokens; refused with the reason when they do
 //! not fit.
@@ -8,7 +8,7 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use common::{BASE, Server, model_config, random_adapter, store_peft, text};
+use common::{BASE, Server, model_config, random_adapter, random_ia3, store_peft, text};
 use graft_engine::{
     adapters::{PeftAdapter, PromptAdapter, PromptConfig, PromptMethod, Site},
     rng::Rng,
@@ -34,7 +34,7 @@ fn random_prompt(method: PromptMethod, virtual_tokens: usize, seed: u64) -> Peft
 async fn prompt_adapters_hot_load_and_share_batches_with_lora_and_the_base() {
     let s3 = S3Server::shared().await;
     let bucket = s3.bucket("prompt");
-    let server = Server::start(&["--max-batch-size", "8"]).await;
+    let server = Server::start(&["--max-batch-size", "12"]).await;
     // 20 virtual tokens cross a KV block; P-tuning's published form is the same table.
     let tuned = random_prompt(PromptMethod::PromptTuning, 20, 3);
     let tuned = store_peft(s3, &bucket, "tuned", &tuned).await;
@@ -44,18 +44,21 @@ async fn prompt_adapters_hot_load_and_share_batches_with_lora_and_the_base() {
     let prefixed = store_peft(s3, &bucket, "prefixed", &prefixed).await;
     let lora = random_adapter(4, 1, &[Site::QProj, Site::VProj]);
     let lora = store_peft(s3, &bucket, "lora", &PeftAdapter::Lora(lora)).await;
+    let scaled = store_peft(s3, &bucket, "scaled", &PeftAdapter::Ia3(random_ia3(9))).await;
     for (name, adapter) in [
         ("tuned", &tuned),
         ("p-tuned", &p_tuned),
         ("prefixed", &prefixed),
         ("lora", &lora),
+        ("scaled", &scaled),
     ] {
         let (status, body) = server.put_adapter(name, &[(adapter, 100)]).await;
         assert_eq!(status, 200, "{name}: {body}");
     }
 
     let prompt = "colour red";
-    let models = ["tuned", "p-tuned", "prefixed", "lora", BASE];
+    // Every method Graft serves, and the base, in one batch.
+    let models = ["tuned", "p-tuned", "prefixed", "lora", "scaled", BASE];
     let mut alone = Vec::new();
     for model in models {
         let body = server.complete(model, prompt, 12).await;
@@ -67,9 +70,10 @@ async fn prompt_adapters_hot_load_and_share_batches_with_lora_and_the_base() {
         );
         alone.push(text(&body).to_owned());
     }
-    assert_ne!(alone[0], alone[4], "the virtual tokens change the answer");
-    assert_ne!(alone[1], alone[4], "so do P-tuning's");
-    assert_ne!(alone[2], alone[4], "and prefix tuning's keys and values");
+    assert_ne!(alone[0], alone[5], "the virtual tokens change the answer");
+    assert_ne!(alone[1], alone[5], "so do P-tuning's");
+    assert_ne!(alone[2], alone[5], "and prefix tuning's keys and values");
+    assert_ne!(alone[4], alone[5], "and the (IA)³ vectors");
     assert_ne!(alone[0], alone[1], "and the two differ");
     // All at once, twice over: they decode in the same steps.
     let together = futures::future::join_all(
@@ -80,7 +84,7 @@ async fn prompt_adapters_hot_load_and_share_batches_with_lora_and_the_base() {
     )
     .await;
     for (i, body) in together.iter().enumerate() {
-        assert_eq!(text(body), alone[i % 5], "request {i} in a mixed batch");
+        assert_eq!(text(body), alone[i % 6], "request {i} in a mixed batch");
     }
 
     // The virtual tokens take positions of the context: what fits the base does not fit.

@@ -4,10 +4,12 @@
 
 #![allow(dead_code)] // each test binary uses a subset
 
-use std::{path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+
+use candle_core::{Device, Tensor};
 
 use graft_engine::{
-    adapters::{Adapter, PeftAdapter, Site},
+    adapters::{Adapter, Ia3, Ia3Adapter, Ia3Config, PeftAdapter, Site},
     models::Config,
 };
 use graft_testenv::{Daemon, S3Server, eventually, repo_root};
@@ -193,6 +195,36 @@ pub fn random_adapter(rank: usize, seed: u64, sites: &[Site]) -> Adapter {
 /// [`random_adapter`] for the model `config` describes.
 pub fn random_adapter_for(config: &Config, rank: usize, seed: u64, sites: &[Site]) -> Adapter {
     graft_trainer::tiny::random_adapter(config, rank, seed, sites).expect("a random adapter")
+}
+
+/// PEFT's default modules for Llama, with vectors drawn around ones (far enough to change the
+/// answers).
+pub fn random_ia3(seed: u64) -> Ia3Adapter {
+    let config = model_config();
+    let sites = [Site::KProj, Site::VProj, Site::DownProj];
+    let ia3_config = Ia3Config::new(&sites, &[Site::DownProj]);
+    let mut rng = graft_engine::rng::Rng::seed(seed);
+    let mut vectors = BTreeMap::new();
+    for layer in 0..config.num_layers {
+        for site in sites {
+            let (out, input) = config.site_shape(site).expect("a site of the model");
+            let feedforward = ia3_config.is_feedforward(layer, site);
+            let len = if feedforward { input } else { out };
+            let values: Vec<f32> = (0..len).map(|_| rng.uniform(0.0, 3.0)).collect();
+            let vector = Tensor::from_vec(values, len, &Device::Cpu).expect("vector");
+            vectors.insert(
+                (layer, site),
+                Ia3 {
+                    vector,
+                    feedforward,
+                },
+            );
+        }
+    }
+    Ia3Adapter {
+        config: ia3_config,
+        vectors,
+    }
 }
 
 /// Writes `files` under `s3://<bucket>/<prefix>/`.
