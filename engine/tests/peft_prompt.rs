@@ -240,11 +240,11 @@ fn graft_p_tuning_encoders_give_pefts_saved_embeddings() {
         let (config, _) = prompt_files(&format!("llama-peft-{method}"));
         let config: PromptConfig = serde_json::from_slice(&config).expect("config");
         // The shapes a trainer draws a fresh encoder in are PEFT's modules'.
+        let hidden = config.encoder_hidden_size.expect("hidden size");
         for (name, shape) in PromptEncoder::param_shapes(
             kind,
             config.num_virtual_tokens,
-            config.token_dim,
-            config.encoder_hidden_size.expect("hidden size"),
+            (config.token_dim, hidden, config.token_dim),
         ) {
             assert_eq!(params[&name].dims(), shape.as_slice(), "{method}: {name}");
         }

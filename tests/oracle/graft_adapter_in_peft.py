@@ -9,7 +9,8 @@ logits are the ones Graft computed for it (trainer-image/tests/peft_oracle.rs wr
     --merged DIR       optional: the merged model graft-trainer wrote (output.merged), which
                        transformers alone must load to the same logits
 
-A prompt-learning adapter (prompt tuning, P-tuning) is compared on the input's positions.
+A prompt-learning adapter (prompt tuning, P-tuning, prefix tuning) is compared on the input's
+positions.
 
 Prints the largest absolute difference; exits 1 above --tolerance (default 1e-4). The model is
 loaded as users load it: AutoModelForCausalLM.from_pretrained in float32 on CPU, then
@@ -44,9 +45,11 @@ expected = reference["logits"].to(torch.float32)
 base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
 model = PeftModel.from_pretrained(base, args.adapter, is_trainable=False).eval()
 config = model.active_peft_config
-# A prompt-learning adapter's output has a row per virtual token before the input's; Graft's
-# reference holds the input's rows.
-skip = config.num_virtual_tokens if config.is_prompt_learning else 0
+# A prompt-learning adapter's output has a row per virtual token before the input's (but for
+# prefix tuning's, whose virtual tokens are keys and values only); Graft's reference holds the
+# input's rows.
+prefix = config.peft_type == "PREFIX_TUNING"
+skip = config.num_virtual_tokens if config.is_prompt_learning and not prefix else 0
 with torch.no_grad():
     logits = model(input_ids=input_ids).logits[:, skip:]
     with model.disable_adapter():

@@ -3,18 +3,20 @@ Graft's tests to compare with theirs (engine/tests/peft_prompt.rs,
 trainer-image/tests/peft_oracle.rs):
 
     --model DIR      the base model
-    --adapter DIR    a PROMPT_TUNING or P_TUNING adapter (adapter_config.json,
-                     adapter_model.safetensors); a P_TUNING one with its encoder's parameters
-                     beside it (encoder.safetensors, PEFT's names), since PEFT saves only the
-                     encoder's output
+    --adapter DIR    a PROMPT_TUNING, P_TUNING or PREFIX_TUNING adapter (adapter_config.json,
+                     adapter_model.safetensors); a P_TUNING one, or a PREFIX_TUNING one with
+                     prefix_projection, with its encoder's parameters beside it
+                     (encoder.safetensors, PEFT's names), since PEFT saves only the encoder's
+                     output
     --ids FILE       safetensors: input_ids (int64 [batch, seq])
-    --out FILE       written: loss (float32 []) and grad (float32 [num_virtual_tokens,
-                     token_dim]) for prompt tuning's table; for P-tuning, grad.<name> for each
-                     encoder parameter
+    --out FILE       written: loss (float32 []) and grad (float32, the table's shape) for a
+                     table (prompt tuning's, prefix tuning's); with an encoder, grad.<name> for
+                     each of its parameters
 
 The loss is PEFT's causal-LM loss with labels = input_ids: PEFT puts -100 labels on the virtual
 tokens, so the last virtual token's logits score the first input token, and the mean is over
-every input token.
+every input token. Behind a prefix (keys and values in the cache, no input rows) the first
+input token is scored by nothing, as without an adapter.
 """
 
 import argparse
@@ -39,9 +41,11 @@ config = PeftConfig.from_pretrained(args.adapter)
 config.inference_mode = False
 model = get_peft_model(base, config)
 encoder = model.prompt_encoder["default"]
-p_tuning = config.peft_type == "P_TUNING"
+has_encoder = config.peft_type == "P_TUNING" or (
+    config.peft_type == "PREFIX_TUNING" and config.prefix_projection
+)
 with torch.no_grad():
-    if p_tuning:
+    if has_encoder:
         saved = load_file(f"{args.adapter}/encoder.safetensors")
         missing, unexpected = encoder.load_state_dict(saved, strict=True)
     else:
@@ -51,7 +55,7 @@ model.train()
 loss = model(input_ids=input_ids, labels=input_ids).loss
 loss.backward()
 out = {"loss": loss.detach().reshape(())}
-if p_tuning:
+if has_encoder:
     for name, param in encoder.named_parameters():
         out[f"grad.{name}"] = param.grad.contiguous()
 else:

@@ -12,11 +12,13 @@ use candle_core::{Result, Tensor, Var};
 use graft_engine::{
     adapters::{
         Adapter, AdapterConfig, EncoderKind, Ia3, Ia3Adapter, Ia3Config, Init, Lora, PeftAdapter,
-        PromptAdapter, PromptConfig, PromptEncoder, Site, decompose,
+        PromptAdapter, PromptConfig, PromptEncoder, PromptMethod, Site, decompose,
     },
     models::{BaseRewrite, Llama},
     rng::Rng,
 };
+
+use crate::backward::Virtual;
 
 /// One adapted projection.
 #[derive(Debug)]
@@ -41,19 +43,21 @@ pub struct Vector {
 }
 
 /// Prompt learning's trainable parameters: prompt tuning's table of the virtual tokens'
-/// embeddings, or P-tuning's encoder, whose output the published adapter holds (as PEFT's).
+/// embeddings or prefix tuning's keys and values, or an encoder (P-tuning's, prefix tuning's
+/// MLP) whose output the published adapter holds (as PEFT's).
 #[derive(Debug)]
 pub struct Prompt {
-    /// By PEFT's names: `embedding.weight` (prompt tuning's table, P-tuning's encoder input),
+    /// By PEFT's names: `embedding.weight` (the table, or an encoder's input),
     /// then the encoder's in [`PromptEncoder::param_names`] order.
     pub params: Vec<(String, Var)>,
-    /// P-tuning's encoder; `None` for prompt tuning.
+    /// The encoder; `None` for a table.
     pub encoder: Option<EncoderKind>,
 }
 
 impl Prompt {
-    /// The virtual tokens' embeddings `[virtual, hidden]` in f32, differentiable in
-    /// [`Self::params`].
+    /// What the adapter holds, in f32, differentiable in [`Self::params`]: the virtual tokens'
+    /// embeddings `[virtual, hidden]`, or prefix tuning's keys and values `[virtual, layers · 2
+    /// · kv_width]`.
     pub fn embeddings(&self) -> Result<Tensor> {
         let Some(kind) = self.encoder else {
             return Ok(self.params[0].1.as_tensor().clone());
@@ -66,7 +70,7 @@ impl Prompt {
         PromptEncoder::new(kind, params)?.forward()
     }
 
-    /// The parameters by name, detached copies (P-tuning's checkpointed encoder).
+    /// The parameters by name, detached copies (a checkpointed encoder).
     pub fn snapshot(&self) -> Result<HashMap<String, Tensor>> {
         self.params
             .iter()
@@ -113,7 +117,7 @@ pub struct Adapters {
     pub pairs: Vec<Pair>,
     /// (IA)³'s vectors (none in a LoRA run).
     pub vectors: Vec<Vector>,
-    /// Prompt learning's parameters (in a prompt-tuning or P-tuning run only).
+    /// Prompt learning's parameters (in a prompt-tuning, P-tuning or prefix-tuning run only).
     pub prompt: Option<Prompt>,
     config: Config,
     /// OLoRA / PiSSA: each pair's start, taken out of the base (see [`Decomposer`]); the
@@ -263,8 +267,9 @@ impl Adapters {
     }
 
     /// Fresh virtual tokens for `config`'s method on `model` (which they leave unchanged):
-    /// prompt tuning's table from `start`; P-tuning's encoder of `encoder` kind and hidden
-    /// size drawn as PyTorch initialises its modules (embedding normal, linear and LSTM
+    /// prompt tuning's table from `start`, or prefix tuning's (every layer's keys and values);
+    /// P-tuning's encoder, or prefix tuning's reparameterisation MLP, of `encoder` kind and
+    /// hidden size drawn as PyTorch initialises its modules (embedding normal, linear and LSTM
     /// weights and biases uniform in ±1/√fan-in, ±1/√hidden for the LSTM), from `seed`.
     pub fn attach_prompt(
         model: &Llama,
@@ -276,6 +281,8 @@ impl Adapters {
         let mut rng = Rng::seed(seed);
         let device = model.device().clone();
         let (virtual_tokens, hidden) = (config.num_virtual_tokens, config.token_dim);
+        // What the run makes: embeddings, or a prefix's keys and values of every layer.
+        let made = config.row_width().map_err(candle_core::Error::wrap)?;
         let mut draw = |shape: &[usize], sample: &mut dyn FnMut(&mut Rng) -> f32| {
             let values: Vec<f32> = (0..shape.iter().product::<usize>())
                 .map(|_| sample(&mut rng))
@@ -288,11 +295,14 @@ impl Adapters {
                 let embedded = model.embed(&ids)?.squeeze(0)?;
                 Var::from_tensor(&embedded.to_dtype(candle_core::DType::F32)?.copy()?)?
             }
-            _ => draw(&[virtual_tokens, hidden], &mut |rng| rng.normal(1.0))?,
+            (_, Some(_)) => draw(&[virtual_tokens, hidden], &mut |rng| rng.normal(1.0))?,
+            (PromptStart::Random, None) => {
+                draw(&[virtual_tokens, made], &mut |rng| rng.normal(1.0))?
+            }
         };
         let mut params = vec![("embedding.weight".to_owned(), table)];
         if let Some((kind, size)) = encoder {
-            let shapes = PromptEncoder::param_shapes(kind, virtual_tokens, hidden, size);
+            let shapes = PromptEncoder::param_shapes(kind, virtual_tokens, (hidden, size, made));
             for (name, shape) in shapes.iter().skip(1) {
                 // PyTorch's bound: 1/√ of an LSTM's hidden size, or of a linear layer's input
                 // width (for its bias too).
@@ -422,8 +432,8 @@ impl Adapters {
         }
     }
 
-    /// Prompt tuning's table; a P-tuning run's encoder is not in the adapter (PEFT saves its
-    /// output) and comes from the checkpoint's own file ([`Prompt::load`]).
+    /// The table; an encoder is not in the adapter (PEFT saves its output) and comes from the
+    /// checkpoint's own file ([`Prompt::load`]).
     fn load_prompt(&self, adapter: &PromptAdapter) -> Result<()> {
         let Some(prompt) = &self.prompt else {
             candle_core::bail!("this run has no virtual tokens");
@@ -447,6 +457,17 @@ impl Adapters {
             table.set(&adapter.embeddings.to_device(table.device())?)?;
         }
         Ok(())
+    }
+
+    /// What a prompt-learning run's vars made (`made`, [`Prompt::embeddings`]) are: the
+    /// virtual tokens' embeddings, or prefix tuning's keys and values.
+    pub fn virtual_tokens_of<'a>(&self, made: &'a Tensor) -> Virtual<'a> {
+        match &self.config {
+            Config::Prompt(config) if config.method().ok() == Some(PromptMethod::PrefixTuning) => {
+                Virtual::Prefix(made)
+            }
+            _ => Virtual::Embeddings(made),
+        }
     }
 
     /// The virtual tokens put before each input (0 but for prompt learning).

@@ -13,12 +13,18 @@
 //! they take positions `0..n`, and the last of them scores the row's first token. Their
 //! gradient is the first layer's input gradient at those positions, summed over the rows,
 //! then taken back through whatever made the embeddings (P-tuning's encoder).
+//!
+//! A prefix-tuning run puts `n` placeholders there instead, whose keys and values every layer
+//! replaces with the prefix's ([`Llama::layer_with_prefix`]): the input's tokens take
+//! positions `n..` and see the prefix as PEFT's cache holds it, and the first token scores
+//! nothing, as in PEFT. The prefix's gradient is each layer's key and value gradients at
+//! those positions, taken back through whatever made the rows (the reparameterisation MLP).
 
 use std::{borrow::Cow, ops::Range};
 
 use candle_core::{Result, Tensor, Var, backprop::GradStore};
 use graft_engine::{
-    adapters::prepend,
+    adapters::{prefix_kv, prepend},
     backend::Dropout,
     models::{Llama, Mode, Positions},
 };
@@ -40,30 +46,104 @@ pub struct Batch {
     pub lengths: Option<Vec<Vec<usize>>>,
 }
 
+/// A prompt-learning run's virtual tokens, made from its vars (so that their gradient reaches
+/// them).
+#[derive(Clone, Copy, Debug)]
+pub enum Virtual<'a> {
+    /// Prompt tuning's or P-tuning's embeddings `[n, hidden]`, put before every row's input.
+    Embeddings(&'a Tensor),
+    /// Prefix tuning's keys and values of every layer `[n, layers · 2 · kv_width]`.
+    Prefix(&'a Tensor),
+}
+
+impl<'a> Virtual<'a> {
+    pub fn tensor(self) -> &'a Tensor {
+        match self {
+            Self::Embeddings(t) | Self::Prefix(t) => t,
+        }
+    }
+
+    /// The same kind of virtual tokens made of `tensor`.
+    #[must_use]
+    pub fn with(self, tensor: &Tensor) -> Virtual<'_> {
+        match self {
+            Self::Embeddings(_) => Virtual::Embeddings(tensor),
+            Self::Prefix(_) => Virtual::Prefix(tensor),
+        }
+    }
+
+    /// Virtual tokens before the input whose last one scores the input's first token: the
+    /// embeddings' (a prefix's placeholders score nothing).
+    fn scoring(prompt: Option<Self>) -> Result<usize> {
+        match prompt {
+            Some(Self::Embeddings(t)) => t.dim(0),
+            Some(Self::Prefix(_)) | None => Ok(0),
+        }
+    }
+
+    /// Layer `layer`'s prefix keys and values, for a prefix.
+    fn layer_kv(self, model: &Llama, layer: usize) -> Result<Option<[Tensor; 2]>> {
+        match self {
+            Self::Prefix(rows) => Ok(Some(prefix_kv(rows, model.num_layers(), layer)?)),
+            Self::Embeddings(_) => Ok(None),
+        }
+    }
+}
+
+/// Decoder layer `layer` of `model` over `h`, with the prefix's keys and values if `prompt`
+/// is one.
+fn layer(
+    model: &Llama,
+    layer: usize,
+    h: &Tensor,
+    positions: &Positions,
+    mode: Mode,
+    prompt: Option<Virtual<'_>>,
+) -> Result<Tensor> {
+    let kv = prompt
+        .map(|p| p.layer_kv(model, layer))
+        .transpose()?
+        .flatten();
+    let prefix = kv.as_ref().map(|[k, v]| [k, v]);
+    model.layer_with_prefix(layer, h, positions, mode, prefix)
+}
+
 impl Batch {
     /// The first layer's input and the rotary tables and masks of the batch's rows: whole
     /// sequences, or packed examples; with `prompt`'s virtual tokens `[n, hidden]` before each
-    /// row (differentiable in it).
-    fn inputs(&self, model: &Llama, prompt: Option<&Tensor>) -> Result<(Tensor, Positions)> {
+    /// row (differentiable in it), or a prefix's `n` placeholders (zeros).
+    fn inputs(&self, model: &Llama, prompt: Option<Virtual<'_>>) -> Result<(Tensor, Positions)> {
         let embedded = model.embed(&self.ids)?;
         let device = embedded.device().clone();
         let seq = self.ids.dim(1)?;
-        match (prompt, &self.lengths) {
+        let before = match prompt {
+            None => None,
+            Some(Virtual::Embeddings(prompt)) => Some(prompt.clone()),
+            Some(Virtual::Prefix(rows)) => {
+                let hidden = embedded.dim(2)?;
+                Some(Tensor::zeros(
+                    (rows.dim(0)?, hidden),
+                    embedded.dtype(),
+                    &device,
+                )?)
+            }
+        };
+        match (before, &self.lengths) {
             (None, Some(lengths)) => Ok((embedded, model.packed_positions(lengths, seq, &device)?)),
             (None, None) => Ok((embedded, model.positions(seq, &device)?)),
             (Some(_), Some(_)) => candle_core::bail!("packed rows take no virtual tokens"),
-            (Some(prompt), None) => {
-                let h = prepend(prompt, &embedded)?;
+            (Some(before), None) => {
+                let h = prepend(&before, &embedded)?;
                 let positions = model.positions(h.dim(1)?, &device)?;
                 Ok((h, positions))
             }
         }
     }
 
-    /// Tokens the loss scores: [`Self::label_tokens`], and behind virtual tokens the first
-    /// column's learned ones too ([`Self::scored`]).
-    pub fn scored_tokens(&self, virtual_tokens: usize) -> Result<usize> {
-        if virtual_tokens == 0 {
+    /// Tokens the loss scores: [`Self::label_tokens`], and behind virtual tokens' embeddings
+    /// the first column's learned ones too ([`Self::scored`]).
+    pub fn scored_tokens(&self, prompt: Option<Virtual<'_>>) -> Result<usize> {
+        if Virtual::scoring(prompt)? == 0 {
             return Ok(self.label_tokens);
         }
         let first = self.labels.narrow(1, 0, 1)?.sum_all()?.to_scalar::<f32>()?;
@@ -74,15 +154,21 @@ impl Batch {
     /// The hidden states the loss scores and the batch they are scored against. Behind `n`
     /// virtual tokens, PEFT scores the first token from the last virtual token's logits: the
     /// states from position `n − 1` on, against the batch with one unlearned column before it.
+    /// Behind a prefix's placeholders, the input's own states.
     fn scored<'a>(
         &'a self,
         last: &Tensor,
-        virtual_tokens: usize,
+        prompt: Option<Virtual<'_>>,
     ) -> Result<(Tensor, Cow<'a, Self>)> {
-        if virtual_tokens == 0 {
-            return Ok((last.clone(), Cow::Borrowed(self)));
-        }
         let seq = self.ids.dim(1)?;
+        let virtual_tokens = match prompt {
+            None => return Ok((last.clone(), Cow::Borrowed(self))),
+            Some(Virtual::Prefix(rows)) => {
+                let n = rows.dim(0)?;
+                return Ok((last.narrow(1, n, seq)?, Cow::Borrowed(self)));
+            }
+            Some(Virtual::Embeddings(prompt)) => prompt.dim(0)?,
+        };
         let states = last.narrow(1, virtual_tokens - 1, seq + 1)?;
         let column = |t: &Tensor| -> Result<Tensor> {
             Tensor::cat(&[&t.narrow(1, 0, 1)?.zeros_like()?, t], 1)
@@ -117,13 +203,12 @@ pub fn set_shards(shards: usize) {
 }
 
 /// How a micro-batch is computed: its dropout, whether layers are recomputed in the backward
-/// pass, and a prompt-learning run's virtual tokens `[n, hidden]` (made from `vars`, so their
-/// gradient reaches them).
+/// pass, and a prompt-learning run's virtual tokens.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StepOptions<'a> {
     pub dropout: Option<Dropout>,
     pub recompute: bool,
-    pub prompt: Option<&'a Tensor>,
+    pub prompt: Option<Virtual<'a>>,
 }
 
 impl StepOptions<'_> {
@@ -230,10 +315,6 @@ fn shard_step(
     }
 }
 
-fn virtual_tokens(prompt: Option<&Tensor>) -> Result<usize> {
-    prompt.map_or(Ok(0), |p| p.dim(0))
-}
-
 fn whole_graph(
     model: &Llama,
     vars: &[Var],
@@ -242,10 +323,11 @@ fn whole_graph(
     options: StepOptions<'_>,
 ) -> Result<MicroStep> {
     let (mut h, positions) = batch.inputs(model, options.prompt)?;
-    for layer in 0..model.num_layers() {
-        h = model.layer(layer, &h, &positions, Mode::Train(options.dropout))?;
+    for index in 0..model.num_layers() {
+        let mode = Mode::Train(options.dropout);
+        h = layer(model, index, &h, &positions, mode, options.prompt)?;
     }
-    let (h, scored) = batch.scored(&h, virtual_tokens(options.prompt)?)?;
+    let (h, scored) = batch.scored(&h, options.prompt)?;
     let loss_sum = nll_sum(&model.head(&h)?, &scored.ids, &scored.labels)?;
     let grads = (&loss_sum / denominator)?.backward()?;
     Ok(MicroStep {
@@ -261,48 +343,67 @@ fn recomputed(
     denominator: f64,
     options: StepOptions<'_>,
 ) -> Result<MicroStep> {
-    let dropout = options.dropout;
-    let detached = options.prompt.map(Tensor::detach);
-    let (h0, positions) = batch.inputs(model, detached.as_ref())?;
+    let mode = Mode::Train(options.dropout);
+    let detached = options.prompt.map(|p| p.tensor().detach());
+    let constant = options
+        .prompt
+        .zip(detached.as_ref())
+        .map(|(p, t)| p.with(t));
+    let (h0, positions) = batch.inputs(model, constant)?;
     // Each layer's input; the graph built while computing the next one is dropped at once.
     let mut inputs = vec![h0.detach()];
-    for layer in 0..model.num_layers() {
-        let next = model
-            .layer(layer, &inputs[layer], &positions, Mode::Train(dropout))?
-            .detach();
+    for index in 0..model.num_layers() {
+        let next = layer(model, index, &inputs[index], &positions, mode, constant)?.detach();
         inputs.push(next);
     }
     let last = inputs.pop().expect("the embeddings at least");
-    let virtual_tokens = virtual_tokens(options.prompt)?;
-    let (scored_states, scored) = batch.scored(&last, virtual_tokens)?;
+    let (scored_states, scored) = batch.scored(&last, constant)?;
     let chunk = loss_chunk(model, batch)?;
     let (loss_sum, scored_grad) = head_loss(model, &scored_states, &scored, denominator, chunk)?;
-    // The virtual tokens before the last one score nothing: no gradient from the head.
-    let mut upstream = if virtual_tokens > 1 {
+    // Positions before the scored ones (the virtual tokens before the last one, or a prefix's
+    // placeholders) get no gradient from the head.
+    let unscored = last.dim(1)? - scored_grad.dim(1)?;
+    let mut upstream = if unscored > 0 {
         let (rows, _, hidden) = last.dims3()?;
-        let unscored = Tensor::zeros(
-            (rows, virtual_tokens - 1, hidden),
-            last.dtype(),
-            last.device(),
-        )?;
-        Tensor::cat(&[&unscored, &scored_grad], 1)?
+        let zeros = Tensor::zeros((rows, unscored, hidden), last.dtype(), last.device())?;
+        Tensor::cat(&[&zeros, &scored_grad], 1)?
     } else {
         scored_grad
     };
     let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
-    for layer in (0..model.num_layers()).rev() {
+    // A prefix's key and value gradients, layer by layer from the last.
+    let mut prefix_grads = Vec::new();
+    for index in (0..model.num_layers()).rev() {
         let input = inputs.pop().expect("one input per layer");
-        // The first layer's input gradient is used only by virtual tokens; without them it
-        // stays a constant.
-        let tracked = if layer == 0 && options.prompt.is_none() {
+        // The first layer's input gradient is used only by virtual tokens' embeddings;
+        // without them it stays a constant.
+        let embeddings = matches!(options.prompt, Some(Virtual::Embeddings(_)));
+        let tracked = if index == 0 && !embeddings {
             None
         } else {
             Some(Var::from_tensor(&input)?)
         };
         let x = tracked.as_ref().map_or(&input, Var::as_tensor);
-        let y = model.layer(layer, x, &positions, Mode::Train(dropout))?;
+        let kv = match constant {
+            Some(prefix @ Virtual::Prefix(_)) => {
+                let [k, v] = prefix.layer_kv(model, index)?.expect("a prefix");
+                Some([Var::from_tensor(&k)?, Var::from_tensor(&v)?])
+            }
+            _ => None,
+        };
+        let prefix = kv.as_ref().map(|[k, v]| [k.as_tensor(), v.as_tensor()]);
+        let y = model.layer_with_prefix(index, x, &positions, mode, prefix)?;
         let layer_grads = (y * &upstream)?.sum_all()?.backward()?;
         accumulate(&mut grads, take(&layer_grads, vars))?;
+        if let Some([k, v]) = &kv {
+            let grad = |var: &Var| -> Result<Tensor> {
+                match layer_grads.get(var.as_tensor()) {
+                    Some(grad) => Ok(grad.detach()),
+                    None => var.as_tensor().zeros_like(),
+                }
+            };
+            prefix_grads.push([grad(k)?, grad(v)?]);
+        }
         if let Some(tracked) = &tracked {
             upstream = layer_grads
                 .get(tracked.as_tensor())
@@ -310,15 +411,22 @@ fn recomputed(
                 .detach();
         }
     }
-    if let Some(prompt) = options.prompt {
+    let (source, at_virtual) = match options.prompt {
+        None => return Ok(MicroStep { loss_sum, grads }),
         // Every row's gradient at the virtual positions flows into the one set of embeddings.
-        let at_prompt = upstream
-            .narrow(1, 0, virtual_tokens)?
-            .to_dtype(prompt.dtype())?
-            .sum(0)?;
-        let prompt_grads = (prompt * at_prompt)?.sum_all()?.backward()?;
-        accumulate(&mut grads, take(&prompt_grads, vars))?;
-    }
+        Some(Virtual::Embeddings(prompt)) => {
+            (prompt, upstream.narrow(1, 0, prompt.dim(0)?)?.sum(0)?)
+        }
+        // PEFT's layout, per layer a key then a value (gathered from the last layer back).
+        Some(Virtual::Prefix(rows)) => {
+            let parts: Vec<Tensor> = prefix_grads.into_iter().rev().flatten().collect();
+            (rows, Tensor::stack(&parts, 1)?.reshape(rows.shape())?)
+        }
+    };
+    let source_grads = (source * at_virtual.to_dtype(source.dtype())?)?
+        .sum_all()?
+        .backward()?;
+    accumulate(&mut grads, take(&source_grads, vars))?;
     Ok(MicroStep { loss_sum, grads })
 }
 
@@ -392,14 +500,15 @@ pub fn head_loss(
 /// layer's activations dropped as the next is computed), the loss in chunks as in training.
 /// So evaluation never holds more than a training step does. `prompt`: a prompt-learning
 /// run's virtual tokens.
-pub fn eval_loss_sum(model: &Llama, batch: &Batch, prompt: Option<&Tensor>) -> Result<f32> {
-    let prompt = prompt.map(Tensor::detach);
-    let (h, positions) = batch.inputs(model, prompt.as_ref())?;
+pub fn eval_loss_sum(model: &Llama, batch: &Batch, prompt: Option<Virtual<'_>>) -> Result<f32> {
+    let detached = prompt.map(|p| p.tensor().detach());
+    let prompt = prompt.zip(detached.as_ref()).map(|(p, t)| p.with(t));
+    let (h, positions) = batch.inputs(model, prompt)?;
     let mut h = h.detach();
-    for layer in 0..model.num_layers() {
-        h = model.layer(layer, &h, &positions, Mode::Eval)?;
+    for index in 0..model.num_layers() {
+        h = layer(model, index, &h, &positions, Mode::Eval, prompt)?;
     }
-    let (h, scored) = batch.scored(&h, virtual_tokens(prompt.as_ref())?)?;
+    let (h, scored) = batch.scored(&h, prompt)?;
     let mut loss_sum = 0f32;
     for range in chunks(h.dim(1)?, loss_chunk(model, batch)?) {
         let logits = model.head(&h.narrow(1, range.start, range.len())?)?;

@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 
 pub const STATE_FILE: &str = "state.json";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
-/// P-tuning's encoder: the published adapter holds only its output, as PEFT's does.
+/// P-tuning's encoder, or prefix tuning's reparameterisation MLP: the published adapter holds
+/// only its output, as PEFT's does.
 const ENCODER_FILE: &str = "prompt_encoder.safetensors";
 const BEST_CONFIG: &str = "best/adapter_config.json";
 const BEST_WEIGHTS: &str = "best/adapter_model.safetensors";
@@ -55,7 +56,7 @@ pub struct Checkpoint {
     pub adapter: PeftAdapter,
     /// The adapter at [`State::best`], when the run keeps it.
     pub best_adapter: Option<PeftAdapter>,
-    /// P-tuning's encoder parameters, by PEFT's names.
+    /// P-tuning's encoder or prefix tuning's MLP, by PEFT's names.
     pub encoder: Option<HashMap<String, Tensor>>,
     pub optimizer_steps: u64,
     /// `(first, second)` moments, in the optimizer's var order.

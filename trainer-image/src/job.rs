@@ -237,6 +237,7 @@ fn check_method_trained(spec: &FineTuneJobSpec) -> Result<(), JobError> {
         MethodKind::Lora(_) | MethodKind::Ia3(_) => return Ok(()),
         MethodKind::PromptTuning(_) => "method.promptTuning",
         MethodKind::PTuning(_) => "method.pTuning",
+        MethodKind::PrefixTuning(_) => "method.prefixTuning",
     };
     if spec.output.merged {
         return Err(JobError::bad(format!(
@@ -488,7 +489,7 @@ fn load_model(
             let adapters = Adapters::attach_ia3(&mut model, ia3_config, &sites)?;
             return Ok((model, adapters));
         }
-        MethodKind::PromptTuning(_) | MethodKind::PTuning(_) => {
+        MethodKind::PromptTuning(_) | MethodKind::PTuning(_) | MethodKind::PrefixTuning(_) => {
             let model = load(None)?;
             let adapters = attach_prompt(&model, spec, tokenizer)?;
             return Ok((model, adapters));
@@ -551,7 +552,8 @@ fn load_model(
     Ok((model, adapters))
 }
 
-/// Fresh virtual tokens for a prompt-tuning or P-tuning job, their config as PEFT writes it.
+/// Fresh virtual tokens for a prompt-tuning, P-tuning or prefix-tuning job, their config as
+/// PEFT writes it.
 fn attach_prompt(
     model: &Llama,
     spec: &FineTuneJobSpec,
@@ -604,6 +606,19 @@ fn attach_prompt(
                 ..PromptConfig::for_model(PromptMethod::PTuning, virtual_tokens, config)
             };
             (prompt_config, PromptStart::Random, Some((kind, hidden)))
+        }
+        MethodKind::PrefixTuning(prefix) => {
+            let hidden = prefix.encoder_hidden_size as usize;
+            let virtual_tokens = prefix.num_virtual_tokens as usize;
+            let projection = prefix.prefix_projection;
+            let prompt_config = PromptConfig {
+                prefix_projection: Some(projection),
+                encoder_hidden_size: projection.then_some(hidden),
+                base_model_name_or_path: base_model,
+                ..PromptConfig::for_model(PromptMethod::PrefixTuning, virtual_tokens, config)
+            };
+            let encoder = projection.then_some((EncoderKind::PrefixMlp, hidden));
+            (prompt_config, PromptStart::Random, encoder)
         }
         MethodKind::Lora(_) | MethodKind::Ia3(_) => {
             return Err(JobError::bad("LoRA and (IA)³ train no virtual tokens"));
@@ -745,12 +760,14 @@ mod tests {
         };
         let prompt = "{promptTuning: {numVirtualTokens: 8}}";
         let p_tuning = "{pTuning: {numVirtualTokens: 8, encoder: lstm}}";
+        let prefix = "{prefixTuning: {numVirtualTokens: 8, prefixProjection: true}}";
         for method in [
             "{lora: {rank: 4}}",
             "{quantization: nf4}",
             "{ia3: {}}",
             prompt,
             p_tuning,
+            prefix,
         ] {
             assert!(
                 check_method_trained(&spec(method, false, false)).is_ok(),
@@ -774,6 +791,12 @@ mod tests {
                 false,
                 true,
                 ["training.packing", "method.pTuning"],
+            ),
+            (
+                prefix,
+                true,
+                false,
+                ["output.merged", "method.prefixTuning"],
             ),
         ] {
             let error = check_method_trained(&spec(method, merged, packing)).expect_err(method);

@@ -252,7 +252,9 @@ impl Trainer {
         {
             let Some(encoder) = &checkpoint.encoder else {
                 return Err(TrainError::ForeignCheckpoint(
-                    "it holds no prompt encoder, and this run trains one (P-tuning)".to_owned(),
+                    "it holds no prompt encoder, and this run trains one (P-tuning's, or \
+                     prefix tuning's reparameterisation MLP)"
+                        .to_owned(),
                 ));
             };
             prompt.load(encoder)?;
@@ -322,7 +324,7 @@ impl Trainer {
         Ok(())
     }
 
-    /// A prompt-learning run's virtual tokens, made from its vars.
+    /// A prompt-learning run's virtual tokens' embeddings or prefix, made from its vars.
     fn prompt_embeddings(&self) -> TensorResult<Option<Tensor>> {
         self.adapters
             .prompt
@@ -391,17 +393,17 @@ impl Trainer {
                 Ok((m, collate_rows(&rows, s.pad_id, &device)?))
             })
             .collect::<TensorResult<_>>()?;
-        let virtual_tokens = self.adapters.virtual_tokens();
+        // Made once per step from the vars (P-tuning's encoder runs here), shared by every
+        // micro-batch.
+        let made = self.prompt_embeddings()?;
+        let prompt = made.as_ref().map(|t| self.adapters.virtual_tokens_of(t));
         let label_tokens = batches
             .iter()
-            .map(|(_, b)| b.scored_tokens(virtual_tokens))
+            .map(|(_, b)| b.scored_tokens(prompt))
             .sum::<TensorResult<usize>>()?;
         #[allow(clippy::cast_precision_loss)]
         let denominator = label_tokens.max(1) as f64;
         let vars = self.adapters.vars();
-        // Made once per step from the vars (P-tuning's encoder runs here), shared by every
-        // micro-batch.
-        let prompt = self.prompt_embeddings()?;
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut loss_sum = 0f64;
         let mut tokens = 0;
@@ -416,7 +418,7 @@ impl Trainer {
             let options = StepOptions {
                 dropout,
                 recompute: s.recompute,
-                prompt: prompt.as_ref(),
+                prompt,
             };
             let micro = micro_step(&self.model, &vars, batch, denominator, options)?;
             loss_sum += f64::from(micro.loss_sum);
@@ -439,13 +441,13 @@ impl Trainer {
     /// graph ([`eval_loss_sum`]).
     pub fn eval_loss(&self) -> TensorResult<f64> {
         let (mut sum, mut count) = (0f64, 0usize);
-        let prompt = self.prompt_embeddings()?;
-        let virtual_tokens = self.adapters.virtual_tokens();
+        let made = self.prompt_embeddings()?;
+        let prompt = made.as_ref().map(|t| self.adapters.virtual_tokens_of(t));
         for chunk in self.eval.chunks(self.settings.batch_size) {
             let examples: Vec<&Example> = chunk.iter().collect();
             let batch = collate(&examples, self.settings.pad_id, self.model.device())?;
-            sum += f64::from(eval_loss_sum(&self.model, &batch, prompt.as_ref())?);
-            count += batch.scored_tokens(virtual_tokens)?;
+            sum += f64::from(eval_loss_sum(&self.model, &batch, prompt)?);
+            count += batch.scored_tokens(prompt)?;
         }
         #[allow(clippy::cast_precision_loss)]
         Ok(sum / count.max(1) as f64)

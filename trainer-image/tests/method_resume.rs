@@ -1,6 +1,6 @@
-//! Checkpoints of the methods other than LoRA: an (IA)³ run and a P-tuning run resumed from
-//! their step-2 checkpoints (the adapter in PEFT's format, P-tuning's encoder beside it, the
-//! optimizer's moments) publish the adapter of the uninterrupted run.
+//! Checkpoints of the methods other than LoRA: an (IA)³ run, a P-tuning run and a prefix-tuning
+//! run resumed from their step-2 checkpoints (the adapter in PEFT's format, the encoder beside
+//! it, the optimizer's moments) publish the adapter of the uninterrupted run.
 
 use std::{path::Path, process::Command};
 
@@ -67,6 +67,15 @@ fn a_resumed_ia3_run_ends_as_an_uninterrupted_one() {
         let moved = common::max_abs_diff(vector, &vector.ones_like().expect("ones"));
         assert!(moved > 1e-3, "{key}: training moved the vector ({moved})");
     }
+}
+
+/// Prefix tuning through its reparameterisation MLP keeps the MLP in its checkpoints, as
+/// P-tuning keeps its encoder.
+#[test]
+fn a_resumed_prefix_tuning_run_ends_as_an_uninterrupted_one() {
+    let method = "{quantization: nf4, prefixTuning: {numVirtualTokens: 2, prefixProjection: true, \
+                  encoderHiddenSize: 8}}";
+    resumed_as_whole(method, "\"PREFIX_TUNING\"", &["prompt_encoder.safetensors"]);
 }
 
 /// P-tuning publishes the encoder's output; a resumed run continues from the encoder itself,

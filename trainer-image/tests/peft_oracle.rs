@@ -18,10 +18,10 @@ use std::{
 use candle_core::{DType, Device, Tensor, Var};
 use graft_engine::{
     adapters::{
-        Adapter, AdapterConfig, EncoderKind, Ia3, Ia3Adapter, PeftAdapter, PromptAdapter, Site,
-        prepend,
+        Adapter, AdapterConfig, EncoderKind, Ia3, Ia3Adapter, PeftAdapter, PromptAdapter,
+        PromptConfig, PromptMethod, Site, prefix_kv, prepend,
     },
-    models::{Checkpoint, Config, Llama, ModelFiles, Precision, load_weights},
+    models::{Checkpoint, Config, Llama, Mode, ModelFiles, Precision, load_weights},
 };
 use graft_trainer::{
     adapters::{Adapters, Decomposer, PromptStart},
@@ -829,12 +829,34 @@ fn prompted_logits(model: &Llama, prompt: &Tensor, ids: &Tensor) -> Tensor {
         .expect("the input's rows")
 }
 
-/// Prompt tuning (random and text starts) and P-tuning (MLP and LSTM encoders) trained by
-/// `graft-trainer train` publish adapters PEFT loads to Graft's logits; training moved a text
-/// start away from its text's embeddings, and the published table is the one the job's own
-/// evaluation used (its loss is recomputed here from the adapter).
+/// The logits of `ids`' positions behind prefix tuning's keys and values `rows`
+/// `[n, layers · 2 · kv_width]`, through the trainer's evaluation path.
+fn prefixed_logits(model: &Llama, rows: &Tensor, ids: &Tensor) -> Tensor {
+    let n = rows.dim(0).expect("virtual");
+    let embedded = model.embed(ids).expect("embed");
+    let hidden = embedded.dim(2).expect("hidden");
+    let placeholders = Tensor::zeros((n, hidden), DType::F32, &Device::Cpu).expect("zeros");
+    let mut h = prepend(&placeholders, &embedded).expect("prepend");
+    let positions = model
+        .positions(h.dim(1).expect("seq"), &Device::Cpu)
+        .expect("positions");
+    for layer in 0..model.num_layers() {
+        let [k, v] = prefix_kv(rows, model.num_layers(), layer).expect("layer's prefix");
+        h = model
+            .layer_with_prefix(layer, &h, &positions, Mode::Eval, Some([&k, &v]))
+            .expect("layer");
+    }
+    let seq = ids.dim(1).expect("seq");
+    model
+        .head(&h.narrow(1, n, seq).expect("the input's rows"))
+        .expect("head")
+}
+
+/// Prompt tuning (random and text starts), P-tuning (MLP and LSTM encoders) and prefix tuning
+/// (a table, and the reparameterisation MLP) trained by `graft-trainer train` publish adapters
+/// PEFT loads to Graft's logits; training moved a text start away from its text's embeddings.
 #[test]
-fn prompt_tuning_and_p_tuning_adapters_trained_by_graft_give_graft_logits_in_peft() {
+fn prompt_learning_adapters_trained_by_graft_give_graft_logits_in_peft() {
     let model_dir = tiny_model();
     let model = dense_model(&model_dir);
     let tokenizer = graft_engine::text::tokenizer::Tokenizer::from_dir(&model_dir).expect("tok");
@@ -861,6 +883,16 @@ fn prompt_tuning_and_p_tuning_adapters_trained_by_graft_give_graft_logits_in_pef
             "{pTuning: {numVirtualTokens: 3, encoder: lstm, encoderHiddenSize: 8}}",
             "P_TUNING",
         ),
+        (
+            "prefix",
+            "{prefixTuning: {numVirtualTokens: 4}}",
+            "PREFIX_TUNING",
+        ),
+        (
+            "prefix-mlp",
+            "{prefixTuning: {numVirtualTokens: 3, prefixProjection: true, encoderHiddenSize: 16}}",
+            "PREFIX_TUNING",
+        ),
     ] {
         let dir = tempfile::tempdir().expect("tempdir");
         let adapter_dir = train(dir.path(), &model_dir, method);
@@ -884,7 +916,16 @@ fn prompt_tuning_and_p_tuning_adapters_trained_by_graft_give_graft_logits_in_pef
                 Some("Name an animal")
             );
         }
-        let logits = prompted_logits(&model, &adapter.embeddings, &ids);
+        let logits = if peft_type == "PREFIX_TUNING" {
+            assert_eq!(
+                adapter.config.prefix_projection,
+                Some(name == "prefix-mlp"),
+                "{name}"
+            );
+            prefixed_logits(&model, &adapter.embeddings, &ids)
+        } else {
+            prompted_logits(&model, &adapter.embeddings, &ids)
+        };
         let effect = max_abs(&(&logits - &base).expect("diff"));
         assert!(
             effect > 1e-3,
@@ -920,15 +961,35 @@ fn pefts_prompt_adapters(model: &Llama, dir: &Path, encoder: Option<EncoderKind>
     adapters
 }
 
-/// One step of prompt tuning and of P-tuning (MLP, LSTM) on PEFT-made adapters through the
-/// trainer's micro-step, whole-graph and recomputed, one shard and two: the loss and every
-/// parameter's gradient are PEFT's (`tests/oracle/peft_prompt_gradients.py`), within 1e-3 of
-/// each tensor's largest entry.
-#[test]
-fn one_prompt_learning_steps_gradients_equal_pefts() {
-    let data = repo_root().join("engine/tests/data/tiny");
-    let model_dir = data.join("llama");
-    let model = dense_model(&model_dir);
+/// A prefix-tuning run's fresh reparameterisation MLP (`virtual` tokens, hidden size
+/// `hidden`) written as the oracle reads it: PEFT's adapter files of its output, and its
+/// parameters beside them (`encoder.safetensors`, by PEFT's names).
+fn fresh_prefix_projection(model: &Llama, dir: &Path, virtual_tokens: usize, hidden: usize) {
+    let config = PromptConfig {
+        prefix_projection: Some(true),
+        encoder_hidden_size: Some(hidden),
+        ..PromptConfig::for_model(PromptMethod::PrefixTuning, virtual_tokens, model.config())
+    };
+    let encoder = Some((EncoderKind::PrefixMlp, hidden));
+    let adapters = Adapters::attach_prompt(model, config.clone(), &PromptStart::Random, encoder, 7)
+        .expect("attach");
+    let prompt = adapters.prompt.as_ref().expect("virtual tokens");
+    let embeddings = prompt.embeddings().expect("the MLP's output");
+    let (config, weights) = PromptAdapter { config, embeddings }
+        .to_bytes()
+        .expect("PEFT's files");
+    std::fs::create_dir_all(dir).expect("dir");
+    std::fs::write(dir.join("adapter_config.json"), config).expect("config");
+    std::fs::write(dir.join("adapter_model.safetensors"), weights).expect("weights");
+    candle_core::safetensors::save(
+        &prompt.snapshot().expect("parameters"),
+        dir.join("encoder.safetensors"),
+    )
+    .expect("encoder");
+}
+
+/// Two rows of tokens, every one learned, and their ids written for the oracle into `work`.
+fn learned_batch(work: &Path) -> (Batch, PathBuf) {
     let ids = Tensor::new(
         &[
             [5u32, 17, 40, 3, 77, 21, 9, 60],
@@ -938,26 +999,50 @@ fn one_prompt_learning_steps_gradients_equal_pefts() {
     )
     .expect("ids");
     let (rows, seq) = ids.dims2().expect("dims");
-    let batch = Batch {
-        ids: ids.clone(),
-        labels: Tensor::ones((rows, seq), DType::F32, &Device::Cpu).expect("labels"),
-        label_tokens: rows * (seq - 1),
-        tokens: rows * seq,
-        lengths: None,
-    };
-    let work = tempfile::tempdir().expect("tempdir");
-    let ids_file = work.path().join("ids.safetensors");
+    let ids_file = work.join("ids.safetensors");
     let saved = HashMap::from([(
         "input_ids".to_owned(),
         ids.to_dtype(DType::I64).expect("i64"),
     )]);
     candle_core::safetensors::save(&saved, &ids_file).expect("ids");
+    let batch = Batch {
+        ids,
+        labels: Tensor::ones((rows, seq), DType::F32, &Device::Cpu).expect("labels"),
+        label_tokens: rows * (seq - 1),
+        tokens: rows * seq,
+        lengths: None,
+    };
+    (batch, ids_file)
+}
+
+/// One step of prompt tuning, P-tuning (MLP, LSTM) and prefix tuning (a table, and the
+/// reparameterisation MLP) through the trainer's micro-step, whole-graph and recomputed, one
+/// shard and two: the loss and every parameter's gradient are PEFT's
+/// (`tests/oracle/peft_prompt_gradients.py`), within 1e-3 of each tensor's largest entry. The
+/// adapters are PEFT-made, but for the prefix MLP's, which PEFT does not save: the trainer
+/// draws it, and PEFT loads its parameters by PEFT's own names and shapes.
+#[test]
+fn one_prompt_learning_steps_gradients_equal_pefts() {
+    let data = repo_root().join("engine/tests/data/tiny");
+    let model_dir = data.join("llama");
+    let model = dense_model(&model_dir);
+    let work = tempfile::tempdir().expect("tempdir");
+    let (batch, ids_file) = learned_batch(work.path());
+    let (rows, seq) = batch.ids.dims2().expect("dims");
+    let projection_dir = work.path().join("llama-prefix-projection");
+    fresh_prefix_projection(&model, &projection_dir, 3, 8);
     for (adapter_name, encoder) in [
         ("llama-peft-prompt", None),
         ("llama-peft-ptuning-mlp", Some(EncoderKind::Mlp)),
         ("llama-peft-ptuning-lstm", Some(EncoderKind::Lstm)),
+        ("llama-peft-prefix", None),
+        ("llama-prefix-projection", Some(EncoderKind::PrefixMlp)),
     ] {
-        let adapter_dir = data.join(adapter_name);
+        let adapter_dir = if encoder == Some(EncoderKind::PrefixMlp) {
+            projection_dir.clone()
+        } else {
+            data.join(adapter_name)
+        };
         let adapters = pefts_prompt_adapters(&model, &adapter_dir, encoder);
         let prompt = adapters.prompt.as_ref().expect("virtual tokens");
         let out_file = work.path().join(format!("{adapter_name}.safetensors"));
@@ -973,16 +1058,22 @@ fn one_prompt_learning_steps_gradients_equal_pefts() {
         );
         let peft = candle_core::safetensors::load(&out_file, &Device::Cpu).expect("PEFT's step");
         let vars = adapters.vars();
-        let embeddings = prompt.embeddings().expect("embeddings");
-        let denominator = batch
-            .scored_tokens(adapters.virtual_tokens())
-            .expect("tokens");
-        assert_eq!(denominator, rows * seq, "PEFT scores every input token");
+        let made = prompt.embeddings().expect("embeddings");
+        let virtual_tokens = adapters.virtual_tokens_of(&made);
+        let denominator = batch.scored_tokens(Some(virtual_tokens)).expect("tokens");
+        let prefix = adapter_name.contains("prefix");
+        // Behind virtual tokens' embeddings PEFT scores every input token; behind a prefix,
+        // all but the first, as without one.
+        let scored = if prefix { rows * (seq - 1) } else { rows * seq };
+        assert_eq!(
+            denominator, scored,
+            "{adapter_name}: the tokens PEFT scores"
+        );
         for (recompute, shards) in [(false, 1), (true, 1), (true, 2)] {
             let options = StepOptions {
                 dropout: None,
                 recompute,
-                prompt: Some(&embeddings),
+                prompt: Some(virtual_tokens),
             };
             #[allow(clippy::cast_precision_loss)]
             let step = sharded_step(shards, &model, &vars, &batch, denominator as f64, options)

@@ -21,8 +21,8 @@ pub use methods::{PeftAdapter, peft_type};
 pub use patterns::Patterns;
 pub use peft::{Adapter, AdapterConfig, PeftError, TargetModules};
 pub use prompt::{
-    PROMPT_EMBEDDINGS, PromptAdapter, PromptConfig, PromptMethod, is_prompt_learning, prepend,
-    text_init_ids,
+    PROMPT_EMBEDDINGS, PromptAdapter, PromptConfig, PromptMethod, is_prompt_learning, prefix_kv,
+    prepend, text_init_ids,
 };
 pub use prompt_encoder::{EncoderKind, PromptEncoder};
 pub use site::Site;

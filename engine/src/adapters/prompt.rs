@@ -265,12 +265,8 @@ impl PromptAdapter {
 
     /// Prefix tuning's keys and values of `layer`, `[num_virtual_tokens, token_dim]` each.
     pub fn layer_kv(&self, layer: usize) -> candle_core::Result<(Tensor, Tensor)> {
-        let (n, dim) = (self.config.num_virtual_tokens, self.config.token_dim);
-        let all = self
-            .embeddings
-            .reshape((n, self.config.num_layers * 2, dim))?;
-        let part = |at: usize| all.narrow(1, at, 1)?.squeeze(1)?.contiguous();
-        Ok((part(2 * layer)?, part(2 * layer + 1)?))
+        let [k, v] = prefix_kv(&self.embeddings, self.config.num_layers, layer)?;
+        Ok((k, v))
     }
 
     /// Whether the embeddings fit a model of `hidden` hidden size, and its virtual tokens
@@ -290,6 +286,16 @@ impl PromptAdapter {
         }
         Ok(())
     }
+}
+
+/// Layer `layer`'s keys and values `[n, width]` from prefix tuning's rows `[n, layers · 2 ·
+/// width]` (PEFT's layout: per layer a key, then a value). Differentiable in `rows`, so a
+/// trained prefix's gradient reaches whatever made the rows.
+pub fn prefix_kv(rows: &Tensor, layers: usize, layer: usize) -> candle_core::Result<[Tensor; 2]> {
+    let (n, width) = rows.dims2()?;
+    let all = rows.reshape((n, layers * 2, width / (layers * 2)))?;
+    let part = |at: usize| all.narrow(1, at, 1)?.squeeze(1)?.contiguous();
+    Ok([part(2 * layer)?, part(2 * layer + 1)?])
 }
 
 /// Input embeddings `[batch, virtual + seq, hidden]`: the virtual tokens' `prompt`

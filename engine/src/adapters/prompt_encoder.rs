@@ -1,8 +1,13 @@
-//! P-tuning's prompt encoder as PEFT defines it (`peft.tuners.p_tuning.PromptEncoder`): an
-//! embedding table of the virtual tokens `[virtual, token_dim]`, then either an MLP
-//! (`Linear(token_dim, h)`, ReLU, `Linear(h, h)`, ReLU, `Linear(h, token_dim)`) or a two-layer
-//! bidirectional LSTM of hidden size `h` followed by `Linear(2h, 2h)`, ReLU,
-//! `Linear(2h, token_dim)`. Its output is what PEFT saves as `prompt_embeddings`.
+//! The encoders of prompt learning as PEFT defines them: an embedding table of the virtual
+//! tokens `[virtual, token_dim]`, then
+//! - P-tuning's (`peft.tuners.p_tuning.PromptEncoder`): either an MLP (`Linear(token_dim, h)`,
+//!   ReLU, `Linear(h, h)`, ReLU, `Linear(h, token_dim)`) or a two-layer bidirectional LSTM of
+//!   hidden size `h` followed by `Linear(2h, 2h)`, ReLU, `Linear(2h, token_dim)`;
+//! - prefix tuning's reparameterisation (`peft.tuners.prefix_tuning.PrefixEncoder` with
+//!   `prefix_projection`): `Linear(token_dim, h)`, tanh, `Linear(h, out)`, `out` being every
+//!   layer's key and value width.
+//!
+//! Its output is what PEFT saves as `prompt_embeddings`.
 //!
 //! Written with candle's elementary ops only (matmul, add, exp, tanh, relu, cat), each of which
 //! has a backward, so the output is differentiable in every parameter on either backend.
@@ -13,11 +18,13 @@ use std::collections::HashMap;
 
 use candle_core::{Result, Tensor};
 
-/// Which encoder (PEFT's `encoder_reparameterization_type`).
+/// Which encoder: P-tuning's (PEFT's `encoder_reparameterization_type`), or prefix tuning's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EncoderKind {
     Mlp,
     Lstm,
+    /// Prefix tuning's two-layer MLP (PEFT's `prefix_projection`).
+    PrefixMlp,
 }
 
 impl EncoderKind {
@@ -26,14 +33,16 @@ impl EncoderKind {
         match self {
             Self::Mlp => "MLP",
             Self::Lstm => "LSTM",
+            Self::PrefixMlp => "prefix_projection",
         }
     }
 
-    /// The MLP head's linear layers, by their index in PEFT's `mlp_head` `Sequential`.
-    fn mlp_layers(self) -> &'static [usize] {
+    /// The MLP head's `Sequential` in PEFT's module, and its linear layers by their index.
+    fn mlp_layers(self) -> (&'static str, &'static [usize]) {
         match self {
-            Self::Mlp => &[0, 2, 4],
-            Self::Lstm => &[0, 2],
+            Self::Mlp => ("mlp_head", &[0, 2, 4]),
+            Self::Lstm => ("mlp_head", &[0, 2]),
+            Self::PrefixMlp => ("transform", &[0, 2]),
         }
     }
 }
@@ -52,9 +61,10 @@ impl PromptEncoder {
     /// The names of the parameters an encoder of `kind` has.
     pub fn param_names(kind: EncoderKind) -> Vec<String> {
         let mut names = vec!["embedding.weight".to_owned()];
-        for i in kind.mlp_layers() {
-            names.push(format!("mlp_head.{i}.weight"));
-            names.push(format!("mlp_head.{i}.bias"));
+        let (head, layers) = kind.mlp_layers();
+        for i in layers {
+            names.push(format!("{head}.{i}.weight"));
+            names.push(format!("{head}.{i}.bias"));
         }
         if kind == EncoderKind::Lstm {
             for layer in 0..LSTM_LAYERS {
@@ -69,19 +79,20 @@ impl PromptEncoder {
     }
 
     /// Each parameter's name and shape, in [`Self::param_names`] order, for `virtual_tokens`
-    /// embeddings `token_dim` wide and an encoder of hidden size `hidden`: PEFT's modules.
+    /// embeddings `token_dim` wide, an encoder of hidden size `hidden` and an output `out`
+    /// wide (`token_dim` for P-tuning): PEFT's modules.
     pub fn param_shapes(
         kind: EncoderKind,
         virtual_tokens: usize,
-        token_dim: usize,
-        hidden: usize,
+        (token_dim, hidden, out_width): (usize, usize, usize),
     ) -> Vec<(String, Vec<usize>)> {
         // The MLP head's width: the LSTM's output is both directions.
         let wide = match kind {
-            EncoderKind::Mlp => hidden,
+            EncoderKind::Mlp | EncoderKind::PrefixMlp => hidden,
             EncoderKind::Lstm => 2 * hidden,
         };
-        let last = kind.mlp_layers().last().copied().unwrap_or_default();
+        let (head, layers) = kind.mlp_layers();
+        let last = layers.last().copied().unwrap_or_default();
         Self::param_names(kind)
             .into_iter()
             .map(|name| {
@@ -102,14 +113,14 @@ impl PromptEncoder {
                         vec![4 * hidden]
                     }
                 } else {
-                    let first = name.starts_with("mlp_head.0.");
-                    let input = if first && kind == EncoderKind::Mlp {
+                    let first = name.starts_with(&format!("{head}.0."));
+                    let input = if first && kind != EncoderKind::Lstm {
                         token_dim
                     } else {
                         wide
                     };
-                    let out = if name.starts_with(&format!("mlp_head.{last}.")) {
-                        token_dim
+                    let out = if name.starts_with(&format!("{head}.{last}.")) {
+                        out_width
                     } else {
                         wide
                     };
@@ -128,13 +139,10 @@ impl PromptEncoder {
     pub fn new(kind: EncoderKind, params: HashMap<String, Tensor>) -> Result<Self> {
         let names = Self::param_names(kind);
         if let Some(missing) = names.iter().find(|n| !params.contains_key(*n)) {
-            candle_core::bail!("P-tuning encoder: no {missing}");
+            candle_core::bail!("prompt encoder: no {missing}");
         }
         if let Some(extra) = params.keys().find(|k| !names.contains(k)) {
-            candle_core::bail!(
-                "P-tuning encoder ({}): unexpected {extra}",
-                kind.peft_name()
-            );
+            candle_core::bail!("prompt encoder ({}): unexpected {extra}", kind.peft_name());
         }
         Ok(Self { kind, params })
     }
@@ -142,7 +150,7 @@ impl PromptEncoder {
     fn param(&self, name: &str) -> Result<&Tensor> {
         self.params
             .get(name)
-            .ok_or_else(|| candle_core::Error::Msg(format!("P-tuning encoder: no {name}")))
+            .ok_or_else(|| candle_core::Error::Msg(format!("prompt encoder: no {name}")))
     }
 
     /// `x · Wᵀ + b` for PEFT's `Linear` named `prefix`.
@@ -152,7 +160,8 @@ impl PromptEncoder {
         x.matmul(&w.t()?)?.broadcast_add(b)
     }
 
-    /// The virtual tokens' embeddings `[virtual, token_dim]`: the encoder's output.
+    /// The encoder's output `[virtual, out]`: P-tuning's virtual tokens' embeddings, or prefix
+    /// tuning's keys and values.
     pub fn forward(&self) -> Result<Tensor> {
         let mut x = self.param("embedding.weight")?.clone();
         if self.kind == EncoderKind::Lstm {
@@ -162,11 +171,14 @@ impl PromptEncoder {
                 x = Tensor::cat(&[forward, backward], 1)?;
             }
         }
-        let layers = self.kind.mlp_layers();
+        let (head, layers) = self.kind.mlp_layers();
         for (n, i) in layers.iter().enumerate() {
-            x = self.linear(&format!("mlp_head.{i}"), &x)?;
+            x = self.linear(&format!("{head}.{i}"), &x)?;
             if n + 1 < layers.len() {
-                x = x.relu()?;
+                x = match self.kind {
+                    EncoderKind::PrefixMlp => x.tanh()?,
+                    EncoderKind::Mlp | EncoderKind::Lstm => x.relu()?,
+                };
             }
         }
         Ok(x)

@@ -543,7 +543,31 @@ impl Llama {
         positions: &Positions,
         mode: Mode,
     ) -> Result<Tensor> {
-        self.block(index, h, &mut Sequences { positions, mode })
+        self.layer_with_prefix(index, h, positions, mode, None)
+    }
+
+    /// [`Self::layer`] with prefix tuning's keys and values of this layer `[n, kv_heads ·
+    /// head_dim]` each: every row's first `n` positions (placeholders the caller put before
+    /// the input, so the input's tokens sit at positions `n..` as PEFT puts them) attend and
+    /// are attended to with these keys and values in place of their own, the keys not rotated.
+    /// Differentiable in them.
+    pub fn layer_with_prefix(
+        &self,
+        index: usize,
+        h: &Tensor,
+        positions: &Positions,
+        mode: Mode,
+        prefix: Option<[&Tensor; 2]>,
+    ) -> Result<Tensor> {
+        self.block(
+            index,
+            h,
+            &mut Sequences {
+                positions,
+                mode,
+                prefix,
+            },
+        )
     }
 
     /// The final norm and the LM head: logits for hidden states.
@@ -831,10 +855,49 @@ trait Pass {
     ) -> Result<Tensor>;
 }
 
-/// Training and evaluation: whole sequences `[batch, seq, ..]`, the model's own adapters.
+/// Training and evaluation: whole sequences `[batch, seq, ..]`, the model's own adapters, and
+/// a prefix's keys and values of the layer, if any.
 struct Sequences<'a> {
     positions: &'a Positions,
     mode: Mode,
+    prefix: Option<[&'a Tensor; 2]>,
+}
+
+impl Sequences<'_> {
+    /// `k` and `v` `[batch, seq, width]` with the prefix's keys and values in their first
+    /// positions. The attention rotates every key for its position, so the prefix's keys go in
+    /// rotated back by as much: they come out of it as they are, as in PEFT's cache.
+    fn with_prefix(
+        &self,
+        k: &Tensor,
+        v: &Tensor,
+        rotary: &Rotary,
+        heads: Heads,
+    ) -> Result<[Tensor; 2]> {
+        let Some([prefix_k, prefix_v]) = self.prefix else {
+            return Ok([k.clone(), v.clone()]);
+        };
+        if rotary.documents.is_some() {
+            candle_core::bail!("packed rows take no prefix");
+        }
+        let (batch, seq, width) = k.dims3()?;
+        let n = prefix_k.dim(0)?;
+        let per_position = |t: &Tensor| t.narrow(0, 0, n)?.unsqueeze(1);
+        let unrotated = crate::backend::cuda::unrotate(
+            &prefix_k.reshape((n, heads.kv_heads, heads.head_dim))?,
+            &per_position(&rotary.cos)?,
+            &per_position(&rotary.sin)?,
+        )?
+        .reshape((n, width))?;
+        let splice = |prefix: &Tensor, own: &Tensor| -> Result<Tensor> {
+            let prefix = prefix
+                .to_dtype(own.dtype())?
+                .unsqueeze(0)?
+                .broadcast_as((batch, n, width))?;
+            Tensor::cat(&[&prefix, &own.narrow(1, n, seq - n)?], 1)
+        };
+        Ok([splice(&unrotated, k)?, splice(prefix_v, v)?])
+    }
 }
 
 impl Pass for Sequences<'_> {
@@ -880,7 +943,9 @@ impl Pass for Sequences<'_> {
         heads: Heads,
         local: bool,
     ) -> Result<Tensor> {
-        backend.attention(q, k, v, self.positions.for_layer(local), heads)
+        let rotary = self.positions.for_layer(local);
+        let [k, v] = self.with_prefix(k, v, rotary, heads)?;
+        backend.attention(q, &k, &v, rotary, heads)
     }
 }
 

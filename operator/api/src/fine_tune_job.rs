@@ -33,12 +33,14 @@ const PACKING_OR_LENGTH_GROUPS: &str = "!has(self.spec.training) || \
 
 /// Virtual tokens go before each sequence, and a packed row holds several.
 const VIRTUAL_TOKENS_UNPACKED: &str = "!has(self.spec.method) || \
-     !(has(self.spec.method.promptTuning) || has(self.spec.method.pTuning)) || \
+     !(has(self.spec.method.promptTuning) || has(self.spec.method.pTuning) || \
+     has(self.spec.method.prefixTuning)) || \
      !has(self.spec.training) || !has(self.spec.training.packing) || !self.spec.training.packing";
 
 /// Virtual tokens change the input, not the weights: no merged model holds them.
 const VIRTUAL_TOKENS_UNMERGED: &str = "!has(self.spec.method) || \
-     !(has(self.spec.method.promptTuning) || has(self.spec.method.pTuning)) || \
+     !(has(self.spec.method.promptTuning) || has(self.spec.method.pTuning) || \
+     has(self.spec.method.prefixTuning)) || \
      !has(self.spec.output.merged) || !self.spec.output.merged";
 
 /// DoRA's magnitudes are the norms of the exact base weights it was trained on, and the
@@ -99,10 +101,10 @@ const IMMUTABLE_AFTER_START: &str = "!has(oldSelf.status) || !has(oldSelf.status
         .message("spec.training.packing and spec.training.groupByLength do not go together: packed rows are already of one length")
         .reason(Reason::FieldValueForbidden),
     validation = Rule::new(VIRTUAL_TOKENS_UNPACKED)
-        .message("spec.training.packing does not go with promptTuning or pTuning: their virtual tokens go before each sequence, and a packed row holds several")
+        .message("spec.training.packing does not go with promptTuning, pTuning or prefixTuning: their virtual tokens go before each sequence, and a packed row holds several")
         .reason(Reason::FieldValueForbidden),
     validation = Rule::new(VIRTUAL_TOKENS_UNMERGED)
-        .message("spec.output.merged does not go with promptTuning or pTuning: their virtual tokens change the input, not the weights, so no merged model holds them")
+        .message("spec.output.merged does not go with promptTuning, pTuning or prefixTuning: their virtual tokens change the input, not the weights, so no merged model holds them")
         .reason(Reason::FieldValueForbidden),
     validation = Rule::new(DORA_OR_RESIDUAL_INIT)
         .message("spec.method.lora.useDora does not go with init olora or pissa: they rewrite the base weights DoRA's magnitudes are norms of")
@@ -223,7 +225,7 @@ pub enum DatasetFormat {
 }
 
 /// At most one method is named; naming none means LoRA with its defaults.
-const ONE_METHOD: &str = "(has(self.lora) ? 1 : 0) + (has(self.ia3) ? 1 : 0) + (has(self.promptTuning) ? 1 : 0) + (has(self.pTuning) ? 1 : 0) <= 1";
+const ONE_METHOD: &str = "(has(self.lora) ? 1 : 0) + (has(self.ia3) ? 1 : 0) + (has(self.promptTuning) ? 1 : 0) + (has(self.pTuning) ? 1 : 0) + (has(self.prefixTuning) ? 1 : 0) <= 1";
 
 /// How the adapter is trained: the storage of the frozen base weights, and one
 /// parameter-efficient method. Naming none trains a LoRA with its defaults.
@@ -253,6 +255,10 @@ pub struct Method {
     /// (an MLP or an LSTM); the published adapter holds the encoder's output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub p_tuning: Option<PTuningConfig>,
+    /// Prefix tuning (PEFT's `PREFIX_TUNING`): trained keys and values of virtual tokens in
+    /// every layer's attention, seen by every input token; the base model is unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_tuning: Option<PrefixTuningConfig>,
 }
 
 /// The method a job trains.
@@ -262,6 +268,7 @@ pub enum MethodKind<'a> {
     Ia3(&'a Ia3Config),
     PromptTuning(&'a PromptTuningConfig),
     PTuning(&'a PTuningConfig),
+    PrefixTuning(&'a PrefixTuningConfig),
 }
 
 impl Method {
@@ -272,6 +279,9 @@ impl Method {
         }
         if let Some(p_tuning) = &self.p_tuning {
             return MethodKind::PTuning(p_tuning);
+        }
+        if let Some(prefix) = &self.prefix_tuning {
+            return MethodKind::PrefixTuning(prefix);
         }
         // The schema admits one method at most; were two named, LoRA would win.
         match (&self.lora, &self.ia3) {
@@ -288,6 +298,7 @@ impl Method {
             MethodKind::Ia3(_) => "ia3",
             MethodKind::PromptTuning(_) => "promptTuning",
             MethodKind::PTuning(_) => "pTuning",
+            MethodKind::PrefixTuning(_) => "prefixTuning",
         }
     }
 
@@ -295,7 +306,10 @@ impl Method {
     pub fn lora(&self) -> Option<std::borrow::Cow<'_, LoraConfig>> {
         match self.kind() {
             MethodKind::Lora(lora) => Some(lora),
-            MethodKind::Ia3(_) | MethodKind::PromptTuning(_) | MethodKind::PTuning(_) => None,
+            MethodKind::Ia3(_)
+            | MethodKind::PromptTuning(_)
+            | MethodKind::PTuning(_)
+            | MethodKind::PrefixTuning(_) => None,
         }
     }
 }
@@ -364,6 +378,26 @@ pub enum PromptEncoder {
 
 fn default_encoder_hidden_size() -> u32 {
     128
+}
+
+/// Shape of a prefix-tuning adapter (PEFT's `PrefixTuningConfig`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PrefixTuningConfig {
+    /// Virtual tokens whose keys and values every layer's attention holds before the input;
+    /// they take positions in the context.
+    #[schemars(range(min = 1, max = 512))]
+    pub num_virtual_tokens: u32,
+    /// Train the keys and values through PEFT's reparameterisation MLP (`prefix_projection`:
+    /// an embedding, a linear layer of `encoderHiddenSize`, tanh, a linear layer to every
+    /// layer's keys and values) rather than as one table. The published adapter holds the
+    /// MLP's output either way.
+    #[serde(default)]
+    pub prefix_projection: bool,
+    /// Hidden size of the reparameterisation MLP.
+    #[serde(default = "default_encoder_hidden_size")]
+    #[schemars(range(min = 1, max = 16384))]
+    pub encoder_hidden_size: u32,
 }
 
 /// Storage of the frozen base weights during training.

@@ -410,6 +410,7 @@ mod tests {
             ("{ia3: {}}", "ia3"),
             ("{promptTuning: {numVirtualTokens: 4}}", "promptTuning"),
             ("{pTuning: {numVirtualTokens: 4}}", "pTuning"),
+            ("{prefixTuning: {numVirtualTokens: 4}}", "prefixTuning"),
         ] {
             let mut ftj = job_from_yaml(MINIMAL);
             ftj.spec.method = serde_yaml::from_str(method).expect("a method");

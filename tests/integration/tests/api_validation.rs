@@ -193,7 +193,7 @@ async fn ia3_is_one_method_with_its_feedforward_modules_among_its_targets() {
 }
 
 #[tokio::test]
-async fn prompt_tuning_and_p_tuning_are_methods_of_their_own() {
+async fn prompt_tuning_p_tuning_and_prefix_tuning_are_methods_of_their_own() {
     let (client, ns) = setup("ftj-prompt").await;
     let raw = dynamic_api::<FineTuneJob>(&client, &ns);
     let mut job = valid_job("prompt");
@@ -227,6 +227,23 @@ async fn prompt_tuning_and_p_tuning_are_methods_of_their_own() {
         "the schema's default: {stored:?}"
     );
 
+    job["metadata"]["name"] = json!("prefix-tuning");
+    job["spec"]["method"] = json!({"prefixTuning": {"numVirtualTokens": 10}});
+    let object: DynamicObject = serde_json::from_value(job.clone()).expect("manifest");
+    raw.create(&PostParams::default(), &object)
+        .await
+        .expect("a prefix-tuning job is accepted");
+    let stored = typed.get("prefix-tuning").await.expect("read back");
+    assert_eq!(
+        stored.spec.method.kind(),
+        graft_api::MethodKind::PrefixTuning(&graft_api::PrefixTuningConfig {
+            num_virtual_tokens: 10,
+            prefix_projection: false,
+            encoder_hidden_size: 128,
+        }),
+        "the schema's defaults"
+    );
+
     job["metadata"]["name"] = json!("two-methods");
     job["spec"]["method"] = json!({
         "lora": {"rank": 8},
@@ -237,6 +254,12 @@ async fn prompt_tuning_and_p_tuning_are_methods_of_their_own() {
     job["spec"]["method"] = json!({
         "promptTuning": {"numVirtualTokens": 20},
         "pTuning": {"numVirtualTokens": 20}
+    });
+    let message = rejected(&raw, job.clone()).await;
+    assert_names(&message, &["spec.method", "at most one method"]);
+    job["spec"]["method"] = json!({
+        "pTuning": {"numVirtualTokens": 20},
+        "prefixTuning": {"numVirtualTokens": 20}
     });
     let message = rejected(&raw, job.clone()).await;
     assert_names(&message, &["spec.method", "at most one method"]);
@@ -265,8 +288,13 @@ async fn prompt_tuning_and_p_tuning_are_methods_of_their_own() {
     job["spec"]["training"]["packing"] = json!(false);
     job["spec"]["method"] = json!({"promptTuning": {"numVirtualTokens": 4}});
     job["spec"]["output"]["merged"] = json!(true);
-    let message = rejected(&raw, job).await;
+    let message = rejected(&raw, job.clone()).await;
     assert_names(&message, &["spec.output.merged", "promptTuning"]);
+    job["spec"]["output"]["merged"] = json!(false);
+    job["spec"]["method"] = json!({"prefixTuning": {"numVirtualTokens": 4}});
+    job["spec"]["training"]["packing"] = json!(true);
+    let message = rejected(&raw, job).await;
+    assert_names(&message, &["spec.training.packing", "prefixTuning"]);
 }
 
 #[tokio::test]

@@ -6,13 +6,17 @@
 //! A decode step reads every distinct adapter's A and B once, which with many adapters is as
 //! many bytes as the model; adapters kept in bf16 (the server's `--lora-dtype bfloat16`) halve
 //! them, widened to f32 in the loop. The adapters' products are added into the base output in
-//! place, and the row loop runs with AVX2 and FMA where the CPU has them.
+//! place, and the row loop runs with AVX2 and FMA where the CPU has them. A segment of many
+//! rows (a prompt's prefill) takes two matrix products instead of the loop.
 
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Storage, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
-use super::math::Widen;
+use super::{
+    gemm::{Mat, matmul, matmul_into},
+    math::Widen,
+};
 use crate::adapters::SegmentLora;
 
 /// `y + Σ` each segment's adapter applied to its rows of `x` (`[rows, in]` → `[rows, out]`),
@@ -102,12 +106,30 @@ impl InplaceOp2 for BatchedLora<'_> {
             #[allow(clippy::cast_possible_truncation)]
             slices.push(Some((Pair::of(a, a_layout, b_t, b_layout)?, *scale as f32)));
         }
+        let y = &mut y_values[y_start..y_end];
         let mut owner = vec![usize::MAX; rows];
-        for (index, segment) in self.segments.iter().enumerate() {
-            owner[segment.rows.clone()].fill(index);
+        for (index, (segment, slice)) in self.segments.iter().zip(&slices).enumerate() {
+            let Some((pair, scale)) = slice else {
+                continue;
+            };
+            let span = segment.rows.clone();
+            if span.len() < GEMM_ROWS {
+                owner[span].fill(index);
+                continue;
+            }
+            let (x, y) = (
+                &x[span.start * input..span.end * input],
+                &mut y[span.start * out..span.end * out],
+            );
+            match pair {
+                Pair::F32(a, b_t) => add_product(y, x, a, b_t, *scale, input),
+                Pair::Bf16(a, b_t) => {
+                    let widen = |t: &[bf16]| t.iter().map(|v| v.widen()).collect::<Vec<f32>>();
+                    add_product(y, x, &widen(a), &widen(b_t), *scale, input);
+                }
+            }
         }
-        y_values[y_start..y_end]
-            .par_chunks_mut(out)
+        y.par_chunks_mut(out)
             .zip(x.par_chunks(input))
             .zip(owner.par_iter())
             .for_each(|((out_row, x_row), &segment)| {
@@ -121,6 +143,32 @@ impl InplaceOp2 for BatchedLora<'_> {
             });
         Ok(())
     }
+}
+
+/// Rows of one segment from which its adapter is applied as two matrix products rather than
+/// row by row: a prompt's prefill, whose rows share the adapter, runs at the speed of the
+/// base projection's own gemm, where the row loop, reading `A` and `B` again for every row,
+/// made prefill with an adapter about a third slower than without. Decode rows (one per
+/// sequence) stay in the loop; which path a segment takes depends only on its own length, so
+/// a sequence gets the same result alone as in any batch.
+const GEMM_ROWS: usize = 8;
+
+/// `y += scale · (x · Aᵀ) · Bᵀ` for rows `x` `[rows, input]` and `y` `[rows, out]` sharing
+/// one adapter.
+fn add_product(y: &mut [f32], x: &[f32], a: &[f32], b_t: &[f32], scale: f32, input: usize) {
+    let (rows, rank) = (x.len() / input, a.len() / input);
+    let hidden = matmul(
+        Mat::new(x, rows, input),
+        Mat::new(a, rank, input).t(),
+        scale,
+    );
+    matmul_into(
+        y,
+        Mat::new(&hidden, rows, rank),
+        Mat::new(b_t, rank, y.len() / rows),
+        1.0,
+        true,
+    );
 }
 
 /// One adapter's `A` and `Bᵀ` as stored.
@@ -254,15 +302,17 @@ mod tests {
         let first = pair(4, (out, input), 1)?;
         let second = pair(8, (out, input), 2)?;
         let (first_s, second_s) = (ServingLora::new(&first)?, ServingLora::new(&second)?);
-        let x = Tensor::randn(0f32, 1.0, (9, input), &Device::Cpu)?;
+        let x = Tensor::randn(0f32, 1.0, (9 + GEMM_ROWS, input), &Device::Cpu)?;
         let segment = |rows: Range<usize>, lora| SegmentLora { rows, lora };
+        // The last segment is long enough for the matrix products, the others go row by row.
         let segments = [
             segment(0..3, Some(&first_s)),
             segment(3..4, None),
             segment(4..8, Some(&second_s)),
             segment(8..9, Some(&first_s)),
+            segment(9..9 + GEMM_ROWS, Some(&second_s)),
         ];
-        let base = Tensor::randn(0f32, 1.0, (9, out), &Device::Cpu)?;
+        let base = Tensor::randn(0f32, 1.0, (9 + GEMM_ROWS, out), &Device::Cpu)?;
         let fused = (add_adapters(&x, base.copy()?, &segments)? - &base)?;
         let reference = per_segment_delta(&x, &segments, out)?;
         // The GPU's grouped form, run here on the CPU.
@@ -278,6 +328,8 @@ mod tests {
         );
         let alone = first.delta(&x.narrow(0, 8, 1)?)?;
         assert!(max_abs((fused.narrow(0, 8, 1)? - alone)?)? < 1e-5);
+        let alone = second.delta(&x.narrow(0, 9, GEMM_ROWS)?)?;
+        assert!(max_abs((fused.narrow(0, 9, GEMM_ROWS)? - alone)?)? < 1e-5);
         Ok(())
     }
 
@@ -285,14 +337,18 @@ mod tests {
     /// batch may mix them with f32 pairs.
     #[test]
     fn bf16_pairs_give_the_product_of_their_rounded_weights() -> Result<()> {
-        fn segments<'a>(kept: &'a ServingLora, other: &'a ServingLora) -> [SegmentLora<'a>; 2] {
+        fn segments<'a>(kept: &'a ServingLora, other: &'a ServingLora) -> [SegmentLora<'a>; 3] {
             [
                 SegmentLora {
                     rows: 0..3,
                     lora: Some(kept),
                 },
                 SegmentLora {
-                    rows: 3..5,
+                    rows: 3..5 + GEMM_ROWS,
+                    lora: Some(kept),
+                },
+                SegmentLora {
+                    rows: 5 + GEMM_ROWS..7 + GEMM_ROWS,
                     lora: Some(other),
                 },
             ]
@@ -309,8 +365,9 @@ mod tests {
         };
         let halved = cast(&exact, DType::BF16)?;
         let rounded = cast(&halved, DType::F32)?;
-        let x = Tensor::randn(0f32, 1.0, (5, input), &Device::Cpu)?;
-        let base = Tensor::randn(0f32, 1.0, (5, out), &Device::Cpu)?;
+        // Row by row, and as matrix products.
+        let x = Tensor::randn(0f32, 1.0, (7 + GEMM_ROWS, input), &Device::Cpu)?;
+        let base = Tensor::randn(0f32, 1.0, (7 + GEMM_ROWS, out), &Device::Cpu)?;
         let fused = (add_adapters(&x, base.copy()?, &segments(&halved, &exact))? - &base)?;
         let reference = per_segment_delta(&x, &segments(&rounded, &exact), out)?;
         let max_abs = |t: Tensor| -> Result<f32> { t.abs()?.max_all()?.to_scalar::<f32>() };

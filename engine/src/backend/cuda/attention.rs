@@ -177,6 +177,12 @@ fn rotate_all(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
 }
 
+/// What [`rotate`] turns into `x`: the inverse rotation, which is [`rotate_back`] (a rotation's
+/// transpose). Composed of candle's ops, so differentiable, on any device.
+pub(crate) fn unrotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    rotate_back(x, cos, sin)
+}
+
 /// The gradient of [`rotate`]'s input from its output's `g`: `g·cos + rotate_halfᵀ(g·sin)`,
 /// `rotate_halfᵀ(z) = (z₂, −z₁)`.
 fn rotate_back(g: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {

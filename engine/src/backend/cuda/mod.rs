@@ -18,6 +18,7 @@ pub(crate) mod kernels;
 mod linear;
 
 pub use attention::SCORES_BUDGET;
+pub(crate) use attention::unrotate;
 pub(crate) use batch::grouped_adapters;
 
 /// See the module's documentation.
