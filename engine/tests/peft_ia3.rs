@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use common::{max_abs_diff, model, reference, tiny};
 use graft_engine::{
     adapters::{Ia3, Ia3Adapter, PeftAdapter, PeftError, Site},
-    models::Precision,
+    models::{Checkpoint, Llama, ModelFiles, Precision, load_weights, merged_files},
 };
 use safetensors::SafeTensors;
 
@@ -59,6 +59,41 @@ fn a_peft_ia3_adapter_gives_pefts_logits_within_1e_4() {
             "{name}: the adapter matters"
         );
     }
+}
+
+/// `output.merged` for (IA)³: PEFT's adapters merged into their bases (rows, and Qwen2's q/k/v
+/// biases, scaled by output vectors; columns by feed-forward ones) are plain models that give
+/// PEFT's adapted logits.
+#[test]
+fn an_ia3_adapter_merged_into_its_base_gives_pefts_logits() {
+    for name in ["llama", "qwen2"] {
+        let dir = format!("{name}-peft-ia3");
+        let adapter = PeftAdapter::Ia3(ia3_adapter(&dir));
+        let base = Checkpoint::open(ModelFiles::Directory(tiny(name))).expect("the base");
+        let merged = tempfile::tempdir().expect("tempdir");
+        merged_files(&base, &adapter, |file, bytes| {
+            std::fs::write(merged.path().join(file), bytes).expect("write");
+            Ok(())
+        })
+        .expect("merged");
+        let vb = load_weights(merged.path(), DType::F32, &Device::Cpu).expect("weights");
+        let model = Llama::load(&vb, &common::config(name), Precision::Dense).expect("model");
+        let (ids, expected) = reference(&tiny(&dir));
+        let diff = max_abs_diff(&model.forward(&ids).expect("forward"), &expected);
+        eprintln!("{name}: the merged (IA)³ model's logits within {diff:e} of PEFT's");
+        assert!(diff < 1e-4, "{name}: merged logits differ by {diff}");
+    }
+    // Virtual tokens have no weights to merge into.
+    let dir = tiny("llama-peft-prompt");
+    let prompt = PeftAdapter::from_bytes(
+        &std::fs::read(dir.join("adapter_config.json")).expect("config"),
+        &std::fs::read(dir.join("adapter_model.safetensors")).expect("weights"),
+        &Device::Cpu,
+    )
+    .expect("PEFT's prompt adapter");
+    let base = Checkpoint::open(ModelFiles::Directory(tiny("llama"))).expect("the base");
+    let error = merged_files(&base, &prompt, |_, _| Ok(())).expect_err("not mergeable");
+    assert!(error.to_string().contains("PROMPT_TUNING"), "{error}");
 }
 
 #[test]

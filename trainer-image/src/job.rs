@@ -224,16 +224,10 @@ pub fn run(
 }
 
 /// Refuses, before anything is fetched, what the API admits but the method cannot do: a
-/// merged model of an (IA)³ adapter (not written yet) or of virtual tokens (they change the
-/// input, not the weights), and packed rows behind virtual tokens (PEFT puts them before each
-/// sequence, and a packed row holds several).
+/// merged model of virtual tokens (they change the input, not the weights), and packed rows
+/// behind virtual tokens (PEFT puts them before each sequence, and a packed row holds several).
 fn check_method_trained(spec: &FineTuneJobSpec) -> Result<(), JobError> {
     let prompt = match spec.method.kind() {
-        MethodKind::Ia3(_) if spec.output.merged => {
-            return Err(JobError::bad(
-                "output.merged is not written for (IA)³ adapters yet; the adapter alone is",
-            ));
-        }
         MethodKind::Lora(_) | MethodKind::Ia3(_) => return Ok(()),
         MethodKind::PromptTuning(_) => "method.promptTuning",
         MethodKind::PTuning(_) => "method.pTuning",
@@ -323,9 +317,6 @@ fn write_merged(
     base: &models::Checkpoint,
     adapter: &graft_engine::adapters::PeftAdapter,
 ) -> Result<(), JobError> {
-    let adapter = adapter
-        .lora()
-        .ok_or_else(|| JobError::bad("output.merged is not written for (IA)³ adapters yet"))?;
     models::merged_files(base, adapter, |name, bytes| {
         rt.block_on(output.put(&format!("{MERGED}/{name}"), bytes))
             .map_err(|e| models::MergeError::Write {
@@ -745,7 +736,7 @@ mod tests {
     use super::*;
 
     /// What a method cannot do is refused before anything is fetched, as a bad spec naming
-    /// the field: a merged model of (IA)³ or of virtual tokens, packing behind virtual tokens.
+    /// the field: a merged model of virtual tokens, packing behind virtual tokens.
     #[test]
     fn what_a_method_cannot_do_is_refused_by_name() {
         let spec = |method: &str, merged: bool, packing: bool| -> FineTuneJobSpec {
@@ -778,8 +769,11 @@ mod tests {
             check_method_trained(&spec("{}", true, true)).is_ok(),
             "merged, packed LoRA"
         );
+        assert!(
+            check_method_trained(&spec("{ia3: {}}", true, false)).is_ok(),
+            "merged (IA)³"
+        );
         for (method, merged, packing, names) in [
-            ("{ia3: {}}", true, false, ["output.merged", "(IA)³"]),
             (
                 prompt,
                 true,

@@ -315,6 +315,22 @@ fn a_merged_model_gives_base_plus_adapter_logits_in_graft_and_transformers() {
     merged_and_peft_agree("merged", dir.path(), &adapter_dir);
 }
 
+/// `output.merged` of an (IA)³ run: output vectors scale the weight's rows, feed-forward ones
+/// its columns, as PEFT merges them.
+#[test]
+fn a_merged_ia3_model_gives_base_plus_adapter_logits_in_graft_and_transformers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let method = "{quantization: nf4, ia3: {targetModules: [q_proj, v_proj, up_proj, down_proj], \
+                  feedforwardModules: [down_proj]}}";
+    let (out, adapter_dir) = run_trainer_with(dir.path(), &tiny_model(), method, ", merged: true");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    merged_and_peft_agree("merged ia3", dir.path(), &adapter_dir);
+}
+
 /// The merged model `output.merged` wrote beside the adapter in `adapter_dir` gives Graft's
 /// base + adapter logits, in Graft and (loaded by transformers alone) in transformers, and
 /// PEFT gives them from the adapter.
@@ -323,10 +339,15 @@ fn merged_and_peft_agree(label: &str, dir: &Path, adapter_dir: &Path) {
     for file in ["config.json", "model.safetensors", "tokenizer.json"] {
         assert!(merged_dir.join(file).is_file(), "merged/{file}");
     }
-    let adapter = read_adapter(adapter_dir);
+    let adapter = PeftAdapter::from_bytes(
+        &std::fs::read(adapter_dir.join("adapter_config.json")).expect("config"),
+        &std::fs::read(adapter_dir.join("adapter_model.safetensors")).expect("weights"),
+        &Device::Cpu,
+    )
+    .expect("a PEFT adapter");
     let ids = input_ids();
     let mut with_adapter = dense_model(&tiny_model());
-    with_adapter.apply_adapter(&adapter).expect("fits");
+    with_adapter.apply(&adapter).expect("fits");
     let logits = with_adapter.forward(&ids).expect("forward");
     let merged = dense_model(&merged_dir).forward(&ids).expect("forward");
     let base = dense_model(&tiny_model()).forward(&ids).expect("forward");

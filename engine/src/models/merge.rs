@@ -1,8 +1,13 @@
-//! Base + adapter merged into a standalone Hugging Face model, for users who serve elsewhere:
-//! every adapted projection's weight becomes `W + scale · B · A` (computed in f32, stored in the
-//! checkpoint's own dtype; a DoRA pair's rows are then rescaled, `r ⊙ (W + scale · B · A)` with
-//! `r = m / ‖W + scale · B · A‖`, as PEFT merges DoRA), every other tensor and file is the base's unchanged, and the
-//! safetensors files keep their names and grouping, so a shard index stays valid as it is.
+//! Base + adapter merged into a standalone Hugging Face model, for users who serve elsewhere.
+//! Computed in f32, stored in the checkpoint's own dtype, as PEFT merges:
+//! - LoRA: every adapted projection's weight becomes `W + scale · B · A`; a DoRA pair's rows are
+//!   then rescaled, `r ⊙ (W + scale · B · A)` with `r = m / ‖W + scale · B · A‖`;
+//! - (IA)³: a vector `l` that scales a projection's output scales its weight's rows (and its
+//!   bias), `diag(l) · W`; one that scales its input (feed-forward) scales the columns,
+//!   `W · diag(l)`.
+//!
+//! Every other tensor and file is the base's unchanged, and the safetensors files keep their
+//! names and grouping, so a shard index stays valid as it is.
 
 use std::{
     collections::BTreeMap,
@@ -12,7 +17,7 @@ use std::{
 use candle_core::{DType, Device, Tensor};
 
 use super::{Checkpoint, ModelFiles};
-use crate::adapters::{Adapter, Lora};
+use crate::adapters::{Lora, PeftAdapter};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MergeError {
@@ -39,6 +44,84 @@ pub enum MergeError {
     Missing(String),
     #[error("writing {name}: {reason}")]
     Write { name: String, reason: String },
+    #[error("{0} adapters change the input, not the weights: no merged model holds them")]
+    NotMergeable(String),
+}
+
+/// What merging does to one tensor of the base.
+#[derive(Clone, Copy)]
+enum Edit<'a> {
+    /// `W + scale · B · A`, rows rescaled for DoRA.
+    Lora(&'a Lora),
+    /// (IA)³ on the output: each row (or bias entry) times its entry of the vector.
+    ScaleRows(&'a Tensor),
+    /// (IA)³ on the input: each column times its entry of the vector.
+    ScaleColumns(&'a Tensor),
+}
+
+impl Edit<'_> {
+    fn apply(self, tensor: &Tensor) -> candle_core::Result<Tensor> {
+        let weight = tensor.to_dtype(DType::F32)?;
+        let merged = match self {
+            Self::Lora(lora) => {
+                let delta = (lora
+                    .b
+                    .to_dtype(DType::F32)?
+                    .matmul(&lora.a.to_dtype(DType::F32)?)?
+                    * lora.scale)?;
+                let merged = (weight + delta)?;
+                match &lora.magnitude {
+                    Some(magnitude) => {
+                        let norm = merged.sqr()?.sum_keepdim(1)?.sqrt()?;
+                        let r = (magnitude.to_dtype(DType::F32)?.unsqueeze(1)? / norm)?;
+                        merged.broadcast_mul(&r)?
+                    }
+                    None => merged,
+                }
+            }
+            Self::ScaleRows(vector) => {
+                let vector = vector.to_dtype(DType::F32)?;
+                match weight.rank() {
+                    1 => (weight * vector)?,
+                    _ => weight.broadcast_mul(&vector.unsqueeze(1)?)?,
+                }
+            }
+            Self::ScaleColumns(vector) => {
+                weight.broadcast_mul(&vector.to_dtype(DType::F32)?.unsqueeze(0)?)?
+            }
+        };
+        merged.to_dtype(tensor.dtype())
+    }
+}
+
+/// The edits `adapter` makes, by the name of the tensor each applies to: those that must find
+/// their tensor, and those whose tensor may be absent (the bias of a projection that has none).
+fn edits(adapter: &PeftAdapter) -> Result<[BTreeMap<String, Edit<'_>>; 2], MergeError> {
+    let (mut required, mut optional) = (BTreeMap::new(), BTreeMap::new());
+    match adapter {
+        PeftAdapter::Lora(adapter) => {
+            for (&(layer, site), lora) in &adapter.weights {
+                required.insert(format!("{}.weight", site.module(layer)), Edit::Lora(lora));
+            }
+        }
+        PeftAdapter::Ia3(adapter) => {
+            for (&(layer, site), ia3) in &adapter.vectors {
+                let module = site.module(layer);
+                if ia3.feedforward {
+                    let edit = Edit::ScaleColumns(&ia3.vector);
+                    required.insert(format!("{module}.weight"), edit);
+                } else {
+                    let edit = Edit::ScaleRows(&ia3.vector);
+                    required.insert(format!("{module}.weight"), edit);
+                    optional.insert(format!("{module}.bias"), edit);
+                }
+            }
+        }
+        PeftAdapter::Prompt(adapter) => {
+            return Err(MergeError::NotMergeable(adapter.config.peft_type.clone()));
+        }
+    }
+    Ok([required, optional])
 }
 
 /// Whether `base` can be merged into: refused before a run trains, not after.
@@ -57,10 +140,12 @@ pub fn check_mergeable(base: &Checkpoint) -> Result<(), MergeError> {
 /// `emit` is called once per file, so at most one shard is held at a time.
 pub fn merged_files(
     base: &Checkpoint,
-    adapter: &Adapter,
+    adapter: &PeftAdapter,
     mut emit: impl FnMut(String, Vec<u8>) -> Result<(), MergeError>,
 ) -> Result<(), MergeError> {
     check_mergeable(base)?;
+    // Each edit is taken out once made.
+    let [mut pending, mut optional] = edits(adapter)?;
     let dir = base.files().path();
     let mut names = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(read(dir))? {
@@ -70,12 +155,6 @@ pub fn merged_files(
         }
     }
     names.sort();
-    // Pairs by the name of the weight they adapt; each is taken out once merged.
-    let mut pending: BTreeMap<String, &Lora> = adapter
-        .weights
-        .iter()
-        .map(|(&(layer, site), lora)| (format!("{}.weight", site.module(layer)), lora))
-        .collect();
     for name in names {
         let path = dir.join(&name);
         let bytes = std::fs::read(&path).map_err(read(&path))?;
@@ -83,7 +162,10 @@ pub fn merged_files(
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
         {
-            emit(name, merge_file(&path, &bytes, &mut pending)?)?;
+            emit(
+                name,
+                merge_file(&path, &bytes, [&mut pending, &mut optional])?,
+            )?;
         } else {
             emit(name, bytes)?;
         }
@@ -101,11 +183,11 @@ fn read(path: &Path) -> impl Fn(std::io::Error) -> MergeError + '_ {
     }
 }
 
-/// One safetensors file with the adapted weights in `pending` replaced (and taken out of it).
+/// One safetensors file with the tensors `edits` name edited (and taken out of them).
 fn merge_file(
     path: &Path,
     bytes: &[u8],
-    pending: &mut BTreeMap<String, &Lora>,
+    edits: [&mut BTreeMap<String, Edit<'_>>; 2],
 ) -> Result<Vec<u8>, MergeError> {
     let file_error = |source| MergeError::Safetensors {
         path: path.to_owned(),
@@ -119,31 +201,14 @@ fn merge_file(
         }
     })?;
     let mut out: Vec<(String, Tensor)> = Vec::with_capacity(tensors.len());
+    let [required, optional] = edits;
     for (name, tensor) in tensors {
-        let tensor = match pending.remove(&name) {
-            Some(lora) => {
-                let merge = || -> candle_core::Result<Tensor> {
-                    let delta = (lora
-                        .b
-                        .to_dtype(DType::F32)?
-                        .matmul(&lora.a.to_dtype(DType::F32)?)?
-                        * lora.scale)?;
-                    let merged = (tensor.to_dtype(DType::F32)? + delta)?;
-                    let merged = match &lora.magnitude {
-                        Some(magnitude) => {
-                            let norm = merged.sqr()?.sum_keepdim(1)?.sqrt()?;
-                            let r = (magnitude.to_dtype(DType::F32)?.unsqueeze(1)? / norm)?;
-                            merged.broadcast_mul(&r)?
-                        }
-                        None => merged,
-                    };
-                    merged.to_dtype(tensor.dtype())
-                };
-                merge().map_err(|source| MergeError::Tensor {
-                    name: name.clone(),
-                    source,
-                })?
-            }
+        let edit = required.remove(&name).or_else(|| optional.remove(&name));
+        let tensor = match edit {
+            Some(edit) => edit.apply(&tensor).map_err(|source| MergeError::Tensor {
+                name: name.clone(),
+                source,
+            })?,
             None => tensor,
         };
         out.push((name, tensor));

@@ -756,7 +756,8 @@ pub struct OutputTarget {
     pub uri: String,
     /// Also write the base model with the adapter merged into it, a standalone Hugging Face
     /// model (same files, names and dtype as the base), under `<uri>merged/`: for serving
-    /// elsewhere. Needs a safetensors base (not GGUF, not pre-quantized).
+    /// elsewhere. LoRA, DoRA and (IA)³ merge; virtual tokens do not. Needs a safetensors base
+    /// (not GGUF, not pre-quantized).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub merged: bool,
 }
