@@ -33,6 +33,11 @@ use crate::{
 /// sequences in the same batch keep a steady pace.
 const PREFILL_CHUNK: usize = 256;
 
+/// Stands for a virtual token in the prefix cache's names of a sequence's blocks: what the
+/// virtual tokens hold is the adapter version's, which the names include; no tokenizer has this
+/// id.
+const VIRTUAL_TOKEN: u32 = u32::MAX;
+
 /// A generation request as the scheduler takes it: one prompt, one or more choices.
 #[derive(Clone, Debug)]
 pub struct Request {
@@ -234,6 +239,13 @@ impl Running {
         self.request.prompt.iter().chain(&self.generated).copied()
     }
 
+    /// The cache's positions, by what they hold: the virtual tokens, then the context. The
+    /// prefix cache names blocks by these, so a block holding virtual tokens is found only
+    /// through the same adapter version.
+    fn cached_tokens(&self) -> impl Iterator<Item = u32> + '_ {
+        std::iter::repeat_n(VIRTUAL_TOKEN, self.virtual_len()).chain(self.context())
+    }
+
     fn context_len(&self) -> usize {
         self.request.prompt.len() + self.generated.len()
     }
@@ -403,33 +415,39 @@ impl Worker {
 
     /// Gives `r` a cache that starts with the longest run of its blocks the prefix cache
     /// holds (leaving at least one token to feed, whose logits come next), and its first feed.
+    /// Behind virtual tokens the run starts after the blocks that hold virtual tokens only:
+    /// those are the adapter version's own, computed when it was loaded.
     fn place(&self, r: &mut Running, prefix: &mut PrefixCache) {
-        if let Some(start) = r
+        let tokens: Vec<u32> = r.cached_tokens().collect();
+        let hashes = block_hashes(r.adapter_key(), &tokens, &[]);
+        let start = r
             .request
             .adapter
             .as_ref()
-            .and_then(|a| a.serving.virtual_prefix())
-        {
-            // Its virtual tokens' keys and values were computed when the adapter was loaded;
-            // its own blocks sit after them, off the block grid the prefix cache names.
-            r.hashes.clear();
-            r.cache = start.clone();
-            r.feed = r.next_feed();
-            return;
-        }
-        let context: Vec<u32> = r.context().collect();
-        let hashes = block_hashes(r.adapter_key(), &context, &[]);
+            .and_then(|a| a.serving.virtual_prefix());
+        let own = start.map_or(0, |s| s.blocks().len());
         // Prompt log-probabilities need every prompt row computed.
         let limit = if r.prompt_scores.is_some() {
             0
         } else {
-            (context.len() - 1) / BLOCK_TOKENS
+            ((tokens.len() - 1) / BLOCK_TOKENS).saturating_sub(own)
         };
-        let blocks = prefix.lookup(&hashes, limit);
-        self.metrics
-            .prefix_lookup(context.len(), blocks.len() * BLOCK_TOKENS);
-        r.hashes = hashes[..blocks.len()].to_vec();
-        r.cache = KvCache::with_prefix(self.model.llama.num_layers(), blocks);
+        let found = prefix.lookup(&hashes[own..], limit);
+        let hit = if found.is_empty() {
+            0
+        } else {
+            (own + found.len()) * BLOCK_TOKENS - r.virtual_len()
+        };
+        self.metrics.prefix_lookup(r.context_len(), hit);
+        r.hashes = hashes[..own + found.len()].to_vec();
+        r.cache = match start {
+            Some(start) if found.is_empty() => start.clone(),
+            _ => {
+                let own_blocks = start.map(|s| s.blocks().iter().cloned());
+                let blocks = own_blocks.into_iter().flatten().chain(found).collect();
+                KvCache::with_prefix(self.model.llama.num_layers(), blocks)
+            }
+        };
         r.feed = r.next_feed();
     }
 
@@ -763,14 +781,14 @@ fn initial_prompt_scores(request: &Request) -> Option<Vec<Choice>> {
 
 /// Names the blocks each sequence filled in the last step and keeps them for reuse.
 fn register_blocks(running: &mut [Running], prefix: &mut PrefixCache) {
-    // A sequence behind virtual tokens is off the grid (`Worker::place`).
-    for r in running.iter_mut().filter(|r| r.virtual_len() == 0) {
+    for r in running.iter_mut() {
         let full = r.cache.blocks().len();
         if r.hashes.len() >= full {
             continue;
         }
-        let tokens: Vec<u32> = r.context().take(full * BLOCK_TOKENS).collect();
-        let known = r.hashes.len();
+        let tokens: Vec<u32> = r.cached_tokens().take(full * BLOCK_TOKENS).collect();
+        // Blocks of virtual tokens only are the adapter version's, found through it.
+        let known = r.hashes.len().max(r.virtual_len() / BLOCK_TOKENS);
         r.hashes = block_hashes(r.adapter_key(), &tokens, &r.hashes);
         for (hash, block) in r.hashes[known..].iter().zip(&r.cache.blocks()[known..]) {
             prefix.insert(*hash, block);

@@ -170,3 +170,50 @@ async fn virtual_tokens_beyond_an_adapter_share_are_refused() {
     let (status, body) = server.put_adapter("few", &[(&few, 100)]).await;
     assert_eq!(status, 200, "{body}");
 }
+
+/// Sequences behind virtual tokens share their prompts' blocks through the prefix cache, as the
+/// base's do: a second request with the same long prompt through the same version starts from
+/// the blocks after the virtual tokens that the first filled, and answers as the first did. The
+/// blocks are named by the version: another version with as many virtual tokens finds none.
+#[tokio::test]
+async fn prompts_behind_virtual_tokens_share_blocks_through_the_prefix_cache() {
+    let s3 = S3Server::shared().await;
+    let bucket = s3.bucket("prompt-prefix-cache");
+    let server = Server::start(&[]).await;
+    // 20 virtual tokens fill a block of their own and part of the next; 7 part of one.
+    for (name, method, virtual_tokens, seed) in [
+        ("tuned", PromptMethod::PromptTuning, 20, 11),
+        ("tuned-again", PromptMethod::PromptTuning, 20, 12),
+        ("prefixed", PromptMethod::PrefixTuning, 7, 13),
+    ] {
+        let adapter = random_prompt(method, virtual_tokens, seed);
+        let stored = store_peft(s3, &bucket, name, &adapter).await;
+        let (status, body) = server.put_adapter(name, &[(&stored, 100)]).await;
+        assert_eq!(status, 200, "{name}: {body}");
+    }
+    // About 50 tokens: past the first block after the virtual tokens, within the context.
+    let prompt = "colour red colour green colour blue colour red colour green colour";
+    let hits = || server.metric("graft_server_prefix_cache_hit_tokens_total");
+    for model in ["tuned", "prefixed"] {
+        let before = hits().await;
+        let first = server.complete(model, prompt, 8).await;
+        let between = hits().await;
+        let second = server.complete(model, prompt, 8).await;
+        let after = hits().await;
+        assert!(
+            (between - before).abs() < f64::EPSILON,
+            "{model}: the first request finds nothing ({before} → {between})"
+        );
+        assert!(
+            after - between >= 16.0,
+            "{model}: the second starts from the first's blocks ({between} → {after})"
+        );
+        assert_eq!(text(&second), text(&first), "{model}");
+    }
+    let before = hits().await;
+    server.complete("tuned-again", prompt, 8).await;
+    assert!(
+        (hits().await - before).abs() < f64::EPSILON,
+        "another version's blocks are not this one's"
+    );
+}
