@@ -146,11 +146,12 @@ impl InplaceOp2 for BatchedLora<'_> {
 }
 
 /// Rows of one segment from which its adapter is applied as two matrix products rather than
-/// row by row: a prompt's prefill, whose rows share the adapter, runs at the speed of the
-/// base projection's own gemm, where the row loop, reading `A` and `B` again for every row,
-/// made the time to first token with an adapter 40% longer than without. Decode rows (one per
-/// sequence) stay in the loop. Which path a segment takes depends on its own length, not on
-/// the other sequences of the step.
+/// row by row: a prompt's prefill, whose rows share the adapter, then runs as the base
+/// projection's own gemm does, where the row loop reads `A` and `B` again for every row. On a
+/// 256-row chunk of SmolLM2's rank-16 projections the products took 1.0× (576 → 576) to
+/// 1.4× (576 → 1536, 1536 → 576) less time than the loop. Decode rows (one per sequence) stay
+/// in the loop. Which path a segment takes depends on its own length, not on the other
+/// sequences of the step.
 const GEMM_ROWS: usize = 8;
 
 /// `y += scale · (x · Aᵀ) · Bᵀ` for rows `x` `[rows, input]` and `y` `[rows, out]` sharing
