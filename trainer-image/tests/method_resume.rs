@@ -42,13 +42,8 @@ resources: {{gpus: 0}}
 
 /// The published adapter's tensors, by a name of each.
 fn published(dir: &Path) -> Vec<(String, Tensor)> {
-    let out = dir.join("adapter");
-    let adapter = PeftAdapter::from_bytes(
-        &std::fs::read(out.join("adapter_config.json")).expect("config"),
-        &std::fs::read(out.join("adapter_model.safetensors")).expect("weights"),
-        &Device::Cpu,
-    )
-    .expect("a PEFT adapter");
+    let (config, weights) = common::adapter_files(&dir.join("adapter"));
+    let adapter = PeftAdapter::from_bytes(&config, &weights, &Device::Cpu).expect("a PEFT adapter");
     match adapter {
         PeftAdapter::Ia3(adapter) => adapter
             .vectors

@@ -126,16 +126,12 @@ resources: {{gpus: 0}}
 }
 
 fn read_adapter(dir: &Path) -> Adapter {
-    let config = std::fs::read(dir.join("adapter_config.json")).expect("adapter_config.json");
-    let weights =
-        std::fs::read(dir.join("adapter_model.safetensors")).expect("adapter_model.safetensors");
+    let (config, weights) = common::adapter_files(dir);
     Adapter::from_bytes(&config, &weights, &Device::Cpu).expect("a PEFT adapter")
 }
 
 fn read_ia3(dir: &Path) -> Ia3Adapter {
-    let config = std::fs::read(dir.join("adapter_config.json")).expect("adapter_config.json");
-    let weights =
-        std::fs::read(dir.join("adapter_model.safetensors")).expect("adapter_model.safetensors");
+    let (config, weights) = common::adapter_files(dir);
     match PeftAdapter::from_bytes(&config, &weights, &Device::Cpu).expect("a PEFT adapter") {
         PeftAdapter::Ia3(adapter) => adapter,
         _ => panic!("{} holds no (IA)³ adapter", dir.display()),
@@ -339,12 +335,8 @@ fn merged_and_peft_agree(label: &str, dir: &Path, adapter_dir: &Path) {
     for file in ["config.json", "model.safetensors", "tokenizer.json"] {
         assert!(merged_dir.join(file).is_file(), "merged/{file}");
     }
-    let adapter = PeftAdapter::from_bytes(
-        &std::fs::read(adapter_dir.join("adapter_config.json")).expect("config"),
-        &std::fs::read(adapter_dir.join("adapter_model.safetensors")).expect("weights"),
-        &Device::Cpu,
-    )
-    .expect("a PEFT adapter");
+    let (config, weights) = common::adapter_files(adapter_dir);
+    let adapter = PeftAdapter::from_bytes(&config, &weights, &Device::Cpu).expect("a PEFT adapter");
     let ids = input_ids();
     let mut with_adapter = dense_model(&tiny_model());
     with_adapter.apply(&adapter).expect("fits");
@@ -834,9 +826,7 @@ fn one_steps_ia3_gradients_equal_pefts() {
 }
 
 fn read_prompt(dir: &Path) -> PromptAdapter {
-    let config = std::fs::read(dir.join("adapter_config.json")).expect("adapter_config.json");
-    let weights =
-        std::fs::read(dir.join("adapter_model.safetensors")).expect("adapter_model.safetensors");
+    let (config, weights) = common::adapter_files(dir);
     PromptAdapter::from_bytes(&config, &weights, &Device::Cpu).expect("a PEFT adapter")
 }
 

@@ -141,13 +141,8 @@ resources: {{gpus: 0}}
 }
 
 fn published(dir: &Path) -> Adapter {
-    let out = dir.join("adapter");
-    Adapter::from_bytes(
-        &std::fs::read(out.join("adapter_config.json")).expect("config"),
-        &std::fs::read(out.join("adapter_model.safetensors")).expect("weights"),
-        &Device::Cpu,
-    )
-    .expect("a plain LoRA")
+    let (config, weights) = common::adapter_files(&dir.join("adapter"));
+    Adapter::from_bytes(&config, &weights, &Device::Cpu).expect("a plain LoRA")
 }
 
 /// A PiSSA run (QLoRA) resumed from its step-2 checkpoint — which holds only A and B, the

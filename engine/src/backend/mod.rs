@@ -20,6 +20,7 @@ pub mod cpu;
 pub mod cuda;
 mod dropout;
 mod linear;
+pub(crate) mod rotation;
 
 pub use cache::{BLOCK_TOKENS, Block, KvCache};
 pub use dropout::{Dropout, DropoutMask};

@@ -883,7 +883,7 @@ impl Sequences<'_> {
         let (batch, seq, width) = k.dims3()?;
         let n = prefix_k.dim(0)?;
         let per_position = |t: &Tensor| t.narrow(0, 0, n)?.unsqueeze(1);
-        let unrotated = crate::backend::cuda::unrotate(
+        let unrotated = crate::backend::rotation::rotate_back(
             &prefix_k.reshape((n, heads.kv_heads, heads.head_dim))?,
             &per_position(&rotary.cos)?,
             &per_position(&rotary.sin)?,

@@ -26,6 +26,16 @@ pub fn tiny(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// The two files of the PEFT adapter in `dir`: `adapter_config.json` and
+/// `adapter_model.safetensors`.
+pub fn adapter_files(dir: &Path) -> (Vec<u8>, Vec<u8>) {
+    let read = |name: &str| std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    (
+        read("adapter_config.json"),
+        read("adapter_model.safetensors"),
+    )
+}
+
 /// `{"prompt","completion"}` lines of questions naming a colour answered by a fixed animal:
 /// something a tiny model can learn, so an adapter moves far from its zero-B start.
 pub fn colour_questions_jsonl() -> String {

@@ -23,7 +23,10 @@ use candle_core::{
     backend::{BackendDevice, BackendStorage},
 };
 
-use crate::backend::{CachedRows, Heads, Rotary};
+use crate::backend::{
+    CachedRows, Heads, Rotary,
+    rotation::{rotate, rotate_back},
+};
 
 /// Bytes of f32 scores one block may hold.
 pub const SCORES_BUDGET: usize = 128 << 20;
@@ -104,11 +107,7 @@ pub fn cached_attention(
         let kh = new(&k)?.transpose(0, 1)?.contiguous()?;
         let vh = new(&v)?.transpose(0, 1)?.contiguous()?;
         let offset = sequence.cache.len();
-        let slot = &mut sequence.cache.tail[layer].tensors;
-        *slot = Some(match slot.take() {
-            Some((old_k, old_v)) => (Tensor::cat(&[old_k, kh], 1)?, Tensor::cat(&[old_v, vh], 1)?),
-            None => (kh, vh),
-        });
+        append_tail(&mut sequence.cache.tail[layer].tensors, kh, vh)?;
         let (kh, vh) = sequence
             .cache
             .tensors(layer)?
@@ -128,6 +127,20 @@ pub fn cached_attention(
     Tensor::cat(&outputs, 0)
 }
 
+/// Appends keys and values `[kv_heads, tokens, head_dim]` to a layer's tail of the cache,
+/// in the form the cached attention reads.
+pub(super) fn append_tail(
+    slot: &mut Option<(Tensor, Tensor)>,
+    kh: Tensor,
+    vh: Tensor,
+) -> Result<()> {
+    *slot = Some(match slot.take() {
+        Some((old_k, old_v)) => (Tensor::cat(&[old_k, kh], 1)?, Tensor::cat(&[old_v, vh], 1)?),
+        None => (kh, vh),
+    });
+    Ok(())
+}
+
 /// Gemma 2's soft-capping of scaled scores, `cap · tanh(s / cap)`, with the tanh the
 /// backward needs; the scores unchanged without a cap.
 fn soft_cap(scores: Tensor, cap: Option<f64>) -> Result<(Tensor, Option<Tensor>)> {
@@ -144,60 +157,6 @@ fn soft_cap(scores: Tensor, cap: Option<f64>) -> Result<(Tensor, Option<Tensor>)
 fn query_block(batch: usize, heads: usize, queries: usize, keys: usize) -> usize {
     let per_query = batch * heads * keys.max(1) * DType::F32.size_in_bytes();
     (SCORES_BUDGET / per_query).clamp(16, queries.max(16))
-}
-
-/// `x·cos + rotate_half(x)·sin` for `x` `[.., positions, n, dim]` and tables
-/// `[positions, 1, rotary]` (or broadcastable), the tables cast to `x`'s dtype as transformers
-/// casts them. Only the first `rotary` dimensions rotate; the rest pass through.
-fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    partially(x, cos.dim(D::Minus1)?, |x| rotate_all(x, cos, sin))
-}
-
-/// `f` applied to the first `rotary` dimensions of `x`, the rest appended unchanged.
-fn partially(x: &Tensor, rotary: usize, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
-    let dim = x.dim(D::Minus1)?;
-    if rotary == dim {
-        return f(x);
-    }
-    let rotated = f(&x.narrow(D::Minus1, 0, rotary)?)?;
-    Tensor::cat(
-        &[&rotated, &x.narrow(D::Minus1, rotary, dim - rotary)?],
-        D::Minus1,
-    )
-}
-
-fn rotate_all(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let (x1, x2) = (
-        x.narrow(D::Minus1, 0, half)?,
-        x.narrow(D::Minus1, half, half)?,
-    );
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
-    x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
-}
-
-/// What [`rotate`] turns into `x`: the inverse rotation, which is [`rotate_back`] (a rotation's
-/// transpose). Composed of candle's ops, so differentiable, on any device.
-pub(crate) fn unrotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    rotate_back(x, cos, sin)
-}
-
-/// The gradient of [`rotate`]'s input from its output's `g`: `g·cos + rotate_halfᵀ(g·sin)`,
-/// `rotate_halfᵀ(z) = (z₂, −z₁)`.
-fn rotate_back(g: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    partially(g, cos.dim(D::Minus1)?, |g| rotate_all_back(g, cos, sin))
-}
-
-fn rotate_all_back(g: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (cos, sin) = (cos.to_dtype(g.dtype())?, sin.to_dtype(g.dtype())?);
-    let gs = g.broadcast_mul(&sin)?;
-    let half = g.dim(D::Minus1)? / 2;
-    let (z1, z2) = (
-        gs.narrow(D::Minus1, 0, half)?,
-        gs.narrow(D::Minus1, half, half)?,
-    );
-    g.broadcast_mul(&cos)? + Tensor::cat(&[&z2, &z1.neg()?], D::Minus1)?
 }
 
 /// `[batch, positions, heads, dim]` → `[batch, kv_heads, group, positions, dim]`, contiguous:

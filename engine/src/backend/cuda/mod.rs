@@ -18,7 +18,6 @@ pub(crate) mod kernels;
 mod linear;
 
 pub use attention::SCORES_BUDGET;
-pub(crate) use attention::unrotate;
 pub(crate) use batch::grouped_adapters;
 
 /// See the module's documentation.
@@ -117,13 +116,7 @@ impl Backend for Cuda {
                 .transpose(0, 1)?
                 .contiguous()
         };
-        let (kh, vh) = (heads(k)?, heads(v)?);
-        let slot = &mut cache.tail[layer].tensors;
-        *slot = Some(match slot.take() {
-            Some((old_k, old_v)) => (Tensor::cat(&[old_k, kh], 1)?, Tensor::cat(&[old_v, vh], 1)?),
-            None => (kh, vh),
-        });
-        Ok(())
+        attention::append_tail(&mut cache.tail[layer].tensors, heads(k)?, heads(v)?)
     }
 }
 
