@@ -9,7 +9,10 @@ bash tests/controlplane/install.sh
 # The Hugging Face oracle the parity tests run (torch, transformers, peft on CPU): a virtual
 # environment cached outside the work tree, installed on the first run.
 GRAFT_ORACLE_PYTHON=$(bash tests/oracle/venv.sh)
-export GRAFT_ORACLE_PYTHON
+# The AdapterHub `adapters` library (bottleneck adapters' oracle) pins an older transformers:
+# a small environment of its own, layered on that one.
+GRAFT_ADAPTERHUB_PYTHON=$(bash tests/oracle/venv.sh adapterhub)
+export GRAFT_ORACLE_PYTHON GRAFT_ADAPTERHUB_PYTHON
 log=$(mktemp)
 # The chaos suite (operator/tests/chaos) writes its table here; it is printed at the end.
 GRAFT_CHAOS_REPORT=$(mktemp)

@@ -58,7 +58,7 @@ pub fn parse_version(version: &str, sha256: Option<&str>) -> anyhow::Result<Adap
     if version.contains("://") {
         let Some(sha256) = sha256 else {
             bail!(
-                "{version} is a URI: give the SHA-256 of its adapter_model.safetensors with --sha256"
+                "{version} is a URI: give the SHA-256 of its weights file (adapter_model.safetensors, or adapter.safetensors) with --sha256"
             );
         };
         return Ok(AdapterSource {

@@ -79,7 +79,8 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct EditArgs {
-    /// SHA-256 of the version's adapter_model.safetensors, when VERSION is a URI.
+    /// SHA-256 of the version's weights file (adapter_model.safetensors, or a bottleneck
+    /// adapter's adapter.safetensors), when VERSION is a URI.
     #[arg(long)]
     sha256: Option<String>,
     /// Seconds to wait for the AdapterDeployment to turn Ready.

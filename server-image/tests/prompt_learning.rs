@@ -1,14 +1,16 @@
 //! Prompt-learning adapters (prompt tuning, P-tuning, prefix tuning) through a running
 //! `graft-server`: hot-loaded with the admin API like LoRA adapters, their virtual tokens'
-//! keys and values computed once at load; served in the same batches as LoRA, (IA)³ and base
-//! requests (each answer what it is alone); the prompt counted as the client
+//! keys and values computed once at load; served in the same batches as LoRA, (IA)³,
+//! bottleneck and base requests (each answer what it is alone); the prompt counted as the client
 //! sent it; the context shortened by the virtual tokens; refused with the reason when they do
 //! not fit.
 
 mod common;
 
 use candle_core::{Device, Tensor};
-use common::{BASE, Server, model_config, random_adapter, random_ia3, store_peft, text};
+use common::{
+    BASE, Server, model_config, random_adapter, random_bottleneck, random_ia3, store_peft, text,
+};
 use graft_engine::{
     adapters::{PeftAdapter, PromptAdapter, PromptConfig, PromptMethod, Site},
     rng::Rng,
@@ -35,30 +37,37 @@ async fn prompt_adapters_hot_load_and_share_batches_with_lora_and_the_base() {
     let s3 = S3Server::shared().await;
     let bucket = s3.bucket("prompt");
     let server = Server::start(&["--max-batch-size", "12"]).await;
-    // 20 virtual tokens cross a KV block; P-tuning's published form is the same table.
-    let tuned = random_prompt(PromptMethod::PromptTuning, 20, 3);
-    let tuned = store_peft(s3, &bucket, "tuned", &tuned).await;
-    let p_tuned = random_prompt(PromptMethod::PTuning, 5, 4);
-    let p_tuned = store_peft(s3, &bucket, "p-tuned", &p_tuned).await;
-    let prefixed = random_prompt(PromptMethod::PrefixTuning, 7, 8);
-    let prefixed = store_peft(s3, &bucket, "prefixed", &prefixed).await;
-    let lora = random_adapter(4, 1, &[Site::QProj, Site::VProj]);
-    let lora = store_peft(s3, &bucket, "lora", &PeftAdapter::Lora(lora)).await;
-    let scaled = store_peft(s3, &bucket, "scaled", &PeftAdapter::Ia3(random_ia3(9))).await;
-    for (name, adapter) in [
-        ("tuned", &tuned),
-        ("p-tuned", &p_tuned),
-        ("prefixed", &prefixed),
-        ("lora", &lora),
-        ("scaled", &scaled),
-    ] {
-        let (status, body) = server.put_adapter(name, &[(adapter, 100)]).await;
+    // 20 virtual tokens cross a KV block; P-tuning's published form is the same table; the
+    // bottleneck adapter is stored as AdapterHub's files (adapter.safetensors).
+    let made = [
+        ("tuned", random_prompt(PromptMethod::PromptTuning, 20, 3)),
+        ("p-tuned", random_prompt(PromptMethod::PTuning, 5, 4)),
+        ("prefixed", random_prompt(PromptMethod::PrefixTuning, 7, 8)),
+        (
+            "lora",
+            PeftAdapter::Lora(random_adapter(4, 1, &[Site::QProj, Site::VProj])),
+        ),
+        ("scaled", PeftAdapter::Ia3(random_ia3(9))),
+        ("bottleneck", PeftAdapter::Bottleneck(random_bottleneck(10))),
+    ];
+    for (name, adapter) in &made {
+        let stored = store_peft(s3, &bucket, name, adapter).await;
+        let (status, body) = server.put_adapter(name, &[(&stored, 100)]).await;
         assert_eq!(status, 200, "{name}: {body}");
     }
 
     let prompt = "colour red";
     // Every method Graft serves, and the base, in one batch.
-    let models = ["tuned", "p-tuned", "prefixed", "lora", "scaled", BASE];
+    let models = [
+        "tuned",
+        "p-tuned",
+        "prefixed",
+        "lora",
+        "scaled",
+        "bottleneck",
+        BASE,
+    ];
+    let base = models.len() - 1;
     let mut alone = Vec::new();
     for model in models {
         let body = server.complete(model, prompt, 12).await;
@@ -70,10 +79,14 @@ async fn prompt_adapters_hot_load_and_share_batches_with_lora_and_the_base() {
         );
         alone.push(text(&body).to_owned());
     }
-    assert_ne!(alone[0], alone[5], "the virtual tokens change the answer");
-    assert_ne!(alone[1], alone[5], "so do P-tuning's");
-    assert_ne!(alone[2], alone[5], "and prefix tuning's keys and values");
-    assert_ne!(alone[4], alone[5], "and the (IA)³ vectors");
+    assert_ne!(
+        alone[0], alone[base],
+        "the virtual tokens change the answer"
+    );
+    assert_ne!(alone[1], alone[base], "so do P-tuning's");
+    assert_ne!(alone[2], alone[base], "and prefix tuning's keys and values");
+    assert_ne!(alone[4], alone[base], "and the (IA)³ vectors");
+    assert_ne!(alone[5], alone[base], "and the bottleneck modules");
     assert_ne!(alone[0], alone[1], "and the two differ");
     // All at once, twice over: they decode in the same steps.
     let together = futures::future::join_all(
@@ -84,7 +97,11 @@ async fn prompt_adapters_hot_load_and_share_batches_with_lora_and_the_base() {
     )
     .await;
     for (i, body) in together.iter().enumerate() {
-        assert_eq!(text(body), alone[i % 6], "request {i} in a mixed batch");
+        assert_eq!(
+            text(body),
+            alone[i % models.len()],
+            "request {i} in a mixed batch"
+        );
     }
 
     // The virtual tokens take positions of the context: what fits the base does not fit.
@@ -131,9 +148,9 @@ async fn prompt_adapters_hot_load_and_share_batches_with_lora_and_the_base() {
 }
 
 /// A server whose adapter shares are small (`--max-lora-rank 1`) refuses virtual tokens whose
-/// keys and values would not fit one, naming the flag.
+/// keys and values would not fit one, and bottleneck modules that would not, naming the flag.
 #[tokio::test]
-async fn virtual_tokens_beyond_an_adapter_share_are_refused() {
+async fn virtual_tokens_or_bottleneck_modules_beyond_an_adapter_share_are_refused() {
     let s3 = S3Server::shared().await;
     let bucket = s3.bucket("prompt-share");
     let server = Server::start(&["--max-lora-rank", "1"]).await;
@@ -169,6 +186,26 @@ async fn virtual_tokens_beyond_an_adapter_share_are_refused() {
     .await;
     let (status, body) = server.put_adapter("few", &[(&few, 100)]).await;
     assert_eq!(status, 200, "{body}");
+
+    // A quarter of the width after both blocks: about twice a rank-1 share per layer.
+    let wide = random_bottleneck(7);
+    assert!(
+        wide.parameters() > per_layer * config.num_layers,
+        "more than a share"
+    );
+    let wide = store_peft(s3, &bucket, "wide", &PeftAdapter::Bottleneck(wide)).await;
+    let (status, body) = server.put_adapter("wide", &[(&wide, 100)]).await;
+    assert_eq!(status, 422, "{body}");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(
+        message.contains("bottleneck modules") && message.contains("--max-lora-rank"),
+        "{message}"
+    );
+    // The server goes on serving.
+    assert_eq!(
+        server.complete("few", "colour red", 4).await["object"],
+        "text_completion"
+    );
 }
 
 /// Sequences behind virtual tokens share their prompts' blocks through the prefix cache, as the

@@ -47,6 +47,8 @@ METHODS = [
     ("P-tuning, 20 tokens, MLP 128", "{pTuning: {numVirtualTokens: 20, encoderHiddenSize: 128}}", 16),
     ("prefix tuning, 20 tokens", "{prefixTuning: {numVirtualTokens: 20}}", 16),
     ("prefix tuning, 20 tokens, MLP 128", "{prefixTuning: {numVirtualTokens: 20, prefixProjection: true, encoderHiddenSize: 128}}", 16),
+    ("bottleneck, Pfeiffer, reduction 16", "{bottleneck: {placement: pfeiffer}}", 16),
+    ("bottleneck, Houlsby, reduction 16", "{bottleneck: {placement: houlsby}}", 16),
 ]
 
 
@@ -86,7 +88,8 @@ def copies(trained: str, count: int, work: str) -> list[tuple[str, str]]:
     import torch
     from safetensors.torch import load_file, save_file
 
-    tensors = load_file(os.path.join(trained, "adapter_model.safetensors"))
+    weights = peers.weights_file(trained)
+    tensors = load_file(weights)
     made = []
     for i in range(count):
         path = os.path.join(work, f"m{i:02d}")
@@ -95,7 +98,7 @@ def copies(trained: str, count: int, work: str) -> list[tuple[str, str]]:
         generator = torch.Generator().manual_seed(100 + i)
         save_file({name: t * (1 + 0.05 * torch.randn(t.shape, generator=generator))
                    for name, t in tensors.items()},
-                  os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+                  os.path.join(path, os.path.basename(weights)), metadata={"format": "pt"})
         made.append((f"m{i:02d}", path))
     return made
 

@@ -257,7 +257,7 @@ def graft_peer(args, files, env, stack, name="graft", extra=()):
     wait_ready(f"{base}/readyz", proc, "graft-server")
     served = request(f"{base}/v1/models")["data"][0]["id"]
     for name, path in files["adapters"]:
-        weights = os.path.join(path, "adapter_model.safetensors")
+        weights = weights_file(path)
         with open(weights, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
         request(f"{base}/admin/adapters/{name}",
@@ -266,6 +266,14 @@ def graft_peer(args, files, env, stack, name="graft", extra=()):
     names = [name for name, _ in files["adapters"]]
     return HttpPeer(name, f"{base}/v1/completions",
                     lambda a: {"model": served if a is None else names[a]})
+
+
+def weights_file(adapter_dir: str) -> str:
+    """An adapter's weights file: PEFT's, or AdapterHub's (bottleneck adapters)."""
+    for name in ("adapter_model.safetensors", "adapter.safetensors"):
+        if os.path.exists(os.path.join(adapter_dir, name)):
+            return os.path.join(adapter_dir, name)
+    raise FileNotFoundError(f"no weights file in {adapter_dir}")
 
 
 def llama_cpp_peer(args, files, env, stack):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Re-derives the reference data committed under engine/tests/data/ with the pinned Hugging Face
 # oracle and checks it is what is committed: the scripts nf4_reference.py, tiny_models.py,
-# bnb_reference.py, peft_adapter.py, peft_prompt.py, peft_prefix.py and tokenizer_reference.py run on a copy of
+# bnb_reference.py, peft_adapter.py, peft_prompt.py, peft_prefix.py, tokenizer_reference.py and (in the
+# AdapterHub library's own environment) adapterhub_bottleneck.py run on a copy of
 # the tree in a temporary directory (they write beside themselves, at ../../engine/tests/data),
 # and every file they write that is committed is compared with the committed one:
 #
@@ -12,7 +13,7 @@
 #                up to a few 1e-5 apart on different CPUs
 #   JSON         equal, floats as above; in adapter_config.json, target_modules (and IA3's
 #                feedforward_modules) compared as the sets they are and base_model_name_or_path
-#                (the path the script ran from) left out
+#                and AdapterHub's model_name (the path the script ran from) left out
 #
 # Prints one line per file on stderr and ends with a `test result:` line tests/run.sh counts.
 # The Python is $GRAFT_ORACLE_PYTHON, or the one tests/oracle/venv.sh makes.
@@ -21,11 +22,13 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 python=${GRAFT_ORACLE_PYTHON:-$(bash "$here/venv.sh")}
+adapterhub_python=$(bash "$here/venv.sh" adapterhub)
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/tests/oracle" "$work/engine/tests/data/tiny/made"
-scripts=(nf4_reference tiny_models bnb_reference peft_adapter peft_prompt peft_prefix tokenizer_reference)
+scripts=(nf4_reference tiny_models bnb_reference peft_adapter peft_prompt peft_prefix tokenizer_reference
+  adapterhub_bottleneck)
 for script in "${scripts[@]}"; do
   cp "$here/$script.py" "$work/tests/oracle/"
 done
@@ -40,7 +43,9 @@ for script in "${scripts[@]}"; do
   echo "check_references: $script.py" >&2
   # peft_adapter.py, peft_prompt.py, peft_prefix.py and bnb_reference.py read the models tiny_models.py
   # writes: the order matters.
-  if ! "$python" "$work/tests/oracle/$script.py" >&2; then
+  interpreter=$python
+  [[ $script == adapterhub_* ]] && interpreter=$adapterhub_python
+  if ! "$interpreter" "$work/tests/oracle/$script.py" >&2; then
     echo "check_references: FAILED $script.py" >&2
     failed_scripts=$((failed_scripts + 1))
   fi
@@ -90,6 +95,7 @@ def normalise(value, name):
     if name == "adapter_config.json" and isinstance(value, dict):
         value = dict(value)
         value.pop("base_model_name_or_path", None)
+        value.pop("model_name", None)
         for key in ("target_modules", "feedforward_modules"):
             if isinstance(value.get(key), list):
                 value[key] = sorted(value[key])

@@ -13,6 +13,8 @@
 # Small pins added later go in requirements-extra.txt: they are installed into a second,
 # small environment layered on the first (a `.pth` file puts the first one's packages on its
 # path), keyed by both files, so adding one does not rebuild torch's environment.
+# `venv.sh adapterhub` prints another such layer's python instead, with
+# requirements-adapterhub.txt (the AdapterHub library and the transformers it pins).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -67,38 +69,57 @@ if ! ready; then
   exec 9>&-
 fi
 
-extra=$here/requirements-extra.txt
-if [[ -s $extra ]]; then
-  base=$venv
-  hash=$({ echo "$base"; cat "$extra"; } | sha256sum | cut -c1-12)
-  venv=$cache/oracle-extra-$hash
+# A small environment layered on the first: `$1` its requirements file, `$2` its cache name.
+# Sets venv to it.
+layer() {
+  local requirements=$1 name=$2
+  local base=$venv
+  local hash
+  hash=$({ echo "$base"; cat "$requirements"; } | sha256sum | cut -c1-12)
+  venv=$cache/$name-$hash
+  ready && return
+  exec 9>"$venv.lock"
+  flock 9
   if ! ready; then
-    exec 9>"$venv.lock"
-    flock 9
-    if ! ready; then
-      rm -rf "$venv" "$venv".tmp.*
-      tmp=$venv.tmp.$$
-      trap 'rm -rf "$tmp"' EXIT
-      echo "oracle venv: installing tests/oracle/requirements-extra.txt into $venv" >&2
-      # No pip of its own: an older bundled pip and setuptools would shadow the first's.
-      "$base/bin/python" -m venv --without-pip "$tmp" >&2
-      "$base/bin/python" -c 'import site; print(site.getsitepackages()[0])' \
-        >"$("$tmp/bin/python" -c 'import site; print(site.getsitepackages()[0])')/oracle-base.pth"
-      "$base/bin/python" -m pip --python "$tmp/bin/python" install --no-cache-dir \
-        --progress-bar off -r "$extra" >&2
-      "$base/bin/python" -m pip --python "$tmp/bin/python" check >&2
-      { grep -rlIF -- "$tmp" "$tmp/bin" "$tmp/pyvenv.cfg" || true; } | xargs -r sed -i "s|$tmp|$venv|g"
-      mv -T "$tmp" "$venv"
-      trap - EXIT
-      for lock in "$cache"/oracle-extra-*.lock; do
-        other=${lock%.lock}
-        [[ $other == "$venv" ]] && continue
-        # shellcheck disable=SC2094 # the lock is held while its own file is removed
-        (flock -n 9 && rm -rf "$other" "$other".tmp.* "$lock") 9>>"$lock" || true
-      done
-    fi
-    exec 9>&-
+    rm -rf "$venv" "$venv".tmp.*
+    tmp=$venv.tmp.$$
+    trap 'rm -rf "$tmp"' EXIT
+    echo "oracle venv: installing tests/oracle/$(basename "$requirements") into $venv" >&2
+    # No pip of its own: an older bundled pip and setuptools would shadow the first's.
+    "$base/bin/python" -m venv --without-pip "$tmp" >&2
+    "$base/bin/python" -c 'import site; print(site.getsitepackages()[0])' \
+      >"$("$tmp/bin/python" -c 'import site; print(site.getsitepackages()[0])')/oracle-base.pth"
+    "$base/bin/python" -m pip --python "$tmp/bin/python" install --no-cache-dir \
+      --progress-bar off -r "$requirements" >&2
+    "$base/bin/python" -m pip --python "$tmp/bin/python" check >&2
+    { grep -rlIF -- "$tmp" "$tmp/bin" "$tmp/pyvenv.cfg" || true; } | xargs -r sed -i "s|$tmp|$venv|g"
+    mv -T "$tmp" "$venv"
+    trap - EXIT
+    for lock in "$cache/$name"-*.lock; do
+      other=${lock%.lock}
+      [[ $other == "$venv" ]] && continue
+      # shellcheck disable=SC2094 # the lock is held while its own file is removed
+      (flock -n 9 && rm -rf "$other" "$other".tmp.* "$lock") 9>>"$lock" || true
+    done
   fi
-fi
+  exec 9>&-
+}
+
+case ${1:-} in
+  "")
+    if [[ -s $here/requirements-extra.txt ]]; then
+      layer "$here/requirements-extra.txt" oracle-extra
+    fi
+    ;;
+  # The AdapterHub `adapters` library pins transformers 4.x: its own layer, whose packages come
+  # before the first environment's on the path, so its transformers shadows the newer one.
+  adapterhub)
+    layer "$here/requirements-adapterhub.txt" oracle-adapterhub
+    ;;
+  *)
+    echo "usage: venv.sh [adapterhub]" >&2
+    exit 2
+    ;;
+esac
 
 echo "$venv/bin/python"

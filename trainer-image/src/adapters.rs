@@ -1,7 +1,8 @@
 //! The trainable adapters: one LoRA A/B pair per (layer, target site), and with DoRA its
 //! magnitude; or one (IA)³ vector per (layer, target site); or prompt learning's virtual
-//! tokens. They are candle `Var`s that the model's projections share storage with (the virtual
-//! tokens go before each input instead), so an optimizer step is seen by the next forward.
+//! tokens; or one bottleneck module per (layer, placement). They are candle `Var`s that the
+//! model's projections and modules share storage with (the virtual tokens go before each
+//! input instead), so an optimizer step is seen by the next forward.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -11,8 +12,11 @@ use std::{
 use candle_core::{Result, Tensor, Var};
 use graft_engine::{
     adapters::{
-        Adapter, AdapterConfig, EncoderKind, Ia3, Ia3Adapter, Ia3Config, Init, Lora, PeftAdapter,
-        PromptAdapter, PromptConfig, PromptEncoder, PromptMethod, Site, decompose,
+        Adapter, AdapterConfig, Bottleneck, BottleneckAdapter, EncoderKind, Ia3, Ia3Adapter,
+        Ia3Config, Init, Lora, PeftAdapter, Placement, PromptAdapter, PromptConfig, PromptEncoder,
+        PromptMethod, Site,
+        bottleneck::{AdapterHubFile, NonLinearity},
+        decompose,
     },
     models::{BaseRewrite, Llama},
     rng::Rng,
@@ -40,6 +44,41 @@ pub struct Vector {
     pub site: Site,
     pub var: Var,
     pub feedforward: bool,
+}
+
+/// One bottleneck module: its four tensors (AdapterHub's order: down, its bias, up, its bias)
+/// and the rest of its math, as the config sets it.
+#[derive(Debug)]
+pub struct Module {
+    pub layer: usize,
+    pub placement: Placement,
+    pub vars: [Var; 4],
+    pub scaling: f64,
+    pub activation: NonLinearity,
+    pub reads_stream: bool,
+}
+
+impl Module {
+    /// The module over its vars (or detached copies of them, `copy`).
+    fn bottleneck(&self, copy: bool) -> Result<Bottleneck> {
+        let take = |i: usize| -> Result<Tensor> {
+            let t = self.vars[i].as_tensor();
+            if copy {
+                t.detach().copy()
+            } else {
+                Ok(t.clone())
+            }
+        };
+        Ok(Bottleneck {
+            down: take(0)?,
+            down_bias: take(1)?,
+            up: take(2)?,
+            up_bias: take(3)?,
+            scaling: self.scaling,
+            activation: self.activation,
+            reads_stream: self.reads_stream,
+        })
+    }
 }
 
 /// Prompt learning's trainable parameters: prompt tuning's table of the virtual tokens'
@@ -108,6 +147,8 @@ enum Config {
     Lora(AdapterConfig),
     Ia3(Ia3Config),
     Prompt(PromptConfig),
+    /// AdapterHub's file, but for the tensors.
+    Bottleneck(AdapterHubFile),
 }
 
 /// A run's trainable adapters: LoRA pairs, (IA)³ vectors, or virtual tokens.
@@ -119,6 +160,8 @@ pub struct Adapters {
     pub vectors: Vec<Vector>,
     /// Prompt learning's parameters (in a prompt-tuning, P-tuning or prefix-tuning run only).
     pub prompt: Option<Prompt>,
+    /// Bottleneck modules (in a bottleneck run only).
+    pub modules: Vec<Module>,
     config: Config,
     /// OLoRA / PiSSA: each pair's start, taken out of the base (see [`Decomposer`]); the
     /// published adapter subtracts it so it applies to the original base.
@@ -228,6 +271,7 @@ impl Adapters {
             pairs,
             vectors: Vec::new(),
             prompt: None,
+            modules: Vec::new(),
             config: Config::Lora(config),
             initial: None,
         };
@@ -259,7 +303,55 @@ impl Adapters {
             pairs: Vec::new(),
             vectors,
             prompt: None,
+            modules: Vec::new(),
             config: Config::Ia3(config),
+            initial: None,
+        };
+        adapters.install(model);
+        Ok(adapters)
+    }
+
+    /// Fresh bottleneck modules at every layer's placements `file`'s config names, drawn as
+    /// the library starts them (`init_weights: "bert"`) in layer order from `seed`.
+    pub fn attach_bottleneck(model: &mut Llama, file: AdapterHubFile, seed: u64) -> Result<Self> {
+        let mut rng = Rng::seed(seed);
+        let device = model.device().clone();
+        let hidden = model.config().hidden_size;
+        let config = &file.config;
+        let placements = config.placements();
+        let mut modules = Vec::new();
+        for layer in 0..model.num_layers() {
+            let Some(size) = config
+                .size(layer, hidden)
+                .map_err(candle_core::Error::wrap)?
+            else {
+                continue;
+            };
+            for &placement in &placements {
+                let start = Bottleneck::init(hidden, size, config, &mut rng, &device)
+                    .map_err(candle_core::Error::wrap)?;
+                let var = Var::from_tensor;
+                modules.push(Module {
+                    layer,
+                    placement,
+                    vars: [
+                        var(&start.down)?,
+                        var(&start.down_bias)?,
+                        var(&start.up)?,
+                        var(&start.up_bias)?,
+                    ],
+                    scaling: start.scaling,
+                    activation: start.activation,
+                    reads_stream: start.reads_stream,
+                });
+            }
+        }
+        let adapters = Self {
+            pairs: Vec::new(),
+            vectors: Vec::new(),
+            prompt: None,
+            modules,
+            config: Config::Bottleneck(file),
             initial: None,
         };
         adapters.install(model);
@@ -324,6 +416,7 @@ impl Adapters {
         Ok(Self {
             pairs: Vec::new(),
             vectors: Vec::new(),
+            modules: Vec::new(),
             prompt: Some(Prompt {
                 params,
                 encoder: encoder.map(|(kind, _)| kind),
@@ -359,6 +452,7 @@ impl Adapters {
             pairs,
             vectors: Vec::new(),
             prompt: None,
+            modules: Vec::new(),
             config: Config::Lora(config),
             initial: Some(starts),
         };
@@ -394,6 +488,10 @@ impl Adapters {
             };
             model.set_ia3(vector.layer, vector.site, Some(ia3));
         }
+        for module in &self.modules {
+            let bottleneck = module.bottleneck(false).expect("tensors of a var");
+            model.set_bottleneck(module.layer, module.placement, Some(bottleneck));
+        }
     }
 
     /// Every trainable tensor, A then B (then DoRA's magnitude) for each pair, then each
@@ -412,6 +510,7 @@ impl Adapters {
                     .iter()
                     .flat_map(|p| p.params.iter().map(|(_, v)| v.clone())),
             )
+            .chain(self.modules.iter().flat_map(|m| m.vars.iter().cloned()))
             .collect()
     }
 
@@ -425,6 +524,9 @@ impl Adapters {
             (Config::Lora(_), PeftAdapter::Lora(adapter)) => self.load_lora(adapter),
             (Config::Ia3(_), PeftAdapter::Ia3(adapter)) => self.load_ia3(adapter),
             (Config::Prompt(_), PeftAdapter::Prompt(adapter)) => self.load_prompt(adapter),
+            (Config::Bottleneck(_), PeftAdapter::Bottleneck(adapter)) => {
+                self.load_bottleneck(adapter)
+            }
             _ => candle_core::bail!(
                 "the checkpoint's adapter is {}, this run trains another method",
                 adapter.peft_type()
@@ -474,7 +576,7 @@ impl Adapters {
     pub fn virtual_tokens(&self) -> usize {
         match &self.config {
             Config::Prompt(config) => config.num_virtual_tokens,
-            Config::Lora(_) | Config::Ia3(_) => 0,
+            Config::Lora(_) | Config::Ia3(_) | Config::Bottleneck(_) => 0,
         }
     }
 
@@ -484,7 +586,32 @@ impl Adapters {
             Config::Lora(config) => &config.peft_type,
             Config::Ia3(config) => &config.peft_type,
             Config::Prompt(config) => &config.peft_type,
+            Config::Bottleneck(_) => "BOTTLENECK",
         }
+    }
+
+    fn load_bottleneck(&self, adapter: &BottleneckAdapter) -> Result<()> {
+        for module in &self.modules {
+            let Some(saved) = adapter.modules.get(&(module.layer, module.placement)) else {
+                candle_core::bail!(
+                    "the checkpoint has no bottleneck module at {:?} of layer {}",
+                    module.placement,
+                    module.layer
+                );
+            };
+            let tensors = [&saved.down, &saved.down_bias, &saved.up, &saved.up_bias];
+            for (var, saved) in module.vars.iter().zip(tensors) {
+                if var.dims() != saved.dims() {
+                    candle_core::bail!(
+                        "the checkpoint's bottleneck at {:?} of layer {} has another size",
+                        module.placement,
+                        module.layer
+                    );
+                }
+                var.set(&saved.to_device(var.device())?)?;
+            }
+        }
+        Ok(())
     }
 
     fn load_ia3(&self, adapter: &Ia3Adapter) -> Result<()> {
@@ -547,6 +674,17 @@ impl Adapters {
                 return Ok(PeftAdapter::Prompt(PromptAdapter {
                     config: config.clone(),
                     embeddings: prompt.embeddings()?.detach().copy()?,
+                }));
+            }
+            Config::Bottleneck(file) => {
+                let modules = self
+                    .modules
+                    .iter()
+                    .map(|m| Ok(((m.layer, m.placement), m.bottleneck(true)?)))
+                    .collect::<Result<_>>()?;
+                return Ok(PeftAdapter::Bottleneck(BottleneckAdapter {
+                    file: file.clone(),
+                    modules,
                 }));
             }
             Config::Ia3(config) => {

@@ -9,12 +9,15 @@ use std::{io::IsTerminal, path::Path};
 
 use candle_core::Device;
 use graft_api::{
-    AdapterArtifact, Digested, FineTuneJobSpec, GraftJson, LoraInit, MethodKind, Metrics,
-    PromptEncoder, PromptInit, Quantization, StatusTarget, TargetModule, TrainerResult,
+    AdapterArtifact, BottleneckPlacement, Digested, FineTuneJobSpec, GraftJson, LoraInit,
+    MethodKind, Metrics, PromptEncoder, PromptInit, Quantization, StatusTarget, TargetModule,
+    TrainerResult,
 };
 use graft_engine::{
     adapters::{
-        AdapterConfig, EncoderKind, Ia3Config, Init, Patterns, PromptConfig, PromptMethod, Site,
+        AdapterConfig, BottleneckConfig, EncoderKind, Ia3Config, Init, Patterns, PromptConfig,
+        PromptMethod, Site,
+        bottleneck::{ADAPTERHUB_VERSION, AdapterHubFile, Architecture, reduction_for_size},
         text_init_ids,
     },
     device::compute_dtype,
@@ -90,11 +93,20 @@ impl From<candle_core::Error> for JobError {
     }
 }
 
-const ADAPTER_FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
+const ADAPTER_CONFIG: &str = "adapter_config.json";
 const GRAFT_JSON: &str = "graft.json";
 const STAGING: &str = ".staging";
 /// Where `output.merged` writes the merged model, under the output.
 const MERGED: &str = "merged";
+
+impl TrainerConfig {
+    /// The adapter's own name, which a bottleneck adapter's tensors carry: the FineTuneJob's.
+    fn adapter_name(&self) -> &str {
+        self.status_target
+            .as_ref()
+            .map_or("adapter", |t| t.name.as_str())
+    }
+}
 
 pub fn read_config(path: &Path) -> Result<TrainerConfig, JobError> {
     let text = std::fs::read_to_string(path)
@@ -164,7 +176,7 @@ pub fn run(
         ));
     }
 
-    let (model, adapters) = load_model(&base, spec, &tokenizer, device)?;
+    let (model, adapters) = load_model(&base, spec, config.adapter_name(), &tokenizer, device)?;
     let trainable_parameters = adapters.trainable_parameters();
     let settings = settings(spec, tokenizer.eos_token_id().unwrap_or(0));
     let (train_examples, eval_examples) = (train.len(), eval.len());
@@ -217,6 +229,7 @@ pub fn run(
         // Before graft.json: a reader that finds it finds the merged model whole too.
         write_merged(&rt, &output, &base, &result)?;
     }
+    let weights = (result.weights_file(), weights);
     rt.block_on(publish(&output, adapter_config, weights, &graft_json))?;
     progress.record_adapter(&artifact);
     progress.finish();
@@ -228,7 +241,13 @@ pub fn run(
 /// behind virtual tokens (PEFT puts them before each sequence, and a packed row holds several).
 fn check_method_trained(spec: &FineTuneJobSpec) -> Result<(), JobError> {
     let prompt = match spec.method.kind() {
-        MethodKind::Lora(_) | MethodKind::Ia3(_) => return Ok(()),
+        MethodKind::Bottleneck(_) if spec.output.merged => {
+            return Err(JobError::bad(
+                "output.merged: method.bottleneck adds modules with a non-linearity between the \
+                 layers, which no merged weight can hold; publish the adapter alone",
+            ));
+        }
+        MethodKind::Lora(_) | MethodKind::Ia3(_) | MethodKind::Bottleneck(_) => return Ok(()),
         MethodKind::PromptTuning(_) => "method.promptTuning",
         MethodKind::PTuning(_) => "method.pTuning",
         MethodKind::PrefixTuning(_) => "method.prefixTuning",
@@ -449,6 +468,7 @@ fn sites_of(modules: &[TargetModule], config: &Config) -> Result<Vec<Site>, JobE
 fn load_model(
     base: &models::Checkpoint,
     spec: &FineTuneJobSpec,
+    name: &str,
     tokenizer: &Tokenizer,
     device: &Device,
 ) -> Result<(Llama, Adapters), JobError> {
@@ -483,6 +503,12 @@ fn load_model(
         MethodKind::PromptTuning(_) | MethodKind::PTuning(_) | MethodKind::PrefixTuning(_) => {
             let model = load(None)?;
             let adapters = attach_prompt(&model, spec, tokenizer)?;
+            return Ok((model, adapters));
+        }
+        MethodKind::Bottleneck(bottleneck) => {
+            let file = adapterhub_file(bottleneck, config, spec, name)?;
+            let mut model = load(None)?;
+            let adapters = Adapters::attach_bottleneck(&mut model, file, spec.training.seed)?;
             return Ok((model, adapters));
         }
     };
@@ -611,8 +637,10 @@ fn attach_prompt(
             let encoder = projection.then_some((EncoderKind::PrefixMlp, hidden));
             (prompt_config, PromptStart::Random, encoder)
         }
-        MethodKind::Lora(_) | MethodKind::Ia3(_) => {
-            return Err(JobError::bad("LoRA and (IA)³ train no virtual tokens"));
+        MethodKind::Lora(_) | MethodKind::Ia3(_) | MethodKind::Bottleneck(_) => {
+            return Err(JobError::bad(
+                "LoRA, (IA)³ and bottleneck adapters train no virtual tokens",
+            ));
         }
     };
     if let Some(context) = config.max_position_embeddings
@@ -625,6 +653,50 @@ fn attach_prompt(
     }
     Adapters::attach_prompt(model, prompt_config, &start, encoder, spec.training.seed)
         .map_err(JobError::bad)
+}
+
+/// The AdapterHub file a bottleneck run publishes (but for its tensors): the library's config
+/// for the placement, the width as a reduction factor the library turns back into it, and the
+/// base model's names. `name` is the adapter's, which its tensors carry.
+fn adapterhub_file(
+    bottleneck: &graft_api::BottleneckConfig,
+    config: &Config,
+    spec: &FineTuneJobSpec,
+    name: &str,
+) -> Result<AdapterHubFile, JobError> {
+    let hidden = config.hidden_size;
+    let architecture = match bottleneck.placement {
+        BottleneckPlacement::Pfeiffer => Architecture::Pfeiffer,
+        BottleneckPlacement::Houlsby => Architecture::Houlsby,
+    };
+    let factor = match (bottleneck.size, bottleneck.reduction_factor) {
+        (Some(size), _) => {
+            let size = size as usize;
+            if size > hidden {
+                return Err(JobError::bad(format!(
+                    "method.bottleneck.size {size} is wider than the model's hidden size {hidden}"
+                )));
+            }
+            reduction_for_size(hidden, size)
+        }
+        (None, factor) => f64::from(factor.unwrap_or(16)),
+    };
+    let non_linearity = bottleneck.non_linearity.map_or(
+        match architecture {
+            Architecture::Pfeiffer => "relu",
+            Architecture::Houlsby => "swish",
+        },
+        graft_api::NonLinearity::library_name,
+    );
+    Ok(AdapterHubFile {
+        config: BottleneckConfig::new(architecture, factor, non_linearity),
+        hidden_size: hidden,
+        model_class: config.causal_lm_class().map(str::to_owned),
+        model_name: Some(spec.base_model.uri.clone()),
+        model_type: Some(config.model_type.clone()),
+        name: name.to_owned(),
+        version: Some(ADAPTERHUB_VERSION.to_owned()),
+    })
 }
 
 fn model_source_error(error: SourceError) -> JobError {
@@ -710,16 +782,18 @@ pub async fn save_checkpoint(output: &Location, checkpoint: &Checkpoint) -> Resu
 
 /// The adapter files go to a staging prefix, are copied into place, and `graft.json` is
 /// written last: a reader that finds `graft.json` finds the whole adapter.
+/// Publishes the adapter's two files (its config, then its weights file under PEFT's or
+/// AdapterHub's name) and, last, `graft.json`, which marks it finished.
 async fn publish(
     output: &Location,
     config: Vec<u8>,
-    weights: Vec<u8>,
+    (weights_name, weights): (&str, Vec<u8>),
     graft_json: &GraftJson,
 ) -> Result<(), JobError> {
     let store = |e: object_store::Error| JobError::store("publishing the adapter", &e);
     // A retried run may replace an adapter: withdraw the old marker first.
     output.delete(GRAFT_JSON).await.map_err(store)?;
-    for (name, bytes) in ADAPTER_FILES.into_iter().zip([config, weights]) {
+    for (name, bytes) in [(ADAPTER_CONFIG, config), (weights_name, weights)] {
         let staged = format!("{STAGING}/{name}");
         output.put(&staged, bytes).await.map_err(store)?;
         output.copy(&staged, name).await.map_err(store)?;
@@ -773,6 +847,11 @@ mod tests {
             check_method_trained(&spec("{ia3: {}}", true, false)).is_ok(),
             "merged (IA)³"
         );
+        let bottleneck = "{bottleneck: {placement: houlsby}}";
+        assert!(
+            check_method_trained(&spec(bottleneck, false, true)).is_ok(),
+            "packed bottleneck adapters"
+        );
         for (method, merged, packing, names) in [
             (
                 prompt,
@@ -791,6 +870,12 @@ mod tests {
                 true,
                 false,
                 ["output.merged", "method.prefixTuning"],
+            ),
+            (
+                bottleneck,
+                true,
+                false,
+                ["output.merged", "method.bottleneck"],
             ),
         ] {
             let error = check_method_trained(&spec(method, merged, packing)).expect_err(method);

@@ -1,6 +1,7 @@
-//! Checkpoints of the methods other than LoRA: an (IA)³ run, a P-tuning run and a prefix-tuning
-//! run resumed from their step-2 checkpoints (the adapter in PEFT's format, the encoder beside
-//! it, the optimizer's moments) publish the adapter of the uninterrupted run.
+//! Checkpoints of the methods other than LoRA: an (IA)³ run, a P-tuning run, a prefix-tuning
+//! run and a bottleneck run resumed from their step-2 checkpoints (the adapter in PEFT's or
+//! AdapterHub's format, the encoder beside it, the optimizer's moments) publish the adapter of
+//! the uninterrupted run.
 
 use std::{path::Path, process::Command};
 
@@ -51,6 +52,16 @@ fn published(dir: &Path) -> Vec<(String, Tensor)> {
             .map(|(key, ia3)| (format!("{key:?}"), ia3.vector.clone()))
             .collect(),
         PeftAdapter::Prompt(adapter) => vec![("prompt_embeddings".to_owned(), adapter.embeddings)],
+        PeftAdapter::Bottleneck(adapter) => adapter
+            .modules
+            .iter()
+            .flat_map(|(key, m)| {
+                [&m.down, &m.down_bias, &m.up, &m.up_bias]
+                    .into_iter()
+                    .enumerate()
+                    .map(move |(i, t)| (format!("{key:?} {i}"), t.clone()))
+            })
+            .collect(),
         PeftAdapter::Lora(_) => panic!("a LoRA adapter"),
     }
 }
@@ -62,6 +73,20 @@ fn a_resumed_ia3_run_ends_as_an_uninterrupted_one() {
         let moved = common::max_abs_diff(vector, &vector.ones_like().expect("ones"));
         assert!(moved > 1e-3, "{key}: training moved the vector ({moved})");
     }
+}
+
+/// Houlsby's bottleneck modules on the tiny model (width 32, reduction factor 4: 8 units),
+/// published in AdapterHub's format.
+#[test]
+fn a_resumed_bottleneck_run_ends_as_an_uninterrupted_one() {
+    let method = "{quantization: nf4, bottleneck: {placement: houlsby, reductionFactor: 4}}";
+    let whole = resumed_as_whole(method, "\"reduction_factor\"", &[]);
+    // Two layers, two placements, four tensors each.
+    assert_eq!(whole.len(), 16);
+    assert!(
+        whole.iter().any(|(_, t)| t.dims() == [8, 32]),
+        "8 units on width 32"
+    );
 }
 
 /// Prefix tuning through its reparameterisation MLP keeps the MLP in its checkpoints, as
@@ -105,13 +130,16 @@ fn keep_only_step_2(adapter: &Path) {
             std::fs::remove_dir_all(path).expect("remove");
         }
     }
-    for name in [
-        "graft.json",
-        "adapter_config.json",
-        "adapter_model.safetensors",
-    ] {
+    for name in ["graft.json", "adapter_config.json"] {
         std::fs::remove_file(adapter.join(name)).expect("remove");
     }
+    let weights: Vec<_> = graft_engine::adapters::WEIGHTS_FILES
+        .into_iter()
+        .map(|name| adapter.join(name))
+        .filter(|path| path.is_file())
+        .collect();
+    assert_eq!(weights.len(), 1, "one weights file: {weights:?}");
+    std::fs::remove_file(&weights[0]).expect("remove");
 }
 
 /// Trains with `method` to the end, then again from its step-2 checkpoint (whose config names

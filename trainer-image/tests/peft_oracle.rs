@@ -32,7 +32,7 @@ use graft_testenv::{oracle_python, repo_root};
 
 mod common;
 
-const TRAINER: &str = env!("CARGO_BIN_EXE_graft-trainer");
+use common::{run_trainer_with, train, train_refused};
 
 fn tiny_model() -> PathBuf {
     repo_root().join("engine/tests/data/tiny/made")
@@ -55,74 +55,6 @@ fn tiny_checkpoint(dir: &Path, name: &str) -> PathBuf {
         std::fs::copy(from.join(name), model.join(name)).expect("copy the checkpoint");
     }
     model
-}
-
-/// Trains `model` with `method` (the YAML of `spec.method`) and returns the published
-/// adapter's directory.
-fn train(dir: &Path, model: &Path, method: &str) -> PathBuf {
-    let (out, output) = run_trainer(dir, model, method);
-    assert!(
-        out.status.success(),
-        "graft-trainer train failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        output.join("graft.json").is_file(),
-        "the adapter is published"
-    );
-    output
-}
-
-/// Runs the trainer on a job it must refuse: its exit code and one-line reason.
-fn train_refused(dir: &Path, model: &Path, method: &str) -> (i32, String) {
-    let (out, output) = run_trainer(dir, model, method);
-    assert!(!output.join("graft.json").exists(), "nothing is published");
-    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
-    (out.status.code().unwrap_or(-1), stderr)
-}
-
-/// `graft-trainer train` on `model` with `method`; its output and the adapter's directory.
-fn run_trainer(dir: &Path, model: &Path, method: &str) -> (std::process::Output, PathBuf) {
-    run_trainer_with(dir, model, method, "")
-}
-
-/// [`run_trainer`] with more fields of `spec.output` (`, merged: true`).
-fn run_trainer_with(
-    dir: &Path,
-    model: &Path,
-    method: &str,
-    output_fields: &str,
-) -> (std::process::Output, PathBuf) {
-    let dataset = dir.join("train.jsonl");
-    std::fs::write(&dataset, common::colour_questions_jsonl()).expect("dataset");
-    let output = dir.join("adapter");
-    let yaml = format!(
-        r"
-baseModel: {{uri: 'file://{model}'}}
-dataset: {{uri: 'file://{dataset}', validationFraction: 0.25}}
-method: {method}
-training: {{epochs: 12, learningRate: 0.01, batchSize: 2, gradientAccumulationSteps: 1,
-           maxSequenceLength: 32, warmupSteps: 2, scheduler: cosine, seed: 5}}
-output: {{uri: 'file://{output}/'{output_fields}}}
-resources: {{gpus: 0}}
-",
-        model = model.display(),
-        dataset = dataset.display(),
-        output = output.display(),
-    );
-    let config = dir.join("config.yaml");
-    std::fs::write(&config, yaml).expect("config");
-    let out = Command::new(TRAINER)
-        .args(["train", "--config"])
-        .arg(&config)
-        .arg("--cache-dir")
-        .arg(dir.join("cache"))
-        .env("GRAFT_TERMINATION_LOG", dir.join("termination-log"))
-        .stdin(Stdio::null())
-        .output()
-        .expect("the trainer runs");
-    (out, output)
 }
 
 fn read_adapter(dir: &Path) -> Adapter {

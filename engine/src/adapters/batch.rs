@@ -11,7 +11,7 @@ use std::{collections::BTreeMap, ops::Range};
 
 use candle_core::{DType, Device, Result, Tensor};
 
-use super::{Adapter, Ia3, Ia3Adapter, Lora, Site};
+use super::{Adapter, Bottleneck, BottleneckAdapter, Ia3, Ia3Adapter, Lora, Placement, Site};
 use crate::backend::KvCache;
 
 /// One pair laid out for serving: `A` `[rank, in]` and `Bᵀ` `[rank, out]`, contiguous, so
@@ -72,11 +72,12 @@ impl ServingLora {
 }
 
 /// An adapter's parts in serving layout, by layer and projection: LoRA pairs, or (IA)³
-/// vectors.
-#[derive(Clone, Debug)]
+/// vectors; or by layer and placement: bottleneck modules.
+#[derive(Clone, Debug, Default)]
 pub struct ServingAdapter {
     pairs: BTreeMap<(usize, Site), ServingLora>,
     vectors: BTreeMap<(usize, Site), Ia3>,
+    bottlenecks: BTreeMap<(usize, Placement), Bottleneck>,
     /// A prompt-learning adapter's virtual tokens, in a cache of their own.
     prefix: Option<KvCache>,
 }
@@ -110,8 +111,7 @@ impl ServingAdapter {
             .collect::<Result<_>>()?;
         Ok(Self {
             pairs,
-            vectors: BTreeMap::new(),
-            prefix: None,
+            ..Self::default()
         })
     }
 
@@ -119,9 +119,8 @@ impl ServingAdapter {
     /// model's device (`Llama::prefill_embeddings`), which every sequence of it starts from.
     pub fn virtual_tokens(prefix: KvCache) -> Self {
         Self {
-            pairs: BTreeMap::new(),
-            vectors: BTreeMap::new(),
             prefix: Some(prefix),
+            ..Self::default()
         }
     }
 
@@ -144,9 +143,21 @@ impl ServingAdapter {
             .map(|(&key, ia3)| (key, ia3.detach()))
             .collect();
         Self {
-            pairs: BTreeMap::new(),
             vectors,
-            prefix: None,
+            ..Self::default()
+        }
+    }
+
+    /// A bottleneck adapter's modules.
+    pub fn bottleneck(adapter: &BottleneckAdapter) -> Self {
+        let bottlenecks = adapter
+            .modules
+            .iter()
+            .map(|(&key, module)| (key, module.detach()))
+            .collect();
+        Self {
+            bottlenecks,
+            ..Self::default()
         }
     }
 
@@ -169,9 +180,15 @@ impl ServingAdapter {
             .iter()
             .map(|(&key, ia3)| Ok((key, ia3.to(device, dtype)?)))
             .collect::<Result<_>>()?;
+        let bottlenecks = self
+            .bottlenecks
+            .iter()
+            .map(|(&key, module)| Ok((key, module.to(device, dtype)?)))
+            .collect::<Result<_>>()?;
         Ok(Self {
             pairs,
             vectors,
+            bottlenecks,
             // Computed on the model's device in its dtype already.
             prefix: self.prefix.clone(),
         })
@@ -184,6 +201,11 @@ impl ServingAdapter {
     /// The (IA)³ vector on `site` of `layer`, if the adapter has one there.
     pub fn vector(&self, layer: usize, site: Site) -> Option<&Ia3> {
         self.vectors.get(&(layer, site))
+    }
+
+    /// The bottleneck module at `placement` of `layer`, if the adapter has one there.
+    pub fn bottleneck_at(&self, layer: usize, placement: Placement) -> Option<&Bottleneck> {
+        self.bottlenecks.get(&(layer, placement))
     }
 }
 

@@ -4,7 +4,16 @@
 use candle_core::Device;
 use serde::Deserialize;
 
-use super::{Adapter, Ia3Adapter, PeftError, PromptAdapter, Site, is_prompt_learning};
+use super::{
+    Adapter, BottleneckAdapter, Ia3Adapter, PeftError, PromptAdapter, Site, bottleneck,
+    is_prompt_learning,
+};
+
+/// PEFT's weights file.
+pub const PEFT_WEIGHTS: &str = "adapter_model.safetensors";
+
+/// The names an adapter's weights file may have: PEFT's, then AdapterHub's.
+pub const WEIGHTS_FILES: [&str; 2] = [PEFT_WEIGHTS, bottleneck::ADAPTERHUB_WEIGHTS];
 
 /// An adapter of any method Graft computes.
 // One per adapter file read, moved a few times: LoRA's config being larger than (IA)³'s costs
@@ -16,6 +25,8 @@ pub enum PeftAdapter {
     Ia3(Ia3Adapter),
     /// Prompt tuning or P-tuning: virtual tokens before the input.
     Prompt(PromptAdapter),
+    /// Bottleneck adapters, in AdapterHub's format.
+    Bottleneck(BottleneckAdapter),
 }
 
 /// The `peft_type` of an `adapter_config.json` (the one field every PEFT config has), to pick
@@ -29,12 +40,17 @@ pub fn peft_type(config_json: &[u8]) -> Result<String, PeftError> {
 }
 
 impl PeftAdapter {
-    /// Reads PEFT's two files, whichever method they hold.
+    /// Reads PEFT's two files, whichever method they hold, or AdapterHub's for bottleneck
+    /// adapters.
     pub fn from_bytes(
         config_json: &[u8],
         safetensors: &[u8],
         device: &Device,
     ) -> Result<Self, PeftError> {
+        if bottleneck::is_adapterhub(config_json) {
+            return BottleneckAdapter::from_bytes(config_json, safetensors, device)
+                .map(Self::Bottleneck);
+        }
         let peft_type = peft_type(config_json)?;
         match peft_type.as_str() {
             "LORA" => Adapter::from_bytes(config_json, safetensors, device).map(Self::Lora),
@@ -55,6 +71,9 @@ impl PeftAdapter {
         safetensors: &[u8],
         device: &Device,
     ) -> Result<Self, PeftError> {
+        if bottleneck::is_adapterhub(config_json) {
+            return Self::from_bytes(config_json, safetensors, device);
+        }
         let peft_type = peft_type(config_json)?;
         match peft_type.as_str() {
             "LORA" => {
@@ -68,25 +87,38 @@ impl PeftAdapter {
     pub fn lora(&self) -> Option<&Adapter> {
         match self {
             Self::Lora(adapter) => Some(adapter),
-            Self::Ia3(_) | Self::Prompt(_) => None,
+            Self::Ia3(_) | Self::Prompt(_) | Self::Bottleneck(_) => None,
         }
     }
 
-    /// PEFT's two files: `adapter_config.json` and `adapter_model.safetensors`.
+    /// The two files' contents: `adapter_config.json` and the weights file
+    /// ([`Self::weights_file`]).
     pub fn to_bytes(&self) -> Result<(Vec<u8>, Vec<u8>), PeftError> {
         match self {
             Self::Lora(adapter) => adapter.to_bytes(),
             Self::Ia3(adapter) => adapter.to_bytes(),
             Self::Prompt(adapter) => adapter.to_bytes(),
+            Self::Bottleneck(adapter) => adapter.to_bytes(),
         }
     }
 
-    /// PEFT's name of the method: `LORA`, `IA3`, `PROMPT_TUNING`, `P_TUNING`.
+    /// The weights file's name: PEFT's `adapter_model.safetensors`, or AdapterHub's
+    /// `adapter.safetensors` for bottleneck adapters.
+    pub fn weights_file(&self) -> &'static str {
+        match self {
+            Self::Bottleneck(_) => bottleneck::ADAPTERHUB_WEIGHTS,
+            Self::Lora(_) | Self::Ia3(_) | Self::Prompt(_) => PEFT_WEIGHTS,
+        }
+    }
+
+    /// PEFT's name of the method: `LORA`, `IA3`, `PROMPT_TUNING`, `P_TUNING`,
+    /// `PREFIX_TUNING`; `BOTTLENECK` for AdapterHub's bottleneck adapters.
     pub fn peft_type(&self) -> &str {
         match self {
             Self::Lora(adapter) => &adapter.config.peft_type,
             Self::Ia3(adapter) => &adapter.config.peft_type,
             Self::Prompt(adapter) => &adapter.config.peft_type,
+            Self::Bottleneck(_) => "BOTTLENECK",
         }
     }
 
@@ -94,7 +126,7 @@ impl PeftAdapter {
     pub fn max_rank(&self) -> usize {
         match self {
             Self::Lora(adapter) => adapter.config.max_rank(),
-            Self::Ia3(_) | Self::Prompt(_) => 0,
+            Self::Ia3(_) | Self::Prompt(_) | Self::Bottleneck(_) => 0,
         }
     }
 
@@ -111,6 +143,11 @@ impl PeftAdapter {
             Self::Lora(adapter) => adapter.check_fits(layers, shape),
             Self::Ia3(adapter) => adapter.check_fits(layers, shape),
             Self::Prompt(_) => Ok(()),
+            Self::Bottleneck(adapter) => {
+                // The stream's width: what the feed-forward block's last projection puts out.
+                let hidden = shape(Site::DownProj).map_or(0, |(out, _)| out);
+                adapter.check_fits(layers, hidden)
+            }
         }
     }
 }

@@ -1,8 +1,10 @@
 //! What an adapter is, independent of where it is computed: the projections it targets, the
-//! LoRA pair and its math, (IA)³'s vectors, prompt learning's virtual tokens, PEFT's files, the
-//! registry of methods, and a mixed serving batch's adapters.
+//! LoRA pair and its math, (IA)³'s vectors, prompt learning's virtual tokens, bottleneck
+//! adapters, PEFT's and AdapterHub's files, the registry of methods, and a mixed serving
+//! batch's adapters.
 
 mod batch;
+pub mod bottleneck;
 pub mod decompose;
 pub mod dora;
 mod ia3;
@@ -15,9 +17,10 @@ mod prompt_encoder;
 mod site;
 
 pub use batch::{SegmentLora, ServingAdapter, ServingLora, per_segment_delta};
+pub use bottleneck::{Bottleneck, BottleneckAdapter, BottleneckConfig, Placement};
 pub use ia3::{Ia3, Ia3Adapter, Ia3Config, scale_segments};
 pub use lora::{Init, Lora, scaling};
-pub use methods::{PeftAdapter, peft_type};
+pub use methods::{PEFT_WEIGHTS, PeftAdapter, WEIGHTS_FILES, peft_type};
 pub use patterns::Patterns;
 pub use peft::{Adapter, AdapterConfig, PeftError, TargetModules};
 pub use prompt::{

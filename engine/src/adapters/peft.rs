@@ -16,9 +16,9 @@ pub enum PeftError {
     Config(#[from] serde_json::Error),
     #[error("adapter_config.json: {0} is not supported")]
     Unsupported(String),
-    #[error("adapter_model.safetensors: {0}")]
+    #[error("the weights file: {0}")]
     Weights(#[from] candle_core::Error),
-    #[error("adapter_model.safetensors: unexpected tensor {0:?}")]
+    #[error("the weights file: unexpected tensor {0:?}")]
     UnexpectedKey(String),
     #[error(
         "adapter_model.safetensors: {site} of layer {layer} has lora_{missing} but not the other half"

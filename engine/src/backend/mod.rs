@@ -11,7 +11,9 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
-use crate::adapters::{Lora, SegmentLora};
+use std::ops::Range;
+
+use crate::adapters::{Bottleneck, Lora, SegmentLora};
 
 mod cache;
 #[cfg(test)]
@@ -111,6 +113,18 @@ pub trait Backend: std::fmt::Debug + Send + Sync {
         layer: &FrozenLinear,
         segments: &[SegmentLora<'_>],
     ) -> Result<Tensor>;
+
+    /// The residual stream `[rows, hidden]` of a mixed serving batch after a sub-block whose
+    /// output was `out`, with each segment's bottleneck module (if any) added on its rows. No
+    /// gradient. Composed of candle's ops, one segment at a time, unless a backend batches it.
+    fn bottlenecks(
+        &self,
+        out: &Tensor,
+        stream: Tensor,
+        segments: &[(Range<usize>, Option<&Bottleneck>)],
+    ) -> Result<Tensor> {
+        crate::adapters::bottleneck::apply_segments(out, stream, segments)
+    }
 
     /// RMSNorm as transformers computes it: in f32, cast back, times the (frozen) weight.
     fn rms_norm(&self, x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor>;

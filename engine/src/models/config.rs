@@ -174,6 +174,20 @@ impl Config {
         }
     }
 
+    /// transformers' causal-LM class of the model type (AdapterHub files name it).
+    pub fn causal_lm_class(&self) -> Option<&'static str> {
+        Some(match self.model_type.as_str() {
+            "llama" => "LlamaForCausalLM",
+            "mistral" => "MistralForCausalLM",
+            "qwen2" => "Qwen2ForCausalLM",
+            "qwen3" => "Qwen3ForCausalLM",
+            "gemma2" => "Gemma2ForCausalLM",
+            "gemma3_text" => "Gemma3ForCausalLM",
+            "phi3" => "Phi3ForCausalLM",
+            _ => return None,
+        })
+    }
+
     /// `(out, in)` of a projection, if the model has it.
     pub fn site_shape(&self, site: Site) -> Option<(usize, usize)> {
         let (q, kv) = (

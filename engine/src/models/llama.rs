@@ -18,8 +18,8 @@ use super::{
 };
 use crate::{
     adapters::{
-        Adapter, Ia3, Ia3Adapter, Lora, PeftAdapter, PeftError, PromptAdapter, PromptMethod,
-        SegmentLora, ServingAdapter, Site, scale_segments,
+        Adapter, Bottleneck, Ia3, Ia3Adapter, Lora, PeftAdapter, PeftError, Placement,
+        PromptAdapter, PromptMethod, SegmentLora, ServingAdapter, Site, scale_segments,
     },
     backend::{
         self, Backend, CachedRows, Documents, Dropout, FrozenLinear, FrozenWeight, Heads, KvCache,
@@ -86,6 +86,8 @@ struct Block {
     qk_norm: Option<[Tensor; 2]>,
     /// Indexed by `Site as usize`; the sites the architecture has (`Config::sites`).
     projections: Vec<Option<Projection>>,
+    /// Bottleneck adapters after attention and after the feed-forward block.
+    bottlenecks: [Option<Bottleneck>; 2],
 }
 
 impl Block {
@@ -294,11 +296,29 @@ impl Llama {
             .as_ref()
     }
 
+    /// Puts a bottleneck adapter's module at `placement` of `layer` (or removes it with
+    /// `None`).
+    pub fn set_bottleneck(
+        &mut self,
+        layer: usize,
+        placement: Placement,
+        module: Option<Bottleneck>,
+    ) {
+        self.layers[layer].bottlenecks[placement as usize] = module;
+    }
+
     /// Puts every part of an adapter of any method on this model, after checking each fits.
     pub fn apply(&mut self, adapter: &PeftAdapter) -> std::result::Result<(), PeftError> {
         match adapter {
             PeftAdapter::Lora(adapter) => self.apply_adapter(adapter),
             PeftAdapter::Ia3(adapter) => self.apply_ia3(adapter),
+            PeftAdapter::Bottleneck(adapter) => {
+                adapter.check_fits(self.num_layers(), self.config.hidden_size)?;
+                for (&(layer, placement), module) in &adapter.modules {
+                    self.set_bottleneck(layer, placement, Some(module.clone()));
+                }
+                Ok(())
+            }
             PeftAdapter::Prompt(adapter) => Err(PeftError::Unsupported(format!(
                 "{}: a prompt-learning adapter changes the input (or, prefix tuning, the \
                  attention's cache), not the model's weights: serve it (Llama::serving) or put its \
@@ -329,6 +349,9 @@ impl Llama {
             PeftAdapter::Lora(adapter) => self.lora_serving(adapter, lora_dtype),
             PeftAdapter::Ia3(adapter) => {
                 ServingAdapter::ia3(adapter).to(self.device(), self.dtype())
+            }
+            PeftAdapter::Bottleneck(adapter) => {
+                ServingAdapter::bottleneck(adapter).to(self.device(), self.dtype())
             }
             PeftAdapter::Prompt(adapter) => {
                 let mut prefix = KvCache::new(self.num_layers());
@@ -746,7 +769,11 @@ impl Llama {
             Some(norms) => backend.rms_norm(&x, &norms[at], eps),
             None => Ok(x),
         };
-        let h = (h + sandwiched(project(Site::OProj, &attended)?, 0)?)?;
+        let out = sandwiched(project(Site::OProj, &attended)?, 0)?;
+        let h = (h + &out)?;
+        let h = pass.bottleneck(backend, index, Placement::Attention, block, &out, h)?;
+        let mut project =
+            |site: Site, x: &Tensor| pass.project(backend, index, site, block.projection(site), x);
         let normed = backend.rms_norm(&h, &block.mlp_norm, eps)?;
         let (gate, up) = if self.config.fused_projections {
             let gate_up = project(Site::GateUpProj, &normed)?;
@@ -765,7 +792,9 @@ impl Llama {
             Activation::Silu => backend.swiglu(&gate, &up)?,
             Activation::GeluTanh => backend.gelu_tanh_gated(&gate, &up)?,
         };
-        h + sandwiched(project(Site::DownProj, &gated)?, 1)?
+        let out = sandwiched(project(Site::DownProj, &gated)?, 1)?;
+        let h = (h + &out)?;
+        pass.bottleneck(backend, index, Placement::Output, block, &out, h)
     }
 
     /// `x` (`[.., heads·head_dim]`) with each head's slice RMS-normalised by `weight`.
@@ -852,6 +881,18 @@ trait Pass {
         qkv: [&Tensor; 3],
         heads: Heads,
         local: bool,
+    ) -> Result<Tensor>;
+
+    /// The stream after a sub-block whose output `out` was just added to it, through the
+    /// bottleneck adapters at `placement` (`block`'s own, or each sequence's).
+    fn bottleneck(
+        &mut self,
+        backend: &dyn Backend,
+        layer: usize,
+        placement: Placement,
+        block: &Block,
+        out: &Tensor,
+        stream: Tensor,
     ) -> Result<Tensor>;
 }
 
@@ -947,6 +988,22 @@ impl Pass for Sequences<'_> {
         let [k, v] = self.with_prefix(k, v, rotary, heads)?;
         backend.attention(q, &k, &v, rotary, heads)
     }
+
+    fn bottleneck(
+        &mut self,
+        _: &dyn Backend,
+        _: usize,
+        placement: Placement,
+        block: &Block,
+        out: &Tensor,
+        stream: Tensor,
+    ) -> Result<Tensor> {
+        match (&block.bottlenecks[placement as usize], self.mode) {
+            (None, _) => Ok(stream),
+            (Some(module), Mode::Eval) => module.detach().apply(out, &stream),
+            (Some(module), Mode::Train(_)) => module.apply(out, &stream),
+        }
+    }
 }
 
 /// One sequence's share of a serving step: its new tokens, its cache (extended by them) and
@@ -1029,6 +1086,27 @@ impl Pass for Batch<'_, '_, '_> {
             .collect();
         let rotary = self.positions.for_layer(local);
         backend.cached_attention(layer, qkv, rotary, heads, &mut sequences)
+    }
+
+    fn bottleneck(
+        &mut self,
+        backend: &dyn Backend,
+        layer: usize,
+        placement: Placement,
+        _: &Block,
+        out: &Tensor,
+        stream: Tensor,
+    ) -> Result<Tensor> {
+        let modules: Vec<_> = self
+            .segments
+            .iter()
+            .zip(self.rows)
+            .map(|(s, rows)| {
+                let module = s.adapter.and_then(|a| a.bottleneck_at(layer, placement));
+                (rows.clone(), module)
+            })
+            .collect();
+        backend.bottlenecks(out, stream, &modules)
     }
 }
 
@@ -1113,6 +1191,7 @@ fn load_block(
             }
             projections
         },
+        bottlenecks: [None, None],
     })
 }
 

@@ -44,8 +44,11 @@ pub enum MergeError {
     Missing(String),
     #[error("writing {name}: {reason}")]
     Write { name: String, reason: String },
-    #[error("{0} adapters change the input, not the weights: no merged model holds them")]
-    NotMergeable(String),
+    #[error("{method} adapters cannot be merged: {reason}")]
+    NotMergeable {
+        method: String,
+        reason: &'static str,
+    },
 }
 
 /// What merging does to one tensor of the base.
@@ -118,7 +121,17 @@ fn edits(adapter: &PeftAdapter) -> Result<[BTreeMap<String, Edit<'_>>; 2], Merge
             }
         }
         PeftAdapter::Prompt(adapter) => {
-            return Err(MergeError::NotMergeable(adapter.config.peft_type.clone()));
+            return Err(MergeError::NotMergeable {
+                method: adapter.config.peft_type.clone(),
+                reason: "they change the input, not the weights, so no merged model holds them",
+            });
+        }
+        PeftAdapter::Bottleneck(_) => {
+            return Err(MergeError::NotMergeable {
+                method: "bottleneck".to_owned(),
+                reason: "they add modules with a non-linearity between the layers, which no \
+                         weight of the base can hold",
+            });
         }
     }
     Ok([required, optional])

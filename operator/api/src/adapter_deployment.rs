@@ -133,7 +133,8 @@ pub struct AdapterSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 2048), regex(pattern = SOURCE_URI_PATTERN))]
     pub uri: Option<String>,
-    /// SHA-256 of `adapter_model.safetensors`; required with `uri`.
+    /// SHA-256 of the weights file (`adapter_model.safetensors`, or a bottleneck adapter's
+    /// `adapter.safetensors`); required with `uri`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = SHA256_PATTERN))]
     pub sha256: Option<String>,
@@ -187,7 +188,8 @@ pub struct ReplicaCounts {
 pub struct VersionStatus {
     /// The adapter's prefix in object storage.
     pub uri: String,
-    /// SHA-256 of `adapter_model.safetensors`.
+    /// SHA-256 of the weights file (`adapter_model.safetensors`, or a bottleneck adapter's
+    /// `adapter.safetensors`).
     pub sha256: String,
     /// Share of the traffic.
     pub weight: u32,

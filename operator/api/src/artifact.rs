@@ -73,9 +73,10 @@ pub struct Owner {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AssignedVersion {
-    /// The prefix holding `adapter_config.json` and `adapter_model.safetensors`.
+    /// The prefix holding `adapter_config.json` and the weights file.
     pub uri: String,
-    /// SHA-256 of `adapter_model.safetensors`.
+    /// SHA-256 of the weights file (`adapter_model.safetensors`; `adapter.safetensors` for
+    /// bottleneck adapters, in AdapterHub's format).
     pub sha256: String,
     #[serde(default = "full_weight")]
     pub weight: u32,

@@ -43,6 +43,11 @@ const VIRTUAL_TOKENS_UNMERGED: &str = "!has(self.spec.method) || \
      has(self.spec.method.prefixTuning)) || \
      !has(self.spec.output.merged) || !self.spec.output.merged";
 
+/// A bottleneck adapter adds modules with a non-linearity between the layers: no weight of
+/// the base can hold them.
+const BOTTLENECK_UNMERGED: &str = "!has(self.spec.method) || !has(self.spec.method.bottleneck) || \
+     !has(self.spec.output.merged) || !self.spec.output.merged";
+
 /// DoRA's magnitudes are the norms of the exact base weights it was trained on, and the
 /// runtimes that serve GGUF files (llama.cpp and its kin) have no DoRA.
 const DORA_NEEDS_SAFETENSORS: &str = "!has(self.spec.method) || !has(self.spec.method.lora) || \
@@ -105,6 +110,9 @@ const IMMUTABLE_AFTER_START: &str = "!has(oldSelf.status) || !has(oldSelf.status
         .reason(Reason::FieldValueForbidden),
     validation = Rule::new(VIRTUAL_TOKENS_UNMERGED)
         .message("spec.output.merged does not go with promptTuning, pTuning or prefixTuning: their virtual tokens change the input, not the weights, so no merged model holds them")
+        .reason(Reason::FieldValueForbidden),
+    validation = Rule::new(BOTTLENECK_UNMERGED)
+        .message("spec.output.merged does not go with bottleneck: its modules, with their non-linearity, sit between the layers, and no merged weight holds them")
         .reason(Reason::FieldValueForbidden),
     validation = Rule::new(DORA_OR_RESIDUAL_INIT)
         .message("spec.method.lora.useDora does not go with init olora or pissa: they rewrite the base weights DoRA's magnitudes are norms of")
@@ -225,7 +233,7 @@ pub enum DatasetFormat {
 }
 
 /// At most one method is named; naming none means LoRA with its defaults.
-const ONE_METHOD: &str = "(has(self.lora) ? 1 : 0) + (has(self.ia3) ? 1 : 0) + (has(self.promptTuning) ? 1 : 0) + (has(self.pTuning) ? 1 : 0) + (has(self.prefixTuning) ? 1 : 0) <= 1";
+const ONE_METHOD: &str = "(has(self.lora) ? 1 : 0) + (has(self.ia3) ? 1 : 0) + (has(self.promptTuning) ? 1 : 0) + (has(self.pTuning) ? 1 : 0) + (has(self.prefixTuning) ? 1 : 0) + (has(self.bottleneck) ? 1 : 0) <= 1";
 
 /// How the adapter is trained: the storage of the frozen base weights, and one
 /// parameter-efficient method. Naming none trains a LoRA with its defaults.
@@ -259,6 +267,11 @@ pub struct Method {
     /// every layer's attention, seen by every input token; the base model is unchanged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix_tuning: Option<PrefixTuningConfig>,
+    /// Bottleneck adapters (Houlsby, Pfeiffer): a small trained MLP after attention and the
+    /// feed-forward block, or after the feed-forward block only, published in the AdapterHub
+    /// `adapters` library's format.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bottleneck: Option<BottleneckConfig>,
 }
 
 /// The method a job trains.
@@ -269,6 +282,7 @@ pub enum MethodKind<'a> {
     PromptTuning(&'a PromptTuningConfig),
     PTuning(&'a PTuningConfig),
     PrefixTuning(&'a PrefixTuningConfig),
+    Bottleneck(&'a BottleneckConfig),
 }
 
 impl Method {
@@ -282,6 +296,9 @@ impl Method {
         }
         if let Some(prefix) = &self.prefix_tuning {
             return MethodKind::PrefixTuning(prefix);
+        }
+        if let Some(bottleneck) = &self.bottleneck {
+            return MethodKind::Bottleneck(bottleneck);
         }
         // The schema admits one method at most; were two named, LoRA would win.
         match (&self.lora, &self.ia3) {
@@ -299,6 +316,7 @@ impl Method {
             MethodKind::PromptTuning(_) => "promptTuning",
             MethodKind::PTuning(_) => "pTuning",
             MethodKind::PrefixTuning(_) => "prefixTuning",
+            MethodKind::Bottleneck(_) => "bottleneck",
         }
     }
 
@@ -309,7 +327,8 @@ impl Method {
             MethodKind::Ia3(_)
             | MethodKind::PromptTuning(_)
             | MethodKind::PTuning(_)
-            | MethodKind::PrefixTuning(_) => None,
+            | MethodKind::PrefixTuning(_)
+            | MethodKind::Bottleneck(_) => None,
         }
     }
 }
@@ -398,6 +417,73 @@ pub struct PrefixTuningConfig {
     #[serde(default = "default_encoder_hidden_size")]
     #[schemars(range(min = 1, max = 16384))]
     pub encoder_hidden_size: u32,
+}
+
+/// A width is given one way.
+const ONE_WIDTH: &str = "!has(self.reductionFactor) || !has(self.size)";
+
+/// Shape of bottleneck adapters (the AdapterHub `adapters` library's `SeqBnConfig` and
+/// `DoubleSeqBnConfig`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": ONE_WIDTH,
+    "message": "give reductionFactor or size, not both",
+    "reason": "FieldValueForbidden",
+}]))]
+pub struct BottleneckConfig {
+    /// Where the modules sit: `pfeiffer` (after the feed-forward block, reading the residual
+    /// stream; `SeqBnConfig`) or `houlsby` (after attention and after the feed-forward block,
+    /// reading each block's output; `DoubleSeqBnConfig`).
+    #[serde(default)]
+    pub placement: BottleneckPlacement,
+    /// The bottleneck's width as the model's hidden size divided by this (default 16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub reduction_factor: Option<u32>,
+    /// The bottleneck's width in units, instead of a reduction factor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65536))]
+    pub size: Option<u32>,
+    /// The bottleneck's non-linearity; by default the placement's own (`relu` for
+    /// Pfeiffer's, `swish` for Houlsby's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub non_linearity: Option<NonLinearity>,
+}
+
+/// The two placements of bottleneck adapters.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BottleneckPlacement {
+    #[default]
+    Pfeiffer,
+    Houlsby,
+}
+
+/// A bottleneck's non-linearity (`geluNew`: GELU's tanh approximation).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum NonLinearity {
+    Relu,
+    Swish,
+    Gelu,
+    GeluNew,
+    Tanh,
+    Sigmoid,
+}
+
+impl NonLinearity {
+    /// The AdapterHub library's (transformers') name of it.
+    pub fn library_name(self) -> &'static str {
+        match self {
+            Self::Relu => "relu",
+            Self::Swish => "swish",
+            Self::Gelu => "gelu",
+            Self::GeluNew => "gelu_new",
+            Self::Tanh => "tanh",
+            Self::Sigmoid => "sigmoid",
+        }
+    }
 }
 
 /// Storage of the frozen base weights during training.
@@ -947,11 +1033,12 @@ pub struct LossPoint {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AdapterArtifact {
-    /// Prefix holding `adapter_config.json`, `adapter_model.safetensors` and `graft.json`.
+    /// Prefix holding `adapter_config.json`, the weights file and `graft.json`.
     pub uri: String,
-    /// SHA-256 of `adapter_model.safetensors`.
+    /// SHA-256 of the weights file (`adapter_model.safetensors`; `adapter.safetensors` for
+    /// bottleneck adapters, in AdapterHub's format).
     pub sha256: String,
-    /// Size of `adapter_model.safetensors` in bytes.
+    /// Size of the weights file in bytes.
     pub size_bytes: u64,
     /// Trainable (LoRA) parameters.
     pub trainable_parameters: u64,

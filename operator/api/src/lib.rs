@@ -24,11 +24,12 @@ pub use artifact::{
 pub use common::{LocalObjectRef, SecretRef};
 pub use crd::{all_crds, crds_yaml};
 pub use fine_tune_job::{
-    AdapterArtifact, DatasetFormat, DatasetSource, FineTuneJob, FineTuneJobPhase, FineTuneJobSpec,
-    FineTuneJobStatus, Ia3Config, LoraConfig, LoraInit, LossPoint, MAX_HISTORY_POINTS, Method,
-    MethodKind, ModelSource, OutputTarget, PTuningConfig, PrefixTuningConfig, Progress,
-    PromptEncoder, PromptInit, PromptTuningConfig, Quantization, Resources, SUPPORTED_MODEL_TYPES,
-    Scheduler, StorageConfig, TargetModule, TrainerResult, Training,
+    AdapterArtifact, BottleneckConfig, BottleneckPlacement, DatasetFormat, DatasetSource,
+    FineTuneJob, FineTuneJobPhase, FineTuneJobSpec, FineTuneJobStatus, Ia3Config, LoraConfig,
+    LoraInit, LossPoint, MAX_HISTORY_POINTS, Method, MethodKind, ModelSource, NonLinearity,
+    OutputTarget, PTuningConfig, PrefixTuningConfig, Progress, PromptEncoder, PromptInit,
+    PromptTuningConfig, Quantization, Resources, SUPPORTED_MODEL_TYPES, Scheduler, StorageConfig,
+    TargetModule, TrainerResult, Training,
 };
 pub use reference::api_reference;
 

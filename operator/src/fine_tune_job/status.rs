@@ -411,6 +411,7 @@ mod tests {
             ("{promptTuning: {numVirtualTokens: 4}}", "promptTuning"),
             ("{pTuning: {numVirtualTokens: 4}}", "pTuning"),
             ("{prefixTuning: {numVirtualTokens: 4}}", "prefixTuning"),
+            ("{bottleneck: {placement: houlsby}}", "bottleneck"),
         ] {
             let mut ftj = job_from_yaml(MINIMAL);
             ftj.spec.method = serde_yaml::from_str(method).expect("a method");

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use graft_api::GraftJson;
 use graft_engine::{
-    adapters::{PeftAdapter, ServingAdapter},
+    adapters::{PeftAdapter, ServingAdapter, WEIGHTS_FILES},
     storage::{self, ObjectUri, S3Options},
 };
 use sha2::{Digest, Sha256};
@@ -15,7 +15,6 @@ use sha2::{Digest, Sha256};
 use crate::{kv_budget, model::BaseModel};
 
 const CONFIG: &str = "adapter_config.json";
-const WEIGHTS: &str = "adapter_model.safetensors";
 const GRAFT_JSON: &str = "graft.json";
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +54,8 @@ pub fn cache_dir(cache: &Path, sha256: &str) -> PathBuf {
 #[derive(Debug)]
 pub struct Files {
     config: Vec<u8>,
+    /// The weights file's name: PEFT's, or AdapterHub's for bottleneck adapters.
+    weights_name: &'static str,
     weights: Vec<u8>,
     graft_json: Option<Vec<u8>>,
 }
@@ -88,18 +89,30 @@ pub async fn fetch(
             })
         }
     };
-    let (weights, config, graft_json) =
-        futures::try_join!(get(WEIGHTS), get(CONFIG), get(GRAFT_JSON))?;
+    // The weights file has one of two names; asking for both costs one more small request.
+    let [peft, adapterhub] = WEIGHTS_FILES;
+    let (peft_weights, adapterhub_weights, config, graft_json) =
+        futures::try_join!(get(peft), get(adapterhub), get(CONFIG), get(GRAFT_JSON))?;
     let missing = |name: &str| LoadError::Invalid(format!("{uri} has no {name}"));
-    let weights = weights.ok_or_else(|| missing(WEIGHTS))?.to_vec();
+    let (weights_name, weights) = match (peft_weights, adapterhub_weights) {
+        (Some(weights), None) => (peft, weights.to_vec()),
+        (None, Some(weights)) => (adapterhub, weights.to_vec()),
+        (Some(_), Some(_)) => {
+            return Err(LoadError::Invalid(format!(
+                "{uri} has both {peft} and {adapterhub}: one adapter per prefix"
+            )));
+        }
+        (None, None) => return Err(missing(&format!("{peft} (or {adapterhub})"))),
+    };
     let actual = format!("{:x}", Sha256::digest(&weights));
     if actual != sha256 {
         return Err(LoadError::Invalid(format!(
-            "digest mismatch: {WEIGHTS} under {uri} has sha256 {actual}, expected {sha256}"
+            "digest mismatch: {weights_name} under {uri} has sha256 {actual}, expected {sha256}"
         )));
     }
     let files = Files {
         config: config.ok_or_else(|| missing(CONFIG))?.to_vec(),
+        weights_name,
         weights,
         graft_json: graft_json.map(|b| b.to_vec()),
     };
@@ -108,7 +121,9 @@ pub async fn fetch(
 }
 
 fn from_disk(dir: &Path, sha256: &str) -> Option<Files> {
-    let weights = std::fs::read(dir.join(WEIGHTS)).ok()?;
+    let (weights_name, weights) = WEIGHTS_FILES
+        .into_iter()
+        .find_map(|name| Some((name, std::fs::read(dir.join(name)).ok()?)))?;
     if format!("{:x}", Sha256::digest(&weights)) != sha256 {
         // A damaged copy: fetch it again.
         let _ = std::fs::remove_dir_all(dir);
@@ -116,6 +131,7 @@ fn from_disk(dir: &Path, sha256: &str) -> Option<Files> {
     }
     Some(Files {
         config: std::fs::read(dir.join(CONFIG)).ok()?,
+        weights_name,
         weights,
         graft_json: std::fs::read(dir.join(GRAFT_JSON)).ok(),
     })
@@ -128,7 +144,7 @@ fn keep_on_disk(dir: &Path, files: &Files) -> Result<(), LoadError> {
         |e: std::io::Error| LoadError::Unavailable(format!("writing {}: {e}", partial.display()));
     let _ = std::fs::remove_dir_all(&partial);
     std::fs::create_dir_all(&partial).map_err(write)?;
-    std::fs::write(partial.join(WEIGHTS), &files.weights).map_err(write)?;
+    std::fs::write(partial.join(files.weights_name), &files.weights).map_err(write)?;
     std::fs::write(partial.join(CONFIG), &files.config).map_err(write)?;
     if let Some(json) = &files.graft_json {
         std::fs::write(partial.join(GRAFT_JSON), json).map_err(write)?;
@@ -144,8 +160,8 @@ pub fn read(
     sha256: &str,
     model: &BaseModel,
 ) -> Result<LoadedAdapter, LoadError> {
-    // Any method Graft computes (LoRA, DoRA, (IA)³, prompt tuning, P-tuning); others are
-    // refused by name.
+    // Any method Graft computes (LoRA, DoRA, (IA)³, prompt tuning, P-tuning, prefix tuning,
+    // bottleneck adapters); others are refused by name.
     let adapter = PeftAdapter::from_bytes(&files.config, &files.weights, &Device::Cpu)
         .map_err(|e| LoadError::Invalid(format!("{uri}: {e}")))?;
     let info = &model.info;
@@ -181,6 +197,21 @@ pub fn read(
                  adapter's share of the adapter cache ({} KiB, a rank-{} LoRA's): use fewer \
                  virtual tokens or raise --max-lora-rank",
                 prompt.num_virtual_tokens(),
+                bytes >> 10,
+                share >> 10,
+                info.max_lora_rank
+            )));
+        }
+    }
+    if let PeftAdapter::Bottleneck(bottleneck) = &adapter {
+        // Its modules stay in the model's dtype, in an adapter's share of the adapter cache.
+        let bytes = bottleneck.parameters() * model.llama.dtype().size_in_bytes();
+        let share = kv_budget::adapter_slot_bytes(model);
+        if bytes > share {
+            return Err(LoadError::Invalid(format!(
+                "{uri}: its bottleneck modules take {} KiB, more than an adapter's share of the \
+                 adapter cache ({} KiB, a rank-{} LoRA's): use a larger reduction factor or \
+                 raise --max-lora-rank",
                 bytes >> 10,
                 share >> 10,
                 info.max_lora_rank

@@ -9,7 +9,11 @@ use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 use candle_core::{Device, Tensor};
 
 use graft_engine::{
-    adapters::{Adapter, Ia3, Ia3Adapter, Ia3Config, PeftAdapter, Site},
+    adapters::{
+        Adapter, Bottleneck, BottleneckAdapter, BottleneckConfig, Ia3, Ia3Adapter, Ia3Config,
+        PeftAdapter, Placement, Site,
+        bottleneck::{AdapterHubFile, Architecture, NonLinearity},
+    },
     models::Config,
 };
 use graft_testenv::{Daemon, S3Server, eventually, repo_root};
@@ -227,6 +231,49 @@ pub fn random_ia3(seed: u64) -> Ia3Adapter {
     }
 }
 
+/// Houlsby's bottleneck modules (after attention and after the feed-forward block, a quarter
+/// of the width) on every layer of the tiny model, with weights far enough from the library's
+/// start (standard deviation 0.5) to change the answers.
+pub fn random_bottleneck(seed: u64) -> BottleneckAdapter {
+    let config = model_config();
+    let hidden = config.hidden_size;
+    let size = hidden / 4;
+    let mut rng = graft_engine::rng::Rng::seed(seed);
+    let mut draw = |shape: &[usize]| {
+        let values: Vec<f32> = (0..shape.iter().product())
+            .map(|_| rng.normal(0.5))
+            .collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).expect("tensor")
+    };
+    let mut modules = BTreeMap::new();
+    for layer in 0..config.num_layers {
+        for placement in Placement::ALL {
+            let module = Bottleneck {
+                down: draw(&[size, hidden]),
+                down_bias: draw(&[size]),
+                up: draw(&[hidden, size]),
+                up_bias: draw(&[hidden]),
+                scaling: 1.0,
+                activation: NonLinearity::Silu,
+                reads_stream: false,
+            };
+            modules.insert((layer, placement), module);
+        }
+    }
+    BottleneckAdapter {
+        file: AdapterHubFile {
+            config: BottleneckConfig::new(Architecture::Houlsby, 4.0, "swish"),
+            hidden_size: hidden,
+            model_class: None,
+            model_name: None,
+            model_type: Some(config.model_type.clone()),
+            name: "served".to_owned(),
+            version: None,
+        },
+        modules,
+    }
+}
+
 /// Writes `files` under `s3://<bucket>/<prefix>/`.
 pub async fn upload(
     s3: &S3Server,
@@ -262,7 +309,7 @@ pub async fn store_peft(
         prefix,
         &[
             ("adapter_config.json", config),
-            ("adapter_model.safetensors", weights),
+            (adapter.weights_file(), weights),
         ],
     )
     .await;

@@ -298,6 +298,62 @@ async fn prompt_tuning_p_tuning_and_prefix_tuning_are_methods_of_their_own() {
 }
 
 #[tokio::test]
+async fn bottleneck_adapters_are_a_method_of_their_own() {
+    let (client, ns) = setup("ftj-bottleneck").await;
+    let raw = dynamic_api::<FineTuneJob>(&client, &ns);
+    let mut job = valid_job("bottleneck");
+    job["spec"]["method"] = json!({"bottleneck": {"size": 64}});
+    let object: DynamicObject = serde_json::from_value(job.clone()).expect("manifest");
+    raw.create(&PostParams::default(), &object)
+        .await
+        .expect("a bottleneck job is accepted");
+    let typed: Api<FineTuneJob> = Api::namespaced(client.clone(), &ns);
+    let stored = typed.get("bottleneck").await.expect("read back");
+    assert_eq!(
+        stored.spec.method.kind(),
+        graft_api::MethodKind::Bottleneck(&graft_api::BottleneckConfig {
+            placement: graft_api::BottleneckPlacement::Pfeiffer,
+            reduction_factor: None,
+            size: Some(64),
+            non_linearity: None,
+        }),
+        "Pfeiffer's placement by default"
+    );
+    // Packed rows are fine: the modules act on each token alone.
+    job["metadata"]["name"] = json!("bottleneck-packed");
+    job["spec"]["method"] =
+        json!({"bottleneck": {"placement": "houlsby", "nonLinearity": "geluNew"}});
+    job["spec"]["training"]["packing"] = json!(true);
+    let object: DynamicObject = serde_json::from_value(job.clone()).expect("manifest");
+    raw.create(&PostParams::default(), &object)
+        .await
+        .expect("a packed Houlsby job is accepted");
+    job["spec"]["training"]["packing"] = json!(false);
+
+    job["metadata"]["name"] = json!("refused");
+    job["spec"]["method"] = json!({"ia3": {}, "bottleneck": {}});
+    let message = rejected(&raw, job.clone()).await;
+    assert_names(&message, &["spec.method", "at most one method"]);
+    job["spec"]["method"] = json!({"bottleneck": {"reductionFactor": 16, "size": 64}});
+    let message = rejected(&raw, job.clone()).await;
+    assert_names(
+        &message,
+        &["spec.method.bottleneck", "reductionFactor or size"],
+    );
+    job["spec"]["method"] = json!({"bottleneck": {"placement": "parallel"}});
+    let message = rejected(&raw, job.clone()).await;
+    assert_names(
+        &message,
+        &["spec.method.bottleneck.placement", "Unsupported value"],
+    );
+    // The modules sit between the layers: no merged weight holds them.
+    job["spec"]["method"] = json!({"bottleneck": {"placement": "houlsby"}});
+    job["spec"]["output"]["merged"] = json!(true);
+    let message = rejected(&raw, job).await;
+    assert_names(&message, &["spec.output.merged", "bottleneck"]);
+}
+
+#[tokio::test]
 async fn rank_zero_is_rejected_naming_the_field() {
     let (client, ns) = setup("ftj-rank").await;
     let mut job = valid_job("rank-zero");

@@ -58,6 +58,24 @@ pub fn oracle_python() -> std::path::PathBuf {
     )
 }
 
+/// The Python of the AdapterHub library's environment (layered on the oracle's),
+/// `$GRAFT_ADAPTERHUB_PYTHON`.
+///
+/// # Panics
+/// When it is not set, with the command that sets it.
+pub fn adapterhub_python() -> std::path::PathBuf {
+    std::env::var_os("GRAFT_ADAPTERHUB_PYTHON").map_or_else(
+        || {
+            panic!(
+                "GRAFT_ADAPTERHUB_PYTHON is not set: run `export GRAFT_ADAPTERHUB_PYTHON=$(bash \
+                 tests/oracle/venv.sh adapterhub)` (the AdapterHub adapters library and the \
+                 transformers it pins; tests/run.sh does this)"
+            )
+        },
+        std::path::PathBuf::from,
+    )
+}
+
 /// A binary of another package of the workspace, built beside the running test binary
 /// (`target/<profile>/<name>`): `cargo test --workspace` builds every package's binaries.
 ///

@@ -3,7 +3,10 @@
 
 #![allow(dead_code)] // each test binary uses a subset
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
 
 use candle_core::{DType, Device, Tensor};
 use graft_engine::{
@@ -30,10 +33,12 @@ pub fn tiny(name: &str) -> PathBuf {
 /// `adapter_model.safetensors`.
 pub fn adapter_files(dir: &Path) -> (Vec<u8>, Vec<u8>) {
     let read = |name: &str| std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
-    (
-        read("adapter_config.json"),
-        read("adapter_model.safetensors"),
-    )
+    // PEFT's weights file, or AdapterHub's for bottleneck adapters.
+    let weights = graft_engine::adapters::WEIGHTS_FILES
+        .into_iter()
+        .find(|name| dir.join(name).is_file())
+        .unwrap_or_else(|| panic!("no weights file in {}", dir.display()));
+    (read("adapter_config.json"), read(weights))
 }
 
 /// `{"prompt","completion"}` lines of questions naming a colour answered by a fixed animal:
@@ -229,4 +234,72 @@ pub fn device_step_matches_the_cpu_backend(device: &Device) {
             }
         }
     }
+}
+
+/// Trains `model` with `method` (the YAML of `spec.method`) and returns the published
+/// adapter's directory.
+pub fn train(dir: &Path, model: &Path, method: &str) -> PathBuf {
+    let (out, output) = run_trainer(dir, model, method);
+    assert!(
+        out.status.success(),
+        "graft-trainer train failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        output.join("graft.json").is_file(),
+        "the adapter is published"
+    );
+    output
+}
+
+/// Runs the trainer on a job it must refuse: its exit code and one-line reason.
+pub fn train_refused(dir: &Path, model: &Path, method: &str) -> (i32, String) {
+    let (out, output) = run_trainer(dir, model, method);
+    assert!(!output.join("graft.json").exists(), "nothing is published");
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    (out.status.code().unwrap_or(-1), stderr)
+}
+
+/// `graft-trainer train` on `model` with `method`; its output and the adapter's directory.
+pub fn run_trainer(dir: &Path, model: &Path, method: &str) -> (std::process::Output, PathBuf) {
+    run_trainer_with(dir, model, method, "")
+}
+
+/// [`run_trainer`] with more fields of `spec.output` (`, merged: true`).
+pub fn run_trainer_with(
+    dir: &Path,
+    model: &Path,
+    method: &str,
+    output_fields: &str,
+) -> (std::process::Output, PathBuf) {
+    let dataset = dir.join("train.jsonl");
+    std::fs::write(&dataset, colour_questions_jsonl()).expect("dataset");
+    let output = dir.join("adapter");
+    let yaml = format!(
+        r"
+baseModel: {{uri: 'file://{model}'}}
+dataset: {{uri: 'file://{dataset}', validationFraction: 0.25}}
+method: {method}
+training: {{epochs: 12, learningRate: 0.01, batchSize: 2, gradientAccumulationSteps: 1,
+           maxSequenceLength: 32, warmupSteps: 2, scheduler: cosine, seed: 5}}
+output: {{uri: 'file://{output}/'{output_fields}}}
+resources: {{gpus: 0}}
+",
+        model = model.display(),
+        dataset = dataset.display(),
+        output = output.display(),
+    );
+    let config = dir.join("config.yaml");
+    std::fs::write(&config, yaml).expect("config");
+    let out = Command::new(env!("CARGO_BIN_EXE_graft-trainer"))
+        .args(["train", "--config"])
+        .arg(&config)
+        .arg("--cache-dir")
+        .arg(dir.join("cache"))
+        .env("GRAFT_TERMINATION_LOG", dir.join("termination-log"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("the trainer runs");
+    (out, output)
 }

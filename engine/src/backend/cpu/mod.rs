@@ -11,10 +11,13 @@
 use candle_core::{DType, Result, Tensor};
 
 use super::{Backend, CachedRows, DropoutMask, FrozenLinear, Heads, KvCache, Rotary};
-use crate::adapters::{Lora, SegmentLora};
+use std::ops::Range;
+
+use crate::adapters::{Bottleneck, Lora, SegmentLora};
 
 mod attention;
 mod batch;
+mod bottleneck;
 mod cached_attention;
 mod gemm;
 mod linear;
@@ -56,6 +59,15 @@ impl Backend for Cpu {
         segments: &[SegmentLora<'_>],
     ) -> Result<Tensor> {
         batch::add_adapters(x, linear::frozen(x, layer)?, segments)
+    }
+
+    fn bottlenecks(
+        &self,
+        out: &Tensor,
+        stream: Tensor,
+        segments: &[(Range<usize>, Option<&Bottleneck>)],
+    ) -> Result<Tensor> {
+        bottleneck::add_bottlenecks(out, stream, segments)
     }
 
     fn rms_norm(&self, x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
