@@ -10,10 +10,7 @@
 use std::{collections::HashMap, ffi::OsStr, path::Path, process::Command};
 
 use candle_core::{DType, Device, Tensor};
-use graft_engine::{
-    adapters::{BottleneckAdapter, PeftAdapter, bottleneck::AdapterHubFile},
-    models::{Config, Llama, Precision, load_weights},
-};
+use graft_engine::adapters::{BottleneckAdapter, PeftAdapter, bottleneck::AdapterHubFile};
 use graft_testenv::{adapterhub_python, repo_root};
 use graft_trainer::{
     adapters::Adapters,
@@ -22,13 +19,7 @@ use graft_trainer::{
 
 mod common;
 
-fn dense_model(dir: &Path) -> Llama {
-    let config =
-        Config::from_json(&std::fs::read_to_string(dir.join("config.json")).expect("config"))
-            .expect("a config");
-    let vb = load_weights(dir, DType::F32, &Device::Cpu).expect("weights");
-    Llama::load(&vb, &config, Precision::Dense).expect("model")
-}
+use common::{dense_model, max_abs};
 
 fn read_bottleneck(dir: &Path) -> BottleneckAdapter {
     let (config, weights) = common::adapter_files(dir);
@@ -36,14 +27,6 @@ fn read_bottleneck(dir: &Path) -> BottleneckAdapter {
         PeftAdapter::Bottleneck(adapter) => adapter,
         other => panic!("a bottleneck adapter, not {}", other.peft_type()),
     }
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.max(0))
-        .and_then(|t| t.to_scalar::<f32>())
-        .expect("max")
 }
 
 /// Runs `tests/oracle/graft_bottleneck_in_adapterhub.py` with `args`; its line goes to

@@ -32,7 +32,7 @@ use graft_testenv::{oracle_python, repo_root};
 
 mod common;
 
-use common::{run_trainer_with, train, train_refused};
+use common::{dense_model, max_abs, run_trainer_with, train, train_refused};
 
 fn tiny_model() -> PathBuf {
     repo_root().join("engine/tests/data/tiny/made")
@@ -68,20 +68,6 @@ fn read_ia3(dir: &Path) -> Ia3Adapter {
         PeftAdapter::Ia3(adapter) => adapter,
         _ => panic!("{} holds no (IA)³ adapter", dir.display()),
     }
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .and_then(|t| t.flatten_all()?.max(0)?.to_scalar::<f32>())
-        .expect("max")
-}
-
-/// A model on its dense f32 weights, as `from_pretrained(dtype=float32)` loads it.
-fn dense_model(dir: &Path) -> Llama {
-    let text = std::fs::read_to_string(dir.join("config.json")).expect("config.json");
-    let config = Config::from_json(&text).expect("config");
-    let vb = load_weights(dir, DType::F32, &Device::Cpu).expect("weights");
-    Llama::load(&vb, &config, Precision::Dense).expect("model")
 }
 
 /// Fixed rows of token ids (the model's vocabulary is 384): no padding, no special meaning.

@@ -75,6 +75,21 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .expect("comparable tensors")
 }
 
+/// The largest magnitude in `t`.
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .and_then(|t| t.flatten_all()?.max(0)?.to_scalar::<f32>())
+        .expect("max")
+}
+
+/// A model on its dense f32 weights, as `from_pretrained(dtype=float32)` loads it.
+pub fn dense_model(dir: &Path) -> Llama {
+    let text = std::fs::read_to_string(dir.join("config.json")).expect("config.json");
+    let config = Config::from_json(&text).expect("config");
+    let vb = load_weights(dir, DType::F32, &Device::Cpu).expect("weights");
+    Llama::load(&vb, &config, Precision::Dense).expect("model")
+}
+
 /// engine/tests/data/tiny/llama on the CPU in f32.
 pub fn tiny_llama(precision: Precision) -> Llama {
     tiny_llama_on(precision, &Device::Cpu, DType::F32)
