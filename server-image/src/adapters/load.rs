@@ -102,7 +102,12 @@ pub async fn fetch(
                 "{uri} has both {peft} and {adapterhub}: one adapter per prefix"
             )));
         }
-        (None, None) => return Err(missing(&format!("{peft} (or {adapterhub})"))),
+        (None, None) => {
+            return Err(LoadError::Invalid(format!(
+                "{uri} has no {peft} (or {adapterhub}; Graft does not read AdapterHub's pickled \
+                 pytorch_adapter.bin: save with use_safetensors=True)"
+            )));
+        }
     };
     let actual = format!("{:x}", Sha256::digest(&weights));
     if actual != sha256 {
