@@ -232,6 +232,10 @@ fn what_graft_cannot_compute_or_does_not_fit_is_refused_naming_it() {
         );
         assert!(error.to_string().contains(named), "{field}: {error}");
     }
+    // A damaged weights file, named as the library names it.
+    let error =
+        PeftAdapter::from_bytes(&config, b"not safetensors", &Device::Cpu).expect_err("damaged");
+    assert!(error.to_string().contains("adapter.safetensors"), "{error}");
     // Another width: refused against the model, naming both.
     json["hidden_size"] = serde_json::json!(32);
     let bytes = serde_json::to_vec(&json).expect("json");

@@ -495,15 +495,18 @@ impl BottleneckAdapter {
         let file: AdapterHubFile = serde_json::from_slice(config_json)?;
         file.config.check()?;
         let (scaling, activation) = (file.config.scaling()?, file.config.activation()?);
-        let mut tensors = candle_core::safetensors::load_buffer(safetensors, device)?;
+        let mut tensors = candle_core::safetensors::load_buffer(safetensors, device)
+            .map_err(PeftError::AdapterHubWeights)?;
         let mut parts: BTreeMap<(usize, Placement), HashMap<&str, Tensor>> = BTreeMap::new();
         for (key, tensor) in tensors.drain() {
             let (layer, placement, which) =
-                parse_key(&key, &file.name).ok_or_else(|| PeftError::UnexpectedKey(key.clone()))?;
-            parts
-                .entry((layer, placement))
-                .or_default()
-                .insert(which, tensor.to_dtype(DType::F32)?);
+                parse_key(&key, &file.name).ok_or_else(|| PeftError::AdapterHubKey(key.clone()))?;
+            parts.entry((layer, placement)).or_default().insert(
+                which,
+                tensor
+                    .to_dtype(DType::F32)
+                    .map_err(PeftError::AdapterHubWeights)?,
+            );
         }
         let mut modules = BTreeMap::new();
         for ((layer, placement), mut part) in parts {
@@ -547,7 +550,7 @@ impl BottleneckAdapter {
         }
         let metadata = HashMap::from([("format".to_owned(), "pt".to_owned())]);
         let weights = safetensors::serialize(tensors, Some(metadata))
-            .map_err(|e| PeftError::Weights(candle_core::Error::wrap(e)))?;
+            .map_err(|e| PeftError::AdapterHubWeights(candle_core::Error::wrap(e)))?;
         Ok((config, weights))
     }
 

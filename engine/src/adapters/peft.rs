@@ -16,9 +16,9 @@ pub enum PeftError {
     Config(#[from] serde_json::Error),
     #[error("adapter_config.json: {0} is not supported")]
     Unsupported(String),
-    #[error("the weights file: {0}")]
+    #[error("adapter_model.safetensors: {0}")]
     Weights(#[from] candle_core::Error),
-    #[error("the weights file: unexpected tensor {0:?}")]
+    #[error("adapter_model.safetensors: unexpected tensor {0:?}")]
     UnexpectedKey(String),
     #[error(
         "adapter_model.safetensors: {site} of layer {layer} has lora_{missing} but not the other half"
@@ -28,6 +28,11 @@ pub enum PeftError {
         site: &'static str,
         missing: char,
     },
+    /// AdapterHub's weights file (bottleneck adapters) could not be read.
+    #[error("adapter.safetensors: {0}")]
+    AdapterHubWeights(candle_core::Error),
+    #[error("adapter.safetensors: unexpected tensor {0:?}")]
+    AdapterHubKey(String),
     #[error("adapter does not fit the model: {0}")]
     Mismatch(String),
 }
