@@ -133,13 +133,7 @@ fn keep_only_step_2(adapter: &Path) {
     for name in ["graft.json", "adapter_config.json"] {
         std::fs::remove_file(adapter.join(name)).expect("remove");
     }
-    let weights: Vec<_> = graft_engine::adapters::WEIGHTS_FILES
-        .into_iter()
-        .map(|name| adapter.join(name))
-        .filter(|path| path.is_file())
-        .collect();
-    assert_eq!(weights.len(), 1, "one weights file: {weights:?}");
-    std::fs::remove_file(&weights[0]).expect("remove");
+    std::fs::remove_file(common::weights_file(adapter)).expect("remove");
 }
 
 /// Trains with `method` to the end, then again from its step-2 checkpoint (whose config names

@@ -312,9 +312,9 @@ impl Llama {
         match adapter {
             PeftAdapter::Lora(adapter) => self.apply_adapter(adapter),
             PeftAdapter::Ia3(adapter) => self.apply_ia3(adapter),
-            PeftAdapter::Bottleneck(adapter) => {
-                adapter.check_fits(self.num_layers(), self.config.hidden_size)?;
-                for (&(layer, placement), module) in &adapter.modules {
+            PeftAdapter::Bottleneck(bottleneck) => {
+                self.check(adapter)?;
+                for (&(layer, placement), module) in &bottleneck.modules {
                     self.set_bottleneck(layer, placement, Some(module.clone()));
                 }
                 Ok(())

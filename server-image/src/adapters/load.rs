@@ -191,37 +191,36 @@ pub fn read(
         .llama
         .check(&adapter)
         .map_err(|e| LoadError::Invalid(format!("{uri}: {e}")))?;
-    if let PeftAdapter::Prompt(prompt) = &adapter {
-        // Its virtual tokens' keys and values stay with it, in its share of the adapter cache
-        // (which the KV cache's budget leaves room for).
-        let bytes = prompt.num_virtual_tokens() * kv_budget::bytes_per_token(model);
-        let share = kv_budget::adapter_slot_bytes(model);
-        if bytes > share {
-            return Err(LoadError::Invalid(format!(
-                "{uri}: its {} virtual tokens' keys and values take {} KiB, more than an \
-                 adapter's share of the adapter cache ({} KiB, a rank-{} LoRA's): use fewer \
-                 virtual tokens or raise --max-lora-rank",
-                prompt.num_virtual_tokens(),
-                bytes >> 10,
-                share >> 10,
-                info.max_lora_rank
-            )));
-        }
-    }
-    if let PeftAdapter::Bottleneck(bottleneck) = &adapter {
-        // Its modules stay in the model's dtype, in an adapter's share of the adapter cache.
-        let bytes = bottleneck.parameters() * model.llama.dtype().size_in_bytes();
-        let share = kv_budget::adapter_slot_bytes(model);
-        if bytes > share {
-            return Err(LoadError::Invalid(format!(
-                "{uri}: its bottleneck modules take {} KiB, more than an adapter's share of the \
-                 adapter cache ({} KiB, a rank-{} LoRA's): use a larger reduction factor or \
-                 raise --max-lora-rank",
-                bytes >> 10,
-                share >> 10,
-                info.max_lora_rank
-            )));
-        }
+    // What stays with the version in its share of the adapter cache (which the KV cache's
+    // budget leaves room for): virtual tokens' keys and values, or bottleneck modules in the
+    // model's dtype.
+    let held = match &adapter {
+        PeftAdapter::Prompt(prompt) => Some((
+            prompt.num_virtual_tokens() * kv_budget::bytes_per_token(model),
+            format!(
+                "its {} virtual tokens' keys and values",
+                prompt.num_virtual_tokens()
+            ),
+            "use fewer virtual tokens",
+        )),
+        PeftAdapter::Bottleneck(bottleneck) => Some((
+            bottleneck.parameters() * model.llama.dtype().size_in_bytes(),
+            "its bottleneck modules".to_owned(),
+            "use a larger reduction factor",
+        )),
+        PeftAdapter::Lora(_) | PeftAdapter::Ia3(_) => None,
+    };
+    let share = kv_budget::adapter_slot_bytes(model);
+    if let Some((bytes, what, remedy)) = held
+        && bytes > share
+    {
+        return Err(LoadError::Invalid(format!(
+            "{uri}: {what} take {} KiB, more than an adapter's share of the adapter cache ({} \
+             KiB, a rank-{} LoRA's): {remedy} or raise --max-lora-rank",
+            bytes >> 10,
+            share >> 10,
+            info.max_lora_rank
+        )));
     }
     // DoRA's scales, and virtual tokens' keys and values, are computed here, once.
     let serving = model

@@ -29,16 +29,32 @@ pub fn tiny(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// The two files of the PEFT adapter in `dir`: `adapter_config.json` and
-/// `adapter_model.safetensors`.
+/// The two files of the adapter in `dir`: `adapter_config.json` and its weights file
+/// ([`weights_file`]).
 pub fn adapter_files(dir: &Path) -> (Vec<u8>, Vec<u8>) {
-    let read = |name: &str| std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
-    // PEFT's weights file, or AdapterHub's for bottleneck adapters.
-    let weights = graft_engine::adapters::WEIGHTS_FILES
+    let read =
+        |path: PathBuf| std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (
+        read(dir.join("adapter_config.json")),
+        read(weights_file(dir)),
+    )
+}
+
+/// The weights file of the adapter in `dir`: PEFT's, or AdapterHub's for bottleneck adapters;
+/// exactly one of them.
+pub fn weights_file(dir: &Path) -> PathBuf {
+    let present: Vec<_> = graft_engine::adapters::WEIGHTS_FILES
         .into_iter()
-        .find(|name| dir.join(name).is_file())
-        .unwrap_or_else(|| panic!("no weights file in {}", dir.display()));
-    (read("adapter_config.json"), read(weights))
+        .map(|name| dir.join(name))
+        .filter(|path| path.is_file())
+        .collect();
+    assert_eq!(
+        present.len(),
+        1,
+        "one weights file in {}: {present:?}",
+        dir.display()
+    );
+    present.into_iter().next().expect("one")
 }
 
 /// `{"prompt","completion"}` lines of questions naming a colour answered by a fixed animal:

@@ -69,7 +69,7 @@ impl Module<'_> {
 fn activate(activation: NonLinearity, x: f32) -> f32 {
     match activation {
         NonLinearity::Relu => x.max(0.0),
-        NonLinearity::Silu => x / (1.0 + math::exp(-x)),
+        NonLinearity::Silu => x * math::sigmoid(x),
         NonLinearity::Gelu => {
             0.5 * x * (1.0 + candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2))
         }
@@ -78,7 +78,7 @@ fn activate(activation: NonLinearity, x: f32) -> f32 {
             0.5 * x * (1.0 + inner.tanh())
         }
         NonLinearity::Tanh => x.tanh(),
-        NonLinearity::Sigmoid => 1.0 / (1.0 + math::exp(-x)),
+        NonLinearity::Sigmoid => math::sigmoid(x),
     }
 }
 

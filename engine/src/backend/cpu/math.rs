@@ -77,6 +77,12 @@ impl Widen for half::bf16 {
     }
 }
 
+/// `σ(x) = 1 / (1 + e⁻ˣ)`, through [`exp`].
+#[inline(always)]
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
+
 /// A dot product with eight running sums, so the compiler vectorises it without being asked
 /// to reassociate floats.
 #[inline(always)]

@@ -4,18 +4,13 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 use super::{
     gemm::{f32_values, with_f32s},
-    math::{exp, vectorized},
+    math::{sigmoid, vectorized},
 };
 
 /// `silu(gate) · up`, `silu(x) = x · sigmoid(x)`, as one op whose backward is
 /// `dgate = g · up · σ(gate) · (1 + gate · (1 − σ(gate)))`, `dup = g · silu(gate)`.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
-}
-
-#[inline(always)]
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + exp(-x))
 }
 
 struct SwiGlu;
