@@ -751,10 +751,15 @@ fn forward(
                     .collect::<Vec<_>>()
             })
         });
-        let logits = model
-            .llama
-            .forward_packed_rows(&mut segments, &every_row)
-            .and_then(|l| l.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>());
+        // On one of the pool's threads: each of the step's many parallel ops then starts on
+        // the thread that asks for it, where from this thread every op would wait for the
+        // pool to wake and for this thread to be woken again.
+        let logits = rayon::scope(|_| {
+            model
+                .llama
+                .forward_packed_rows(&mut segments, &every_row)
+                .and_then(|l| l.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>())
+        });
         let mut masks: Vec<Option<Result<Mask, String>>> = vec![None; rows];
         if let Some(masker) = masker {
             let computed = masker

@@ -51,7 +51,7 @@ impl ServingLora {
 
     /// The pair on `device`, `A` and `Bᵀ` in `lora_dtype` and DoRA's scale in `dtype` (the
     /// model's), so serving never converts it per step.
-    fn to(&self, device: &Device, dtype: DType, lora_dtype: DType) -> Result<Self> {
+    pub fn to(&self, device: &Device, dtype: DType, lora_dtype: DType) -> Result<Self> {
         let place = |t: &Tensor, dtype| t.to_device(device)?.to_dtype(dtype)?.contiguous();
         Ok(Self {
             a: place(&self.a, lora_dtype)?,

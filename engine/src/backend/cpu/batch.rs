@@ -7,14 +7,15 @@
 //! many bytes as the model; adapters kept in bf16 (the server's `--lora-dtype bfloat16`) halve
 //! them, widened to f32 in the loop. The adapters' products are added into the base output in
 //! place, and the row loop runs with AVX2 and FMA where the CPU has them. A segment of many
-//! rows (a prompt's prefill) takes two matrix products instead of the loop.
+//! rows (a prompt's prefill) takes two matrix products instead of the loop. Segments are the
+//! op's tasks, spread over the threads: a decode row each, or a prompt's rows.
 
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Storage, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
 use super::{
-    gemm::{Mat, matmul, matmul_into},
+    gemm::{Mat, matmul, matmul_into, serial},
     math::Widen,
 };
 use crate::adapters::SegmentLora;
@@ -107,40 +108,48 @@ impl InplaceOp2 for BatchedLora<'_> {
             slices.push(Some((Pair::of(a, a_layout, b_t, b_layout)?, *scale as f32)));
         }
         let y = &mut y_values[y_start..y_end];
-        let mut owner = vec![usize::MAX; rows];
-        for (index, (segment, slice)) in self.segments.iter().zip(&slices).enumerate() {
-            let Some((pair, scale)) = slice else {
-                continue;
-            };
-            let span = segment.rows.clone();
-            if span.len() < GEMM_ROWS {
-                owner[span].fill(index);
-                continue;
-            }
-            let (x, y) = (
-                &x[span.start * input..span.end * input],
-                &mut y[span.start * out..span.end * out],
-            );
-            match pair {
-                Pair::F32(a, b_t) => add_product(y, x, a, b_t, *scale, input),
-                Pair::Bf16(a, b_t) => {
-                    let widen = |t: &[bf16]| t.iter().map(|v| v.widen()).collect::<Vec<f32>>();
-                    add_product(y, x, &widen(a), &widen(b_t), *scale, input);
-                }
+        let mut pieces = Vec::with_capacity(self.segments.len());
+        for (segment, slice) in self.segments.iter().zip(slices) {
+            if let Some(adapter) = slice {
+                pieces.push((segment.rows.clone(), adapter));
             }
         }
-        y.par_chunks_mut(out)
-            .zip(x.par_chunks(input))
-            .zip(owner.par_iter())
-            .for_each(|((out_row, x_row), &segment)| {
-                let Some(Some((pair, scale))) = slices.get(segment) else {
-                    return;
-                };
+        pieces.sort_by_key(|(rows, _)| rows.start);
+        // Each segment's rows of `y`, split off in row order so that the threads can each add
+        // into their own.
+        let mut work = Vec::with_capacity(pieces.len());
+        let (mut rest, mut at) = (y, 0);
+        for (span, adapter) in pieces {
+            if span.start < at {
+                candle_core::bail!("{}: segments overlap at row {}", self.name(), span.start);
+            }
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut((span.start - at) * out);
+            let (mine, tail) = tail.split_at_mut(span.len() * out);
+            rest = tail;
+            at = span.end;
+            work.push((mine, &x[span.start * input..span.end * input], adapter));
+        }
+        // One task per segment: a decode row, or a prompt's rows as matrix products computed
+        // on the task's own thread (a product that asked the pool for threads of its own,
+        // once per segment and projection, cost more than a prompt's arithmetic).
+        work.into_par_iter().for_each(|(y, x, (pair, scale))| {
+            if y.len() / out >= GEMM_ROWS {
+                serial(|| match pair {
+                    Pair::F32(a, b_t) => add_product(y, x, a, b_t, scale, input),
+                    Pair::Bf16(a, b_t) => {
+                        let widen = |t: &[bf16]| t.iter().map(|v| v.widen()).collect::<Vec<f32>>();
+                        add_product(y, x, &widen(a), &widen(b_t), scale, input);
+                    }
+                });
+                return;
+            }
+            for (out_row, x_row) in y.chunks_exact_mut(out).zip(x.chunks_exact(input)) {
                 match pair {
-                    Pair::F32(a, b_t) => add_row_fastest(out_row, x_row, a, b_t, *scale),
-                    Pair::Bf16(a, b_t) => add_row_fastest(out_row, x_row, a, b_t, *scale),
+                    Pair::F32(a, b_t) => add_row_fastest(out_row, x_row, a, b_t, scale),
+                    Pair::Bf16(a, b_t) => add_row_fastest(out_row, x_row, a, b_t, scale),
                 }
-            });
+            }
+        });
         Ok(())
     }
 }
@@ -173,6 +182,7 @@ fn add_product(y: &mut [f32], x: &[f32], a: &[f32], b_t: &[f32], scale: f32, inp
 }
 
 /// One adapter's `A` and `Bᵀ` as stored.
+#[derive(Clone, Copy)]
 enum Pair<'a> {
     F32(&'a [f32], &'a [f32]),
     Bf16(&'a [bf16], &'a [bf16]),
@@ -246,8 +256,10 @@ impl MulAdd for Fused {
     }
 }
 
-/// `out_row += scale · (x_row · Aᵀ) · Bᵀ`, a rank at a time; the dot products keep eight
-/// running sums so that they vectorise.
+/// `out_row += scale · (x_row · Aᵀ) · Bᵀ`, a rank at a time. The dot products keep 32 running
+/// sums, four vectors' worth: with one (eight sums) each multiply-add waited for the one
+/// before it, and a decode step through one adapter took 37 ms of arithmetic on one thread
+/// where this takes 30 (SmolLM2's seven projections, 32 rows, rank 16).
 #[inline(always)]
 fn add_row<T: Widen, M: MulAdd>(
     out_row: &mut [f32],
@@ -258,14 +270,14 @@ fn add_row<T: Widen, M: MulAdd>(
 ) {
     let (input, out) = (x_row.len(), out_row.len());
     for (a_row, b_row) in a.chunks_exact(input).zip(b_t.chunks_exact(out)) {
-        let mut sums = [0f32; 8];
-        let (a_chunks, x_chunks) = (a_row.chunks_exact(8), x_row.chunks_exact(8));
+        let mut sums = [0f32; 32];
+        let (a_chunks, x_chunks) = (a_row.chunks_exact(32), x_row.chunks_exact(32));
         let mut tail = 0f32;
         for (a, x) in a_chunks.remainder().iter().zip(x_chunks.remainder()) {
             tail = M::mul_add(tail, a.widen(), *x);
         }
         for (a, x) in a_chunks.zip(x_chunks) {
-            for i in 0..8 {
+            for i in 0..32 {
                 sums[i] = M::mul_add(sums[i], a[i].widen(), x[i]);
             }
         }

@@ -139,6 +139,20 @@ unsafe fn product(out: *mut f32, lhs: Mat<'_>, rhs: Mat<'_>, scale: f32, accumul
     }
 }
 
+thread_local! {
+    static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the products it computes kept on the calling thread: for an op that already
+/// spreads its work over the threads, where each small product asking the pool for threads
+/// again costs more than it computes.
+pub fn serial<R>(f: impl FnOnce() -> R) -> R {
+    let before = SERIAL.replace(true);
+    let result = f();
+    SERIAL.set(before);
+    result
+}
+
 /// `gemm` of `scale · lhs · rhs` into `out` laid out with `(row, column)` strides
 /// `out_strides`.
 #[allow(unsafe_code, clippy::cast_possible_wrap)]
@@ -167,7 +181,11 @@ unsafe fn gemm_into(
         }
         return;
     }
-    let threads = candle_core::utils::get_num_threads();
+    let threads = if SERIAL.get() {
+        1
+    } else {
+        candle_core::utils::get_num_threads()
+    };
     let parallelism = if threads > 1 {
         Parallelism::Rayon(threads)
     } else {
