@@ -89,10 +89,10 @@ impl InplaceOp2 for BatchedLora<'_> {
                 })
             })
             .collect();
-        let mut slices = Vec::with_capacity(guards.len());
+        // The segments with an adapter, each with its pair's weights.
+        let mut pieces = Vec::with_capacity(guards.len());
         for (guard, segment) in guards.iter().zip(self.segments) {
             let Some(((a, a_layout), (b_t, b_layout), scale)) = guard else {
-                slices.push(None);
                 continue;
             };
             let (rank, a_in) = (a_layout.dims()[0], a_layout.dims()[1]);
@@ -105,15 +105,10 @@ impl InplaceOp2 for BatchedLora<'_> {
                 );
             }
             #[allow(clippy::cast_possible_truncation)]
-            slices.push(Some((Pair::of(a, a_layout, b_t, b_layout)?, *scale as f32)));
+            let adapter = (Pair::of(a, a_layout, b_t, b_layout)?, *scale as f32);
+            pieces.push((segment.rows.clone(), adapter));
         }
         let y = &mut y_values[y_start..y_end];
-        let mut pieces = Vec::with_capacity(self.segments.len());
-        for (segment, slice) in self.segments.iter().zip(slices) {
-            if let Some(adapter) = slice {
-                pieces.push((segment.rows.clone(), adapter));
-            }
-        }
         pieces.sort_by_key(|(rows, _)| rows.start);
         // Each segment's rows of `y`, split off in row order so that the threads can each add
         // into their own.

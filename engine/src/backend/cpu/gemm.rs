@@ -147,10 +147,15 @@ thread_local! {
 /// spreads its work over the threads, where each small product asking the pool for threads
 /// again costs more than it computes.
 pub fn serial<R>(f: impl FnOnce() -> R) -> R {
-    let before = SERIAL.replace(true);
-    let result = f();
-    SERIAL.set(before);
-    result
+    /// Puts the thread's setting back even when `f` panics: a pool thread outlives the task.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SERIAL.set(self.0);
+        }
+    }
+    let _restore = Restore(SERIAL.replace(true));
+    f()
 }
 
 /// `gemm` of `scale · lhs · rhs` into `out` laid out with `(row, column)` strides
