@@ -58,7 +58,7 @@ impl Backend for Cpu {
         layer: &FrozenLinear,
         segments: &[SegmentLora<'_>],
     ) -> Result<Tensor> {
-        batch::add_adapters(x, linear::frozen(x, layer)?, segments)
+        batch::mixed(x, layer, segments)
     }
 
     fn bottlenecks(
