@@ -28,10 +28,11 @@ use crate::{adapters::SegmentLora, backend::FrozenLinear};
 /// their own, and added once both are done. The base product is bound by arithmetic (and
 /// gemm's repacking of the weight), the row loop by memory, since it streams every distinct
 /// adapter: one after the other, each left the other's resource idle, and the pool's second
-/// thread went to sleep and was woken twice per projection. A decode step of 32 sequences through 32 distinct f32 adapters took
-/// 158 ms one after the other and 136 ms side by side, against 120 ms without adapters
-/// (`benches/mixed_lora.rs`, 2 threads). A prompt's rows share their adapter and take matrix
-/// products as costly as the base's, so they follow it, added into its output in place.
+/// thread was put to sleep and woken twice per projection. A decode step of 32 sequences
+/// through 32 distinct f32 adapters took about 153 ms one after the other and 131 ms side by
+/// side, against 117–120 ms without adapters (`benches/mixed_lora.rs`, 2 threads). A prompt's
+/// rows share their adapter and take matrix products as costly as the base's, so they follow
+/// it, added into its output in place.
 pub fn mixed(x: &Tensor, layer: &FrozenLinear, segments: &[SegmentLora<'_>]) -> Result<Tensor> {
     let mut adapted: Vec<_> = segments.iter().filter(|s| s.lora.is_some()).collect();
     if adapted.is_empty() {
