@@ -11,7 +11,9 @@
 //! place. Segments are the tasks, spread over the threads: a decode row each, or a prompt's
 //! rows.
 
-use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Storage, Tensor};
+use std::ops::Range;
+
+use candle_core::{CpuStorage, InplaceOp2, Layout, Result, Storage, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
@@ -20,7 +22,10 @@ use super::{
     linear,
     math::Widen,
 };
-use crate::{adapters::SegmentLora, backend::FrozenLinear};
+use crate::{
+    adapters::{SegmentLora, ServingLora},
+    backend::FrozenLinear,
+};
 
 /// `x · Wᵀ (+ b)` plus, on each segment's rows of `x` (`[rows, in]`), that segment's adapter.
 ///
@@ -34,19 +39,20 @@ use crate::{adapters::SegmentLora, backend::FrozenLinear};
 /// rows share their adapter and take matrix products as costly as the base's, so they follow
 /// it, added into its output in place.
 pub fn mixed(x: &Tensor, layer: &FrozenLinear, segments: &[SegmentLora<'_>]) -> Result<Tensor> {
-    let mut adapted: Vec<_> = segments.iter().filter(|s| s.lora.is_some()).collect();
+    let mut adapted: Vec<Adapted<'_>> = segments
+        .iter()
+        .filter_map(|s| Some((s.rows.clone(), s.lora?)))
+        .collect();
     if adapted.is_empty() {
         return linear::frozen(x, layer);
     }
-    adapted.sort_by_key(|s| s.rows.start);
-    if let Some(pair) = adapted.windows(2).find(|w| w[0].rows.end > w[1].rows.start) {
-        candle_core::bail!(
-            "batched-lora: segments overlap at row {}",
-            pair[1].rows.start
-        );
+    adapted.sort_by_key(|(rows, _)| rows.start);
+    if let Some(pair) = adapted.windows(2).find(|w| w[0].0.end > w[1].0.start) {
+        candle_core::bail!("batched-lora: segments overlap at row {}", pair[1].0.start);
     }
-    let (decode, prompts): (Vec<_>, Vec<_>) =
-        adapted.into_iter().partition(|s| s.rows.len() < GEMM_ROWS);
+    let (decode, prompts): (Vec<_>, Vec<_>) = adapted
+        .into_iter()
+        .partition(|(rows, _)| rows.len() < GEMM_ROWS);
     let x = x.contiguous()?;
     let out = layer.weight().shape()?.0;
     let (y, deltas) = if decode.is_empty() {
@@ -58,9 +64,6 @@ pub fn mixed(x: &Tensor, layer: &FrozenLinear, segments: &[SegmentLora<'_>]) -> 
         );
         (y?, deltas?)
     };
-    if y.dtype() != DType::F32 {
-        candle_core::bail!("batched-lora: the CPU backend computes in f32");
-    }
     let y = y.contiguous()?;
     y.inplace_op2(
         &x,
@@ -73,33 +76,32 @@ pub fn mixed(x: &Tensor, layer: &FrozenLinear, segments: &[SegmentLora<'_>]) -> 
     Ok(y)
 }
 
+/// A segment's rows and its adapter.
+type Adapted<'a> = (Range<usize>, &'a ServingLora);
+
 /// The adapter products of `segments` (each shorter than [`GEMM_ROWS`], in row order), row by
-/// row, one task per segment: their rows one after another, `[Σ rows, out]`.
-fn row_deltas(x: &Tensor, segments: &[&SegmentLora<'_>], out: usize) -> Result<Vec<f32>> {
+/// row, a task per row: their rows one after another, `[Σ rows, out]`.
+fn row_deltas(x: &Tensor, segments: &[Adapted<'_>], out: usize) -> Result<Vec<f32>> {
     let input = x.dim(1)?;
     with_f32(x, "batched-lora", |x| {
         with_pairs(segments, (x.len() / input, input, out), |pairs| {
-            let total: usize = segments.iter().map(|s| s.rows.len()).sum();
-            let mut deltas = vec![0f32; total * out];
-            let mut work = Vec::with_capacity(segments.len());
-            let mut rest = deltas.as_mut_slice();
-            for (segment, pair) in segments.iter().zip(pairs) {
-                let (mine, tail) = std::mem::take(&mut rest).split_at_mut(segment.rows.len() * out);
-                rest = tail;
-                work.push((
-                    mine,
-                    &x[segment.rows.start * input..segment.rows.end * input],
-                    pair,
-                ));
-            }
-            work.into_par_iter().for_each(|(y, x, &(pair, scale))| {
-                for (out_row, x_row) in y.chunks_exact_mut(out).zip(x.chunks_exact(input)) {
-                    match pair {
-                        Pair::F32(a, b_t) => add_row_fastest(out_row, x_row, a, b_t, scale),
-                        Pair::Bf16(a, b_t) => add_row_fastest(out_row, x_row, a, b_t, scale),
-                    }
-                }
-            });
+            let rows: Vec<_> = segments
+                .iter()
+                .zip(pairs)
+                .flat_map(|((span, _), pair)| {
+                    x[span.start * input..span.end * input]
+                        .chunks_exact(input)
+                        .map(move |x_row| (x_row, pair))
+                })
+                .collect();
+            let mut deltas = vec![0f32; rows.len() * out];
+            deltas
+                .par_chunks_mut(out)
+                .zip(rows)
+                .for_each(|(out_row, (x_row, &(pair, scale)))| match pair {
+                    Pair::F32(a, b_t) => add_row_fastest(out_row, x_row, a, b_t, scale),
+                    Pair::Bf16(a, b_t) => add_row_fastest(out_row, x_row, a, b_t, scale),
+                });
             Ok(deltas)
         })
     })
@@ -108,14 +110,13 @@ fn row_deltas(x: &Tensor, segments: &[&SegmentLora<'_>], out: usize) -> Result<V
 /// Runs `f` on each segment's adapter weights and scale, after checking that they fit rows
 /// of `[rows, input]` → `out`.
 fn with_pairs<R>(
-    segments: &[&SegmentLora<'_>],
+    segments: &[Adapted<'_>],
     (rows, input, out): (usize, usize, usize),
     f: impl FnOnce(&[(Pair<'_>, f32)]) -> Result<R>,
 ) -> Result<R> {
     let guards: Vec<_> = segments
         .iter()
-        .filter_map(|s| s.lora)
-        .map(|l| {
+        .map(|(_, l)| {
             (
                 l.a.storage_and_layout(),
                 l.b_t.storage_and_layout(),
@@ -123,17 +124,13 @@ fn with_pairs<R>(
             )
         })
         .collect();
-    if guards.len() != segments.len() {
-        candle_core::bail!("batched-lora: a segment without an adapter");
-    }
     let mut pairs = Vec::with_capacity(guards.len());
-    for (((a, a_layout), (b_t, b_layout), scale), segment) in guards.iter().zip(segments) {
+    for (((a, a_layout), (b_t, b_layout), scale), (span, _)) in guards.iter().zip(segments) {
         let (rank, a_in) = (a_layout.dims()[0], a_layout.dims()[1]);
         let (b_rank, b_out) = (b_layout.dims()[0], b_layout.dims()[1]);
-        if a_in != input || b_out != out || b_rank != rank || segment.rows.end > rows {
+        if a_in != input || b_out != out || b_rank != rank || span.end > rows {
             candle_core::bail!(
-                "batched-lora: adapter A [{rank}, {a_in}] / Bᵀ [{b_rank}, {b_out}] does not fit rows {:?} of [{rows}, {input}] → {out}",
-                segment.rows
+                "batched-lora: adapter A [{rank}, {a_in}] / Bᵀ [{b_rank}, {b_out}] does not fit rows {span:?} of [{rows}, {input}] → {out}"
             );
         }
         #[allow(clippy::cast_possible_truncation)]
@@ -145,9 +142,9 @@ fn with_pairs<R>(
 /// Adds into the base output `y` the decode rows' precomputed `deltas`, and the prompts'
 /// adapter products, one task per prompt.
 struct BatchedLora<'a> {
-    decode: &'a [&'a SegmentLora<'a>],
+    decode: &'a [Adapted<'a>],
     deltas: &'a [f32],
-    prompts: &'a [&'a SegmentLora<'a>],
+    prompts: &'a [Adapted<'a>],
 }
 
 impl InplaceOp2 for BatchedLora<'_> {
@@ -179,8 +176,8 @@ impl InplaceOp2 for BatchedLora<'_> {
         let x = f32_values(x_storage, x_layout, self.name())?;
         let y = &mut y_values[y_start..y_end];
         let mut deltas = self.deltas.chunks_exact(out);
-        for segment in self.decode {
-            for (y_row, delta) in y[segment.rows.start * out..segment.rows.end * out]
+        for (span, _) in self.decode {
+            for (y_row, delta) in y[span.start * out..span.end * out]
                 .chunks_exact_mut(out)
                 .zip(&mut deltas)
             {
@@ -192,8 +189,7 @@ impl InplaceOp2 for BatchedLora<'_> {
             // add into their own.
             let mut work = Vec::with_capacity(pairs.len());
             let (mut rest, mut at) = (&mut *y, 0);
-            for (segment, pair) in self.prompts.iter().zip(pairs) {
-                let span = &segment.rows;
+            for ((span, _), pair) in self.prompts.iter().zip(pairs) {
                 let (_, tail) = std::mem::take(&mut rest).split_at_mut((span.start - at) * out);
                 let (mine, tail) = tail.split_at_mut(span.len() * out);
                 rest = tail;
@@ -355,7 +351,7 @@ fn add_row<T: Widen, M: MulAdd>(
 mod tests {
     use std::ops::Range;
 
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     use super::*;
     use crate::{
